@@ -1,0 +1,26 @@
+"""Cython extensions. Everything else about the package lives in pyproject.toml."""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+C_FLAGS = ["-O3", "-std=c11", "-fno-math-errno"]
+
+
+def native_extension():
+    # Per-ISA sources are compiled with their own target attributes inside the
+    # C files (__attribute__((target(...)))), so one binary serves every x86
+    # CPU and dispatch happens at import, not at build time.
+    sources = ["kernels/_native.pyx"] + sorted(
+        os.path.join("kernels/c", f) for f in os.listdir("kernels/c") if f.endswith(".c")
+    )
+    return Extension(
+        "ember.kernels._native",
+        sources=sources,
+        include_dirs=["kernels/c", numpy.get_include()],
+        extra_compile_args=C_FLAGS,
+    )
+
+
+setup(ext_modules=cythonize([native_extension()], language_level=3))
