@@ -3,8 +3,38 @@
 Every quant type stores a tensor row as a run of fixed-size blocks. BLOCKS is
 the single source of truth for (elements per block, bytes per block); the C
 structs in kernels/c assert the same sizes and a test checks the two agree.
+
+Design
+------
+One class per type, named exactly like it (``Q4_0``, ``Q6_K``), in the manner
+of gguf-py: ``dequantize_blocks(blocks, out)`` turns an ``(n, type_size)``
+uint8 view into ``(n, block)`` float32, ``quantize_blocks(x)`` does the
+reverse. ``dequantize``/``quantize`` check arguments, allocate the output
+once, and walk it in chunks of about ``_CHUNK_ELEMS`` elements so that every
+temporary stays in L2 cache.
+
+Speed comes from a few habits, each worth several passes over memory:
+  * integer work happens on 1-byte codes; the float32 output is written by one
+    int8 -> float32 cast and then scaled in place (never a float temporary);
+  * signed codes are built with bit tricks (``nibble | 0xF0`` is ``nibble-16``
+    as int8) instead of subtracting in a wider type;
+  * lookups (fp16 -> fp32, IQ4_NL's codebook) use ``np.take`` on a small
+    table per cache-sized chunk.
+Dequantization multiplies in the same order as ggml's C code (``(d*sc)*q``,
+then ``- m``) so results are bit-identical to it and to gguf-py.
+
+Quantization of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K follows llama.cpp's
+``quantize_row_*_ref`` (ggml-quants.c) operation by operation in float32:
+same rounding (truncation, ``roundf``, or round-half-even through the
+``nearest_int`` magic number), same ``d ? 1/d : 0`` guard, same summation
+order (sequential, never numpy's pairwise sums), fp16 stores rounded to
+nearest even like ``_cvtss_sh``.
 """
 from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
 
 # ---------------------------------------------------------------------------
 # The table
@@ -59,3 +89,510 @@ def row_bytes(type_name: str, n_elements: int) -> int:
     """Bytes that n_elements of type_name occupy (n_elements a multiple of the block)."""
     elems, nbytes = BLOCKS[type_name]
     return n_elements // elems * nbytes
+
+
+class QuantError(ValueError):
+    """Bad arguments to dequantize/quantize: unknown type, wrong byte count or shape."""
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------
+
+_CHUNK_ELEMS = 1 << 16   # output elements per chunk: 256 KiB of float32, L2-sized
+
+# fp16 bit pattern -> float32, for np.take (faster than numpy's own f16 cast)
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """(n, 1) float32 of the fp16 stored at byte `offset` of every block."""
+    return blocks[:, offset:offset + 2].view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Split (n, g, 16k) bytes into out (n, g, 2, 16k): low nibbles first, then high."""
+    np.bitwise_and(qs, 0x0F, out=out[:, :, 0])
+    np.right_shift(qs, 4, out=out[:, :, 1])
+    return out
+
+
+def _bits(packed: np.ndarray, nbits: int, out: np.ndarray) -> np.ndarray:
+    """Bit planes: packed (n, g, w) -> out (n, g, 8//nbits, w) of (packed >> k*nbits)."""
+    for k in range(8 // nbits):
+        np.right_shift(packed, k * nbits, out=out[:, :, k])
+    if nbits < 8:
+        np.bitwise_and(out, (1 << nbits) - 1, out=out)
+    return out
+
+
+def _store(q: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """One int -> float32 cast into the caller's output; the only float write pass."""
+    np.copyto(out, q.reshape(out.shape), casting="unsafe")
+    return out
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    """float32 (n,) -> (n, 2) uint8 of fp16, rounded to nearest even like F16C."""
+    return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: adding 1.5*2^23 rounds half to even, exactly np.rint."""
+    return np.rint(v).astype(np.int32)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) in float32; v + 0.5 would double-round."""
+    a = np.abs(v)
+    f = np.floor(a)
+    f += (a - f) >= np.float32(0.5)   # a - f is exact for float32
+    return np.copysign(f, v)
+
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right in float32, as a plain C loop does."""
+    acc = a[..., 0].copy()
+    for i in range(1, a.shape[-1]):
+        acc += a[..., i]
+    return acc
+
+
+def _recip(d: np.ndarray) -> np.ndarray:
+    """ggml's `id = d ? 1.0f/d : 0.0f` in float32."""
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def _amax_signed(x: np.ndarray) -> np.ndarray:
+    """(..., k) -> (...,) the element of largest |x|, the first one on ties (C's `<`)."""
+    i = np.argmax(np.abs(x), axis=-1)
+    return np.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+
+
+# ---------------------------------------------------------------------------
+# Codec base
+# ---------------------------------------------------------------------------
+
+_TYPES: dict[str, type["_Quant"]] = {}
+
+
+class _Quant:
+    """A block codec; subclasses are registered under their class name."""
+
+    block: int = 1
+    type_size: int = 1
+    scale_offsets: tuple[int, ...] = ()   # byte offsets of fp16 scales in a block
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.block, cls.type_size = BLOCKS[cls.__name__]
+        _TYPES[cls.__name__] = cls
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """blocks (n, type_size) uint8 -> out (n, block) float32, filled and returned."""
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_blocks(cls, x: np.ndarray) -> np.ndarray:
+        """x (n, block) float32 -> (n, type_size) uint8."""
+        raise QuantError(f"quantizing to {cls.__name__} is not supported")
+
+
+# ---------------------------------------------------------------------------
+# Plain types: floats and integers, one element per "block"
+# ---------------------------------------------------------------------------
+
+class F32(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        np.copyto(out, blocks.view(np.float32))
+        return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8)
+
+
+class F16(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        # a 256 KiB table gather beats numpy's f16->f32 cast about 2x
+        np.take(_F16_TO_F32, blocks.view(np.uint16)[:, 0], out=out[:, 0], mode="clip")
+        return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        return _fp16_bytes(x.reshape(-1))
+
+
+class BF16(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        # bf16 is the top half of a float32: shift the bits up, no arithmetic
+        np.left_shift(blocks.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        # ggml_compute_fp32_to_bf16: NaN -> quiet NaN, else round to nearest even
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).reshape(-1)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        r = (u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16
+        r = np.where(nan, (u >> 16) | 64, r).astype(np.uint16)
+        return r.view(np.uint8).reshape(-1, 2)
+
+
+class F64(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        np.copyto(out, blocks.view(np.float64), casting="unsafe")
+        return out
+
+
+class I8(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        return _store(blocks.view(np.int8), out)
+
+
+class I16(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        return _store(blocks.view(np.int16), out)
+
+
+class I32(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        np.copyto(out, blocks.view(np.int32), casting="unsafe")
+        return out
+
+
+# ---------------------------------------------------------------------------
+# 32-element blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
+# ---------------------------------------------------------------------------
+
+def _nibble_codes(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32) uint8 codes: qs[j] & 15 at j, qs[j] >> 4 at j+16."""
+    return _nibbles(qs[:, None, :], np.empty((len(qs), 1, 2, 16), np.uint8)).reshape(-1, 32)
+
+
+def _high_bits(qh: np.ndarray, value: int) -> np.ndarray:
+    """(n, 4) little-endian bit masks -> (n, 32) uint8: `value` where bit j is set, else 0."""
+    bits = np.unpackbits(qh, axis=1, bitorder="little")   # (n, 32) of 0/1
+    return np.multiply(bits, value, out=bits)
+
+
+class Q4_0(_Quant):
+    scale_offsets = (0,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        q = _nibble_codes(blocks[:, 2:])
+        np.subtract(q, 8, out=q)                        # wraps: uint8 q-8 is int8 q-8
+        _store(q.view(np.int8), out)
+        return np.multiply(out, _f16(blocks, 0), out=out)
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        mx = _amax_signed(x)                            # (n,)
+        d = mx / np.float32(-8)
+        v = x * _recip(d)[:, None]
+        v += np.float32(8.5)                            # C: (int8_t)(x*id + 8.5f), truncation
+        q = np.minimum(v.astype(np.int8), 15).astype(np.uint8)
+        return np.concatenate([_fp16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
+class Q4_1(_Quant):
+    scale_offsets = (0, 2)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        _store(_nibble_codes(blocks[:, 4:]), out)
+        np.multiply(out, _f16(blocks, 0), out=out)      # x*d + m, in C's order
+        return np.add(out, _f16(blocks, 2), out=out)
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        d = (hi - lo) / np.float32(15)
+        v = (x - lo[:, None]) * _recip(d)[:, None]
+        v += np.float32(0.5)
+        q = np.minimum(v.astype(np.int8), 15).astype(np.uint8)
+        return np.concatenate([_fp16_bytes(d), _fp16_bytes(lo), _pack_nibbles(q)], axis=1)
+
+
+class Q5_0(_Quant):
+    scale_offsets = (0,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        q = _nibble_codes(blocks[:, 6:])
+        # code - 16 as int8: a clear 5th bit means "negative", i.e. nibble | 0xF0
+        np.bitwise_or(q, _high_bits(np.bitwise_not(blocks[:, 2:6]), 0xF0), out=q)
+        _store(q.view(np.int8), out)
+        return np.multiply(out, _f16(blocks, 0), out=out)
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        mx = _amax_signed(x)
+        d = mx / np.float32(-16)
+        v = x * _recip(d)[:, None]
+        v += np.float32(16.5)
+        q = np.minimum(v.astype(np.int8), 31).astype(np.uint8)
+        return np.concatenate([_fp16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+
+
+class Q5_1(_Quant):
+    scale_offsets = (0, 2)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        q = _nibble_codes(blocks[:, 8:])
+        np.bitwise_or(q, _high_bits(blocks[:, 4:8], 0x10), out=q)
+        _store(q, out)
+        np.multiply(out, _f16(blocks, 0), out=out)
+        return np.add(out, _f16(blocks, 2), out=out)
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        d = (hi - lo) / np.float32(31)
+        v = (x - lo[:, None]) * _recip(d)[:, None]
+        v += np.float32(0.5)
+        # C: (uint8_t)(x + 0.5f) with no MIN; only bits 0..4 are stored
+        q = (v.astype(np.int32) & 0x1F).astype(np.uint8)
+        parts = [_fp16_bytes(d), _fp16_bytes(lo), _pack_high_bits(q), _pack_nibbles(q)]
+        return np.concatenate(parts, axis=1)
+
+
+class Q8_0(_Quant):
+    scale_offsets = (0,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        _store(blocks[:, 2:].view(np.int8), out)
+        return np.multiply(out, _f16(blocks, 0), out=out)
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        d = np.abs(x).max(axis=1) / np.float32(127)
+        q = _roundf(x * _recip(d)[:, None]).astype(np.int8)
+        return np.concatenate([_fp16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+_IQ4NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+class IQ4_NL(_Quant):
+    scale_offsets = (0,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        np.take(_IQ4NL_VALUES, _nibble_codes(blocks[:, 2:]), out=out, mode="clip")
+        return np.multiply(out, _f16(blocks, 0), out=out)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes 0..15 (or more; low 4 bits kept) -> (n, 16) bytes, j | (j+16) << 4."""
+    lo = q[:, :16] & 0x0F
+    return lo | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _pack_high_bits(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes -> (n, 4) bytes of bit 4 of code j at bit j (little-endian u32)."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+# ---------------------------------------------------------------------------
+# K-quants: 256-element super-blocks with 6-bit or 8-bit sub-block scales
+# ---------------------------------------------------------------------------
+
+def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) packed 6-bit scales/mins (get_scale_min_k4) -> two (n, 8) uint8."""
+    a, b, c = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+    scale = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
+    mins = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return scale, mins
+
+
+def _k_scale_min(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: (n, 8, 1) float32 sub-block scales d*sc and mins dmin*m."""
+    sc, m = _scale_min_k4(blocks[:, 4:16])
+    dl = (_f16(blocks, 0) * sc)[:, :, None]
+    ml = (_f16(blocks, 2) * m)[:, :, None]
+    return dl, ml
+
+
+class Q2_K(_Quant):
+    scale_offsets = (80, 82)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        n = len(blocks)
+        q = _bits(blocks[:, 16:80].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
+        sc = blocks[:, :16]
+        dl = (_f16(blocks, 80) * (sc & 0x0F))[:, :, None]   # (n, 16, 1)
+        ml = (_f16(blocks, 82) * (sc >> 4))[:, :, None]
+        o = _store(q, out).reshape(n, 16, 16)
+        np.multiply(o, dl, out=o)
+        np.subtract(o, ml, out=o)
+        return out
+
+
+def _q3_scales(sc: np.ndarray) -> np.ndarray:
+    """(n, 12) packed 6-bit scales -> (n, 16) int scales - 32 (as float32)."""
+    low = np.concatenate([sc[:, 0:8] & 0x0F, sc[:, 0:8] >> 4], axis=1)       # (n, 16)
+    high = (sc[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]) & 3
+    s = (low | (high.reshape(-1, 16) << 4)).astype(np.float32)
+    return s - np.float32(32)
+
+
+class Q3_K(_Quant):
+    scale_offsets = (108,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        n = len(blocks)
+        q = _bits(blocks[:, 32:96].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
+        hm = _bits(np.bitwise_not(blocks[:, None, 0:32]), 1, np.empty((n, 1, 8, 32), np.uint8))
+        # code - 4 when the high bit is clear: q | 0xFC is q - 4 as int8
+        np.multiply(hm, 0xFC, out=hm)
+        np.bitwise_or(q.reshape(n, 8, 32), hm.reshape(n, 8, 32), out=q.reshape(n, 8, 32))
+        dl = (_f16(blocks, 108) * _q3_scales(blocks[:, 96:108]))[:, :, None]
+        o = _store(q.view(np.int8), out).reshape(n, 16, 16)
+        np.multiply(o, dl, out=o)
+        return out
+
+
+class Q4_K(_Quant):
+    scale_offsets = (0, 2)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        n = len(blocks)
+        q = _nibbles(blocks[:, 16:].reshape(n, 4, 32), np.empty((n, 4, 2, 32), np.uint8))
+        dl, ml = _k_scale_min(blocks)
+        o = _store(q, out).reshape(n, 8, 32)
+        np.multiply(o, dl, out=o)
+        np.subtract(o, ml, out=o)
+        return out
+
+
+class Q5_K(_Quant):
+    scale_offsets = (0, 2)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        n = len(blocks)
+        q = _nibbles(blocks[:, 48:].reshape(n, 4, 32), np.empty((n, 4, 2, 32), np.uint8))
+        hb = _bits(blocks[:, None, 16:48], 1, np.empty((n, 1, 8, 32), np.uint8))
+        np.left_shift(hb, 4, out=hb)
+        np.bitwise_or(q.reshape(n, 8, 32), hb.reshape(n, 8, 32), out=q.reshape(n, 8, 32))
+        dl, ml = _k_scale_min(blocks)
+        o = _store(q, out).reshape(n, 8, 32)
+        np.multiply(o, dl, out=o)
+        np.subtract(o, ml, out=o)
+        return out
+
+
+class Q6_K(_Quant):
+    scale_offsets = (208,)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        n = len(blocks)
+        # per 128-element half: ql (2, 32) bytes give codes [lo(0), lo(1), hi(0), hi(1)]
+        ql = blocks[:, :128].reshape(n, 2, 2, 32)
+        q = np.empty((n, 2, 2, 2, 32), np.uint8)        # (n, half, nib, part, 32)
+        np.bitwise_and(ql, 0x0F, out=q[:, :, 0])
+        np.right_shift(ql, 4, out=q[:, :, 1])
+        qh = _bits(blocks[:, 128:192].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
+        np.left_shift(qh, 4, out=qh)
+        q = q.reshape(n, 2, 4, 32)
+        np.bitwise_or(q, qh, out=q)
+        np.subtract(q, 32, out=q)                        # wraps: uint8 q-32 is int8 q-32
+        dl = (_f16(blocks, 208) * blocks[:, 192:208].view(np.int8))[:, :, None]
+        o = _store(q.view(np.int8), out).reshape(n, 16, 16)
+        np.multiply(o, dl, out=o)
+        return out
+
+
+class Q8_K(_Quant):
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        _store(blocks[:, 4:260].view(np.int8), out)
+        return np.multiply(out, blocks[:, 0:4].view(np.float32), out=out)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+
+def _codec(type_name: str) -> type[_Quant]:
+    cls = _TYPES.get(type_name)
+    if cls is None:
+        known = ", ".join(sorted(_TYPES))
+        raise QuantError(f"unknown or unsupported quant type {type_name!r} (supported: {known})")
+    return cls
+
+
+def _check_shape(cls: type[_Quant], shape: Sequence[int]) -> int:
+    """Number of blocks of `shape`; QuantError unless the row length fits the block."""
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise QuantError(f"negative dimension in shape {shape}")
+    row = shape[-1] if shape else 1
+    if row % cls.block:
+        raise QuantError(f"{cls.__name__}: row length {row} is not a multiple of the block size {cls.block}")
+    return int(np.prod(shape, dtype=np.int64)) // cls.block
+
+
+def dequantize(type_name: str, data, shape: Sequence[int]) -> np.ndarray:
+    """Raw bytes of a tensor -> float32 array of `shape` (numpy order).
+
+    `data` is any uint8 array or bytes-like object, read-only memmaps
+    included; it is never written. F32 comes back as a zero-copy view of
+    `data` (read-only when `data` is); every other type is a new array. Raises QuantError for an unknown
+    type, a row length that is not a multiple of the block, or a byte count
+    that does not match the shape.
+    """
+    cls = _codec(type_name)
+    n = _check_shape(cls, shape)
+    raw = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    if raw.dtype != np.uint8:
+        raise QuantError(f"{type_name}: data must be uint8 bytes, got {raw.dtype}")
+    if raw.size != n * cls.type_size:
+        raise QuantError(f"{type_name}: {raw.size} bytes given, shape {tuple(shape)} "
+                         f"needs {n * cls.type_size}")
+    blocks = np.ascontiguousarray(raw).reshape(n, cls.type_size)
+    if cls is F32:
+        # zero-copy, like the file's other views (read-only if `data` is)
+        return blocks.view(np.float32).reshape(tuple(shape))
+    out = np.empty((n, cls.block), np.float32)
+    step = max(1, _CHUNK_ELEMS // cls.block)
+    for i in range(0, n, step):
+        cls.dequantize_blocks(blocks[i:i + step], out[i:i + step])
+    return out.reshape(tuple(shape))
+
+
+def quantize(type_name: str, x) -> np.ndarray:
+    """float32 array (..., row) -> uint8 array (..., row bytes) of `type_name` blocks.
+
+    Byte-identical to llama.cpp's quantize_row_*_ref for the types that have a
+    quantize_blocks here. Raises QuantError for an unknown type, a type that
+    cannot be quantized, or a row length that is not a multiple of the block.
+    """
+    cls = _codec(type_name)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise QuantError(f"{type_name}: cannot quantize a scalar")
+    n = _check_shape(cls, x.shape)
+    flat = np.ascontiguousarray(x).reshape(n, cls.block)
+    step = max(1, (_CHUNK_ELEMS * 4) // cls.block)
+    parts = [cls.quantize_blocks(flat[i:i + step]) for i in range(0, n, step)]
+    q = np.concatenate(parts, axis=0) if parts else np.empty((0, cls.type_size), np.uint8)
+    return q.reshape(*x.shape[:-1], x.shape[-1] // cls.block * cls.type_size)
