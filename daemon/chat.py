@@ -1,0 +1,222 @@
+"""Chat templates: a list of {role, content} messages -> one prompt string.
+
+Design: `tokenizer.chat_template` is Jinja2 source from an untrusted file. It
+is compiled and rendered in jinja2's ImmutableSandboxedEnvironment (no
+attribute access to internals, no mutation of passed-in lists/dicts), and the
+render is bounded three ways:
+
+* time: the render runs on a short-lived worker thread; the caller watches
+  the clock and, past the deadline, raises an exception inside that thread
+  (CPython's PyThreadState_SetAsyncExc), which interrupts any pure-Python
+  loop the template compiles to;
+* memory: the watcher also samples the process's resident size and stops a
+  render that grows it by more than `max_mem_bytes` (a string doubled in a
+  loop); `*`, `+` and `**` are intercepted so a single operation cannot
+  build something huge in one step;
+* output: chunks are counted as they are generated; past `max_bytes` the
+  render stops.
+
+Any failure — syntax error, `raise_exception(...)` from the template, a
+recursion, a limit — becomes ChatTemplateError with a one-line reason.
+
+Variables given to the template, as Hugging Face transformers does:
+`messages`, `bos_token`, `eos_token`, `add_generation_prompt`,
+`raise_exception(msg)` and `strftime_now(fmt)`.
+
+Fallback: a file with no `tokenizer.chat_template` is rendered as ChatML
+(`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then
+`<|im_start|>assistant\\n` when add_generation_prompt), the most common
+format among small instruct models; FALLBACK_TEMPLATE is that template.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import threading
+import time
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """The chat template (or the messages given to it) cannot be rendered."""
+
+    user_error = True
+
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+MAX_TEMPLATE_CHARS = 1 << 20
+MAX_MESSAGES = 4096
+MAX_OP_RESULT = 1 << 20         # largest string/list a single + or * may build
+
+
+# ---------------------------------------------------------------------------
+# The sandbox
+# ---------------------------------------------------------------------------
+
+class _TemplateRaised(Exception):
+    """raise_exception() called by the template."""
+
+
+class _Interrupted(BaseException):
+    """Injected into the render thread past a limit (BaseException: templates can't catch it)."""
+
+
+def _raise_exception(message: str = "template raised an exception"):
+    raise _TemplateRaised(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(str(fmt))
+
+
+def _size(x: Any) -> int:
+    return len(x) if isinstance(x, (str, bytes, list, tuple)) else 0
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus bounds on operators that can multiply memory."""
+
+    intercepted_binops = frozenset(["*", "+", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                and left.bit_length() * abs(right) > 4096:
+            raise _TemplateRaised(f"power {left} ** {right} is too large")
+        if operator == "*":
+            n = right if isinstance(right, int) else left if isinstance(left, int) else 1
+            if max(_size(left), _size(right)) * max(n, 0) > MAX_OP_RESULT:
+                raise _TemplateRaised("a repeated string/list would be too large")
+        if operator == "+" and _size(left) + _size(right) > MAX_OP_RESULT:
+            raise _TemplateRaised("a concatenation would be too large")
+        return super().call_binop(context, operator, left, right)
+
+
+def _environment() -> _Env:
+    env = _Env(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Bounded rendering
+# ---------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    """Resident set size; 0 where /proc is unavailable (the time bound still holds)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                               ctypes.py_object(_Interrupted))
+
+
+def _collect(template: jinja2.Template, variables: dict, max_bytes: int, box: dict) -> None:
+    """Worker body: render chunk by chunk, stopping past max_bytes."""
+    try:
+        parts, n = [], 0
+        for chunk in template.generate(**variables):
+            n += len(chunk)
+            if n > max_bytes:
+                box["error"] = f"output exceeds the limit of {max_bytes} characters"
+                return
+            parts.append(chunk)
+        box["text"] = "".join(parts)
+    except _Interrupted:
+        box.setdefault("error", "interrupted")
+    except _TemplateRaised as e:
+        box["error"] = f"template raised: {e}"
+    except RecursionError:
+        box["error"] = "template recursed too deeply"
+    except Exception as e:  # noqa: BLE001 - anything an untrusted template does is its error
+        box["error"] = f"{type(e).__name__}: {e}"
+
+
+def _render_bounded(template: jinja2.Template, variables: dict, max_bytes: int,
+                    timeout_s: float, max_mem_bytes: int) -> str:
+    box: dict = {}
+    worker = threading.Thread(target=_collect, args=(template, variables, max_bytes, box),
+                              name="ember-chat-template", daemon=True)
+    base, deadline = _rss_bytes(), time.monotonic() + timeout_s
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.005)
+        over_time = time.monotonic() > deadline
+        over_mem = base and _rss_bytes() - base > max_mem_bytes
+        if worker.is_alive() and (over_time or over_mem):
+            box["error"] = (f"render took longer than {timeout_s:g}s" if over_time else
+                            f"render used more than {max_mem_bytes >> 20} MiB")
+            _interrupt(worker)
+            worker.join(1.0)
+            break
+    if "error" in box or "text" not in box:
+        raise ChatTemplateError(f"chat template: {box.get('error', 'render did not finish')}")
+    return box["text"]
+
+
+# ---------------------------------------------------------------------------
+# The public surface
+# ---------------------------------------------------------------------------
+
+def check_messages(messages: Any) -> list[dict]:
+    """A list of {"role": str, "content": str}; anything else is ChatTemplateError."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatTemplateError("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise ChatTemplateError(f"at most {MAX_MESSAGES} messages, got {len(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ChatTemplateError(f"messages[{i}] must be an object with string 'role' and "
+                                    f"'content', got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class ChatTemplate:
+    """A compiled chat template (the file's, or the ChatML fallback)."""
+
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "",
+                 max_bytes: int = 1 << 20, timeout_s: float = 1.0,
+                 max_mem_bytes: int = 256 << 20):
+        self.is_fallback = source is None
+        self.source = FALLBACK_TEMPLATE if source is None else source
+        if not isinstance(self.source, str) or len(self.source) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateError(f"chat template must be a string of at most "
+                                    f"{MAX_TEMPLATE_CHARS} characters")
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.max_bytes, self.timeout_s, self.max_mem_bytes = max_bytes, timeout_s, max_mem_bytes
+        try:
+            self.template = _environment().from_string(self.source)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template does not compile: {e}") from None
+        except RecursionError:
+            raise ChatTemplateError("chat template nests too deeply to compile") from None
+
+    def render(self, messages: Any, add_generation_prompt: bool = True) -> str:
+        variables = dict(messages=check_messages(messages), bos_token=self.bos_token,
+                         eos_token=self.eos_token, add_generation_prompt=bool(add_generation_prompt))
+        return _render_bounded(self.template, variables, self.max_bytes, self.timeout_s,
+                               self.max_mem_bytes)
+
+
+def render(messages: Any, template: str | None = None, bos_token: str = "",
+           eos_token: str = "", add_generation_prompt: bool = True, **limits) -> str:
+    """One-shot: compile `template` (None: the ChatML fallback) and render `messages`."""
+    return ChatTemplate(template, bos_token, eos_token, **limits).render(
+        messages, add_generation_prompt)
