@@ -151,10 +151,14 @@ def _roundf(v: np.ndarray) -> np.ndarray:
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis left to right in float32, as a plain C loop does."""
-    acc = a[..., 0].copy()
-    for i in range(1, a.shape[-1]):
-        acc += a[..., i]
+    """Sum over the FIRST axis in order, in float32, as a plain C loop does.
+
+    numpy's own sum is pairwise and would round differently; the K-quant
+    searches keep element-major (k, m) arrays so each step here is contiguous.
+    """
+    acc = a[0].copy()
+    for i in range(1, a.shape[0]):
+        acc += a[i]
     return acc
 
 
@@ -427,6 +431,91 @@ def _k_scale_min(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dl, ml
 
 
+# -- K-quant quantizers (llama.cpp's quantize_row_q4_K_ref / q6_K_ref) ------
+#
+# The searches run on element-major arrays x (k, m): k elements of m
+# independent sub-blocks, so every ggml loop over a sub-block becomes k
+# vectorized steps in the same order, and every `if` a np.where.
+
+def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
+    """ggml make_qkx2_quants (use_mad=false) on x, w (k, m) -> scale (m,), min (m,), L (k, m)."""
+    f = np.float32
+    lo = np.minimum(x.min(axis=0), f(0))                 # C clamps min > 0 to 0
+    hi = x.max(axis=0)
+    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
+    flat = hi == lo
+    iscale = f(nmax) / (hi - lo)
+    scale = f(1) / iscale
+    L = np.clip(np.rint(iscale * (x - lo)), 0, nmax)     # nearest_int: round half even
+    best = _seqsum(w * _sq(scale * L + lo - x))
+    for step in range(nstep + 1):
+        # (rmin + rdelta*is + nmax) / (max - min), with min the best so far
+        iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / (hi - lo)
+        La = np.clip(np.rint(iscale * (x - lo)), 0, nmax)
+        wl = w * La
+        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * La), _seqsum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        t_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        t_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = t_min > 0
+        t_min = np.where(pos, f(0), t_min)
+        t_scale = np.where(pos, sum_xl / sum_l2, t_scale)
+        err = _seqsum(w * _sq(t_scale * La + t_min - x))
+        better = (D > 0) & (err < best)
+        L = np.where(better, La, L)
+        best = np.where(better, err, best)
+        scale = np.where(better, t_scale, scale)
+        lo = np.where(better, t_min, lo)
+    return np.where(flat, f(0), scale), -lo, np.where(flat, f(0), L)
+
+
+def _sq(a: np.ndarray) -> np.ndarray:
+    return np.multiply(a, a, out=a)
+
+
+def _make_qx_quants_rmse1(x, nmax):
+    """ggml make_qx_quants(rmse_type=1, qw=NULL) on x (k, m) -> scale (m,), L (k, m) in 0..2*nmax-1."""
+    f = np.float32
+    mx = _amax_signed(x.T)
+    zero = np.abs(mx) < f(1e-15)                        # GROUP_MAX_EPS: all-zero group
+    w = x * x
+
+    def fit(iscale):
+        l = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
+        return l, _seqsum(w * x * l), _seqsum(w * l * l)
+
+    l, sumlx, suml2 = fit(f(-nmax) / mx)
+    L = l + nmax
+    scale = np.where(suml2 != 0, sumlx / suml2, f(0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        l, sumlx, suml2 = fit(-(f(nmax) + f(0.1) * f(step)) / mx)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(better, l + nmax, L)
+        scale = np.where(better, sumlx / suml2, scale)
+        best = np.where(better, scale * sumlx, best)
+    return np.where(zero, f(0), scale), np.where(zero, f(0), L)
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Two (n, 8) 6-bit arrays -> (n, 12) bytes, the inverse of get_scale_min_k4."""
+    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
+    out = np.empty((len(ls), 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _scale_codes(v: np.ndarray, vmax: np.ndarray) -> np.ndarray:
+    """ggml: MIN(63, (uint8_t)nearest_int(63/vmax * v)), 0 where vmax <= 0; (n, 8)."""
+    with np.errstate(divide="ignore"):
+        inv = np.where(vmax > 0, np.float32(63) / vmax, np.float32(0))
+    return np.minimum(_nearest_int(inv[:, None] * v) & 0xFF, 63)
+
+
 class Q2_K(_Quant):
     scale_offsets = (80, 82)
 
@@ -481,6 +570,28 @@ class Q4_K(_Quant):
         np.subtract(o, ml, out=o)
         return out
 
+    @classmethod
+    def quantize_blocks(cls, x):
+        n = len(x)
+        f = np.float32
+        xt = np.ascontiguousarray(x.reshape(n * 8, 32).T)        # (32, m): m = 8n sub-blocks
+        with np.errstate(all="ignore"):
+            av_x = np.sqrt(_seqsum(xt * xt) / f(32))
+            w = av_x + np.abs(xt)
+            scales, mins, L = _make_qkx2_quants(xt, w, 15, -1.0, 0.1, 20)
+            scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+            max_scale = np.maximum(scales.max(axis=1), f(0))
+            max_min = np.maximum(mins.max(axis=1), f(0))
+            ls, lm = _scale_codes(scales, max_scale), _scale_codes(mins, max_min)
+            dh, mh = _fp16_bytes(max_scale / f(63)), _fp16_bytes(max_min / f(63))
+            # requantize against the stored (fp16, 6-bit) scales, like the C code
+            d = (dh.view(np.float16).astype(f) * ls).reshape(1, -1)  # (1, m)
+            dm = (mh.view(np.float16).astype(f) * lm).reshape(1, -1)
+            Lr = np.clip(np.rint((xt + dm) / d), 0, 15)
+        L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 4, 2, 32)
+        qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(n, 128)
+        return np.concatenate([dh, mh, _pack_scale_min_k4(ls, lm), qs], axis=1)
+
 
 class Q5_K(_Quant):
     scale_offsets = (0, 2)
@@ -518,6 +629,28 @@ class Q6_K(_Quant):
         dl = (_f16(blocks, 208) * blocks[:, 192:208].view(np.int8))[:, :, None]
         o = _store(q.view(np.int8), out).reshape(n, 16, 16)
         np.multiply(o, dl, out=o)
+        return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        n = len(x)
+        f = np.float32
+        xt = np.ascontiguousarray(x.reshape(n * 16, 16).T)       # (16, m): m = 16n sub-blocks
+        with np.errstate(all="ignore"):
+            scales, L = _make_qx_quants_rmse1(xt, 32)
+            scales = scales.reshape(n, 16)
+            max_scale = _amax_signed(scales)                     # first of largest |scale|
+            zero = np.abs(max_scale) < f(1e-15)
+            iscale = f(-128) / max_scale
+            dh = _fp16_bytes(f(1) / iscale)
+            sc = np.minimum(_nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
+            d = (dh.view(np.float16).astype(f) * sc).reshape(1, -1)   # (1, m)
+            Lr = np.clip(np.rint(xt / d), -32, 31) + 32
+        L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 2, 4, 32)
+        ql = (L[:, :, 0:2] & 0x0F) | ((L[:, :, 2:4] & 0x0F) << 4)  # (n, 2, 2, 32)
+        qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+        out = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), dh], axis=1)
+        out[zero] = 0                                            # C memsets all-zero blocks
         return out
 
 
