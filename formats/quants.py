@@ -501,7 +501,6 @@ def _make_qx_quants_rmse1(x, nmax):
 
 def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """Two (n, 8) 6-bit arrays -> (n, 12) bytes, the inverse of get_scale_min_k4."""
-    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
     out = np.empty((len(ls), 12), np.uint8)
     out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
@@ -513,7 +512,8 @@ def _scale_codes(v: np.ndarray, vmax: np.ndarray) -> np.ndarray:
     """ggml: MIN(63, (uint8_t)nearest_int(63/vmax * v)), 0 where vmax <= 0; (n, 8)."""
     with np.errstate(divide="ignore"):
         inv = np.where(vmax > 0, np.float32(63) / vmax, np.float32(0))
-    return np.minimum(_nearest_int(inv[:, None] * v) & 0xFF, 63)
+    # uint8, not int32: float32 * int32 would promote the later math to float64
+    return np.minimum(_nearest_int(inv[:, None] * v) & 0xFF, 63).astype(np.uint8)
 
 
 class Q2_K(_Quant):
