@@ -1,0 +1,204 @@
+/* ISA detection, the per-ISA kernel tables, and the public ember_* entry points.
+ *
+ * Design: each ISA's table starts as a copy of its fallback's and then
+ * overwrites the entries it accelerates: generic <- avx2 <- avx512 on x86,
+ * generic <- neon on ARM. That is the ONE place where a missing SIMD version
+ * falls back (ggml's arch-fallback.h, as data instead of macros). Tables are
+ * built once, at load (a constructor), before any thread can call in; after
+ * that they are read-only, so every entry point is thread-safe.
+ *
+ * The row loops live here, not in the ISA files: a matvec is one dot per
+ * weight row; a matmul walks weight rows in tiles small enough to stay in L1
+ * and, inside a tile, applies each weight row to four activation rows at a
+ * time (dot4), so each weight block is decoded once per four rows.
+ */
+#include "quants_internal.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+/* ======================================================================== */
+/* CPU features                                                              */
+/* ======================================================================== */
+
+static int detect_isas(void) {
+    int mask = 1 << EMBER_ISA_GENERIC;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    /* __builtin_cpu_supports also checks that the OS saves the wide registers */
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (avx2) mask |= 1 << EMBER_ISA_AVX2;
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+        mask |= 1 << EMBER_ISA_AVX512;
+    }
+#elif defined(__aarch64__)
+    mask |= 1 << EMBER_ISA_NEON;   /* Advanced SIMD is mandatory on AArch64 */
+#endif
+    return mask;
+}
+
+static const char *const ISA_NAMES[EMBER_N_ISA] = {"generic", "avx2", "avx512", "neon"};
+
+/* ======================================================================== */
+/* Tables                                                                    */
+/* ======================================================================== */
+
+static ember_type_kernels tables[EMBER_N_ISA][EMBER_N_TYPES];
+static int cpu_isas;
+static int current_isa;
+static const ember_type_kernels *cur;
+
+static void build_tables(void) {
+    ember_fill_kernels_generic(tables[EMBER_ISA_GENERIC]);
+#if defined(__x86_64__) || defined(__i386__)
+    memcpy(tables[EMBER_ISA_AVX2], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
+    ember_fill_kernels_avx2(tables[EMBER_ISA_AVX2]);
+    memcpy(tables[EMBER_ISA_AVX512], tables[EMBER_ISA_AVX2], sizeof tables[0]);
+    ember_fill_kernels_avx512(tables[EMBER_ISA_AVX512]);
+#elif defined(__aarch64__)
+    memcpy(tables[EMBER_ISA_NEON], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
+    ember_fill_kernels_neon(tables[EMBER_ISA_NEON]);
+#endif
+}
+
+__attribute__((constructor)) static void ember_kernels_init(void) {
+    cpu_isas = detect_isas();
+    build_tables();
+    /* default: the widest ISA the CPU runs; dispatch.py may override it */
+    for (int isa = EMBER_N_ISA - 1; isa >= 0; isa--) {
+        if (ember_set_isa(isa) == 0) break;
+    }
+}
+
+int ember_cpu_isas(void) { return cpu_isas; }
+
+int ember_set_isa(int isa) {
+    if (isa < 0 || isa >= EMBER_N_ISA || !(cpu_isas & (1 << isa))) return -1;
+    current_isa = isa;
+    cur = tables[isa];
+    return 0;
+}
+
+int ember_get_isa(void) { return current_isa; }
+
+const char *ember_isa_name(void) { return ISA_NAMES[current_isa]; }
+
+/* ======================================================================== */
+/* Type facts                                                                */
+/* ======================================================================== */
+
+int ember_block_elems(int wtype) {
+    switch (wtype) {
+    case EMBER_F32: case EMBER_F16: case EMBER_BF16: return 1;
+    case EMBER_Q4_0: case EMBER_Q4_1: case EMBER_Q5_0: case EMBER_Q5_1:
+    case EMBER_Q8_0: case EMBER_IQ4_NL: return 32;
+    case EMBER_Q2_K: case EMBER_Q3_K: case EMBER_Q4_K: case EMBER_Q5_K:
+    case EMBER_Q6_K: case EMBER_Q8_K: return QK_K;
+    default: return 0;
+    }
+}
+
+size_t ember_block_bytes(int wtype) {
+    switch (wtype) {
+    case EMBER_F32: return 4;
+    case EMBER_F16: case EMBER_BF16: return 2;
+    case EMBER_Q4_0: return sizeof(block_q4_0);
+    case EMBER_Q4_1: return sizeof(block_q4_1);
+    case EMBER_Q5_0: return sizeof(block_q5_0);
+    case EMBER_Q5_1: return sizeof(block_q5_1);
+    case EMBER_Q8_0: return sizeof(block_q8_0);
+    case EMBER_IQ4_NL: return sizeof(block_iq4_nl);
+    case EMBER_Q2_K: return sizeof(block_q2_K);
+    case EMBER_Q3_K: return sizeof(block_q3_K);
+    case EMBER_Q4_K: return sizeof(block_q4_K);
+    case EMBER_Q5_K: return sizeof(block_q5_K);
+    case EMBER_Q6_K: return sizeof(block_q6_K);
+    case EMBER_Q8_K: return sizeof(block_q8_K);
+    default: return 0;
+    }
+}
+
+int ember_type_supported(int wtype) {
+    return wtype >= 0 && wtype < EMBER_N_TYPES && tables[EMBER_ISA_GENERIC][wtype].dot != NULL;
+}
+
+int ember_act_type(int wtype) {
+    if (!ember_type_supported(wtype)) return -1;
+    switch (ember_block_elems(wtype)) {
+    case 1: return EMBER_F32;
+    case 32: return EMBER_Q8_0;
+    default: return EMBER_Q8_K;
+    }
+}
+
+size_t ember_act_row_bytes(int wtype, int64_t n) {
+    const int act = ember_act_type(wtype);
+    if (act < 0) return 0;
+    return (size_t)(n / ember_block_elems(act)) * ember_block_bytes(act);
+}
+
+/* ======================================================================== */
+/* Entry points                                                              */
+/* ======================================================================== */
+
+void ember_quantize_act(int wtype, const float *x, void *xq, int64_t n) {
+    cur[wtype].quantize(x, xq, n);
+}
+
+void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, float *y,
+                  int64_t n, int64_t r0, int64_t r1) {
+    const ember_vec_dot_fn dot = cur[wtype].dot;
+    const uint8_t *w = W;
+    for (int64_t r = r0; r < r1; r++) y[r - r0] = dot(n, w + (size_t)r * row_bytes, xq);
+}
+
+/* Y[b*ldy + r] for rows [r, rend) and activation rows [b, b+4) */
+static void matmul_tile4(const ember_type_kernels *k, const uint8_t *w, size_t row_bytes,
+                         const uint8_t *xq, size_t xs, float *Y, int64_t ldy, int64_t n,
+                         int64_t r, int64_t rend) {
+    float s[4];
+    for (; r < rend; r++) {
+        const uint8_t *wr = w + (size_t)r * row_bytes;
+        if (k->dot4) {
+            k->dot4(n, wr, xq, xs, s);
+        } else {
+            for (int j = 0; j < 4; j++) s[j] = k->dot(n, wr, xq + j * xs);
+        }
+        for (int j = 0; j < 4; j++) Y[j * ldy + r] = s[j];
+    }
+}
+
+void ember_matmul(int wtype, const void *W, size_t row_bytes, const void *Xq, size_t xq_stride,
+                  float *Y, int64_t ldy, int64_t n, int64_t nb, int64_t r0, int64_t r1) {
+    const ember_type_kernels *k = &cur[wtype];
+    const uint8_t *w = W, *xq = Xq;
+    /* a tile of weight rows (~32 KiB) stays in L1/L2 while every activation row passes */
+    int64_t tile = row_bytes ? (int64_t)(32768 / row_bytes) : 1;
+    tile = tile < 1 ? 1 : (tile > 64 ? 64 : tile);
+    for (int64_t r = r0; r < r1; r += tile) {
+        const int64_t rend = r + tile < r1 ? r + tile : r1;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) {
+            matmul_tile4(k, w, row_bytes, xq + b * xq_stride, xq_stride, Y + b * ldy, ldy, n, r, rend);
+        }
+        for (; b < nb; b++) {
+            for (int64_t rr = r; rr < rend; rr++) {
+                Y[b * ldy + rr] = k->dot(n, w + (size_t)rr * row_bytes, xq + b * xq_stride);
+            }
+        }
+    }
+}
+
+void ember_dequantize_row(int wtype, const void *x, float *y, int64_t n) {
+    ember_dequantize_row_generic(wtype, x, y, n);
+}
+
+void ember_get_rows(int wtype, const void *W, size_t row_bytes, const int32_t *ids, int64_t n_ids,
+                    float *out, int64_t n) {
+    const uint8_t *w = W;
+    for (int64_t i = 0; i < n_ids; i++) {
+        ember_dequantize_row_generic(wtype, w + (size_t)ids[i] * row_bytes, out + i * n, n);
+    }
+}
