@@ -134,7 +134,9 @@ def _store(q: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
     """float32 (n,) -> (n, 2) uint8 of fp16, rounded to nearest even like F16C."""
-    return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    with np.errstate(over="ignore"):                    # beyond 65504 is inf, as in F16C
+        h = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16)
+    return h.view(np.uint8).reshape(-1, 2)
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
@@ -707,8 +709,9 @@ def dequantize(type_name: str, data, shape: Sequence[int]) -> np.ndarray:
         return blocks.view(np.float32).reshape(tuple(shape))
     out = np.empty((n, cls.block), np.float32)
     step = max(1, _CHUNK_ELEMS // cls.block)
-    for i in range(0, n, step):
-        cls.dequantize_blocks(blocks[i:i + step], out[i:i + step])
+    with np.errstate(over="ignore", invalid="ignore"):   # NaN/inf scales just propagate
+        for i in range(0, n, step):
+            cls.dequantize_blocks(blocks[i:i + step], out[i:i + step])
     return out.reshape(tuple(shape))
 
 

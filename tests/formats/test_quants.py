@@ -1,0 +1,288 @@
+"""formats/quants.py against two oracles: gguf-py's dequantize and llama.cpp's own files.
+
+Oracle 1: every tensor of every conformance model dequantizes bit-identical to
+`gguf.quants.dequantize` (no type needs an ulp of slack: the multiplications
+run in C's order). Oracle 2: re-quantizing the F32 s512 models reproduces the
+bytes llama.cpp's quantizer wrote. The rest are properties on generated data:
+odd block counts, zero and random blocks, read-only memmaps, typed errors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf_py = pytest.importorskip("gguf")
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+from ember.formats import gguf, quants  # noqa: E402
+from ember.formats.quants import QuantError, dequantize, quantize  # noqa: E402
+from tests.conftest import conformance_models, conformance_path  # noqa: E402
+
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+K_QUANTIZABLE = {"Q4_K": "Q4_K_S", "Q6_K": "Q6_K"}   # type -> s512-llama file holding it
+# readable types the gguf package can also dequantize (it lacks Q8_K and the integers)
+GGUF_TYPES = [t for t in quants._TYPES if t not in ("Q8_K", "I8", "I16", "I32", "F64")]
+ODD_COUNTS = [1, 7, 31, 33, 255]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """Bit patterns of a float32 array, so NaN payloads and -0.0 compare too."""
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def sane_blocks(type_name: str, n: int, seed: int = 0) -> np.ndarray:
+    """(n, type_size) random bytes whose fp16/f32 scales are finite and moderate."""
+    rng = np.random.default_rng(seed)
+    elems, size = quants.BLOCKS[type_name]
+    if type_name in ("F16", "BF16", "F32", "F64"):
+        x = rng.standard_normal(n).astype(np.float32)
+        return quants.quantize(type_name, x).reshape(n, size) if type_name != "F64" \
+            else x.astype(np.float64).view(np.uint8).reshape(n, size)
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    for off in quants._TYPES[type_name].scale_offsets:
+        raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float16).view(np.uint8)
+    if type_name == "Q8_K":
+        raw[:, 0:4] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32).view(np.uint8)
+    return raw
+
+
+def gguf_reference(type_name: str, raw: np.ndarray) -> np.ndarray:
+    return gguf_dequantize(raw.reshape(-1), GGMLQuantizationType[type_name]).astype(np.float32).reshape(-1)
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+def test_blocks_agree_with_gguf_constants():
+    shared = [t for t in quants.BLOCKS if t in GGMLQuantizationType.__members__]
+    assert len(shared) == len(quants.BLOCKS)
+    for name in shared:
+        qt = GGMLQuantizationType[name]
+        assert quants.GGML_TYPE_IDS[name] == qt.value, name
+        if name == "Q8_1":
+            # ggml-common.h: block_q8_1 holds fp16 d and s (2*2 + 32 = 36 bytes);
+            # gguf-py still lists the old float32 layout (40). Activation-only: never in files.
+            assert quants.BLOCKS[name] == (32, 36) and GGML_QUANT_SIZES[qt] == (32, 40)
+            continue
+        assert quants.BLOCKS[name] == GGML_QUANT_SIZES[qt], name
+
+
+def test_every_table_type_but_q8_1_and_i64_has_a_codec():
+    assert set(quants.BLOCKS) - set(quants._TYPES) == {"Q8_1", "I64"}
+    for name, cls in quants._TYPES.items():
+        assert (cls.block, cls.type_size) == quants.BLOCKS[name]
+
+
+# ---------------------------------------------------------------------------
+# Oracle 1: gguf-py's dequantize on every conformance tensor
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", conformance_models() or ["(none)"])
+def test_conformance_tensors_dequantize_like_gguf_py(model):
+    path = conformance_path("models", model)
+    with gguf.open(path) as f:
+        for name, t in f.tensors.items():
+            ours = t.numpy()
+            assert ours.shape == t.shape and ours.dtype == np.float32
+            ref = gguf_reference(t.type, t.data)
+            np.testing.assert_array_equal(bits(ours).reshape(-1), bits(ref), err_msg=f"{name} ({t.type})")
+
+
+# ---------------------------------------------------------------------------
+# Oracle 2: llama.cpp's quantizer output, byte for byte
+# ---------------------------------------------------------------------------
+
+def requantize_and_compare(f32_file: str, quant_file: str, type_name: str) -> int:
+    """Quantize every `type_name` tensor of quant_file from f32_file; returns how many."""
+    checked = 0
+    with gguf.open(conformance_path("models", f32_file)) as src, \
+            gguf.open(conformance_path("models", quant_file)) as dst:
+        for name, t in dst.tensors.items():
+            if t.type != type_name:
+                continue
+            ours = quantize(type_name, src.tensors[name].numpy()).reshape(-1, quants.BLOCKS[type_name][1])
+            theirs = t.data.reshape(ours.shape)
+            bad = np.nonzero((ours != theirs).any(axis=1))[0]
+            assert bad.size == 0, (f"{quant_file} {name}: {bad.size}/{len(ours)} blocks differ, "
+                                   f"first {bad[0]}: ours {ours[bad[0]]} llama.cpp {theirs[bad[0]]}")
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("type_name", LEGACY)
+def test_legacy_quantize_matches_llama_cpp_bytes(type_name):
+    # every matrix (token_embd and output included) is type_name; the 5 norms stay F32
+    assert requantize_and_compare("s512-llama-F32.gguf", f"s512-llama-{type_name}.gguf", type_name) == 16
+
+
+@pytest.mark.parametrize("type_name", sorted(K_QUANTIZABLE))
+def test_k_quantize_matches_llama_cpp_bytes(type_name):
+    n = requantize_and_compare("s512-llama-F32.gguf", f"s512-llama-{K_QUANTIZABLE[type_name]}.gguf", type_name)
+    assert n == 16
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_q4_k_m_mix_matches_llama_cpp_bytes(arch):
+    # Q4_K_M mixes Q4_K and Q6_K matrices; both must come out identical
+    n = sum(requantize_and_compare(f"s512-{arch}-F32.gguf", f"s512-{arch}-Q4_K_M.gguf", t)
+            for t in ("Q4_K", "Q6_K"))
+    assert n >= 16
+
+
+# ---------------------------------------------------------------------------
+# Generated blocks: odd counts, chunk boundaries, zeros, garbage
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+def test_odd_block_counts_match_gguf_py(type_name):
+    elems = quants.BLOCKS[type_name][0]
+    # the last count crosses several of dequantize's internal chunks
+    for n in ODD_COUNTS + [3 * (quants._CHUNK_ELEMS // elems) + 5]:
+        raw = sane_blocks(type_name, n, seed=n)
+        ours = dequantize(type_name, raw.reshape(-1), (n * elems,))
+        np.testing.assert_array_equal(bits(ours), bits(gguf_reference(type_name, raw)), err_msg=f"n={n}")
+
+
+def test_types_gguf_py_lacks_follow_their_definition():
+    n = 33
+    raw = sane_blocks("Q8_K", n)
+    d = raw[:, 0:4].copy().view(np.float32)                 # (n, 1)
+    expect = raw[:, 4:260].view(np.int8).astype(np.float32) * d
+    np.testing.assert_array_equal(dequantize("Q8_K", raw, (n, 256)), expect)
+    for name, dt in [("I8", np.int8), ("I16", np.int16), ("I32", np.int32), ("F64", np.float64)]:
+        v = np.arange(-50, 51).astype(dt)
+        np.testing.assert_array_equal(dequantize(name, v.view(np.uint8), (101,)), v.astype(np.float32))
+
+
+@pytest.mark.parametrize("type_name", sorted(quants._TYPES))
+def test_zero_blocks_dequantize_to_zero(type_name):
+    elems, size = quants.BLOCKS[type_name]
+    out = dequantize(type_name, np.zeros(7 * size, np.uint8), (7 * elems,))
+    assert not out.any()
+
+
+@pytest.mark.parametrize("type_name", sorted(quants._TYPES))
+def test_random_bytes_never_crash_and_match_gguf_py(type_name):
+    elems, size = quants.BLOCKS[type_name]
+    raw = np.random.default_rng(7).integers(0, 256, size=255 * size, dtype=np.uint8)
+    out = dequantize(type_name, raw, (255, elems))          # NaN/inf scales just propagate
+    assert out.shape == (255, elems) and out.dtype == np.float32
+    if type_name in GGUF_TYPES:
+        with np.errstate(all="ignore"):
+            ref = gguf_reference(type_name, raw)
+        np.testing.assert_array_equal(bits(out).reshape(-1), bits(ref))
+
+
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+def test_read_only_memmap_input(type_name, tmp_path):
+    elems, size = quants.BLOCKS[type_name]
+    raw = sane_blocks(type_name, 33).reshape(-1)
+    path = tmp_path / "blocks.bin"
+    raw.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    assert not mm.flags.writeable
+    out = dequantize(type_name, mm, (3, 11 * elems))
+    np.testing.assert_array_equal(bits(out), bits(dequantize(type_name, raw.copy(), (3, 11 * elems))))
+    del mm
+    assert path.read_bytes() == raw.tobytes()
+
+
+def test_f32_is_a_zero_copy_view_and_others_are_fresh():
+    x = np.arange(64, dtype=np.float32)
+    raw = x.view(np.uint8)
+    raw.flags.writeable = False
+    v = dequantize("F32", raw, (8, 8))
+    assert np.shares_memory(v, raw) and not v.flags.writeable
+    q = dequantize("Q8_0", quantize("Q8_0", x), (64,))
+    assert q.flags.writeable and q.flags.c_contiguous
+
+
+# ---------------------------------------------------------------------------
+# Quantize: properties beyond the llama.cpp files
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE))
+def test_round_trip_error_is_bounded(type_name):
+    elems = quants.BLOCKS[type_name][0]
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((31, 8 * 32)) * rng.uniform(1e-3, 10, (31, 1))).astype(np.float32)
+    x = x[:, : (x.shape[1] // elems) * elems]
+    q = quantize(type_name, x)
+    assert q.shape == (31, quants.row_bytes(type_name, x.shape[1])) and q.dtype == np.uint8
+    y = dequantize(type_name, q, x.shape)
+    # worst error relative to each row's largest value, for the format's bit depth:
+    # Q4_0/Q5_0 map the largest value to code -8/-16, so its opposite end reaches
+    # only 7/8 (15/16) of it; Q8_0 is half a step plus the fp16 rounding of d.
+    rel = np.abs(y - x).max(axis=1) / np.abs(x).max(axis=1)
+    limit = {"Q4_0": 1 / 8 + 2**-9, "Q4_1": 1 / 14, "Q5_0": 1 / 16 + 2**-9, "Q5_1": 1 / 30,
+             "Q8_0": 0.5 / 127 + 2**-10, "Q4_K": 1 / 8, "Q6_K": 1 / 40}[type_name]
+    assert rel.max() <= limit, (type_name, rel.max())
+
+
+@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE))
+def test_quantize_zeros_and_odd_block_counts(type_name):
+    elems, size = quants.BLOCKS[type_name]
+    for n in ODD_COUNTS:
+        x = np.zeros((n, elems), np.float32)
+        assert not dequantize(type_name, quantize(type_name, x), x.shape).any()
+    # a zero block between live ones must not disturb its neighbours
+    x = np.random.default_rng(5).standard_normal((3, elems)).astype(np.float32)
+    x[1] = 0
+    q = quantize(type_name, x)
+    np.testing.assert_array_equal(q[[0, 2]], quantize(type_name, x[[0, 2]]))
+    assert not dequantize(type_name, q[1], (elems,)).any()
+
+
+def test_q8_0_rounds_half_away_from_zero():
+    # 127 * 0.5/127 lands on q = 0.5-ish ties; roundf must go away from zero
+    x = np.zeros(32, np.float32)
+    x[0], x[1], x[2] = 127.0, 0.5, -0.5
+    q = quantize("Q8_0", x)[2:].view(np.int8)
+    assert (q[0], q[1], q[2]) == (127, 1, -1)
+
+
+def test_float_conversions_match_numpy():
+    x = np.random.default_rng(9).standard_normal(4096).astype(np.float32) * 100
+    x[:4] = [np.inf, -np.inf, np.nan, 65520.0]          # 65520 rounds to fp16 inf
+    with np.errstate(over="ignore"):
+        expect = x.astype(np.float16)
+    np.testing.assert_array_equal(quantize("F16", x).view(np.float16).reshape(-1), expect)
+    np.testing.assert_array_equal(bits(dequantize("F32", quantize("F32", x), x.shape)), bits(x))
+
+
+def test_bf16_quantize_matches_gguf_py_rounding():
+    u = np.random.default_rng(11).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    x = u.view(np.float32)
+    ours = quantize("BF16", x).reshape(-1)
+    ref = gguf_py.quants.BF16.quantize_blocks(x.reshape(-1, 1)).reshape(-1)
+    np.testing.assert_array_equal(ours, ref)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments: one typed error
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: dequantize("Q9_9", np.zeros(18, np.uint8), (32,)), "unknown"),
+    (lambda: dequantize("Q4_0", np.zeros(17, np.uint8), (32,)), "bytes"),
+    (lambda: dequantize("Q4_0", np.zeros(36, np.uint8), (32,)), "bytes"),
+    (lambda: dequantize("Q4_0", np.zeros(18, np.uint8), (2, 16)), "multiple"),
+    (lambda: dequantize("Q4_0", np.zeros(9, np.uint16), (32,)), "uint8"),
+    (lambda: dequantize("Q4_0", np.zeros(18, np.uint8), (-1, 32)), "negative"),
+    (lambda: quantize("Q2_K", np.zeros(256, np.float32)), "not supported"),
+    (lambda: quantize("Q4_0", np.zeros(48, np.float32)), "multiple"),
+    (lambda: quantize("IQ2_XXS", np.zeros(256, np.float32)), "unknown"),
+    (lambda: quantize("Q8_0", np.float32(1)), "scalar"),
+])
+def test_bad_arguments_raise_quant_error(call, match):
+    with pytest.raises(QuantError, match=match):
+        call()
+    assert issubclass(QuantError, ValueError)
+
+
+def test_bytes_like_input_is_accepted():
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    q = quantize("Q8_0", x)
+    np.testing.assert_array_equal(dequantize("Q8_0", q.tobytes(), (64,)), dequantize("Q8_0", q, (64,)))
