@@ -1,0 +1,289 @@
+"""The `onnx` backend: ONNX Runtime as the fallback that runs anywhere.
+
+Design note. ONNX Runtime reaches hardware ember has no native kernels for
+(through its execution providers: CPU, CUDA, TensorRT, CoreML, QNN, ...).
+This backend turns the GGUF decoder into an ONNX graph once
+(ember.plugins.onnx_graph), stores it in the model cache keyed by the GGUF's
+sha256 and the graph options, and runs it with one session:
+
+    cache dir:  $EMBER_CACHE_DIR, else $XDG_CACHE_HOME/ember, else ~/.cache/ember
+    graph:      <cache>/onnx/<sha256>-b<builder>-a<accuracy>/model.onnx
+    weights:    the same folder, weights.bin (external data: model.onnx stays small)
+
+The folder is written under a temporary name and renamed into place, so a
+crash mid-build never leaves a half graph that a later load would trust.
+
+The runner owns the KV cache: float32 (n_layer, n_ctx, n_kv, hd) for K and
+for V, allocated once at load. Each run feeds the cached rows [0, n_past) of
+every layer (contiguous views, no copy) and writes back the T new rows the
+graph returns; truncate and reset only move n_past.
+
+Options (the `options` dict of ember_load / ember_plan):
+    provider        ORT execution provider, default "CPUExecutionProvider"
+    accuracy_level  MatMulNBits accuracy_level: 0 (float activations, default)
+                    or 4 (int8 activations, as llama.cpp does; faster)
+    cache_dir       overrides the cache directory
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ember.formats import quants
+from ember.plugins.arch import ModelConfig
+from ember.plugins.hookspecs import hookimpl
+from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+
+NAME = "onnx"
+DEFAULT_PROVIDER = "CPUExecutionProvider"
+ORT_RUNTIME_BYTES = 64 << 20   # ORT's own code, arenas and thread pools (measured ~40-60 MB)
+
+
+class TokenOutOfRange(ValueError):
+    """A token id is negative or not below n_vocab."""
+
+    user_error = True
+
+
+# ---------------------------------------------------------------------------
+# Plugin hooks
+# ---------------------------------------------------------------------------
+
+@hookimpl
+def ember_backends():
+    return [BackendSpec(NAME, priority=20,
+                        description="ONNX Runtime graph built from the GGUF; runs anywhere, "
+                                    "reaches accelerators through execution providers")]
+
+
+@hookimpl
+def ember_probe(backend):
+    if backend != NAME:
+        return None
+    try:
+        import onnx  # noqa: F401 - needed to build the graph
+        import onnxruntime as ort
+    except ImportError as e:
+        return Probe(False, f"{e.name} is not installed (pip install 'ember[onnx]')")
+    providers = ort.get_available_providers()
+    return Probe(True, f"onnxruntime {ort.__version__}; default provider {DEFAULT_PROVIDER}",
+                 devices=providers)
+
+
+@hookimpl
+def ember_plan(backend, config, n_ctx, options):
+    if backend != NAME:
+        return None
+    return plan(config, n_ctx, options or {})
+
+
+@hookimpl
+def ember_load(backend, gguf, config, n_ctx, threads, options):
+    if backend != NAME:
+        return None
+    return OnnxRunner(gguf, config, n_ctx, threads, options or {})
+
+
+# ---------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------
+
+def plan(config: ModelConfig, n_ctx: int, options: dict) -> MemoryPlan:
+    """Graph weights as ORT holds them + the mapped token_embd rows + float32 KV cache
+    + one prefill batch of n_ctx tokens (attention scores included)."""
+    from ember.plugins.onnx_graph import encoded_bytes
+    graph = sum(encoded_bytes(t) for n, t in config.tensors.items()
+                if n != "token_embd.weight" or config.tied_embeddings)
+    embd = config.tensors["token_embd.weight"].nbytes
+    T = n_ctx
+    acts = T * (4 * config.n_embd + 3 * config.n_ff + 3 * config.n_head * config.head_dim) * 4
+    scores = 2 * config.n_head * T * n_ctx * 4
+    on_device = options.get("provider", DEFAULT_PROVIDER) != DEFAULT_PROVIDER
+    return MemoryPlan(
+        weights=embd + (0 if on_device else graph),
+        kv_cache=config.kv_cache_bytes(n_ctx, bytes_per_value=4),
+        scratch=acts + scores + 2 * config.n_vocab * 4,
+        runtime=ORT_RUNTIME_BYTES,
+        device=graph if on_device else 0,
+        notes=[f"graph weights {graph} bytes (Q4_0/Q4_1/Q8_0 kept packed for MatMulNBits, "
+               "other types dequantized to float32)",
+               f"token_embd rows are read from the map ({embd} bytes mapped)"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The model cache
+# ---------------------------------------------------------------------------
+
+def cache_dir(options: dict | None = None) -> Path:
+    """Where built graphs live (see the module note)."""
+    if options and options.get("cache_dir"):
+        return Path(options["cache_dir"])
+    if os.environ.get("EMBER_CACHE_DIR"):
+        return Path(os.environ["EMBER_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "ember"
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
+    """The cached graph of `gguf` under `options`, built if absent -> (model.onnx, built_now)."""
+    from ember.plugins import onnx_graph
+    acc = int(options.get("accuracy_level", 0))
+    if acc not in (0, 1, 2, 3, 4):
+        raise BackendError(f"onnx: accuracy_level must be 0..4, got {acc}")
+    key = f"{file_sha256(gguf.path)}-b{onnx_graph.BUILDER_VERSION}-a{acc}"
+    final = cache_dir(options) / "onnx" / key
+    if (final / "model.onnx").is_file():
+        return final / "model.onnx", False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        _save(onnx_graph.build_model(gguf, config, acc), tmp, gguf.path)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "model.onnx").is_file():   # lost a race to another builder: fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / "model.onnx", True
+
+
+def _save(model, folder: Path, source: str) -> None:
+    import onnx
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    meta = {"source": os.path.abspath(source), "built": time.time()}
+    (folder / "source.json").write_text(json.dumps(meta))
+
+
+# ---------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------
+
+def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
+    """cos, sin (n_ctx, rope_dim/2): angle = pos * base^(-2i/rope_dim) [/ factor_i]."""
+    i = np.arange(c.rope_dim // 2, dtype=np.float64)
+    inv_freq = c.rope_base ** (-2.0 * i / c.rope_dim)                   # (rope_dim/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
+    angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _session(path: Path, threads: int | None, provider: str):
+    import onnxruntime as ort
+    if provider not in ort.get_available_providers():
+        raise BackendError(f"onnx: execution provider {provider!r} is not available here; "
+                           f"available: {', '.join(ort.get_available_providers())}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    providers = [provider] if provider == DEFAULT_PROVIDER else [provider, DEFAULT_PROVIDER]
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+
+class OnnxRunner:
+    """ember.plugins.types.Runner over one ONNX Runtime session."""
+
+    def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None,
+                 options: dict):
+        if not isinstance(n_ctx, int) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        self.c, self.n_ctx, self.n_vocab, self.n_past = config, n_ctx, config.n_vocab, 0
+        t0 = time.perf_counter()
+        self.graph, built = graph_path(gguf, config, options)
+        self.provider = options.get("provider", DEFAULT_PROVIDER)
+        self.session = _session(self.graph, threads, self.provider)
+        self.info = {"backend": NAME, "provider": self.session.get_providers()[0],
+                     "graph": str(self.graph), "graph_built_now": built,
+                     "accuracy_level": int(options.get("accuracy_level", 0)),
+                     "load_s": round(time.perf_counter() - t0, 3)}
+        self.embd = gguf.tensors["token_embd.weight"]        # rows read from the map
+        self._row_bytes = self.embd.nbytes // config.n_vocab
+        freqs = gguf.tensors.get("rope_freqs.weight")
+        self.cos, self.sin = rope_tables(config, n_ctx, None if freqs is None else freqs.numpy())
+        shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)           # (layer, n_ctx, n_kv, hd)
+        self.v_cache = np.zeros(shape, np.float32)
+        self._gguf = gguf
+
+    # -- the Runner protocol --------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self._check(tokens)
+        rows = np.arange(len(ids)) if all_logits else np.array([len(ids) - 1])
+        logits = self._run(ids, rows.astype(np.int64))
+        return logits if all_logits else logits[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.prefill([token])
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
+        self.n_past = int(n_past)
+
+    def close(self) -> None:
+        self.session = None
+        self.k_cache = self.v_cache = None
+        self._gguf = self.embd = None
+
+    # -- internals ------------------------------------------------------------
+
+    def _check(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.session is None:
+            raise ValueError("runner is closed")
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
+                                  f"got {ids.dtype} array of shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
+            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
+                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
+        return ids.astype(np.int64)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantize just the rows of `ids` from the map -> (T, n_embd) float32."""
+        table = self.embd.data.reshape(self.n_vocab, self._row_bytes)
+        rows = np.ascontiguousarray(table[ids])                          # (T, row_bytes)
+        return np.array(quants.dequantize(self.embd.type, rows, (len(ids), self.c.n_embd)),
+                        dtype=np.float32)
+
+    def _run(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        p0, T = self.n_past, len(ids)
+        S = p0 + T
+        # query t (at position p0 + t) sees keys 0 .. p0 + t; -inf elsewhere
+        mask = np.triu(np.full((T, S), -np.inf, np.float32), k=p0 + 1)  # (T, S)
+        feed = {"x": self._embed(ids), "cos": self.cos[p0:S], "sin": self.sin[p0:S],
+                "mask": mask, "rows": rows}
+        for i in range(self.c.n_layer):
+            feed[f"past_k.{i}"] = self.k_cache[i, :p0]                  # (p0, n_kv, hd) view
+            feed[f"past_v.{i}"] = self.v_cache[i, :p0]
+        outs = self.session.run(None, feed)
+        for i in range(self.c.n_layer):
+            self.k_cache[i, p0:S] = outs[1 + 2 * i]
+            self.v_cache[i, p0:S] = outs[2 + 2 * i]
+        self.n_past = S
+        return np.ascontiguousarray(outs[0], dtype=np.float32)

@@ -1,0 +1,315 @@
+"""The decoder as an ONNX graph, built once from a GGUF file.
+
+Design note. The graph is the same forward pass as the reference backend
+(ember.plugins.reference), written in ONNX ops so that ONNX Runtime and any of
+its execution providers can run it. What stays outside the graph, on purpose:
+
+- the token embedding lookup: the runner dequantizes the few rows it needs
+  straight from the read-only map, so the graph never holds a float copy of
+  token_embd (n_vocab x n_embd floats);
+- the rope tables and the causal mask: the runner slices them for the
+  positions it runs (tiny inputs), so the graph has no position logic;
+- the KV cache: the runner owns one float32 buffer per layer, allocated once
+  for n_ctx; the graph takes the cached rows as `past_k.i`/`past_v.i`
+  (n_past, n_kv, hd) and returns only the new rows `new_k.i`/`new_v.i`
+  (T, n_kv, hd), which the runner writes into its buffer. Decode is one
+  session run per token; prefill is one run over the whole prompt.
+
+Weights map onto ONNX Runtime's MatMulNBits (com.microsoft) where the GGML
+block format is exactly an affine code per block: y = A @ ((code - zp) *
+scale)^T, codes packed low-nibble-first along K, default zp = 2^(bits-1).
+
+    Q4_0  bits=4 block 32, scale d, default zp 8            (x = (q - 8) d)
+    Q4_1  bits=4 block 32, scale d, float zp = -m / d        (x = q d + m)
+    Q8_0  bits=8 block 32, scale d, codes q + 128, default zp 128
+
+GGML packs a 32-element block's nibbles as (element j, element j + 16) in
+byte j; ORT wants (element 2i, element 2i + 1) in byte i, so the nibbles are
+repacked at build time (no dequantization). Every other type is dequantized
+once to float32 (a Gemm with transB, so the rows keep the file's layout) and
+counted as such in the memory plan.
+
+Graph inputs:  x (T, d), cos/sin (T, rope_dim/2), mask (T, S), rows (R,),
+               past_k.i / past_v.i (P, n_kv, hd) for each layer; S = P + T
+Graph outputs: logits (R, n_vocab), new_k.i / new_v.i (T, n_kv, hd)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ember.plugins.arch import ModelConfig, UnsupportedModel
+
+BUILDER_VERSION = 1      # bump when the graph changes: it is part of the cache key
+OPSET = 17
+NBITS_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+# ---------------------------------------------------------------------------
+# Weights: GGML blocks -> MatMulNBits operands, or float32
+# ---------------------------------------------------------------------------
+
+@dataclass
+class NBits:
+    """MatMulNBits operands of one (N, K) weight."""
+
+    bits: int
+    packed: np.ndarray          # (N, K/32, 32*bits/8) uint8
+    scales: np.ndarray          # (N * K/32,) float32
+    zero_points: np.ndarray | None  # (N * K/32,) float32, or None for the default
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.packed.nbytes + self.scales.nbytes + zp
+
+
+def _blocks(t, type_size: int) -> np.ndarray:
+    n, k = t.shape
+    return np.asarray(t.data).reshape(n, k // 32, type_size)    # (N, K/32, type_size)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 field at byte `at` of every block -> (N, K/32) float32."""
+    return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _ggml_nibbles_to_ort(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) GGML bytes (elem j | elem j+16 << 4) -> (..., 16) ORT bytes (elem 2i | elem 2i+1 << 4)."""
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)       # (..., 32) in element order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def encode_nbits(t) -> NBits | None:
+    """MatMulNBits operands for a Q4_0/Q4_1/Q8_0 matrix, or None when it must be dequantized."""
+    if t.type not in NBITS_TYPES or len(t.shape) != 2 or t.shape[1] % 32:
+        return None
+    if t.type == "Q4_0":                       # d f16 | 16 bytes of nibbles
+        b = _blocks(t, 18)
+        return NBits(4, _ggml_nibbles_to_ort(b[..., 2:]), _f16(b, 0).reshape(-1), None)
+    if t.type == "Q4_1":                       # d f16 | m f16 | 16 bytes of nibbles
+        b = _blocks(t, 20)
+        d, m = _f16(b, 0), _f16(b, 2)
+        if np.any((d == 0) & (m != 0)):        # x = m everywhere: no finite zero point
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = np.where(d == 0, 0.0, -m / d).astype(np.float32)
+        return NBits(4, _ggml_nibbles_to_ort(b[..., 4:]), d.reshape(-1), zp.reshape(-1))
+    b = _blocks(t, 34)                         # Q8_0: d f16 | 32 int8
+    codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return NBits(8, codes, _f16(b, 0).reshape(-1), None)
+
+
+def dense(t) -> np.ndarray:
+    """Any readable type -> float32 (N, K), the file's row layout."""
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+
+def encoded_bytes(entry) -> int:
+    """Bytes a ModelConfig TensorEntry takes in the graph (for the memory plan)."""
+    n_el = int(np.prod(entry.shape))
+    if entry.type in NBITS_TYPES and len(entry.shape) == 2 and entry.shape[1] % 32 == 0:
+        bits = 8 if entry.type == "Q8_0" else 4
+        zp = 4 if entry.type == "Q4_1" else 0
+        return n_el * bits // 8 + (n_el // 32) * (4 + zp)
+    return 4 * n_el
+
+
+# ---------------------------------------------------------------------------
+# A tiny graph-building helper
+# ---------------------------------------------------------------------------
+
+class _Graph:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
+           domain: str = "", **attrs) -> str | list[str]:
+        self._n += 1
+        outs = [name] if name else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        key = (np.dtype(dtype).str, tuple(np.ravel(values).tolist()), np.ndim(values))
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", np.array(values, dtype))
+        return self._consts[key]
+
+
+# ---------------------------------------------------------------------------
+# The blocks
+# ---------------------------------------------------------------------------
+
+class _Builder:
+    def __init__(self, gguf, c: ModelConfig, accuracy_level: int):
+        self.f, self.c, self.acc = gguf, c, accuracy_level
+        self.g = _Graph()
+
+    def tensor(self, name: str, shape: tuple[int, ...]):
+        t = self.f.tensors.get(name)
+        if t is None:
+            raise UnsupportedModel(f"tensor {name!r} is missing")
+        if tuple(t.shape) != shape:
+            raise UnsupportedModel(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        return t
+
+    def vector(self, name: str, n: int) -> str:
+        return self.g.init(name, dense(self.tensor(name, (n,))))
+
+    def linear(self, x: str, name: str, n: int, k: int) -> str:
+        """x (T, k) @ W^T for W = tensor `name` (n, k) -> (T, n)"""
+        t = self.tensor(name, (n, k))
+        q = encode_nbits(t)
+        if q is None:   # dequantized once; Gemm transB keeps the (n, k) rows as stored
+            return self.g.op("Gemm", x, self.g.init(name, dense(t)), transB=1)
+        ins = [x, self.g.init(name + ".q", q.packed), self.g.init(name + ".scales", q.scales)]
+        if q.zero_points is not None:
+            ins.append(self.g.init(name + ".zp", q.zero_points))
+        return self.g.op("MatMulNBits", *ins, domain="com.microsoft", K=k, N=n, bits=q.bits,
+                         block_size=32, accuracy_level=self.acc)
+
+    def rmsnorm(self, x: str, w: str) -> str:
+        """x (..., n) / sqrt(mean(x^2) + eps) * w (n,)"""
+        g = self.g
+        ms = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+        r = g.op("Sqrt", g.op("Add", ms, g.const(self.c.rms_eps, np.float32)))
+        return g.op("Mul", g.op("Div", x, r), w)
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        """Rotate the first rope_dim dims of each head; x (T, heads, hd), cos/sin (T, 1, rd/2)."""
+        g, c = self.g, self.c
+        rd, hd = c.rope_dim, c.head_dim
+        rot, rest = (x, None) if rd == hd else g.op(
+            "Split", x, g.const([rd, hd - rd]), axis=-1, outputs=2)
+        if c.rope_style == "neox":   # pairs (x_i, x_{i + rd/2})
+            a, b = g.op("Split", rot, g.const([rd // 2, rd // 2]), axis=-1, outputs=2)
+            cc, ss = cos, sin
+        else:                        # "norm": interleaved pairs (x_2i, x_2i+1)
+            pairs = g.op("Reshape", rot, g.const([0, 0, rd // 2, 2]))   # (T, heads, rd/2, 2)
+            a, b = g.op("Split", pairs, g.const([1, 1]), axis=-1, outputs=2)
+            cc, ss = (g.op("Unsqueeze", t, g.const([-1])) for t in (cos, sin))
+        ra = g.op("Sub", g.op("Mul", a, cc), g.op("Mul", b, ss))
+        rb = g.op("Add", g.op("Mul", a, ss), g.op("Mul", b, cc))
+        out = g.op("Concat", ra, rb, axis=-1)
+        if c.rope_style != "neox":
+            out = g.op("Reshape", out, g.const([0, 0, rd]))
+        return out if rest is None else g.op("Concat", out, rest, axis=-1)
+
+    def attention(self, q: str, k: str, v: str, mask: str) -> str:
+        """Causal GQA: q (T, H, hd), k/v (S, n_kv, hd), mask (T, S) -> (T, H*hd)
+
+        Query head h reads kv head h // (H / n_kv), as in llama.cpp: the query
+        heads are viewed as (n_kv, group) and the kv heads broadcast over group.
+        """
+        g, c = self.g, self.c
+        grp = c.n_head // c.n_head_kv
+        qg = g.op("Transpose", g.op("Reshape", q, g.const([-1, c.n_head_kv, grp, c.head_dim])),
+                  perm=[1, 2, 0, 3])                                   # (n_kv, grp, T, hd)
+        kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[1, 2, 0]), g.const([1]))  # (n_kv,1,hd,S)
+        vt = g.op("Unsqueeze", g.op("Transpose", v, perm=[1, 0, 2]), g.const([1]))  # (n_kv,1,S,hd)
+        scale = g.const(1.0 / np.sqrt(c.head_dim), np.float32)
+        s = g.op("Add", g.op("Mul", g.op("MatMul", qg, kt), scale), mask)  # (n_kv, grp, T, S)
+        o = g.op("MatMul", g.op("Softmax", s, axis=-1), vt)                # (n_kv, grp, T, hd)
+        o = g.op("Transpose", o, perm=[2, 0, 1, 3])                        # (T, n_kv, grp, hd)
+        return g.op("Reshape", o, g.const([-1, c.n_head * c.head_dim]))
+
+    def qkv(self, p: str, h: str):
+        """-> q (T, H*hd), k and v (T, n_kv*hd), biases added"""
+        g, c = self.g, self.c
+        d, qd, kvd = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        if c.fused_qkv:
+            fused = self.linear(h, p + "attn_qkv.weight", qd + 2 * kvd, d)
+            q, k, v = g.op("Split", fused, g.const([qd, kvd, kvd]), axis=-1, outputs=3)
+        else:
+            q = self.linear(h, p + "attn_q.weight", qd, d)
+            k = self.linear(h, p + "attn_k.weight", kvd, d)
+            v = self.linear(h, p + "attn_v.weight", kvd, d)
+        out = []
+        for x, part, n in ((q, "q", qd), (k, "k", kvd), (v, "v", kvd)):
+            bias = f"{p}attn_{part}.bias"
+            out.append(g.op("Add", x, self.vector(bias, n)) if bias in self.f.tensors else x)
+        if c.qkv_bias and f"{p}attn_q.bias" not in self.f.tensors:
+            raise UnsupportedModel(f"{c.arch} needs tensor {p}attn_q.bias")
+        return out
+
+    def attn_block(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+        g, c, p = self.g, self.c, f"blk.{i}."
+        h = self.rmsnorm(x, self.vector(p + "attn_norm.weight", c.n_embd))
+        q, k, v = self.qkv(p, h)
+        heads = lambda t, n: g.op("Reshape", t, g.const([-1, n, c.head_dim]))  # noqa: E731
+        q, k, v = heads(q, c.n_head), heads(k, c.n_head_kv), heads(v, c.n_head_kv)
+        if c.qk_norm:
+            q = self.rmsnorm(q, self.vector(p + "attn_q_norm.weight", c.head_dim))
+            k = self.rmsnorm(k, self.vector(p + "attn_k_norm.weight", c.head_dim))
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        g.op("Identity", k, name=f"new_k.{i}")
+        g.op("Identity", v, name=f"new_v.{i}")
+        kk = g.op("Concat", f"past_k.{i}", k, axis=0)                      # (S, n_kv, hd)
+        vv = g.op("Concat", f"past_v.{i}", v, axis=0)
+        o = self.attention(q, kk, vv, mask)
+        return self.linear(o, p + "attn_output.weight", c.n_embd, c.n_head * c.head_dim)
+
+    def ffn_block(self, i: int, x: str) -> str:
+        g, c, p = self.g, self.c, f"blk.{i}."
+        h = self.rmsnorm(x, self.vector(p + "ffn_norm.weight", c.n_embd))
+        if c.fused_gate_up:   # ffn_up holds gate | up (llama.cpp's swiglu: silu on the first half)
+            gu = self.linear(h, p + "ffn_up.weight", 2 * c.n_ff, c.n_embd)
+            gate, up = g.op("Split", gu, g.const([c.n_ff, c.n_ff]), axis=-1, outputs=2)
+        else:
+            gate = self.linear(h, p + "ffn_gate.weight", c.n_ff, c.n_embd)
+            up = self.linear(h, p + "ffn_up.weight", c.n_ff, c.n_embd)
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)   # silu(gate) * up
+        return self.linear(act, p + "ffn_down.weight", c.n_embd, c.n_ff)
+
+    def build(self) -> onnx.ModelProto:
+        g, c = self.g, self.c
+        cos = g.op("Unsqueeze", "cos", g.const([1]))                       # (T, 1, rd/2)
+        sin = g.op("Unsqueeze", "sin", g.const([1]))
+        x = "x"
+        for i in range(c.n_layer):
+            x = g.op("Add", x, self.attn_block(i, x, cos, sin, "mask"))
+            x = g.op("Add", x, self.ffn_block(i, x))
+        h = self.rmsnorm(g.op("Gather", x, "rows", axis=0),
+                         self.vector("output_norm.weight", c.n_embd))
+        out = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        g.op("Identity", self.linear(h, out, c.n_vocab, c.n_embd), name="logits")
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        c, f32 = self.c, TensorProto.FLOAT
+        kv = ["P", c.n_head_kv, c.head_dim]
+        inputs = [helper.make_tensor_value_info("x", f32, ["T", c.n_embd]),
+                  helper.make_tensor_value_info("cos", f32, ["T", c.rope_dim // 2]),
+                  helper.make_tensor_value_info("sin", f32, ["T", c.rope_dim // 2]),
+                  helper.make_tensor_value_info("mask", f32, ["T", "S"]),
+                  helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["R", c.n_vocab])]
+        for i in range(c.n_layer):
+            inputs += [helper.make_tensor_value_info(f"past_{n}.{i}", f32, kv) for n in "kv"]
+            outputs += [helper.make_tensor_value_info(f"new_{n}.{i}", f32,
+                                                      ["T", c.n_head_kv, c.head_dim]) for n in "kv"]
+        graph = helper.make_graph(self.g.nodes, f"ember-{c.arch}", inputs, outputs, self.g.inits)
+        return helper.make_model(graph, producer_name="ember",
+                                 opset_imports=[helper.make_opsetid("", OPSET),
+                                                helper.make_opsetid("com.microsoft", 1)])
+
+
+def build_model(gguf, config: ModelConfig, accuracy_level: int = 0) -> onnx.ModelProto:
+    """The decoder of `gguf` as an ONNX model (weights as initializers)."""
+    if config.rope_dim % 2 or config.rope_dim > config.head_dim:
+        raise UnsupportedModel(f"rope dimension {config.rope_dim} does not fit head_dim "
+                               f"{config.head_dim}")
+    # rope_freqs.weight (per-pair frequency factors), when present, is folded
+    # into the runner's cos/sin tables, so the graph needs nothing for it.
+    return _Builder(gguf, config, accuracy_level).build()
