@@ -1,0 +1,234 @@
+"""The reference backend against llama.cpp's logits, and the Runner contract.
+
+Conformance: every case in ../shared/conformance/refs/manifest.json, teacher-
+forced from llama.cpp's own prompt tokens, compared as per-position
+KL(p_llama.cpp || p_ember) against the README's thresholds. Case ids read
+like "s512-llama-Q4_0.p1", so a failure names model and prompt.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ember.formats import gguf
+from ember.plugins import reference, registry
+from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.plugins.types import ContextOverflow, MemoryPlan
+from tests.conftest import conformance_cases, conformance_path
+
+CASES = conformance_cases()
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _case_id(case: dict) -> str:
+    return case["ref"].removesuffix(".npz")
+
+
+def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(ours)) per row, in float64."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def thresholds(model: str) -> tuple[float, float]:
+    """(mean, max) KL bounds from the conformance README: float weights vs quantized."""
+    stem = model.removesuffix(".gguf")
+    is_float = stem == "stories260K" or stem.rsplit("-", 1)[-1] in FLOAT_TYPES
+    return (1e-4, 1e-3) if is_float else (2e-3, 1e-2)
+
+
+def load_runner(name: str, n_ctx: int = 128):
+    f = gguf.open(conformance_path("models", name))
+    return reference.ReferenceRunner(f, config_from_gguf(f), n_ctx)
+
+
+@pytest.fixture(scope="module")
+def runners():
+    """One loaded runner per model for the whole module (the 150k-vocab ones load once)."""
+    cache: dict[str, reference.ReferenceRunner] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_runner(name)
+        return cache[name]
+    yield get
+    for r in cache.values():
+        r.close()
+
+
+def _ref(case: dict):
+    return np.load(conformance_path("refs", case["ref"]))
+
+
+# ---------------------------------------------------------------------------
+# 1. logits conformance, every case
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_logits_match_llama_cpp(case, runners):
+    z = _ref(case)
+    r = runners(case["model"])
+    r.reset()
+    logits = r.prefill(z["tokens"].tolist(), all_logits=True)
+    assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), r.n_vocab)
+    kl = kl_rows(z["logits"], logits[z["positions"]])
+    mean_max, max_max = thresholds(case["model"])
+    assert kl.mean() <= mean_max and kl.max() <= max_max, (
+        f"{_case_id(case)}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
+        f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+
+
+def test_every_case_ran():
+    if not CASES:
+        pytest.skip("conformance manifest absent")
+    assert len({c["model"] for c in CASES}) >= 20
+
+
+# ---------------------------------------------------------------------------
+# 2. greedy continuation (stories260K is a trained model: the argmax is stable)
+# ---------------------------------------------------------------------------
+
+def greedy(r, prompt: list[int], n: int) -> list[int]:
+    r.reset()
+    out = [int(np.argmax(r.prefill(prompt)))]
+    while len(out) < n:
+        out.append(int(np.argmax(r.decode(out[-1]))))
+    return out
+
+
+STORIES = [c for c in CASES if c["model"] in ("stories260K.gguf", "s512-llama-F32.gguf",
+                                              "s512-qwen2-F32.gguf", "s512-qwen3-F32.gguf")]
+
+
+@pytest.mark.parametrize("case", STORIES, ids=_case_id)
+def test_greedy_continuation_matches_llama_cpp(case, runners):
+    z = _ref(case)
+    want = z["greedy"].tolist()
+    got = greedy(runners(case["model"]), z["tokens"].tolist(), len(want))
+    assert got == want
+
+
+# ---------------------------------------------------------------------------
+# 3. prefill-then-decode == one batched pass, past position 512
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,n_first", [("stories260K.gguf", 40), ("s512-qwen3-F32.gguf", 500),
+                                           ("v32k-phi3-Q8_0.gguf", 510)])
+def test_decode_equals_batched_pass(model, n_first):
+    n = 560                                     # > 512 and > two attention chunks
+    r = load_runner(model, n_ctx=n)
+    ids = np.random.default_rng(0).integers(3, r.n_vocab, size=n).tolist()
+    batched = r.prefill(ids, all_logits=True)   # (n, n_vocab)
+    r.reset()
+    steps = [r.prefill(ids[:n_first], all_logits=True)]
+    steps += [r.decode(t)[None] for t in ids[n_first:]]
+    kl = kl_rows(batched, np.concatenate(steps))
+    assert r.n_past == n
+    assert kl.max() <= 1e-6, f"max KL {kl.max():.3e} at position {kl.argmax()}"
+    r.close()
+
+
+def test_truncate_then_decode_rebuilds_the_same_logits(runners):
+    r = runners("stories260K.gguf")
+    r.reset()
+    ids = [1, 403, 407, 261, 378, 300, 30, 259, 271]
+    full = r.prefill(ids, all_logits=True)
+    r.truncate(5)
+    assert r.n_past == 5
+    again = np.stack([r.decode(t) for t in ids[5:]])
+    assert kl_rows(full[5:], again).max() <= 1e-6
+    with pytest.raises(ValueError, match="truncate"):
+        r.truncate(r.n_past + 1)
+
+
+# ---------------------------------------------------------------------------
+# The cache bound and bad tokens: typed errors, state untouched
+# ---------------------------------------------------------------------------
+
+def test_context_overflow_is_typed_and_leaves_the_cache_alone():
+    r = load_runner("stories260K.gguf", n_ctx=16)
+    r.prefill(list(range(1, 11)))
+    with pytest.raises(ContextOverflow, match="n_ctx is 16"):
+        r.prefill(list(range(1, 8)))
+    assert r.n_past == 10
+    for t in range(6):
+        r.decode(t + 1)
+    with pytest.raises(ContextOverflow):
+        r.decode(1)
+    assert r.n_past == 16
+    r.reset()
+    assert r.prefill([1]).shape == (r.n_vocab,)
+
+
+@pytest.mark.parametrize("tokens", [[], [-1], [512], [1, 2, 10**9], [[1, 2]], [1.5]])
+def test_bad_tokens_are_typed(tokens, runners):
+    r = runners("stories260K.gguf")
+    r.reset()
+    with pytest.raises(reference.TokenOutOfRange):
+        r.prefill(tokens)
+    assert r.n_past == 0
+
+
+# ---------------------------------------------------------------------------
+# Load-time checks: unsupported architecture, missing tensors
+# ---------------------------------------------------------------------------
+
+def _rewrite(tmp_path, src: str, name: str, md_change=None, drop=()):
+    f = gguf.open(conformance_path("models", src))
+    md, types = dict(f.metadata), dict(f.metadata_types)
+    for k, v in (md_change or {}).items():
+        md[k] = v
+    tensors = {n: t for n, t in f.tensors.items() if n not in drop}
+    out = tmp_path / name
+    gguf.write(out, md, tensors, types=types)
+    f.close()
+    return gguf.open(out)
+
+
+def test_unsupported_architecture_fails_naming_it(tmp_path):
+    f = _rewrite(tmp_path, "stories260K.gguf", "gpt2.gguf",
+                 md_change={"general.architecture": "gpt2"})
+    with pytest.raises(UnsupportedModel, match="'gpt2'"):
+        config_from_gguf(f)
+    f.close()
+
+
+def test_missing_tensor_fails_naming_it(tmp_path):
+    f = _rewrite(tmp_path, "stories260K.gguf", "no_ffn.gguf", drop=("blk.3.ffn_up.weight",))
+    with pytest.raises(UnsupportedModel, match="blk.3.ffn_up.weight"):
+        reference.ReferenceRunner(f, config_from_gguf(f), 16)
+    f.close()
+
+
+def test_tied_embeddings_use_token_embd():
+    r = load_runner("v32k-llama-Q8_0.gguf", n_ctx=8)
+    assert r.c.tied_embeddings and r.w.output is r.w.token_embd
+    r.close()
+
+
+# ---------------------------------------------------------------------------
+# The plugin surface
+# ---------------------------------------------------------------------------
+
+def test_registered_probe_and_plan():
+    specs = {s.name: s for s in registry.backends()}
+    assert specs["reference"].priority == 10
+    assert registry.probe("reference").available
+    f = gguf.open(conformance_path("models", "v32k-phi3-Q8_0.gguf"))
+    cfg = config_from_gguf(f)
+    hook = registry.manager().hook
+    plan = hook.ember_plan(backend="reference", config=cfg, n_ctx=64, options={})
+    assert isinstance(plan, MemoryPlan)
+    r = hook.ember_load(backend="reference", gguf=f, config=cfg, n_ctx=64, threads=None,
+                        options={})
+    # the plan counts exactly what the runner holds: float copies + cache
+    held = {id(a): a.nbytes for a in [r.w.token_embd, r.w.output, r.w.output_norm]
+            + [a for L in r.w.layers for a in vars(L).values() if isinstance(a, np.ndarray)]}
+    assert plan.weights == sum(held.values())
+    assert plan.kv_cache == r.k_cache.nbytes + r.v_cache.nbytes
+    r.close()
+    f.close()
