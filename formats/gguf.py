@@ -334,6 +334,7 @@ class GGUFFile:
     def _parse(self, cur: _Cursor) -> None:
         self._read_header(cur)
         self.metadata, self.metadata_types = {}, {}
+        self._kv_at: dict[str, int] = {}       # key -> byte offset of its value type
         for i in range(self._n_kv):
             self._read_kv(cur, i)
         infos = [_read_tensor_info(cur, i) for i in range(self._n_tensors)]
@@ -364,7 +365,7 @@ class GGUFFile:
         if key in self.metadata:
             raise _fault(f"metadata key {key!r}", at, "duplicate key")
         what = f"metadata {key!r}"
-        type_at = cur.pos
+        type_at = self._kv_at[key] = cur.pos
         vtype = cur.u32(f"{what} value type")
         if vtype not in MIN_VALUE_BYTES:
             raise _fault(f"{what} value type", type_at, f"unknown value type {vtype}")
@@ -374,10 +375,10 @@ class GGUFFile:
         if "general.alignment" not in self.metadata:
             return DEFAULT_ALIGNMENT
         align, spec = self.metadata["general.alignment"], self.metadata_types["general.alignment"]
+        at = self._kv_at["general.alignment"]
         if spec != (UINT32, None):
-            raise GGUFError(f"metadata 'general.alignment': must be UINT32, is "
-                            f"{_spec_name(spec)}", "general.alignment")
-        _check_alignment(align)
+            raise _fault("metadata 'general.alignment'", at, f"must be UINT32, is {_spec_name(spec)}")
+        _check_alignment(align, at)
         return align
 
     def _place_tensors(self, infos: list[_TensorInfo]) -> dict[str, GGUFTensor]:
@@ -421,11 +422,12 @@ class GGUFFile:
         return f"GGUFFile({self.path!r}, v{self.version}, {len(self.tensors)} tensors)"
 
 
-def _check_alignment(align) -> None:
+def _check_alignment(align, at: int | None = None) -> None:
     if (not isinstance(align, int) or isinstance(align, bool) or align < 1
             or align > MAX_ALIGNMENT or align & (align - 1)):
-        raise GGUFError(f"metadata 'general.alignment': {align!r} is not a power of two "
-                        f"in 1..{MAX_ALIGNMENT}", "general.alignment")
+        where = "" if at is None else f" at byte {at}"
+        raise GGUFError(f"metadata 'general.alignment'{where}: {align!r} is not a power of two "
+                        f"in 1..{MAX_ALIGNMENT}", "general.alignment", at)
 
 
 def _check_overlaps(tensors: dict[str, GGUFTensor], info_at: dict[str, int]) -> None:
