@@ -1,0 +1,354 @@
+"""The three merge/match algorithms behind ember's tokenizers, one class each.
+
+Each class turns one piece of plain text (special tokens already cut out by
+formats/tokenizer.py) into token ids, exactly as llama.cpp's matching session
+does (src/llama-vocab.cpp):
+
+* `SpmModel`   SentencePiece BPE: code points merged pairwise, highest
+               vocabulary score first (ties: leftmost), unmatched pieces as
+               <0xXX> byte tokens. Used by `llama` vocabularies.
+* `BpeModel`   byte-level BPE: pre-tokenized words, byte-encoded, merged by
+               rank (ties: leftmost). Also gemma4, which is BPE over raw
+               UTF-8 with SentencePiece-style <0xXX> byte fallback.
+* `WpmModel`   WordPiece: BERT normalisation, then greedy longest match.
+
+Speed without changing results. Both merge loops are a linked list of symbols
+plus a heap of candidate pairs (O(n log n), never quadratic), and they run
+on short, cached pieces:
+* a BPE word is cached by its text (natural text repeats words);
+* an SPM text is cut before a U+2581 ("▁", an escaped space) wherever no
+  vocabulary token (SPM) or merge result (gemma4) holds the character
+  before it followed by ▁. A merged symbol is always such a token or merge
+  result, so no symbol and no candidate pair can straddle the cut: the
+  pieces merge independently and give the very same ids, and each piece
+  ("▁word") is cached like a BPE word.
+"""
+from __future__ import annotations
+
+import heapq
+import unicodedata
+
+import regex
+
+from ember.formats.tokenizer_pretok import WS, PreTokenizer
+
+SPACE_ESC = "\u2581"   # SentencePiece's visible space "▁"
+CACHE_LIMIT = 1 << 17  # cached words per tokenizer before the cache is cleared
+
+# ---------------------------------------------------------------------------
+# GPT-2 byte <-> unicode mapping
+# ---------------------------------------------------------------------------
+
+
+def _byte_to_unicode() -> list[str]:
+    """Printable bytes stand for themselves; the other 68 move to U+0100 upwards."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return [table[b] for b in range(256)]
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()                       # (256,) byte -> 1-char str
+UNICODE_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_UNICODE)}
+# latin-1 decoding maps byte b to chr(b); this table then maps chr(b) to its stand-in.
+_BYTE_ENCODE = str.maketrans({chr(b): c for b, c in enumerate(BYTE_TO_UNICODE)})
+
+
+def byte_encode(word: str) -> str:
+    return word.encode("utf-8").decode("latin-1").translate(_BYTE_ENCODE)
+
+
+# ---------------------------------------------------------------------------
+# Shared: safe cut points before "▁" and a bounded word cache
+# ---------------------------------------------------------------------------
+
+def space_splitter(chars_before_space: set[str]):
+    """A compiled regex cutting before every ▁ not preceded by one of `chars_before_space`."""
+    if chars_before_space:
+        cls = "".join(regex.escape(c) for c in sorted(chars_before_space))
+        return regex.compile(f"(?<![{cls}])(?={SPACE_ESC})")
+    return regex.compile(f"(?={SPACE_ESC})")
+
+
+class _WordCache(dict):
+    def put(self, key, ids):
+        if len(self) >= CACHE_LIMIT:
+            self.clear()
+        self[key] = ids
+        return ids
+
+
+# ---------------------------------------------------------------------------
+# SentencePiece (llama)
+# ---------------------------------------------------------------------------
+
+class SpmModel:
+    def __init__(self, token_to_id: dict[str, int], scores: list[float],
+                 byte_ids: list[int | None], splitter):
+        self.token_to_id = token_to_id
+        self.scores = scores          # (n_vocab,) float32 values as Python floats
+        self.byte_ids = byte_ids      # (256,) byte -> id of <0xXX> (or the 1-byte token), None
+        self.splitter = splitter
+        self.cache = _WordCache()
+
+    def encode(self, text: str, out: list[int]) -> None:
+        """text: already space-escaped (' ' -> '▁', prefix added by the caller)."""
+        cache = self.cache
+        for piece in self.splitter.split(text):
+            ids = cache.get(piece)
+            if ids is None:
+                ids = cache.put(piece, self._encode_piece(piece))
+            out.extend(ids)
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        ids: list[int] = []
+        for sym in spm_merge(piece, self.token_to_id, self.scores):
+            tid = self.token_to_id.get(sym)
+            if tid is not None:
+                ids.append(tid)
+            else:
+                ids.extend(self._bytes_of(sym))
+        return tuple(ids)
+
+    def _bytes_of(self, sym: str) -> list[int]:
+        # llama.cpp throws here when a byte has no token; a daemon must not,
+        # so such bytes are dropped (no SPM vocabulary we know lacks them).
+        return [i for i in (self.byte_ids[b] for b in sym.encode("utf-8")) if i is not None]
+
+
+def spm_merge(text: str, token_to_id: dict[str, int], scores: list[float]) -> list[str]:
+    """Symbols left after merging pairs by best score (ties: leftmost), in order."""
+    n = len(text)
+    if n < 2:
+        return [text] if n else []
+    sym = list(text)                      # (n,) symbol text; "" once merged away
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        tid = token_to_id.get(text[i:i + 2])
+        if tid is not None:
+            heap.append((-scores[tid], i, i + 1, 2))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        a, b = sym[left], sym[right]
+        # stale: one side was merged away, or grew since the pair was queued
+        if not a or not b or len(a) + len(b) != size:
+            continue
+        sym[left], sym[right] = a + b, ""
+        r2 = nxt[right]
+        nxt[left] = r2
+        if r2 >= 0:
+            prv[r2] = left
+        _spm_push(heap, sym, prv[left], left, token_to_id, scores)
+        _spm_push(heap, sym, left, r2, token_to_id, scores)
+    out, i = [], 0
+    while i != -1:
+        out.append(sym[i])
+        i = nxt[i]
+    return out
+
+
+def _spm_push(heap, sym, left, right, token_to_id, scores) -> None:
+    if left < 0 or right < 0:
+        return
+    t = sym[left] + sym[right]
+    tid = token_to_id.get(t)
+    if tid is not None:
+        heapq.heappush(heap, (-scores[tid], left, right, len(t)))
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE (gpt2) and SentencePiece-style BPE (gemma4)
+# ---------------------------------------------------------------------------
+
+class BpeModel:
+    def __init__(self, token_to_id: dict[str, int], ranks: dict[str, int], pre: PreTokenizer,
+                 *, byte_level: bool, ignore_merges: bool, newline_words: bool,
+                 byte_ids: list[int | None], splitter=None):
+        self.token_to_id = token_to_id
+        self.ranks = ranks                # "left right" -> rank (first occurrence wins)
+        self.pre = pre
+        self.byte_level = byte_level      # GPT-2 byte encoding (False: raw UTF-8, gemma4)
+        self.ignore_merges = ignore_merges
+        self.newline_words = newline_words  # gemma4: a run of newlines is one token if it exists
+        self.byte_ids = byte_ids          # (256,) fallback id per byte, None where absent
+        self.splitter = splitter          # gemma4: cut lines before "▁" (see module note)
+        self.cache = _WordCache()
+
+    def encode(self, text: str, out: list[int]) -> None:
+        cache, word_ids = self.cache, self._word_ids
+        for word in self._words(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = cache.put(word, word_ids(word))
+            out.extend(ids)
+
+    def _words(self, text: str) -> list[str]:
+        words = self.pre.split(text)
+        if self.splitter is None:
+            return words
+        return [p for w in words for p in (self.splitter.split(w) if w[0] != "\n" else (w,)) if p]
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        sym = byte_encode(word) if self.byte_level else word
+        tid = self.token_to_id.get(sym)
+        if tid is not None and (self.ignore_merges or (self.newline_words and sym[0] == "\n")):
+            return (tid,)
+        ids: list[int] = []
+        for s in bpe_merge(sym, self.ranks):
+            tid = self.token_to_id.get(s)
+            if tid is not None:
+                ids.append(tid)
+            else:
+                ids.extend(self._fallback(s))
+        return tuple(ids)
+
+    def _fallback(self, s: str) -> list[int]:
+        # llama.cpp looks each UTF-8 byte up alone and silently drops misses:
+        # byte-level vocabularies find only ASCII bytes this way.
+        return [i for i in (self.byte_ids[b] for b in s.encode("utf-8")) if i is not None]
+
+
+def bpe_merge(word: str, ranks: dict[str, int]) -> list[str]:
+    """Symbols left after merging pairs by lowest rank (ties: leftmost), in order."""
+    n = len(word)
+    if n < 2:
+        return [word] if n else []
+    sym = list(word)
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        r = ranks.get(word[i] + " " + word[i + 1])
+        if r is not None:
+            heap.append((r, i, i + 1, word[i:i + 2]))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, text = heapq.heappop(heap)
+        a, b = sym[left], sym[right]
+        if not a or not b or a + b != text:
+            continue  # outdated pair
+        sym[left], sym[right] = text, ""
+        r2 = nxt[right]
+        nxt[left] = r2
+        if r2 >= 0:
+            prv[r2] = left
+        _bpe_push(heap, sym, prv[left], left, ranks)
+        _bpe_push(heap, sym, left, r2, ranks)
+    out, i = [], 0
+    while i != -1:
+        out.append(sym[i])
+        i = nxt[i]
+    return out
+
+
+def _bpe_push(heap, sym, left, right, ranks) -> None:
+    if left < 0 or right < 0:
+        return
+    a, b = sym[left], sym[right]
+    r = ranks.get(a + " " + b)
+    if r is not None:
+        heapq.heappush(heap, (r, left, right, a + b))
+
+
+# ---------------------------------------------------------------------------
+# WordPiece (bert)
+# ---------------------------------------------------------------------------
+
+_IS_WS = regex.compile(f"[{WS}]")
+_IS_CONTROL = regex.compile(r"\p{C}")
+_IS_ACCENT = regex.compile(r"\p{M}")
+_IS_PUNCT = regex.compile(r"\p{P}")
+_IS_SYMBOL = regex.compile(r"\p{S}")
+
+# kinds of code point for WordPiece's normaliser
+_SKIP, _BREAK, _ALONE, _PART = range(4)
+
+
+def _is_chinese(cp: int) -> bool:
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F
+            or 0x2B920 <= cp <= 0x2CEAF  # sic: HF's range, as llama.cpp copies it
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+class WpmModel:
+    def __init__(self, token_to_id: dict[str, int], unk_id: int | None, max_token_chars: int,
+                 *, lowercase: bool, strip_accents: bool):
+        self.token_to_id = token_to_id
+        self.unk_id = unk_id
+        self.max_len = max_token_chars
+        self.lowercase = lowercase
+        self.strip_accents = strip_accents
+        self._kinds: dict[str, tuple[int, str]] = {}
+
+    def encode(self, text: str, out: list[int]) -> None:
+        for word in self._words(text):
+            ids = self._match(SPACE_ESC + word)
+            if ids:
+                out.extend(ids)
+            elif self.unk_id is not None:
+                out.append(self.unk_id)
+
+    def _match(self, word: str) -> list[int]:
+        """Greedy longest match from the left; any unmatched spot discards the word."""
+        ids, i, n = [], 0, len(word)
+        while i < n:
+            for j in range(min(n, i + self.max_len), i, -1):
+                tid = self.token_to_id.get(word[i:j])
+                if tid is not None:
+                    ids.append(tid)
+                    i = j
+                    break
+            else:
+                return []
+        return ids
+
+    def _words(self, text: str) -> list[str]:
+        words, cur = [], []
+        for ch in text:
+            kind, s = self._kind(ch)
+            if kind == _SKIP:
+                continue
+            if kind == _PART:
+                cur.append(s)
+                continue
+            if cur:
+                words.append("".join(cur))
+                cur = []
+            if kind == _ALONE:
+                words.append(s)
+        if cur:
+            words.append("".join(cur))
+        return words
+
+    def _kind(self, ch: str) -> tuple[int, str]:
+        k = self._kinds.get(ch)
+        if k is None:
+            k = self._kinds[ch] = self._classify(ch)
+        return k
+
+    def _classify(self, ch: str) -> tuple[int, str]:
+        if self.strip_accents:
+            # llama.cpp keeps only the first code point of each NFD decomposition
+            ch = unicodedata.normalize("NFD", ch)[0]
+        cp = ord(ch)
+        if _IS_WS.match(ch):
+            return _BREAK, ""
+        if cp == 0 or cp == 0xFFFD or _IS_CONTROL.match(ch):
+            return _SKIP, ""
+        if self.strip_accents and _IS_ACCENT.match(ch):
+            return _SKIP, ""
+        s = ch.lower()[0] if self.lowercase else ch
+        if _IS_PUNCT.match(ch) or (cp < 0x7F and _IS_SYMBOL.match(ch)) or _is_chinese(cp):
+            return _ALONE, s
+        return _PART, s
