@@ -1,8 +1,127 @@
-"""`emberd`: the daemon entry point (the server lands with the daemon issue)."""
+"""`emberd`: load one model and serve it over ZeroMQ.
+
+    emberd --model PATH [--bind ENDPOINT ...] [--backend B] [--threads N] [--ctx N]
+
+Order matters for the production side: parse flags, load the model (a bad
+file is one line on stderr and exit 2, never a traceback), build the Server,
+bind (a taken port is the same kind of error), print one `listening on`
+line per bound endpoint to stdout (tests and scripts read it to learn a `:*`
+wildcard port), then serve until SIGINT/SIGTERM, and release everything.
+Each stage is its own function so config files, the memory budget, sd_notify
+and SIGHUP reload can slot in between.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
 import sys
 
+from ember.formats import protocol
+
+log = logging.getLogger("emberd")
+
+
+# ---------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emberd", description="ember inference daemon (ZeroMQ + msgpack)")
+    p.add_argument("--model", required=True, metavar="PATH", help="GGUF model file to serve")
+    p.add_argument("--bind", action="append", metavar="ENDPOINT",
+                   help=f"ZeroMQ endpoint to listen on, repeatable (default {protocol.DEFAULT_ENDPOINT}; "
+                        "tcp://HOST:* picks a free port; ipc:///path for a Unix socket)")
+    p.add_argument("--backend", default="auto", help="compute backend (see `ember backends`)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads")
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (KV cache)")
+    p.add_argument("--max-queue", type=int, default=protocol.Limits.max_queue, metavar="N",
+                   help="requests allowed to wait; more are answered `busy`")
+    p.add_argument("--max-tokens", type=int, default=protocol.Limits.max_tokens, metavar="N",
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+class StartupError(Exception):
+    user_error = True
+
+
+# ---------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------
+
+def load_model(args):
+    """The engine Model for --model, with typed, one-line errors."""
+    from ember.daemon import engine
+    if args.ctx is not None and args.ctx < 1:
+        raise StartupError(f"--ctx must be positive, got {args.ctx}")
+    return engine.load(args.model, backend=args.backend, n_ctx=args.ctx, threads=args.threads)
+
+
+def model_info(model) -> dict:
+    """Facts about the loaded model that hello/status/models report."""
+    from ember.plugins import registry
+    try:
+        isa = registry.probe(model.backend).isa
+    except Exception:  # noqa: BLE001 - informational only
+        isa = None
+    return {"model": os.path.basename(model.path), "path": os.path.abspath(model.path),
+            "arch": model.config.arch, "n_ctx": model.n_ctx, "n_vocab": model.n_vocab,
+            "backend": model.backend, "isa": isa}
+
+
+def build_server(args, model):
+    from ember.daemon.server import Server
+    limits = protocol.Limits(max_queue=max(0, args.max_queue), max_tokens=max(1, args.max_tokens))
+    model.tokenize("warm up")   # build the tokenizer now, not inside the first request
+    return Server(model, args.bind or [protocol.DEFAULT_ENDPOINT], limits, model_info(model))
+
+
+def bind(server) -> None:
+    import zmq
+    try:
+        server.start()
+    except zmq.ZMQError as e:
+        server.stop()
+        raise StartupError(f"cannot bind {server.endpoints}: {e}") from None
+    for ep in server.bound:
+        print(f"emberd: listening on {ep}", flush=True)
+
+
+def install_signals(server) -> None:
+    def stop(signum, frame):
+        server.request_stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    print("emberd: not yet — the daemon lands with issue 6; use `ember run` meanwhile",
-          file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="emberd: %(levelname)s %(message)s")
+    try:
+        model = load_model(args)
+        server = build_server(args, model)
+        bind(server)
+    except Exception as e:  # noqa: BLE001 - user-facing boundary
+        from ember.daemon.cli import _is_user_error
+        if _is_user_error(e) or isinstance(e, (ValueError, OSError)):
+            print(f"emberd: {e}", file=sys.stderr)
+            return 2
+        raise
+    install_signals(server)
+    try:
+        server.serve()
+    finally:
+        server.stop()
+        model.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

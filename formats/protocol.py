@@ -422,7 +422,6 @@ GENERATE: dict[str, Callable] = {
     "priority": integer(-1000, 1000),
     "deadline_ms": integer(0, 7 * 86_400_000),       # relative to the server's receipt
     "deadline": number(0.0, 1e11),                   # absolute, Unix seconds
-    "add_special": boolean,
     **SAMPLING,
 }
 
