@@ -165,3 +165,6 @@ def get_rows(int wtype, const uint8_t[:, ::1] W, const int32_t[::1] ids, float[:
         return
     with nogil:
         ember_get_rows(wtype, &W[0, 0], W.strides[0], &ids[0], ids.shape[0], &out[0, 0], n)
+
+
+include "_forward.pxi"

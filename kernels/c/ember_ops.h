@@ -1,0 +1,106 @@
+/* ember CPU ops around the quantized products: norms, rope, softmax,
+ * attention over an f16 KV cache, SwiGLU, residual/bias adds, and the thread
+ * pool that runs the decoder (forward.c).
+ *
+ * Design: every op has one signature and one twin per ISA (ops_generic.c,
+ * ops_avx2.c). The twins are gathered in an `ember_ops` table; ember_ops_for()
+ * is the one place that maps an ISA name to a table, so an ISA without its own
+ * ops (avx512, neon) falls back there and nowhere else. Ops never allocate:
+ * callers pass every buffer. Vectors are float32 unless named f16.
+ */
+#ifndef EMBER_OPS_H
+#define EMBER_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- f16 <-> f32 (IEEE binary16, round to nearest even) ----------------- */
+
+static inline float ember_ops_h2f(uint16_t h) {
+    union { uint32_t u; float f; } o;
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) {                       /* inf / nan */
+        o.u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {                   /* zero / subnormal: man * 2^-24, exact */
+        o.f = (float)man * 5.9604644775390625e-08f;
+        o.u |= sign;
+    } else {
+        o.u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    return o.f;
+}
+
+static inline uint16_t ember_ops_f2h(float f) {
+    union { float f; uint32_t u; } in = { f };
+    uint32_t x = in.u, sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)                   /* inf / nan (keep nan quiet) */
+        return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u)                   /* rounds past 65504: inf */
+        return (uint16_t)(sign | 0x7c00);
+    if (ax < 0x38800000u) {                  /* result is subnormal or zero */
+        /* adding 0.5 shifts the value so the FPU's own round-to-nearest-even
+         * lands the subnormal mantissa in the low bits */
+        union { uint32_t u; float f; } t = { ax }, half = { 0x3f000000u };
+        t.f += half.f;
+        return (uint16_t)(sign | (t.u - half.u));
+    }
+    uint32_t mant_odd = (ax >> 13) & 1;      /* ties go to the even mantissa */
+    ax += 0xc8000fffu + mant_odd;            /* rebias exponent (-112 << 23) and round */
+    return (uint16_t)(sign | (ax >> 13));
+}
+
+/* ---- the op table --------------------------------------------------------- */
+
+typedef struct ember_ops {
+    const char *name;
+    /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; y may alias x */
+    void (*rmsnorm)(const float *x, const float *w, float *y, int64_t n, float eps);
+    /* rotate the first rope_dim dims of n_heads heads of one token at one position.
+     * cs: (rope_dim/2, 2) interleaved cos, sin for that position. neox: pair (i, i+rope_dim/2)
+     * instead of (2i, 2i+1) */
+    void (*rope)(float *x, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                 const float *cs, int neox);
+    /* x = softmax(x), in place */
+    void (*softmax)(float *x, int64_t n);
+    /* causal attention of query rows over the f16 cache, for work items [i0, i1) of
+     * (token b, head h) = (i / n_head, i % n_head). q: (B, ldq) with head h at h*hd;
+     * K, V: (n_ctx, kv_stride) f16 of one layer; token b sees positions [0, pos0 + b].
+     * out: (B, ldo). scores: scratch of n_ctx floats. */
+    void (*attention)(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
+                      int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
+                      int64_t hd, float scale, float *out, int64_t ldo, float *scores,
+                      int64_t i0, int64_t i1);
+    /* y[i] = silu(g[i]) * u[i]; y may alias g */
+    void (*swiglu)(const float *g, const float *u, float *y, int64_t n);
+    /* y[i] += x[i] (residual add, bias add) */
+    void (*add)(float *y, const float *x, int64_t n);
+    /* f32 -> f16 (KV cache writes) */
+    void (*to_f16)(const float *x, uint16_t *y, int64_t n);
+} ember_ops;
+
+extern const ember_ops ember_ops_generic;
+extern const ember_ops ember_ops_avx2;
+
+/* The table for an ISA name ("generic", "avx2", "avx512", "neon"); unknown -> generic.
+ * The single place where a missing ISA falls back. */
+const ember_ops *ember_ops_for(const char *isa);
+
+/* ---- thread pool ------------------------------------------------------------ */
+
+/* A fixed set of worker threads plus the caller. ember_pool_run runs fn(ctx, ith, nth)
+ * on all nth threads (the caller is ith 0) and returns when all are done; inside fn,
+ * ember_pool_barrier separates ops. Idle workers spin briefly, then sleep. */
+typedef struct ember_pool ember_pool;
+typedef void (*ember_pool_fn)(void *ctx, int ith, int nth);
+
+ember_pool *ember_pool_new(int n_threads);   /* NULL on failure */
+void        ember_pool_free(ember_pool *p);
+int         ember_pool_size(const ember_pool *p);
+void        ember_pool_run(ember_pool *p, ember_pool_fn fn, void *ctx);
+void        ember_pool_barrier(ember_pool *p);
+/* measured cost: seconds per (barrier) over n_ops ops in one run */
+double      ember_pool_bench_barrier(ember_pool *p, int64_t n_ops);
+/* measured cost: seconds per ember_pool_run (wake + finish) over n_runs */
+double      ember_pool_bench_run(ember_pool *p, int64_t n_runs);
+
+#endif

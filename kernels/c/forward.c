@@ -1,0 +1,443 @@
+/* The whole decoder forward pass of a token batch, in C (decode = batch of 1).
+ *
+ * Written once for llama, qwen2, qwen3 and phi3; the architectures differ in
+ * switches (ember_hparams): q/k/v biases, per-head q/k RMSNorm, fused qkv,
+ * fused gate|up, and the rope pairing (the cos/sin table comes from Python).
+ *
+ *   x = token_embd[tokens]                                  (B, E)
+ *   per layer:
+ *     qkv = rmsnorm(x) @ [Wq|Wk|Wv] (+ b)                   (B, Q + 2 KV)
+ *     q, k = rmsnorm per head (qwen3); rope(q, k); cache[pos] = f16(k), f16(v)
+ *     x += attention(q, K, V) @ Wo
+ *     gu = rmsnorm(x) @ [Wgate|Wup]                         (B, 2 F)
+ *     x += (silu(gate) * up) @ Wdown
+ *   logits = rmsnorm(x) @ output
+ *
+ * Memory: weights are pointers into the read-only GGUF map (never copied); the
+ * f16 KV cache, the rope table copy and every scratch buffer are allocated once
+ * in ember_model_new, sized for max_batch tokens, so a forward call allocates
+ * nothing. Longer prompts run in max_batch chunks.
+ *
+ * Threads: one pool run per chunk; every thread walks the same sequence of
+ * stages, separated by barriers. Work inside a stage (matrix rows, (token,
+ * head) pairs, token rows) is handed out in chunks from an atomic counter, so
+ * a thread the OS preempts on a busy machine does not stall the others. Each
+ * stage takes the next counter from a per-call array (all threads count
+ * stages identically), which is zeroed before the run: no reset races.
+ */
+#define _POSIX_C_SOURCE 200112L  /* posix_memalign */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ember_kernels.h"
+#include "ember_ops.h"
+#include "ember_forward.h"
+
+#define MAX_STAGES_PER_LAYER 32  /* a layer takes <= 19: see attention_block, ffn_block */
+#define ACT_ALIGN 64
+
+/* ---- the model ------------------------------------------------------------------ */
+
+typedef struct {
+    ember_mat m[EMBER_N_MATS];
+    const float *v[EMBER_N_VECS];
+} layer_t;
+
+struct ember_model {
+    ember_hparams hp;
+    int64_t q_dim, kv_dim, qkv_dim;   /* n_head*hd, n_head_kv*hd, q_dim + 2 kv_dim */
+    layer_t *layers;                  /* (n_layer) */
+    layer_t top;                      /* token_embd, output, output_norm (layer -1) */
+    const float *rope_cs;             /* (n_ctx, rope_dim/2, 2) cos, sin; caller-owned */
+    const ember_ops *ops;
+    ember_pool *pool;
+    uint16_t *k_cache, *v_cache;      /* (n_layer, n_ctx, kv_dim) f16 */
+    /* scratch, (max_batch, ...) */
+    float *x;                         /* (B, E) residual stream */
+    float *xn;                        /* (B, E) normed input / block output */
+    float *qkv;                       /* (B, qkv_dim) */
+    float *att;                       /* (B, q_dim) attention output */
+    float *ffn;                       /* (B, 2 F) gate | up; silu(gate)*up into gate */
+    uint8_t *xq;                      /* (B, xq_stride) quantized activations */
+    size_t xq_stride;
+    float *scores;                    /* (n_threads, n_ctx) */
+    float *last;                      /* (E) normed last row for the logits */
+    _Atomic int64_t *counters;        /* (n_stages) work counters of one run */
+    int64_t n_stages;
+    /* the current chunk */
+    const int32_t *tokens;
+    int64_t n_tok, pos0;
+    float *logits;                    /* (n_tok, n_vocab) if all_logits, else (n_vocab) or NULL */
+    int all_logits;
+};
+
+/* ---- helpers ---------------------------------------------------------------------- */
+
+static void *zalloc(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, ACT_ALIGN, n ? n : ACT_ALIGN) != 0) return NULL;
+    memset(p, 0, n);
+    return p;
+}
+
+static size_t act_bytes(const ember_mat *w) {
+    return w->data ? ember_act_row_bytes(w->type, w->cols) : 0;
+}
+
+/* the widest quantized activation row any matrix of the model needs */
+static size_t max_act_bytes(const ember_model *m) {
+    size_t mx = act_bytes(&m->top.m[EMBER_M_OUTPUT]);
+    for (int64_t l = 0; l < m->hp.n_layer; l++)
+        for (int i = 0; i < EMBER_N_MATS; i++) {
+            size_t b = act_bytes(&m->layers[l].m[i]);
+            mx = b > mx ? b : mx;
+        }
+    return (mx + ACT_ALIGN - 1) / ACT_ALIGN * ACT_ALIGN;
+}
+
+/* ---- work distribution -------------------------------------------------------------- */
+
+typedef struct {
+    ember_model *m;
+    int ith, nth;
+    int64_t stage;        /* index of the next stage's counter */
+} worker;
+
+/* next chunk [*i0, *i1) of n items; 0 when the stage's items are exhausted */
+static int next_chunk(worker *w, int64_t stage, int64_t n, int64_t chunk, int64_t *i0, int64_t *i1) {
+    const int64_t c = atomic_fetch_add_explicit(&w->m->counters[stage], chunk, memory_order_relaxed);
+    if (c >= n) return 0;
+    *i0 = c;
+    *i1 = c + chunk < n ? c + chunk : n;
+    return 1;
+}
+
+static int64_t take_stage(worker *w) { return w->stage++; }
+
+static void sync(worker *w) { ember_pool_barrier(w->m->pool); }
+
+/* ---- stages ----------------------------------------------------------------------------- */
+
+/* a (B, n) row-wise stage: fn(m, b) for every token row b */
+typedef void (*row_fn)(ember_model *m, const void *arg, int64_t b);
+
+static void for_rows(worker *w, int64_t nb, row_fn fn, const void *arg) {
+    const int64_t st = take_stage(w);
+    int64_t b0, b1;
+    while (next_chunk(w, st, nb, 1, &b0, &b1)) fn(w->m, arg, b0);
+}
+
+/* quantize rows of src (B, ld) for wtype into xq, one row per token */
+typedef struct { int wtype; const float *src; int64_t ld, n; } quant_arg;
+
+static void quant_row(ember_model *m, const void *arg, int64_t b) {
+    const quant_arg *q = arg;
+    ember_quantize_act(q->wtype, q->src + b * q->ld, m->xq + (size_t)b * m->xq_stride, q->n);
+}
+
+/* Y (B, ldy) at column offset = W @ xq for every matrix of a group sharing one input.
+ * The group's rows are one work space, so threads balance across matrices. */
+typedef struct { const ember_mat *w; float *y; } mm_target;
+
+static void matmul_rows(ember_model *m, const mm_target *t, int64_t nb, int64_t ldy, int64_t r0, int64_t r1) {
+    const ember_mat *w = t->w;
+    if (nb == 1)
+        ember_matvec(w->type, w->data, w->row_bytes, m->xq, t->y + r0, w->cols, r0, r1);
+    else
+        ember_matmul(w->type, w->data, w->row_bytes, m->xq, m->xq_stride, t->y, ldy,
+                     w->cols, nb, r0, r1);
+}
+
+static int64_t row_chunk(int64_t rows, int nth, int64_t n_tok) {
+    /* ~8 chunks per thread balance preemption; never below 16 rows (one chunk of
+     * work must dwarf its atomic add); a batch makes each row costlier */
+    int64_t c = rows / ((int64_t)nth * 8);
+    if (n_tok > 1) c = rows / ((int64_t)nth * 4);
+    c = (c + 15) / 16 * 16;
+    return c < 16 ? 16 : c;
+}
+
+static void matmul_group(worker *w, int64_t nb, const mm_target *t, int n_t, int64_t ldy) {
+    const int64_t st = take_stage(w);
+    int64_t total = 0, chunk = 0;
+    for (int i = 0; i < n_t; i++) total += t[i].w->rows;
+    chunk = row_chunk(total, w->nth, nb);
+    int64_t g0, g1;
+    while (next_chunk(w, st, total, chunk, &g0, &g1)) {
+        int64_t base = 0;  /* split the global range over the matrices it spans */
+        for (int i = 0; i < n_t && g0 < g1; i++) {
+            const int64_t rows = t[i].w->rows;
+            if (g0 < base + rows) {
+                const int64_t r0 = g0 - base, r1 = (g1 < base + rows ? g1 : base + rows) - base;
+                matmul_rows(w->m, &t[i], nb, ldy, r0, r1);
+                g0 = base + r1;
+            }
+            base += rows;
+        }
+    }
+}
+
+/* quantize src once per activation format, then every matrix of that format */
+static void project(worker *w, const float *src, int64_t ld, int64_t nb, const mm_target *t, int n_t, int64_t ldy) {
+    int done = 0;  /* bitmask of targets computed */
+    for (int i = 0; i < n_t; i++) {
+        if (done & (1 << i)) continue;
+        const int act = ember_act_type(t[i].w->type);
+        quant_arg qa = { t[i].w->type, src, ld, t[i].w->cols };
+        for_rows(w, nb, quant_row, &qa);
+        sync(w);
+        mm_target same[4];
+        int n_same = 0;
+        for (int j = i; j < n_t; j++)
+            if (!(done & (1 << j)) && ember_act_type(t[j].w->type) == act) {
+                same[n_same++] = t[j];
+                done |= 1 << j;
+            }
+        matmul_group(w, nb, same, n_same, ldy);
+        sync(w);
+    }
+}
+
+/* ---- the attention block ------------------------------------------------------------------- */
+
+static void embed_row(ember_model *m, const void *arg, int64_t b) {
+    (void)arg;
+    const ember_mat *e = &m->top.m[EMBER_M_TOK_EMBD];
+    ember_get_rows(e->type, e->data, e->row_bytes, m->tokens + b, 1, m->x + b * m->hp.n_embd, m->hp.n_embd);
+}
+
+/* x += xn (the previous block's output), then xn = rmsnorm(x) * w */
+typedef struct { const float *w; int add; } norm_arg;
+
+static void residual_norm_row(ember_model *m, const void *arg, int64_t b) {
+    const norm_arg *a = arg;
+    const int64_t E = m->hp.n_embd;
+    if (a->add) m->ops->add(m->x + b * E, m->xn + b * E, E);
+    m->ops->rmsnorm(m->x + b * E, a->w, m->xn + b * E, E, m->hp.rms_eps);
+}
+
+/* biases, q/k norms, rope, and the K/V cache write for one token */
+typedef struct { const layer_t *L; int64_t layer; } qkv_arg;
+
+static void qkv_post_row(ember_model *m, const void *arg, int64_t b) {
+    const qkv_arg *a = arg;
+    const ember_hparams *hp = &m->hp;
+    const ember_ops *ops = m->ops;
+    float *q = m->qkv + b * m->qkv_dim, *k = q + m->q_dim, *v = k + m->kv_dim;
+    if (a->L->v[EMBER_V_BQ]) ops->add(q, a->L->v[EMBER_V_BQ], m->q_dim);
+    if (a->L->v[EMBER_V_BK]) ops->add(k, a->L->v[EMBER_V_BK], m->kv_dim);
+    if (a->L->v[EMBER_V_BV]) ops->add(v, a->L->v[EMBER_V_BV], m->kv_dim);
+    if (hp->qk_norm) {
+        for (int64_t h = 0; h < hp->n_head; h++)
+            ops->rmsnorm(q + h * hp->head_dim, a->L->v[EMBER_V_Q_NORM], q + h * hp->head_dim, hp->head_dim, hp->rms_eps);
+        for (int64_t h = 0; h < hp->n_head_kv; h++)
+            ops->rmsnorm(k + h * hp->head_dim, a->L->v[EMBER_V_K_NORM], k + h * hp->head_dim, hp->head_dim, hp->rms_eps);
+    }
+    const int64_t pos = m->pos0 + b;
+    const float *cs = m->rope_cs + pos * hp->rope_dim;  /* rope_dim/2 (cos, sin) pairs */
+    ops->rope(q, hp->n_head, hp->head_dim, hp->rope_dim, cs, hp->neox);
+    ops->rope(k, hp->n_head_kv, hp->head_dim, hp->rope_dim, cs, hp->neox);
+    const size_t off = ((size_t)a->layer * hp->n_ctx + pos) * m->kv_dim;
+    ops->to_f16(k, m->k_cache + off, m->kv_dim);
+    ops->to_f16(v, m->v_cache + off, m->kv_dim);
+}
+
+static void attend(worker *w, int64_t layer) {
+    ember_model *m = w->m;
+    const ember_hparams *hp = &m->hp;
+    const int64_t st = take_stage(w), n_items = m->n_tok * hp->n_head;
+    const size_t base = (size_t)layer * hp->n_ctx * m->kv_dim;
+    float *scores = m->scores + (int64_t)w->ith * hp->n_ctx;
+    const float scale = 1.0f / sqrtf((float)hp->head_dim);
+    int64_t i0, i1;
+    while (next_chunk(w, st, n_items, 1, &i0, &i1))
+        m->ops->attention(m->qkv, m->qkv_dim, m->k_cache + base, m->v_cache + base, m->kv_dim,
+                          m->pos0, hp->n_head, hp->n_head_kv, hp->head_dim, scale,
+                          m->att, m->q_dim, scores, i0, i1);
+}
+
+static void attention_block(worker *w, int64_t l) {
+    ember_model *m = w->m;
+    const layer_t *L = &m->layers[l];
+    norm_arg na = { L->v[EMBER_V_ATTN_NORM], l > 0 };
+    for_rows(w, m->n_tok, residual_norm_row, &na);
+    sync(w);
+    if (m->hp.fused_qkv) {
+        mm_target t[1] = { { &L->m[EMBER_M_QKV], m->qkv } };
+        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->qkv_dim);
+    } else {
+        mm_target t[3] = { { &L->m[EMBER_M_Q], m->qkv }, { &L->m[EMBER_M_K], m->qkv + m->q_dim },
+                           { &L->m[EMBER_M_V], m->qkv + m->q_dim + m->kv_dim } };
+        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 3, m->qkv_dim);
+    }
+    qkv_arg qa = { L, l };
+    for_rows(w, m->n_tok, qkv_post_row, &qa);
+    sync(w);
+    attend(w, l);
+    sync(w);
+    mm_target o[1] = { { &L->m[EMBER_M_O], m->xn } };
+    project(w, m->att, m->q_dim, m->n_tok, o, 1, m->hp.n_embd);
+}
+
+/* ---- the feed-forward block --------------------------------------------------------------------- */
+
+static void swiglu_row(ember_model *m, const void *arg, int64_t b) {
+    (void)arg;
+    float *g = m->ffn + b * 2 * m->hp.n_ff;
+    m->ops->swiglu(g, g + m->hp.n_ff, g, m->hp.n_ff);
+}
+
+static void ffn_block(worker *w, int64_t l) {
+    ember_model *m = w->m;
+    const layer_t *L = &m->layers[l];
+    const int64_t F = m->hp.n_ff;
+    norm_arg na = { L->v[EMBER_V_FFN_NORM], 1 };
+    for_rows(w, m->n_tok, residual_norm_row, &na);
+    sync(w);
+    if (m->hp.fused_gate_up) {  /* phi3: ffn_up holds gate | up */
+        mm_target t[1] = { { &L->m[EMBER_M_GATE_UP], m->ffn } };
+        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, 2 * F);
+    } else {
+        mm_target t[2] = { { &L->m[EMBER_M_GATE], m->ffn }, { &L->m[EMBER_M_UP], m->ffn + F } };
+        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 2, 2 * F);
+    }
+    for_rows(w, m->n_tok, swiglu_row, NULL);
+    sync(w);
+    mm_target d[1] = { { &L->m[EMBER_M_DOWN], m->xn } };
+    project(w, m->ffn, 2 * F, m->n_tok, d, 1, m->hp.n_embd);
+}
+
+/* ---- logits --------------------------------------------------------------------------------------- */
+
+static void final_norm_row(ember_model *m, const void *arg, int64_t b) {
+    (void)arg;
+    const int64_t E = m->hp.n_embd;
+    m->ops->add(m->x + b * E, m->xn + b * E, E);
+    float *dst = m->all_logits ? m->xn + b * E : m->last;
+    if (m->all_logits || b == m->n_tok - 1)
+        m->ops->rmsnorm(m->x + b * E, m->top.v[EMBER_V_OUTPUT_NORM], dst, E, m->hp.rms_eps);
+}
+
+static void logits_stage(worker *w) {
+    ember_model *m = w->m;
+    for_rows(w, m->n_tok, final_norm_row, NULL);
+    sync(w);
+    if (!m->logits) return;
+    mm_target t[1] = { { &m->top.m[EMBER_M_OUTPUT], m->logits } };
+    if (m->all_logits)
+        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->hp.n_vocab);
+    else  /* only the last token's row, as a batch of 1 */
+        project(w, m->last, m->hp.n_embd, 1, t, 1, m->hp.n_vocab);
+}
+
+/* ---- the pass ----------------------------------------------------------------------------------------- */
+
+static void forward_worker(void *ctx, int ith, int nth) {
+    worker w = { ctx, ith, nth, 0 };
+    for_rows(&w, w.m->n_tok, embed_row, NULL);
+    sync(&w);
+    for (int64_t l = 0; l < w.m->hp.n_layer; l++) {
+        attention_block(&w, l);
+        ffn_block(&w, l);
+    }
+    logits_stage(&w);
+}
+
+static void run_chunk(ember_model *m, const int32_t *tokens, int64_t n, int64_t pos0, float *logits, int all) {
+    m->tokens = tokens;
+    m->n_tok = n;
+    m->pos0 = pos0;
+    m->logits = logits;
+    m->all_logits = all;
+    for (int64_t i = 0; i < m->n_stages; i++) atomic_store_explicit(&m->counters[i], 0, memory_order_relaxed);
+    ember_pool_run(m->pool, forward_worker, m);
+}
+
+void ember_forward(ember_model *m, const int32_t *tokens, int64_t n, int64_t pos0, float *logits, int all_logits) {
+    const int64_t B = m->hp.max_batch;
+    for (int64_t c0 = 0; c0 < n; c0 += B) {
+        const int64_t nc = n - c0 < B ? n - c0 : B, last = c0 + nc == n;
+        float *out = all_logits ? logits + c0 * m->hp.n_vocab : (last ? logits : NULL);
+        run_chunk(m, tokens + c0, nc, pos0 + c0, out, all_logits);
+    }
+}
+
+/* ---- building a model ------------------------------------------------------------------------------------ */
+
+ember_model *ember_model_new(const ember_hparams *hp, const float *rope_cs, int n_threads, const char *isa) {
+    ember_model *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->hp = *hp;
+    m->q_dim = hp->n_head * hp->head_dim;
+    m->kv_dim = hp->n_head_kv * hp->head_dim;
+    m->qkv_dim = m->q_dim + 2 * m->kv_dim;
+    m->rope_cs = rope_cs;
+    m->ops = ember_ops_for(isa ? isa : ember_isa_name());
+    m->layers = calloc((size_t)hp->n_layer, sizeof(layer_t));
+    m->pool = ember_pool_new(n_threads);
+    const size_t kv = (size_t)hp->n_layer * hp->n_ctx * m->kv_dim;
+    m->k_cache = zalloc(kv * sizeof(uint16_t));
+    m->v_cache = zalloc(kv * sizeof(uint16_t));
+    m->n_stages = (hp->n_layer + 1) * MAX_STAGES_PER_LAYER;
+    m->counters = zalloc((size_t)m->n_stages * sizeof(*m->counters));
+    if (!m->layers || !m->pool || !m->k_cache || !m->v_cache || !m->counters) {
+        ember_model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+int ember_model_set_mat(ember_model *m, int64_t layer, int which, const void *data, int type,
+                        int64_t rows, int64_t cols, size_t row_bytes) {
+    if (which < 0 || which >= EMBER_N_MATS || layer < -1 || layer >= m->hp.n_layer) return -1;
+    if (ember_act_type(type) < 0) return -2;
+    layer_t *L = layer < 0 ? &m->top : &m->layers[layer];
+    L->m[which] = (ember_mat){ data, type, rows, cols, row_bytes };
+    return 0;
+}
+
+int ember_model_set_vec(ember_model *m, int64_t layer, int which, const float *data) {
+    if (which < 0 || which >= EMBER_N_VECS || layer < -1 || layer >= m->hp.n_layer) return -1;
+    (layer < 0 ? &m->top : &m->layers[layer])->v[which] = data;
+    return 0;
+}
+
+/* after every weight is set: the scratch, sized by the widest activation row */
+int ember_model_finish(ember_model *m) {
+    const ember_hparams *hp = &m->hp;
+    const int64_t B = hp->max_batch, E = hp->n_embd;
+    m->xq_stride = max_act_bytes(m);
+    m->x = zalloc((size_t)B * E * sizeof(float));
+    m->xn = zalloc((size_t)B * E * sizeof(float));
+    m->qkv = zalloc((size_t)B * m->qkv_dim * sizeof(float));
+    m->att = zalloc((size_t)B * m->q_dim * sizeof(float));
+    m->ffn = zalloc((size_t)B * 2 * hp->n_ff * sizeof(float));
+    m->xq = zalloc((size_t)B * m->xq_stride);
+    m->scores = zalloc((size_t)ember_pool_size(m->pool) * hp->n_ctx * sizeof(float));
+    m->last = zalloc((size_t)E * sizeof(float));
+    return (m->x && m->xn && m->qkv && m->att && m->ffn && m->xq && m->scores && m->last) ? 0 : -1;
+}
+
+size_t ember_model_scratch_bytes(const ember_model *m) {
+    const ember_hparams *hp = &m->hp;
+    const size_t B = (size_t)hp->max_batch;
+    return B * sizeof(float) * (2 * hp->n_embd + m->qkv_dim + m->q_dim + 2 * hp->n_ff)
+         + B * m->xq_stride + (size_t)ember_pool_size(m->pool) * hp->n_ctx * sizeof(float)
+         + hp->n_embd * sizeof(float) + (size_t)m->n_stages * sizeof(*m->counters);
+}
+
+const char *ember_model_ops_name(const ember_model *m) { return m->ops->name; }
+int ember_model_threads(const ember_model *m) { return ember_pool_size(m->pool); }
+ember_pool *ember_model_pool(ember_model *m) { return m->pool; }
+
+void ember_model_free(ember_model *m) {
+    if (!m) return;
+    ember_pool_free(m->pool);
+    free(m->layers);
+    free(m->k_cache); free(m->v_cache); free(m->counters);
+    free(m->x); free(m->xn); free(m->qkv); free(m->att); free(m->ffn);
+    free(m->xq); free(m->scores); free(m->last);
+    free(m);
+}

@@ -1,0 +1,218 @@
+/* x86 AVX2+FMA+F16C twins of the ops in ember_ops.h (same signatures as
+ * ops_generic.c). Compiled with a target pragma, so the binary still runs on
+ * CPUs without AVX2: dispatch only selects this table where the CPU has it.
+ * Every loop ends in the scalar tail of its generic twin. */
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "ember_ops.h"
+
+/* ---- vector helpers ------------------------------------------------------------- */
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x, relative error ~2 ulp: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial
+ * for e^r (Cephes coefficients), and 2^n built in the exponent bits. Inputs are
+ * clamped to the float range so 2^n never leaves the normal exponents. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* ln2 split in two so n*ln2_hi is exact and r keeps its low bits */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 load_f16(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* ---- norms, activations, adds ------------------------------------------------------- */
+
+static void rmsnorm_avx2(const float *x, const float *w, float *y, int64_t n, float eps) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        acc0 = _mm256_fmadd_ps(a, a, acc0);
+        acc1 = _mm256_fmadd_ps(b, b, acc1);
+    }
+    double ss = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) ss += (double)x[i] * x[i];
+    const float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs),
+                                              _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) y[i] = x[i] * scale * w[i];
+}
+
+static void swiglu_avx2(const float *g, const float *u, float *y, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vg = _mm256_loadu_ps(g + i);
+        const __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), vg)));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(vg, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static void add_avx2(float *y, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] += x[i];
+}
+
+static void to_f16_avx2(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = ember_ops_f2h(x[i]);
+}
+
+/* ---- rope ------------------------------------------------------------------------------ */
+
+/* interleaved pairs: 8 floats are 4 (x0, x1) pairs and line up with 4 (cos, sin) pairs */
+static void rope_pairs_avx2(float *xh, int64_t half, const float *cs) {
+    int64_t i = 0;
+    for (; i + 4 <= half; i += 4) {
+        const __m256 x = _mm256_loadu_ps(xh + 2 * i), t = _mm256_loadu_ps(cs + 2 * i);
+        const __m256 c = _mm256_moveldup_ps(t), s = _mm256_movehdup_ps(t);
+        const __m256 xs = _mm256_permute_ps(x, 0xB1);  /* (x1, x0) per pair */
+        /* even lanes x0 c - x1 s, odd lanes x1 c + x0 s */
+        _mm256_storeu_ps(xh + 2 * i, _mm256_addsub_ps(_mm256_mul_ps(x, c), _mm256_mul_ps(xs, s)));
+    }
+    for (; i < half; i++) {
+        const float c = cs[2 * i], s = cs[2 * i + 1], x0 = xh[2 * i], x1 = xh[2 * i + 1];
+        xh[2 * i] = x0 * c - x1 * s;
+        xh[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+/* NEOX halves: x_i pairs with x_{i+half}; cos and sin are de-interleaved from cs */
+static void rope_halves_avx2(float *xh, int64_t half, const float *cs) {
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 lo = _mm256_loadu_ps(cs + 2 * i), hi = _mm256_loadu_ps(cs + 2 * i + 8);
+        const __m256 c = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
+        const __m256 s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
+        const __m256 a = _mm256_loadu_ps(xh + i), b = _mm256_loadu_ps(xh + half + i);
+        _mm256_storeu_ps(xh + i, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)));
+        _mm256_storeu_ps(xh + half + i, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)));
+    }
+    for (; i < half; i++) {
+        const float c = cs[2 * i], s = cs[2 * i + 1], x0 = xh[i], x1 = xh[half + i];
+        xh[i] = x0 * c - x1 * s;
+        xh[half + i] = x0 * s + x1 * c;
+    }
+}
+
+static void rope_avx2(float *x, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                      const float *cs, int neox) {
+    for (int64_t h = 0; h < n_heads; h++) {
+        if (neox) rope_halves_avx2(x + h * head_dim, rope_dim / 2, cs);
+        else rope_pairs_avx2(x + h * head_dim, rope_dim / 2, cs);
+    }
+}
+
+/* ---- softmax and attention ----------------------------------------------------------------- */
+
+static void softmax_avx2(float *x, int64_t n) {
+    int64_t i = 0;
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + i));
+    float mx = hmax256(vmx);
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+        _mm256_storeu_ps(x + i, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    double sum = hsum256(vsum);
+    for (; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    const float inv = (float)(1.0 / sum);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+    for (; i < n; i++) x[i] *= inv;
+}
+
+static inline float dot_f16_avx2(const uint16_t *k, const float *q, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load_f16(k + i), _mm256_loadu_ps(q + i), acc);
+    float s = hsum256(acc);
+    for (; i < n; i++) s += ember_ops_h2f(k[i]) * q[i];
+    return s;
+}
+
+/* out += a * v (v in f16) */
+static inline void axpy_f16_avx2(float *out, const uint16_t *v, float a, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(va, load_f16(v + i), _mm256_loadu_ps(out + i)));
+    for (; i < n; i++) out[i] += a * ember_ops_h2f(v[i]);
+}
+
+static void attention_avx2(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
+                           int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
+                           int64_t hd, float scale, float *out, int64_t ldo, float *scores,
+                           int64_t i0, int64_t i1) {
+    const int64_t group = n_head / n_head_kv;  /* GQA: query heads per kv head */
+    for (int64_t it = i0; it < i1; it++) {
+        const int64_t b = it / n_head, h = it % n_head, n_kv = pos0 + b + 1;
+        const float *qh = q + b * ldq + h * hd;
+        const int64_t kvo = (h / group) * hd;
+        for (int64_t t = 0; t < n_kv; t++)
+            scores[t] = dot_f16_avx2(K + t * kv_stride + kvo, qh, hd) * scale;
+        softmax_avx2(scores, n_kv);
+        float *oh = out + b * ldo + h * hd;
+        memset(oh, 0, (size_t)hd * sizeof(float));
+        for (int64_t t = 0; t < n_kv; t++) axpy_f16_avx2(oh, V + t * kv_stride + kvo, scores[t], hd);
+    }
+}
+
+/* ---- the table ------------------------------------------------------------------------------ */
+
+const ember_ops ember_ops_avx2 = {
+    .name = "avx2",
+    .rmsnorm = rmsnorm_avx2,
+    .rope = rope_avx2,
+    .softmax = softmax_avx2,
+    .attention = attention_avx2,
+    .swiglu = swiglu_avx2,
+    .add = add_avx2,
+    .to_f16 = to_f16_avx2,
+};
+
+#endif

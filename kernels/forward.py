@@ -1,0 +1,203 @@
+"""The C decoder from Python: weights from the read-only map into kernels/c/forward.c.
+
+Design: this module turns a GGUFFile + ModelConfig into one `_native.Forward`
+(a C ember_model) without copying a weight matrix: every matrix is handed over
+as a (rows, row_bytes) uint8 view of the map, and the Forward object keeps
+those views (and so the map) alive. Only the small 1-D tensors (norms,
+biases) are converted to float32 when the file stores them otherwise, and the
+rope cos/sin table is computed here once, in float64, for every cache
+position (rope_freqs factors included).
+
+`Decoder.run(tokens, pos0, all_logits)` is the single call into C per batch;
+it allocates only the logits it returns.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ember.formats.quants import GGML_TYPE_IDS
+from ember.kernels import _native
+from ember.kernels import dispatch
+from ember.plugins.arch import ModelConfig, UnsupportedModel
+
+DEFAULT_MAX_BATCH = 256   # tokens per pool run; longer prompts run in chunks
+F32_BYTES = 4
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for c in cpus:
+        p = f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list"
+        try:
+            with open(p) as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores) or (os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------
+# The tensor table: which GGUF tensor feeds which slot of the C model
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    slot: str          # name in _native.MATS / _native.VECS
+    tensor: str        # GGUF name, "blk.{i}." prefixed for layers
+    shape: tuple       # expected numpy shape
+    required: bool = True
+
+
+def layer_slots(c: ModelConfig) -> list[Slot]:
+    d, q_dim, kv_dim, hd = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.head_dim
+    s = [Slot("attn_norm", "attn_norm.weight", (d,)), Slot("ffn_norm", "ffn_norm.weight", (d,)),
+         Slot("o", "attn_output.weight", (d, q_dim)), Slot("down", "ffn_down.weight", (d, c.n_ff))]
+    if c.fused_qkv:
+        s.append(Slot("qkv", "attn_qkv.weight", (q_dim + 2 * kv_dim, d)))
+    else:
+        s += [Slot("q", "attn_q.weight", (q_dim, d)), Slot("k", "attn_k.weight", (kv_dim, d)),
+              Slot("v", "attn_v.weight", (kv_dim, d))]
+    s += [Slot("bq", "attn_q.bias", (q_dim,), c.qkv_bias), Slot("bk", "attn_k.bias", (kv_dim,), c.qkv_bias),
+          Slot("bv", "attn_v.bias", (kv_dim,), c.qkv_bias)]
+    if c.qk_norm:
+        s += [Slot("q_norm", "attn_q_norm.weight", (hd,)), Slot("k_norm", "attn_k_norm.weight", (hd,))]
+    if c.fused_gate_up:   # phi3: gate | up in one matrix
+        s.append(Slot("gate_up", "ffn_up.weight", (2 * c.n_ff, d)))
+    else:
+        s += [Slot("gate", "ffn_gate.weight", (c.n_ff, d)), Slot("up", "ffn_up.weight", (c.n_ff, d))]
+    return s
+
+
+def model_slots(c: ModelConfig) -> list[Slot]:
+    out = "token_embd.weight" if c.tied_embeddings else "output.weight"
+    return [Slot("tok_embd", "token_embd.weight", (c.n_vocab, c.n_embd)),
+            Slot("output", out, (c.n_vocab, c.n_embd)),
+            Slot("output_norm", "output_norm.weight", (c.n_embd,))]
+
+
+# ---------------------------------------------------------------------------
+# Tensors -> buffers the C model can point at
+# ---------------------------------------------------------------------------
+
+def _tensor(gguf, name: str, shape: tuple):
+    t = gguf.tensors.get(name)
+    if t is None:
+        raise UnsupportedModel(f"tensor {name!r} is missing")
+    if tuple(t.shape) != shape:
+        raise UnsupportedModel(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def matrix_view(t) -> tuple[int, np.ndarray]:
+    """(GGML type id, (rows, row_bytes) uint8 view of the map): no copy."""
+    tid = GGML_TYPE_IDS.get(t.type, -1)
+    if tid < 0 or not _native.type_supported(tid):
+        raise UnsupportedModel(f"tensor {t.name!r}: the cpu backend has no kernels for {t.type}")
+    rows = t.shape[0]
+    return tid, t.data.reshape(rows, t.data.shape[0] // rows)
+
+
+def vector_f32(t) -> np.ndarray:
+    """A 1-D tensor as float32: a view when it is F32, else a (small) converted copy."""
+    if t.type == "F32":
+        return np.frombuffer(t.data, dtype=np.float32)
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32).reshape(-1)
+
+
+def rope_table(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None) -> np.ndarray:
+    """(n_ctx, rope_dim) float32: (cos, sin) of theta_i = pos * base^(-2i/rope_dim), interleaved.
+
+    Computed in float64 so positions up to n_ctx keep full float32 accuracy."""
+    i = np.arange(c.rope_dim // 2, dtype=np.float64)
+    inv_freq = c.rope_base ** (-2.0 * i / c.rope_dim)                       # (rope_dim/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
+    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]   # (n_ctx, rope_dim/2)
+    cs = np.stack([np.cos(ang), np.sin(ang)], axis=-1)                       # (n_ctx, rope_dim/2, 2)
+    return np.ascontiguousarray(cs.reshape(n_ctx, c.rope_dim), dtype=np.float32)
+
+
+def hparams(c: ModelConfig, n_ctx: int, max_batch: int) -> dict:
+    return dict(n_vocab=c.n_vocab, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                n_head_kv=c.n_head_kv, head_dim=c.head_dim, n_ff=c.n_ff, rope_dim=c.rope_dim,
+                n_ctx=n_ctx, max_batch=max_batch, rms_eps=c.rms_eps, neox=c.rope_style == "neox",
+                qk_norm=c.qk_norm, fused_qkv=c.fused_qkv, fused_gate_up=c.fused_gate_up)
+
+
+# ---------------------------------------------------------------------------
+# Memory: what a Decoder will hold besides the map
+# ---------------------------------------------------------------------------
+
+def scratch_bytes(c: ModelConfig, n_ctx: int, threads: int, max_batch: int = DEFAULT_MAX_BATCH) -> int:
+    """Mirror of ember_model_scratch_bytes plus the rope table (forward.c sizes it the same way)."""
+    q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    act = 0
+    for t in c.tensors.values():
+        tid = GGML_TYPE_IDS.get(t.type, -1)
+        if len(t.shape) == 2 and tid >= 0 and _native.type_supported(tid):
+            act = max(act, _native.act_row_bytes(tid, t.shape[1]))
+    act = (act + 63) // 64 * 64
+    B = max_batch
+    floats = B * (2 * c.n_embd + q_dim + 2 * kv_dim + q_dim + 2 * c.n_ff) + threads * n_ctx + c.n_embd
+    return floats * F32_BYTES + B * act + n_ctx * c.rope_dim * F32_BYTES
+
+
+# ---------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------
+
+class Decoder:
+    """A loaded model on the C forward pass: KV cache for n_ctx, scratch, threads."""
+
+    def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, isa: str | None = None):
+        if isa is not None:
+            dispatch.use(isa)   # products follow the kernels' global ISA
+        self.config, self.n_ctx = config, n_ctx
+        self.threads = threads or physical_cores()
+        freqs = gguf.tensors.get("rope_freqs.weight")
+        self.rope = rope_table(config, n_ctx, vector_f32(freqs) if freqs is not None else None)
+        self.fw = _native.Forward(hparams(config, n_ctx, max_batch), self.rope, self.threads,
+                                  dispatch.current_isa())
+        self._gguf = gguf   # keeps the map alive as long as the views into it
+        for il in range(config.n_layer):
+            self._bind(gguf, il, layer_slots(config), f"blk.{il}.")
+        self._bind(gguf, -1, model_slots(config), "")
+        self.fw.finish()
+        self.isa = dispatch.current_isa()
+
+    def _bind(self, gguf, layer: int, slots: list[Slot], prefix: str) -> None:
+        for s in slots:
+            name = prefix + s.tensor
+            if not s.required and name not in gguf.tensors:
+                continue
+            t = _tensor(gguf, name, s.shape)
+            if len(s.shape) == 1:
+                self.fw.set_vec(layer, s.slot, vector_f32(t))
+            else:
+                tid, view = matrix_view(t)
+                self.fw.set_mat(layer, s.slot, tid, view, s.shape[1])
+
+    def run(self, tokens: np.ndarray, pos0: int, all_logits: bool) -> np.ndarray:
+        """tokens int32 (n,) at positions pos0.. -> logits (n, n_vocab) or (n_vocab,)"""
+        n, V = tokens.shape[0], self.config.n_vocab
+        out = np.empty((n, V) if all_logits else (V,), dtype=np.float32)
+        self.fw.forward(tokens, pos0, out.reshape(-1), all_logits)
+        return out
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.fw.scratch_bytes + self.rope.nbytes
+
+    def close(self) -> None:
+        self.fw.close()
+        self._gguf = None

@@ -1,0 +1,171 @@
+"""The `cpu` backend: the C decoder (kernels/c/forward.c) on SIMD kernels.
+
+Design: weights stay in the read-only GGUF map — the runner holds views of
+it, never a second copy — so host memory is the mapped file plus an f16 KV
+cache for n_ctx, scratch sized for one prefill chunk, and the interpreter.
+Everything is allocated at load; decoding a token is one call into C with the
+GIL released, and allocates only the logits array it returns.
+
+Options (``options`` dict): ``max_batch`` (tokens per prefill chunk,
+default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ember.plugins.arch import ModelConfig
+from ember.plugins.hookspecs import hookimpl
+from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+
+NAME = "cpu"
+# interpreter + numpy + the kernels extension, measured as the RSS of
+# `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
+RUNTIME_BYTES = 48 << 20
+
+
+class TokenOutOfRange(ValueError):
+    """A token id is negative or not below n_vocab."""
+
+    user_error = True
+
+
+def _kernels():
+    """The compiled pieces, imported on first use so `ember backends` can report why not."""
+    from ember.kernels import dispatch, forward
+    return dispatch, forward
+
+
+# ---------------------------------------------------------------------------
+# Plugin hooks
+# ---------------------------------------------------------------------------
+
+@hookimpl
+def ember_backends():
+    return [BackendSpec(NAME, priority=50,
+                        description="native C SIMD kernels straight from the mapped file")]
+
+
+@hookimpl
+def ember_probe(backend):
+    if backend != NAME:
+        return None
+    try:
+        dispatch, forward = _kernels()
+    except Exception as e:  # noqa: BLE001 - a missing/broken extension is "not available"
+        return Probe(False, f"the C kernels do not load: {type(e).__name__}: {e}")
+    isa = dispatch.current_isa()
+    return Probe(True, f"C kernels, ISA {isa} (this CPU runs {', '.join(dispatch.available_isas())}); "
+                       f"{forward.physical_cores()} physical cores", isa=isa)
+
+
+@hookimpl
+def ember_plan(backend, config, n_ctx, options):
+    if backend != NAME:
+        return None
+    return plan(config, n_ctx, options or {})
+
+
+@hookimpl
+def ember_load(backend, gguf, config, n_ctx, threads, options):
+    if backend != NAME:
+        return None
+    return CpuRunner(gguf, config, n_ctx, threads, options or {})
+
+
+# ---------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------
+
+def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = None) -> MemoryPlan:
+    """Mapped weights + f16 KV cache + scratch for one chunk + the interpreter."""
+    _, forward = _kernels()
+    threads = threads or forward.physical_cores()
+    batch = int(options.get("max_batch", forward.DEFAULT_MAX_BATCH))
+    small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values()
+                if len(t.shape) == 1 and t.type != "F32")
+    return MemoryPlan(
+        weights=config.weights_bytes,
+        kv_cache=config.kv_cache_bytes(n_ctx, bytes_per_value=2),
+        scratch=forward.scratch_bytes(config, n_ctx, threads, batch) + small,
+        runtime=RUNTIME_BYTES,
+        notes=["weights are the mapped file's tensor bytes (read-only, shared page cache); "
+               "no second copy",
+               f"scratch is sized for prefill chunks of {batch} tokens and {threads} threads",
+               "all_logits=True adds len(tokens) * n_vocab * 4 bytes for the result"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------
+
+class CpuRunner:
+    """ember.plugins.types.Runner over the C decoder."""
+
+    def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None = None,
+                 options: dict | None = None):
+        options = options or {}
+        if not isinstance(n_ctx, int) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if threads is not None and (not isinstance(threads, int) or threads <= 0):
+            raise BackendError(f"threads must be a positive int, got {threads!r}")
+        dispatch, forward = _kernels()
+        self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
+        self.dec = forward.Decoder(gguf, config, n_ctx, threads,
+                                   int(options.get("max_batch", forward.DEFAULT_MAX_BATCH)),
+                                   options.get("isa"))
+        self.isa, self.threads = self.dec.isa, self.dec.threads
+        self._one = np.zeros(1, dtype=np.int32)   # decode's token, reused
+
+    # -- the Runner protocol --------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self._check(tokens)
+        out = self.dec.run(ids, self.n_past, bool(all_logits))
+        self.n_past += ids.shape[0]
+        return out
+
+    def decode(self, token: int) -> np.ndarray:
+        if self.dec is None:
+            raise ValueError("runner is closed")
+        if not 0 <= token < self.n_vocab:
+            raise TokenOutOfRange(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + 1 > self.n_ctx:
+            raise ContextOverflow(f"1 token after {self.n_past} cached would need "
+                                  f"{self.n_past + 1} positions; n_ctx is {self.n_ctx}")
+        self._one[0] = token
+        out = self.dec.run(self._one, self.n_past, False)
+        self.n_past += 1
+        return out
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
+        self.n_past = int(n_past)   # later positions are simply overwritten
+
+    def close(self) -> None:
+        if self.dec is not None:
+            self.dec.close()
+            self.dec = None
+
+    # -- internals ------------------------------------------------------------
+
+    def _check(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.dec is None:
+            raise ValueError("runner is closed")
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
+                                  f"got {ids.dtype} array of shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
+            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
+                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
+        return np.ascontiguousarray(ids, dtype=np.int32)
