@@ -1,0 +1,405 @@
+"""The engine: load a model, turn prompts into streamed tokens. The stable surface.
+
+    model = engine.load("model.gguf", backend="auto", n_ctx=None, threads=None)
+    model.tokenize("Hello", add_special=True)       -> list[int]
+    model.logits(tokens)                            -> float32 (len(tokens), n_vocab)
+    for ev in model.generate("Once upon", max_tokens=32, temperature=0):
+        ...  # TokenEvent(id, text, logprob, top_logprobs), then one Result
+
+Design
+------
+`load` opens the GGUF (mapped, read-only), reads its ModelConfig, resolves the
+backend through ember.plugins.registry.choose, and asks that backend for a
+Runner whose KV cache is allocated once for n_ctx (default: min(n_ctx_train,
+4096)). The tokenizer and the chat template come from the same file.
+
+Generation is a class, `Generation`, stepped one token at a time by whoever
+drives it (the `generate()` iterator for in-process use, the daemon's
+scheduler for requests):
+
+* `Model.start(prompt, **sampling)` checks everything up front — sampling
+  values (SamplingError), an empty prompt (EmptyPrompt), prompt + max_tokens
+  beyond n_ctx (ContextOverflow: ember refuses rather than truncating, so a
+  reply is never silently cut or its prompt silently shortened) — and returns
+  a Generation that has computed nothing yet.
+* `gen.step()` computes and samples exactly one token and returns its
+  TokenEvent, or None once finished; `gen.result` then holds the Result
+  (stop reason "eos" | "stop" | "length" | "cancelled", usage, timings).
+* `gen.cancel()` (any thread) is honoured before the next token.
+* Preemption: the runner (and its one KV cache) belongs to whichever
+  generation stepped last (`Model.owner`). A generation may be left alone
+  (`gen.suspend()` just records it) while another request — or
+  `Model.logits` — uses the runner. On its next `step()` it notices that it
+  no longer owns the cache and re-prefills prompt + the tokens it generated
+  so far in one batch, then continues. Its Sampler (RNG state and penalty
+  window) and its text decoder live in the Generation, so the continuation
+  equals an uninterrupted run (the re-prefilled logits equal the
+  incrementally decoded ones to float rounding, KL <= 1e-6; tested).
+  `gen.resume()` is optional: it does that re-prefill eagerly.
+
+Text: token pieces go through the tokenizer's streaming decoder (which holds
+back incomplete UTF-8) and then the StopMatcher (which holds back a possible
+stop-string prefix). Every sampled token yields one event, including the
+final end-of-generation token, whose event carries any held-back text; the
+text of a stop string and of an EOS/EOT token is never emitted.
+
+Timings (ms, per generation): queue_ms = creation -> first compute;
+ttft_ms = creation -> first token sampled (so it includes queue and
+prefill); prefill_tok_s = prompt tokens / first prefill time; decode_tok_s =
+tokens after the first / time spent producing them (re-prefills after a
+preemption are counted separately as reprefill_ms).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ember.daemon.chat import ChatTemplate
+from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
+from ember.formats import gguf as gguf_format
+from ember.plugins import registry
+from ember.plugins.arch import ModelConfig, config_from_gguf
+from ember.plugins.types import BackendError, ContextOverflow
+
+DEFAULT_MAX_CTX = 4096
+
+
+class EngineError(ValueError):
+    """A request the engine cannot run as given; the message says why."""
+
+    user_error = True
+
+
+class EmptyPrompt(EngineError):
+    """The prompt has no tokens to condition on."""
+
+
+# ---------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TokenEvent:
+    id: int
+    text: str                                  # text safe to show now (may be "")
+    logprob: float | None = None               # log p(id) under the model, if asked
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    stop_reason: str                           # "eos" | "stop" | "length" | "cancelled"
+    text: str                                  # everything emitted
+    tokens: list[int]                          # every sampled token id
+    usage: dict                                # prompt_tokens, completion_tokens
+    timings: dict                              # queue_ms, ttft_ms, prefill_tok_s, decode_tok_s, ...
+    seed: int                                  # the sampler's seed (reproduces the run)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = None,
+         threads: int | None = None, options: dict | None = None) -> "Model":
+    """Open a GGUF model and load it on a backend. Errors are typed and user-facing."""
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+        raise EngineError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise EngineError(f"threads must be a positive integer, got {threads!r}")
+    f = gguf_format.open(path)
+    try:
+        config = config_from_gguf(f)
+        name, why = registry.choose(backend)
+        ctx = n_ctx or min(config.n_ctx_train, DEFAULT_MAX_CTX)
+        runner = registry.manager().hook.ember_load(
+            backend=name, gguf=f, config=config, n_ctx=ctx, threads=threads,
+            options=dict(options or {}))
+        if runner is None:
+            raise BackendError(f"backend {name!r} did not load the model")
+        return Model(path, f, config, runner, name, why)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _load_tokenizer(f):
+    from ember.formats.tokenizer import Tokenizer  # the tokenizer lands with its own issue
+    return Tokenizer.from_gguf(f)
+
+
+def _token_text(tok, token_id: int | None) -> str:
+    if token_id is None or token_id < 0:
+        return ""
+    return tok.token_to_piece(token_id, special=True).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+class Model:
+    """A loaded model: config, runner (one KV cache), tokenizer, chat template."""
+
+    def __init__(self, path, gguf, config: ModelConfig, runner, backend: str, why: str = ""):
+        self.path = os.fspath(path)
+        self.gguf = gguf
+        self.config = config
+        self.runner = runner
+        self.backend, self.backend_reason = backend, why
+        self.n_ctx, self.n_vocab = runner.n_ctx, runner.n_vocab
+        self.owner: Generation | None = None   # whose tokens the KV cache holds
+        self.lock = threading.RLock()           # one computation at a time on the runner
+        self._tokenizer = None
+        self._chat: ChatTemplate | None = None
+
+    # -- text -----------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.gguf)
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise EngineError(f"text must be a string, got {type(text).__name__}")
+        return list(self.tokenizer.encode(text, add_special=add_special,
+                                          parse_special=parse_special))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._chat is None:
+            tok = self.tokenizer
+            self._chat = ChatTemplate(self.gguf.metadata.get("tokenizer.chat_template"),
+                                      bos_token=_token_text(tok, tok.bos_id),
+                                      eos_token=_token_text(tok, tok.eos_id))
+        return self._chat
+
+    def apply_chat(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the file's template and tokenize (special tokens parsed)."""
+        text = self.chat_template.render(messages, add_generation_prompt)
+        ids = self.tokenize(text, add_special=True, parse_special=True)
+        bos = self.tokenizer.bos_id
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the template wrote its own BOS
+            ids = ids[1:]
+        return ids
+
+    def prompt_tokens(self, prompt: Any) -> list[int]:
+        """str -> tokenized with BOS; list of {role, content} -> chat; list of ints -> as is."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_special=True) if prompt else []
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.apply_chat(list(prompt))
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = self._check_ids(prompt)
+        else:
+            raise EngineError(f"prompt must be a string, a list of messages or a list of token "
+                              f"ids, got {type(prompt).__name__}")
+        if not ids:
+            raise EmptyPrompt("the prompt is empty: give at least one token of text")
+        return ids
+
+    def _check_ids(self, ids) -> list[int]:
+        out = []
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise EngineError(f"token {i} is {type(t).__name__}, expected an int")
+            if not 0 <= t < self.n_vocab:
+                raise EngineError(f"token {i} = {t} is outside the vocabulary [0, {self.n_vocab})")
+            out.append(int(t))
+        return out
+
+    # -- logits ---------------------------------------------------------------
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits float32 (len(tokens), n_vocab), from an empty cache."""
+        ids = self._check_ids(tokens)
+        if not ids:
+            raise EmptyPrompt("logits() needs at least one token")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflow(f"{len(ids)} tokens do not fit n_ctx {self.n_ctx}")
+        with self.lock:
+            self.owner = None
+            self.runner.reset()
+            return np.asarray(self.runner.prefill(ids, all_logits=True), dtype=np.float32)
+
+    # -- generation -----------------------------------------------------------
+
+    def start(self, prompt: Any, created_at: float | None = None, **sampling) -> "Generation":
+        """Check a request and return its Generation (nothing computed yet)."""
+        params = SamplingParams.parse(**sampling)
+        ids = self.prompt_tokens(prompt)
+        if len(ids) + params.max_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} exceeds the context of {self.n_ctx} tokens; "
+                f"shorten the prompt or lower max_tokens")
+        return Generation(self, ids, params, created_at)
+
+    def generate(self, prompt: Any, **sampling) -> Iterator[TokenEvent | Result]:
+        """Yield a TokenEvent per token, then the Result."""
+        gen = self.start(prompt, **sampling)
+        while (ev := gen.step()) is not None:
+            yield ev
+        yield gen.result
+
+    def close(self) -> None:
+        with self.lock:
+            if self.runner is not None:
+                self.runner.close()
+                self.runner = None
+            self.gguf.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# One request's generation, steppable and preemptible
+# ---------------------------------------------------------------------------
+
+class Generation:
+    """State of one request: prompt, sampler, text decoder, tokens so far, timings."""
+
+    def __init__(self, model: Model, prompt: list[int], params: SamplingParams,
+                 created_at: float | None = None):
+        self.model, self.prompt, self.params = model, prompt, params
+        self.sampler = Sampler(params, history=prompt)
+        self.generated: list[int] = []
+        tok = model.tokenizer
+        self._decoder = tok.stream_decoder()
+        self._stops = StopMatcher(params.stop)
+        self._stop_ids = set(params.stop_tokens)
+        self._eog = (lambda t: False) if params.ignore_eos else tok.is_eog
+        self._cached = 0                     # tokens of prompt+generated in the KV cache
+        self._cancel = threading.Event()
+        self._text: list[str] = []
+        self.result: Result | None = None
+        self.state = "pending"               # pending | running | suspended | done
+        self.t_created = time.perf_counter() if created_at is None else created_at
+        self._t = dict(start=None, first=None, prefill=0.0, decode=0.0, reprefill=0.0)
+
+    # -- control ----------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop before the next token (safe from any thread)."""
+        self._cancel.set()
+
+    def suspend(self) -> None:
+        """Note that another request may use the runner; the next step re-prefills."""
+        if self.state != "done":
+            self.state = "suspended"
+
+    def resume(self) -> None:
+        """Rebuild the KV cache now (prompt + generated) instead of at the next step."""
+        with self.model.lock:
+            if self.state != "done" and not self._owns_cache():
+                self._reprefill()
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    # -- stepping -----------------------------------------------------------------
+
+    def step(self) -> TokenEvent | None:
+        """Compute and sample one token; None when the generation is over."""
+        if self.result is not None:
+            return None
+        if self._cancel.is_set():
+            self._finish("cancelled")
+            return None
+        with self.model.lock:
+            logits = self._next_logits()
+            choice = self.sampler.sample(logits)
+        self.sampler.accept(choice.id)
+        self.generated.append(choice.id)
+        return self._emit(choice)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while (ev := self.step()) is not None:
+            yield ev
+
+    # -- internals ----------------------------------------------------------------
+
+    def _owns_cache(self) -> bool:
+        m = self.model
+        return m.owner is self and m.runner.n_past == self._cached
+
+    def _next_logits(self) -> np.ndarray:
+        """Logits for the position after prompt + generated, computing what is missing."""
+        t0 = time.perf_counter()
+        if self._t["start"] is None:
+            self._t["start"] = t0
+        self.state = "running"
+        seq = self.prompt + self.generated
+        if not self._owns_cache():
+            logits = self._reprefill()
+        else:  # exactly the last sampled token is not yet in the cache
+            logits = self.model.runner.decode(seq[-1])
+            self._cached += 1
+            self._t["decode"] += time.perf_counter() - t0
+        return logits
+
+    def _reprefill(self) -> np.ndarray:
+        t0 = time.perf_counter()
+        m, seq = self.model, self.prompt + self.generated
+        m.owner = None
+        m.runner.reset()
+        logits = m.runner.prefill(seq)
+        m.owner, self._cached = self, len(seq)
+        self._t["prefill" if not self.generated else "reprefill"] += time.perf_counter() - t0
+        return logits
+
+    def _emit(self, choice) -> TokenEvent:
+        tok, p = choice.id, self.params
+        if self._t["first"] is None:
+            self._t["first"] = time.perf_counter()
+        if tok in self._stop_ids or self._eog(tok):
+            text = self._stops.feed(self._decoder.flush())  # the EOS's own text is dropped
+            return self._final(choice, text + self._stops.flush(), "eos")
+        text = self._stops.feed(self._decoder.feed(tok))
+        if self._stops.stopped is not None:
+            return self._final(choice, text, "stop")
+        if len(self.generated) >= p.max_tokens:
+            tail = self._stops.feed(self._decoder.flush())
+            return self._final(choice, text + tail + self._stops.flush(), "length")
+        self._text.append(text)
+        return TokenEvent(tok, text, choice.logprob, choice.top_logprobs)
+
+    def _final(self, choice, text: str, reason: str) -> TokenEvent:
+        self._text.append(text)
+        self._finish(reason)
+        return TokenEvent(choice.id, text, choice.logprob, choice.top_logprobs)
+
+    def _finish(self, reason: str) -> None:
+        self.state = "done"
+        t, now = self._t, time.perf_counter()
+        n_prompt, n_gen = len(self.prompt), len(self.generated)
+        start = t["start"] if t["start"] is not None else now
+        timings = dict(
+            queue_ms=(start - self.t_created) * 1e3,
+            ttft_ms=((t["first"] or now) - self.t_created) * 1e3,
+            prefill_ms=t["prefill"] * 1e3,
+            prefill_tok_s=n_prompt / t["prefill"] if t["prefill"] > 0 else 0.0,
+            decode_ms=t["decode"] * 1e3,
+            decode_tok_s=(n_gen - 1) / t["decode"] if t["decode"] > 0 and n_gen > 1 else 0.0,
+            reprefill_ms=t["reprefill"] * 1e3,
+            total_ms=(now - self.t_created) * 1e3,
+        )
+        self.result = Result(reason, "".join(self._text), list(self.generated),
+                             dict(prompt_tokens=n_prompt, completion_tokens=n_gen),
+                             timings, self.sampler.seed)
