@@ -320,11 +320,14 @@ class GGUFFile:
         with builtins.open(self.path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             if self.size < 24:
-                raise GGUFError(f"header at byte 0: {self.size} bytes is too short for a GGUF "
-                                "header (24)", "header", 0)
+                raise GGUFError(f"{self.path}: header at byte 0: {self.size} bytes is too short "
+                                "for a GGUF header (24)", "header", 0)
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse(_Cursor(self._mmap))
+        except GGUFError as e:
+            self.close()
+            raise GGUFError(f"{self.path}: {e}", e.field, e.offset) from None
         except BaseException:
             self.close()
             raise

@@ -1,0 +1,167 @@
+"""`ember inspect MODEL.gguf [--json]`: what is in a model file, without loading it.
+
+Reads only the validated header through ember.formats.gguf (tensor data stays
+mapped, never touched), then reports: the architecture and its
+hyper-parameters (from ember.plugins.arch when ember runs that architecture,
+else the raw metadata), a tokenizer summary read straight from the
+`tokenizer.ggml.*` keys, the tensor table, the quant mix and the sizes.
+A malformed file raises GGUFError, which the CLI turns into one line on
+stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from typing import Any
+
+from ember.formats import gguf
+from ember.plugins.arch import UnsupportedModel, config_from_gguf
+
+MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
+MAX_SHOWN_CHARS = 80       # longer strings are cut
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", metavar="MODEL.gguf", help="the GGUF file to inspect")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+# ---------------------------------------------------------------------------
+# Gathering the report (plain data, shared by text and JSON)
+# ---------------------------------------------------------------------------
+
+
+def report(path: str) -> dict[str, Any]:
+    """Everything `inspect` shows, as JSON-ready data."""
+    with gguf.open(path) as f:
+        tensors = [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.nbytes}
+                   for t in f.tensors.values()]
+        doc = {
+            "path": os.path.abspath(path),
+            "file_bytes": f.size,
+            "gguf_version": f.version,
+            "alignment": f.alignment,
+            "architecture": f.metadata.get("general.architecture"),
+            "name": f.metadata.get("general.name"),
+            **_hyperparameters(f),
+            "tokenizer": _tokenizer(f.metadata),
+            "tensors": tensors,
+            "quant_mix": _quant_mix(tensors),
+            "tensor_bytes": sum(t["bytes"] for t in tensors),
+            "metadata": {k: _summarize(v, f.metadata_types[k]) for k, v in f.metadata.items()},
+        }
+    return doc
+
+
+def _hyperparameters(f: gguf.GGUFFile) -> dict[str, Any]:
+    try:
+        cfg = config_from_gguf(f)
+    except UnsupportedModel as e:
+        return {"hyperparameters": None, "unsupported": str(e)}
+    hp = {fld.name: getattr(cfg, fld.name) for fld in dataclasses.fields(cfg)
+          if fld.name not in ("arch", "tensors")}
+    return {"hyperparameters": hp, "unsupported": None}
+
+
+def _tokenizer(md: dict[str, Any]) -> dict[str, Any]:
+    tokens = md.get("tokenizer.ggml.tokens")
+    merges = md.get("tokenizer.ggml.merges")
+    return {
+        "model": md.get("tokenizer.ggml.model"),
+        "pre": md.get("tokenizer.ggml.pre"),
+        "vocab_size": len(tokens) if isinstance(tokens, list) else None,
+        "merges": len(merges) if isinstance(merges, list) else None,
+        "bos_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_id": md.get("tokenizer.ggml.eos_token_id"),
+        "chat_template": "tokenizer.chat_template" in md,
+    }
+
+
+def _quant_mix(tensors: list[dict]) -> dict[str, dict[str, int]]:
+    count, size = Counter(), Counter()
+    for t in tensors:
+        count[t["type"]] += 1
+        size[t["type"]] += t["bytes"]
+    order = sorted(count, key=lambda k: -size[k])
+    return {k: {"tensors": count[k], "bytes": size[k]} for k in order}
+
+
+def _summarize(value, spec):
+    """Metadata as shown: long arrays become '[N x TYPE]', long strings are cut."""
+    if isinstance(value, list):
+        if len(value) > MAX_SHOWN_ITEMS:
+            sub = spec[1]
+            inner = gguf.VALUE_TYPE_NAMES[sub] if isinstance(sub, int) else "ARRAY"
+            return f"[{len(value)} x {inner}]"
+        return [_summarize(v, (None, None)) for v in value]
+    if isinstance(value, str) and len(value) > MAX_SHOWN_CHARS:
+        return value[:MAX_SHOWN_CHARS] + f"... ({len(value)} chars)"
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Text output
+# ---------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    doc = report(args.model)
+    if args.json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(_text(doc)))
+    return 0
+
+
+def _text(doc: dict) -> list[str]:
+    lines = [f"file          {doc['path']}",
+             f"format        GGUF v{doc['gguf_version']}, alignment {doc['alignment']}, "
+             f"{len(doc['tensors'])} tensors, {len(doc['metadata'])} metadata keys",
+             f"architecture  {doc['architecture']}" + (f"  ({doc['name']})" if doc["name"] else ""),
+             ""]
+    lines += _text_hyperparameters(doc)
+    tok = doc["tokenizer"]
+    lines += ["", "tokenizer", f"  model {tok['model']}, pre {tok['pre']}, vocab {tok['vocab_size']}, "
+              f"merges {tok['merges']}, bos {tok['bos_id']}, eos {tok['eos_id']}, "
+              f"chat template {'yes' if tok['chat_template'] else 'no'}", ""]
+    lines += ["tensors"] + _text_tensors(doc["tensors"])
+    lines += ["", "quant mix"]
+    total = doc["tensor_bytes"] or 1
+    for tname, m in doc["quant_mix"].items():
+        lines.append(f"  {tname:<7} {m['tensors']:>5} tensors  {_size(m['bytes']):>10}  "
+                     f"{100 * m['bytes'] / total:5.1f}%")
+    lines += ["", f"total         {_size(doc['tensor_bytes'])} of tensors, "
+                  f"{_size(doc['file_bytes'])} file"]
+    return lines
+
+
+def _text_hyperparameters(doc: dict) -> list[str]:
+    hp = doc["hyperparameters"]
+    if hp is not None:
+        return ["hyper-parameters"] + [f"  {k:<16} {v:g}" if isinstance(v, float) else
+                                       f"  {k:<16} {v}" for k, v in hp.items()]
+    lines = [f"hyper-parameters: not read ({doc['unsupported']}); raw metadata:"]
+    for k, v in doc["metadata"].items():
+        if not k.startswith("tokenizer."):
+            lines.append(f"  {k:<40} {v}")
+    return lines
+
+
+def _text_tensors(tensors: list[dict]) -> list[str]:
+    rows = [(t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"])) for t in tensors]
+    head = ("NAME", "TYPE", "SHAPE", "BYTES")
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    return [f"  {a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in [head, *rows]]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

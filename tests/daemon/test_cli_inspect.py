@@ -1,0 +1,117 @@
+"""`ember inspect`: the report against the file it describes; bad files are one line and exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ember.daemon import cli
+from ember.formats import gguf
+from ember.formats.gguf import TensorData
+from tests.conftest import conformance_models, conformance_path
+
+
+def inspect_json(capsys, path) -> dict:
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", conformance_models() or ["(none)"])
+def test_json_report_matches_the_file(capsys, name):
+    path = conformance_path("models", name)
+    doc = inspect_json(capsys, path)
+    with gguf.open(path) as f:
+        md = f.metadata
+        assert doc["architecture"] == md["general.architecture"]
+        assert doc["gguf_version"] == f.version and doc["file_bytes"] == path.stat().st_size
+        assert [t["name"] for t in doc["tensors"]] == list(f.tensors)
+        for row in doc["tensors"]:
+            t = f.tensors[row["name"]]
+            assert (row["type"], tuple(row["shape"]), row["bytes"]) == (t.type, t.shape, t.nbytes)
+        assert doc["tensor_bytes"] == sum(t.nbytes for t in f.tensors.values())
+        assert doc["tensor_bytes"] <= doc["file_bytes"]
+        mix = {}
+        for t in f.tensors.values():
+            mix.setdefault(t.type, [0, 0])
+            mix[t.type][0] += 1
+            mix[t.type][1] += t.nbytes
+        assert {k: [v["tensors"], v["bytes"]] for k, v in doc["quant_mix"].items()} == mix
+        tok = doc["tokenizer"]
+        assert tok["vocab_size"] == len(md["tokenizer.ggml.tokens"])
+        assert tok["model"] == md["tokenizer.ggml.model"]
+        assert tok["pre"] == md.get("tokenizer.ggml.pre")
+        assert tok["bos_id"] == md.get("tokenizer.ggml.bos_token_id")
+        assert tok["eos_id"] == md.get("tokenizer.ggml.eos_token_id")
+        arch = md["general.architecture"]
+        hp = doc["hyperparameters"]
+        assert hp["n_layer"] == md[f"{arch}.block_count"]
+        assert hp["n_embd"] == md[f"{arch}.embedding_length"]
+        assert hp["n_vocab"] == f.tensors["token_embd.weight"].shape[0]
+        assert hp["tied_embeddings"] == ("output.weight" not in f.tensors)
+
+
+def test_text_report_of_a_mixed_model(capsys):
+    path = conformance_path("models", "s512-llama-Q4_K_M.gguf")
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture  llama" in out
+    assert "n_layer          2" in out and "n_head_kv        4" in out
+    assert "model llama, pre None, vocab 512" in out and "bos 1, eos 2" in out
+    for line in ("blk.1.ffn_down.weight     Q6_K  256x768  161280",
+                 "output_norm.weight        F32       256    1024"):
+        assert line in out
+    mix = out.split("quant mix")[1]
+    assert "Q4_K       13 tensors" in mix and "Q6_K        3 tensors" in mix and "F32         5" in mix
+
+
+def test_unsupported_architecture_shows_raw_metadata(tmp_path, capsys):
+    path = tmp_path / "gpt2.gguf"
+    md = {"general.architecture": "gpt2", "gpt2.block_count": 3, "gpt2.context_length": 1024,
+          "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "c"],
+          "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 2,
+          "long.array": list(range(100))}
+    gguf.write(path, md, {"token_embd.weight": np.zeros((3, 4), np.float32),
+                          "blk.0.w": TensorData("Q8_0", (2, 32), bytes(68))})
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture 'gpt2' is not supported" in out
+    assert "gpt2.block_count" in out and "gpt2.context_length" in out
+    assert "[100 x UINT32]" in out
+    assert "model gpt2, pre None, vocab 3" in out and "bos 0, eos 2" in out
+    doc = inspect_json(capsys, path)
+    assert doc["hyperparameters"] is None and doc["metadata"]["gpt2.block_count"] == 3
+    assert doc["quant_mix"] == {"Q8_0": {"tensors": 1, "bytes": 68}, "F32": {"tensors": 1, "bytes": 48}}
+
+
+def run_ember(*args):
+    return subprocess.run([sys.executable, "-m", "ember.daemon.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad magic", "huge count", "text file",
+                                    "missing", "directory"])
+def test_bad_file_is_one_line_and_exit_2(tmp_path, damage):
+    good = conformance_path("models", "stories260K.gguf").read_bytes()
+    path = tmp_path / "m.gguf"
+    if damage == "truncated":
+        path.write_bytes(good[:5000])
+    elif damage == "bad magic":
+        path.write_bytes(b"GGML" + good[4:])
+    elif damage == "huge count":
+        path.write_bytes(good[:8] + (2**64 - 1).to_bytes(8, "little") + good[16:])
+    elif damage == "text file":
+        path.write_text("hello, I am not a model\n" * 10)
+    elif damage == "directory":
+        path.mkdir()
+    for extra in ([], ["--json"]):
+        proc = run_ember("inspect", str(path), *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("ember inspect: ")
+        if damage not in ("missing", "directory"):
+            assert str(path) in lines[0] and "at byte" in lines[0]
