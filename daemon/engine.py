@@ -285,6 +285,7 @@ class Generation:
         self._stop_ids = set(params.stop_tokens)
         self._eog = (lambda t: False) if params.ignore_eos else tok.is_eog
         self._cached = 0                     # tokens of prompt+generated in the KV cache
+        self._pending: np.ndarray | None = None  # logits computed by resume(), not yet sampled
         self._cancel = threading.Event()
         self._text: list[str] = []
         self.result: Result | None = None
@@ -307,7 +308,7 @@ class Generation:
         """Rebuild the KV cache now (prompt + generated) instead of at the next step."""
         with self.model.lock:
             if self.state != "done" and not self._owns_cache():
-                self._reprefill()
+                self._pending = self._reprefill()
 
     @property
     def done(self) -> bool:
@@ -346,8 +347,11 @@ class Generation:
             self._t["start"] = t0
         self.state = "running"
         seq = self.prompt + self.generated
+        pending, self._pending = self._pending, None
         if not self._owns_cache():
             logits = self._reprefill()
+        elif pending is not None:  # resume() already rebuilt the cache
+            logits = pending
         else:  # exactly the last sampled token is not yet in the cache
             logits = self.model.runner.decode(seq[-1])
             self._cached += 1
