@@ -33,6 +33,7 @@ the stream decoder emitted.
 from __future__ import annotations
 
 import codecs
+import operator
 import os
 from typing import Iterable
 
@@ -55,7 +56,7 @@ class Tokenizer:
     def __init__(self, vocab: Vocab):
         self._v = vocab
         self._model = vocab.build_model()
-        self._pieces: dict[int, bytes] = {}
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})  # [special]
         self.n_vocab = len(vocab.tokens)
         self.bos_id = vocab.bos_id
         self.eos_id = vocab.eos_id
@@ -149,10 +150,11 @@ class Tokenizer:
 
     def token_to_piece(self, tid: int, special: bool = False) -> bytes:
         """The bytes this token stands for (b"" for control tokens unless `special`)."""
-        key = tid if special else ~tid
-        p = self._pieces.get(key)
-        if p is None:
-            p = self._pieces[key] = self._piece(self._check_id(tid), special)
+        cache = self._pieces[bool(special)]
+        p = cache.get(tid)
+        if p is None:  # an unknown id is validated here, so the cache holds only good ones
+            tid = self._check_id(tid)
+            p = cache[tid] = self._piece(tid, special)
         return p
 
     def decode(self, ids: Iterable[int], special: bool = False, strip_space_prefix: bool = True) -> str:
@@ -181,15 +183,14 @@ class Tokenizer:
         return self._v.tokens[self._check_id(tid)]
 
     def _strips_first(self, ids: list[int], special: bool) -> bool:
-        if not self._v.add_space_prefix or not ids:
-            return False
-        return self._check_id(ids[0]) is not None
+        # llama.cpp's detokenize passes lstrip=1 to the first token's piece only
+        return self._v.add_space_prefix and bool(ids)
 
     def _check_id(self, tid: int) -> int:
         if type(tid) is not int:
             try:
-                tid = int(tid)   # numpy integers
-            except (TypeError, ValueError):
+                tid = operator.index(tid)   # numpy integers; not str or float
+            except TypeError:
                 raise TokenizerError(f"token id {tid!r} is not an integer") from None
         if not 0 <= tid < self.n_vocab:
             raise TokenizerError(f"token id {tid} out of range 0..{self.n_vocab - 1}")

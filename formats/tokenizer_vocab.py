@@ -33,6 +33,7 @@ class TokenizerError(ValueError):
 
 MODELS = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "gemma4": "bpe"}
 MAX_TOKEN_BYTES = 4096      # longest real tokens are a few hundred bytes (runs of spaces)
+NO_TOKEN = (-1, 0xFFFFFFFF)  # "no such token" as converters store it (int32 -1 / uint32 max)
 
 # llama_token_attr bits
 ATTR_UNDEFINED, ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL, ATTR_CONTROL = 0, 1, 2, 4, 8
@@ -292,6 +293,8 @@ def _read_special_ids(v: Vocab, md: dict) -> None:
         given = _int_value(v, md, K + key)
         if given is None and attr in OLD_FIM_KEYS:
             given = _int_value(v, md, K + OLD_FIM_KEYS[attr])
+        if given in NO_TOKEN:
+            given = None  # converters write -1 for "none"; llama.cpp then keeps its default
         if given is not None:
             if not 0 <= given < n:
                 raise _err(v, f"{K}{key} = {given} is outside the vocabulary (0..{n - 1})")
