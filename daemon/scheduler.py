@@ -109,7 +109,8 @@ class Scheduler:
             if self.running is not None:
                 self.running.stop = "cancelled"
             self._wake.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # -- loop-side API --------------------------------------------------------
 

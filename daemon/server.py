@@ -198,14 +198,17 @@ class Server:
         return frames
 
     def _handle(self, owner: bytes, frames: list[bytes]) -> None:
+        req = None
         try:
             req = protocol.decode_request(frames, self.limits)
             self.handlers[req.op](owner, req)
         except ProtocolError as e:
-            self._send(owner, protocol.error(e.code, e.message, e.id))
+            rid = e.id if req is None else req.id
+            self._send(owner, protocol.error(e.code, e.message, rid))
         except Exception as e:  # noqa: BLE001 - the daemon keeps serving everyone else
             log.exception("request failed")
-            self._send(owner, protocol.error("internal", f"{type(e).__name__}: {e}"))
+            rid = None if req is None else req.id
+            self._send(owner, protocol.error("internal", f"{type(e).__name__}: {e}", rid))
 
     def _send(self, owner: bytes, msg: dict, frames: tuple = ()) -> bool:
         """Send one reply; False when the client is gone (or not reading)."""

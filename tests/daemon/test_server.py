@@ -1,0 +1,314 @@
+"""emberd end to end: a real daemon process, real sockets (loopback TCP and ipc), the real model.
+
+Must-show 1 (greedy over ZeroMQ equals in-process; tokens stream) and 4
+(faults: vanishing clients, cancel storms, foreign cancels, busy, deadlines,
+preemption) live here; hostile bytes are in test_hostile_wire.py.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ember.daemon.client import EmberError
+from tests.daemon.emberd_proc import emberd, greedy_local, model, model_path, start_emberd  # noqa: F401
+
+LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}   # ~0.4 s on stories260K
+
+
+def wait_idle(client, timeout: float = 20.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = client.status()
+        if st["current"] is None and not st["queue"]:
+            return st
+        time.sleep(0.01)
+    raise AssertionError(f"daemon still busy: {st}")
+
+
+def recent(client, rid) -> dict:
+    return next(r for r in reversed(client.status()["recent"]) if r["id"] == rid)
+
+
+# ---------------------------------------------------------------------------
+# Must-show 1: same text as in-process, streamed
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_greedy_over_zeromq_equals_in_process(emberd, model, transport):
+    prompt = "Once upon a time"
+    want = greedy_local(model, prompt, 48)
+    with emberd.client(getattr(emberd, transport)) as c:
+        with c.generate(prompt, max_tokens=48, temperature=0.0) as stream:
+            pieces = [t["text"] for t in stream]
+        assert "".join(pieces) == want == stream.done["text"]
+        assert stream.done["usage"]["completion_tokens"] == len(stream.done["tokens"])
+        done = c.complete(prompt, max_tokens=48, temperature=0.0)
+        assert done["text"] == want and done["stop"] in ("length", "eos")
+    assert len(want) > 20
+
+
+def test_first_token_arrives_before_the_last_is_computed(emberd):
+    with emberd.client() as c, emberd.client() as observer:
+        with c.generate("Once upon a time", **LONG) as stream:
+            first = next(stream)
+            t_first = time.monotonic()
+            st = observer.status()               # the daemon is still computing this request
+            rest = list(stream)
+        t_done = time.monotonic()
+    assert first["i"] == 0
+    assert st["current"] is not None and st["current"]["id"] == stream.id
+    assert st["current"]["tokens"] < LONG["max_tokens"]
+    assert len(rest) == LONG["max_tokens"] - 1
+    assert t_done - t_first > 0.05    # the stream spread over the decode, not one burst
+
+
+def test_seeded_sampling_matches_in_process(emberd, model):
+    params = dict(max_tokens=40, temperature=0.9, top_k=20, seed=1234)
+    local = None
+    for local in model.generate("The dog", **params):
+        pass
+    with emberd.client() as c:
+        assert c.complete("The dog", **params)["text"] == local.text
+
+
+def test_chat_and_token_prompts(emberd, model):
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    ids = model.prompt_tokens(msgs)
+    with emberd.client() as c:
+        chat = c.complete(messages=msgs, max_tokens=16, temperature=0.0)
+        by_ids = c.complete(tokens=ids, max_tokens=16, temperature=0.0)
+    assert chat["text"] == by_ids["text"] and chat["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_small_ops(emberd, model):
+    with emberd.client() as c:
+        hello = c.hello()
+        assert hello["version"] == 1 and hello["backend"] == "reference"
+        assert hello["limits"]["max_queue"] == 16 and hello["model"] == "stories260K.gguf"
+        assert c.ping() < 1.0
+        ids = c.tokenize("Once upon a time")
+        assert ids == model.tokenize("Once upon a time")
+        assert c.detokenize(ids) == model.detokenize(ids)
+        models = c.models()
+        assert models[0]["n_vocab"] == model.n_vocab and models[0]["loaded"]
+        health = c.health()
+        assert health["ok"] is True
+        st = c.status()
+        assert st["uptime_s"] > 0 and st["rss_bytes"] > 0 and st["queue_max"] == 16
+        with pytest.raises(EmberError) as e:
+            c.call("load", model="/etc/passwd")
+        assert e.value.code == "unauthorized"
+
+
+def test_health_while_busy_is_proved_by_progress(emberd):
+    with emberd.client() as c, emberd.client() as h:
+        with c.generate("Once upon a time", **LONG) as stream:
+            next(stream)
+            health = h.health()
+        assert health["ok"] is True and health["latency_ms"] < 1000
+
+
+def test_engine_refusals_are_typed(emberd):
+    with emberd.client() as c:
+        with pytest.raises(EmberError) as e:
+            c.complete("Once", max_tokens=4000)       # 2048-token context
+        assert e.value.code == "context_overflow"
+        with pytest.raises(EmberError) as e:
+            c.complete(tokens=[1, 600])               # vocabulary is 512
+        assert e.value.code == "bad_request"
+        with pytest.raises(EmberError) as e:
+            c.complete("")                            # no tokens to condition on
+        assert e.value.code == "bad_request"
+        assert c.complete("Once", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+# ---------------------------------------------------------------------------
+# Must-show 4: faults
+# ---------------------------------------------------------------------------
+
+def test_vanished_client_while_decoding_frees_the_engine(emberd):
+    with emberd.client() as obs:
+        c = emberd.client()
+        stream = c.generate("Once upon a time", **LONG)
+        for _ in range(3):
+            next(stream)
+        c.sock.close(linger=0)                        # vanish without cancelling
+        st = wait_idle(obs, timeout=5)
+        r = recent(obs, stream.id)
+    assert r["gone"] and r["stop"] == "cancelled"
+    assert r["tokens"] < LONG["max_tokens"] // 2, r
+    assert st["current"] is None
+
+
+def test_killed_client_process_frees_the_engine(emberd):
+    script = textwrap.dedent(f"""
+        from ember.daemon.client import Client
+        c = Client({emberd.tcp!r}, timeout=20)
+        s = c.generate("Once upon a time", max_tokens=400, ignore_eos=True, temperature=0.0)
+        next(s); print(s.id, flush=True)
+        import time; time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        rid = int(p.stdout.readline())
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(10)
+        p.stdout.close()
+    with emberd.client() as obs:
+        wait_idle(obs, timeout=5)
+        r = next(r for r in reversed(obs.status()["recent"]) if r["id"] == rid and r["gone"])
+    assert r["stop"] == "cancelled" and r["tokens"] < 400
+
+
+def test_vanished_client_while_queued_or_prefilling(emberd, model):
+    long_prompt = "Once upon a time " * 120         # ~600 tokens: a prefill that takes a while
+    with emberd.client() as busy, emberd.client() as obs:
+        blocker = busy.generate("Once upon a time", **LONG)
+        next(blocker)
+        queued = emberd.client()
+        rid_q = queued.send("generate", prompt="The cat", max_tokens=200, ignore_eos=True)
+        time.sleep(0.05)
+        assert obs.status()["queue_len"] == 1
+        queued.sock.close(linger=0)                   # vanish while queued
+        blocker.close()
+        wait_idle(obs)
+        r = recent(obs, rid_q)
+        assert r["gone"] and r["tokens"] <= 2, r      # dropped at its first event, within a token
+
+        pre = emberd.client()
+        rid_p = pre.send("generate", prompt=long_prompt, max_tokens=200, ignore_eos=True)
+        header, _ = pre.recv(rid_p)
+        assert header["op"] == "start"                # computing (prefill) has begun
+        pre.sock.close(linger=0)
+        wait_idle(obs)
+        r = recent(obs, rid_p)
+        assert r["gone"] and r["tokens"] <= 2, r
+
+
+def test_cancel_running_and_queued_and_storm(emberd):
+    with emberd.client() as c, emberd.client() as other:
+        s1 = c.generate("Once upon a time", **LONG)
+        next(s1)
+        rids = [c.send("generate", prompt="The cat", **LONG) for _ in range(5)]
+        for _ in range(200):                          # storm: repeated, unknown, and live ids
+            for rid in [s1.id, *rids, 10 ** 9]:
+                c.sock.send_multipart(_cancel_frames(rid))
+        assert other.ping() < 2.0                     # still serving others meanwhile
+        list(s1)
+        assert s1.done["stop"] == "cancelled"
+        assert s1.done["usage"]["completion_tokens"] < LONG["max_tokens"]
+        for rid in rids:
+            term = _terminal(c, rid)
+            assert (term["op"], term.get("code")) == ("error", "cancelled") or term.get("stop") == "cancelled"
+        wait_idle(other)
+
+
+def _cancel_frames(rid):
+    from ember.formats import protocol
+    return [protocol.pack({"v": 1, "op": "cancel", "id": f"c{rid}-{time.perf_counter_ns()}", "target": rid})]
+
+
+def _terminal(client, rid) -> dict:
+    while True:
+        header, _ = client.recv(rid)
+        if header["op"] in ("done", "error"):
+            return header
+
+
+def test_cancel_of_another_clients_request_is_refused(emberd):
+    with emberd.client() as a, emberd.client() as b:
+        s = a.generate("Once upon a time", max_tokens=150, ignore_eos=True, temperature=0.0)
+        next(s)
+        with pytest.raises(EmberError) as e:
+            b.cancel(s.id)
+        assert e.value.code == "unauthorized"
+        list(s)
+        assert s.done["stop"] == "length" and s.done["usage"]["completion_tokens"] == 150
+        assert b.cancel(12345)["found"] is False
+
+
+def test_full_queue_answers_busy_at_once(emberd):
+    with emberd.client() as c:
+        first = c.generate("Once upon a time", **LONG)
+        next(first)
+        queued = [c.send("generate", prompt="x", **LONG) for _ in range(16)]
+        t = time.monotonic()
+        with pytest.raises(EmberError) as e:
+            c.complete("x", max_tokens=1)
+        assert e.value.code == "busy" and time.monotonic() - t < 0.5
+        for rid in queued:
+            c.cancel(rid)
+            assert _terminal(c, rid)["code"] == "cancelled"
+        first.close()
+        wait_idle(c)
+
+
+def test_deadlines(emberd):
+    with emberd.client() as c:
+        with pytest.raises(EmberError) as e:
+            c.complete("Once", deadline=time.time() - 1)
+        assert e.value.code == "deadline_exceeded"
+        s = c.generate("Once upon a time", **LONG)
+        next(s)
+        with pytest.raises(EmberError) as e:          # expires while waiting behind s
+            c.complete("Once", max_tokens=4, deadline_ms=50)
+        assert e.value.code == "deadline_exceeded"
+        s.close()
+        done = c.complete("Once", deadline_ms=100, **LONG)   # expires mid-generation
+        assert done["stop"] == "deadline"
+        assert 0 < done["usage"]["completion_tokens"] < LONG["max_tokens"]
+
+
+def test_preemption_resumes_with_the_uninterrupted_text(emberd, model):
+    params = dict(max_tokens=200, ignore_eos=True, temperature=0.8, seed=7)
+    uninterrupted = None
+    for uninterrupted in model.generate("Once upon a time", **params):
+        pass
+    with emberd.client() as c:
+        low = c.generate("Once upon a time", priority=0, **params)
+        for _ in range(20):
+            next(low)
+        high = c.complete("The dog", priority=5, max_tokens=8, temperature=0.0)
+        rest = list(low)
+    assert high["stop"] in ("length", "eos")
+    assert low.done["preemptions"] >= 1
+    assert low.done["text"] == uninterrupted.text == low.text
+    assert low.done["tokens"].tolist() == uninterrupted.tokens
+    assert high["timings"]["total_ms"] < low.done["timings"]["total_ms"]
+    assert len(rest) == 180
+
+
+# ---------------------------------------------------------------------------
+# The emberd command itself
+# ---------------------------------------------------------------------------
+
+def test_emberd_bad_model_is_one_line(tmp_path):
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    for path in (bad, tmp_path / "missing.gguf"):
+        r = subprocess.run([sys.executable, "-m", "ember.daemon.emberd", "--model", str(path)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("emberd: ") and "Traceback" not in r.stderr
+
+
+def test_emberd_port_in_use_is_one_line(emberd):
+    r = subprocess.run([sys.executable, "-m", "ember.daemon.emberd", "--model", str(model_path()),
+                        "--backend", "reference", "--bind", emberd.tcp],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot bind" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_exits_cleanly():
+    d = start_emberd(ipc=False)
+    try:
+        with d.client() as c:
+            assert c.ping() < 1
+    finally:
+        assert d.stop() == 0
