@@ -286,3 +286,25 @@ def test_read_of_write_is_identity(tmp_path, kvs, tensors, version, align):
             got = f.tensors[name]
             assert (got.type, got.shape, bytes(got.data)) == (t.type, t.shape, t.data)
             assert got.offset % f.alignment == 0
+
+
+def test_numpy_dequantizes_to_shape():
+    with gguf.open(conformance_path("models", "stories260K-Q8_0.gguf")) as f:
+        for name in ("token_embd.weight", "blk.0.ffn_down.weight", "output_norm.weight"):
+            t = f.tensors[name]
+            x = t.numpy()
+            assert x.dtype == np.float32 and x.shape == t.shape and np.isfinite(x).all()
+    with gguf.open(conformance_path("models", "stories260K.gguf")) as f:
+        t = f.tensors["token_embd.weight"]
+        assert np.array_equal(t.numpy(), t.data.view(np.float32).reshape(t.shape))
+
+
+def test_errors_carry_path_field_and_offset(tmp_path):
+    p = tmp_path / "bad.gguf"
+    data = bytearray(gguf.encode({"a": 1}, {"w": np.zeros(8, np.float32)}))
+    data[4:8] = (7).to_bytes(4, "little")
+    p.write_bytes(bytes(data))
+    with pytest.raises(GGUFError) as e:
+        gguf.open(p)
+    assert (e.value.field, e.value.offset) == ("version", 4)
+    assert str(e.value).startswith(f"{p}: version at byte 4: GGUF version 7")
