@@ -11,6 +11,7 @@ import pytest
 from ember.daemon import cli
 from ember.daemon.commands.quantize import llama_order
 from ember.formats import gguf
+from tests.conftest import conformance_path
 
 # ember's target type -> the conformance file llama.cpp's quantizer made from s512-llama-F32
 PURE = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
@@ -18,7 +19,6 @@ PURE = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": 
 
 
 def model(name):
-    from tests.conftest import conformance_path
     return conformance_path("models", name)
 
 
