@@ -1,0 +1,36 @@
+"""`ember status`: what a running emberd is doing (model, queue, current request, counters)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ember.daemon.commands.generate import add_endpoint
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_endpoint(p, timeout=5.0)
+    p.add_argument("--json", action="store_true", help="print the raw status reply as JSON")
+
+
+def _lines(st: dict) -> list[str]:
+    cur = st["current"]
+    running = (f"{cur['id']!r} ({cur['tokens']} tokens, priority {cur['priority']})"
+               if cur else "idle")
+    return [
+        f"model      {st['model']} on {st['backend']}" + (f" ({st['isa']})" if st.get("isa") else ""),
+        f"uptime     {st['uptime_s']:.1f} s, RSS {st['rss_bytes'] / 2**20:.1f} MiB",
+        f"running    {running}",
+        f"queue      {st['queue_len']} / {st['queue_max']} waiting",
+        f"served     {st['requests_served']} requests, {st['tokens_served']} tokens",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ember.daemon.client import Client
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        st = client.status()
+    if args.json:
+        print(json.dumps({k: v for k, v in st.items() if k not in ("v", "op", "id")}, indent=2))
+    else:
+        print("\n".join(_lines(st)))
+    return 0
