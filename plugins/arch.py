@@ -57,6 +57,11 @@ class ModelConfig:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     tied_embeddings: bool = False  # no output.weight: logits use token_embd.weight
+    # Linear rope scaling (llama.cpp's freq_scale = 1 / rope.scaling.factor): the angle is
+    # freq_scale * pos * base^(-2i/rope_dim). 1.0 for almost every file; yarn / longrope
+    # are refused at load (see ROPE_SCALING_TYPES).
+    rope_freq_scale: float = 1.0
+    rope_freqs: bool = False       # rope_freqs.weight present: per-pair frequency divisors
     tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
 
     @property
@@ -66,6 +71,25 @@ class ModelConfig:
     def kv_cache_bytes(self, n_ctx: int, bytes_per_value: int = 2) -> int:
         """K and V for every layer: (2, n_layer, n_ctx, n_head_kv * head_dim)."""
         return 2 * self.n_layer * n_ctx * self.n_head_kv * self.head_dim * bytes_per_value
+
+
+# rope.scaling.type values ember computes exactly; llama.cpp's default is "linear"
+ROPE_SCALING_TYPES = ("none", "linear")
+
+
+def _rope_freq_scale(md: dict, p: str, tensors) -> float:
+    """Linear scaling only; anything that would silently change the angles is refused."""
+    kind = md.get(p + "rope.scaling.type", "linear")
+    if kind not in ROPE_SCALING_TYPES:
+        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported "
+                               f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
+    factors = [n for n in tensors if "rope_factors" in n]
+    if factors:
+        raise UnsupportedModel(f"long-context rope factors ({factors[0]!r}) are not supported")
+    factor = md.get(p + "rope.scaling.factor", md.get(p + "rope.scale_linear", 0.0))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+        raise UnsupportedModel(f"rope scaling factor {factor!r} must be a number >= 0")
+    return 1.0 if kind == "none" or factor in (0, 1) else 1.0 / float(factor)
 
 
 def _get(md: dict, key: str, kind: type, default=None):
@@ -117,6 +141,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         rope_base=_positive("rope.freq_base", _get(md, p + "rope.freq_base", float, 10000.0)),
         rope_dim=_positive("rope.dimension_count", _get(md, p + "rope.dimension_count", int, head_dim)),
         tied_embeddings="output.weight" not in f.tensors,
+        rope_freq_scale=_rope_freq_scale(md, p, f.tensors),
+        rope_freqs="rope_freqs.weight" in f.tensors,
         tensors={n: TensorEntry(n, t.type, t.shape, t.nbytes) for n, t in f.tensors.items()},
         **{"rope_style": "norm", **ARCH_SWITCHES[arch]},
     )

@@ -184,7 +184,7 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
     """cos, sin (n_ctx, rope_dim/2) for every position the cache can hold."""
     i = np.arange(c.rope_dim // 2, dtype=np.float64)
-    inv_freq = c.rope_base ** (-2.0 * i / c.rope_dim)          # (rope_dim/2,)
+    inv_freq = c.rope_freq_scale * c.rope_base ** (-2.0 * i / c.rope_dim)  # (rope_dim/2,)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.astype(np.float64)
     angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]

@@ -1,6 +1,7 @@
 """ModelConfig: the decoder's switches read from real files, and refusals that name the key."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ember.formats import gguf
@@ -58,6 +59,9 @@ def _variant(tmp_path, change: dict, drop_keys=(), drop_tensors=()):
     ({"llama.embedding_length": "64"}, (), "embedding_length"),
     ({"llama.rope.freq_base": -1.0}, (), "freq_base"),
     ({}, ("llama.block_count",), "block_count"),
+    ({"llama.rope.scaling.type": "yarn"}, (), "'yarn' is not supported"),
+    ({"llama.rope.scaling.type": "longrope"}, (), "'longrope' is not supported"),
+    ({"llama.rope.scaling.factor": "2"}, (), "scaling factor"),
 ])
 def test_refusals_name_the_problem(tmp_path, change, drop, match):
     f = _variant(tmp_path, change, drop_keys=drop)
@@ -81,3 +85,22 @@ def test_defaults_when_optional_keys_are_absent(tmp_path):
     assert (c.n_head_kv, c.rope_dim, c.rope_base, c.rms_eps) == (c.n_head, c.head_dim, 10000.0,
                                                                  1e-5)
     f.close()
+
+
+def test_linear_rope_scaling_and_rope_freqs(tmp_path):
+    f = _variant(tmp_path, {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+    assert config_from_gguf(f).rope_freq_scale == 0.25
+    f.close()
+    with gguf.open(conformance_path("models", "stories260K.gguf")) as f:
+        c = config_from_gguf(f)
+    assert c.rope_freq_scale == 1.0 and not c.rope_freqs
+
+
+def test_long_rope_factor_tensors_are_refused(tmp_path):
+    src = gguf.open(conformance_path("models", "stories260K.gguf"))
+    tensors = dict(src.tensors, **{"rope_factors_long.weight": np.ones(4, np.float32)})
+    gguf.write(tmp_path / "lr.gguf", src.metadata, tensors, types=src.metadata_types)
+    src.close()
+    with gguf.open(tmp_path / "lr.gguf") as f, pytest.raises(UnsupportedModel,
+                                                             match="rope_factors_long"):
+        config_from_gguf(f)
