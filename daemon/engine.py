@@ -223,6 +223,8 @@ class Model:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits float32 (len(tokens), n_vocab), from an empty cache."""
+        if self.runner is None:
+            raise EngineError("the model was closed")
         ids = self._check_ids(tokens)
         if not ids:
             raise EmptyPrompt("logits() needs at least one token")
@@ -254,10 +256,12 @@ class Model:
         yield gen.result
 
     def close(self) -> None:
+        """Free the runner and unmap the file; safe to call twice."""
         with self.lock:
-            if self.runner is not None:
-                self.runner.close()
-                self.runner = None
+            if self.runner is None:
+                return
+            self.runner.close()
+            self.runner, self.owner = None, None
             self.gguf.close()
 
     def __enter__(self) -> "Model":
@@ -324,6 +328,8 @@ class Generation:
             self._finish("cancelled")
             return None
         with self.model.lock:
+            if self.model.runner is None:
+                raise EngineError("the model was closed; this generation cannot continue")
             logits = self._next_logits()
             choice = self.sampler.sample(logits)
         self.sampler.accept(choice.id)

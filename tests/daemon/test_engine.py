@@ -241,6 +241,18 @@ def test_bad_load_arguments(kw, err):
         engine.load(conformance_path("models", STORIES), **kw)
 
 
+def test_closed_model_is_a_typed_error():
+    m = engine.load(conformance_path("models", STORIES), backend="reference", n_ctx=64)
+    gen = m.start("Once upon a time", max_tokens=5)
+    gen.step()
+    m.close()
+    m.close()
+    with pytest.raises(engine.EngineError, match="closed"):
+        gen.step()
+    with pytest.raises(engine.EngineError, match="closed"):
+        m.logits([1, 2])
+
+
 def test_unsupported_architecture_at_load(tmp_path):
     from ember.formats import gguf
     f = gguf.open(conformance_path("models", STORIES))
