@@ -60,6 +60,10 @@ def report(path: str) -> dict[str, Any]:
 
 
 def _hyperparameters(f: gguf.GGUFFile) -> dict[str, Any]:
+    arch = f.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        return {"hyperparameters": None,
+                "unsupported": f"general.architecture is {type(arch).__name__}, not a string"}
     try:
         cfg = config_from_gguf(f)
     except UnsupportedModel as e:
@@ -95,11 +99,12 @@ def _quant_mix(tensors: list[dict]) -> dict[str, dict[str, int]]:
 def _summarize(value, spec):
     """Metadata as shown: long arrays become '[N x TYPE]', long strings are cut."""
     if isinstance(value, list):
+        sub = spec[1]   # element type, or one spec per element for arrays of arrays
         if len(value) > MAX_SHOWN_ITEMS:
-            sub = spec[1]
             inner = gguf.VALUE_TYPE_NAMES[sub] if isinstance(sub, int) else "ARRAY"
             return f"[{len(value)} x {inner}]"
-        return [_summarize(v, (None, None)) for v in value]
+        specs = sub if isinstance(sub, tuple) else [(sub, None)] * len(value)
+        return [_summarize(v, s) for v, s in zip(value, specs)]
     if isinstance(value, str) and len(value) > MAX_SHOWN_CHARS:
         return value[:MAX_SHOWN_CHARS] + f"... ({len(value)} chars)"
     return value

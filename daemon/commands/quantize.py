@@ -55,12 +55,13 @@ KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d.weight",
 KEEP_NAMES = ("position_embd.weight", "token_types.weight")
 
 FLOAT_SOURCES = ("F32", "F16", "BF16")   # anything else is requantization
+INTEGER_TYPES = ("I8", "I16", "I32", "I64")  # data, not weights: never converted
 
 
 def target_type(t: gguf.GGUFTensor, wanted: str) -> str | None:
     """The type tensor t becomes, or None to copy it unchanged."""
     if (len(t.shape) < 2 or not t.name.endswith("weight") or t.name in KEEP_NAMES
-            or any(s in t.name for s in KEEP_SUBSTRINGS)):
+            or t.type in INTEGER_TYPES or any(s in t.name for s in KEEP_SUBSTRINGS)):
         return None
     row = t.shape[-1]
     new = wanted
@@ -148,7 +149,10 @@ def _lazy(t: gguf.GGUFTensor, new: str | None, bar: "Progress | None") -> gguf.T
             bar.step(t.name)
         if new is None:
             return t.data                              # the mapped bytes, unchanged
-        x = t.numpy()                                  # (..., row) float32; F32 is a view
+        try:
+            x = t.numpy()                              # (..., row) float32; F32 is a view
+        except quants.QuantError as e:
+            raise UserError(f"tensor {t.name!r}: cannot read {t.type} to convert it ({e})") from None
         return quants.quantize(new, x)                 # (..., row bytes) uint8
     return gguf.TensorData(new or t.type, t.shape, produce)
 

@@ -115,3 +115,51 @@ def test_bad_file_is_one_line_and_exit_2(tmp_path, damage):
         assert lines[0].startswith("ember inspect: ")
         if damage not in ("missing", "directory"):
             assert str(path) in lines[0] and "at byte" in lines[0]
+
+
+def tiny_llama(tmp_path):
+    """A small but complete llama file, so corruption reaches every part of the report."""
+    md = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": 1,
+          "llama.embedding_length": 32, "llama.feed_forward_length": 64,
+          "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+          "llama.context_length": 128, "llama.rope.freq_base": 10000.0,
+          "llama.attention.layer_norm_rms_epsilon": 1e-5,
+          "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a"],
+          "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0], "tokenizer.ggml.token_type": [2, 3, 3, 1],
+          "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    types = {"llama.rope.freq_base": gguf.FLOAT32, "llama.attention.layer_norm_rms_epsilon": gguf.FLOAT32,
+             "tokenizer.ggml.token_type": (gguf.ARRAY, gguf.INT32)}
+    z = np.zeros
+    tensors = {"token_embd.weight": z((4, 32), np.float32), "output_norm.weight": z(32, np.float32),
+               "blk.0.attn_q.weight": TensorData("Q8_0", (32, 32), bytes(32 * 34))}
+    path = tmp_path / "tiny.gguf"
+    gguf.write(path, md, tensors, types=types)
+    return path
+
+
+def test_random_corruption_never_escapes_as_a_traceback(tmp_path, capsys):
+    """Byte flips in the header region: inspect reports (exit 0) or refuses (exit 2), nothing else."""
+    good = tiny_llama(tmp_path).read_bytes()
+    with gguf.open(tmp_path / "tiny.gguf") as f:
+        header = f.data_offset
+    rng = np.random.default_rng(7)
+    bad = tmp_path / "bad.gguf"
+    codes = []
+    for i in range(300):
+        data = bytearray(good)
+        for at in rng.integers(0, header, rng.integers(1, 3)):
+            data[at] = rng.integers(0, 256)
+        bad.write_bytes(bytes(data))
+        codes.append(cli.main(["inspect", str(bad)] + (["--json"] if i % 2 else [])))
+        out, err = capsys.readouterr()
+        assert (codes[-1], bool(out)) in ((0, True), (2, False)), err
+        assert codes[-1] == 0 or len(err.strip().splitlines()) == 1
+    assert codes.count(2) > 30 and codes.count(0) > 30
+
+
+def test_nested_metadata_is_summarized(tmp_path, capsys):
+    path = tmp_path / "n.gguf"
+    gguf.write(path, {"general.architecture": "x", "nest": [[1, 2], list(range(20))]})
+    doc = inspect_json(capsys, path)
+    assert doc["metadata"]["nest"] == [[1, 2], "[20 x UINT32]"]
+    assert doc["unsupported"] and doc["tokenizer"]["vocab_size"] is None

@@ -6,11 +6,13 @@ import pty
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ember.daemon import cli
 from ember.daemon.commands.quantize import llama_order
 from ember.formats import gguf
+from ember.formats.gguf import TensorData
 from tests.conftest import conformance_path
 
 # ember's target type -> the conformance file llama.cpp's quantizer made from s512-llama-F32
@@ -136,3 +138,21 @@ def test_llama_order():
     names = ["blk.10.a", "blk.2.b", "output.weight", "blk.2.a", "token_embd.weight", "rope_freqs"]
     assert llama_order(names) == ["output.weight", "rope_freqs", "token_embd.weight",
                                   "blk.2.a", "blk.2.b", "blk.10.a"]
+
+
+def test_integer_tensors_are_copied_and_unreadable_types_refused(tmp_path, capsys):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    ids = np.arange(64, dtype=np.int32).reshape(2, 32)
+    w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    gguf.write(src, {"general.architecture": "llama"}, {"ids.weight": ids, "w.weight": w})
+    assert cli.main(["quantize", str(src), str(out), "Q8_0"]) == 0
+    with gguf.open(out) as f:
+        assert f.tensors["ids.weight"].type == "I32"
+        assert bytes(f.tensors["ids.weight"].data) == ids.tobytes()
+        assert f.tensors["w.weight"].type == "Q8_0"
+    capsys.readouterr()
+    gguf.write(src, {}, {"q81.weight": TensorData("Q8_1", (1, 32), bytes(36))})
+    assert cli.main(["quantize", str(src), str(tmp_path / "o2.gguf"), "Q4_0", "--allow-requantize"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read Q8_1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2.gguf").exists()
