@@ -87,9 +87,21 @@ const ember_ops *ember_ops_for(const char *isa);
 
 /* ---- thread pool ------------------------------------------------------------ */
 
+/* the spin-wait hint: lets the sibling hyperthread run and saves power */
+static inline void ember_cpu_relax(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* A fixed set of worker threads plus the caller. ember_pool_run runs fn(ctx, ith, nth)
- * on all nth threads (the caller is ith 0) and returns when all are done; inside fn,
- * ember_pool_barrier separates ops. Idle workers spin briefly, then sleep. */
+ * on all nth threads (the caller is ith 0) and returns when the CALLER is done: workers
+ * may still be finishing, and the next ember_pool_run (or ember_pool_wait) waits for
+ * them first, so fn must leave nothing for workers to do after the caller returns
+ * (forward.c waits on work counters). ember_pool_barrier is a classic all-thread
+ * barrier. Idle workers spin briefly, then sleep. */
 typedef struct ember_pool ember_pool;
 typedef void (*ember_pool_fn)(void *ctx, int ith, int nth);
 
@@ -97,6 +109,7 @@ ember_pool *ember_pool_new(int n_threads);   /* NULL on failure */
 void        ember_pool_free(ember_pool *p);
 int         ember_pool_size(const ember_pool *p);
 void        ember_pool_run(ember_pool *p, ember_pool_fn fn, void *ctx);
+void        ember_pool_wait(ember_pool *p);  /* until every worker left the last run */
 void        ember_pool_barrier(ember_pool *p);
 /* measured cost: seconds per (barrier) over n_ops ops in one run */
 double      ember_pool_bench_barrier(ember_pool *p, int64_t n_ops);

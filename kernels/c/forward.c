@@ -19,14 +19,18 @@
  * nothing. Longer prompts run in max_batch chunks.
  *
  * Threads: one pool run per chunk; every thread walks the same sequence of
- * stages, separated by barriers. Work inside a stage (matrix rows, (token,
- * head) pairs, token rows) is handed out in chunks from an atomic counter, so
- * a thread the OS preempts on a busy machine does not stall the others. Each
- * stage takes the next counter from a per-call array (all threads count
- * stages identically), which is zeroed before the run: no reset races.
+ * stages. Work inside a stage (matrix rows, (token, head) pairs, token rows)
+ * is handed out in chunks from an atomic counter, and a stage ends when all
+ * its items are FINISHED (a second counter), not when all threads arrive: on
+ * a busy machine a preempted thread's share is taken by the others and nobody
+ * waits for it (a barrier per op would cost a scheduler slice per op). Each
+ * stage uses the next counter pair of a per-run array (all threads count
+ * stages identically), zeroed before the run once the previous run's
+ * stragglers have left (ember_pool_wait): no reset races.
  */
 #define _POSIX_C_SOURCE 200112L  /* posix_memalign */
 #include <math.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +43,14 @@
 #define ACT_ALIGN 64
 
 /* ---- the model ------------------------------------------------------------------ */
+
+/* one stage's work: items claimed and items finished, on separate cache lines */
+typedef struct {
+    _Atomic int64_t claim;
+    char pad0[64 - sizeof(int64_t)];
+    _Atomic int64_t done;
+    char pad1[64 - sizeof(int64_t)];
+} stage_ctr;
 
 typedef struct {
     ember_mat m[EMBER_N_MATS];
@@ -64,7 +76,7 @@ struct ember_model {
     size_t xq_stride;
     float *scores;                    /* (n_threads, n_ctx) */
     float *last;                      /* (E) normed last row for the logits */
-    _Atomic int64_t *counters;        /* (n_stages) work counters of one run */
+    stage_ctr *stages;                /* (n_stages) work counters of one run */
     int64_t n_stages;
     /* the current chunk */
     const int32_t *tokens;
@@ -107,7 +119,7 @@ typedef struct {
 
 /* next chunk [*i0, *i1) of n items; 0 when the stage's items are exhausted */
 static int next_chunk(worker *w, int64_t stage, int64_t n, int64_t chunk, int64_t *i0, int64_t *i1) {
-    const int64_t c = atomic_fetch_add_explicit(&w->m->counters[stage], chunk, memory_order_relaxed);
+    const int64_t c = atomic_fetch_add_explicit(&w->m->stages[stage].claim, chunk, memory_order_relaxed);
     if (c >= n) return 0;
     *i0 = c;
     *i1 = c + chunk < n ? c + chunk : n;
@@ -116,7 +128,22 @@ static int next_chunk(worker *w, int64_t stage, int64_t n, int64_t chunk, int64_
 
 static int64_t take_stage(worker *w) { return w->stage++; }
 
-static void sync(worker *w) { ember_pool_barrier(w->m->pool); }
+/* record items [i0, i1) of a stage as finished (their results visible to acquirers) */
+static void chunk_done(worker *w, int64_t stage, int64_t i0, int64_t i1) {
+    atomic_fetch_add_explicit(&w->m->stages[stage].done, i1 - i0, memory_order_release);
+}
+
+/* Wait until all n items of the stage are finished. This replaces a barrier: a thread
+ * waits for the WORK, not for the other threads, so a thread the OS has descheduled
+ * between stages holds nobody up — its share is claimed by the others, and when it
+ * runs again it finds every chunk taken and falls through to the current stage. */
+static void stage_wait(worker *w, int64_t stage, int64_t n) {
+    _Atomic int64_t *done = &w->m->stages[stage].done;
+    for (int i = 1; atomic_load_explicit(done, memory_order_acquire) < n; i++) {
+        ember_cpu_relax();
+        if ((i & 4095) == 0) sched_yield();
+    }
+}
 
 /* ---- stages ----------------------------------------------------------------------------- */
 
@@ -126,7 +153,11 @@ typedef void (*row_fn)(ember_model *m, const void *arg, int64_t b);
 static void for_rows(worker *w, int64_t nb, row_fn fn, const void *arg) {
     const int64_t st = take_stage(w);
     int64_t b0, b1;
-    while (next_chunk(w, st, nb, 1, &b0, &b1)) fn(w->m, arg, b0);
+    while (next_chunk(w, st, nb, 1, &b0, &b1)) {
+        fn(w->m, arg, b0);
+        chunk_done(w, st, b0, b1);
+    }
+    stage_wait(w, st, nb);
 }
 
 /* quantize rows of src (B, ld) for wtype into xq, one row per token */
@@ -166,6 +197,7 @@ static void matmul_group(worker *w, int64_t nb, const mm_target *t, int n_t, int
     chunk = row_chunk(total, w->nth, nb);
     int64_t g0, g1;
     while (next_chunk(w, st, total, chunk, &g0, &g1)) {
+        const int64_t c0 = g0, c1 = g1;
         int64_t base = 0;  /* split the global range over the matrices it spans */
         for (int i = 0; i < n_t && g0 < g1; i++) {
             const int64_t rows = t[i].w->rows;
@@ -176,7 +208,9 @@ static void matmul_group(worker *w, int64_t nb, const mm_target *t, int n_t, int
             }
             base += rows;
         }
+        chunk_done(w, st, c0, c1);
     }
+    stage_wait(w, st, total);
 }
 
 /* quantize src once per activation format, then every matrix of that format */
@@ -187,7 +221,6 @@ static void project(worker *w, const float *src, int64_t ld, int64_t nb, const m
         const int act = ember_act_type(t[i].w->type);
         quant_arg qa = { t[i].w->type, src, ld, t[i].w->cols };
         for_rows(w, nb, quant_row, &qa);
-        sync(w);
         mm_target same[4];
         int n_same = 0;
         for (int j = i; j < n_t; j++)
@@ -196,7 +229,6 @@ static void project(worker *w, const float *src, int64_t ld, int64_t nb, const m
                 done |= 1 << j;
             }
         matmul_group(w, nb, same, n_same, ldy);
-        sync(w);
     }
 }
 
@@ -252,10 +284,13 @@ static void attend(worker *w, int64_t layer) {
     float *scores = m->scores + (int64_t)w->ith * hp->n_ctx;
     const float scale = 1.0f / sqrtf((float)hp->head_dim);
     int64_t i0, i1;
-    while (next_chunk(w, st, n_items, 1, &i0, &i1))
+    while (next_chunk(w, st, n_items, 1, &i0, &i1)) {
         m->ops->attention(m->qkv, m->qkv_dim, m->k_cache + base, m->v_cache + base, m->kv_dim,
                           m->pos0, hp->n_head, hp->n_head_kv, hp->head_dim, scale,
                           m->att, m->q_dim, scores, i0, i1);
+        chunk_done(w, st, i0, i1);
+    }
+    stage_wait(w, st, n_items);
 }
 
 static void attention_block(worker *w, int64_t l) {
@@ -263,7 +298,6 @@ static void attention_block(worker *w, int64_t l) {
     const layer_t *L = &m->layers[l];
     norm_arg na = { L->v[EMBER_V_ATTN_NORM], l > 0 };
     for_rows(w, m->n_tok, residual_norm_row, &na);
-    sync(w);
     if (m->hp.fused_qkv) {
         mm_target t[1] = { { &L->m[EMBER_M_QKV], m->qkv } };
         project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->qkv_dim);
@@ -274,9 +308,7 @@ static void attention_block(worker *w, int64_t l) {
     }
     qkv_arg qa = { L, l };
     for_rows(w, m->n_tok, qkv_post_row, &qa);
-    sync(w);
     attend(w, l);
-    sync(w);
     mm_target o[1] = { { &L->m[EMBER_M_O], m->xn } };
     project(w, m->att, m->q_dim, m->n_tok, o, 1, m->hp.n_embd);
 }
@@ -295,7 +327,6 @@ static void ffn_block(worker *w, int64_t l) {
     const int64_t F = m->hp.n_ff;
     norm_arg na = { L->v[EMBER_V_FFN_NORM], 1 };
     for_rows(w, m->n_tok, residual_norm_row, &na);
-    sync(w);
     if (m->hp.fused_gate_up) {  /* phi3: ffn_up holds gate | up */
         mm_target t[1] = { { &L->m[EMBER_M_GATE_UP], m->ffn } };
         project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, 2 * F);
@@ -304,7 +335,6 @@ static void ffn_block(worker *w, int64_t l) {
         project(w, m->xn, m->hp.n_embd, m->n_tok, t, 2, 2 * F);
     }
     for_rows(w, m->n_tok, swiglu_row, NULL);
-    sync(w);
     mm_target d[1] = { { &L->m[EMBER_M_DOWN], m->xn } };
     project(w, m->ffn, 2 * F, m->n_tok, d, 1, m->hp.n_embd);
 }
@@ -323,7 +353,6 @@ static void final_norm_row(ember_model *m, const void *arg, int64_t b) {
 static void logits_stage(worker *w) {
     ember_model *m = w->m;
     for_rows(w, m->n_tok, final_norm_row, NULL);
-    sync(w);
     if (!m->logits) return;
     mm_target t[1] = { { &m->top.m[EMBER_M_OUTPUT], m->logits } };
     if (m->all_logits)
@@ -337,7 +366,6 @@ static void logits_stage(worker *w) {
 static void forward_worker(void *ctx, int ith, int nth) {
     worker w = { ctx, ith, nth, 0 };
     for_rows(&w, w.m->n_tok, embed_row, NULL);
-    sync(&w);
     for (int64_t l = 0; l < w.m->hp.n_layer; l++) {
         attention_block(&w, l);
         ffn_block(&w, l);
@@ -351,7 +379,11 @@ static void run_chunk(ember_model *m, const int32_t *tokens, int64_t n, int64_t 
     m->pos0 = pos0;
     m->logits = logits;
     m->all_logits = all;
-    for (int64_t i = 0; i < m->n_stages; i++) atomic_store_explicit(&m->counters[i], 0, memory_order_relaxed);
+    ember_pool_wait(m->pool);  /* a late worker may still be walking the previous run's stages */
+    for (int64_t i = 0; i < m->n_stages; i++) {
+        atomic_store_explicit(&m->stages[i].claim, 0, memory_order_relaxed);
+        atomic_store_explicit(&m->stages[i].done, 0, memory_order_relaxed);
+    }
     ember_pool_run(m->pool, forward_worker, m);
 }
 
@@ -381,8 +413,8 @@ ember_model *ember_model_new(const ember_hparams *hp, const float *rope_cs, int 
     m->k_cache = zalloc(kv * sizeof(uint16_t));
     m->v_cache = zalloc(kv * sizeof(uint16_t));
     m->n_stages = (hp->n_layer + 1) * MAX_STAGES_PER_LAYER;
-    m->counters = zalloc((size_t)m->n_stages * sizeof(*m->counters));
-    if (!m->layers || !m->pool || !m->k_cache || !m->v_cache || !m->counters) {
+    m->stages = zalloc((size_t)m->n_stages * sizeof(stage_ctr));
+    if (!m->layers || !m->pool || !m->k_cache || !m->v_cache || !m->stages) {
         ember_model_free(m);
         return NULL;
     }
@@ -425,7 +457,7 @@ size_t ember_model_scratch_bytes(const ember_model *m) {
     const size_t B = (size_t)hp->max_batch;
     return B * sizeof(float) * (2 * hp->n_embd + m->qkv_dim + m->q_dim + 2 * hp->n_ff)
          + B * m->xq_stride + (size_t)ember_pool_size(m->pool) * hp->n_ctx * sizeof(float)
-         + hp->n_embd * sizeof(float) + (size_t)m->n_stages * sizeof(*m->counters);
+         + hp->n_embd * sizeof(float) + (size_t)m->n_stages * sizeof(stage_ctr);
 }
 
 const char *ember_model_ops_name(const ember_model *m) { return m->ops->name; }
@@ -436,7 +468,7 @@ void ember_model_free(ember_model *m) {
     if (!m) return;
     ember_pool_free(m->pool);
     free(m->layers);
-    free(m->k_cache); free(m->v_cache); free(m->counters);
+    free(m->k_cache); free(m->v_cache); free(m->stages);
     free(m->x); free(m->xn); free(m->qkv); free(m->att); free(m->ffn);
     free(m->xq); free(m->scores); free(m->last);
     free(m);

@@ -46,6 +46,7 @@ struct ember_pool {
     pthread_cond_t cv;
     int n_sleeping;                 /* guarded by mu */
     int stop;                       /* guarded by mu */
+    int ran;                        /* a run was started (its workers may be finishing) */
 };
 
 typedef struct { ember_pool *p; int ith; } worker_arg;
@@ -139,8 +140,18 @@ void ember_pool_free(ember_pool *p) {
 
 int ember_pool_size(const ember_pool *p) { return p->n; }
 
+void ember_pool_wait(ember_pool *p) {
+    if (!p->ran) return;
+    for (int i = 1; atomic_load_explicit(&p->n_done, memory_order_acquire) != p->n - 1; i++) {
+        CPU_RELAX();
+        if ((i & (YIELD_AFTER - 1)) == 0) sched_yield();
+    }
+}
+
 void ember_pool_run(ember_pool *p, ember_pool_fn fn, void *ctx) {
     if (p->n == 1) { fn(ctx, 0, 1); return; }
+    ember_pool_wait(p);
+    p->ran = 1;
     p->fn = fn;
     p->ctx = ctx;
     atomic_store_explicit(&p->n_done, 0, memory_order_relaxed);
@@ -149,10 +160,6 @@ void ember_pool_run(ember_pool *p, ember_pool_fn fn, void *ctx) {
     if (p->n_sleeping) pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     fn(ctx, 0, p->n);
-    for (int i = 1; atomic_load_explicit(&p->n_done, memory_order_acquire) != p->n - 1; i++) {
-        CPU_RELAX();
-        if ((i & (YIELD_AFTER - 1)) == 0) sched_yield();
-    }
 }
 
 void ember_pool_barrier(ember_pool *p) {
@@ -185,11 +192,13 @@ double ember_pool_bench_barrier(ember_pool *p, int64_t n_ops) {
     bench_ctx b = { p, n_ops };
     const int64_t t0 = now_ns();
     ember_pool_run(p, bench_barriers, &b);
+    ember_pool_wait(p);
     return (double)(now_ns() - t0) * 1e-9 / (double)(n_ops > 0 ? n_ops : 1);
 }
 
 double ember_pool_bench_run(ember_pool *p, int64_t n_runs) {
     const int64_t t0 = now_ns();
     for (int64_t i = 0; i < n_runs; i++) ember_pool_run(p, bench_nothing, NULL);
+    ember_pool_wait(p);
     return (double)(now_ns() - t0) * 1e-9 / (double)(n_runs > 0 ? n_runs : 1);
 }

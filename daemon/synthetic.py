@@ -1,0 +1,233 @@
+"""Random-weight models of real shapes, to measure a board before downloading one.
+
+Design: `write_model(shape, quant, path)` writes a GGUF file that llama.cpp
+and ember both load — the real architecture, sizes and quant mix of a known
+model (TinyLlama-1.1B, Qwen2-0.5B), random weights, and a small but valid
+SentencePiece ("llama") vocabulary of the model's vocab size. It uses only
+ember's own writer (ember.formats.gguf.write) and quantizer
+(ember.formats.quants.quantize), and generates tensor by tensor through the
+writer's callables, so at most one float32 tensor exists at a time.
+
+The quant mixes follow llama.cpp's llama_tensor_get_type: "Q4_0"/"Q8_0"
+are pure (every matrix that type); "Q4_K_M" is Q4_K with Q6_K for the output
+matrix (token_embd when tied) and for attn_v / ffn_down of the layers where
+use_more_bits(i, n) holds, and the K-quant fallbacks (Q4_K -> Q5_0,
+Q6_K -> Q8_0) for rows not a multiple of 256.
+
+Run as a module to write one file (``python -m ember.daemon.synthetic SHAPE
+QUANT PATH``): `ember bench --synthetic` does so in a child process so that
+generating the model does not count in the benchmark's peak RSS.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ember.formats import gguf, quants
+
+
+class SyntheticError(ValueError):
+    """Unknown shape or quant mix."""
+
+    user_error = True
+
+
+# ---------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    rope_base: float
+    rms_eps: float
+    qkv_bias: bool = False
+    tied: bool = False
+
+
+SHAPES: dict[str, Shape] = {
+    # TinyLlama-1.1B-Chat-v1.0
+    "tinyllama-1.1b": Shape("llama", 2048, 22, 32, 4, 5632, 32000, 2048, 10000.0, 1e-5),
+    # Qwen2-0.5B: q/k/v biases, tied embeddings, rope base 1e6
+    "qwen2-0.5b": Shape("qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0, 1e-6,
+                        qkv_bias=True, tied=True),
+    # small enough for tests: seconds to write, milliseconds per token
+    "llama-tiny": Shape("llama", 256, 2, 8, 4, 768, 1024, 512, 10000.0, 1e-5),
+}
+QUANTS = ("Q4_0", "Q8_0", "Q4_K_M")
+FILE_TYPE = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}   # llama_ftype ids (general.file_type)
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # rows not a multiple of 256
+
+
+def get_shape(name: str) -> Shape:
+    if name not in SHAPES:
+        raise SyntheticError(f"unknown synthetic shape {name!r} (known: {', '.join(SHAPES)})")
+    return SHAPES[name]
+
+
+# ---------------------------------------------------------------------------
+# The quant mix
+# ---------------------------------------------------------------------------
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: first and last eighth, and every third layer between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(quant: str, name: str, layer: int | None, s: Shape, cols: int) -> str:
+    """GGML type of one weight matrix under the mix `quant`."""
+    if quant not in QUANTS:
+        raise SyntheticError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
+    if quant != "Q4_K_M":
+        t = quant
+    elif name == "output.weight" or (s.tied and name == "token_embd.weight"):
+        t = "Q6_K"
+    elif layer is not None and name.endswith(("attn_v.weight", "ffn_down.weight")) \
+            and _more_bits(layer, s.n_layer):
+        t = "Q6_K"
+    else:
+        t = "Q4_K"
+    block = quants.BLOCKS[t][0]
+    return FALLBACK.get(t, "Q8_0") if cols % block else t
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------
+
+def tensor_shapes(s: Shape) -> list[tuple[str, tuple[int, ...], int | None]]:
+    """(name, numpy shape, layer) for every tensor, in file order."""
+    hd = s.n_embd // s.n_head
+    q, kv, d = s.n_head * hd, s.n_head_kv * hd, s.n_embd
+    out = [("token_embd.weight", (s.n_vocab, d), None)]
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (d,), i), (p + "attn_q.weight", (q, d), i),
+                (p + "attn_k.weight", (kv, d), i), (p + "attn_v.weight", (kv, d), i)]
+        if s.qkv_bias:
+            out += [(p + "attn_q.bias", (q,), i), (p + "attn_k.bias", (kv,), i),
+                    (p + "attn_v.bias", (kv,), i)]
+        out += [(p + "attn_output.weight", (d, q), i), (p + "ffn_norm.weight", (d,), i),
+                (p + "ffn_gate.weight", (s.n_ff, d), i), (p + "ffn_up.weight", (s.n_ff, d), i),
+                (p + "ffn_down.weight", (d, s.n_ff), i)]
+    out.append(("output_norm.weight", (d,), None))
+    if not s.tied:
+        out.append(("output.weight", (s.n_vocab, d), None))
+    return out
+
+
+def _generator(name: str, shape: tuple[int, ...], ttype: str, seed: int):
+    """A callable the writer runs when it reaches the tensor: one float32 tensor at a time."""
+    def make():
+        rng = np.random.default_rng(seed)
+        if len(shape) == 1:   # norms near 1 keep activations in range; biases small
+            base = 0.0 if name.endswith(".bias") else 1.0
+            return (base + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        rows_per = max(1, (1 << 22) // shape[1])   # quantize ~16 MB of float32 at a time
+        parts = [quants.quantize(ttype, 0.02 * rng.standard_normal((min(rows_per, shape[0] - r), shape[1]),
+                                                                   dtype=np.float32))
+                 for r in range(0, shape[0], rows_per)]
+        return np.concatenate(parts, axis=0)
+    return make
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary and metadata
+# ---------------------------------------------------------------------------
+
+def spm_vocab(n_vocab: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A valid llama SentencePiece vocabulary: <unk> <s> </s>, 256 byte pieces, then
+    distinct word pieces. -> (tokens, scores float32, token_type int32)"""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256          # UNKNOWN, CONTROL, BYTE
+    alphabet = string.ascii_lowercase + string.ascii_uppercase + string.digits
+    need = n_vocab - len(tokens)
+    pieces = []
+    for length in itertools.count(1):
+        for combo in itertools.product(alphabet, repeat=length):
+            w = "".join(combo)
+            pieces += ["\u2581" + w, w]     # "▁word" (word start) and "word"
+            if len(pieces) >= need:
+                break
+        if len(pieces) >= need:
+            break
+    tokens += pieces[:need]
+    types += [1] * need                     # NORMAL
+    scores = np.zeros(n_vocab, dtype=np.float32)
+    scores[259:] = -np.arange(need, dtype=np.float32)   # earlier pieces merge first
+    return tokens, scores, np.array(types, dtype=np.int32)
+
+
+def metadata(shape_name: str, s: Shape, quant: str) -> dict:
+    a = s.arch
+    tokens, scores, types = spm_vocab(s.n_vocab)
+    return {
+        "general.architecture": a, "general.name": f"synthetic-{shape_name}-{quant}",
+        "general.file_type": np.uint32(FILE_TYPE[quant]), "general.quantization_version": np.uint32(2),
+        f"{a}.context_length": np.uint32(s.n_ctx_train), f"{a}.embedding_length": np.uint32(s.n_embd),
+        f"{a}.block_count": np.uint32(s.n_layer), f"{a}.feed_forward_length": np.uint32(s.n_ff),
+        f"{a}.attention.head_count": np.uint32(s.n_head),
+        f"{a}.attention.head_count_kv": np.uint32(s.n_head_kv),
+        f"{a}.attention.layer_norm_rms_epsilon": np.float32(s.rms_eps),
+        f"{a}.rope.freq_base": np.float32(s.rope_base),
+        f"{a}.rope.dimension_count": np.uint32(s.n_embd // s.n_head),
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": np.uint32(1), "tokenizer.ggml.eos_token_id": np.uint32(2),
+        "tokenizer.ggml.unknown_token_id": np.uint32(0),
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+def write_model(shape_name: str, quant: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    s = get_shape(shape_name)
+    tensors = []
+    for k, (name, shape, layer) in enumerate(tensor_shapes(s)):
+        ttype = "F32" if len(shape) == 1 else tensor_type(quant, name, layer, s, shape[1])
+        tensors.append((name, gguf.TensorData(ttype, shape, _generator(name, shape, ttype, seed + k))))
+    gguf.write(path, metadata(shape_name, s, quant), tensors)
+    return Path(path)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EMBER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ember")
+    return Path(base) / "synthetic"
+
+
+def cached_model(shape_name: str, quant: str) -> Path:
+    """Where the synthetic model lives in the cache (it may not exist yet)."""
+    get_shape(shape_name)
+    if quant not in QUANTS:
+        raise SyntheticError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
+    return cache_dir() / f"{shape_name}-{quant}.gguf"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m ember.daemon.synthetic SHAPE QUANT PATH", file=sys.stderr)
+        return 2
+    Path(argv[2]).parent.mkdir(parents=True, exist_ok=True)
+    write_model(argv[0], argv[1], argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
