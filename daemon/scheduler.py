@@ -261,7 +261,8 @@ class Scheduler:
         if job.t_first is None:
             job.t_first = time.monotonic()
         job.n_tokens += 1
-        self.post("token", job, event)
+        # the index travels with the event: the loop reads it later, when n_tokens has moved on
+        self.post("token", job, (job.n_tokens - 1, event))
 
     def _suspend(self, job: Job) -> None:
         job.gen.suspend()

@@ -259,10 +259,11 @@ class Server:
             "start", job.rid, queue_ms=_ms(job.t_start - job.t_arrival)))
         self._delivered(job, ok)
 
-    def _ev_token(self, job: Job, ev) -> None:
+    def _ev_token(self, job: Job, payload) -> None:
         if job.probe or not job.stream:
             return
-        msg = protocol.reply("token", job.rid, i=job.n_tokens - 1, token=int(ev.id), text=ev.text)
+        i, ev = payload
+        msg = protocol.reply("token", job.rid, i=i, token=int(ev.id), text=ev.text)
         if ev.logprob is not None:
             msg["logprob"] = float(ev.logprob)
         if ev.top_logprobs:

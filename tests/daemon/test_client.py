@@ -3,12 +3,15 @@ against a real emberd over loopback and ipc."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +167,53 @@ def test_ember_status_and_ping(emberd):
 def test_endpoint_from_environment(emberd):
     r = ember("ping", env={**os.environ, "EMBER_ENDPOINT": emberd.tcp})
     assert r.returncode == 0 and emberd.tcp in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# a second language: the Node.js client in tests/daemon/node (must-show 5)
+# ---------------------------------------------------------------------------
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def _node_workdir() -> Path:
+    """A cached copy of tests/daemon/node with its npm packages installed (`npm ci`)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node/npm not installed (.ci/run installs them)")
+    lock = (NODE_DIR / "package-lock.json").read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    work = cache / "ember-tests" / f"node-{hashlib.sha256(lock).hexdigest()[:16]}"
+    work.mkdir(parents=True, exist_ok=True)
+    for f in NODE_DIR.iterdir():
+        if f.is_file():
+            shutil.copy2(f, work / f.name)
+    if not (work / "node_modules" / "zeromq").is_dir():
+        r = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=work, capture_output=True,
+                           text=True, timeout=600)
+        offline = any(s in r.stderr for s in ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT"))
+        if r.returncode and offline and not os.environ.get("EMBER_REQUIRE_NODE"):
+            pytest.skip(f"npm ci could not reach the registry: {r.stderr.strip().splitlines()[-1]}")
+        assert r.returncode == 0, r.stderr
+    return work
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_node_client_streams_a_generation(emberd, model, transport):
+    work = _node_workdir()
+    r = subprocess.run(["node", "stream.mjs", getattr(emberd, transport), "Once upon a time", "40"],
+                       cwd=work, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "hello" and events[0]["version"] == 1
+    tokens = [e for e in events if e["event"] == "token"]
+    done = next(e for e in events if e["event"] == "done")
+    want = greedy_local(model, "Once upon a time", 40)
+    assert "".join(t["text"] for t in tokens) == done["text"] == want
+    assert [t["i"] for t in tokens] == list(range(len(tokens))) and len(tokens) == 40
+    assert tokens[0]["t_ms"] < done["t_ms"]             # streamed, not delivered in one burst
+    assert next(e for e in events if e["event"] == "tokenize")["ids"] == model.tokenize("Once upon a time")
+    assert next(e for e in events if e["event"] == "detokenize")["text"] == "Once upon a time"
+    assert next(e for e in events if e["event"] == "error")["code"] == "bad_request"
+    assert kinds[-1] == "ping"

@@ -65,6 +65,7 @@ def test_first_token_arrives_before_the_last_is_computed(emberd):
     assert st["current"] is not None and st["current"]["id"] == stream.id
     assert st["current"]["tokens"] < LONG["max_tokens"]
     assert len(rest) == LONG["max_tokens"] - 1
+    assert [t["i"] for t in rest] == list(range(1, LONG["max_tokens"]))
     assert t_done - t_first > 0.05    # the stream spread over the decode, not one burst
 
 
