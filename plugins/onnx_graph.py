@@ -43,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ember.plugins.arch import ModelConfig, UnsupportedModel
 
-BUILDER_VERSION = 1      # bump when the graph changes: it is part of the cache key
+BUILDER_VERSION = 2      # bump when the graph changes: it is part of the cache key
 OPSET = 17
 NBITS_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
@@ -169,15 +169,36 @@ class _Builder:
 
     def linear(self, x: str, name: str, n: int, k: int) -> str:
         """x (T, k) @ W^T for W = tensor `name` (n, k) -> (T, n)"""
-        t = self.tensor(name, (n, k))
-        q = encode_nbits(t)
-        if q is None:   # dequantized once; Gemm transB keeps the (n, k) rows as stored
-            return self.g.op("Gemm", x, self.g.init(name, dense(t)), transB=1)
-        ins = [x, self.g.init(name + ".q", q.packed), self.g.init(name + ".scales", q.scales)]
-        if q.zero_points is not None:
-            ins.append(self.g.init(name + ".zp", q.zero_points))
-        return self.g.op("MatMulNBits", *ins, domain="com.microsoft", K=k, N=n, bits=q.bits,
-                         block_size=32, accuracy_level=self.acc)
+        return self.linear_fused(x, [name], [n], k)[0]
+
+    def linear_fused(self, x: str, names: list[str], ns: list[int], k: int) -> list[str]:
+        """x (T, k) @ W_i^T for several (n_i, k) weights of one input -> [(T, n_i)].
+
+        Weights of the same encoding are stacked along N into one operator (q|k|v,
+        gate|up): one op instead of three keeps all threads busy on the narrow k/v
+        projections of GQA models. Mixed encodings fall back to one op each.
+        """
+        ts = [self.tensor(nm, (n, k)) for nm, n in zip(names, ns)]
+        qs = [encode_nbits(t) for t in ts]
+        kinds = {None if q is None else (q.bits, q.zero_points is None) for q in qs}
+        if len(kinds) > 1:
+            return [self.linear_fused(x, [nm], [n], k)[0] for nm, n in zip(names, ns)]
+        tag = names[0] if len(names) == 1 else "+".join(names)
+        if qs[0] is None:     # dequantized once; Gemm transB keeps the (n, k) rows as stored
+            w = np.concatenate([dense(t) for t in ts]) if len(ts) > 1 else dense(ts[0])
+            y = self.g.op("Gemm", x, self.g.init(tag, w), transB=1)
+        else:
+            zp = None if qs[0].zero_points is None else np.concatenate([q.zero_points for q in qs])
+            q = NBits(qs[0].bits, np.concatenate([q.packed for q in qs]),
+                      np.concatenate([q.scales for q in qs]), zp)
+            ins = [x, self.g.init(tag + ".q", q.packed), self.g.init(tag + ".scales", q.scales)]
+            if q.zero_points is not None:
+                ins.append(self.g.init(tag + ".zp", q.zero_points))
+            y = self.g.op("MatMulNBits", *ins, domain="com.microsoft", K=k, N=sum(ns),
+                          bits=q.bits, block_size=32, accuracy_level=self.acc)
+        if len(ns) == 1:
+            return [y]
+        return self.g.op("Split", y, self.g.const(ns), axis=-1, outputs=len(ns))
 
     def rmsnorm(self, x: str, w: str) -> str:
         """x (..., n) / sqrt(mean(x^2) + eps) * w (n,)"""
@@ -232,9 +253,8 @@ class _Builder:
             fused = self.linear(h, p + "attn_qkv.weight", qd + 2 * kvd, d)
             q, k, v = g.op("Split", fused, g.const([qd, kvd, kvd]), axis=-1, outputs=3)
         else:
-            q = self.linear(h, p + "attn_q.weight", qd, d)
-            k = self.linear(h, p + "attn_k.weight", kvd, d)
-            v = self.linear(h, p + "attn_v.weight", kvd, d)
+            q, k, v = self.linear_fused(h, [p + "attn_q.weight", p + "attn_k.weight",
+                                               p + "attn_v.weight"], [qd, kvd, kvd], d)
         out = []
         for x, part, n in ((q, "q", qd), (k, "k", kvd), (v, "v", kvd)):
             bias = f"{p}attn_{part}.bias"
@@ -267,8 +287,8 @@ class _Builder:
             gu = self.linear(h, p + "ffn_up.weight", 2 * c.n_ff, c.n_embd)
             gate, up = g.op("Split", gu, g.const([c.n_ff, c.n_ff]), axis=-1, outputs=2)
         else:
-            gate = self.linear(h, p + "ffn_gate.weight", c.n_ff, c.n_embd)
-            up = self.linear(h, p + "ffn_up.weight", c.n_ff, c.n_embd)
+            gate, up = self.linear_fused(h, [p + "ffn_gate.weight", p + "ffn_up.weight"],
+                                         [c.n_ff, c.n_ff], c.n_embd)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)   # silu(gate) * up
         return self.linear(act, p + "ffn_down.weight", c.n_embd, c.n_ff)
 
@@ -305,7 +325,7 @@ class _Builder:
                                                 helper.make_opsetid("com.microsoft", 1)])
 
 
-def build_model(gguf, config: ModelConfig, accuracy_level: int = 0) -> onnx.ModelProto:
+def build_model(gguf, config: ModelConfig, accuracy_level: int = 4) -> onnx.ModelProto:
     """The decoder of `gguf` as an ONNX model (weights as initializers)."""
     if config.rope_dim % 2 or config.rope_dim > config.head_dim:
         raise UnsupportedModel(f"rope dimension {config.rope_dim} does not fit head_dim "

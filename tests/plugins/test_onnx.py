@@ -124,8 +124,9 @@ def test_graph_is_built_once_keyed_by_sha256_with_external_weights(cache):
 
 def test_accuracy_level_is_part_of_the_key():
     path = conformance_path("models", "s512-llama-Q4_0.gguf")
-    a0, a4 = _load(path), _load(path, accuracy_level=4)
-    assert a0.graph != a4.graph and a4.info["accuracy_level"] == 4
+    a4, a0 = _load(path), _load(path, accuracy_level=0)
+    assert a0.graph != a4.graph and a4.info["accuracy_level"] == onnx_backend.DEFAULT_ACCURACY == 4
+    assert a0.info["accuracy_level"] == 0
     with pytest.raises(BackendError, match="accuracy_level"):
         _load(path, accuracy_level=7)
 
