@@ -235,3 +235,31 @@ def test_provider_is_reported_by_the_runner():
     r = _load(conformance_path("models", "stories260K.gguf"), provider="CPUExecutionProvider")
     assert r.info["provider"] == "CPUExecutionProvider"
     assert os.path.isfile(r.info["graph"])
+
+
+# ---------------------------------------------------------------------------
+# emberd --backend onnx, end to end
+# ---------------------------------------------------------------------------
+
+def test_emberd_serves_on_the_onnx_backend(cache):
+    """A real emberd on onnx: llama.cpp's greedy tokens over ZeroMQ, and the same
+    streamed text as the reference backend in process."""
+    from ember.daemon import engine
+    from tests.daemon.emberd_proc import greedy_local, model_path, start_emberd
+    z = np.load(conformance_path("refs", "stories260K.p0.npz"))
+    d = start_emberd("--backend", "onnx", ipc=False, timeout=120)  # the later flag wins
+    rc = None
+    try:
+        with d.client(timeout=60) as c:
+            assert c.status()["backend"] == "onnx"
+            done = c.complete(tokens=z["tokens"].tolist(), max_tokens=len(z["greedy"]),
+                              temperature=0.0, ignore_eos=True)
+            assert done["tokens"].tolist() == z["greedy"].tolist()
+            with c.generate("Once upon a time", max_tokens=40, temperature=0.0) as stream:
+                text = "".join(t["text"] for t in stream)
+        with engine.load(model_path(), backend="reference") as ref:
+            assert text == greedy_local(ref, "Once upon a time", 40) and len(text) > 20
+        assert any((cache / "onnx").iterdir())          # the daemon built into our cache
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.stderr()
