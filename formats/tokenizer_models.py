@@ -22,6 +22,11 @@ on short, cached pieces:
   result, so no symbol and no candidate pair can straddle the cut: the
   pieces merge independently and give the very same ids, and each piece
   ("▁word") is cached like a BPE word.
+* a long piece (CJK runs, long identifiers, text without spaces) is cut
+  further between two symbols x|y when no token (SPM) or merge junction
+  (BPE: the last char of a merge's left part followed by the first of its
+  right part) is "xy": every merged symbol's adjacent-character pairs are
+  junctions of the merges that built it, so again nothing can straddle.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from ember.formats.tokenizer_pretok import WS, PreTokenizer
 
 SPACE_ESC = "\u2581"   # SentencePiece's visible space "▁"
 CACHE_LIMIT = 1 << 17  # cached words per tokenizer before the cache is cleared
+LONG_PIECE = 24        # pieces longer than this are cut at non-junctions before merging
 
 # ---------------------------------------------------------------------------
 # GPT-2 byte <-> unicode mapping
@@ -83,6 +89,26 @@ class _WordCache(dict):
         return ids
 
 
+def cut_at_non_junctions(piece: str, junctions: set[str]) -> list[str]:
+    """Cut between every two characters whose pair no merged symbol can contain."""
+    out, start = [], 0
+    for i in range(1, len(piece)):
+        if piece[i - 1:i + 1] not in junctions:
+            out.append(piece[start:i])
+            start = i
+    out.append(piece[start:])
+    return out
+
+
+def token_pairs(tokens: list[str]) -> set[str]:
+    """Every adjacent-character pair inside any token."""
+    pairs: set[str] = set()
+    for t in tokens:
+        if len(t) > 1:
+            pairs.update(t[i:i + 2] for i in range(len(t) - 1))
+    return pairs
+
+
 # ---------------------------------------------------------------------------
 # SentencePiece (llama)
 # ---------------------------------------------------------------------------
@@ -95,6 +121,7 @@ class SpmModel:
         self.byte_ids = byte_ids      # (256,) byte -> id of <0xXX> (or the 1-byte token), None
         self.splitter = splitter
         self.cache = _WordCache()
+        self._pairs: set[str] | None = None   # built on the first long piece (~0.1 s)
 
     def encode(self, text: str, out: list[int]) -> None:
         """text: already space-escaped (' ' -> '▁', prefix added by the caller)."""
@@ -106,6 +133,16 @@ class SpmModel:
             out.extend(ids)
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        if len(piece) <= LONG_PIECE:
+            return self._merge(piece)
+        if self._pairs is None:
+            self._pairs = token_pairs(list(self.token_to_id))
+        ids: list[int] = []
+        for part in cut_at_non_junctions(piece, self._pairs):
+            ids.extend(self._merge(part))
+        return tuple(ids)
+
+    def _merge(self, piece: str) -> tuple[int, ...]:
         ids: list[int] = []
         for sym in spm_merge(piece, self.token_to_id, self.scores):
             tid = self.token_to_id.get(sym)
@@ -126,43 +163,44 @@ def spm_merge(text: str, token_to_id: dict[str, int], scores: list[float]) -> li
     n = len(text)
     if n < 2:
         return [text] if n else []
+    get, push, pop = token_to_id.get, heapq.heappush, heapq.heappop
     sym = list(text)                      # (n,) symbol text; "" once merged away
     nxt = list(range(1, n + 1))
     nxt[-1] = -1
     prv = list(range(-1, n - 1))
     heap = []
     for i in range(n - 1):
-        tid = token_to_id.get(text[i:i + 2])
+        tid = get(text[i:i + 2])
         if tid is not None:
             heap.append((-scores[tid], i, i + 1, 2))
     heapq.heapify(heap)
     while heap:
-        _, left, right, size = heapq.heappop(heap)
+        _, left, right, size = pop(heap)
         a, b = sym[left], sym[right]
         # stale: one side was merged away, or grew since the pair was queued
         if not a or not b or len(a) + len(b) != size:
             continue
-        sym[left], sym[right] = a + b, ""
+        ab = sym[left] = a + b
+        sym[right] = ""
         r2 = nxt[right]
         nxt[left] = r2
         if r2 >= 0:
             prv[r2] = left
-        _spm_push(heap, sym, prv[left], left, token_to_id, scores)
-        _spm_push(heap, sym, left, r2, token_to_id, scores)
+            t = ab + sym[r2]
+            tid = get(t)
+            if tid is not None:
+                push(heap, (-scores[tid], left, r2, len(t)))
+        l0 = prv[left]
+        if l0 >= 0:
+            t = sym[l0] + ab
+            tid = get(t)
+            if tid is not None:
+                push(heap, (-scores[tid], l0, left, len(t)))
     out, i = [], 0
     while i != -1:
         out.append(sym[i])
         i = nxt[i]
     return out
-
-
-def _spm_push(heap, sym, left, right, token_to_id, scores) -> None:
-    if left < 0 or right < 0:
-        return
-    t = sym[left] + sym[right]
-    tid = token_to_id.get(t)
-    if tid is not None:
-        heapq.heappush(heap, (-scores[tid], left, right, len(t)))
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +210,7 @@ def _spm_push(heap, sym, left, right, token_to_id, scores) -> None:
 class BpeModel:
     def __init__(self, token_to_id: dict[str, int], ranks: dict[str, int], pre: PreTokenizer,
                  *, byte_level: bool, ignore_merges: bool, newline_words: bool,
-                 byte_ids: list[int | None], splitter=None):
+                 byte_ids: list[int | None], junctions: set[str], splitter=None):
         self.token_to_id = token_to_id
         self.ranks = ranks                # "left right" -> rank (first occurrence wins)
         self.pre = pre
@@ -181,7 +219,9 @@ class BpeModel:
         self.newline_words = newline_words  # gemma4: a run of newlines is one token if it exists
         self.byte_ids = byte_ids          # (256,) fallback id per byte, None where absent
         self.splitter = splitter          # gemma4: cut lines before "▁" (see module note)
+        self.junctions = junctions        # {left[-1] + right[0]} over all merges
         self.cache = _WordCache()
+        self.piece_cache = _WordCache()   # merged pieces of long words (already encoded text)
 
     def encode(self, text: str, out: list[int]) -> None:
         cache, word_ids = self.cache, self._word_ids
@@ -202,6 +242,18 @@ class BpeModel:
         tid = self.token_to_id.get(sym)
         if tid is not None and (self.ignore_merges or (self.newline_words and sym[0] == "\n")):
             return (tid,)
+        if len(sym) <= LONG_PIECE:
+            return self._merge(sym)
+        ids: list[int] = []
+        cache = self.piece_cache
+        for part in cut_at_non_junctions(sym, self.junctions):
+            got = cache.get(part)
+            if got is None:
+                got = cache.put(part, self._merge(part))
+            ids.extend(got)
+        return tuple(ids)
+
+    def _merge(self, sym: str) -> tuple[int, ...]:
         ids: list[int] = []
         for s in bpe_merge(sym, self.ranks):
             tid = self.token_to_id.get(s)
@@ -222,18 +274,19 @@ def bpe_merge(word: str, ranks: dict[str, int]) -> list[str]:
     n = len(word)
     if n < 2:
         return [word] if n else []
+    get, push, pop = ranks.get, heapq.heappush, heapq.heappop
     sym = list(word)
     nxt = list(range(1, n + 1))
     nxt[-1] = -1
     prv = list(range(-1, n - 1))
     heap = []
     for i in range(n - 1):
-        r = ranks.get(word[i] + " " + word[i + 1])
+        r = get(word[i] + " " + word[i + 1])
         if r is not None:
             heap.append((r, i, i + 1, word[i:i + 2]))
     heapq.heapify(heap)
     while heap:
-        _, left, right, text = heapq.heappop(heap)
+        _, left, right, text = pop(heap)
         a, b = sym[left], sym[right]
         if not a or not b or a + b != text:
             continue  # outdated pair
@@ -242,22 +295,21 @@ def bpe_merge(word: str, ranks: dict[str, int]) -> list[str]:
         nxt[left] = r2
         if r2 >= 0:
             prv[r2] = left
-        _bpe_push(heap, sym, prv[left], left, ranks)
-        _bpe_push(heap, sym, left, r2, ranks)
+            c = sym[r2]
+            r = get(text + " " + c)
+            if r is not None:
+                push(heap, (r, left, r2, text + c))
+        l0 = prv[left]
+        if l0 >= 0:
+            c = sym[l0]
+            r = get(c + " " + text)
+            if r is not None:
+                push(heap, (r, l0, left, c + text))
     out, i = [], 0
     while i != -1:
         out.append(sym[i])
         i = nxt[i]
     return out
-
-
-def _bpe_push(heap, sym, left, right, ranks) -> None:
-    if left < 0 or right < 0:
-        return
-    a, b = sym[left], sym[right]
-    r = ranks.get(a + " " + b)
-    if r is not None:
-        heapq.heappush(heap, (r, left, right, a + b))
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,9 @@ costs bounded time and cannot raise IndexError later.
 """
 from __future__ import annotations
 
+import operator
+
+import numpy as np
 import regex
 
 from ember.formats import gguf
@@ -115,6 +118,7 @@ class Vocab:
         return BpeModel(self.token_to_id, self.ranks, PreTokenizer(self.pre),
                         byte_level=not gemma, ignore_merges=self.ignore_merges,
                         newline_words=gemma, byte_ids=self._bpe_byte_ids(not gemma),
+                        junctions=self.junctions,
                         splitter=space_splitter(_chars_before_space_in_merges(self.merges))
                         if gemma else None)
 
@@ -246,32 +250,62 @@ def _read_scores_and_types(v: Vocab, md: dict, types: dict) -> None:
     ttypes = _array(v, md, types, K + "token_type", (gguf.INT32,), False)
     if ttypes is not None and len(ttypes) < n:
         raise _err(v, f"{K}token_type has {len(ttypes)} entries for {n} tokens")
-    get = TYPE_TO_ATTR.get
-    v.attrs = [get(t, ATTR_UNDEFINED) for t in ttypes[:n]] if ttypes is not None else [ATTR_NORMAL] * n
+    if ttypes is None:
+        v.attrs = [ATTR_NORMAL] * n
+    else:
+        # type -> attribute through a lookup table; every unknown type (negative, >6) -> 0
+        lut = np.array([TYPE_TO_ATTR.get(t, ATTR_UNDEFINED) for t in range(8)], dtype=np.int64)
+        v.attrs = lut[np.clip(np.asarray(ttypes[:n], dtype=np.int64), 0, 7)].tolist()
 
 
 def _read_merges(v: Vocab, md: dict, types: dict) -> None:
     merges = _array(v, md, types, K + "merges", (gguf.STRING,), True)
-    t2i = v.token_to_id
-    for i, m in enumerate(merges):
-        p = m.find(" ", 1)
-        if p < 0 or m[:p] not in t2i or m[p + 1:] not in t2i:
-            raise _err(v, f"{K}merges[{i}] = {m[:80]!r} does not name two tokens of the vocabulary")
+    halves, junctions = _merge_halves(merges)
+    if halves is None or not v.token_to_id.keys() >= halves:
+        _find_bad_merge(v, merges)   # raises, or sets v.junctions for unusual spacing
+    else:
+        v.junctions = junctions
     # the first occurrence of a pair keeps its rank (llama.cpp's emplace)
     n = len(merges)
     v.ranks = dict(zip(reversed(merges), range(n - 1, -1, -1)))
     v.merges = merges
 
 
+def _merge_halves(merges: list[str]):
+    """({left and right parts}, {left[-1] + right[0]}) at C speed over one joined string,
+    or (None, None) when some merge is not 'left right' with exactly one inner space."""
+    joined = "\x00".join(merges)
+    if joined.count(" ") != len(merges) or "\x00 " in joined or joined[:1] == " ":
+        return None, None
+    parts = joined.replace(" ", "\x00").split("\x00")   # [left0, right0, left1, ...]
+    halves = set(parts)
+    if "" in halves:
+        return None, None
+    last, first = operator.itemgetter(-1), operator.itemgetter(0)
+    junctions = set(map(operator.add, map(last, parts[0::2]), map(first, parts[1::2])))
+    return halves, junctions
+
+
+def _find_bad_merge(v: Vocab, merges: list[str]) -> None:
+    """Slow path: llama.cpp's split (first space after position 0), both parts must be tokens."""
+    t2i = v.token_to_id
+    junctions = set()
+    for i, m in enumerate(merges):
+        p = m.find(" ", 1)
+        if p < 0 or m[:p] not in t2i or m[p + 1:] not in t2i:
+            raise _err(v, f"{K}merges[{i}] = {m[:80]!r} does not name two tokens of the vocabulary")
+        junctions.add(m[p - 1] + m[p + 1])
+    v.junctions = junctions
+
+
 def _check_byte_tokens(v: Vocab) -> None:
     v._byte_values = {}
-    for i, a in enumerate(v.attrs):
-        if a & ATTR_BYTE:
-            m = _BYTE_TOKEN.fullmatch(v.tokens[i])
-            if m is None:
-                raise _err(v, f"{K}tokens[{i}] = {v.tokens[i][:40]!r} has type BYTE but is not "
-                              f"of the form <0xHH>")
-            v._byte_values[i] = int(m.group(1), 16)
+    for i in np.flatnonzero(np.asarray(v.attrs) & ATTR_BYTE).tolist():
+        m = _BYTE_TOKEN.fullmatch(v.tokens[i])
+        if m is None:
+            raise _err(v, f"{K}tokens[{i}] = {v.tokens[i][:40]!r} has type BYTE but is not "
+                          f"of the form <0xHH>")
+        v._byte_values[i] = int(m.group(1), 16)
 
 
 def _int_value(v: Vocab, md: dict, key: str):
@@ -379,6 +413,6 @@ def _strip_attrs(v: Vocab, md: dict) -> None:
 
 def _special_cache(v: Vocab) -> list[tuple[str, int, int]]:
     mask = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN
-    ids = [i for i, a in enumerate(v.attrs) if a & mask]
+    ids = np.flatnonzero(np.asarray(v.attrs) & mask).tolist()
     ids.sort(key=lambda i: (-len(v.tokens[i].encode("utf-8")), i))
     return [(v.tokens[i], i, v.attrs[i]) for i in ids]
