@@ -6,6 +6,7 @@ Hostile vocabularies are written by the test with ember's own GGUF writer.
 """
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import CONFORMANCE, conformance_cases, conformance_path
 from ember.formats import gguf
 from ember.formats.tokenizer import Tokenizer, TokenizerError
+from ember.formats.tokenizer_models import SPACE_ESC, byte_encode
 
 VOCAB_DIR = CONFORMANCE / "tokenizer"
 VOCABS = sorted(p.name[len("ggml-vocab-"):-len(".gguf")] for p in VOCAB_DIR.glob("ggml-vocab-*.gguf")) \
@@ -115,6 +117,40 @@ def test_token_to_piece_is_bytes_of_partial_characters():
     tok = vocab("gpt-2")
     ids = tok.encode("é")
     assert b"".join(tok.token_to_piece(i) for i in ids) == "é".encode()
+
+
+def awkward_texts(name: str) -> list[str]:
+    """Long pieces: every vector at once, CJK without spaces, a space-less run, symbol soup."""
+    rng = random.Random(7)
+    cjk = "".join(chr(rng.randrange(0x4E00, 0x9FA5)) if rng.random() < 0.8 else rng.choice("，。🦙é")
+                  for _ in range(1500))
+    letters = "".join(rng.choice("abcdeéfghij0123") for _ in range(1500))
+    soup = "".join(rng.choice("->=<(){}[]::..,;!!??**//\\__") for _ in range(800))
+    return ["".join(s for s, _ in read_vectors(name)), cjk, letters, soup]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "qwen2", "gemma-4"])
+def test_cutting_and_caching_change_nothing(name):
+    """The speed-ups (cuts before ▁ and at non-junction pairs, word caches) against the
+    plain algorithm on whole, uncut pieces."""
+    tok = vocab(name)
+    m = tok._model
+    for text in awkward_texts(name):
+        m.cache.clear()
+        if name == "llama-spm":
+            want = list(m._merge((" " + text).replace(" ", SPACE_ESC)))
+        elif name == "gemma-4":
+            want = []
+            for w in m.pre.split(text.replace(" ", SPACE_ESC)):
+                whole = m.token_to_id.get(w) if w[0] == "\n" else None
+                want += [whole] if whole is not None else m._merge(w)
+        else:
+            want = []
+            for w in m.pre.split(text):
+                whole = m.token_to_id.get(byte_encode(w)) if m.ignore_merges else None
+                want += [whole] if whole is not None else m._merge(byte_encode(w))
+        assert tok.encode(text) == want
+        assert tok.encode(text) == want   # again, from a warm cache
 
 
 # ---------------------------------------------------------------------------
