@@ -99,37 +99,76 @@ class QuantError(ValueError):
 # Shared helpers
 # ---------------------------------------------------------------------------
 
-_CHUNK_ELEMS = 1 << 16   # output elements per chunk: 256 KiB of float32, L2-sized
+_CHUNK_ELEMS = 1 << 17   # output elements per chunk: 256 KiB of float32, L2-sized
 
 # fp16 bit pattern -> float32, for np.take (faster than numpy's own f16 cast)
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """(n, 1) float32 of the fp16 stored at byte `offset` of every block."""
-    return blocks[:, offset:offset + 2].view(np.float16).astype(np.float32)
+def _struct(*fields: tuple[str, str]) -> np.dtype:
+    """A block layout as a packed numpy struct, fields in ggml-common.h's order.
+
+    Viewing a chunk of blocks through it turns every field into an (n,) array
+    that numpy copies in ONE strided loop; slicing bytes out of (n, type_size)
+    instead costs a loop call per block row, which dominates at 16-32 bytes.
+    """
+    return np.dtype(list(fields))
 
 
-def _nibbles(qs: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Split (n, g, 16k) bytes into out (n, g, 2, 16k): low nibbles first, then high."""
-    np.bitwise_and(qs, 0x0F, out=out[:, :, 0])
-    np.right_shift(qs, 4, out=out[:, :, 1])
-    return out
+def _fields(blocks: np.ndarray, layout: np.dtype) -> np.ndarray:
+    """(n, type_size) uint8 -> (n,) structured view (no copy; read-only stays so)."""
+    return blocks.view(layout).reshape(len(blocks))
 
 
-def _bits(packed: np.ndarray, nbits: int, out: np.ndarray) -> np.ndarray:
-    """Bit planes: packed (n, g, w) -> out (n, g, 8//nbits, w) of (packed >> k*nbits)."""
-    for k in range(8 // nbits):
-        np.right_shift(packed, k * nbits, out=out[:, :, k])
-    if nbits < 8:
-        np.bitwise_and(out, (1 << nbits) - 1, out=out)
+def _raw(S: np.ndarray, name: str) -> np.ndarray:
+    """A byte field as a contiguous (n, width) uint8 copy."""
+    f = S[name]
+    return np.ascontiguousarray(f).view(np.uint8).reshape(len(S), f.dtype.itemsize)
+
+
+def _f32(S: np.ndarray, name: str) -> np.ndarray:
+    """An fp16/fp32 scale field as (n,) float32."""
+    return S[name].astype(np.float32)
+
+
+def _planes(src: np.ndarray, nbits: int, count: int) -> np.ndarray:
+    """Bit fields (m, w) uint8 -> (m, count, w): out[:, k] = (src >> k*nbits) & mask.
+
+    Each plane is two whole-array uint64 ops (shift, mask: 8 codes per lane),
+    then lands in its slot as one w-byte void item per row -- a single
+    strided copy rather than a loop call per 16-32 byte row.
+    """
+    m, w = src.shape
+    mask = ((1 << nbits) - 1) * 0x0101010101010101
+    words = src.reshape(-1).view(np.uint64)
+    plane = np.empty_like(words)
+    out = np.empty((m, count, w), np.uint8)
+    rows = out.view(f"V{w}").reshape(m, count)
+    for k in range(count):
+        np.right_shift(words, k * nbits, out=plane)
+        np.bitwise_and(plane, mask, out=plane)
+        rows[:, k] = plane.view(f"V{w}")
     return out
 
 
 def _store(q: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """One int -> float32 cast into the caller's output; the only float write pass."""
-    np.copyto(out, q.reshape(out.shape), casting="unsafe")
-    return out
+    """One int -> float32 cast into the caller's output; returns it flat (n*block,)."""
+    flat = out.reshape(-1)
+    np.copyto(flat, q.reshape(-1), casting="unsafe")
+    return flat
+
+
+def _times(flat: np.ndarray, s: np.ndarray, k: int) -> None:
+    """flat *= each of s (n, m) repeated k times: contiguous beats broadcasting 16-32 wide."""
+    np.multiply(flat, np.repeat(s.reshape(-1), k), out=flat)
+
+
+def _minus(flat: np.ndarray, s: np.ndarray, k: int) -> None:
+    np.subtract(flat, np.repeat(s.reshape(-1), k), out=flat)
+
+
+def _plus(flat: np.ndarray, s: np.ndarray, k: int) -> None:
+    np.add(flat, np.repeat(s.reshape(-1), k), out=flat)
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -188,11 +227,17 @@ class _Quant:
 
     block: int = 1
     type_size: int = 1
-    scale_offsets: tuple[int, ...] = ()   # byte offsets of fp16 scales in a block
+    layout: np.dtype | None = None        # the block struct, for the quant types
+    scale_offsets: tuple[int, ...] = ()   # byte offsets of its fp16 fields
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         cls.block, cls.type_size = BLOCKS[cls.__name__]
+        if cls.layout is not None:
+            # the compile-time size check of ggml-common.h, at import
+            assert cls.layout.itemsize == cls.type_size, cls.__name__
+            cls.scale_offsets = tuple(off for dt, off in cls.layout.fields.values()
+                                      if dt == np.float16)
         _TYPES[cls.__name__] = cls
 
     @classmethod
@@ -224,8 +269,19 @@ class F32(_Quant):
 class F16(_Quant):
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        # a 256 KiB table gather beats numpy's f16->f32 cast about 2x
-        np.take(_F16_TO_F32, blocks.view(np.uint16)[:, 0], out=out[:, 0], mode="clip")
+        # numpy's f16->f32 cast is scalar code; bit arithmetic is ~2x faster.
+        # int16 -> int32 sign-extends, so after << 13 the f16 exponent and
+        # mantissa sit where float32's do (rebias pending) and bits 28..31 all
+        # hold the sign; clear 28..30, then scale by 2^112 to rebias the
+        # exponent -- exact for normals, subnormals and zeros alike.
+        h = blocks.view(np.int16)[:, 0]                          # (n,)
+        o = out.view(np.int32)[:, 0]
+        np.left_shift(h, 13, out=o, dtype=np.int32)
+        np.bitwise_and(o, np.int32(-0x70000001), out=o)          # 0x8FFFFFFF
+        np.multiply(out, np.float32(2.0 ** 112), out=out)
+        # exponent 31 (inf/NaN) would come out finite: redo such chunks by table
+        if h.max() >= 0x7C00 or h.view(np.uint16).max() >= 0xFC00:
+            np.take(_F16_TO_F32, h.view(np.uint16), out=out[:, 0], mode="clip")
         return out
 
     @classmethod
@@ -280,26 +336,28 @@ class I32(_Quant):
 # 32-element blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
 # ---------------------------------------------------------------------------
 
-def _nibble_codes(qs: np.ndarray) -> np.ndarray:
-    """(n, 16) packed bytes -> (n, 32) uint8 codes: qs[j] & 15 at j, qs[j] >> 4 at j+16."""
-    return _nibbles(qs[:, None, :], np.empty((len(qs), 1, 2, 16), np.uint8)).reshape(-1, 32)
+def _nibble_codes(S: np.ndarray) -> np.ndarray:
+    """Field qs (n, 16) -> (n, 32) uint8 codes: qs[j] & 15 at j, qs[j] >> 4 at j+16."""
+    return _planes(_raw(S, "qs"), 4, 2).reshape(-1, 32)
 
 
-def _high_bits(qh: np.ndarray, value: int) -> np.ndarray:
-    """(n, 4) little-endian bit masks -> (n, 32) uint8: `value` where bit j is set, else 0."""
-    bits = np.unpackbits(qh, axis=1, bitorder="little")   # (n, 32) of 0/1
-    return np.multiply(bits, value, out=bits)
+def _high_bits(S: np.ndarray, value: int, invert: bool = False) -> np.ndarray:
+    """Field qh (n, 4), a little-endian bit per element -> (n, 32) uint8 of value or 0."""
+    qh = _raw(S, "qh")
+    bits = np.unpackbits(np.bitwise_not(qh) if invert else qh, bitorder="little")
+    return np.multiply(bits, value, out=bits).reshape(-1, 32)
 
 
 class Q4_0(_Quant):
-    scale_offsets = (0,)
+    layout = _struct(("d", "<f2"), ("qs", "V16"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        q = _nibble_codes(blocks[:, 2:])
+        S = _fields(blocks, cls.layout)
+        q = _nibble_codes(S)
         np.subtract(q, 8, out=q)                        # wraps: uint8 q-8 is int8 q-8
-        _store(q.view(np.int8), out)
-        return np.multiply(out, _f16(blocks, 0), out=out)
+        _times(_store(q.view(np.int8), out), _f32(S, "d"), 32)
+        return out
 
     @classmethod
     def quantize_blocks(cls, x):
@@ -312,13 +370,15 @@ class Q4_0(_Quant):
 
 
 class Q4_1(_Quant):
-    scale_offsets = (0, 2)
+    layout = _struct(("d", "<f2"), ("m", "<f2"), ("qs", "V16"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        _store(_nibble_codes(blocks[:, 4:]), out)
-        np.multiply(out, _f16(blocks, 0), out=out)      # x*d + m, in C's order
-        return np.add(out, _f16(blocks, 2), out=out)
+        S = _fields(blocks, cls.layout)
+        flat = _store(_nibble_codes(S), out)
+        _times(flat, _f32(S, "d"), 32)                  # x*d + m, in C's order
+        _plus(flat, _f32(S, "m"), 32)
+        return out
 
     @classmethod
     def quantize_blocks(cls, x):
@@ -331,15 +391,16 @@ class Q4_1(_Quant):
 
 
 class Q5_0(_Quant):
-    scale_offsets = (0,)
+    layout = _struct(("d", "<f2"), ("qh", "V4"), ("qs", "V16"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        q = _nibble_codes(blocks[:, 6:])
+        S = _fields(blocks, cls.layout)
+        q = _nibble_codes(S)
         # code - 16 as int8: a clear 5th bit means "negative", i.e. nibble | 0xF0
-        np.bitwise_or(q, _high_bits(np.bitwise_not(blocks[:, 2:6]), 0xF0), out=q)
-        _store(q.view(np.int8), out)
-        return np.multiply(out, _f16(blocks, 0), out=out)
+        np.bitwise_or(q, _high_bits(S, 0xF0, invert=True), out=q)
+        _times(_store(q.view(np.int8), out), _f32(S, "d"), 32)
+        return out
 
     @classmethod
     def quantize_blocks(cls, x):
@@ -352,15 +413,17 @@ class Q5_0(_Quant):
 
 
 class Q5_1(_Quant):
-    scale_offsets = (0, 2)
+    layout = _struct(("d", "<f2"), ("m", "<f2"), ("qh", "V4"), ("qs", "V16"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        q = _nibble_codes(blocks[:, 8:])
-        np.bitwise_or(q, _high_bits(blocks[:, 4:8], 0x10), out=q)
-        _store(q, out)
-        np.multiply(out, _f16(blocks, 0), out=out)
-        return np.add(out, _f16(blocks, 2), out=out)
+        S = _fields(blocks, cls.layout)
+        q = _nibble_codes(S)
+        np.bitwise_or(q, _high_bits(S, 0x10), out=q)
+        flat = _store(q, out)
+        _times(flat, _f32(S, "d"), 32)
+        _plus(flat, _f32(S, "m"), 32)
+        return out
 
     @classmethod
     def quantize_blocks(cls, x):
@@ -375,12 +438,13 @@ class Q5_1(_Quant):
 
 
 class Q8_0(_Quant):
-    scale_offsets = (0,)
+    layout = _struct(("d", "<f2"), ("qs", "V32"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        _store(blocks[:, 2:].view(np.int8), out)
-        return np.multiply(out, _f16(blocks, 0), out=out)
+        S = _fields(blocks, cls.layout)
+        _times(_store(_raw(S, "qs").view(np.int8), out), _f32(S, "d"), 32)
+        return out
 
     @classmethod
     def quantize_blocks(cls, x):
@@ -394,12 +458,14 @@ _IQ4NL_VALUES = np.array(
 
 
 class IQ4_NL(_Quant):
-    scale_offsets = (0,)
+    layout = _struct(("d", "<f2"), ("qs", "V16"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        np.take(_IQ4NL_VALUES, _nibble_codes(blocks[:, 2:]), out=out, mode="clip")
-        return np.multiply(out, _f16(blocks, 0), out=out)
+        S = _fields(blocks, cls.layout)
+        np.take(_IQ4NL_VALUES, _nibble_codes(S), out=out, mode="clip")   # the codebook
+        _times(out.reshape(-1), _f32(S, "d"), 32)
+        return out
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -417,20 +483,25 @@ def _pack_high_bits(q: np.ndarray) -> np.ndarray:
 # K-quants: 256-element super-blocks with 6-bit or 8-bit sub-block scales
 # ---------------------------------------------------------------------------
 
-def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 12) packed 6-bit scales/mins (get_scale_min_k4) -> two (n, 8) uint8."""
-    a, b, c = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
-    scale = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
-    mins = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
-    return scale, mins
+def _scale_min_k4(packed: np.ndarray) -> np.ndarray:
+    """(n, 12) packed 6-bit scales/mins (get_scale_min_k4) -> (n, 2, 8) uint8 [scales, mins].
+
+    Four bytes at a time, as ggml's SIMD code does: a = bytes 0-3, b = 4-7, c = 8-11.
+    """
+    a, b, c = (packed.view(np.uint32)[:, i] for i in range(3))
+    out = np.empty((len(packed), 4), np.uint32)
+    out[:, 0] = a & 0x3F3F3F3F
+    out[:, 1] = (c & 0x0F0F0F0F) | (((a >> 6) & 0x03030303) << 4)
+    out[:, 2] = b & 0x3F3F3F3F
+    out[:, 3] = ((c >> 4) & 0x0F0F0F0F) | (((b >> 6) & 0x03030303) << 4)
+    return out.view(np.uint8).reshape(-1, 2, 8)
 
 
-def _k_scale_min(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K: (n, 8, 1) float32 sub-block scales d*sc and mins dmin*m."""
-    sc, m = _scale_min_k4(blocks[:, 4:16])
-    dl = (_f16(blocks, 0) * sc)[:, :, None]
-    ml = (_f16(blocks, 2) * m)[:, :, None]
-    return dl, ml
+def _k_scale_min(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: (n, 8) float32 sub-block scales d*sc and mins dmin*m."""
+    dm = np.stack([_f32(S, "d"), _f32(S, "dmin")], axis=1)       # (n, 2)
+    prod = _scale_min_k4(_raw(S, "scales")) * dm[:, :, None]    # (n, 2, 8)
+    return prod[:, 0], prod[:, 1]
 
 
 # -- K-quant quantizers (llama.cpp's quantize_row_q4_K_ref / q6_K_ref) ------
@@ -519,57 +590,62 @@ def _scale_codes(v: np.ndarray, vmax: np.ndarray) -> np.ndarray:
 
 
 class Q2_K(_Quant):
-    scale_offsets = (80, 82)
+    layout = _struct(("scales", "V16"), ("qs", "V64"), ("d", "<f2"), ("dmin", "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        n = len(blocks)
-        q = _bits(blocks[:, 16:80].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
-        sc = blocks[:, :16]
-        dl = (_f16(blocks, 80) * (sc & 0x0F))[:, :, None]   # (n, 16, 1)
-        ml = (_f16(blocks, 82) * (sc >> 4))[:, :, None]
-        o = _store(q, out).reshape(n, 16, 16)
-        np.multiply(o, dl, out=o)
-        np.subtract(o, ml, out=o)
+        S = _fields(blocks, cls.layout)
+        q = _planes(_raw(S, "qs").reshape(-1, 32), 2, 4)     # (2n, 4, 32): element order
+        sc = _planes(_raw(S, "scales"), 4, 2)                # (n, 2, 16): scales, mins
+        dm = np.stack([_f32(S, "d"), _f32(S, "dmin")], axis=1)
+        prod = sc * dm[:, :, None]                           # (n, 2, 16) float32
+        flat = _store(q, out)
+        _times(flat, prod[:, 0], 16)                         # dl*q - ml, C's order
+        _minus(flat, prod[:, 1], 16)
         return out
 
 
-def _q3_scales(sc: np.ndarray) -> np.ndarray:
-    """(n, 12) packed 6-bit scales -> (n, 16) int scales - 32 (as float32)."""
-    low = np.concatenate([sc[:, 0:8] & 0x0F, sc[:, 0:8] >> 4], axis=1)       # (n, 16)
-    high = (sc[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]) & 3
-    s = (low | (high.reshape(-1, 16) << 4)).astype(np.float32)
-    return s - np.float32(32)
+def _q3_scales(packed: np.ndarray) -> np.ndarray:
+    """(n, 12) packed 6-bit scales -> (n, 16) int8 scales - 32, four bytes at a time.
+
+    Scale j: low 4 bits from byte j%8 (low nibble for j < 8, high after), high 2
+    bits from byte 8 + j%4 at bit 2*(j//4) -- dequantize_row_q3_K's kmask dance.
+    """
+    a, b, c = (packed.view(np.uint32)[:, i] for i in range(3))
+    out = np.empty((len(packed), 4), np.uint32)
+    for k, (lo, shift) in enumerate([(a, 0), (b, 0), (a, 4), (b, 4)]):
+        out[:, k] = ((lo >> shift) & 0x0F0F0F0F) | (((c >> (2 * k)) & 0x03030303) << 4)
+    q = out.view(np.uint8).reshape(-1, 16)
+    return np.subtract(q, 32, out=q).view(np.int8)
 
 
 class Q3_K(_Quant):
-    scale_offsets = (108,)
+    layout = _struct(("hmask", "V32"), ("qs", "V64"), ("scales", "V12"), ("d", "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        n = len(blocks)
-        q = _bits(blocks[:, 32:96].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
-        hm = _bits(np.bitwise_not(blocks[:, None, 0:32]), 1, np.empty((n, 1, 8, 32), np.uint8))
+        S = _fields(blocks, cls.layout)
+        q = _planes(_raw(S, "qs").reshape(-1, 32), 2, 4).reshape(-1, 8, 32)
+        hm = _planes(np.bitwise_not(_raw(S, "hmask")), 1, 8)     # (n, 8, 32): 1 = bit clear
         # code - 4 when the high bit is clear: q | 0xFC is q - 4 as int8
         np.multiply(hm, 0xFC, out=hm)
-        np.bitwise_or(q.reshape(n, 8, 32), hm.reshape(n, 8, 32), out=q.reshape(n, 8, 32))
-        dl = (_f16(blocks, 108) * _q3_scales(blocks[:, 96:108]))[:, :, None]
-        o = _store(q.view(np.int8), out).reshape(n, 16, 16)
-        np.multiply(o, dl, out=o)
+        np.bitwise_or(q, hm, out=q)
+        flat = _store(q.view(np.int8), out)
+        _times(flat, _f32(S, "d")[:, None] * _q3_scales(_raw(S, "scales")), 16)
         return out
 
 
 class Q4_K(_Quant):
-    scale_offsets = (0, 2)
+    layout = _struct(("d", "<f2"), ("dmin", "<f2"), ("scales", "V12"), ("qs", "V128"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        n = len(blocks)
-        q = _nibbles(blocks[:, 16:].reshape(n, 4, 32), np.empty((n, 4, 2, 32), np.uint8))
-        dl, ml = _k_scale_min(blocks)
-        o = _store(q, out).reshape(n, 8, 32)
-        np.multiply(o, dl, out=o)
-        np.subtract(o, ml, out=o)
+        S = _fields(blocks, cls.layout)
+        q = _planes(_raw(S, "qs").reshape(-1, 32), 4, 2)     # (4n, 2, 32): element order
+        dl, ml = _k_scale_min(S)
+        flat = _store(q, out)
+        _times(flat, dl, 32)
+        _minus(flat, ml, 32)
         return out
 
     @classmethod
@@ -596,41 +672,37 @@ class Q4_K(_Quant):
 
 
 class Q5_K(_Quant):
-    scale_offsets = (0, 2)
+    layout = _struct(("d", "<f2"), ("dmin", "<f2"), ("scales", "V12"), ("qh", "V32"),
+                     ("qs", "V128"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        n = len(blocks)
-        q = _nibbles(blocks[:, 48:].reshape(n, 4, 32), np.empty((n, 4, 2, 32), np.uint8))
-        hb = _bits(blocks[:, None, 16:48], 1, np.empty((n, 1, 8, 32), np.uint8))
-        np.left_shift(hb, 4, out=hb)
-        np.bitwise_or(q.reshape(n, 8, 32), hb.reshape(n, 8, 32), out=q.reshape(n, 8, 32))
-        dl, ml = _k_scale_min(blocks)
-        o = _store(q, out).reshape(n, 8, 32)
-        np.multiply(o, dl, out=o)
-        np.subtract(o, ml, out=o)
+        S = _fields(blocks, cls.layout)
+        q = _planes(_raw(S, "qs").reshape(-1, 32), 4, 2).reshape(-1, 8, 32)
+        hb = _planes(_raw(S, "qh"), 1, 8)                    # (n, 8, 32): bit 4 of each code
+        np.multiply(hb, 16, out=hb)                          # uint8 << is slow in numpy; * isn't
+        np.bitwise_or(q, hb, out=q)
+        dl, ml = _k_scale_min(S)
+        flat = _store(q, out)
+        _times(flat, dl, 32)
+        _minus(flat, ml, 32)
         return out
 
 
 class Q6_K(_Quant):
-    scale_offsets = (208,)
+    layout = _struct(("ql", "V128"), ("qh", "V64"), ("scales", "V16"), ("d", "<f2"))
 
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        n = len(blocks)
-        # per 128-element half: ql (2, 32) bytes give codes [lo(0), lo(1), hi(0), hi(1)]
-        ql = blocks[:, :128].reshape(n, 2, 2, 32)
-        q = np.empty((n, 2, 2, 2, 32), np.uint8)        # (n, half, nib, part, 32)
-        np.bitwise_and(ql, 0x0F, out=q[:, :, 0])
-        np.right_shift(ql, 4, out=q[:, :, 1])
-        qh = _bits(blocks[:, 128:192].reshape(n, 2, 32), 2, np.empty((n, 2, 4, 32), np.uint8))
-        np.left_shift(qh, 4, out=qh)
-        q = q.reshape(n, 2, 4, 32)
-        np.bitwise_or(q, qh, out=q)
+        S = _fields(blocks, cls.layout)
+        # per 128-element half, 64 ql bytes: low nibbles give codes 0..63, high 64..127
+        q = _planes(_raw(S, "ql").reshape(-1, 64), 4, 2)     # (2n, 2, 64): element order
+        qh = _planes(_raw(S, "qh").reshape(-1, 32), 2, 4)    # (2n, 4, 32): bits 4,5
+        np.multiply(qh, 16, out=qh)                          # uint8 << is slow in numpy; * isn't
+        np.bitwise_or(q, qh.reshape(q.shape), out=q)
         np.subtract(q, 32, out=q)                        # wraps: uint8 q-32 is int8 q-32
-        dl = (_f16(blocks, 208) * blocks[:, 192:208].view(np.int8))[:, :, None]
-        o = _store(q.view(np.int8), out).reshape(n, 16, 16)
-        np.multiply(o, dl, out=o)
+        dl = _f32(S, "d")[:, None] * _raw(S, "scales").view(np.int8)   # (n, 16)
+        _times(_store(q.view(np.int8), out), dl, 16)
         return out
 
     @classmethod
@@ -657,10 +729,13 @@ class Q6_K(_Quant):
 
 
 class Q8_K(_Quant):
+    layout = _struct(("d", "<f4"), ("qs", "V256"), ("bsums", "V32"))
+
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        _store(blocks[:, 4:260].view(np.int8), out)
-        return np.multiply(out, blocks[:, 0:4].view(np.float32), out=out)
+        S = _fields(blocks, cls.layout)
+        _times(_store(_raw(S, "qs").view(np.int8), out), _f32(S, "d"), 256)
+        return out
 
 
 # ---------------------------------------------------------------------------
