@@ -21,6 +21,8 @@ def native_extension():
         "ember.kernels._native",
         sources=sources,
         include_dirs=["kernels/c", numpy.get_include()],
+        # headers: a change to a block layout or kernel signature rebuilds everything
+        depends=sorted(os.path.join("kernels/c", f) for f in os.listdir("kernels/c") if f.endswith(".h")),
         extra_compile_args=C_FLAGS,
     )
 

@@ -63,7 +63,10 @@ static void build_tables(void) {
 #endif
 }
 
+float ember_fp16_table[1 << 16];
+
 __attribute__((constructor)) static void ember_kernels_init(void) {
+    for (uint32_t h = 0; h < (1u << 16); h++) ember_fp16_table[h] = ember_fp16_to_fp32((ember_fp16_t)h);
     cpu_isas = detect_isas();
     build_tables();
     /* default: the widest ISA the CPU runs; dispatch.py may override it */

@@ -27,7 +27,7 @@
 /* Helpers                                                                   */
 /* ======================================================================== */
 
-static inline float fp16(ember_fp16_t h) { return _cvtsh_ss(h); }
+static inline float fp16(ember_fp16_t h) { return ember_fp16_table[h]; }
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

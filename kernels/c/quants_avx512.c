@@ -1,6 +1,344 @@
-/* AVX-512 quantized kernels (placeholder table: falls back to AVX2). */
+/* AVX-512 quantized kernels for the hot types: Q4_0, Q8_0, Q4_K, Q6_K.
+ *
+ * Every other type runs the AVX2 kernel (dispatch.c copies the AVX2 table
+ * before this file fills its entries). Needs avx512f/bw/vl/dq; Q4_0 and Q8_0
+ * come in two builds, with VNNI (`vpdpbusd`: u8 x s8 -> int32 in one
+ * instruction) where the CPU has it, and without (maddubs + madd).
+ *
+ * 32-blocks: two blocks per 512-bit register. Weights are made unsigned so
+ * they can be the u8 operand: Q4_0 keeps its raw nibble (0..15); Q8_0 stays
+ * signed, its sign moved onto the activation (|w| * sign(w)y); Q4_0's offset
+ * 8 is removed by a second product with the constant 8 -- exact integer math.
+ *
+ * K-quants: a 64-value run of a super-block fills one register in value
+ * order, is multiplied by maddubs and scaled by its int16 sub-block scales in
+ * the same madd that sums pairs, so no int32 multiply is ever needed.
+ */
 #include "quants_internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-void ember_fill_kernels_avx512(ember_type_kernels *k) { (void)k; }
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+#include <immintrin.h>
+
+/* ======================================================================== */
+/* Helpers                                                                   */
+/* ======================================================================== */
+
+static inline float fp16(ember_fp16_t h) { return ember_fp16_table[h]; }
+
+static inline __m512i load512(const void *p) { return _mm512_loadu_si512(p); }
+static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* two 32-byte runs -> one register [a, b] */
+static inline __m512i pair256(__m256i a, __m256i b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+/* 2 x 8 float lanes: s0 in lanes 0..7, s1 in 8..15 */
+static inline __m512 pair_scale(float s0, float s1) {
+    return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+}
+
+/* Q4_0 blocks b[0], b[1] -> nibbles in value order [b0 0..31, b1 0..31] */
+static inline __m512i q4_0_pair(const block_q4_0 *b) {
+    const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)b[1].qs),
+                                       _mm_loadu_si128((const __m128i *)b[0].qs));
+    const __m512i z = pair256(t, _mm256_srli_epi16(t, 4));       /* [q0, q1, q0>>4, q1>>4] */
+    const __m512i ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), z);
+    return _mm512_and_si512(ordered, _mm512_set1_epi8(0x0F));
+}
+
+static inline __m512i q8_0_pair(const block_q8_0 *b) {
+    return pair256(load256(b[0].qs), load256(b[1].qs));
+}
+
+static inline __m512i y_pair(const block_q8_0 *x0, const block_q8_0 *x1) {
+    return pair256(load256(x0->qs), load256(x1->qs));
+}
+
+static inline __m512i dot_u8_plain(__m512i u, __m512i s) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+
+/* ======================================================================== */
+/* Q4_0 and Q8_0, generated for the plain and the VNNI build                  */
+/* ======================================================================== */
+
+/* Exact signed dot of a two-block pair, 16 int32 lanes (8 per block).
+ * Q4_0: dot(u, y) - 8 * sum(y), u the raw nibbles (pair sums <= 2*15*128, no
+ * saturation). Q8_0: the sign of w moves onto y (|w| * sign(w)*y); y is never
+ * -128 because Q8_0 activations round to [-127, 127]. */
+#define PAIR_FUNCS(ISA, DOT)                                                             \
+static inline __m512i pair_q4_0_##ISA(__m512i u, __m512i y) {                          \
+    return _mm512_sub_epi32(DOT(u, y), DOT(_mm512_set1_epi8(8), y));                    \
+}                                                                                       \
+static inline __m512i pair_q8_0_##ISA(__m512i w, __m512i y) {                          \
+    const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y); \
+    return DOT(_mm512_abs_epi8(w), sy);                                                 \
+}
+
+#define Q8_0_KERNELS(name, wtype_t, decode, ISA)                               \
+float ember_vec_dot_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *vx) {    \
+    const wtype_t *w = vw;                                                              \
+    const block_q8_0 *x = vx;                                                           \
+    const int64_t nb = n / QK8_0;                                                       \
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                      \
+    int64_t i = 0;                                                                      \
+    for (; i + 4 <= nb; i += 4) {                                                       \
+        const __m512i p0 = pair_##name##_##ISA(decode(&w[i]), y_pair(&x[i], &x[i + 1]));  \
+        const __m512i p1 = pair_##name##_##ISA(decode(&w[i + 2]), y_pair(&x[i + 2], &x[i + 3])); \
+        acc0 = _mm512_fmadd_ps(pair_scale(fp16(w[i].d) * fp16(x[i].d), fp16(w[i + 1].d) * fp16(x[i + 1].d)), \
+                               _mm512_cvtepi32_ps(p0), acc0);                           \
+        acc1 = _mm512_fmadd_ps(pair_scale(fp16(w[i + 2].d) * fp16(x[i + 2].d), fp16(w[i + 3].d) * fp16(x[i + 3].d)), \
+                               _mm512_cvtepi32_ps(p1), acc1);                           \
+    }                                                                                   \
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                        \
+    if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
+    return sum;                                                                         \
+}                                                                                       \
+                                                                                        \
+void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *vx,      \
+                                        size_t xs, float *s) {                          \
+    const wtype_t *w = vw;                                                              \
+    const uint8_t *xb = vx;                                                             \
+    const int64_t nb = n / QK8_0;                                                       \
+    __m512 acc[4];                                                                      \
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();                           \
+    int64_t i = 0;                                                                      \
+    for (; i + 2 <= nb; i += 2) {                                                       \
+        const __m512i u = decode(&w[i]);                                                \
+        const float d0 = fp16(w[i].d), d1 = fp16(w[i + 1].d);                           \
+        for (int r = 0; r < 4; r++) {                                                   \
+            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i;                \
+            const __m512i p = pair_##name##_##ISA(u, y_pair(&x[0], &x[1]));              \
+            acc[r] = _mm512_fmadd_ps(pair_scale(d0 * fp16(x[0].d), d1 * fp16(x[1].d)),  \
+                                     _mm512_cvtepi32_ps(p), acc[r]);                    \
+        }                                                                               \
+    }                                                                                   \
+    for (int r = 0; r < 4; r++) {                                                       \
+        s[r] = _mm512_reduce_add_ps(acc[r]);                                            \
+        if (i < nb) s[r] += ember_vec_dot_##name##_q8_0_generic(QK8_0, w + i, (const block_q8_0 *)(xb + r * xs) + i); \
+    }                                                                                   \
+}
+
+PAIR_FUNCS(avx512, dot_u8_plain)
+Q8_0_KERNELS(q4_0, block_q4_0, q4_0_pair, avx512)
+Q8_0_KERNELS(q8_0, block_q8_0, q8_0_pair, avx512)
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+static inline __m512i dot_u8_vnni(__m512i u, __m512i s) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+}
+PAIR_FUNCS(avx512vnni, dot_u8_vnni)
+Q8_0_KERNELS(q4_0, block_q4_0, q4_0_pair, avx512vnni)
+Q8_0_KERNELS(q8_0, block_q8_0, q8_0_pair, avx512vnni)
+#pragma GCC pop_options
+
+/* ======================================================================== */
+/* Q4_K                                                                      */
+/* ======================================================================== */
+
+/* 8 scales (int16 lanes 0..7) and 8 mins (lanes 8..15) from 12 packed bytes */
+static inline __m256i k4_scales_mins(const uint8_t *packed) {
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    return _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+}
+
+/* int16 index vector: lanes 0..15 take element a, lanes 16..31 element b */
+static inline __m512i idx_2x16(int a, int b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)a)), _mm256_set1_epi16((short)b), 1);
+}
+
+/* int16 index vector: lanes 8k..8k+7 take element base+k, k = 0..3 */
+static inline __m512i idx_4x8(int base) {
+    const __m128i a = _mm_set1_epi16((short)base), b = _mm_set1_epi16((short)(base + 1));
+    const __m128i c = _mm_set1_epi16((short)(base + 2)), d = _mm_set1_epi16((short)(base + 3));
+    return pair256(_mm256_set_m128i(b, a), _mm256_set_m128i(d, c));
+}
+
+/* chunk j: 64 values in order (low nibbles of 32 bytes, then their high nibbles) */
+static inline __m512i q4k_chunk(const uint8_t *qs) {
+    const __m256i t = load256(qs);
+    return _mm512_and_si512(pair256(t, _mm256_srli_epi16(t, 4)), _mm512_set1_epi8(0x0F));
+}
+
+/* sum_j m_j * (bsums[2j] + bsums[2j+1]), 4 int32 lanes */
+static inline __m128i k4_min_sums(__m256i scmin, const block_q8_K *x) {
+    const __m256i bs = load256(x->bsums);
+    const __m128i pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    return _mm_madd_epi16(_mm256_extracti128_si256(scmin, 1), pairs);
+}
+
+static inline float hsum4(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+float ember_vec_dot_q4_K_q8_K_avx512(int64_t n, const void *vw, const void *vx) {
+    const block_q4_K *w = vw;
+    const block_q8_K *x = vx;
+    __m512 acc = _mm512_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m256i scmin = k4_scales_mins(w[i].scales);
+        const __m512i sc = _mm512_castsi256_si512(scmin);
+        __m512i sumi = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const __m512i p = _mm512_maddubs_epi16(q4k_chunk(w[i].qs + 32 * j), load512(x[i].qs + 64 * j));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(_mm512_permutexvar_epi16(idx_2x16(2 * j, 2 * j + 1), sc), p));
+        }
+        const float dy = x[i].d;
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(dy * fp16(w[i].d)), _mm512_cvtepi32_ps(sumi), acc);
+        accm = _mm_fmadd_ps(_mm_set1_ps(-dy * fp16(w[i].dmin)), _mm_cvtepi32_ps(k4_min_sums(scmin, &x[i])), accm);
+    }
+    return _mm512_reduce_add_ps(acc) + hsum4(accm);
+}
+
+void ember_vec_dot4_q4_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_q4_K *w = vw;
+    const uint8_t *xb = vx;
+    __m512 acc[4];
+    __m128 accm[4];
+    for (int r = 0; r < 4; r++) { acc[r] = _mm512_setzero_ps(); accm[r] = _mm_setzero_ps(); }
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m256i scmin = k4_scales_mins(w[i].scales);
+        const __m512i sc = _mm512_castsi256_si512(scmin);
+        const block_q8_K *x[4];
+        __m512i sumi[4];
+        for (int r = 0; r < 4; r++) {
+            x[r] = (const block_q8_K *)(xb + r * xs) + i;
+            sumi[r] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 4; j++) {
+            const __m512i u = q4k_chunk(w[i].qs + 32 * j);
+            const __m512i scj = _mm512_permutexvar_epi16(idx_2x16(2 * j, 2 * j + 1), sc);
+            for (int r = 0; r < 4; r++) {
+                const __m512i p = _mm512_maddubs_epi16(u, load512(x[r]->qs + 64 * j));
+                sumi[r] = _mm512_add_epi32(sumi[r], _mm512_madd_epi16(scj, p));
+            }
+        }
+        const float dw = fp16(w[i].d), dmin = fp16(w[i].dmin);
+        for (int r = 0; r < 4; r++) {
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]->d * dw), _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+            accm[r] = _mm_fmadd_ps(_mm_set1_ps(-x[r]->d * dmin), _mm_cvtepi32_ps(k4_min_sums(scmin, x[r])), accm[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]) + hsum4(accm[r]);
+}
+
+/* ======================================================================== */
+/* Q6_K                                                                      */
+/* ======================================================================== */
+
+/* One 128-value half as two registers of unsigned codes 0..63, value order. */
+static inline void q6k_half(const uint8_t *ql, const uint8_t *qh, __m512i u[2]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(0x03);
+    const __m512i l = load512(ql);                  /* ql[0..63]: values 0..63 low, 64..127 high nibbles */
+    const __m256i h = load256(qh);
+    const __m512i h01 = pair256(h, _mm256_srli_epi16(h, 2));                       /* values 0..63 */
+    const __m512i h23 = pair256(_mm256_srli_epi16(h, 4), _mm256_srli_epi16(h, 6)); /* values 64..127 */
+    u[0] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(_mm512_and_si512(h01, m3), 4));
+    u[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                           _mm512_slli_epi16(_mm512_and_si512(h23, m3), 4));
+}
+
+/* codes are value + 32: the -32 is paid once per 16 values through bsums */
+static inline __m256i q6k_offset(__m512i sc16, const block_q8_K *x) {
+    return _mm256_slli_epi32(_mm256_madd_epi16(_mm512_castsi512_si256(sc16), load256(x->bsums)), 5);
+}
+
+float ember_vec_dot_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx) {
+    const block_q6_K *w = vw;
+    const block_q8_K *x = vx;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_off = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales)));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int half = 0; half < 2; half++) {
+            __m512i u[2];
+            q6k_half(w[i].ql + 64 * half, w[i].qh + 32 * half, u);
+            for (int c = 0; c < 2; c++) {
+                const __m512i p = _mm512_maddubs_epi16(u[c], load512(x[i].qs + 128 * half + 64 * c));
+                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(_mm512_permutexvar_epi16(idx_4x8(8 * half + 4 * c), sc16), p));
+            }
+        }
+        const float d = x[i].d * fp16(w[i].d);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc_off = _mm256_fnmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(q6k_offset(sc16, &x[i])), acc_off);
+    }
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+    a = _mm256_add_ps(a, acc_off);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    return hsum4(s);
+}
+
+void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_q6_K *w = vw;
+    const uint8_t *xb = vx;
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales)));
+        const block_q8_K *x[4];
+        __m512i sumi[4];
+        for (int r = 0; r < 4; r++) {
+            x[r] = (const block_q8_K *)(xb + r * xs) + i;
+            /* start from -offset in lanes 0..7 (the int sum is exact either way) */
+            sumi[r] = _mm512_castsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), q6k_offset(sc16, x[r])));
+            sumi[r] = _mm512_maskz_mov_epi32(0x00FF, sumi[r]);
+        }
+        for (int half = 0; half < 2; half++) {
+            __m512i u[2];
+            q6k_half(w[i].ql + 64 * half, w[i].qh + 32 * half, u);
+            for (int c = 0; c < 2; c++) {
+                const __m512i scc = _mm512_permutexvar_epi16(idx_4x8(8 * half + 4 * c), sc16);
+                for (int r = 0; r < 4; r++) {
+                    const __m512i p = _mm512_maddubs_epi16(u[c], load512(x[r]->qs + 128 * half + 64 * c));
+                    sumi[r] = _mm512_add_epi32(sumi[r], _mm512_madd_epi16(scc, p));
+                }
+            }
+        }
+        const float dw = fp16(w[i].d);
+        for (int r = 0; r < 4; r++) {
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]->d * dw), _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* ======================================================================== */
+/* Table                                                                     */
+/* ======================================================================== */
+
+void ember_fill_kernels_avx512(ember_type_kernels *k) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni")) {
+        k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512vnni;
+        k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512vnni;
+        k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512vnni;
+        k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_avx512vnni;
+    } else {
+        k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512;
+        k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512;
+        k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512;
+        k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_avx512;
+    }
+    k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_avx512;
+    k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx512;
+    k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
+    k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
+}
+
+#pragma GCC pop_options
 #endif

@@ -95,6 +95,11 @@ static inline void ember_q3k_scales(const uint8_t *s, int8_t out[16]) {
 
 extern const int8_t ember_kvalues_iq4nl[16];
 
+/* fp16 bit pattern -> f32, filled once at load (dispatch.c). A table load is
+ * cheaper than a scalar F16C conversion (which needs a GPR->XMM move) and
+ * SIMD kernels broadcast straight from it; it stays in L2. */
+extern float ember_fp16_table[1 << 16];
+
 /* ======================================================================== */
 /* Portable kernels (quants_generic.c)                                       */
 /* ======================================================================== */

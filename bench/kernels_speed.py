@@ -1,0 +1,153 @@
+"""Single-thread matvec speed per weight type and ISA, against read bandwidth.
+
+Decode reads every weight once per token, so a matvec kernel is good when it
+moves weights as fast as the memory system delivers them. This script prints,
+per type and ISA, the GB/s of weight bytes consumed by one thread:
+
+  warm    one TinyLlama-sized matrix (5632 x 2048), repeated: cache-resident,
+          so it shows the kernel's compute ceiling;
+  stream  a stack of such matrices larger than the last-level cache, walked
+          once per repeat: what decode actually sees;
+
+and the machine's single-thread read bandwidth (a plain C sum over a 1 GiB
+array, compiled on the fly; numpy's sum if no C compiler), so that
+stream / bandwidth is the fraction of the bound reached.
+
+ISAs alternate inside each repeat, so load on a shared machine hits all of
+them alike; compare ratios, not absolute numbers across runs.
+
+    python3 bench/kernels_speed.py [--types Q4_0,Q8_0,Q4_K,Q6_K] [--stream-mb 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+from ember.formats.quants import BLOCKS, GGML_TYPE_IDS
+from ember.kernels import _native, dispatch
+
+HOT = "Q4_0,Q8_0,Q4_K,Q6_K"
+ALL = "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,IQ4_NL,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,F16,BF16,F32"
+FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+               "IQ4_NL": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2],
+               "Q5_K": [0, 2], "Q6_K": [208]}
+
+# ---------------------------------------------------------------------------
+# Read bandwidth
+# ---------------------------------------------------------------------------
+
+SUM_C = r"""
+#include <stdint.h>
+#include <stddef.h>
+uint64_t sum_u64(const uint64_t *p, size_t n) {
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = 0; i + 4 <= n; i += 4) { a += p[i]; b += p[i + 1]; c += p[i + 2]; d += p[i + 3]; }
+    return a + b + c + d;
+}
+"""
+
+
+def _c_sum():
+    """ctypes sum_u64 built with -O3 -march=native, or None without a compiler."""
+    d = tempfile.mkdtemp(prefix="ember_bw_")
+    src, lib = os.path.join(d, "sum.c"), os.path.join(d, "sum.so")
+    with open(src, "w") as f:
+        f.write(SUM_C)
+    try:
+        subprocess.run(["cc", "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    fn = ctypes.CDLL(lib).sum_u64
+    fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, str]:
+    """Best single-thread GB/s over a `gib` GiB array, and how it was measured."""
+    a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)   # (n,) touched once: pages exist
+    fn = _c_sum()
+    run = (lambda: fn(a.ctypes.data, a.size)) if fn else (lambda: a.sum())
+    best = min(_timed(run) for _ in range(repeats))
+    return a.nbytes / best / 1e9, "C sum -O3 -march=native" if fn else "numpy uint64 sum"
+
+# ---------------------------------------------------------------------------
+# Matrices
+# ---------------------------------------------------------------------------
+
+def random_weights(t: str, rows: int, n: int, rng) -> np.ndarray:
+    """uint8 (rows, row_bytes) of type t: random codes, scales in [1e-3, 1e-1]."""
+    be, bb = BLOCKS[t]
+    if be == 1:
+        v = rng.standard_normal((rows, n), dtype=np.float32)
+        if t == "F32":
+            return v.view(np.uint8)
+        from ember.formats.quants import quantize
+        return quantize(t, v).reshape(rows, -1)
+    W = rng.integers(0, 256, (rows, n // be, bb), dtype=np.uint8)
+    for off in FP16_FIELDS[t]:
+        W[:, :, off:off + 2] = rng.uniform(1e-3, 1e-1, (rows, n // be)).astype(np.float16)[..., None].view(np.uint8)
+    return W.reshape(rows, -1)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+# ---------------------------------------------------------------------------
+# The measurement
+# ---------------------------------------------------------------------------
+
+def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, repeats: int, rng) -> dict:
+    tid = GGML_TYPE_IDS[t]
+    W = random_weights(t, rows, n, rng)
+    copies = max(2, -(-stream_bytes // W.nbytes))
+    S = np.concatenate([W] * copies)                   # (copies*rows, row_bytes): beyond the LLC
+    x = rng.standard_normal(n).astype(np.float32)
+    xq = np.empty(_native.act_row_bytes(tid, n), np.uint8)
+    y = np.empty(S.shape[0], np.float32)
+    warm = {i: float("inf") for i in isas}
+    stream = dict(warm)
+    for _ in range(repeats):
+        for isa in isas:                               # alternate: load hits every ISA alike
+            dispatch.use(isa)
+            _native.quantize_act(tid, x, xq)
+            for _ in range(3):
+                warm[isa] = min(warm[isa], _timed(lambda: _native.matvec(tid, W, xq, y, n, 0, rows)))
+            stream[isa] = min(stream[isa], _timed(lambda: _native.matvec(tid, S, xq, y, n, 0, S.shape[0])))
+    return {isa: (W.nbytes / warm[isa] / 1e9, S.nbytes / stream[isa] / 1e9) for isa in isas}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default=HOT, help=f"comma list, or 'all' ({ALL})")
+    ap.add_argument("--isas", default=",".join(dispatch.available_isas()))
+    ap.add_argument("--rows", type=int, default=5632)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--stream-mb", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    types = (ALL if args.types == "all" else args.types).split(",")
+    isas = args.isas.split(",")
+    bw, how = read_bandwidth()
+    print(f"single-thread read bandwidth: {bw:.1f} GB/s ({how}, 1 GiB)")
+    print(f"matvec {args.rows}x{args.cols}, 1 thread; GB/s of weights (warm = cache-resident, "
+          f"stream = {args.stream_mb} MB, fraction = stream / read bandwidth)")
+    print(f"{'type':7} {'isa':8} {'warm GB/s':>10} {'stream GB/s':>12} {'fraction':>9}")
+    rng = np.random.default_rng(0)
+    for t in types:
+        res = bench_type(t, isas, args.rows, args.cols, args.stream_mb << 20, args.repeats, rng)
+        for isa, (warm, stream) in res.items():
+            print(f"{t:7} {isa:8} {warm:10.2f} {stream:12.2f} {stream / bw:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
