@@ -158,6 +158,7 @@ class LlamaCpp:
 def ember_time(tok, text: str, cold: bool = True) -> tuple[float, list[int]]:
     if cold:
         tok._model.cache.clear()
+        tok._model.piece_cache.clear()
     t0 = time.perf_counter()
     ids = tok.encode(text)
     return time.perf_counter() - t0, ids

@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import unicodedata
 
+import numpy as np
 import regex
 
 from ember.formats.tokenizer_pretok import WS, PreTokenizer
@@ -101,12 +102,14 @@ def cut_at_non_junctions(piece: str, junctions: set[str]) -> list[str]:
 
 
 def token_pairs(tokens: list[str]) -> set[str]:
-    """Every adjacent-character pair inside any token."""
-    pairs: set[str] = set()
-    for t in tokens:
-        if len(t) > 1:
-            pairs.update(t[i:i + 2] for i in range(len(t) - 1))
-    return pairs
+    """Every adjacent-character pair inside any token (numpy over one joined string)."""
+    joined = "\x00".join(tokens)
+    if joined.count("\x00") != len(tokens) - 1:   # a token holds NUL itself: plain loop
+        return {t[i:i + 2] for t in tokens for i in range(len(t) - 1)}
+    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (n_chars,)
+    codes = (cps[:-1] << np.uint64(21)) | cps[1:]   # code points fit in 21 bits
+    inside = (cps[:-1] != 0) & (cps[1:] != 0)       # pairs not touching a separator
+    return {chr(c >> 21) + chr(c & 0x1FFFFF) for c in np.unique(codes[inside]).tolist()}
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +124,8 @@ class SpmModel:
         self.byte_ids = byte_ids      # (256,) byte -> id of <0xXX> (or the 1-byte token), None
         self.splitter = splitter
         self.cache = _WordCache()
-        self._pairs: set[str] | None = None   # built on the first long piece (~0.1 s)
+        self.pairs = token_pairs(list(token_to_id))   # junction candidates for long pieces
+        self.piece_cache = _WordCache()
 
     def encode(self, text: str, out: list[int]) -> None:
         """text: already space-escaped (' ' -> '▁', prefix added by the caller)."""
@@ -135,11 +139,13 @@ class SpmModel:
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
         if len(piece) <= LONG_PIECE:
             return self._merge(piece)
-        if self._pairs is None:
-            self._pairs = token_pairs(list(self.token_to_id))
         ids: list[int] = []
-        for part in cut_at_non_junctions(piece, self._pairs):
-            ids.extend(self._merge(part))
+        cache = self.piece_cache
+        for part in cut_at_non_junctions(piece, self.pairs):
+            got = cache.get(part)
+            if got is None:
+                got = cache.put(part, self._merge(part))
+            ids.extend(got)
         return tuple(ids)
 
     def _merge(self, piece: str) -> tuple[int, ...]:
