@@ -1,0 +1,244 @@
+"""The memory budget: does a model fit, at which context, and if not, why not.
+
+Design. Memory is planned before a single weight is touched. The backend's
+`ember_plan` hook says what a model costs at a context length (weights, KV
+cache, scratch, its own runtime); the daemon adds what the process already
+holds (the interpreter, numpy, ZeroMQ: measured RSS before the load) and
+compares the total with the budget, which comes from, in order: the
+`--memory-budget` flag, the config file, the cgroup's memory.max (systemd's
+MemoryMax=), or nothing (no limit, the plan is still reported).
+
+The KV cache is the only part that scales with n_ctx, and every backend's
+plan is monotonic in n_ctx, so when the requested context does not fit,
+`fit()` binary-searches the largest context that does, down to a floor
+(`min_ctx`), and says so. Below the floor it refuses with `OverBudget`, whose
+message lists every line of the plan and by how much the total is over — a
+user error (one line per part on stderr, non-zero exit, no traceback).
+
+A reload puts two models in memory for a moment (the new one loads beside
+the old), so `fit_beside()` charges the old model's plan too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ember.plugins.types import MemoryPlan
+
+CTX_STEP = 64                      # shrunk contexts are multiples of this
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class OverBudget(Exception):
+    """The model does not fit the memory budget; the message is the breakdown."""
+
+    user_error = True
+
+
+class BudgetError(ValueError):
+    """A budget value that cannot be read (bad size text, negative)."""
+
+    user_error = True
+
+
+# ---------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text) -> int:
+    """'1.5G', '3500M', '512k', '2GiB', 4096 -> bytes (binary units, like systemd's MemoryMax)."""
+    if isinstance(text, bool):
+        raise BudgetError(f"memory budget must be a size like 1.5G, got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
+        if m is None:
+            raise BudgetError(f"memory budget must be a size like 1.5G or 3500M, got {text!r}")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise BudgetError(f"memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def human(n: int) -> str:
+    """Bytes as a short binary-unit string: 1.50 GiB, 12.0 MiB, 512 B."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+# ---------------------------------------------------------------------------
+# Where the budget comes from
+# ---------------------------------------------------------------------------
+
+def cgroup_memory_max(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -> int | None:
+    """The tightest memory.max on the path from this process's cgroup (v2) to the root.
+
+    systemd puts MemoryMax= there; "max" means unlimited. A limit on a parent
+    slice binds too, so every level up to the root is read.
+    """
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rel = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+    if rel is None:
+        return None
+    limits = []
+    path = os.path.normpath(os.path.join(root, rel.lstrip("/")))
+    while path.startswith(os.path.normpath(root)):
+        limits.append(_read_limit(os.path.join(path, "memory.max")))
+        if path == os.path.normpath(root):
+            break
+        path = os.path.dirname(path)
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def _read_limit(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None   # "max" = unlimited
+
+
+def resolve(flag=None, config=None, cgroup: Callable[[], int | None] = cgroup_memory_max):
+    """(bytes or None, where it came from): flag, then config, then the cgroup."""
+    if flag not in (None, ""):
+        return parse_size(flag), "--memory-budget"
+    if config not in (None, ""):
+        return parse_size(config), "config memory_budget"
+    limit = cgroup()
+    if limit is not None:
+        return limit, "cgroup memory.max"
+    return None, "none (no --memory-budget, config or cgroup limit)"
+
+
+# ---------------------------------------------------------------------------
+# The plan against the budget
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    """A plan that fits (or an unlimited one), for the n_ctx that will be loaded."""
+
+    n_ctx: int
+    plan: MemoryPlan
+    process: int                       # RSS the process held before the load
+    budget: int | None
+    source: str
+    requested_ctx: int
+    beside: int = 0                    # an old model kept loaded during a swap
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.plan.host_total + self.process
+
+    @property
+    def shrunk(self) -> bool:
+        return self.n_ctx < self.requested_ctx
+
+    def lines(self) -> list[tuple[str, int]]:
+        return plan_lines(self.plan, self.process, self.beside)
+
+    def to_wire(self) -> dict:
+        """The plan as `status` reports it (bytes; budget None = unlimited)."""
+        return {"budget": self.budget, "budget_source": self.source, "n_ctx": self.n_ctx,
+                "requested_ctx": self.requested_ctx, "total": self.total,
+                **{name: n for name, n in self.lines()}, "device": self.plan.device}
+
+
+def plan_lines(plan: MemoryPlan, process: int, beside: int = 0) -> list[tuple[str, int]]:
+    rows = [("weights", plan.weights), ("kv_cache", plan.kv_cache), ("scratch", plan.scratch),
+            ("runtime", plan.runtime), ("process", process)]
+    if beside:
+        rows.append(("old_model", beside))
+    return rows
+
+
+def breakdown(plan: MemoryPlan, process: int, budget: int, n_ctx: int, beside: int = 0) -> str:
+    """Every line of the plan, the total, and by how much it is over."""
+    rows = plan_lines(plan, process, beside)
+    total = sum(n for _, n in rows)
+    width = max(len(k) for k, _ in rows)
+    out = [f"  {k:<{width}}  {human(n):>11}" for k, n in rows]
+    out.append(f"  {'total':<{width}}  {human(total):>11}  (n_ctx {n_ctx})")
+    out.append(f"  {'budget':<{width}}  {human(budget):>11}")
+    out.append(f"  {'over by':<{width}}  {human(total - budget):>11}")
+    return "\n".join(out)
+
+
+def fit(plan_at: Callable[[int], MemoryPlan], n_ctx: int, min_ctx: int, budget: int | None,
+        source: str = "", process: int = 0, beside: int = 0) -> Fit:
+    """The largest context <= n_ctx (and >= min_ctx) whose plan fits, or OverBudget."""
+    min_ctx = max(1, min(min_ctx, n_ctx))
+    plan = plan_at(n_ctx)
+    result = Fit(n_ctx, plan, process, budget, source, n_ctx, beside)
+    if budget is None or _total(plan, process, beside) <= budget:
+        return result
+    floor = plan_at(min_ctx)
+    if _total(floor, process, beside) > budget:
+        why = (f"the model does not fit the memory budget ({source}) even at the smallest "
+               f"context n_ctx={min_ctx}" if min_ctx < n_ctx else
+               f"the model does not fit the memory budget ({source}) at n_ctx={n_ctx}")
+        raise OverBudget(f"{why}:\n{breakdown(floor, process, budget, min_ctx, beside)}\n"
+                         f"  raise the budget, lower --min-ctx, or use a smaller quant")
+    ctx = _largest_fitting(plan_at, min_ctx, n_ctx, budget, process + beside)
+    result.n_ctx, result.plan = ctx, plan_at(ctx)
+    result.messages.append(f"memory budget {human(budget)} ({source}): context shrunk from "
+                           f"{n_ctx} to {ctx} tokens (plan {human(result.total + beside)})")
+    return result
+
+
+def _total(plan: MemoryPlan, process: int, beside: int) -> int:
+    return plan.host_total + process + beside
+
+
+def _largest_fitting(plan_at, lo: int, hi: int, budget: int, extra: int) -> int:
+    """Binary search: plan_at(lo) fits, plan_at(hi) does not; KV grows with n_ctx."""
+    floor = lo
+
+    def fits(c):
+        return plan_at(c).host_total + extra <= budget
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    stepped = lo // CTX_STEP * CTX_STEP   # a tidy size, unless that falls below the floor
+    return stepped if stepped >= floor else lo
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM) of this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,465 @@
+"""emberd in production: budgeted load, signals, sd_notify, drain, reload, watch.
+
+Design. emberd.py runs the stages (flags, load, server, bind, serve); this
+module is what makes them safe to leave running for months, hooked in
+without owning the server:
+
+* load (`load_model`): model path (or the default model from the cache,
+  pulled on first start), model-file checks (daemon/modelfile.py), the
+  memory plan against the budget (daemon/budget.py: shrink n_ctx or refuse
+  with the breakdown), then the engine load at the planned context.
+* `Service.attach(server)`: CURVE on the socket (daemon/security.py), the
+  `load` and draining `generate` handlers, the plan in `status`, and one
+  `tick` that the server's loop runs every turn (at least once a second).
+  The tick feeds the systemd watchdog — from the loop itself, so a hung
+  loop stops the pings — sends STATUS lines, advances a drain, swaps in a
+  reloaded model, checks the mapped file has not shrunk, and updates the
+  peak RSS that `status` reports beside the plan.
+
+Signals only set flags; the tick acts on them. SIGTERM (or SIGINT) starts a
+drain: STOPPING=1, new requests are refused (`busy`, "shutting down"),
+queued ones get a terminal `cancelled` error, the running one may finish
+until --drain-timeout and is then cancelled (its client gets `done` with
+stop "cancelled"); when nothing is in flight the loop returns and emberd
+exits 0. A second SIGTERM exits at once (status 1). SIGTERM during the load
+ends the start-up before READY=1 is ever sent (exit 0).
+
+Reload (SIGHUP, or the `load` op when --allow-load): the config is read
+again and the model loads on a helper thread beside the old one, charged to
+the budget with the old one still in it; the loop swaps the server's and
+scheduler's model in one turn. A generation already started keeps the old
+model (its Generation holds it) and finishes there; the old model is closed
+once no job holds it.
+
+Test-only hook: with EMBER_DEBUG_HANG=SECONDS in the environment, SIGUSR1
+blocks the serving loop for that long (the watchdog test uses it to show
+that a hung loop stops the pings). Without the variable SIGUSR1 keeps its
+default action.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ember.daemon import budget as budget_mod
+from ember.daemon import modelcache, modelfile, security
+from ember.daemon.notify import Notifier
+from ember.formats import protocol
+from ember.formats.protocol import ProtocolError
+
+log = logging.getLogger("emberd")
+
+DEFAULT_MIN_CTX = 256
+DEFAULT_DRAIN_S = 10.0
+STATUS_EVERY_S = 10.0
+WATCH_EVERY_S = 1.0
+STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT arrived before the daemon was serving."""
+
+
+# ---------------------------------------------------------------------------
+# Flags (added to emberd's parser)
+# ---------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    from ember.daemon import config
+    config.add_argument(p)
+    g = p.add_argument_group("production")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory for weights + KV cache + scratch + runtime, e.g. 1.5G "
+                        "(default: config, else the cgroup's memory.max, else unlimited)")
+    g.add_argument("--min-ctx", type=int, default=DEFAULT_MIN_CTX, metavar="N",
+                   help=f"never shrink the context below N to fit the budget (default {DEFAULT_MIN_CTX})")
+    g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+                   help="on SIGTERM, let the running request finish for S seconds, then cancel it")
+    g.add_argument("--server-key", metavar="PATH", help="CURVE secret key (NAME.key_secret)")
+    g.add_argument("--allowed-clients", metavar="DIR", help="folder of allowed client .key files")
+    g.add_argument("--insecure", action="store_true", default=False,
+                   help="allow binding beyond loopback without CURVE keys (anyone may connect)")
+    g.add_argument("--allow-load", action="store_true", default=False,
+                   help="enable the `load` op (clients may swap the model)")
+    g.add_argument("--cache-dir", help="model cache (default $CACHE_DIRECTORY/models or "
+                                       "~/.cache/ember/models)")
+    g.add_argument("--hub", help="model hub base URL for the default model (default $EMBER_HUB "
+                                 "or huggingface.co)")
+    g.add_argument("--no-pull", action="store_true", default=False,
+                   help="never download the default model; say what to run instead")
+
+
+# ---------------------------------------------------------------------------
+# Loading within the budget
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    model: object
+    fit: budget_mod.Fit
+    watch: modelfile.Watch
+    checked: modelfile.Checked
+    messages: list[str] = field(default_factory=list)
+
+
+def resolve_model(args, say) -> str:
+    if args.model:
+        return args.model
+    root = modelcache.cache_dir(override=getattr(args, "cache_dir", None))
+    hub = modelcache.hub_url(override=getattr(args, "hub", None))
+    return str(modelcache.default_model(root, hub, allow_pull=not args.no_pull, say=say))
+
+
+def budget_of(args) -> tuple[int | None, str]:
+    from_config = "memory_budget" in getattr(args, "config_keys", ())
+    if from_config:
+        return budget_mod.resolve(None, args.memory_budget)
+    return budget_mod.resolve(args.memory_budget)
+
+
+def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod.Fit, str]:
+    """The budget fit for `path` on the chosen backend; (fit, backend name)."""
+    from ember.daemon import engine
+    from ember.formats import gguf
+    from ember.plugins import registry
+    from ember.plugins.arch import config_from_gguf
+    with gguf.open(path) as f:
+        cfg = config_from_gguf(f)
+    name, _ = registry.choose(args.backend)
+    n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
+    limit, source = budget_of(args)
+    fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,
+                         max(1, args.min_ctx or 1), limit, source, process, beside)
+    return fit, name
+
+
+def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
+    """Check the file, fit the budget, load at the planned context."""
+    from ember.daemon import engine
+    say = say or (lambda m: print(f"emberd: {m}", file=sys.stderr, flush=True))
+    if args.ctx is not None and args.ctx < 1:
+        raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
+    path = resolve_model(args, say)
+    checked = modelfile.check(path)
+    process = budget_mod.rss_bytes() if process is None else process
+    fit, backend = plan_fit(path, args, process, beside)
+    for m in fit.messages:
+        say(m)
+    modelfile.recheck(checked)
+    model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads)
+    try:
+        watch = modelfile.Watch(checked, model.gguf.size)
+    except BaseException:
+        model.close()
+        raise
+    return Loaded(model, fit, watch, checked, list(fit.messages))
+
+
+# ---------------------------------------------------------------------------
+# The service around a Server
+# ---------------------------------------------------------------------------
+
+class Service:
+    """Signals, sd_notify and the per-turn tick for one emberd process."""
+
+    def __init__(self, args, argv=None, parser_factory=None):
+        self.args, self.argv, self.parser_factory = args, argv, parser_factory
+        self.notify = Notifier()
+        self.server = None
+        self.loaded: Loaded | None = None
+        self.exit_code = 0
+        self.curve: security.Curve | None = None
+        self._serving = False
+        self._terms = 0
+        self._hup = False
+        self._hang = False
+        self._drain_deadline: float | None = None
+        self._reload: threading.Thread | None = None
+        self._swap: tuple | None = None          # (Loaded | Exception, reply target)
+        self._retired: list[Loaded] = []
+        self._last_status = (0.0, None)
+        self._last_watch = 0.0
+        self._peak = 0
+        self._install_signals()
+
+    # -- signals -----------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        if os.environ.get("EMBER_DEBUG_HANG"):
+            signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_term(self, signum, frame) -> None:
+        self._terms += 1
+        if self._terms > 1:
+            os.write(2, b"emberd: second stop signal: exiting now without draining\n")
+            os._exit(1)
+        if not self._serving:
+            raise Stopped()
+
+    def _on_hup(self, signum, frame) -> None:
+        self._hup = True
+
+    def _on_usr1(self, signum, frame) -> None:
+        self._hang = True
+
+    # -- start-up ----------------------------------------------------------------
+
+    def status(self, text: str) -> None:
+        self.notify.status(text)
+
+    def security(self, endpoints: list[str]) -> None:
+        """Before the load: refuse an open bind without keys (cheap, so it comes first)."""
+        keys = security.server_keys(self.args.server_key, self.args.allowed_clients)
+        for w in security.check_binds(endpoints, keys, self.args.insecure):
+            print(f"emberd: {w}", file=sys.stderr, flush=True)
+        self.curve = security.Curve(keys) if keys else None
+
+    def load(self) -> Loaded:
+        self.status(f"loading {self.args.model or 'the default model'}")
+        self.loaded = load_model(self.args, say=self._say)
+        fit = self.loaded.fit
+        self.status(f"loaded {os.path.basename(self.loaded.model.path)}: n_ctx {fit.n_ctx}, plan "
+                    f"{budget_mod.human(fit.total)}")
+        return self.loaded
+
+    def _say(self, msg: str) -> None:
+        print(f"emberd: {msg}", file=sys.stderr, flush=True)
+        self.status(msg)
+
+    def attach(self, server) -> None:
+        """Wire security, handlers, status and the tick into a built (not yet bound) Server."""
+        self.server = server
+        if self.curve is not None:
+            server._secure_socket = self.curve.secure
+        self._orig_generate = server.handlers["generate"]
+        server.handlers["generate"] = self._on_generate
+        server.handlers["load"] = self._on_load
+        server.on_tick.append(self.tick)
+        server.info["memory"] = self._memory()
+
+    def ready(self) -> None:
+        """After bind: READY=1 (the model is loaded and the socket bound)."""
+        self._serving = True
+        if self._terms:                       # a SIGTERM raced the last step of start-up
+            raise Stopped()
+        self.notify.ready(self._serving_text())
+
+    def close(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
+        for old in self._retired:
+            old.model.close()
+            old.watch.close()
+        if self.loaded is not None:
+            self.loaded.watch.close()
+        self.notify.close()
+
+    # -- the tick: once per loop turn ----------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self._hang:
+            self._hang = False
+            time.sleep(float(os.environ.get("EMBER_DEBUG_HANG", "0") or 0))
+        if self.notify.watchdog_due(now):
+            self.notify.watchdog()
+        if self._terms:
+            self._drain(now)
+        elif self._hup:
+            self._hup = False
+            self.start_reload(None)
+        if self._swap is not None:
+            self._finish_reload()
+        self._close_retired()
+        if now - self._last_watch >= WATCH_EVERY_S:
+            self._last_watch = now
+            self._watch_file()
+            self._update_memory()
+        self._status_line(now)
+
+    def _serving_text(self) -> str:
+        s, info = self.server.scheduler, self.server.info
+        return (f"serving {info.get('model')} (n_ctx {info.get('n_ctx')}): "
+                f"{s.requests_served} requests, {s.tokens_served} tokens")
+
+    def _status_line(self, now: float) -> None:
+        text = self._serving_text()
+        last_t, last_text = self._last_status
+        if self._terms == 0 and text != last_text and now - last_t >= 1.0 or \
+                now - last_t >= STATUS_EVERY_S:
+            self._last_status = (now, text)
+            if not self._terms:
+                self.status(text)
+
+    # -- memory in status -----------------------------------------------------------
+
+    def _memory(self) -> dict:
+        mem = self.loaded.fit.to_wire()
+        rss = budget_mod.rss_bytes()
+        self._peak = max(self._peak, budget_mod.peak_rss_bytes(), rss)
+        mem.update(rss_bytes=rss, peak_rss_bytes=self._peak,
+                   within_plan=self._peak <= mem["total"] + mem.get("old_model", 0))
+        return mem
+
+    def _update_memory(self) -> None:
+        self.server.info["memory"] = self._memory()
+
+    def _watch_file(self) -> None:
+        msg = self.loaded.watch.shrunk()
+        if msg is None:
+            return
+        log.error("%s; stopping", msg)
+        print(f"emberd: {msg}; stopping", file=sys.stderr, flush=True)
+        self.status(msg)
+        self.exit_code = 1
+        self.server.request_stop()
+
+    # -- draining ------------------------------------------------------------------
+
+    def _on_generate(self, owner: bytes, req) -> None:
+        if self._terms:
+            raise ProtocolError("busy", "the daemon is shutting down")
+        self._orig_generate(owner, req)
+
+    def _drain(self, now: float) -> None:
+        srv = self.server
+        if self._drain_deadline is None:
+            self._drain_deadline = now + max(0.0, self.args.drain_timeout)
+            srv.draining = True
+            self.notify.stopping("draining: finishing the running request")
+            self._cancel_queued()
+        running = srv.scheduler.running
+        if running is not None and now >= self._drain_deadline and running.stop is None:
+            srv.scheduler.cancel(running)      # ends within a token with done/cancelled
+        idle = srv.scheduler.idle() and not srv._active
+        if idle or now >= self._drain_deadline + STUCK_GRACE_S:
+            srv.request_stop()
+
+    def _cancel_queued(self) -> None:
+        srv = self.server
+        for job in list(srv._active.values()):
+            if srv.scheduler.cancel(job):      # True: it was waiting, nothing computed
+                srv._end(job)
+                srv._send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
+                                                    job.rid))
+
+    # -- reload -------------------------------------------------------------------
+
+    def _on_load(self, owner: bytes, req) -> None:
+        if not self.args.allow_load:
+            raise ProtocolError("unauthorized", "the load op is not enabled on this daemon "
+                                                "(start it with --allow-load)")
+        if self._reload is not None or self._terms:
+            raise ProtocolError("busy", "a model load is already in progress")
+        path = self._load_target(req.fields["model"])
+        self.start_reload((owner, req.id), path)
+
+    def _load_target(self, name: str) -> str:
+        """An absolute path, or a cache entry as REPO/FILE or FILE."""
+        if os.path.isabs(name):
+            return name
+        root = modelcache.cache_dir(override=self.args.cache_dir)
+        for e in modelcache.entries(root):
+            if name in (f"{e.repo}/{e.file}", e.file):
+                return str(e.path)
+        raise ProtocolError("bad_request", f"model {name!r}: give an absolute path or a cached "
+                                           "model (see `ember models`)")
+
+    def start_reload(self, reply_to, path: str | None = None) -> None:
+        if self._reload is not None:
+            log.warning("reload already in progress; ignoring")
+            return
+        args = self._fresh_args()
+        if path is not None:
+            args.model = path
+        self.status(f"reloading {args.model or 'the default model'} beside "
+                    f"{self.server.info.get('model')}")
+        self._reload = threading.Thread(target=self._load_beside, args=(args, reply_to),
+                                        name="ember-reload", daemon=True)
+        self._reload.start()
+
+    def _fresh_args(self):
+        """SIGHUP re-reads the config file; flags still win."""
+        if self.parser_factory is None:
+            return self.args
+        from ember.daemon import config
+        try:
+            return config.parse_args(self.parser_factory(), self.argv)
+        except SystemExit:
+            log.error("config no longer valid; reloading with the start-up settings")
+            return self.args
+
+    def _load_beside(self, args, reply_to) -> None:
+        try:
+            old = self.loaded.fit
+            new = load_model(args, process=old.process, beside=old.plan.host_total,
+                             say=lambda m: log.warning("%s", m))
+            new.model.tokenize("warm up")
+            result = new
+        except Exception as e:  # noqa: BLE001 - a bad reload keeps the old model serving
+            result = e
+        self._swap = (result, reply_to)
+        self.server._wake()
+
+    def _finish_reload(self) -> None:
+        (result, reply_to), self._swap = self._swap, None
+        self._reload = None
+        if isinstance(result, BaseException):
+            msg = str(result).replace("\n", "; ")
+            log.error("reload failed, still serving the old model: %s", msg)
+            print(f"emberd: reload failed, still serving the old model: {msg}", file=sys.stderr,
+                  flush=True)
+            if reply_to:
+                self.server._send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
+                                                              reply_to[1]))
+            self.status(self._serving_text())
+            return
+        self._swap_in(result)
+        if reply_to:
+            info = self.server.info
+            self.server._send(reply_to[0], protocol.reply(
+                "load", reply_to[1], model=info["model"], n_ctx=info["n_ctx"],
+                backend=info["backend"]))
+
+    def _swap_in(self, new: Loaded) -> None:
+        from ember.daemon.emberd import model_info
+        srv, old = self.server, self.loaded
+        srv.model = new.model
+        srv.scheduler.model = new.model            # jobs opened from now on use the new one
+        self.loaded = new
+        srv.info = {**model_info(new.model), "memory": None}
+        self._peak = 0
+        srv.info["memory"] = self._memory()
+        self._retired.append(old)
+        print(f"emberd: now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})",
+              file=sys.stderr, flush=True)
+        self.status(self._serving_text())
+
+    def _close_retired(self) -> None:
+        if not self._retired:
+            return
+        in_use = self._models_in_use()
+        keep = []
+        for old in self._retired:
+            if old.model in in_use:
+                keep.append(old)
+            else:
+                old.model.close()
+                old.watch.close()
+                log.info("closed the previous model %s", old.model.path)
+        self._retired = keep
+
+    def _models_in_use(self) -> set:
+        jobs = list(self.server._active.values())
+        running = self.server.scheduler.running
+        if running is not None:
+            jobs.append(running)
+        return {j.gen.model for j in jobs if j.gen is not None}
