@@ -29,7 +29,9 @@ log = logging.getLogger("emberd")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emberd", description="ember inference daemon (ZeroMQ + msgpack)")
-    p.add_argument("--model", required=True, metavar="PATH", help="GGUF model file to serve")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="GGUF model file to serve (default: the default model from the cache, "
+                        "see `ember models`)")
     p.add_argument("--bind", action="append", metavar="ENDPOINT",
                    help=f"ZeroMQ endpoint to listen on, repeatable (default {protocol.DEFAULT_ENDPOINT}; "
                         "tcp://HOST:* picks a free port; ipc:///path for a Unix socket)")
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=protocol.Limits.max_tokens, metavar="N",
                    help="largest max_tokens a request may ask for")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    from ember.daemon import service
+    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload (issue 7)
     return p
 
 
@@ -52,11 +56,13 @@ class StartupError(Exception):
 # Stages
 # ---------------------------------------------------------------------------
 
-def load_model(args):
+def load_model(args, svc=None):
     """The engine Model for --model, with typed, one-line errors."""
     from ember.daemon import engine
     if args.ctx is not None and args.ctx < 1:
         raise StartupError(f"--ctx must be positive, got {args.ctx}")
+    if svc is not None:         # model-file checks + memory budget (daemon/service.py)
+        return svc.load().model
     return engine.load(args.model, backend=args.backend, n_ctx=args.ctx, threads=args.threads)
 
 
@@ -90,6 +96,14 @@ def bind(server) -> None:
         print(f"emberd: listening on {ep}", flush=True)
 
 
+# The serving loop and the worker share one GIL. When a token is ready the loop
+# must get the GIL from a worker that is already computing the next one; at
+# CPython's default 5 ms switch interval that is several tokens of a small
+# model late (late streaming, late cancel). 0.5 ms bounds the hand-over; with
+# no contention (the loop idle in poll) it costs nothing.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def install_signals(server) -> None:
     def stop(signum, frame):
         server.request_stop()
@@ -102,25 +116,43 @@ def install_signals(server) -> None:
 # ---------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from ember.daemon import config, service
+    args = config.parse_args(build_parser(), argv)   # the --config file, flags win
     logging.basicConfig(level=args.log_level.upper(), format="emberd: %(levelname)s %(message)s")
+    svc = service.Service(args, argv, build_parser)   # signals + sd_notify from here on
+    model = server = None
     try:
-        model = load_model(args)
+        svc.security(args.bind or [protocol.DEFAULT_ENDPOINT])
+        model = load_model(args, svc)
         server = build_server(args, model)
+        svc.attach(server)
         bind(server)
+        svc.ready()             # READY=1: model loaded, socket bound
+    except service.Stopped:     # SIGTERM before serving: no READY=1, clean exit
+        _release(server, model, svc)
+        return 0
     except Exception as e:  # noqa: BLE001 - user-facing boundary
         from ember.daemon.cli import _is_user_error
+        _release(server, model, svc)
         if _is_user_error(e) or isinstance(e, (ValueError, OSError)):
             print(f"emberd: {e}", file=sys.stderr)
             return 2
         raise
-    install_signals(server)
     try:
         server.serve()
     finally:
+        _release(server, model, svc)
+    return svc.exit_code
+
+
+def _release(server, model, svc) -> None:
+    if server is not None:
         server.stop()
+    if svc.loaded is not None:
+        model = svc.loaded.model     # after a reload, the model now served
+    if model is not None:
         model.close()
-    return 0
+    svc.close()
 
 
 if __name__ == "__main__":
