@@ -145,8 +145,11 @@ def _planes(src: np.ndarray, nbits: int, count: int) -> np.ndarray:
     out = np.empty((m, count, w), np.uint8)
     rows = out.view(f"V{w}").reshape(m, count)
     for k in range(count):
-        np.right_shift(words, k * nbits, out=plane)
-        np.bitwise_and(plane, mask, out=plane)
+        if k:
+            np.right_shift(words, k * nbits, out=plane)
+            np.bitwise_and(plane, mask, out=plane)
+        else:
+            np.bitwise_and(words, mask, out=plane)
         rows[:, k] = plane.view(f"V{w}")
     return out
 
@@ -210,9 +213,22 @@ def _recip(d: np.ndarray) -> np.ndarray:
 
 
 def _amax_signed(x: np.ndarray) -> np.ndarray:
-    """(..., k) -> (...,) the element of largest |x|, the first one on ties (C's `<`)."""
+    """(..., k) -> (...,) the element of largest |x|, the first one on ties.
+
+    C keeps `max = 0` until some |v| beats `amax = 0`, so an all-zero group
+    yields +0.0 even when it holds -0.0 (which decides the sign of d = max/-8).
+    """
     i = np.argmax(np.abs(x), axis=-1)
-    return np.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+    v = np.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+    return np.where(v == 0, np.float32(0), v).astype(x.dtype)
+
+
+def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) -> first minimum and first maximum per row, as C's `if (v < min)` loop
+    finds them (numpy's min/max may return either of -0.0 and 0.0)."""
+    lo = np.take_along_axis(x, np.argmin(x, axis=1)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(x, np.argmax(x, axis=1)[:, None], axis=1)[:, 0]
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------
@@ -292,8 +308,11 @@ class F16(_Quant):
 class BF16(_Quant):
     @classmethod
     def dequantize_blocks(cls, blocks, out):
-        # bf16 is the top half of a float32: shift the bits up, no arithmetic
-        np.left_shift(blocks.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        # bf16 is the top half of a float32: widen, shift the bits up, no arithmetic
+        # (a plain cast then an in-place shift beats one mixed-type shift)
+        o = out.view(np.uint32)
+        np.copyto(o, blocks.view(np.uint16))
+        np.left_shift(o, 16, out=o)
         return out
 
     @classmethod
@@ -382,7 +401,7 @@ class Q4_1(_Quant):
 
     @classmethod
     def quantize_blocks(cls, x):
-        lo, hi = x.min(axis=1), x.max(axis=1)
+        lo, hi = _first_min_max(x)
         d = (hi - lo) / np.float32(15)
         v = (x - lo[:, None]) * _recip(d)[:, None]
         v += np.float32(0.5)
@@ -427,7 +446,7 @@ class Q5_1(_Quant):
 
     @classmethod
     def quantize_blocks(cls, x):
-        lo, hi = x.min(axis=1), x.max(axis=1)
+        lo, hi = _first_min_max(x)
         d = (hi - lo) / np.float32(31)
         v = (x - lo[:, None]) * _recip(d)[:, None]
         v += np.float32(0.5)
@@ -736,6 +755,21 @@ class Q8_K(_Quant):
         S = _fields(blocks, cls.layout)
         _times(_store(_raw(S, "qs").view(np.int8), out), _f32(S, "d"), 256)
         return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        # quantize_row_q8_K_ref: the activation format of the K-quant dot products
+        f = np.float32
+        mx = _amax_signed(x)                                     # (n,) first largest |x|
+        zero = mx == 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = f(-127) / mx
+            q = np.minimum(_nearest_int(iscale[:, None] * x), 127).astype(np.int8)
+            d = np.where(zero, f(0), f(1) / iscale).astype(f)
+        q[zero] = 0
+        bsums = q.reshape(-1, 16, 16).sum(axis=2, dtype=np.int16)   # (n, 16)
+        return np.concatenate([d.view(np.uint8).reshape(-1, 4), q.view(np.uint8),
+                               bsums.view(np.uint8)], axis=1)
 
 
 # ---------------------------------------------------------------------------

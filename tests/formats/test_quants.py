@@ -1,12 +1,19 @@
-"""formats/quants.py against two oracles: gguf-py's dequantize and llama.cpp's own files.
+"""formats/quants.py against gguf-py's dequantize and llama.cpp's own quantizer.
 
 Oracle 1: every tensor of every conformance model dequantizes bit-identical to
 `gguf.quants.dequantize` (no type needs an ulp of slack: the multiplications
 run in C's order). Oracle 2: re-quantizing the F32 s512 models reproduces the
-bytes llama.cpp's quantizer wrote. The rest are properties on generated data:
-odd block counts, zero and random blocks, read-only memmaps, typed errors.
+bytes llama.cpp's quantizer wrote. Oracle 3, where llama.cpp's libggml-base is
+installed (../llamaenv, or EMBER_GGML_LIB): its quantize_row_*_ref and
+dequantize_row_* called through ctypes on generated data -- ties, tiny and
+heavy-tailed values, odd block counts. The rest are properties: zero and
+random blocks, read-only memmaps, typed errors.
 """
 from __future__ import annotations
+
+import ctypes
+import glob
+import os
 
 import numpy as np
 import pytest
@@ -17,9 +24,10 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 from ember.formats import gguf, quants  # noqa: E402
 from ember.formats.quants import QuantError, dequantize, quantize  # noqa: E402
-from tests.conftest import conformance_models, conformance_path  # noqa: E402
+from tests.conftest import ROOT, conformance_models, conformance_path  # noqa: E402
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+QUANTIZABLE = LEGACY + ["Q4_K", "Q6_K", "Q8_K"]
 K_QUANTIZABLE = {"Q4_K": "Q4_K_S", "Q6_K": "Q6_K"}   # type -> s512-llama file holding it
 # readable types the gguf package can also dequantize (it lacks Q8_K and the integers)
 GGUF_TYPES = [t for t in quants._TYPES if t not in ("Q8_K", "I8", "I16", "I32", "F64")]
@@ -286,3 +294,74 @@ def test_bytes_like_input_is_accepted():
     x = np.linspace(-1, 1, 64, dtype=np.float32)
     q = quantize("Q8_0", x)
     np.testing.assert_array_equal(dequantize("Q8_0", q.tobytes(), (64,)), dequantize("Q8_0", q, (64,)))
+
+
+# ---------------------------------------------------------------------------
+# Oracle 3: libggml-base's C reference, through ctypes (skipped without it)
+# ---------------------------------------------------------------------------
+
+def _libggml():
+    path = os.environ.get("EMBER_GGML_LIB") or next(iter(sorted(glob.glob(
+        str(ROOT / ".." / "llamaenv" / "lib" / "python3*" / "site-packages" / "llama_cpp"
+            / "lib" / "libggml-base.so")))), None)
+    if not path or not os.path.exists(path):
+        pytest.skip("llama.cpp's libggml-base.so not found (set EMBER_GGML_LIB)")
+    return ctypes.CDLL(path)
+
+
+def _c_name(type_name: str) -> str:
+    return type_name.lower().replace("_k", "_K")
+
+
+def c_quantize(lib, type_name: str, x: np.ndarray) -> np.ndarray:
+    elems, size = quants.BLOCKS[type_name]
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    out = np.zeros(x.size // elems * size, np.uint8)
+    fn = getattr(lib, f"quantize_row_{_c_name(type_name)}_ref")
+    fn(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    return out
+
+
+def c_dequantize(lib, type_name: str, raw: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(n, np.float32)
+    fn = getattr(lib, f"dequantize_row_{_c_name(type_name)}")
+    fn(np.ascontiguousarray(raw).ctypes.data_as(ctypes.c_void_p),
+       out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(n))
+    return out
+
+
+def generated(kind: str, n: int, rng) -> np.ndarray:
+    return {
+        "normal": lambda: rng.standard_normal(n),
+        "heavy": lambda: rng.standard_cauchy(n),                  # outliers dominate blocks
+        "integers": lambda: rng.integers(-8, 8, n),               # exact ties everywhere
+        "halves": lambda: rng.integers(-20, 20, n) / 2,           # .5 ties for roundf/rint
+        "tiny": lambda: rng.standard_normal(n) * 1e-6,            # fp16 subnormal scales
+        "sparse": lambda: rng.standard_normal(n) * (rng.random(n) < 0.05),   # zero sub-blocks
+    }[kind]().astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "integers", "halves", "tiny", "sparse"])
+@pytest.mark.parametrize("type_name", QUANTIZABLE)
+def test_quantize_matches_libggml_reference(type_name, kind):
+    lib = _libggml()
+    elems, size = quants.BLOCKS[type_name]
+    rng = np.random.default_rng(abs(hash((type_name, kind))) % 2**32)
+    for n_blocks in ODD_COUNTS:
+        x = generated(kind, n_blocks * elems, rng)
+        ours = quantize(type_name, x).reshape(-1, size)
+        theirs = c_quantize(lib, type_name, x).reshape(-1, size)
+        bad = np.nonzero((ours != theirs).any(axis=1))[0]
+        assert bad.size == 0, f"{kind} n={n_blocks}: block {bad[0]} ours {ours[bad[0]]} C {theirs[bad[0]]}"
+
+
+@pytest.mark.parametrize("type_name", [t for t in quants._TYPES if quants.BLOCKS[t][0] > 1])
+def test_dequantize_matches_libggml_reference(type_name):
+    lib = _libggml()
+    elems, size = quants.BLOCKS[type_name]
+    for seed, raw in enumerate([sane_blocks(type_name, 255, seed=1),
+                                np.random.default_rng(2).integers(0, 256, (33, size), dtype=np.uint8)]):
+        ours = dequantize(type_name, raw.reshape(-1), (len(raw) * elems,))
+        with np.errstate(all="ignore"):
+            theirs = c_dequantize(lib, type_name, raw, len(raw) * elems)
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"{'sane' if seed == 0 else 'random'} blocks")
