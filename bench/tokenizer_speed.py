@@ -127,10 +127,10 @@ print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     data = open(req["path"], "rb").read()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids = tok.tokenize(data, add_bos=False, special=False)
-    dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "ids": ids if req.get("ids") else None}), flush=True)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"seconds": dt, "cpu": cpu, "ids": ids if req.get("ids") else None}), flush=True)
 """
 
 
@@ -144,7 +144,7 @@ class LlamaCpp:
         self.proc.stdin.write(json.dumps({"path": str(path), "ids": want_ids}) + "\n")
         self.proc.stdin.flush()
         r = json.loads(self.proc.stdout.readline())
-        return r["seconds"], r["ids"]
+        return (r["seconds"], r["cpu"]), r["ids"]
 
     def close(self):
         self.proc.stdin.close()
@@ -155,13 +155,14 @@ class LlamaCpp:
 # Measuring
 # ---------------------------------------------------------------------------
 
-def ember_time(tok, text: str, cold: bool = True) -> tuple[float, list[int]]:
+def ember_time(tok, text: str, cold: bool = True) -> tuple[tuple[float, float], list[int]]:
+    """((wall s, cpu s), ids). CPU time is the steadier figure on a shared machine."""
     if cold:
         tok._model.cache.clear()
         tok._model.piece_cache.clear()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids = tok.encode(text)
-    return time.perf_counter() - t0, ids
+    return (time.perf_counter() - t0, time.process_time() - c0), ids
 
 
 def bench_vocab(name: str, text: str, text_path: Path, rounds: int, llama_python: str | None) -> dict:
@@ -190,12 +191,14 @@ def bench_vocab(name: str, text: str, text_path: Path, rounds: int, llama_python
                           f"(ember {ids[first:first + 5]}, llama.cpp {lids[first:first + 5]})")
     if llama:
         llama.close()
-    res = {"vocab": name, "MB": mb, "load_s": load_s, "n_ids": len(ids),
-           "ember_MBps": mb / statistics.median(ours), "ember_warm_MBps": mb / statistics.median(warm)}
-    if theirs:
-        res["llama_MBps"] = mb / statistics.median(theirs)
-        res["ratio"] = res["ember_MBps"] / res["llama_MBps"]
-        res["ids_equal"] = agree
+    res = {"vocab": name, "MB": mb, "load_s": load_s, "n_ids": len(ids)}
+    for k, col in (("wall", 0), ("cpu", 1)):
+        res[f"ember_{k}"] = mb / statistics.median(t[col] for t in ours)
+        res[f"ember_warm_{k}"] = mb / statistics.median(t[col] for t in warm)
+        if theirs:
+            res[f"llama_{k}"] = mb / statistics.median(t[col] for t in theirs)
+            res[f"ratio_{k}"] = res[f"ember_{k}"] / res[f"llama_{k}"]
+    res["ids_equal"] = agree
     return res
 
 
@@ -205,8 +208,8 @@ def scaling(name: str) -> list[tuple[str, int, float]]:
     rows = []
     for label, make in (("mixed", mixed_text), ("no-space", no_space_text)):
         for n in (1_000, 100_000, 1_000_000):
-            dt, _ = ember_time(tok, make(n))
-            rows.append((label, n, dt))
+            (_, cpu), _ = ember_time(tok, make(n))
+            rows.append((label, n, cpu))
     return rows
 
 
@@ -228,17 +231,19 @@ def main(argv=None) -> int:
     try:
         print(f"text: {len(text.encode())} bytes, {len(text)} chars; rounds: {args.rounds}; "
               f"llama.cpp: {llama_python or 'skipped'}")
-        print(f"{'vocab':10} {'load s':>7} {'ember MB/s':>11} {'(warm)':>8} {'llama.cpp MB/s':>15} "
-              f"{'ratio':>6} {'ids equal':>10}")
+        print("MB/s, median of rounds; ember with a cold word cache (warm in brackets)")
+        print(f"{'vocab':10} {'load s':>7} | {'ember wall':>16} {'llama.cpp':>9} {'ratio':>5} | "
+              f"{'ember cpu':>16} {'llama.cpp':>9} {'ratio':>5} | ids equal")
+        nan = float("nan")
         for name in VOCABS:
             r = bench_vocab(name, text, text_path, args.rounds, llama_python)
-            print(f"{name:10} {r['load_s']:7.2f} {r['ember_MBps']:11.2f} {r['ember_warm_MBps']:8.2f} "
-                  f"{r.get('llama_MBps', float('nan')):15.2f} {r.get('ratio', float('nan')):6.2f} "
-                  f"{str(r.get('ids_equal', '-')):>10}")
+            cols = [f"{r['ember_' + k]:7.2f} ({r['ember_warm_' + k]:6.2f}) {r.get('llama_' + k, nan):9.2f} "
+                    f"{r.get('ratio_' + k, nan):5.2f}" for k in ("wall", "cpu")]
+            print(f"{name:10} {r['load_s']:7.2f} | {cols[0]} | {cols[1]} | {r['ids_equal']}")
     finally:
         text_path.unlink(missing_ok=True)
     if not args.no_scaling:
-        print("\nscaling (ember, cold cache): seconds")
+        print("\nscaling (ember, cold cache): cpu seconds")
         for name in VOCABS:
             rows = scaling(name)
             print(f"{name:10} " + "  ".join(f"{label} {n // 1000:>5} KB {dt:7.3f}" for label, n, dt in rows))
