@@ -115,7 +115,7 @@ class Curve:
         """Call before bind: start the ZAP handler and make the socket a CURVE server."""
         self.auth = ThreadAuthenticator(sock.context, log=logging.getLogger("emberd.zap"))
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=self.keys.allowed_dir)
+        self.auth.configure_curve(domain=ZAP_DOMAIN, location=self.keys.allowed_dir)
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         # without this, a ZAP handler that is not there means "allow": fail closed instead
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
@@ -126,7 +126,7 @@ class Curve:
     def reload_allowed(self) -> None:
         """Re-read the allow-list folder (SIGHUP)."""
         if self.auth is not None:
-            self.auth.configure_curve(domain="*", location=self.keys.allowed_dir)
+            self.auth.configure_curve(domain=ZAP_DOMAIN, location=self.keys.allowed_dir)
 
     def stop(self) -> None:
         if self.auth is not None:
