@@ -61,10 +61,14 @@ def _generate_fields(prompt, messages, stream: bool, params: dict) -> dict:
     return {"prompt": prompt, "messages": messages, "stream": stream, **params}
 
 
-def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, endpoint: str, curve=None) -> zmq.Socket:
+    from ember.daemon import security
+    curve = curve or security.client_curve_from_env()   # EMBER_SERVER_KEY + EMBER_CLIENT_KEY
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.CLIENT_LIMITS.max_frame_bytes)
+    if curve:   # (server public, client public, client secret): security.client_curve()
+        security.apply_client(sock, curve)
     sock.connect(endpoint)
     return sock
 
@@ -77,10 +81,10 @@ class Client:
     """A blocking client; `timeout` (s) bounds each wait for a reply."""
 
     def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, curve=None):
         self.endpoint, self.timeout = endpoint, timeout
         self._ctx = ctx or zmq.Context.instance()
-        self.sock = _dealer(self._ctx, endpoint)
+        self.sock = _dealer(self._ctx, endpoint, curve)
         self._ids = itertools.count(1)
         self._inbox: dict[Any, collections.deque] = {}
 
@@ -247,10 +251,10 @@ class AsyncClient:
     """The same operations as coroutines; a reader task routes replies by id."""
 
     def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 ctx: zmq.asyncio.Context | None = None):
+                 ctx: zmq.asyncio.Context | None = None, curve=None):
         self.endpoint, self.timeout = endpoint, timeout
         self._ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = _dealer(self._ctx, endpoint)
+        self.sock = _dealer(self._ctx, endpoint, curve)
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
