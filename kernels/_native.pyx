@@ -26,6 +26,8 @@ cdef extern from "ember_kernels.h":
     int ember_set_isa(int isa) nogil
     int ember_get_isa() nogil
     const char *ember_isa_name() nogil
+    const char *ember_isa_variant() nogil
+    int ember_set_isa_extensions(int on) nogil
     int ember_type_supported(int wtype) nogil
     int ember_block_elems(int wtype) nogil
     size_t ember_block_bytes(int wtype) nogil
@@ -57,6 +59,16 @@ def isa_name():
 
 def get_isa():
     return ember_get_isa()
+
+
+def isa_variant():
+    """The ISA plus the optional extensions in use, e.g. 'avx512+vnni'."""
+    return ember_isa_variant().decode()
+
+
+def set_isa_extensions(bint on):
+    """Tests only: build the tables without (False) or with VNNI/dotprod."""
+    ember_set_isa_extensions(on)
 
 
 def type_supported(int wtype):

@@ -46,6 +46,8 @@ static const char *const ISA_NAMES[EMBER_N_ISA] = {"generic", "avx2", "avx512", 
 /* ======================================================================== */
 
 static ember_type_kernels tables[EMBER_N_ISA][EMBER_N_TYPES];
+static const char *variants[EMBER_N_ISA] = {"generic", "avx2", "avx512", "neon"};
+static int use_extensions = 1;
 static int cpu_isas;
 static int current_isa;
 static const ember_type_kernels *cur;
@@ -56,10 +58,10 @@ static void build_tables(void) {
     memcpy(tables[EMBER_ISA_AVX2], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
     ember_fill_kernels_avx2(tables[EMBER_ISA_AVX2]);
     memcpy(tables[EMBER_ISA_AVX512], tables[EMBER_ISA_AVX2], sizeof tables[0]);
-    ember_fill_kernels_avx512(tables[EMBER_ISA_AVX512]);
+    variants[EMBER_ISA_AVX512] = ember_fill_kernels_avx512(tables[EMBER_ISA_AVX512], use_extensions);
 #elif defined(__aarch64__)
     memcpy(tables[EMBER_ISA_NEON], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
-    ember_fill_kernels_neon(tables[EMBER_ISA_NEON]);
+    variants[EMBER_ISA_NEON] = ember_fill_kernels_neon(tables[EMBER_ISA_NEON], use_extensions);
 #endif
 }
 
@@ -87,6 +89,16 @@ int ember_set_isa(int isa) {
 int ember_get_isa(void) { return current_isa; }
 
 const char *ember_isa_name(void) { return ISA_NAMES[current_isa]; }
+
+const char *ember_isa_variant(void) { return variants[current_isa]; }
+
+/* Tests only: not safe while kernels run on other threads. */
+int ember_set_isa_extensions(int on) {
+    use_extensions = on != 0;
+    build_tables();
+    cur = tables[current_isa];
+    return 0;
+}
 
 /* ======================================================================== */
 /* Type facts                                                                */

@@ -158,6 +158,8 @@ const char *ember_isa_name(void);
 enum { EMBER_ISA_GENERIC = 0, EMBER_ISA_AVX2 = 1, EMBER_ISA_AVX512 = 2, EMBER_ISA_NEON = 3, EMBER_N_ISA = 4 };
 
 int     ember_get_isa(void);                 /* the EMBER_ISA_* in use */
+const char *ember_isa_variant(void);         /* e.g. "avx512+vnni", "neon+dotprod": ISA plus extensions in use */
+int     ember_set_isa_extensions(int on);    /* tests: 0 = skip VNNI/dotprod builds; not thread-safe */
 int     ember_type_supported(int wtype);     /* 1 if matvec/dequantize handle wtype */
 int     ember_block_elems(int wtype);        /* values per block (1 for float types), 0 if unknown */
 size_t  ember_block_bytes(int wtype);        /* sizeof the C block struct, 0 if unknown */

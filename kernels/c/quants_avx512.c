@@ -321,9 +321,10 @@ void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, 
 /* Table                                                                     */
 /* ======================================================================== */
 
-void ember_fill_kernels_avx512(ember_type_kernels *k) {
+const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni")) {
+    const int vnni = use_extensions && __builtin_cpu_supports("avx512vnni");
+    if (vnni) {
         k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512vnni;
         k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512vnni;
         k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512vnni;
@@ -338,6 +339,7 @@ void ember_fill_kernels_avx512(ember_type_kernels *k) {
     k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx512;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
+    return vnni ? "avx512+vnni" : "avx512";
 }
 
 #pragma GCC pop_options

@@ -129,10 +129,13 @@ float ember_vec_dot_bf16_f32_generic(int64_t n, const void *w, const void *x);
 /* Per-ISA tables (each quants_<isa>.c fills the entries it implements)      */
 /* ======================================================================== */
 
-/* Fill kernels[wtype] for the types this ISA accelerates; leave the rest. */
+/* Fill kernels[wtype] for the types this ISA accelerates; leave the rest.
+ * use_extensions = 0 skips optional extensions (VNNI, dotprod) even where the
+ * CPU has them, so tests can run the plain build too. Returns the variant
+ * name ("avx512+vnni", "neon", ...). */
 void ember_fill_kernels_generic(ember_type_kernels *k);
 void ember_fill_kernels_avx2(ember_type_kernels *k);
-void ember_fill_kernels_avx512(ember_type_kernels *k);
-void ember_fill_kernels_neon(ember_type_kernels *k);
+const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions);
+const char *ember_fill_kernels_neon(ember_type_kernels *k, int use_extensions);
 
 #endif

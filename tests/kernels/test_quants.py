@@ -35,12 +35,28 @@ FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0":
                "Q5_K": [0, 2], "Q6_K": [208]}
 
 
-@pytest.fixture(params=dispatch.available_isas())
+def _variants() -> list[str]:
+    """Every kernel build this CPU runs: each ISA, plus the ISA without its
+    optional extension (VNNI / dotprod) where the CPU has one."""
+    out = []
+    for isa in dispatch.available_isas():
+        out.append(isa)
+        dispatch.use(isa)
+        if "+" in _native.isa_variant():
+            out.append(isa + "-plain")
+    dispatch.use(dispatch.ISA)
+    return out
+
+
+@pytest.fixture(params=_variants())
 def isa(request):
-    """Run the test under each ISA variant this CPU can run, then restore."""
+    """Run the test under each kernel build this CPU can run, then restore."""
     before = dispatch.current_isa()
-    dispatch.use(request.param)
+    name, plain = request.param.removesuffix("-plain"), request.param.endswith("-plain")
+    dispatch.use(name)
+    _native.set_isa_extensions(not plain)
     yield request.param
+    _native.set_isa_extensions(True)
     dispatch.use(before)
 
 # ---------------------------------------------------------------------------
