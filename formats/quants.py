@@ -9,21 +9,26 @@ Design
 One class per type, named exactly like it (``Q4_0``, ``Q6_K``), in the manner
 of gguf-py: ``dequantize_blocks(blocks, out)`` turns an ``(n, type_size)``
 uint8 view into ``(n, block)`` float32, ``quantize_blocks(x)`` does the
-reverse. ``dequantize``/``quantize`` check arguments, allocate the output
-once, and walk it in chunks of about ``_CHUNK_ELEMS`` elements so that every
-temporary stays in L2 cache.
+reverse. Each quant class declares its block once, as a numpy struct
+(``layout``) in ggml-common.h's field order, size-checked at import.
+``dequantize``/``quantize`` check arguments, allocate the output once, and
+walk it in chunks of ``_CHUNK_ELEMS`` elements so temporaries stay in cache.
 
-Speed comes from a few habits, each worth several passes over memory:
-  * integer work happens on 1-byte codes; the float32 output is written by one
-    int8 -> float32 cast and then scaled in place (never a float temporary);
-  * signed codes are built with bit tricks (``nibble | 0xF0`` is ``nibble-16``
-    as int8) instead of subtracting in a wider type;
-  * lookups (fp16 -> fp32, IQ4_NL's codebook) use ``np.take`` on a small
-    table per cache-sized chunk.
+numpy's cost is per loop call as much as per byte, and the blocks are
+16-210 byte rows, so the dequantizers avoid per-row loops:
+  * a field is pulled out of the chunk through the struct view, one strided
+    copy for all rows, then worked on as a contiguous array;
+  * bit fields are split with whole-array uint64 shifts and masks (8 codes a
+    lane) and interleaved into element order as whole w-byte rows;
+  * signed codes come from wrapping uint8 arithmetic (uint8 ``q - 8`` is the
+    int8 ``q - 8``; ``q | 0xFC`` is ``q - 4``), never a wider type;
+  * the float32 output is written by one int -> float cast, then scaled in
+    place by ``np.repeat``-ed sub-block scales (contiguous multiplies beat
+    broadcasting over 16-32 wide rows about 2x).
 Dequantization multiplies in the same order as ggml's C code (``(d*sc)*q``,
-then ``- m``) so results are bit-identical to it and to gguf-py.
+then ``- m``), so results are bit-identical to it and to gguf-py.
 
-Quantization of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K follows llama.cpp's
+Quantization of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q8_K follows llama.cpp's
 ``quantize_row_*_ref`` (ggml-quants.c) operation by operation in float32:
 same rounding (truncation, ``roundf``, or round-half-even through the
 ``nearest_int`` magic number), same ``d ? 1/d : 0`` guard, same summation
@@ -99,9 +104,9 @@ class QuantError(ValueError):
 # Shared helpers
 # ---------------------------------------------------------------------------
 
-_CHUNK_ELEMS = 1 << 17   # output elements per chunk: 256 KiB of float32, L2-sized
+_CHUNK_ELEMS = 1 << 17   # output elements per chunk: 512 KiB of float32, L2-sized
 
-# fp16 bit pattern -> float32, for np.take (faster than numpy's own f16 cast)
+# fp16 bit pattern -> float32: the exact fallback for F16 chunks holding inf/NaN
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -249,9 +254,11 @@ class _Quant:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         cls.block, cls.type_size = BLOCKS[cls.__name__]
+        if cls.layout is not None and cls.layout.itemsize != cls.type_size:
+            # ggml-common.h's static_assert on every block struct, at import
+            raise TypeError(f"{cls.__name__}: layout is {cls.layout.itemsize} bytes, "
+                            f"BLOCKS says {cls.type_size}")
         if cls.layout is not None:
-            # the compile-time size check of ggml-common.h, at import
-            assert cls.layout.itemsize == cls.type_size, cls.__name__
             cls.scale_offsets = tuple(off for dt, off in cls.layout.fields.values()
                                       if dt == np.float16)
         _TYPES[cls.__name__] = cls
@@ -292,7 +299,8 @@ class F16(_Quant):
         # exponent -- exact for normals, subnormals and zeros alike.
         h = blocks.view(np.int16)[:, 0]                          # (n,)
         o = out.view(np.int32)[:, 0]
-        np.left_shift(h, 13, out=o, dtype=np.int32)
+        np.copyto(o, h)                                          # sign-extending cast
+        np.left_shift(o, 13, out=o)
         np.bitwise_and(o, np.int32(-0x70000001), out=o)          # 0x8FFFFFFF
         np.multiply(out, np.float32(2.0 ** 112), out=out)
         # exponent 31 (inf/NaN) would come out finite: redo such chunks by table
