@@ -537,63 +537,94 @@ def _k_scale_min(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # independent sub-blocks, so every ggml loop over a sub-block becomes k
 # vectorized steps in the same order, and every `if` a np.where.
 
+class _Search:
+    """Scratch (k, m) buffers for the K-quant searches: every pass below runs
+    in place, since a fresh multi-MB temporary per op costs page faults."""
+
+    def __init__(self, x: np.ndarray, w: np.ndarray):
+        self.x, self.w = x, w                                  # (k, m) float32
+        self.t = np.empty_like(x)
+
+    def levels(self, iscale, shift, lo_hi, out):
+        """out = clip(nearest_int(iscale * (x - shift)), lo, hi), all in float32."""
+        np.subtract(self.x, shift, out=out)
+        np.multiply(out, iscale, out=out)
+        np.rint(out, out=out)                                  # nearest_int: half to even
+        return np.clip(out, *lo_hi, out=out)
+
+    def wsum(self, *factors):
+        """sequential sum over k of w*f1*f2..., multiplied left to right as in C."""
+        np.multiply(self.w, factors[0], out=self.t)
+        for f in factors[1:]:
+            np.multiply(self.t, f, out=self.t)
+        return _seqsum(self.t)
+
+    def error(self, scale, mn, L):
+        """sum of w * (scale*L + min - x)^2, C's make_qkx2_quants error."""
+        t = self.t
+        np.multiply(L, scale, out=t)
+        np.add(t, mn, out=t)
+        np.subtract(t, self.x, out=t)
+        np.multiply(t, t, out=t)
+        np.multiply(self.w, t, out=t)
+        return _seqsum(t)
+
+
 def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     """ggml make_qkx2_quants (use_mad=false) on x, w (k, m) -> scale (m,), min (m,), L (k, m)."""
     f = np.float32
+    S = _Search(x, w)
     lo = np.minimum(x.min(axis=0), f(0))                 # C clamps min > 0 to 0
     hi = x.max(axis=0)
-    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
+    sum_w, sum_x = _seqsum(w), S.wsum(x)
     flat = hi == lo
     iscale = f(nmax) / (hi - lo)
     scale = f(1) / iscale
-    L = np.clip(np.rint(iscale * (x - lo)), 0, nmax)     # nearest_int: round half even
-    best = _seqsum(w * _sq(scale * L + lo - x))
+    L = S.levels(iscale, lo, (0, nmax), np.empty_like(x))
+    best = S.error(scale, lo, L)
+    La = np.empty_like(x)                                # (reused: L never aliases it)
     for step in range(nstep + 1):
         # (rmin + rdelta*is + nmax) / (max - min), with min the best so far
         iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / (hi - lo)
-        La = np.clip(np.rint(iscale * (x - lo)), 0, nmax)
-        wl = w * La
-        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * La), _seqsum(wl * x)
+        S.levels(iscale, lo, (0, nmax), La)
+        sum_l, sum_l2, sum_xl = S.wsum(La), S.wsum(La, La), S.wsum(La, x)
         D = sum_w * sum_l2 - sum_l * sum_l
         t_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         t_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = t_min > 0
         t_min = np.where(pos, f(0), t_min)
         t_scale = np.where(pos, sum_xl / sum_l2, t_scale)
-        err = _seqsum(w * _sq(t_scale * La + t_min - x))
+        err = S.error(t_scale, t_min, La)
         better = (D > 0) & (err < best)
-        L = np.where(better, La, L)
+        L = np.where(better, La, L)                      # (faster than a broadcast copyto where=)
         best = np.where(better, err, best)
         scale = np.where(better, t_scale, scale)
         lo = np.where(better, t_min, lo)
     return np.where(flat, f(0), scale), -lo, np.where(flat, f(0), L)
 
 
-def _sq(a: np.ndarray) -> np.ndarray:
-    return np.multiply(a, a, out=a)
-
-
 def _make_qx_quants_rmse1(x, nmax):
     """ggml make_qx_quants(rmse_type=1, qw=NULL) on x (k, m) -> scale (m,), L (k, m) in 0..2*nmax-1."""
     f = np.float32
+    S = _Search(x, x * x)                                # weights w = x*x
     mx = _amax_signed(x.T)
     zero = np.abs(mx) < f(1e-15)                        # GROUP_MAX_EPS: all-zero group
-    w = x * x
+    l = np.empty_like(x)
 
     def fit(iscale):
-        l = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-        return l, _seqsum(w * x * l), _seqsum(w * l * l)
+        S.levels(iscale, f(0), (-nmax, nmax - 1), l)    # x - 0 is x: same float
+        return S.wsum(x, l), S.wsum(l, l)               # (w*x)*l, (w*l)*l
 
-    l, sumlx, suml2 = fit(f(-nmax) / mx)
-    L = l + nmax
+    sumlx, suml2 = fit(f(-nmax) / mx)
+    L = l + f(nmax)
     scale = np.where(suml2 != 0, sumlx / suml2, f(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        l, sumlx, suml2 = fit(-(f(nmax) + f(0.1) * f(step)) / mx)
+        sumlx, suml2 = fit(-(f(nmax) + f(0.1) * f(step)) / mx)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better, l + nmax, L)
+        L = np.where(better, l + f(nmax), L)
         scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
     return np.where(zero, f(0), scale), np.where(zero, f(0), L)
