@@ -38,6 +38,8 @@ from typing import Any, Callable
 # Jobs
 # ---------------------------------------------------------------------------
 
+PACE_TIMEOUT_S = 1.0   # a loop that stops taking tokens for this long no longer holds the worker
+
 
 class Busy(Exception):
     """The queue is full."""
@@ -64,6 +66,7 @@ class Job:
     t_start: float | None = None
     t_first: float | None = None
     n_tokens: int = 0
+    delivered: int = 0                # tokens the loop has tried to send (pacing, see _pace)
     preemptions: int = 0
     probe: bool = False               # health probe: not counted as served
 
@@ -83,15 +86,16 @@ class Job:
 class Scheduler:
     """Bounded priority queue plus the single worker thread that runs jobs."""
 
-    def __init__(self, model, post: Callable[[str, Job, Any], None], max_queue: int = 16):
+    def __init__(self, model, post: Callable[..., None], max_queue: int = 16):
         self.model = model
-        self.post = post                   # (kind, job, payload) -> None; thread-safe
+        self.post = post                   # (kind, job, payload, wake=True) -> None; thread-safe
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._heap: list[tuple[tuple, Job]] = []
         self._queued = 0                   # live (not cancelled) entries in the heap
         self._seq = itertools.count()
+        self._progress = threading.Condition()   # loop -> worker: a token was handed to the socket
         self.running: Job | None = None
         self._closing = False
         self.heartbeat = time.monotonic()  # last time the worker proved it is alive
@@ -109,6 +113,8 @@ class Scheduler:
             if self.running is not None:
                 self.running.stop = "cancelled"
             self._wake.notify_all()
+        with self._progress:
+            self._progress.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -131,7 +137,9 @@ class Scheduler:
                 self._drop(job)
                 return True
             job.stop = "cancelled"
-            return False
+        with self._progress:
+            self._progress.notify_all()       # a worker pacing on this job must see the stop
+        return False
 
     def expire(self, now: float) -> list[Job]:
         """Remove queued jobs whose deadline has passed; the caller answers them."""
@@ -141,6 +149,12 @@ class Scheduler:
             for j in dead:
                 self._drop(j)
             return dead
+
+    def delivered(self, job: Job, n: int) -> None:
+        """The loop has tried to send the job's first n tokens (a failure set job.stop first)."""
+        with self._progress:
+            job.delivered = n
+            self._progress.notify_all()
 
     def next_deadline(self) -> float | None:
         with self._lock:
@@ -213,6 +227,7 @@ class Scheduler:
         if job.gen is None and not self._open(job):
             return
         while True:
+            self._pace(job)
             reason = self._interrupt(job)
             if reason == "preempt":
                 return self._suspend(job)
@@ -223,7 +238,7 @@ class Scheduler:
             event = job.gen.step()
             self.heartbeat = time.monotonic()
             if event is not None:
-                self._token(job, event)
+                self._token(job, event, wake=not job.gen.done)   # the last one leaves with `done`
             if job.gen.done:
                 return self._finish(job, job.gen.result)
 
@@ -242,8 +257,25 @@ class Scheduler:
         except ValueError as e:          # EngineError, SamplingError, ChatTemplateError
             self._fail(job, "bad_request", str(e))
             return False
-        self.post("start", job, None)
+        # no wake-up: `start` leaves with the first token. Waking the loop now would
+        # make it fight the prefill for the GIL, for a message nobody waits on.
+        self.post("start", job, None, False)
         return True
+
+    def _pace(self, job: Job) -> None:
+        """Compute token n+1 only once token n-1 has reached the socket.
+
+        The loop learns that a client is gone when a send fails; keeping at most
+        one token in flight means that, whatever the machine's load, the worker
+        has computed at most one token past the failed one when it sees the stop.
+        In steady state the loop sends token n while token n+1 is computed, so
+        this never waits.
+        """
+        if job.n_tokens - job.delivered <= 1:
+            return
+        with self._progress:
+            self._progress.wait_for(lambda: job.n_tokens - job.delivered <= 1 or job.stop is not None
+                                    or self._closing, timeout=PACE_TIMEOUT_S)
 
     def _interrupt(self, job: Job) -> str | None:
         """Why the running job must stop before its next token, if it must."""
@@ -257,12 +289,12 @@ class Scheduler:
                 return "preempt"
         return None
 
-    def _token(self, job: Job, event) -> None:
+    def _token(self, job: Job, event, wake: bool = True) -> None:
         if job.t_first is None:
             job.t_first = time.monotonic()
         job.n_tokens += 1
         # the index travels with the event: the loop reads it later, when n_tokens has moved on
-        self.post("token", job, (job.n_tokens - 1, event))
+        self.post("token", job, (job.n_tokens - 1, event), wake)
 
     def _suspend(self, job: Job) -> None:
         job.gen.suspend()

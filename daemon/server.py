@@ -229,10 +229,11 @@ class Server:
 
     # -- worker -> loop ------------------------------------------------------------
 
-    def _post(self, kind: str, job: Job | None, payload: Any) -> None:
-        """Called from the worker/aux threads: queue an event and wake the loop."""
+    def _post(self, kind: str, job: Job | None, payload: Any, wake: bool = True) -> None:
+        """Called from the worker/aux threads: queue an event and (usually) wake the loop."""
         self._events.append((kind, job, payload))
-        self._wake()
+        if wake:
+            self._wake()
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -260,15 +261,15 @@ class Server:
         self._delivered(job, ok)
 
     def _ev_token(self, job: Job, payload) -> None:
-        if job.probe or not job.stream:
-            return
         i, ev = payload
-        msg = protocol.reply("token", job.rid, i=i, token=int(ev.id), text=ev.text)
-        if ev.logprob is not None:
-            msg["logprob"] = float(ev.logprob)
-        if ev.top_logprobs:
-            msg["top_logprobs"] = [[int(t), float(lp)] for t, lp in ev.top_logprobs]
-        self._delivered(job, self._send(job.owner, msg))
+        if job.stream and not job.probe:
+            msg = protocol.reply("token", job.rid, i=i, token=int(ev.id), text=ev.text)
+            if ev.logprob is not None:
+                msg["logprob"] = float(ev.logprob)
+            if ev.top_logprobs:
+                msg["top_logprobs"] = [[int(t), float(lp)] for t, lp in ev.top_logprobs]
+            self._delivered(job, self._send(job.owner, msg))
+        self.scheduler.delivered(job, i + 1)   # after _delivered: a gone client's stop is set first
 
     def _ev_suspended(self, job: Job, _) -> None:
         log.info("request %r preempted after %d tokens", job.rid, job.n_tokens)

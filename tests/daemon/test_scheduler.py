@@ -23,8 +23,12 @@ class Events:
         self.log: list[tuple[str, Job, object]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, kind, job, payload):
+    sched: Scheduler | None = None
+
+    def __call__(self, kind, job, payload, wake=True):
         self.q.put((kind, job, payload))
+        if kind == "token" and self.sched is not None:   # what the server's loop does
+            self.sched.delivered(job, payload[0] + 1)
 
     def until(self, kind: str, job: Job, timeout: float = 20.0):
         end = time.monotonic() + timeout
@@ -50,6 +54,7 @@ class Events:
 def sched(model):
     ev = Events()
     s = Scheduler(model, ev, max_queue=4)
+    ev.sched = s
     s.start()
     yield s, ev
     s.close()
@@ -194,6 +199,7 @@ def test_token_ids_as_source(sched, model):
 def test_close_stops_the_running_job(model):
     ev = Events()
     s = Scheduler(model, ev, max_queue=2)
+    ev.sched = s
     s.start()
     j = job()
     s.submit(j)
@@ -202,3 +208,33 @@ def test_close_stops_the_running_job(model):
     s.close()
     assert time.perf_counter() - t < 2.0
     assert ev.until("done", j)[1] == "cancelled"
+
+
+def wait_tokens(j: Job, n: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while j.n_tokens < n and time.monotonic() < end:
+        time.sleep(0.001)
+
+
+def test_worker_keeps_at_most_one_token_in_flight(model):
+    """Pacing: token n+1 is computed only once token n-1 reached the socket, so a client
+    found gone at a failed send costs at most one more token, however loaded the machine."""
+    ev = Events()
+    s = Scheduler(model, ev, max_queue=2)       # nobody reports deliveries: the loop is "stuck"
+    s.start()
+    try:
+        j = job()
+        s.submit(j)
+        wait_tokens(j, 2)
+        time.sleep(0.2)                         # ~100 tokens' worth of time
+        assert j.n_tokens == 2                  # token 2 computed while token 1 is "in flight"
+        s.delivered(j, 2)
+        wait_tokens(j, 4)
+        time.sleep(0.2)
+        assert j.n_tokens == 4
+        j.stop = "cancelled"                    # what the loop does when a send fails
+        s.delivered(j, 3)
+        result, stop = ev.until("done", j)
+        assert stop == "cancelled" and j.n_tokens == 4
+    finally:
+        s.close()

@@ -1,0 +1,127 @@
+"""What does going through emberd cost? A 1-token generation, daemon vs in-process.
+
+    python3 bench/daemon_overhead.py [--model PATH] [--backend reference] [--n 300]
+
+Starts a real emberd (loopback TCP and ipc), loads the same model in this
+process on the same backend, then alternates the two measurements request by
+request so machine noise hits both alike:
+
+  in-process   model.generate(prompt, max_tokens=1, temperature=0), drained
+  daemon       Client.complete(...) (stream=false: start + done) and
+               Client.generate(...) (stream=true: start + token + done),
+               each a full round trip from send to the terminal event
+
+and reports medians, p10/p90 and the median of the paired differences (the
+daemon's overhead). Also the bare ping round trip. The goal: overhead < 1 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT.parent / "shared" / "conformance" / "models" / "stories260K.gguf"
+
+
+def start_daemon(model: str, backend: str, workdir: str) -> tuple[subprocess.Popen, list[str]]:
+    cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", model, "--backend", backend,
+           "--bind", "tcp://127.0.0.1:*", "--bind", f"ipc://{workdir}/bench.sock"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    buf, end = b"", time.monotonic() + 120
+    while buf.count(b"\n") < 2:
+        if time.monotonic() > end or proc.poll() is not None:
+            raise SystemExit("emberd did not start")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            buf += os.read(proc.stdout.fileno(), 4096)
+    return proc, [ln.split()[-1] for ln in buf.decode().splitlines()]
+
+
+def in_process(model, prompt: str) -> float:
+    t = time.perf_counter()
+    for _ in model.generate(prompt, max_tokens=1, temperature=0.0):
+        pass
+    return time.perf_counter() - t
+
+
+def daemon_complete(client, prompt: str) -> float:
+    t = time.perf_counter()
+    client.complete(prompt, max_tokens=1, temperature=0.0)
+    return time.perf_counter() - t
+
+
+def daemon_stream(client, prompt: str) -> float:
+    t = time.perf_counter()
+    for _ in client.generate(prompt, max_tokens=1, temperature=0.0):
+        pass
+    return time.perf_counter() - t
+
+
+def summary(name: str, xs: list[float]) -> str:
+    q = statistics.quantiles(xs, n=10)
+    return (f"{name:<28} median {statistics.median(xs) * 1e3:8.3f} ms   min {min(xs) * 1e3:7.3f}   "
+            f"p10 {q[0] * 1e3:7.3f}   p90 {q[-1] * 1e3:7.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--prompt", default="Once upon a time")
+    args = ap.parse_args()
+
+    from ember.daemon import engine
+    from ember.daemon.client import Client
+    model = engine.load(args.model, backend=args.backend)
+    workdir = tempfile.mkdtemp(prefix="ember-bench-")
+    proc, endpoints = start_daemon(args.model, args.backend, workdir)
+    try:
+        clients = {ep.split(":")[0]: Client(ep, timeout=30) for ep in endpoints}
+        for c in clients.values():      # warm both paths
+            for _ in range(20):
+                daemon_complete(c, args.prompt)
+        for _ in range(20):
+            in_process(model, args.prompt)
+        series = {"in-process": []}
+        for kind in clients:
+            series[f"daemon {kind} complete"] = []
+            series[f"daemon {kind} stream"] = []
+        pings = []
+        for _ in range(args.n):         # alternate: the same noise for everyone
+            series["in-process"].append(in_process(model, args.prompt))
+            for kind, c in clients.items():
+                series[f"daemon {kind} complete"].append(daemon_complete(c, args.prompt))
+                series[f"daemon {kind} stream"].append(daemon_stream(c, args.prompt))
+            pings.append(clients["tcp"].ping())
+        print(f"model {Path(args.model).name}, backend {args.backend}, {args.n} alternating rounds, "
+              f"1-token generation of {args.prompt!r}\n")
+        for name, xs in series.items():
+            print(summary(name, xs))
+        print(summary("ping tcp (no engine)", pings))
+        print()
+        base = series["in-process"]
+        for name, xs in series.items():
+            if name == "in-process":
+                continue
+            diffs = [d - b for d, b in zip(xs, base)]
+            print(f"overhead {name:<22} median of paired differences {statistics.median(diffs) * 1e3:+.3f} ms, "
+                  f"difference of minimums {(min(xs) - min(base)) * 1e3:+.3f} ms "
+                  f"(ratio of medians {statistics.median(xs) / statistics.median(base):.2f}x)")
+        for c in clients.values():
+            c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        model.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
