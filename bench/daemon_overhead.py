@@ -43,24 +43,36 @@ def start_daemon(model: str, backend: str, workdir: str) -> tuple[subprocess.Pop
     return proc, [ln.split()[-1] for ln in buf.decode().splitlines()]
 
 
-def in_process(model, prompt: str) -> float:
+def in_process(model, prompt: str, n: int = 1) -> float:
     t = time.perf_counter()
-    for _ in model.generate(prompt, max_tokens=1, temperature=0.0):
+    for _ in model.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
         pass
     return time.perf_counter() - t
 
 
-def daemon_complete(client, prompt: str) -> float:
+def daemon_complete(client, prompt: str, n: int = 1) -> float:
     t = time.perf_counter()
-    client.complete(prompt, max_tokens=1, temperature=0.0)
+    client.complete(prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
     return time.perf_counter() - t
 
 
-def daemon_stream(client, prompt: str) -> float:
+def daemon_stream(client, prompt: str, n: int = 1) -> float:
     t = time.perf_counter()
-    for _ in client.generate(prompt, max_tokens=1, temperature=0.0):
+    for _ in client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
         pass
     return time.perf_counter() - t
+
+
+def long_generation(model, client, prompt: str, n_tokens: int, rounds: int) -> None:
+    """Streaming a long generation: does the daemon keep up with the engine's decode speed?"""
+    local, remote = [], []
+    for _ in range(rounds):
+        local.append(in_process(model, prompt, n_tokens))
+        remote.append(daemon_stream(client, prompt, n_tokens))
+    a, b = statistics.median(local), statistics.median(remote)
+    print(f"\n{n_tokens}-token generation, {rounds} alternating rounds: in-process {a * 1e3:.2f} ms, "
+          f"daemon tcp stream {b * 1e3:.2f} ms, overhead {(b - a) * 1e3:+.2f} ms "
+          f"({(b - a) / n_tokens * 1e6:+.1f} us/token, ratio {b / a:.3f}x)")
 
 
 def summary(name: str, xs: list[float]) -> str:
@@ -114,6 +126,7 @@ def main() -> int:
             print(f"overhead {name:<22} median of paired differences {statistics.median(diffs) * 1e3:+.3f} ms, "
                   f"difference of minimums {(min(xs) - min(base)) * 1e3:+.3f} ms "
                   f"(ratio of medians {statistics.median(xs) / statistics.median(base):.2f}x)")
+        long_generation(model, clients["tcp"], args.prompt, 128, max(5, args.n // 20))
         for c in clients.values():
             c.close()
     finally:

@@ -181,10 +181,14 @@ class Scheduler:
         self._queued += 1
 
     def _drop(self, job: Job) -> None:
-        # lazy deletion: the entry stays in the heap, marked finished, skipped on pop
+        # lazy deletion: the entry stays in the heap, marked finished, skipped on pop;
+        # rebuilt when dead entries pile up (a submit/cancel storm behind a long job)
         if job.state != "finished":
             job.state = "finished"
             self._queued -= 1
+        if len(self._heap) > 2 * self.max_queue + 64:
+            self._heap = [e for e in self._heap if e[1].state != "finished"]
+            heapq.heapify(self._heap)
 
     def _top(self) -> Job | None:
         while self._heap and self._heap[0][1].state == "finished":

@@ -391,10 +391,9 @@ class Server:
         def run():
             try:
                 payload = fn()
-            except Exception as e:  # noqa: BLE001
-                payload = (protocol.error("bad_request", f"{op_name}: {e}", req.id), ())
+            except Exception as e:  # noqa: BLE001 - engine refusals (bad ids, bad text) are the client's
+                payload = (protocol.error("bad_request", f"{req.op}: {e}", req.id), ())
             self._post("reply", owner, payload)
-        op_name = req.op
         self._aux.submit(run)
 
     def on_status(self, owner: bytes, req: Request) -> None:

@@ -238,3 +238,18 @@ def test_worker_keeps_at_most_one_token_in_flight(model):
         assert stop == "cancelled" and j.n_tokens == 4
     finally:
         s.close()
+
+
+def test_submit_cancel_storm_keeps_the_heap_small(sched):
+    s, ev = sched
+    running = job(priority=1000)
+    s.submit(running)
+    ev.until("start", running)
+    for _ in range(2000):
+        j = job()
+        s.submit(j)
+        assert s.cancel(j) is True
+    assert len(s._heap) <= 2 * s.max_queue + 65
+    assert s.snapshot(time.monotonic())["queue_len"] == 0
+    s.cancel(running)
+    assert ev.until("done", running)[1] == "cancelled"
