@@ -138,6 +138,7 @@ def main(argv=None) -> int:
             print(f"emberd: {e}", file=sys.stderr)
             return 2
         raise
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         server.serve()
     finally:
