@@ -654,12 +654,12 @@ class Q2_K(_Quant):
     def dequantize_blocks(cls, blocks, out):
         S = _fields(blocks, cls.layout)
         q = _planes(_raw(S, "qs").reshape(-1, 32), 2, 4)     # (2n, 4, 32): element order
-        sc = _planes(_raw(S, "scales"), 4, 2)                # (n, 2, 16): scales, mins
-        dm = np.stack([_f32(S, "d"), _f32(S, "dmin")], axis=1)
-        prod = sc * dm[:, :, None]                           # (n, 2, 16) float32
+        w = _raw(S, "scales").view(np.uint64)                # (n, 2): scale | min << 4
+        sc = (w & 0x0F0F0F0F0F0F0F0F).view(np.uint8)         # (n, 16)
+        mn = ((w >> 4) & 0x0F0F0F0F0F0F0F0F).view(np.uint8)
         flat = _store(q, out)
-        _times(flat, prod[:, 0], 16)                         # dl*q - ml, C's order
-        _minus(flat, prod[:, 1], 16)
+        _times(flat, _f32(S, "d")[:, None] * sc, 16)         # dl*q - ml, C's order
+        _minus(flat, _f32(S, "dmin")[:, None] * mn, 16)
         return out
 
 
