@@ -218,7 +218,7 @@ def _hash_prefix(part: Path, n: int):
 def _copy(r, out, digest, done: int, total: int | None, progress, url: str) -> None:
     while True:
         try:
-            block = r.read(CHUNK)
+            block = r.read1(CHUNK)   # what has arrived: a slow link still makes progress
         except (OSError, http.client.HTTPException) as e:
             out.flush()
             raise PullError(f"download of {url} interrupted at {done} bytes ({e}); "

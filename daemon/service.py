@@ -202,6 +202,7 @@ class Service:
             os.write(2, b"emberd: second stop signal: exiting now without draining\n")
             os._exit(1)
         if not self._serving:
+            self.notify.stopping("stopped during start-up")
             raise Stopped()
 
     def _on_hup(self, signum, frame) -> None:
@@ -349,7 +350,9 @@ class Service:
     def _cancel_queued(self) -> None:
         srv = self.server
         for job in list(srv._active.values()):
-            if srv.scheduler.cancel(job):      # True: it was waiting, nothing computed
+            if job is srv.scheduler.running or job.state not in ("queued", "suspended"):
+                continue                       # (cancel() on the running job would stop it)
+            if srv.scheduler.cancel(job):      # True: it was waiting and is dropped now
                 srv._end(job)
                 srv._send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
                                                     job.rid))
