@@ -110,6 +110,12 @@ _CHUNK_ELEMS = 1 << 17   # output elements per chunk: 512 KiB of float32, L2-siz
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+def _denormals_flushed() -> bool:
+    """True if this thread's FPU flushes subnormals (FTZ/DAZ, set by some native
+    libraries); the F16 bit trick multiplies subnormal float32s and needs them."""
+    return np.float32(2.0 ** -140) * np.float32(2.0 ** 112) == 0
+
+
 def _struct(*fields: tuple[str, str]) -> np.dtype:
     """A block layout as a packed numpy struct, fields in ggml-common.h's order.
 
@@ -298,6 +304,9 @@ class F16(_Quant):
         # hold the sign; clear 28..30, then scale by 2^112 to rebias the
         # exponent -- exact for normals, subnormals and zeros alike.
         h = blocks.view(np.int16)[:, 0]                          # (n,)
+        if _denormals_flushed():                                 # subnormals would read 0
+            np.take(_F16_TO_F32, h.view(np.uint16), out=out[:, 0], mode="clip")
+            return out
         o = out.view(np.int32)[:, 0]
         np.copyto(o, h)                                          # sign-extending cast
         np.left_shift(o, 13, out=o)
