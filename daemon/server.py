@@ -45,6 +45,7 @@ HEARTBEAT_IVL_MS = 1000      # ZMQ heartbeat: PING every second,
 HEARTBEAT_TIMEOUT_MS = 5000  # and drop a peer silent for five
 HEALTH_TIMEOUT_MS = 5000
 RECENT = 32                  # finished requests remembered for `status`
+AUX_MAX_PENDING = 64         # tokenize/detokenize waiting for the helper thread; more -> busy
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class Server:
         self._recent: collections.deque = collections.deque(maxlen=RECENT)
         self._health: list[tuple[bytes, Any, float, float]] = []  # (owner, id, t0, timeout)
         self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-aux")
+        self._aux_pending = 0        # aux jobs submitted, reply not yet sent (loop thread only)
         self.scheduler = Scheduler(model, self._post, self.limits.max_queue)
         self.bound: list[str] = []
 
@@ -237,7 +239,10 @@ class Server:
 
     def _wake(self) -> None:
         with self._wake_lock:
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass   # the pipe is full of wake-ups already: the loop will wake
 
     def _drain_wakes(self) -> None:
         while True:
@@ -294,6 +299,7 @@ class Server:
                                  "tokens": job.n_tokens, "gone": job.gone})
 
     def _ev_reply(self, owner: bytes, payload) -> None:
+        self._aux_pending -= 1
         msg, frames = payload
         self._send(owner, msg, frames)
 
@@ -387,7 +393,14 @@ class Server:
             protocol.reply("detokenize", req.id, text=self.model.detokenize(ids.tolist())), ()))
 
     def _aux_call(self, owner: bytes, req: Request, fn: Callable) -> None:
-        """Run fn off the loop; its (msg, frames) result or error becomes the reply."""
+        """Run fn off the loop; its (msg, frames) result or error becomes the reply.
+
+        Bounded like the generate queue: each waiting job holds its request's text.
+        """
+        if self._aux_pending >= AUX_MAX_PENDING:
+            raise ProtocolError("busy", f"{AUX_MAX_PENDING} tokenize/detokenize requests already waiting")
+        self._aux_pending += 1
+
         def run():
             try:
                 payload = fn()

@@ -160,3 +160,24 @@ def test_others_keep_being_served_and_rss_stays_bounded(emberd, model):
     growth = emberd.rss() - rss0
     assert growth < 32 << 20, f"RSS grew by {growth / 2**20:.1f} MiB"
     assert emberd.alive()
+
+
+def test_tokenize_flood_is_bounded(emberd):
+    """Each waiting tokenize holds its text: past a bound the daemon answers busy, not RAM."""
+    text = "Once upon a time " * 1_200                        # ~20 KB each
+    s = emberd.dealer()
+    rss0 = emberd.rss()
+    try:
+        for i in range(400):
+            s.send_multipart([pack(v=1, op="tokenize", id=i, text=text)])
+        codes = []
+        while len(codes) < 400 and s.poll(20_000):
+            m = msgpack.unpackb(s.recv_multipart()[0])
+            codes.append(m.get("code", m["op"]))
+    finally:
+        s.close(linger=0)
+    assert len(codes) == 400 and set(codes) <= {"tokenize", "busy"}, set(codes)
+    assert "busy" in codes and "tokenize" in codes
+    assert emberd.rss() - rss0 < 64 << 20
+    with emberd.client() as c:
+        assert c.ping() < 1.0
