@@ -90,6 +90,17 @@ def quantize_act(wtype: str, x) -> np.ndarray:
         _native.quantize_act(tid, rows[b], out[b])
     return out.reshape(x.shape[:-1] + (out.shape[1],))
 
+def act_blocks(wtype: str, xq: np.ndarray) -> np.ndarray:
+    """The standard block part of quantized activation rows (drops Q8_0's aux area)."""
+    tid = type_id(wtype)
+    act = _native.act_type(tid)
+    n = _native.block_elems(act)
+    row = xq.shape[-1]
+    if act != GGML_TYPE_IDS["Q8_0"]:
+        return xq
+    nb = row // (_native.block_bytes(act) + 64)   # 34 bytes of block + 64 of aux per 32 values
+    return xq[..., :nb * _native.block_bytes(act)] if n else xq
+
 # ---------------------------------------------------------------------------
 # Products
 # ---------------------------------------------------------------------------

@@ -151,7 +151,18 @@ int ember_act_type(int wtype) {
 size_t ember_act_row_bytes(int wtype, int64_t n) {
     const int act = ember_act_type(wtype);
     if (act < 0) return 0;
-    return (size_t)(n / ember_block_elems(act)) * ember_block_bytes(act);
+    const size_t blocks = (size_t)(n / ember_block_elems(act)) * ember_block_bytes(act);
+    return act == EMBER_Q8_0 ? blocks + ember_q8_0_aux_bytes(n) : blocks;
+}
+
+/* code offset of a Q8_0-paired weight type, for the activation aux area */
+static int q8_0_bias(int wtype) {
+    switch (wtype) {
+    case EMBER_Q4_0: return 8;
+    case EMBER_Q5_0: return 16;
+    case EMBER_Q8_0: return 128;
+    default: return 0;
+    }
 }
 
 /* ======================================================================== */
@@ -160,6 +171,7 @@ size_t ember_act_row_bytes(int wtype, int64_t n) {
 
 void ember_quantize_act(int wtype, const float *x, void *xq, int64_t n) {
     cur[wtype].quantize(x, xq, n);
+    if (ember_act_type(wtype) == EMBER_Q8_0) ember_q8_0_fill_aux(xq, n, q8_0_bias(wtype));
 }
 
 void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, float *y,

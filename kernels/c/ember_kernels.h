@@ -140,6 +140,16 @@ _Static_assert(sizeof(block_q8_K) == 4 + QK_K + QK_K / 16 * 2, "block_q8_K size"
 /* Public API (dispatched)                                                   */
 /* ======================================================================== */
 
+/* Activation rows. Q8_K and F32 rows are plain arrays of their blocks/values.
+ * A Q8_0 row (32-block weights) is n/32 standard block_q8_0 followed by an aux
+ * area that the SIMD matvec kernels read instead of redoing, for every weight
+ * row, work that depends on the activation alone:
+ *   float   dx8[n/32][8]    each block's scale, 8 times (one 256-bit lane)
+ *   int32_t corr[n/32][8]   -bias * (sum of each 4 consecutive codes), bias =
+ *                           the weight type's code offset (Q4_0 8, Q5_0 16,
+ *                           Q8_0 128 as offset binary, others 0)
+ * ember_act_row_bytes includes it; the row stays a valid Q8_0 row prefix. */
+
 int     ember_act_type(int wtype);              /* activation format the weight type pairs with: GGML id of Q8_0, Q8_K or F32 (-1: unsupported wtype) */
 size_t  ember_act_row_bytes(int wtype, int64_t n);  /* bytes of one quantized activation row of n values */
 void    ember_quantize_act(int wtype, const float *x, void *xq, int64_t n);     /* one row */

@@ -88,8 +88,9 @@ float ember_vec_dot_##name##_q8_0_avx2(int64_t n, const void *vw, const void *vx
     float sum = hsum8(_mm256_add_ps(acc0, acc1));                                    \
     if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
     return sum;                                                                      \
-}                                                                                    \
-                                                                                     \
+}
+
+#define Q8_0_DOT4(name, wtype_t, decode)                                             \
 void ember_vec_dot4_##name##_q8_0_avx2(int64_t n, const void *vw, const void *vx,    \
                                        size_t xs, float *s) {                        \
     const wtype_t *w = vw;                                                           \
@@ -125,10 +126,37 @@ static inline __m256i decode_iq4_nl(const block_iq4_nl *b) {
     return _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles32(b->qs));
 }
 
-Q8_0_DOT(q4_0, block_q4_0, decode_q4_0)
 Q8_0_DOT(q8_0, block_q8_0, decode_q8_0)
 Q8_0_DOT(q5_0, block_q5_0, decode_q5_0)
 Q8_0_DOT(iq4_nl, block_iq4_nl, decode_iq4_nl)
+Q8_0_DOT4(q4_0, block_q4_0, decode_q4_0)
+Q8_0_DOT4(q8_0, block_q8_0, decode_q8_0)
+Q8_0_DOT4(q5_0, block_q5_0, decode_q5_0)
+Q8_0_DOT4(iq4_nl, block_iq4_nl, decode_iq4_nl)
+
+/* Q4_0 matvec, the decode hot loop: raw nibbles (0..15) times y, the bias 8
+ * paid by the activation's precomputed corr, its scale read as float from the
+ * aux area; per block that leaves unpack, maddubs+madd, and three float ops. */
+float ember_vec_dot_q4_0_q8_0_avx2(int64_t n, const void *vw, const void *vx) {
+    const block_q4_0 *w = vw;
+    const block_q8_0 *x = vx;
+    const float *dx8 = ember_q8_0_dx8(vx, n);
+    const int32_t *corr = ember_q8_0_corr(vx, n);
+    const int64_t nb = n / QK8_0;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256i p0 = _mm256_add_epi32(load256(corr + 8 * i), dot_u8(nibbles32(w[i].qs), load256(x[i].qs)));
+        const __m256i p1 = _mm256_add_epi32(load256(corr + 8 * i + 8), dot_u8(nibbles32(w[i + 1].qs), load256(x[i + 1].qs)));
+        const __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dx8 + 8 * i));
+        const __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dx8 + 8 * i + 8));
+        acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(fp16(w[i].d)), acc0);
+        acc1 = _mm256_fmadd_ps(t1, _mm256_set1_ps(fp16(w[i + 1].d)), acc1);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    if (i < nb) sum += ember_vec_dot_q4_0_q8_0_generic((nb - i) * QK8_0, w + i, x + i);
+    return sum;
+}
 
 /* Unsigned weights with a min (Q4_1, Q5_1): d*sum(q*y)*dx + m*dx*sum(y) */
 #define Q8_0_DOT_MIN(name, wtype_t, decode)                                          \

@@ -6,9 +6,12 @@
  * instruction) where the CPU has it, and without (maddubs + madd).
  *
  * 32-blocks: two blocks per 512-bit register. Weights are made unsigned so
- * they can be the u8 operand: Q4_0 keeps its raw nibble (0..15); Q8_0 stays
- * signed, its sign moved onto the activation (|w| * sign(w)y); Q4_0's offset
- * 8 is removed by a second product with the constant 8 -- exact integer math.
+ * they can be the u8 operand (Q4_0: raw nibble 0..15; Q8_0: offset binary);
+ * the code offset times the activation's 4-value sums is precomputed once per
+ * activation row (the Q8_0 aux area) and seeds the int32 accumulator, and the
+ * activation scales come from the same area already in float. What is left
+ * per weight block is its unpacking, one vpdpbusd, and the float scaling --
+ * decode has to keep up with memory bandwidth.
  *
  * K-quants: a 64-value run of a super-block fills one register in value
  * order, is multiplied by maddubs and scaled by its int16 sub-block scales in
@@ -57,41 +60,55 @@ static inline __m512i y_pair(const block_q8_0 *x0, const block_q8_0 *x1) {
     return pair256(load256(x0->qs), load256(x1->qs));
 }
 
-static inline __m512i dot_u8_plain(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-}
-
 /* ======================================================================== */
 /* Q4_0 and Q8_0, generated for the plain and the VNNI build                  */
 /* ======================================================================== */
 
-/* Exact signed dot of a two-block pair, 16 int32 lanes (8 per block).
- * Q4_0: dot(u, y) - 8 * sum(y), u the raw nibbles (pair sums <= 2*15*128, no
- * saturation). Q8_0: the sign of w moves onto y (|w| * sign(w)*y); y is never
- * -128 because Q8_0 activations round to [-127, 127]. */
-#define PAIR_FUNCS(ISA, DOT)                                                             \
-static inline __m512i pair_q4_0_##ISA(__m512i u, __m512i y) {                          \
-    return _mm512_sub_epi32(DOT(u, y), DOT(_mm512_set1_epi8(8), y));                    \
-}                                                                                       \
-static inline __m512i pair_q8_0_##ISA(__m512i w, __m512i y) {                          \
-    const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(w), _mm512_setzero_si512(), y); \
-    return DOT(_mm512_abs_epi8(w), sy);                                                 \
+/* Exact signed dot of a two-block pair plus the activation's aux `corr`
+ * (-bias * sums of 4 codes, see ember_kernels.h): 16 int32 lanes, 8 per block.
+ * Q4_0: raw nibbles u (0..15) as the u8 operand, corr removes the bias 8
+ * (maddubs pair sums <= 2*15*127: no saturation). Q8_0 with VNNI: offset
+ * binary u = w ^ 0x80 (= w + 128), corr removes the 128; vpdpbusd adds into
+ * int32 without saturating. Q8_0 without VNNI would saturate maddubs with
+ * u up to 255, so it moves w's sign onto y instead and ignores corr (y is
+ * never -128: Q8_0 activations round into [-127, 127]). */
+static inline __m512i corr_pair(const int32_t *corr) { return _mm512_loadu_si512(corr); }
+
+#define PAIR_FUNCS(ISA, DOT_ACC)                                                         \
+static inline __m512i pair_q4_0_##ISA(const block_q4_0 *w, __m512i y, const int32_t *corr) { \
+    return DOT_ACC(corr_pair(corr), q4_0_pair(w), y);                                   \
 }
 
-#define Q8_0_KERNELS(name, wtype_t, decode, ISA)                               \
+static inline __m512i dot_acc_plain(__m512i acc, __m512i u, __m512i s) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+
+static inline __m512i pair_q8_0_avx512(const block_q8_0 *w, __m512i y, const int32_t *corr) {
+    (void)corr;
+    const __m512i q = q8_0_pair(w);
+    const __m512i sy = _mm512_mask_sub_epi8(y, _mm512_movepi8_mask(q), _mm512_setzero_si512(), y);
+    return dot_acc_plain(_mm512_setzero_si512(), _mm512_abs_epi8(q), sy);
+}
+
+/* [d(w0) x 8, d(w1) x 8]: two broadcasts straight from the fp16 table */
+#define DW_PAIR(w) _mm512_insertf32x8(_mm512_set1_ps(fp16((w)[0].d)), _mm256_set1_ps(fp16((w)[1].d)), 1)
+
+#define Q8_0_KERNELS(name, wtype_t, ISA)                                                 \
 float ember_vec_dot_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *vx) {    \
     const wtype_t *w = vw;                                                              \
     const block_q8_0 *x = vx;                                                           \
+    const float *dx8 = ember_q8_0_dx8(vx, n);                                           \
+    const int32_t *corr = ember_q8_0_corr(vx, n);                                       \
     const int64_t nb = n / QK8_0;                                                       \
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                      \
     int64_t i = 0;                                                                      \
     for (; i + 4 <= nb; i += 4) {                                                       \
-        const __m512i p0 = pair_##name##_##ISA(decode(&w[i]), y_pair(&x[i], &x[i + 1]));  \
-        const __m512i p1 = pair_##name##_##ISA(decode(&w[i + 2]), y_pair(&x[i + 2], &x[i + 3])); \
-        acc0 = _mm512_fmadd_ps(pair_scale(fp16(w[i].d) * fp16(x[i].d), fp16(w[i + 1].d) * fp16(x[i + 1].d)), \
-                               _mm512_cvtepi32_ps(p0), acc0);                           \
-        acc1 = _mm512_fmadd_ps(pair_scale(fp16(w[i + 2].d) * fp16(x[i + 2].d), fp16(w[i + 3].d) * fp16(x[i + 3].d)), \
-                               _mm512_cvtepi32_ps(p1), acc1);                           \
+        const __m512i p0 = pair_##name##_##ISA(&w[i], y_pair(&x[i], &x[i + 1]), corr + 8 * i); \
+        const __m512i p1 = pair_##name##_##ISA(&w[i + 2], y_pair(&x[i + 2], &x[i + 3]), corr + 8 * i + 16); \
+        const __m512 t0 = _mm512_mul_ps(_mm512_cvtepi32_ps(p0), _mm512_loadu_ps(dx8 + 8 * i)); \
+        const __m512 t1 = _mm512_mul_ps(_mm512_cvtepi32_ps(p1), _mm512_loadu_ps(dx8 + 8 * i + 16)); \
+        acc0 = _mm512_fmadd_ps(t0, DW_PAIR(&w[i]), acc0);                                \
+        acc1 = _mm512_fmadd_ps(t1, DW_PAIR(&w[i + 2]), acc1);                            \
     }                                                                                   \
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                        \
     if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
@@ -107,13 +124,13 @@ void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *v
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();                           \
     int64_t i = 0;                                                                      \
     for (; i + 2 <= nb; i += 2) {                                                       \
-        const __m512i u = decode(&w[i]);                                                \
-        const float d0 = fp16(w[i].d), d1 = fp16(w[i + 1].d);                           \
+        const __m512 dw = DW_PAIR(&w[i]);                                               \
         for (int r = 0; r < 4; r++) {                                                   \
-            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i;                \
-            const __m512i p = pair_##name##_##ISA(u, y_pair(&x[0], &x[1]));              \
-            acc[r] = _mm512_fmadd_ps(pair_scale(d0 * fp16(x[0].d), d1 * fp16(x[1].d)),  \
-                                     _mm512_cvtepi32_ps(p), acc[r]);                    \
+            const void *xr = xb + r * xs;                                               \
+            const block_q8_0 *x = (const block_q8_0 *)xr + i;                          \
+            const __m512i p = pair_##name##_##ISA(&w[i], y_pair(&x[0], &x[1]), ember_q8_0_corr(xr, n) + 8 * i); \
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(ember_q8_0_dx8(xr, n) + 8 * i)); \
+            acc[r] = _mm512_fmadd_ps(t, dw, acc[r]);                                    \
         }                                                                               \
     }                                                                                   \
     for (int r = 0; r < 4; r++) {                                                       \
@@ -122,18 +139,18 @@ void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *v
     }                                                                                   \
 }
 
-PAIR_FUNCS(avx512, dot_u8_plain)
-Q8_0_KERNELS(q4_0, block_q4_0, q4_0_pair, avx512)
-Q8_0_KERNELS(q8_0, block_q8_0, q8_0_pair, avx512)
+PAIR_FUNCS(avx512, dot_acc_plain)
+Q8_0_KERNELS(q4_0, block_q4_0, avx512)
+Q8_0_KERNELS(q8_0, block_q8_0, avx512)
 
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
-static inline __m512i dot_u8_vnni(__m512i u, __m512i s) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+PAIR_FUNCS(avx512vnni, _mm512_dpbusd_epi32)
+static inline __m512i pair_q8_0_avx512vnni(const block_q8_0 *w, __m512i y, const int32_t *corr) {
+    return _mm512_dpbusd_epi32(corr_pair(corr), _mm512_xor_si512(q8_0_pair(w), _mm512_set1_epi8((char)0x80)), y);
 }
-PAIR_FUNCS(avx512vnni, dot_u8_vnni)
-Q8_0_KERNELS(q4_0, block_q4_0, q4_0_pair, avx512vnni)
-Q8_0_KERNELS(q8_0, block_q8_0, q8_0_pair, avx512vnni)
+Q8_0_KERNELS(q4_0, block_q4_0, avx512vnni)
+Q8_0_KERNELS(q8_0, block_q8_0, avx512vnni)
 #pragma GCC pop_options
 
 /* ======================================================================== */

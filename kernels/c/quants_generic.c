@@ -34,6 +34,20 @@ void ember_quantize_row_q8_0_generic(const float *x, void *vy, int64_t n) {
     }
 }
 
+void ember_q8_0_fill_aux(void *xq, int64_t n, int bias) {
+    const block_q8_0 *x = xq;
+    uint8_t *dx8 = (uint8_t *)xq + (n / QK8_0) * sizeof(block_q8_0);
+    uint8_t *corr = dx8 + (n / QK8_0) * 32;
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        const float d = ember_fp16_to_fp32(x[i].d);
+        for (int l = 0; l < 8; l++) {
+            const int32_t c = -bias * (x[i].qs[4 * l] + x[i].qs[4 * l + 1] + x[i].qs[4 * l + 2] + x[i].qs[4 * l + 3]);
+            memcpy(dx8 + 32 * i + 4 * l, &d, 4);     /* memcpy: the area need not be 4-aligned */
+            memcpy(corr + 32 * i + 4 * l, &c, 4);
+        }
+    }
+}
+
 void ember_quantize_row_q8_K_generic(const float *x, void *vy, int64_t n) {
     block_q8_K *y = vy;
     for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {

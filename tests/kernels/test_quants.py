@@ -159,7 +159,7 @@ def check_products(t: str, W: np.ndarray, X: np.ndarray, Y: np.ndarray, what: st
     """Y (b, rows) against both float64 references, with the named tolerances."""
     Wd = ref_dequant(t, W).astype(np.float64)
     Xq = kq.quantize_act(t, X)
-    Xd = kq.dequantize(kq.act_type(t), Xq).astype(np.float64)
+    Xd = kq.dequantize(kq.act_type(t), kq.act_blocks(t, Xq)).astype(np.float64)
     absW = np.abs(Wd)
     assert_close(Y, Xd @ Wd.T, np.abs(Xd) @ absW.T, TIGHT, f"{what} vs quantized x")
     # LOOSE: the exact bound of the activation rounding, plus TIGHT's share
@@ -240,7 +240,7 @@ def test_activation_quantization_matches_llama_cpp_reference(isa, t):
     """Q8_0 through the project's numpy quantizer (llama.cpp's _ref)."""
     rng = np.random.default_rng(9)
     x = (rng.standard_normal(4096) * rng.uniform(0.01, 100)).astype(np.float32)
-    got = kq.quantize_act(t, x)
+    got = kq.act_blocks(t, kq.quantize_act(t, x))
     if t == "Q4_0":
         np.testing.assert_array_equal(got, fq.quantize("Q8_0", x))
     else:   # Q8_K: values within one step, bsums exact sums of the codes
