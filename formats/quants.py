@@ -145,23 +145,19 @@ def _f32(S: np.ndarray, name: str) -> np.ndarray:
 def _planes(src: np.ndarray, nbits: int, count: int) -> np.ndarray:
     """Bit fields (m, w) uint8 -> (m, count, w): out[:, k] = (src >> k*nbits) & mask.
 
-    Each plane is two whole-array uint64 ops (shift, mask: 8 codes per lane),
-    then lands in its slot as one w-byte void item per row -- a single
-    strided copy rather than a loop call per 16-32 byte row.
+    All planes come from two whole-array uint64 ops (8 codes a lane; shifts
+    broadcast over a plane axis), then each lands in its slot as one w-byte
+    void item per row -- one strided copy, not a loop call per 16-32 byte row.
     """
     m, w = src.shape
-    mask = ((1 << nbits) - 1) * 0x0101010101010101
-    words = src.reshape(-1).view(np.uint64)
-    plane = np.empty_like(words)
+    words = src.reshape(1, -1).view(np.uint64)                       # (1, m*w/8)
+    shifts = np.arange(0, count * nbits, nbits, dtype=np.uint64)[:, None]
+    planes = np.right_shift(words, shifts)                           # (count, m*w/8)
+    np.bitwise_and(planes, ((1 << nbits) - 1) * 0x0101010101010101, out=planes)
     out = np.empty((m, count, w), np.uint8)
     rows = out.view(f"V{w}").reshape(m, count)
     for k in range(count):
-        if k:
-            np.right_shift(words, k * nbits, out=plane)
-            np.bitwise_and(plane, mask, out=plane)
-        else:
-            np.bitwise_and(words, mask, out=plane)
-        rows[:, k] = plane.view(f"V{w}")
+        rows[:, k] = planes[k].view(f"V{w}")
     return out
 
 
