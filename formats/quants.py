@@ -850,7 +850,11 @@ def dequantize(type_name: str, data, shape: Sequence[int]) -> np.ndarray:
     """
     cls = _codec(type_name)
     n = _check_shape(cls, shape)
-    raw = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    try:
+        raw = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+    except TypeError as e:
+        raise QuantError(f"{type_name}: data must be a uint8 array or bytes-like, "
+                         f"got {type(data).__name__}") from e
     if raw.dtype != np.uint8:
         raise QuantError(f"{type_name}: data must be uint8 bytes, got {raw.dtype}")
     if raw.size != n * cls.type_size:

@@ -292,6 +292,7 @@ def test_bf16_quantize_matches_gguf_py_rounding():
     (lambda: dequantize("Q4_0", np.zeros(18, np.uint8), (2, 16)), "multiple"),
     (lambda: dequantize("Q4_0", np.zeros(9, np.uint16), (32,)), "uint8"),
     (lambda: dequantize("Q4_0", np.zeros(18, np.uint8), (-1, 32)), "negative"),
+    (lambda: dequantize("Q4_0", [0] * 18, (32,)), "bytes-like"),
     (lambda: quantize("Q2_K", np.zeros(256, np.float32)), "not supported"),
     (lambda: quantize("Q4_0", np.zeros(48, np.float32)), "multiple"),
     (lambda: quantize("IQ2_XXS", np.zeros(256, np.float32)), "unknown"),
