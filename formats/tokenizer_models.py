@@ -118,10 +118,11 @@ def token_pairs(tokens: list[str]) -> set[str]:
 
 class SpmModel:
     def __init__(self, token_to_id: dict[str, int], scores: list[float],
-                 byte_ids: list[int | None], splitter):
+                 byte_ids: list[int | None], splitter, unk_id: int | None = None):
         self.token_to_id = token_to_id
         self.scores = scores          # (n_vocab,) float32 values as Python floats
         self.byte_ids = byte_ids      # (256,) byte -> id of <0xXX> (or the 1-byte token), None
+        self.unk_id = unk_id
         self.splitter = splitter
         self.cache = _WordCache()
         self.pairs = token_pairs(list(token_to_id))   # junction candidates for long pieces
@@ -159,9 +160,13 @@ class SpmModel:
         return tuple(ids)
 
     def _bytes_of(self, sym: str) -> list[int]:
-        # llama.cpp throws here when a byte has no token; a daemon must not,
-        # so such bytes are dropped (no SPM vocabulary we know lacks them).
-        return [i for i in (self.byte_ids[b] for b in sym.encode("utf-8")) if i is not None]
+        # llama.cpp throws here when a byte has no token; a daemon must not, so such
+        # a byte becomes <unk> (dropped if there is none). Byte-fallback vocabularies,
+        # every one we know, never get here.
+        ids = [self.byte_ids[b] for b in sym.encode("utf-8")]
+        if None in ids:
+            ids = [self.unk_id if i is None else i for i in ids]
+        return [i for i in ids if i is not None]
 
 
 def spm_merge(text: str, token_to_id: dict[str, int], scores: list[float]) -> list[str]:

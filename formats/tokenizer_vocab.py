@@ -110,7 +110,7 @@ class Vocab:
     def build_model(self):
         if self.kind == "spm":
             splitter = space_splitter(_chars_before_space_in(self.tokens))
-            return SpmModel(self.token_to_id, self.scores, self._spm_byte_ids(), splitter)
+            return SpmModel(self.token_to_id, self.scores, self._spm_byte_ids(), splitter, self.unk_id)
         if self.kind == "wpm":
             return WpmModel(self.token_to_id, self.unk_id, max(map(len, self.tokens)),
                             lowercase=self.lowercase, strip_accents=self.strip_accents)

@@ -346,6 +346,14 @@ def test_unknown_names_list_the_supported_ones(tmp_path):
         load(tmp_path, (md, types))
 
 
+def test_spm_without_byte_tokens_gives_unk(tmp_path):
+    # llama.cpp would throw on a byte with no <0xXX> token; we give <unk>
+    toks = SPM_TOKENS[:3] + [f"<x{b:02X}>" for b in range(256)] + SPM_TOKENS[259:]
+    tok = load(tmp_path, spm_file(tokens=(toks, (A, "STRING")),
+                                  token_type=([2, 3, 3] + [1] * (len(toks) - 3), (A, "INT32"))))
+    assert tok.encode("a é") == [SPM_TOKENS.index("▁a"), SPM_TOKENS.index("▁"), 0, 0]
+
+
 def test_add_bos_without_a_bos_token(tmp_path):
     md, types = bpe_file()   # gpt2's default BOS (11) is outside this 4-token vocabulary
     md["tokenizer.ggml.add_bos_token"] = True
