@@ -211,6 +211,8 @@ def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
         first = next(iter(stream))
         queued = b.send("generate", prompt="Hello", max_tokens=5, temperature=0)
+        while late.status()["queue_len"] < 1:          # B waits behind A before the signal
+            time.sleep(0.01)
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         notify.wait_for("STOPPING", timeout=5)
