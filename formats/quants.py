@@ -564,6 +564,10 @@ class _Search:
             np.multiply(self.t, f, out=self.t)
         return _seqsum(self.t)
 
+    def wsum_of(self, a, b):
+        """sequential sum over k of a*b."""
+        return _seqsum(np.multiply(a, b, out=self.t))
+
     def error(self, scale, mn, L):
         """sum of w * (scale*L + min - x)^2, C's make_qkx2_quants error."""
         t = self.t
@@ -587,12 +591,13 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     scale = f(1) / iscale
     L = S.levels(iscale, lo, (0, nmax), np.empty_like(x))
     best = S.error(scale, lo, L)
-    La = np.empty_like(x)                                # (reused: L never aliases it)
+    La, wl = np.empty_like(x), np.empty_like(x)          # (reused: L never aliases them)
     for step in range(nstep + 1):
         # (rmin + rdelta*is + nmax) / (max - min), with min the best so far
         iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / (hi - lo)
         S.levels(iscale, lo, (0, nmax), La)
-        sum_l, sum_l2, sum_xl = S.wsum(La), S.wsum(La, La), S.wsum(La, x)
+        wl = np.multiply(w, La, out=wl)                  # C: w*l*l is (w*l)*l, w*l*x is (w*l)*x
+        sum_l, sum_l2, sum_xl = _seqsum(wl), S.wsum_of(wl, La), S.wsum_of(wl, x)
         D = sum_w * sum_l2 - sum_l * sum_l
         t_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         t_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
