@@ -148,6 +148,10 @@ cdef class Forward:
         with nogil:
             ember_forward(m, &tokens[0], n, pos0, &logits[0], all_logits)
 
+    def kept(self):
+        """The buffers the C model points into (for tests: weights must be views of the map)."""
+        return list(self._keep)
+
     @property
     def scratch_bytes(self):
         return ember_model_scratch_bytes(self._model())

@@ -1,0 +1,193 @@
+"""The decoder's ops (kernels/c/ops_*.c) against numpy, for every ISA this CPU runs.
+
+Each op of each ISA's table runs over odd lengths (SIMD bodies plus scalar
+tails) on read-only inputs where the op only reads them. Tolerances are named
+per op: the AVX2 twins use a polynomial exp and 8-lane float sums, the
+generic ones libm expf and double sums. f32 -> f16 is exact (round to nearest
+even) on every ISA. Also: the thread pool's own cost, measured and bounded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ember.kernels import _native, dispatch
+
+ISAS = dispatch.available_isas()
+SIZES = [1, 7, 8, 31, 33, 64, 255, 2049]
+
+RMSNORM_RTOL = 2e-6     # float32 products; double or 8-lane float mean of squares
+SOFTMAX_RTOL = 2e-6     # exp within ~2 ulp, normalized by a double/float sum
+SWIGLU_RTOL = 2e-6
+ROPE_ATOL = 1e-6        # two float products per output, values O(1)
+ATTN_ATOL = 2e-6        # scores, softmax and the weighted sum of f16 values
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    return request.param
+
+
+def test_every_isa_has_an_ops_table():
+    assert ISAS[0] == "generic"
+    for name in ISAS:
+        assert _native.ops_name(name) in ("generic", "avx2")   # avx512/neon fall back in one place
+    if "avx2" in ISAS:
+        assert _native.ops_name("avx2") == "avx2"
+
+
+# ---------------------------------------------------------------------------
+# element-wise ops
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", SIZES)
+def test_rmsnorm(isa, n):
+    rng = np.random.default_rng(n)
+    x, w = _ro(rng.standard_normal(n, dtype=np.float32) * 3), _ro(rng.standard_normal(n, dtype=np.float32))
+    y = np.empty(n, np.float32)
+    _native.op_rmsnorm(isa, x, w, y, 1e-5)
+    ref = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5) * w
+    np.testing.assert_allclose(y, ref, rtol=RMSNORM_RTOL, atol=1e-7)
+
+
+def test_rmsnorm_of_zeros_is_zero(isa):
+    x, w = np.zeros(33, np.float32), np.ones(33, np.float32)
+    y = np.full(33, np.nan, np.float32)
+    _native.op_rmsnorm(isa, x, w, y, 1e-6)
+    assert np.all(y == 0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_softmax(isa, n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10).astype(np.float32)
+    ref = np.exp(x.astype(np.float64) - x.max())
+    ref /= ref.sum()
+    _native.op_softmax(isa, x)
+    np.testing.assert_allclose(x, ref, rtol=SOFTMAX_RTOL, atol=1e-12)
+    assert abs(x.sum(dtype=np.float64) - 1) < 1e-5
+
+
+def test_softmax_extreme_range(isa):
+    x = np.array([0, -200, 80, -1e30, 85] + [-90] * 11, dtype=np.float32)  # past exp's float range
+    ref = np.exp(x.astype(np.float64) - 85)
+    ref /= ref.sum()
+    _native.op_softmax(isa, x)
+    assert np.all(np.isfinite(x))
+    np.testing.assert_allclose(x, ref, rtol=SOFTMAX_RTOL, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_swiglu(isa, n):
+    rng = np.random.default_rng(n)
+    g, u = _ro(rng.standard_normal(n, dtype=np.float32) * 4), _ro(rng.standard_normal(n, dtype=np.float32))
+    y = np.empty(n, np.float32)
+    _native.op_swiglu(isa, g, u, y)
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(y, g64 / (1 + np.exp(-g64)) * u, rtol=SWIGLU_RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_add_is_exact(isa, n):
+    rng = np.random.default_rng(n)
+    y, x = rng.standard_normal(n, dtype=np.float32), _ro(rng.standard_normal(n, dtype=np.float32))
+    ref = y + x
+    _native.op_add(isa, y, x)
+    assert np.array_equal(y, ref)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_to_f16_rounds_like_numpy(isa, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 6, n)
+    x[: min(n, 4)] = [65504, 65520, 1e-8, -0.0][: min(n, 4)]  # max, overflow to inf, subnormal, -0
+    y = np.empty(n, np.uint16)
+    _native.op_to_f16(isa, _ro(x.astype(np.float32)), y)
+    with np.errstate(over="ignore"):   # 65520 -> inf is the point
+        assert np.array_equal(y, x.astype(np.float16).view(np.uint16))
+
+
+# ---------------------------------------------------------------------------
+# rope
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("neox", [False, True], ids=["pairs", "halves"])
+@pytest.mark.parametrize("head_dim,rope_dim", [(64, 64), (34, 34), (128, 96), (18, 2)])
+def test_rope(isa, neox, head_dim, rope_dim):
+    rng = np.random.default_rng(head_dim)
+    x = rng.standard_normal((3, head_dim), dtype=np.float32)
+    ang = 37 * 10000.0 ** (-2.0 * np.arange(rope_dim // 2) / rope_dim)
+    cs = _ro(np.stack([np.cos(ang), np.sin(ang)], -1).astype(np.float32).reshape(-1))
+    c, s = cs[0::2].astype(np.float64), cs[1::2].astype(np.float64)
+    ref = x.astype(np.float64)
+    if neox:
+        a, b = ref[:, : rope_dim // 2].copy(), ref[:, rope_dim // 2: rope_dim].copy()
+        ref[:, : rope_dim // 2], ref[:, rope_dim // 2: rope_dim] = a * c - b * s, a * s + b * c
+    else:
+        a, b = ref[:, 0:rope_dim:2].copy(), ref[:, 1:rope_dim:2].copy()
+        ref[:, 0:rope_dim:2], ref[:, 1:rope_dim:2] = a * c - b * s, a * s + b * c
+    _native.op_rope(isa, x, head_dim, rope_dim, cs, neox)
+    np.testing.assert_allclose(x, ref, atol=ROPE_ATOL)
+
+
+# ---------------------------------------------------------------------------
+# attention over an f16 cache
+# ---------------------------------------------------------------------------
+
+def attention_ref(q, K, V, pos0, n_head, n_kv, hd):
+    """q (B, n_head*hd), K/V f16 (S, n_kv*hd) -> (B, n_head*hd), float64, causal, GQA."""
+    B = q.shape[0]
+    Kf, Vf = K.view(np.float16).astype(np.float64), V.view(np.float16).astype(np.float64)
+    out = np.zeros((B, n_head * hd))
+    for b in range(B):
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            k, v = Kf[: pos0 + b + 1, g * hd:(g + 1) * hd], Vf[: pos0 + b + 1, g * hd:(g + 1) * hd]
+            s = k @ q[b, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[b, h * hd:(h + 1) * hd] = (p / p.sum()) @ v
+    return out
+
+
+@pytest.mark.parametrize("B,pos0,n_head,n_kv,hd", [
+    (1, 0, 4, 4, 64),        # decode, first position, MHA
+    (1, 40, 8, 2, 64),       # decode, GQA 4:1
+    (5, 3, 6, 3, 33),        # causal batch, odd head size (scalar tails)
+    (9, 0, 4, 1, 128),       # prefill from empty, MQA
+])
+def test_attention(isa, B, pos0, n_head, n_kv, hd):
+    rng = np.random.default_rng(B * 100 + pos0)
+    S = pos0 + B + 2                             # cache rows past the causal edge must not count
+    q = _ro(rng.standard_normal((B, n_head * hd), dtype=np.float32))
+    K = _ro(rng.standard_normal((S, n_kv * hd)).astype(np.float16).view(np.uint16))
+    V = _ro(rng.standard_normal((S, n_kv * hd)).astype(np.float16).view(np.uint16))
+    out = np.empty((B, n_head * hd), np.float32)
+    _native.op_attention(isa, q, K, V, pos0, n_head, n_kv, hd, out)
+    np.testing.assert_allclose(out, attention_ref(q, K, V, pos0, n_head, n_kv, hd), atol=ATTN_ATOL * np.sqrt(hd))
+
+
+def test_attention_rejects_shapes_out_of_the_cache():
+    q = np.zeros((4, 64), np.float32)
+    K = V = np.zeros((3, 64), np.uint16)
+    with pytest.raises(ValueError):
+        _native.op_attention("generic", q, K, V, 0, 1, 1, 64, np.empty((4, 64), np.float32))
+
+
+# ---------------------------------------------------------------------------
+# the thread pool's own cost
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pool_cost_per_op_is_small(threads):
+    """One barrier (a decode op boundary) must cost far less than a decode op (~10-100 us).
+
+    The bound is loose because the machine is shared: a preempted peer thread makes a
+    barrier wait a scheduler slice. The best of three samples is taken."""
+    per_op = min(_native.pool_costs(threads, n_ops=2000, n_runs=200)[0] for _ in range(3))
+    assert per_op < 50e-6, f"{per_op * 1e6:.1f} us per barrier with {threads} threads"
