@@ -35,7 +35,7 @@ class TokenizerError(ValueError):
 
 
 MODELS = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "gemma4": "bpe"}
-MAX_TOKEN_BYTES = 4096      # longest real tokens are a few hundred bytes (runs of spaces)
+MAX_TOKEN_BYTES = 1 << 16   # real tokens are at most a few hundred bytes (runs of spaces)
 NO_TOKEN = (-1, 0xFFFFFFFF)  # "no such token" as converters store it (int32 -1 / uint32 max)
 
 # llama_token_attr bits

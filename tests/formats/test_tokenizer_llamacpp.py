@@ -40,6 +40,9 @@ TEXTS = [
     "ø õ ÷ and é accents Ω K",
     "<|fim_prefix|>def f():<|fim_suffix|>\n    return 1<|fim_middle|>",
     "Hello world! 🦙🚀 中文测试 한국어 русский",
+    # deepseek-llm's letter class holds NFC-unstable singletons (U+1F7D, U+2126, ...),
+    # and its wregex patterns see U+3000 as U+000B
+    "a\u1f7d\u1fbe\u1fd3\u1fdb\u2126\u212a\u1f5f\u03ce\u03a9K\u00b5b x\u3000\u3001y \u3000 z",
 ]
 
 WORKER = r"""
