@@ -103,6 +103,9 @@ class Vocab:
     merges: list[str]
     special_cache: list[tuple[str, int, int]]  # (text, id, attr), longest text first
     eog_ids: set[int]
+    # also: bos_id eos_id eot_id eom_id unk_id sep_id pad_id mask_id fim_*_id (int | None),
+    # add_bos add_eos add_space_prefix escape_whitespaces ignore_merges lowercase
+    # strip_accents (bool), junctions (BPE: {left[-1] + right[0]} over the merges)
 
     def byte_value(self, tid: int) -> int:
         return self._byte_values[tid]
