@@ -10,6 +10,10 @@ and ratios against llama.cpp from the same run. llama.cpp runs from the
 llama-cpp-python venv (/work/llamaenv, never an ember dependency) on the very
 same GGUF; ember's backends run through ember.plugins.registry.
 
+Threads: --threads for every contender; idle workers sleep rather than spin
+(OMP_WAIT_POLICY=PASSIVE for llama.cpp, the onnx backend's default), because
+spinning on a shared CPU slows everyone, the spinner included.
+
 Timings: prefill = one batch of --prompt tokens from an empty cache; decode =
 --gen single-token steps after it (tok/s over those steps). The ONNX graph is
 built into the model cache before the first round, so load time is the cached
@@ -134,23 +138,27 @@ def work_llama(model: str, n_prompt: int, n_gen: int, threads: int):
     import numpy as np
     # This machine lists AMX, but ggml's AMX repacking dies with SIGILL here (the VM
     # does not grant the tile state): load without extra buffer types.
-    default_params = llama_cpp.llama_model_default_params
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
 
     def params():
         p = default_params()
         p.use_extra_bufts = False
         return p
-    llama_cpp.llama_model_default_params = params
+    llama_cpp.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     t1 = time.perf_counter()
-    llm.eval(_tokens(n_prompt, llm.n_vocab()))
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the context's own logits of the last evaluated token
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+    llm.eval(_tokens(n_prompt, n_vocab))
+    tok = int(np.argmax(last_logits()))
     t2 = time.perf_counter()
     for _ in range(n_gen):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
     t3 = time.perf_counter()
     return dict(load_s=t1 - t0, prefill_tok_s=n_prompt / (t2 - t1), decode_tok_s=n_gen / (t3 - t2),
                 peak_rss=_peak_rss(), info={"llama_cpp": llama_cpp.__version__})
@@ -176,7 +184,10 @@ def contenders(args) -> list[tuple[str, list[str]]]:
 
 
 def run_worker(argv: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"))
+    # llama.cpp's OpenMP workers spin by default; on this shared, oversubscribed box
+    # that made it ~30x slower (0.25 vs 9 tok/s decode). Passive waiting is its best
+    # setting here, as sleeping workers are the onnx backend's default.
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode != 0:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}

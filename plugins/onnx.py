@@ -24,6 +24,7 @@ Options (the `options` dict of ember_load / ember_plan):
                     to int8 per block, as llama.cpp does; ~1.5-2x faster on
                     x86, and as close to llama.cpp's logits) or 0 (float
                     activations)
+    allow_spinning  let ORT's idle worker threads busy-wait (default False)
     cache_dir       overrides the cache directory
 """
 from __future__ import annotations
@@ -186,7 +187,7 @@ def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def _session(path: Path, threads: int | None, provider: str):
+def _session(path: Path, threads: int | None, provider: str, spin: bool):
     import onnxruntime as ort
     if provider not in ort.get_available_providers():
         raise BackendError(f"onnx: execution provider {provider!r} is not available here; "
@@ -197,6 +198,10 @@ def _session(path: Path, threads: int | None, provider: str):
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # ORT's workers busy-wait between ops by default; on a shared edge CPU that
+    # steals cycles from the compute threads themselves (measured: decode several
+    # times slower on an oversubscribed 2-core box), so they sleep unless asked.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     providers = [provider] if provider == DEFAULT_PROVIDER else [provider, DEFAULT_PROVIDER]
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
@@ -212,7 +217,8 @@ class OnnxRunner:
         t0 = time.perf_counter()
         self.graph, built = graph_path(gguf, config, options)
         self.provider = options.get("provider", DEFAULT_PROVIDER)
-        self.session = _session(self.graph, threads, self.provider)
+        self.session = _session(self.graph, threads, self.provider,
+                                bool(options.get("allow_spinning", False)))
         self.info = {"backend": NAME, "provider": self.session.get_providers()[0],
                      "graph": str(self.graph), "graph_built_now": built,
                      "accuracy_level": int(options.get("accuracy_level", DEFAULT_ACCURACY)),
