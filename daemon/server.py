@@ -415,7 +415,8 @@ class Server:
         self._send(owner, protocol.reply(
             "status", req.id, uptime_s=round(now - self.t_start, 3), model=self.info.get("model"),
             backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=rss_bytes(),
-            recent=list(self._recent), draining=self.draining, **snap))
+            recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
+            **snap))
 
     def on_models(self, owner: bytes, req: Request) -> None:
         models = [] if self.model is None else [{
