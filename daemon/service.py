@@ -245,9 +245,6 @@ class Service:
         server.handlers["load"] = self._on_load
         server.on_tick.append(self.tick)
         server.info["memory"] = self._memory()
-        snapshot = server.scheduler.snapshot
-        # `status` spreads the scheduler's snapshot into its reply: the plan rides along there
-        server.scheduler.snapshot = lambda now: {**snapshot(now), "memory": server.info.get("memory")}
 
     def ready(self) -> None:
         """After bind: READY=1 (the model is loaded and the socket bound)."""
