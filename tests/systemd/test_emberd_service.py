@@ -51,3 +51,17 @@ def test_unit_has_the_lifecycle_the_daemon_implements():
     assert int(directives["WatchdogSec"]) > 0
     for key in ("CacheDirectory", "StateDirectory", "RuntimeDirectory", "MemoryMax", "MemoryHigh"):
         assert directives.get(key), key
+
+
+def test_gpu_drop_in_keeps_the_exposure_low(tmp_path):
+    """systemd/emberd-gpu.conf (docs/systemd.md) applied on top of the unit still rates <= 2.0."""
+    drop_in = UNIT.with_name("emberd-gpu.conf").read_text()
+    service = drop_in.split("[Service]", 1)[1]
+    merged = UNIT.read_text().replace("\n[Install]", service + "\n[Install]")
+    path = tmp_path / "emberd.service"
+    path.write_text(merged)
+    r = analyze("security", "--offline=yes", str(path))
+    m = re.search(r"Overall exposure level for emberd\.service:\s*([0-9.]+)", r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+    assert "DeviceAllow=/dev/nvmap rw" in merged and "PrivateDevices=no" in merged
