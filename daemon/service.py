@@ -185,6 +185,7 @@ class Service:
         self._last_status = (0.0, None)
         self._last_watch = 0.0
         self._peak = 0
+        self._over_warned = False
         self._install_signals()
 
     # -- signals -----------------------------------------------------------------
@@ -311,7 +312,12 @@ class Service:
         return mem
 
     def _update_memory(self) -> None:
-        self.server.info["memory"] = self._memory()
+        mem = self._memory()
+        self.server.info["memory"] = mem
+        if not mem["within_plan"] and not self._over_warned:
+            self._over_warned = True     # once: the plan is wrong for this backend; say by how much
+            log.warning("peak RSS %s exceeds the memory plan %s",
+                        budget_mod.human(mem["peak_rss_bytes"]), budget_mod.human(mem["total"]))
 
     def _watch_file(self) -> None:
         msg = self.loaded.watch.shrunk()
