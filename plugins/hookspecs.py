@@ -6,6 +6,11 @@ arrive through the entry-point group ``ember.backends``. Each hook except
 ``ember_backends`` takes the backend's name and returns None when the name is
 not its own, so the first non-None answer wins (``firstresult``).
 
+ember.plugins.registry calls probe/plan/load on the plugin that declared the
+backend only (a pluggy subset caller), so a faulty third-party plugin cannot
+break the built-ins; the None-for-foreign-names rule still holds for anyone
+calling the hooks on the whole manager.
+
 Data types exchanged here (BackendSpec, Probe, MemoryPlan, Runner) are
 defined in ember.plugins.types.
 """
