@@ -2,8 +2,9 @@
 
     python3 bench/dequant_speed.py [--mb 4] [--rounds 7] [--types Q4_0,Q6_K]
 
-For each type the same few MB of blocks (random codes, finite fp16 scales) go
-through `ember.formats.quants.dequantize` and `gguf.quants.dequantize`,
+For each type the same few MB of blocks (random codes, finite fp16 scales),
+shaped as a matrix of 4096-element rows like a real weight, go through
+`ember.formats.quants.dequantize` and `gguf.quants.dequantize`,
 alternating call by call for several rounds so that the noise of a shared
 machine hits both alike. MB/s counts input bytes and comes from each side's
 best round; "ratio" is ember/gguf speed from those best rounds, "paired
@@ -26,18 +27,27 @@ TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
 
 
+ROW = 4096   # elements per row: a typical weight matrix row
+
+
 def make_blocks(type_name: str, mb: float, seed: int = 0) -> np.ndarray:
-    """About `mb` MB of (n * type_size,) uint8 blocks with sane scales."""
+    """About `mb` MB of blocks with sane scales, as a (rows, row bytes) uint8 matrix.
+
+    2-D on purpose: gguf-py works through a matrix 16 rows at a time, which
+    keeps its temporaries cache-sized; a 1-D blob would make it look slower.
+    """
     rng = np.random.default_rng(seed)
     elems, size = quants.BLOCKS[type_name]
-    n = max(1, int(mb * 2**20) // size)
+    row_bytes = ROW // elems * size
+    rows = max(1, int(mb * 2**20) // row_bytes)
+    n = rows * (ROW // elems)
     if elems == 1:
         x = rng.standard_normal(n).astype(np.float32)
-        return quants.quantize(type_name, x).reshape(-1)
+        return quants.quantize(type_name, x).reshape(rows, row_bytes)
     raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
     for off in quants._TYPES[type_name].scale_offsets:
         raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float16).view(np.uint8)
-    return raw.reshape(-1)
+    return raw.reshape(rows, row_bytes)
 
 
 def time_once(fn) -> float:
@@ -54,14 +64,13 @@ def bench_type(type_name: str, mb: float, rounds: int) -> dict[str, float]:
     since the two calls of a pair run back to back under the same load.
     """
     raw = make_blocks(type_name, mb)
-    elems, size = quants.BLOCKS[type_name]
-    shape = (raw.size // size * elems,)
+    shape = (len(raw), ROW)
     qtype = GGMLQuantizationType[type_name]
     ours = lambda: quants.dequantize(type_name, raw, shape)   # noqa: E731
     theirs = lambda: gguf_dequantize(raw, qtype)              # noqa: E731
     a = ours()
     b = np.asarray(theirs(), dtype=np.float32).reshape(-1)
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{type_name}: results differ"
+    assert np.array_equal(a.reshape(-1).view(np.uint32), b.view(np.uint32)), f"{type_name}: results differ"
     t_ours, t_theirs = [], []
     for r in range(rounds):
         first, second = (ours, theirs) if r % 2 == 0 else (theirs, ours)
