@@ -257,6 +257,26 @@ def test_second_sigterm_aborts_at_once(launch):
     assert "second stop signal" in d.stderr()
 
 
+def test_sigterm_during_model_load_sends_no_ready(launch, notify):
+    """v128k-llama3 takes ~2 s from STATUS=loading to READY here (load + a 128k-token
+    tokenizer); SIGTERM lands 0.2 s into it."""
+    big = model_path().with_name("v128k-llama3-Q8_0.gguf")
+    if not big.exists():
+        pytest.skip(f"{big} is absent")
+    d = launch(model_file=big, started=False)
+    end = time.monotonic() + 30
+    while not any("loading" in f.get("STATUS", "") for _, f in notify.messages):
+        assert time.monotonic() < end and d.proc.poll() is None, d.stderr()
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert "READY" not in notify.keys()
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    keys = notify.keys()
+    assert "READY" not in keys and keys[-1] == "STOPPING", notify.messages
+    assert "Traceback" not in d.stderr()
+
+
 def test_sigterm_during_startup_sends_no_ready(launch, notify, workdir):
     """The start-up is stuck fetching the default model from a slow hub when SIGTERM lands."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
