@@ -13,8 +13,11 @@ For each vocabulary (llama-spm, llama-bpe, qwen2 from ../shared/conformance):
      nothing, and a warm cache on a repeated text would flatter us. The warm
      figure is printed too, since the daemon keeps its cache across requests.
      llama.cpp runs in a subprocess (llama-cpp-python's venv, so ember's
-     environment stays clean) that times its own `tokenize` call, so IPC
-     is not counted against it.
+     environment stays clean) that times its own call, so IPC is not
+     counted against it. The ratio is against one direct llama_tokenize()
+     with a large enough buffer: `Llama.tokenize()` (shown alongside) asks
+     with an n_ctx_train-sized buffer first and, for a long text, tokenizes
+     it a second time, which would halve llama.cpp's figure.
   2. agreement: ember's ids equal llama.cpp's ids on the bench text.
   3. scaling: ember's time for 1 KB, 100 KB and 1 MB of the mixed text and of
      a pathological text with no spaces at all (one 1 MB "word"), so a
@@ -121,14 +124,24 @@ def no_space_text(n_bytes: int) -> str:
 
 LLAMA_WORKER = r"""
 import json, sys, time
+import llama_cpp
 from llama_cpp import Llama
 tok = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+vocab = tok._model.vocab
 print(json.dumps({"ready": True}), flush=True)
+
+def direct(data):
+    # one llama_tokenize call with room for every token: llama.cpp's own cost
+    out = (llama_cpp.llama_token * (len(data) + 16))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), out, len(out), False, False)
+    return list(out[:n])
+
 for line in sys.stdin:
     req = json.loads(line)
     data = open(req["path"], "rb").read()
+    fn = direct if req["how"] == "direct" else (lambda d: tok.tokenize(d, add_bos=False, special=False))
     t0, c0 = time.perf_counter(), time.process_time()
-    ids = tok.tokenize(data, add_bos=False, special=False)
+    ids = fn(data)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(json.dumps({"seconds": dt, "cpu": cpu, "ids": ids if req.get("ids") else None}), flush=True)
 """
@@ -140,8 +153,10 @@ class LlamaCpp:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert json.loads(self.proc.stdout.readline())["ready"]
 
-    def tokenize(self, path: Path, want_ids: bool = False):
-        self.proc.stdin.write(json.dumps({"path": str(path), "ids": want_ids}) + "\n")
+    def tokenize(self, path: Path, want_ids: bool = False, how: str = "direct"):
+        """how: 'direct' = one llama_tokenize call; 'python' = Llama.tokenize(), which
+        llama-cpp-python runs twice when the text has more tokens than n_ctx_train."""
+        self.proc.stdin.write(json.dumps({"path": str(path), "ids": want_ids, "how": how}) + "\n")
         self.proc.stdin.flush()
         r = json.loads(self.proc.stdout.readline())
         return (r["seconds"], r["cpu"]), r["ids"]
@@ -173,7 +188,7 @@ def bench_vocab(name: str, text: str, text_path: Path, rounds: int, llama_python
     load_s = time.perf_counter() - t0
     mb = len(text.encode()) / 1e6
     llama = LlamaCpp(llama_python, vocab) if llama_python else None
-    ours, theirs, warm = [], [], []
+    ours, theirs, theirs_py, warm = [], [], [], []
     agree = None
     for r in range(rounds):
         dt, ids = ember_time(tok, text)
@@ -182,6 +197,7 @@ def bench_vocab(name: str, text: str, text_path: Path, rounds: int, llama_python
         if llama:
             lt, lids = llama.tokenize(text_path, want_ids=(r == 0))
             theirs.append(lt)
+            theirs_py.append(llama.tokenize(text_path, how="python")[0])
             if r == 0:
                 agree = lids == ids
                 if not agree:
@@ -198,6 +214,7 @@ def bench_vocab(name: str, text: str, text_path: Path, rounds: int, llama_python
         if theirs:
             res[f"llama_{k}"] = mb / statistics.median(t[col] for t in theirs)
             res[f"ratio_{k}"] = res[f"ember_{k}"] / res[f"llama_{k}"]
+            res[f"llama_py_{k}"] = mb / statistics.median(t[col] for t in theirs_py)
     res["ids_equal"] = agree
     return res
 
@@ -239,7 +256,9 @@ def main(argv=None) -> int:
             r = bench_vocab(name, text, text_path, args.rounds, llama_python)
             cols = [f"{r['ember_' + k]:7.2f} ({r['ember_warm_' + k]:6.2f}) {r.get('llama_' + k, nan):9.2f} "
                     f"{r.get('ratio_' + k, nan):5.2f}" for k in ("wall", "cpu")]
-            print(f"{name:10} {r['load_s']:7.2f} | {cols[0]} | {cols[1]} | {r['ids_equal']}")
+            print(f"{name:10} {r['load_s']:7.2f} | {cols[0]} | {cols[1]} | {r['ids_equal']}"
+                  f"   [Llama.tokenize(): {r.get('llama_py_wall', nan):.2f} wall, "
+                  f"{r.get('llama_py_cpu', nan):.2f} cpu]")
     finally:
         text_path.unlink(missing_ok=True)
     if not args.no_scaling:
