@@ -22,10 +22,16 @@ scale)^T, codes packed low-nibble-first along K, default zp = 2^(bits-1).
     Q4_0  bits=4 block 32, scale d, default zp 8            (x = (q - 8) d)
     Q4_1  bits=4 block 32, scale d, float zp = -m / d        (x = q d + m)
     Q8_0  bits=8 block 32, scale d, codes q + 128, default zp 128
+    Q4_K  bits=4 block 32, scale d*sc_j, float zp = dmin*m_j / (d*sc_j)
+    Q6_K  bits=8 block 16, scale d*sc_j, codes q + 96, default zp 128
 
 GGML packs a 32-element block's nibbles as (element j, element j + 16) in
-byte j; ORT wants (element 2i, element 2i + 1) in byte i, so the nibbles are
-repacked at build time (no dequantization). Every other type is dequantized
+byte j (Q4_K: two sub-blocks share 32 bytes, low and high nibbles); ORT
+wants (element 2i, element 2i + 1) in byte i, so the codes are repacked at
+build time, never dequantized. (ORT's CPU kernel takes float zero points
+for 4-bit weights only, which is why Q5_x and Q5_K, with 5-bit codes and a
+min, are not mapped.) A block whose scale is 0 but whose min is not has no
+finite zero point; such a tensor falls back to float32. Every other type is dequantized
 once to float32 (a Gemm with transB, so the rows keep the file's layout) and
 counted as such in the memory plan.
 
@@ -43,9 +49,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ember.plugins.arch import ModelConfig, UnsupportedModel
 
-BUILDER_VERSION = 2      # bump when the graph changes: it is part of the cache key
+BUILDER_VERSION = 3      # bump when the graph changes: it is part of the cache key
 OPSET = 17
-NBITS_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 # ---------------------------------------------------------------------------
@@ -57,50 +62,118 @@ class NBits:
     """MatMulNBits operands of one (N, K) weight."""
 
     bits: int
-    packed: np.ndarray          # (N, K/32, 32*bits/8) uint8
-    scales: np.ndarray          # (N * K/32,) float32
-    zero_points: np.ndarray | None  # (N * K/32,) float32, or None for the default
+    block: int                  # elements per scale (32, or 16 for Q6_K's sub-blocks)
+    packed: np.ndarray          # (N, K/block, block*bits/8) uint8
+    scales: np.ndarray          # (N * K/block,) float32
+    zero_points: np.ndarray | None  # (N * K/block,) float32, or None for the default
 
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
         return self.packed.nbytes + self.scales.nbytes + zp
 
+    @property
+    def kind(self) -> tuple:
+        """Weights of one kind can share one MatMulNBits (stacked along N)."""
+        return (self.bits, self.block, self.zero_points is None)
 
-def _blocks(t, type_size: int) -> np.ndarray:
+
+def _blocks(t, elems: int, type_size: int) -> np.ndarray:
     n, k = t.shape
-    return np.asarray(t.data).reshape(n, k // 32, type_size)    # (N, K/32, type_size)
+    return np.asarray(t.data).reshape(n, k // elems, type_size)  # (N, K/elems, type_size)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 field at byte `at` of every block -> (N, K/32) float32."""
+    """The float16 field at byte `at` of every block -> (N, K/elems) float32."""
     return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _ggml_nibbles_to_ort(qs: np.ndarray) -> np.ndarray:
-    """(..., 16) GGML bytes (elem j | elem j+16 << 4) -> (..., 16) ORT bytes (elem 2i | elem 2i+1 << 4)."""
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)       # (..., 32) in element order
+def _pack4(codes: np.ndarray) -> np.ndarray:
+    """(..., 32) 4-bit codes in element order -> (..., 16) ORT bytes (elem 2i | elem 2i+1 << 4)."""
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def encode_nbits(t) -> NBits | None:
-    """MatMulNBits operands for a Q4_0/Q4_1/Q8_0 matrix, or None when it must be dequantized."""
-    if t.type not in NBITS_TYPES or len(t.shape) != 2 or t.shape[1] % 32:
+def _ggml_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) GGML bytes (elem j | elem j+16 << 4) -> (..., 32) codes in element order."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _float_zero_points(scale: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
+    """x = q * scale + offset as (q - zp) * scale: zp = -offset / scale; None when a
+    block has scale 0 but offset != 0 (a constant block: no finite zero point)."""
+    if np.any((scale == 0) & (offset != 0)):
         return None
-    if t.type == "Q4_0":                       # d f16 | 16 bytes of nibbles
-        b = _blocks(t, 18)
-        return NBits(4, _ggml_nibbles_to_ort(b[..., 2:]), _f16(b, 0).reshape(-1), None)
-    if t.type == "Q4_1":                       # d f16 | m f16 | 16 bytes of nibbles
-        b = _blocks(t, 20)
-        d, m = _f16(b, 0), _f16(b, 2)
-        if np.any((d == 0) & (m != 0)):        # x = m everywhere: no finite zero point
-            return None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zp = np.where(d == 0, 0.0, -m / d).astype(np.float32)
-        return NBits(4, _ggml_nibbles_to_ort(b[..., 4:]), d.reshape(-1), zp.reshape(-1))
-    b = _blocks(t, 34)                         # Q8_0: d f16 | 32 int8
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale == 0, 0.0, -offset / scale).astype(np.float32).reshape(-1)
+
+
+def _q4_0(t) -> NBits:                         # d f16 | 16 bytes of nibbles
+    b = _blocks(t, 32, 18)
+    return NBits(4, 32, _pack4(_ggml_nibbles(b[..., 2:])), _f16(b, 0).reshape(-1), None)
+
+
+def _q4_1(t) -> NBits | None:                  # d f16 | m f16 | 16 bytes of nibbles
+    b = _blocks(t, 32, 20)
+    d, m = _f16(b, 0), _f16(b, 2)
+    zp = _float_zero_points(d, m)
+    return None if zp is None else NBits(4, 32, _pack4(_ggml_nibbles(b[..., 4:])), d.reshape(-1), zp)
+
+
+def _q8_0(t) -> NBits:                         # d f16 | 32 int8
+    b = _blocks(t, 32, 34)
     codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return NBits(8, codes, _f16(b, 0).reshape(-1), None)
+    return NBits(8, 32, codes, _f16(b, 0).reshape(-1), None)
+
+
+def _k4_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 packed bytes (..., 12) -> 6-bit scales, mins (..., 8) (ggml get_scale_min_k4)."""
+    lo, hi = s[..., 0:4], s[..., 4:8]
+    sc = np.concatenate([lo & 63, (s[..., 8:12] & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    mn = np.concatenate([hi & 63, (s[..., 8:12] >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _q4_k(t) -> NBits | None:
+    """d f16 | dmin f16 | scales 12 | qs 128: eight 32-element sub-blocks,
+    x = d*sc_j * q - dmin*m_j; qs byte l of 64-chunk c holds sub-block 2c (low
+    nibble) and 2c+1 (high nibble) at element l."""
+    b = _blocks(t, 256, 144)
+    sc, mn = _k4_scales_mins(b[..., 4:16])                      # (N, K/256, 8)
+    scale, offset = _f16(b, 0)[..., None] * sc, -_f16(b, 2)[..., None] * mn
+    qs = b[..., 16:].reshape(*b.shape[:2], 4, 32)               # (N, K/256, 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3)              # (N, K/256, 4, 2, 32)
+    packed = _pack4(codes.reshape(b.shape[0], -1, 32))          # (N, K/32, 16)
+    zp = _float_zero_points(scale, offset)
+    return None if zp is None else NBits(4, 32, packed, scale.reshape(-1), zp)
+
+
+def _q6_k(t) -> NBits:
+    """ql 128 | qh 64 | scales 16 int8 | d f16: per 128-element half, element l,
+    l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high as
+    their low 4 bits and bit pairs 0, 2, 4, 6 of qh[l] as the top 2; x = d*sc*(q - 32)
+    with one scale per 16 elements -> 8-bit codes q + 96 against the default zp 128."""
+    b = _blocks(t, 256, 210)
+    ql = b[..., 0:128].reshape(*b.shape[:2], 2, 2, 32)          # (N, K/256, half, 2, 32)
+    qh = b[..., 128:192].reshape(*b.shape[:2], 2, 1, 32)        # (N, K/256, half, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=3)          # (.., half, 4, 32): quarters
+    top = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    codes = (low | (top << 4)) + np.uint8(96)                   # q in 0..63 -> 96..159
+    scale = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8)  # (N, K/256, 16)
+    return NBits(8, 16, codes.reshape(b.shape[0], -1, 16), scale.reshape(-1), None)
+
+
+# GGML type -> (encoder, elements per super-block that K must divide)
+ENCODERS = {"Q4_0": (_q4_0, 32), "Q4_1": (_q4_1, 32), "Q8_0": (_q8_0, 32),
+            "Q4_K": (_q4_k, 256), "Q6_K": (_q6_k, 256)}
+NBITS_TYPES = tuple(ENCODERS)
+
+
+def encode_nbits(t) -> NBits | None:
+    """MatMulNBits operands for a matrix of a mapped type, or None when it must be dequantized."""
+    enc = ENCODERS.get(t.type)
+    if enc is None or len(t.shape) != 2 or t.shape[1] % enc[1]:
+        return None
+    return enc[0](t)
 
 
 def dense(t) -> np.ndarray:
@@ -111,11 +184,12 @@ def dense(t) -> np.ndarray:
 def encoded_bytes(entry) -> int:
     """Bytes a ModelConfig TensorEntry takes in the graph (for the memory plan)."""
     n_el = int(np.prod(entry.shape))
-    if entry.type in NBITS_TYPES and len(entry.shape) == 2 and entry.shape[1] % 32 == 0:
-        bits = 8 if entry.type == "Q8_0" else 4
-        zp = 4 if entry.type == "Q4_1" else 0
-        return n_el * bits // 8 + (n_el // 32) * (4 + zp)
-    return 4 * n_el
+    enc = ENCODERS.get(entry.type)
+    if enc is None or len(entry.shape) != 2 or entry.shape[1] % enc[1]:
+        return 4 * n_el
+    bits, block = {"Q8_0": (8, 32), "Q6_K": (8, 16)}.get(entry.type, (4, 32))
+    zp = 4 if entry.type in ("Q4_1", "Q4_K") else 0
+    return n_el * bits // 8 + (n_el // block) * (4 + zp)
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +254,7 @@ class _Builder:
         """
         ts = [self.tensor(nm, (n, k)) for nm, n in zip(names, ns)]
         qs = [encode_nbits(t) for t in ts]
-        kinds = {None if q is None else (q.bits, q.zero_points is None) for q in qs}
+        kinds = {None if q is None else q.kind for q in qs}
         if len(kinds) > 1:
             return [self.linear_fused(x, [nm], [n], k)[0] for nm, n in zip(names, ns)]
         tag = names[0] if len(names) == 1 else "+".join(names)
@@ -189,13 +263,13 @@ class _Builder:
             y = self.g.op("Gemm", x, self.g.init(tag, w), transB=1)
         else:
             zp = None if qs[0].zero_points is None else np.concatenate([q.zero_points for q in qs])
-            q = NBits(qs[0].bits, np.concatenate([q.packed for q in qs]),
+            q = NBits(qs[0].bits, qs[0].block, np.concatenate([q.packed for q in qs]),
                       np.concatenate([q.scales for q in qs]), zp)
             ins = [x, self.g.init(tag + ".q", q.packed), self.g.init(tag + ".scales", q.scales)]
             if q.zero_points is not None:
                 ins.append(self.g.init(tag + ".zp", q.zero_points))
             y = self.g.op("MatMulNBits", *ins, domain="com.microsoft", K=k, N=sum(ns),
-                          bits=q.bits, block_size=32, accuracy_level=self.acc)
+                          bits=q.bits, block_size=q.block, accuracy_level=self.acc)
         if len(ns) == 1:
             return [y]
         return self.g.op("Split", y, self.g.const(ns), axis=-1, outputs=len(ns))

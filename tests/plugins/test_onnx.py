@@ -58,7 +58,7 @@ def _matmul_nbits(x: np.ndarray, q: onnx_graph.NBits, n: int, k: int) -> np.ndar
         ins.append("Z")
         inits.append(numpy_helper.from_array(q.zero_points, "Z"))
     node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=k, N=n,
-                            bits=q.bits, block_size=32)
+                            bits=q.bits, block_size=q.block)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
                                                                           ["M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
@@ -69,9 +69,12 @@ def _matmul_nbits(x: np.ndarray, q: onnx_graph.NBits, n: int, k: int) -> np.ndar
     return sess.run(None, {"A": x})[0]
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (33, 256)])
+@pytest.mark.parametrize("qtype,n,k", [(q, n, k) for q in ("Q4_0", "Q4_1", "Q8_0")
+                                        for n, k in ((1, 32), (7, 96), (33, 256))]
+                         + [(q, n, k) for q in ("Q4_K", "Q6_K")
+                            for n, k in ((1, 256), (7, 512), (33, 256))])
 def test_matmul_nbits_equals_dequantized_matmul(qtype, n, k, tmp_path):
+    """Codes repacked, never dequantized: ORT's own op must reproduce the GGML values."""
     rng = np.random.default_rng(n * k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     w[0, :32] = 0.0                                   # an all-zero block (d = 0)
@@ -80,7 +83,7 @@ def test_matmul_nbits_equals_dequantized_matmul(qtype, n, k, tmp_path):
                {"w": gguf.TensorData(qtype, (n, k), quants.quantize(qtype, w))})
     t = gguf.open(path).tensors["w"]
     q = onnx_graph.encode_nbits(t)
-    assert q is not None and q.packed.shape == (n, k // 32, 32 * q.bits // 8)
+    assert q is not None and q.packed.shape == (n, k // q.block, q.block * q.bits // 8)
     x = rng.standard_normal((5, k)).astype(np.float32)
     want = x.astype(np.float64) @ t.numpy().astype(np.float64).T
     got = _matmul_nbits(x, q, n, k)
@@ -97,9 +100,23 @@ def test_q4_1_block_of_a_constant_falls_back_to_float():
 
 
 def test_other_types_are_dense_and_counted_as_float32():
-    t = config_from_gguf(gguf.open(conformance_path("models", "s512-llama-Q4_K_S.gguf")))
-    entry = t.tensors["blk.0.attn_q.weight"]
+    f = gguf.open(conformance_path("models", "s512-llama-Q5_K_S.gguf"))
+    t = f.tensors["blk.0.attn_q.weight"]
+    assert t.type == "Q5_K" and onnx_graph.encode_nbits(t) is None
+    entry = config_from_gguf(f).tensors["blk.0.attn_q.weight"]
     assert onnx_graph.encoded_bytes(entry) == 4 * int(np.prod(entry.shape))
+
+
+@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q4_K_M.gguf",
+                                   "s512-llama-Q6_K.gguf", "s512-llama-Q8_0.gguf"])
+def test_plan_bytes_match_the_built_encoding(model):
+    """The memory plan's per-tensor estimate equals what the encoder really produces."""
+    f = gguf.open(conformance_path("models", model))
+    c = config_from_gguf(f)
+    for name, t in f.tensors.items():
+        q = onnx_graph.encode_nbits(t) if len(t.shape) == 2 else None
+        real = q.nbytes if q is not None else 4 * t.n_elements
+        assert onnx_graph.encoded_bytes(c.tensors[name]) == real, name
 
 
 # ---------------------------------------------------------------------------
