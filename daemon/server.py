@@ -93,6 +93,7 @@ class Server:
         self.t_start = time.monotonic()
         self.draining = False
         self.on_tick: list[Callable[[], None]] = []
+        self.tick_s = 1.0                  # longest sleep between ticks (the watchdog may need less)
         self.handlers: dict[str, Callable[[bytes, Request], None]] = {
             "hello": self.on_hello, "generate": self.on_generate, "cancel": self.on_cancel,
             "tokenize": self.on_tokenize, "detokenize": self.on_detokenize,
@@ -167,7 +168,7 @@ class Server:
     # -- the loop's pieces ----------------------------------------------------------
 
     def _poll_timeout_ms(self) -> int:
-        now, wake = time.monotonic(), [1.0]     # never sleep more than a second (ticks)
+        now, wake = time.monotonic(), [self.tick_s]     # never sleep past a tick
         deadline = self.scheduler.next_deadline()
         if deadline is not None:
             wake.append(deadline - now)
