@@ -245,6 +245,8 @@ class Service:
         server.handlers["generate"] = self._on_generate
         server.handlers["load"] = self._on_load
         server.on_tick.append(self.tick)
+        if self.notify.watchdog_interval:   # wake often enough to ping every half interval
+            server.tick_s = min(server.tick_s, self.notify.watchdog_interval / 4)
         server.info["memory"] = self._memory()
 
     def ready(self) -> None:
@@ -295,11 +297,11 @@ class Service:
     def _status_line(self, now: float) -> None:
         text = self._serving_text()
         last_t, last_text = self._last_status
-        if self._terms == 0 and text != last_text and now - last_t >= 1.0 or \
-                now - last_t >= STATUS_EVERY_S:
-            self._last_status = (now, text)
-            if not self._terms:
-                self.status(text)
+        changed = text != last_text and now - last_t >= 1.0     # at most one a second
+        if self._terms or not (changed or now - last_t >= STATUS_EVERY_S):
+            return
+        self._last_status = (now, text)
+        self.status(text)
 
     # -- memory in status -----------------------------------------------------------
 
