@@ -357,6 +357,8 @@ def default_model(root: Path, hub: str, allow_pull: bool = True, say=print) -> P
     if path.is_file():
         return path
     command = f"ember pull {DEFAULT_REPO} {DEFAULT_FILE}"
+    if root != cache_dir({k: v for k, v in os.environ.items() if k != "CACHE_DIRECTORY"}):
+        command += f" --cache-dir {root}"     # e.g. systemd's CacheDirectory: say where
     if not allow_pull:
         raise PullError(f"no --model given and the default model is not in the cache ({path}); "
                         f"run `{command}` or pass --model PATH")

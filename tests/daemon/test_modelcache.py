@@ -285,7 +285,8 @@ def _emberd(*args, env=None, timeout=60):
 def test_offline_start_explains_itself(tmp_path):
     r = _emberd("--cache-dir", str(tmp_path), env={"EMBER_HUB": _dead_url()})
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"ember pull {modelcache.DEFAULT_REPO} {modelcache.DEFAULT_FILE}" in r.stderr
+    assert f"ember pull {modelcache.DEFAULT_REPO} {modelcache.DEFAULT_FILE} --cache-dir {tmp_path}" \
+        in r.stderr
     assert "cannot reach" in r.stderr and "--model" in r.stderr
     r = _emberd("--cache-dir", str(tmp_path), "--no-pull")
     assert r.returncode == 2 and f"ember pull {modelcache.DEFAULT_REPO}" in r.stderr
