@@ -312,3 +312,32 @@ def test_first_start_pulls_the_default_model(hub, tmp_path):
     cached = modelcache.entries(tmp_path)
     assert [(e.repo, e.file, e.verified) for e in cached] == \
         [(modelcache.DEFAULT_REPO, modelcache.DEFAULT_FILE, "server x-linked-etag")]
+
+
+def test_cli_progress_bar_only_on_a_terminal(hub, payload, tmp_path):
+    import pty
+    hub.files[f"{REPO}/{FILE}"] = payload
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "pull", REPO, FILE,
+                            "--cache-dir", str(tmp_path / "a"), "--hub", hub.url],
+                           stdout=subprocess.PIPE, stderr=slave, timeout=60)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:          # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert r.returncode == 0
+    assert b"100.0%" in shown and b"\r" in shown and FILE.encode() in shown
+    r = _cli("pull", REPO, FILE, "--cache-dir", str(tmp_path / "b"), "--hub", hub.url)
+    assert r.returncode == 0 and "%" not in r.stderr          # a pipe gets no bar
