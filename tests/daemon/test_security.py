@@ -198,3 +198,18 @@ def test_emberd_curve_end_to_end(keyring):
         assert r.returncode == 0, r.stderr
     finally:
         d.stop()
+
+
+def test_ember_keys_cli(tmp_path):
+    def keys():
+        return subprocess.run([sys.executable, "-m", "ember.daemon.cli", "keys", "--dir",
+                               str(tmp_path), "--name", "pi"], capture_output=True, text=True,
+                              timeout=60)
+    r = keys()
+    assert r.returncode == 0 and "pi.key_secret" in r.stdout
+    # the pair loads both ways: pi.key as a server key, pi.key_secret as a client pair
+    server_pub, client_pub, _ = security.client_curve(str(tmp_path / "pi.key"),
+                                                      str(tmp_path / "pi.key_secret"))
+    assert server_pub == client_pub and len(server_pub) == 40          # Z85 text
+    r = keys()
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
