@@ -70,48 +70,55 @@ static inline __m256i load256(const void *p) { return _mm256_loadu_si256((const 
 /* Q8_0-activation types (32-blocks)                                          */
 /* ======================================================================== */
 
+/* dot and dot4 run the same per-row step on the same decoded weights, so a
+ * row's result never depends on which of them computed it (matvec == each
+ * row of matmul, bit for bit, whatever the batch split). */
+
 /* One generic shape for the signed 32-blocks: `decode` gives int8 weights. */
-#define Q8_0_DOT(name, wtype_t, decode)                                              \
-float ember_vec_dot_##name##_q8_0_avx2(int64_t n, const void *vw, const void *vx) {  \
-    const wtype_t *w = vw;                                                           \
-    const block_q8_0 *x = vx;                                                        \
-    const int64_t nb = n / QK8_0;                                                    \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                   \
-    int64_t i = 0;                                                                   \
-    for (; i + 2 <= nb; i += 2) {                                                    \
-        const __m256i q0 = decode(&w[i]), q1 = decode(&w[i + 1]);                    \
-        const __m256 p0 = _mm256_cvtepi32_ps(dot_s8(q0, load256(x[i].qs)));          \
-        const __m256 p1 = _mm256_cvtepi32_ps(dot_s8(q1, load256(x[i + 1].qs)));      \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w[i].d) * fp16(x[i].d)), p0, acc0); \
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w[i + 1].d) * fp16(x[i + 1].d)), p1, acc1); \
-    }                                                                                \
-    float sum = hsum8(_mm256_add_ps(acc0, acc1));                                    \
-    if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
-    return sum;                                                                      \
+typedef struct { __m256 a0, a1; } acc2;
+
+static inline void step_s8(acc2 *acc, __m256i q0, __m256i q1, float dw0, float dw1, const block_q8_0 *x) {
+    const __m256 p0 = _mm256_cvtepi32_ps(dot_s8(q0, load256(x[0].qs)));
+    const __m256 p1 = _mm256_cvtepi32_ps(dot_s8(q1, load256(x[1].qs)));
+    acc->a0 = _mm256_fmadd_ps(_mm256_set1_ps(dw0 * fp16(x[0].d)), p0, acc->a0);
+    acc->a1 = _mm256_fmadd_ps(_mm256_set1_ps(dw1 * fp16(x[1].d)), p1, acc->a1);
 }
 
-#define Q8_0_DOT4(name, wtype_t, decode)                                             \
+#define Q8_0_DOT(name, wtype_t, decode)                                              \
 void ember_vec_dot4_##name##_q8_0_avx2(int64_t n, const void *vw, const void *vx,    \
                                        size_t xs, float *s) {                        \
     const wtype_t *w = vw;                                                           \
     const uint8_t *xb = vx;                                                          \
     const int64_t nb = n / QK8_0;                                                    \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-    for (int64_t i = 0; i < nb; i++) {                                               \
-        const __m256i q = decode(&w[i]);                                             \
-        const __m256i aq = _mm256_sign_epi8(q, q);                                   \
-        const float dw = fp16(w[i].d);                                               \
+    acc2 acc[4];                                                                     \
+    for (int r = 0; r < 4; r++) acc[r].a0 = acc[r].a1 = _mm256_setzero_ps();         \
+    int64_t i = 0;                                                                   \
+    for (; i + 2 <= nb; i += 2) {                                                    \
+        const __m256i q0 = decode(&w[i]), q1 = decode(&w[i + 1]);                    \
+        const float dw0 = fp16(w[i].d), dw1 = fp16(w[i + 1].d);                      \
         for (int r = 0; r < 4; r++) {                                                \
-            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i;             \
-            const __m256i p = dot_u8(aq, _mm256_sign_epi8(load256(x->qs), q));       \
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * fp16(x->d)), _mm256_cvtepi32_ps(p), acc[r]); \
+            step_s8(&acc[r], q0, q1, dw0, dw1, (const block_q8_0 *)(xb + r * xs) + i); \
         }                                                                            \
     }                                                                                \
-    for (int r = 0; r < 4; r++) s[r] = hsum8(acc[r]);                                \
-}
-
-static inline __m256i decode_q4_0(const block_q4_0 *b) {
-    return _mm256_sub_epi8(nibbles32(b->qs), _mm256_set1_epi8(8));
+    for (int r = 0; r < 4; r++) {                                                    \
+        const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                     \
+        s[r] = hsum8(_mm256_add_ps(acc[r].a0, acc[r].a1));                           \
+        if (i < nb) s[r] += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
+    }                                                                                \
+}                                                                                    \
+                                                                                     \
+float ember_vec_dot_##name##_q8_0_avx2(int64_t n, const void *vw, const void *vx) {  \
+    const wtype_t *w = vw;                                                           \
+    const block_q8_0 *x = vx;                                                        \
+    const int64_t nb = n / QK8_0;                                                    \
+    acc2 acc = {_mm256_setzero_ps(), _mm256_setzero_ps()};                           \
+    int64_t i = 0;                                                                   \
+    for (; i + 2 <= nb; i += 2) {                                                    \
+        step_s8(&acc, decode(&w[i]), decode(&w[i + 1]), fp16(w[i].d), fp16(w[i + 1].d), x + i); \
+    }                                                                                \
+    float sum = hsum8(_mm256_add_ps(acc.a0, acc.a1));                                \
+    if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
+    return sum;                                                                      \
 }
 
 static inline __m256i decode_q8_0(const block_q8_0 *b) { return load256(b->qs); }
@@ -129,33 +136,58 @@ static inline __m256i decode_iq4_nl(const block_iq4_nl *b) {
 Q8_0_DOT(q8_0, block_q8_0, decode_q8_0)
 Q8_0_DOT(q5_0, block_q5_0, decode_q5_0)
 Q8_0_DOT(iq4_nl, block_iq4_nl, decode_iq4_nl)
-Q8_0_DOT4(q4_0, block_q4_0, decode_q4_0)
-Q8_0_DOT4(q8_0, block_q8_0, decode_q8_0)
-Q8_0_DOT4(q5_0, block_q5_0, decode_q5_0)
-Q8_0_DOT4(iq4_nl, block_iq4_nl, decode_iq4_nl)
 
-/* Q4_0 matvec, the decode hot loop: raw nibbles (0..15) times y, the bias 8
- * paid by the activation's precomputed corr, its scale read as float from the
- * aux area; per block that leaves unpack, maddubs+madd, and three float ops. */
+/* Q4_0, the decode hot loop: raw nibbles (0..15) times y, the bias 8 paid by
+ * the activation's precomputed corr, its scale read as float from the aux
+ * area; per block that leaves unpack, maddubs+madd, and three float ops. */
+static inline void step_q4_0(acc2 *acc, __m256i u0, __m256i u1, float dw0, float dw1, const block_q8_0 *x,
+                             const float *dx8, const int32_t *corr) {
+    const __m256i p0 = _mm256_add_epi32(load256(corr), dot_u8(u0, load256(x[0].qs)));
+    const __m256i p1 = _mm256_add_epi32(load256(corr + 8), dot_u8(u1, load256(x[1].qs)));
+    const __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dx8));
+    const __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dx8 + 8));
+    acc->a0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(dw0), acc->a0);
+    acc->a1 = _mm256_fmadd_ps(t1, _mm256_set1_ps(dw1), acc->a1);
+}
+
 float ember_vec_dot_q4_0_q8_0_avx2(int64_t n, const void *vw, const void *vx) {
     const block_q4_0 *w = vw;
     const block_q8_0 *x = vx;
     const float *dx8 = ember_q8_0_dx8(vx, n);
     const int32_t *corr = ember_q8_0_corr(vx, n);
     const int64_t nb = n / QK8_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    acc2 acc = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t i = 0;
     for (; i + 2 <= nb; i += 2) {
-        const __m256i p0 = _mm256_add_epi32(load256(corr + 8 * i), dot_u8(nibbles32(w[i].qs), load256(x[i].qs)));
-        const __m256i p1 = _mm256_add_epi32(load256(corr + 8 * i + 8), dot_u8(nibbles32(w[i + 1].qs), load256(x[i + 1].qs)));
-        const __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dx8 + 8 * i));
-        const __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dx8 + 8 * i + 8));
-        acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(fp16(w[i].d)), acc0);
-        acc1 = _mm256_fmadd_ps(t1, _mm256_set1_ps(fp16(w[i + 1].d)), acc1);
+        step_q4_0(&acc, nibbles32(w[i].qs), nibbles32(w[i + 1].qs), fp16(w[i].d), fp16(w[i + 1].d),
+                  x + i, dx8 + 8 * i, corr + 8 * i);
     }
-    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    float sum = hsum8(_mm256_add_ps(acc.a0, acc.a1));
     if (i < nb) sum += ember_vec_dot_q4_0_q8_0_generic((nb - i) * QK8_0, w + i, x + i);
     return sum;
+}
+
+void ember_vec_dot4_q4_0_q8_0_avx2(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_q4_0 *w = vw;
+    const uint8_t *xb = vx;
+    const int64_t nb = n / QK8_0;
+    acc2 acc[4];
+    for (int r = 0; r < 4; r++) acc[r].a0 = acc[r].a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256i u0 = nibbles32(w[i].qs), u1 = nibbles32(w[i + 1].qs);
+        const float dw0 = fp16(w[i].d), dw1 = fp16(w[i + 1].d);
+        for (int r = 0; r < 4; r++) {
+            const void *xr = xb + r * xs;
+            step_q4_0(&acc[r], u0, u1, dw0, dw1, (const block_q8_0 *)xr + i,
+                      ember_q8_0_dx8(xr, n) + 8 * i, ember_q8_0_corr(xr, n) + 8 * i);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);
+        s[r] = hsum8(_mm256_add_ps(acc[r].a0, acc[r].a1));
+        if (i < nb) s[r] += ember_vec_dot_q4_0_q8_0_generic((nb - i) * QK8_0, w + i, x + i);
+    }
 }
 
 /* Unsigned weights with a min (Q4_1, Q5_1): d*sum(q*y)*dx + m*dx*sum(y) */

@@ -93,24 +93,34 @@ static inline __m512i pair_q8_0_avx512(const block_q8_0 *w, __m512i y, const int
 /* [d(w0) x 8, d(w1) x 8]: two broadcasts straight from the fp16 table */
 #define DW_PAIR(w) _mm512_insertf32x8(_mm512_set1_ps(fp16((w)[0].d)), _mm256_set1_ps(fp16((w)[1].d)), 1)
 
+/* One step = four blocks of one activation row into two accumulators. dot and
+ * dot4 run the same step on the same weights, so a row's result never depends
+ * on which of them computed it (matvec == each row of matmul, bit for bit). */
+typedef struct { __m512 a0, a1; } acc2;
+
 #define Q8_0_KERNELS(name, wtype_t, ISA)                                                 \
+static inline void step4_##name##_##ISA(acc2 *acc, const wtype_t *w, __m512 dw0, __m512 dw1, \
+                                        const block_q8_0 *x, const float *dx8, const int32_t *corr) { \
+    const __m512i p0 = pair_##name##_##ISA(w, y_pair(&x[0], &x[1]), corr);              \
+    const __m512i p1 = pair_##name##_##ISA(w + 2, y_pair(&x[2], &x[3]), corr + 16);     \
+    const __m512 t0 = _mm512_mul_ps(_mm512_cvtepi32_ps(p0), _mm512_loadu_ps(dx8));      \
+    const __m512 t1 = _mm512_mul_ps(_mm512_cvtepi32_ps(p1), _mm512_loadu_ps(dx8 + 16)); \
+    acc->a0 = _mm512_fmadd_ps(t0, dw0, acc->a0);                                        \
+    acc->a1 = _mm512_fmadd_ps(t1, dw1, acc->a1);                                        \
+}                                                                                       \
+                                                                                        \
 float ember_vec_dot_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *vx) {    \
     const wtype_t *w = vw;                                                              \
     const block_q8_0 *x = vx;                                                           \
     const float *dx8 = ember_q8_0_dx8(vx, n);                                           \
     const int32_t *corr = ember_q8_0_corr(vx, n);                                       \
     const int64_t nb = n / QK8_0;                                                       \
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                      \
+    acc2 acc = {_mm512_setzero_ps(), _mm512_setzero_ps()};                              \
     int64_t i = 0;                                                                      \
     for (; i + 4 <= nb; i += 4) {                                                       \
-        const __m512i p0 = pair_##name##_##ISA(&w[i], y_pair(&x[i], &x[i + 1]), corr + 8 * i); \
-        const __m512i p1 = pair_##name##_##ISA(&w[i + 2], y_pair(&x[i + 2], &x[i + 3]), corr + 8 * i + 16); \
-        const __m512 t0 = _mm512_mul_ps(_mm512_cvtepi32_ps(p0), _mm512_loadu_ps(dx8 + 8 * i)); \
-        const __m512 t1 = _mm512_mul_ps(_mm512_cvtepi32_ps(p1), _mm512_loadu_ps(dx8 + 8 * i + 16)); \
-        acc0 = _mm512_fmadd_ps(t0, DW_PAIR(&w[i]), acc0);                                \
-        acc1 = _mm512_fmadd_ps(t1, DW_PAIR(&w[i + 2]), acc1);                            \
+        step4_##name##_##ISA(&acc, w + i, DW_PAIR(&w[i]), DW_PAIR(&w[i + 2]), x + i, dx8 + 8 * i, corr + 8 * i); \
     }                                                                                   \
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                        \
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc.a0, acc.a1));                    \
     if (i < nb) sum += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
     return sum;                                                                         \
 }                                                                                       \
@@ -120,22 +130,21 @@ void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *v
     const wtype_t *w = vw;                                                              \
     const uint8_t *xb = vx;                                                             \
     const int64_t nb = n / QK8_0;                                                       \
-    __m512 acc[4];                                                                      \
-    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();                           \
+    acc2 acc[4];                                                                        \
+    for (int r = 0; r < 4; r++) acc[r].a0 = acc[r].a1 = _mm512_setzero_ps();            \
     int64_t i = 0;                                                                      \
-    for (; i + 2 <= nb; i += 2) {                                                       \
-        const __m512 dw = DW_PAIR(&w[i]);                                               \
+    for (; i + 4 <= nb; i += 4) {                                                       \
+        const __m512 dw0 = DW_PAIR(&w[i]), dw1 = DW_PAIR(&w[i + 2]);                    \
         for (int r = 0; r < 4; r++) {                                                   \
             const void *xr = xb + r * xs;                                               \
-            const block_q8_0 *x = (const block_q8_0 *)xr + i;                          \
-            const __m512i p = pair_##name##_##ISA(&w[i], y_pair(&x[0], &x[1]), ember_q8_0_corr(xr, n) + 8 * i); \
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(ember_q8_0_dx8(xr, n) + 8 * i)); \
-            acc[r] = _mm512_fmadd_ps(t, dw, acc[r]);                                    \
+            step4_##name##_##ISA(&acc[r], w + i, dw0, dw1, (const block_q8_0 *)xr + i,  \
+                                 ember_q8_0_dx8(xr, n) + 8 * i, ember_q8_0_corr(xr, n) + 8 * i); \
         }                                                                               \
     }                                                                                   \
     for (int r = 0; r < 4; r++) {                                                       \
-        s[r] = _mm512_reduce_add_ps(acc[r]);                                            \
-        if (i < nb) s[r] += ember_vec_dot_##name##_q8_0_generic(QK8_0, w + i, (const block_q8_0 *)(xb + r * xs) + i); \
+        const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                        \
+        s[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r].a0, acc[r].a1));               \
+        if (i < nb) s[r] += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w + i, x + i); \
     }                                                                                   \
 }
 
@@ -274,14 +283,19 @@ static inline __m256i q6k_offset(__m512i sc16, const block_q8_K *x) {
     return _mm256_slli_epi32(_mm256_madd_epi16(_mm512_castsi512_si256(sc16), load256(x->bsums)), 5);
 }
 
+/* sumi starts at -offset in lanes 0..7 (exact), the same in dot and dot4 */
+static inline __m512i q6k_start(__m512i sc16, const block_q8_K *x) {
+    const __m256i off = _mm256_sub_epi32(_mm256_setzero_si256(), q6k_offset(sc16, x));
+    return _mm512_maskz_mov_epi32(0x00FF, _mm512_castsi256_si512(off));
+}
+
 float ember_vec_dot_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx) {
     const block_q6_K *w = vw;
     const block_q8_K *x = vx;
     __m512 acc = _mm512_setzero_ps();
-    __m256 acc_off = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / QK_K; i++) {
         const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales)));
-        __m512i sumi = _mm512_setzero_si512();
+        __m512i sumi = q6k_start(sc16, &x[i]);
         for (int half = 0; half < 2; half++) {
             __m512i u[2];
             q6k_half(w[i].ql + 64 * half, w[i].qh + 32 * half, u);
@@ -290,14 +304,9 @@ float ember_vec_dot_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx) 
                 sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(_mm512_permutexvar_epi16(idx_4x8(8 * half + 4 * c), sc16), p));
             }
         }
-        const float d = x[i].d * fp16(w[i].d);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
-        acc_off = _mm256_fnmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(q6k_offset(sc16, &x[i])), acc_off);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(x[i].d * fp16(w[i].d)), _mm512_cvtepi32_ps(sumi), acc);
     }
-    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
-    a = _mm256_add_ps(a, acc_off);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    return hsum4(s);
+    return _mm512_reduce_add_ps(acc);
 }
 
 void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
@@ -311,9 +320,7 @@ void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, 
         __m512i sumi[4];
         for (int r = 0; r < 4; r++) {
             x[r] = (const block_q8_K *)(xb + r * xs) + i;
-            /* start from -offset in lanes 0..7 (the int sum is exact either way) */
-            sumi[r] = _mm512_castsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), q6k_offset(sc16, x[r])));
-            sumi[r] = _mm512_maskz_mov_epi32(0x00FF, sumi[r]);
+            sumi[r] = q6k_start(sc16, x[r]);
         }
         for (int half = 0; half < 2; half++) {
             __m512i u[2];

@@ -151,42 +151,60 @@ float ember_vec_dot_q6_K_q8_K_##SFX(int64_t n, const void *vw, const void *vx) {
                                                                                         \
 void ember_vec_dot4_q4_0_q8_0_##SFX(int64_t n, const void *vw, const void *vx,          \
                                     size_t xs, float *s) {                              \
+    /* the same blocks into the same two accumulators as the 1-row dot: equal bits */   \
     const block_q4_0 *w = vw;                                                           \
     const uint8_t *xb = vx;                                                             \
-    float32x4_t acc[4];                                                                 \
-    for (int r = 0; r < 4; r++) acc[r] = vdupq_n_f32(0);                                \
-    for (int64_t i = 0; i < n / QK8_0; i++) {                                           \
-        const uint8x16_t q = vld1q_u8(w[i].qs);                                         \
-        const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8)); \
-        const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8)); \
-        const float dw = fp16(w[i].d);                                                  \
-        for (int r = 0; r < 4; r++) {                                                   \
-            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i;                \
-            int32x4_t p = DOT(vdupq_n_s32(0), lo, vld1q_s8(x->qs));                     \
-            p = DOT(p, hi, vld1q_s8(x->qs + 16));                                       \
-            acc[r] = vmlaq_n_f32(acc[r], vcvtq_f32_s32(p), dw * fp16(x->d));            \
+    const int64_t nb = n / QK8_0;                                                       \
+    float32x4_t acc[4][2];                                                              \
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0);                 \
+    int64_t i = 0;                                                                      \
+    for (; i + 2 <= nb; i += 2) {                                                       \
+        for (int k = 0; k < 2; k++) {                                                   \
+            const uint8x16_t q = vld1q_u8(w[i + k].qs);                                 \
+            const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));\
+            const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));\
+            const float dw = fp16(w[i + k].d);                                          \
+            for (int r = 0; r < 4; r++) {                                               \
+                const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i + k;        \
+                int32x4_t p = DOT(vdupq_n_s32(0), lo, vld1q_s8(x->qs));                 \
+                p = DOT(p, hi, vld1q_s8(x->qs + 16));                                   \
+                acc[r][k] = vmlaq_n_f32(acc[r][k], vcvtq_f32_s32(p), dw * fp16(x->d));  \
+            }                                                                           \
         }                                                                               \
     }                                                                                   \
-    for (int r = 0; r < 4; r++) s[r] = vaddvq_f32(acc[r]);                              \
+    for (int r = 0; r < 4; r++) {                                                       \
+        const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                        \
+        s[r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));                             \
+        if (i < nb) s[r] += ember_vec_dot_q4_0_q8_0_generic((nb - i) * QK8_0, w + i, x + i);\
+    }                                                                                   \
 }                                                                                       \
                                                                                         \
 void ember_vec_dot4_q8_0_q8_0_##SFX(int64_t n, const void *vw, const void *vx,          \
                                     size_t xs, float *s) {                              \
+    /* the same blocks into the same two accumulators as the 1-row dot: equal bits */   \
     const block_q8_0 *w = vw;                                                           \
     const uint8_t *xb = vx;                                                             \
-    float32x4_t acc[4];                                                                 \
-    for (int r = 0; r < 4; r++) acc[r] = vdupq_n_f32(0);                                \
-    for (int64_t i = 0; i < n / QK8_0; i++) {                                           \
-        const int8x16_t lo = vld1q_s8(w[i].qs), hi = vld1q_s8(w[i].qs + 16);            \
-        const float dw = fp16(w[i].d);                                                  \
-        for (int r = 0; r < 4; r++) {                                                   \
-            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i;                \
-            int32x4_t p = DOT(vdupq_n_s32(0), lo, vld1q_s8(x->qs));                     \
-            p = DOT(p, hi, vld1q_s8(x->qs + 16));                                       \
-            acc[r] = vmlaq_n_f32(acc[r], vcvtq_f32_s32(p), dw * fp16(x->d));            \
+    const int64_t nb = n / QK8_0;                                                       \
+    float32x4_t acc[4][2];                                                              \
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0);                 \
+    int64_t i = 0;                                                                      \
+    for (; i + 2 <= nb; i += 2) {                                                       \
+        for (int k = 0; k < 2; k++) {                                                   \
+            const int8x16_t lo = vld1q_s8(w[i + k].qs), hi = vld1q_s8(w[i + k].qs + 16);\
+            const float dw = fp16(w[i + k].d);                                          \
+            for (int r = 0; r < 4; r++) {                                               \
+                const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs) + i + k;        \
+                int32x4_t p = DOT(vdupq_n_s32(0), lo, vld1q_s8(x->qs));                 \
+                p = DOT(p, hi, vld1q_s8(x->qs + 16));                                   \
+                acc[r][k] = vmlaq_n_f32(acc[r][k], vcvtq_f32_s32(p), dw * fp16(x->d));  \
+            }                                                                           \
         }                                                                               \
     }                                                                                   \
-    for (int r = 0; r < 4; r++) s[r] = vaddvq_f32(acc[r]);                              \
+    for (int r = 0; r < 4; r++) {                                                       \
+        const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                        \
+        s[r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));                             \
+        if (i < nb) s[r] += ember_vec_dot_q8_0_q8_0_generic((nb - i) * QK8_0, w + i, x + i);\
+    }                                                                                   \
 }
 
 NEON_KERNELS(neon, dot16_plain)
