@@ -27,4 +27,11 @@ def native_extension():
     )
 
 
-setup(ext_modules=cythonize([native_extension()], language_level=3))
+def tokenize_extension():
+    # formats/_tokenize.pyx: the byte-level BPE merge loop over token ids (tokenizer owner).
+    # Optional at run time: ember.formats.tokenizer_models falls back to Python without it.
+    return Extension("ember.formats._tokenize", sources=["formats/_tokenize.pyx"],
+                     extra_compile_args=["-O3"])
+
+
+setup(ext_modules=cythonize([native_extension(), tokenize_extension()], language_level=3))

@@ -70,6 +70,23 @@ def byte_encode(word: str) -> str:
     return word.encode("utf-8").decode("latin-1").translate(_BYTE_ENCODE)
 
 
+try:  # the compiled merge loop (formats/_tokenize.pyx); the Python one is the reference
+    from ember.formats import _tokenize
+except ImportError:  # not built: every path below still works, only slower
+    _tokenize = None
+
+
+def compiled_merger(token_to_id: dict[str, int], merge_ids):
+    """(PairTable, byte -> token id (256,) int32) when byte-level BPE can merge over ids in C:
+    the extension is built, every merge result is a token (merge_ids), every byte too."""
+    if _tokenize is None or merge_ids is None:
+        return None
+    byte_tok = [token_to_id.get(c) for c in BYTE_TO_UNICODE]
+    if None in byte_tok:
+        return None
+    return _tokenize.PairTable(*merge_ids), np.array(byte_tok, dtype=np.int32)
+
+
 # ---------------------------------------------------------------------------
 # Shared: safe cut points before "▁" and a bounded word cache
 # ---------------------------------------------------------------------------
@@ -221,7 +238,7 @@ def spm_merge(text: str, token_to_id: dict[str, int], scores: list[float]) -> li
 class BpeModel:
     def __init__(self, token_to_id: dict[str, int], ranks: dict[str, int], pre: PreTokenizer,
                  *, byte_level: bool, ignore_merges: bool, newline_words: bool,
-                 byte_ids: list[int | None], junctions: set[str], splitter=None):
+                 byte_ids: list[int | None], junctions: set[str], splitter=None, compiled=None):
         self.token_to_id = token_to_id
         self.ranks = ranks                # "left right" -> rank (first occurrence wins)
         self.pre = pre
@@ -231,6 +248,7 @@ class BpeModel:
         self.byte_ids = byte_ids          # (256,) fallback id per byte, None where absent
         self.splitter = splitter          # gemma4: cut lines before "▁" (see module note)
         self.junctions = junctions        # {left[-1] + right[0]} over all merges
+        self.compiled = compiled          # (PairTable, byte -> id) or None: see compiled_merger
         self.cache = _WordCache()
         self.piece_cache = _WordCache()   # merged pieces of long words (already encoded text)
 
@@ -249,6 +267,8 @@ class BpeModel:
         return [p for w in words for p in (self.splitter.split(w) if w[0] != "\n" else (w,)) if p]
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
+        if self.compiled is not None:
+            return self._word_ids_compiled(word)
         sym = byte_encode(word) if self.byte_level else word
         tid = self.token_to_id.get(sym)
         if tid is not None and (self.ignore_merges or (self.newline_words and sym[0] == "\n")):
@@ -263,6 +283,15 @@ class BpeModel:
                 got = cache.put(part, self._merge(part))
             ids.extend(got)
         return tuple(ids)
+
+    def _word_ids_compiled(self, word: str) -> tuple[int, ...]:
+        """The same ids as the Python path, with every symbol a token id from the start."""
+        if self.ignore_merges:
+            tid = self.token_to_id.get(byte_encode(word))
+            if tid is not None:
+                return (tid,)
+        table, byte_tok = self.compiled
+        return tuple(table.merge(byte_tok[np.frombuffer(word.encode("utf-8"), dtype=np.uint8)]))
 
     def _merge(self, sym: str) -> tuple[int, ...]:
         ids: list[int] = []

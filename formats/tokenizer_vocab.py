@@ -21,7 +21,7 @@ import regex
 
 from ember.formats import gguf
 from ember.formats.tokenizer_models import (SPACE_ESC, BpeModel, SpmModel, WpmModel,
-                                            space_splitter)
+                                            compiled_merger, space_splitter)
 from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_pre
 
 # ---------------------------------------------------------------------------
@@ -122,6 +122,7 @@ class Vocab:
                         byte_level=not gemma, ignore_merges=self.ignore_merges,
                         newline_words=gemma, byte_ids=self._bpe_byte_ids(not gemma),
                         junctions=self.junctions,
+                        compiled=None if gemma else compiled_merger(self.token_to_id, self.merge_ids),
                         splitter=space_splitter(_chars_before_space_in_merges(self.merges))
                         if gemma else None)
 
@@ -263,11 +264,13 @@ def _read_scores_and_types(v: Vocab, md: dict, types: dict) -> None:
 
 def _read_merges(v: Vocab, md: dict, types: dict) -> None:
     merges = _array(v, md, types, K + "merges", (gguf.STRING,), True)
-    halves, junctions = _merge_halves(merges)
+    halves, junctions, parts = _merge_halves(merges)
+    v.merge_ids = None
     if halves is None or not v.token_to_id.keys() >= halves:
         _find_bad_merge(v, merges)   # raises, or sets v.junctions for unusual spacing
     else:
         v.junctions = junctions
+        v.merge_ids = _merge_ids(v.token_to_id, parts)
     # the first occurrence of a pair keeps its rank (llama.cpp's emplace)
     n = len(merges)
     v.ranks = dict(zip(reversed(merges), range(n - 1, -1, -1)))
@@ -279,14 +282,24 @@ def _merge_halves(merges: list[str]):
     or (None, None) when some merge is not 'left right' with exactly one inner space."""
     joined = "\x00".join(merges)
     if joined.count(" ") != len(merges) or "\x00 " in joined or joined[:1] == " ":
-        return None, None
+        return None, None, None
     parts = joined.replace(" ", "\x00").split("\x00")   # [left0, right0, left1, ...]
     halves = set(parts)
     if "" in halves:
-        return None, None
+        return None, None, None
     last, first = operator.itemgetter(-1), operator.itemgetter(0)
     junctions = set(map(operator.add, map(last, parts[0::2]), map(first, parts[1::2])))
-    return halves, junctions
+    return halves, junctions, parts
+
+
+def _merge_ids(t2i: dict[str, int], parts: list[str]):
+    """(left, right, result) token ids per merge, int32 (n_merges,) each, for the compiled
+    merge loop; None when some merge's result is not a token (then the Python loop runs)."""
+    results = list(map(t2i.get, map(operator.add, parts[0::2], parts[1::2])))
+    if None in results:
+        return None
+    ids = [np.array(list(map(t2i.__getitem__, parts[k::2])), dtype=np.int32) for k in (0, 1)]
+    return ids[0], ids[1], np.array(results, dtype=np.int32)
 
 
 def _find_bad_merge(v: Vocab, merges: list[str]) -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import CONFORMANCE, conformance_cases, conformance_path
 from ember.formats import gguf
 from ember.formats.tokenizer import Tokenizer, TokenizerError
+from ember.formats import tokenizer_models
 from ember.formats.tokenizer_models import SPACE_ESC, byte_encode
 
 VOCAB_DIR = CONFORMANCE / "tokenizer"
@@ -131,10 +132,12 @@ def awkward_texts(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "qwen2", "gemma-4"])
 def test_cutting_and_caching_change_nothing(name):
-    """The speed-ups (cuts before ▁ and at non-junction pairs, word caches) against the
-    plain algorithm on whole, uncut pieces."""
+    """The speed-ups (cuts before ▁ and at non-junction pairs, word caches, the compiled
+    merge loop) against the plain Python algorithm on whole, uncut pieces."""
     tok = vocab(name)
     m = tok._model
+    if name in ("llama-bpe", "qwen2"):   # so this compares the C merge loop with the Python one
+        assert (m.compiled is not None) == (tokenizer_models._tokenize is not None)
     for text in awkward_texts(name):
         m.cache.clear()
         m.piece_cache.clear()
