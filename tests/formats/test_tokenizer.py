@@ -155,6 +155,14 @@ def test_cutting_and_caching_change_nothing(name):
                 want += [whole] if whole is not None else m._merge(byte_encode(w))
         assert tok.encode(text) == want
         assert tok.encode(text) == want   # again, from a warm cache
+        if getattr(m, "compiled", None) is not None:   # and the Python path with its cuts
+            compiled, m.compiled = m.compiled, None
+            try:
+                m.cache.clear()
+                assert tok.encode(text) == want
+            finally:
+                m.compiled = compiled
+                m.cache.clear()
 
 
 # ---------------------------------------------------------------------------
