@@ -1,0 +1,82 @@
+"""Assembles the GPU kernel source (kernels/cuda/ember_cuda.cu) for CUDA or ROCm.
+
+Design: there is one kernel source. What differs between an NVIDIA GPU
+(NVRTC through CuPy) and an AMD one (hipRTC through CuPy's ROCm build, or
+hipcc) is a handful of macros, prepended here: EMBER_HIP, the warp width
+WARP (32 lanes on NVIDIA; 64 on AMD's wave64 GCN/CDNA parts, 32 on RDNA's
+wave32), the threads per block of the row kernels, and the widest attention
+head. Nothing here needs a GPU, so CI checks the assembly and, where hipcc
+is installed, compiles the ROCm variant (tests/plugins/test_cuda.py).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE_PATH = Path(__file__).with_name("cuda") / "ember_cuda.cu"
+PLATFORMS = ("cuda", "hip")
+HD_MAX = 256            # widest head: llama/qwen use 64..128, gemma-style heads 256
+BLOCK_WARPS = {32: 8, 64: 4}   # 256 threads either way
+# weight types with native kernels; the suffix of matvec_<t>, matvec_swiglu_<t>, dequant_<t>
+TYPES = ("q4_0", "q8_0", "q4_k", "q6_k", "f16", "f32")
+ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attn_reduce")
+
+
+class SourceError(ValueError):
+    """An unknown platform or an impossible warp width."""
+
+    user_error = True
+
+
+@dataclass(frozen=True)
+class Variant:
+    platform: str   # "cuda" | "hip"
+    warp: int       # lanes per warp / wavefront
+    block: int      # threads per block of the row kernels
+
+    @property
+    def macros(self) -> dict[str, int]:
+        return {"EMBER_HIP": int(self.platform == "hip"), "WARP": self.warp,
+                "BLOCK": self.block, "HD_MAX": HD_MAX}
+
+
+def variant(platform: str = "cuda", warp: int | None = None) -> Variant:
+    """The macro set for a platform; warp defaults to 32 on CUDA, 64 on HIP (wave64)."""
+    if platform not in PLATFORMS:
+        raise SourceError(f"unknown GPU platform {platform!r} (known: {', '.join(PLATFORMS)})")
+    warp = warp or (64 if platform == "hip" else 32)
+    if warp not in BLOCK_WARPS or (platform == "cuda" and warp != 32):
+        raise SourceError(f"warp width {warp} is not possible on {platform}")
+    return Variant(platform, warp, warp * BLOCK_WARPS[warp])
+
+
+# ---------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------
+
+def raw_source() -> str:
+    return SOURCE_PATH.read_text()
+
+
+def source(v: Variant) -> str:
+    """The compilable text: the variant's #defines, then the kernel file."""
+    head = "".join(f"#define {k} {val}\n" for k, val in v.macros.items())
+    return f"/* ember kernels for {v.platform}, warp {v.warp} */\n{head}#line 1 \"ember_cuda.cu\"\n{raw_source()}"
+
+
+def kernel_names() -> list[str]:
+    """Every extern "C" kernel the source defines, by name."""
+    text = raw_source()
+    typed = re.findall(r"^EMBER_TYPED\((\w+),", text, flags=re.M)
+    macro = re.search(r"#define EMBER_TYPED\(NAME, Q\)(.*?)\n\n", text, flags=re.S).group(1)
+    stems = re.findall(r"void __launch_bounds__\(BLOCK\) (\w+)##NAME", macro)
+    plain = re.findall(r'^extern "C" __global__ void(?: __launch_bounds__\(BLOCK\))? (?!__launch_bounds__)(\w+)\(', text, flags=re.M)
+    return sorted(plain + [s + t for t in typed for s in stems])
+
+
+def compile_options(v: Variant) -> tuple[str, ...]:
+    """NVRTC / hipRTC options. -std=c++17 for the lambdas handed to the unit decoders."""
+    if v.platform == "hip":
+        return ("-std=c++17", "-O3")
+    return ("--std=c++17",)
