@@ -46,6 +46,7 @@ cdef extern from "ember_forward.h":
     void ember_pool_free(ember_pool *p) nogil
     double ember_pool_bench_barrier(ember_pool *p, int64_t n_ops) nogil
     double ember_pool_bench_run(ember_pool *p, int64_t n_runs) nogil
+    double ember_pool_bench_read(ember_pool *p, const void *buf, size_t nbytes) nogil
 
     ember_model *ember_model_new(const ember_hparams *hp, const float *rope_cs, int n_threads,
                                  const char *isa) nogil
@@ -187,6 +188,21 @@ def pool_costs(int n_threads, int64_t n_ops=20000, int64_t n_runs=2000):
         per_run = ember_pool_bench_run(p, n_runs)
         ember_pool_free(p)
     return per_op, per_run
+
+def read_bandwidth(int n_threads, const uint8_t[::1] buf, int repeats=5):
+    """Best bytes/second over `repeats` reads of buf (make it far larger than the caches)."""
+    cdef ember_pool *p = ember_pool_new(n_threads)
+    cdef double best = 1e30, t
+    cdef int i
+    if p is NULL:
+        raise MemoryError("cannot start the thread pool")
+    with nogil:
+        for i in range(repeats):
+            t = ember_pool_bench_read(p, &buf[0], buf.shape[0])
+            if t < best:
+                best = t
+        ember_pool_free(p)
+    return buf.shape[0] / best
 
 # ---------------------------------------------------------------------------
 # Single ops of one ISA's table (for tests)

@@ -20,9 +20,13 @@ import time
 
 import numpy as np
 
-from ember.daemon.cli import UserError
-
 JSON_KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+
+
+class BenchError(ValueError):
+    """A bad flag combination; one line on stderr, exit 2 (cli's user_error contract)."""
+
+    user_error = True
 
 
 def add_arguments(p) -> None:
@@ -50,19 +54,19 @@ def synthetic_model(shape: str, quant: str) -> str:
         print(f"writing synthetic {shape} {quant} to {path} (once) ...", file=sys.stderr)
         r = subprocess.run([sys.executable, "-m", "ember.daemon.synthetic", shape, quant, str(path)])
         if r.returncode != 0:
-            raise UserError(f"writing the synthetic model failed (exit {r.returncode})")
+            raise BenchError(f"writing the synthetic model failed (exit {r.returncode})")
     return str(path)
 
 
 def _check(args) -> str:
     if args.prompt_tokens < 1 or args.gen_tokens < 0:
-        raise UserError("--prompt-tokens must be >= 1 and --gen-tokens >= 0")
+        raise BenchError("--prompt-tokens must be >= 1 and --gen-tokens >= 0")
     if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be >= 1")
+        raise BenchError("--threads must be >= 1")
     if args.synthetic:
         return synthetic_model(args.synthetic, args.quant)
     if not args.model:
-        raise UserError("give a MODEL file or --synthetic SHAPE")
+        raise BenchError("give a MODEL file or --synthetic SHAPE")
     return args.model
 
 

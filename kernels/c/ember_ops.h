@@ -115,5 +115,7 @@ void        ember_pool_barrier(ember_pool *p);
 double      ember_pool_bench_barrier(ember_pool *p, int64_t n_ops);
 /* measured cost: seconds per ember_pool_run (wake + finish) over n_runs */
 double      ember_pool_bench_run(ember_pool *p, int64_t n_runs);
+/* measured: seconds for the pool's threads to read nbytes of buf once, split evenly */
+double      ember_pool_bench_read(ember_pool *p, const void *buf, size_t nbytes);
 
 #endif

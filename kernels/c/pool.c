@@ -196,6 +196,28 @@ double ember_pool_bench_barrier(ember_pool *p, int64_t n_ops) {
     return (double)(now_ns() - t0) * 1e-9 / (double)(n_ops > 0 ? n_ops : 1);
 }
 
+/* the machine's read bandwidth: every thread sums its slice of buf (8-byte words;
+ * the compiler vectorizes the loop), so the time is the memory system's, not ours */
+typedef struct { const uint64_t *buf; size_t n; _Atomic uint64_t sink; } read_ctx;
+
+static void bench_read_slice(void *ctx, int ith, int nth) {
+    read_ctx *r = ctx;
+    const size_t per = r->n / (size_t)nth, i0 = per * (size_t)ith, i1 = ith == nth - 1 ? r->n : i0 + per;
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = i0;
+    for (; i + 4 <= i1; i += 4) { s0 += r->buf[i]; s1 += r->buf[i + 1]; s2 += r->buf[i + 2]; s3 += r->buf[i + 3]; }
+    for (; i < i1; i++) s0 += r->buf[i];
+    atomic_fetch_add(&r->sink, s0 + s1 + s2 + s3);   /* keeps the loads alive */
+}
+
+double ember_pool_bench_read(ember_pool *p, const void *buf, size_t nbytes) {
+    read_ctx r = { buf, nbytes / sizeof(uint64_t), 0 };
+    const int64_t t0 = now_ns();
+    ember_pool_run(p, bench_read_slice, &r);
+    ember_pool_wait(p);
+    return (double)(now_ns() - t0) * 1e-9;
+}
+
 double ember_pool_bench_run(ember_pool *p, int64_t n_runs) {
     const int64_t t0 = now_ns();
     for (int64_t i = 0; i < n_runs; i++) ember_pool_run(p, bench_nothing, NULL);

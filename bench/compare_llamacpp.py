@@ -1,0 +1,179 @@
+"""ember (cpu backend) vs llama.cpp on the same GGUF files, in the same run.
+
+Usage:
+    python3 bench/compare_llamacpp.py --synthetic tinyllama-1.1b --quants Q4_0 Q8_0 Q4_K_M \
+        --threads 2 --rounds 3 [--prompt-tokens 512 --gen-tokens 128] [--llama-python PATH]
+    python3 bench/compare_llamacpp.py MODEL.gguf [MODEL.gguf ...]
+
+Each measurement is a fresh process (so peak RSS is that engine's alone):
+ember through `ember bench --json`, llama.cpp through llama-cpp-python run by
+another interpreter (a bench-only venv, never an ember dependency) executing
+this same file with --llama-worker. Both get the same random prompt of
+--prompt-tokens ids, prefill it in one batch (llama.cpp: n_batch=512), then
+decode --gen-tokens greedily. Engines alternate within each round, rounds
+repeat, and the table reports the median of each number and the ratios
+ember / llama.cpp — the machine is shared and noisy, so only side-by-side
+numbers mean anything. The machine's read bandwidth (all threads, a 1 GiB
+buffer) is measured in every round too, to show what fraction of it decode
+reaches (weights bytes per token x tok/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+LLAMA_PYTHONS = ["/work/llamaenv-noamx/bin/python", "/work/llamaenv/bin/python"]
+KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+
+
+# ---------------------------------------------------------------------------
+# The llama.cpp side (runs under the llama-cpp-python interpreter)
+# ---------------------------------------------------------------------------
+
+def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+    t0 = time.perf_counter()
+    llm = Llama(model, n_ctx=n_prompt + n_gen, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+    prompt = np.random.default_rng(seed).integers(3, n_vocab, size=n_prompt).tolist()
+
+    def last_logits():
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    tok = int(np.argmax(last_logits()))
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_gen):
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": n_gen / decode_s,
+            "ttft_ms": prefill_s * 1000, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------
+# Running one measurement
+# ---------------------------------------------------------------------------
+
+def run_json(cmd: list[str]) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_ember(model: str, a) -> dict:
+    return run_json([sys.executable, "-m", "ember.daemon.cli", "bench", model, "--backend", "cpu",
+                     "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
+                     "--gen-tokens", str(a.gen_tokens), "--seed", str(a.seed), "--json"])
+
+
+def run_llama(model: str, a) -> dict:
+    return run_json([a.llama_python, os.path.abspath(__file__), "--llama-worker", model,
+                     "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
+                     "--gen-tokens", str(a.gen_tokens), "--seed", str(a.seed)])
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes/s the machine reads with `threads` threads (best of 5 passes over 1 GiB)."""
+    import numpy as np
+    from ember.kernels import _native
+    buf = np.ones(1 << 30, np.uint8)
+    return _native.read_bandwidth(threads, buf)
+
+
+def weights_bytes(model: str) -> int:
+    from ember.formats import gguf
+    with gguf.open(model) as f:
+        return sum(t.nbytes for t in f.tensors.values())
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+def kv_mb(model: str, n_ctx: int) -> float:
+    from ember.formats import gguf
+    from ember.plugins.arch import config_from_gguf
+    with gguf.open(model) as f:
+        return config_from_gguf(f).kv_cache_bytes(n_ctx) / 2**20
+
+
+def table(results: dict, a, bw: list[float]) -> str:
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    bw_gb = med(bw) / 1e9
+    lines = [f"threads={a.threads} prompt={a.prompt_tokens} gen={a.gen_tokens} rounds={a.rounds}; "
+             f"read bandwidth {bw_gb:.1f} GB/s (median of rounds; {a.threads} threads, 1 GiB)",
+             "| model | file MB | decode tok/s ember / llama.cpp (x) | prefill tok/s ember / llama.cpp (x) "
+             "| peak RSS MB ember / llama.cpp (x) | RSS budget file+KV+100 | decode GB/s (of read bw) |",
+             "|---|---|---|---|---|---|---|"]
+    for model, r in results.items():
+        e = {k: med([x[k] for x in r["ember"]]) for k in KEYS}
+        l_ = {k: med([x[k] for x in r["llama"]]) for k in KEYS}
+        size = os.path.getsize(model) / 2**20
+        budget = size + kv_mb(model, a.prompt_tokens + a.gen_tokens) + 100
+        gbs = r["wbytes"] * e["decode_tok_s"] / 1e9
+        lines.append(
+            f"| {os.path.basename(model)} | {size:.0f} "
+            f"| {e['decode_tok_s']:.1f} / {l_['decode_tok_s']:.1f} ({e['decode_tok_s'] / l_['decode_tok_s']:.2f}x) "
+            f"| {e['prefill_tok_s']:.1f} / {l_['prefill_tok_s']:.1f} ({e['prefill_tok_s'] / l_['prefill_tok_s']:.2f}x) "
+            f"| {e['peak_rss_mb']:.0f} / {l_['peak_rss_mb']:.0f} ({e['peak_rss_mb'] / l_['peak_rss_mb']:.2f}x) "
+            f"| {budget:.0f} {'ok' if e['peak_rss_mb'] <= budget else 'OVER'} "
+            f"| {gbs:.1f} ({gbs / bw_gb:.0%}) |")
+    return "\n".join(lines)
+
+
+def models_of(a) -> list[str]:
+    if a.models:
+        return a.models
+    from ember.daemon.commands.bench import synthetic_model
+    return [synthetic_model(a.synthetic, q) for q in a.quants]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="*")
+    p.add_argument("--synthetic", default="tinyllama-1.1b")
+    p.add_argument("--quants", nargs="+", default=["Q4_0", "Q8_0", "Q4_K_M"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llama-python", default=next((x for x in LLAMA_PYTHONS if os.path.exists(x)), None))
+    p.add_argument("--llama-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.llama_worker:
+        print(json.dumps(llama_worker(a.llama_worker, a.threads, a.prompt_tokens, a.gen_tokens, a.seed)))
+        return 0
+    if not a.llama_python:
+        print("no llama-cpp-python interpreter found; pass --llama-python", file=sys.stderr)
+        return 2
+    models = models_of(a)
+    results = {m: {"ember": [], "llama": [], "wbytes": weights_bytes(m)} for m in models}
+    bw = []
+    for rnd in range(a.rounds):
+        bw.append(read_bandwidth(a.threads))
+        for m in models:
+            order = [("ember", run_ember), ("llama", run_llama)]
+            for name, fn in (order if rnd % 2 == 0 else order[::-1]):   # alternate who goes first
+                r = fn(m, a)
+                results[m][name].append(r)
+                print(f"round {rnd + 1} {os.path.basename(m)} {name}: " +
+                      " ".join(f"{k}={r[k]:.1f}" for k in KEYS), file=sys.stderr, flush=True)
+    print(table(results, a, bw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
