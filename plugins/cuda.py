@@ -1,0 +1,718 @@
+"""The `cuda` backend: the decoder on an NVIDIA GPU (or an AMD one, through CuPy's ROCm build).
+
+Design: the kernels are CUDA C in kernels/cuda/ember_cuda.cu, compiled at
+load by NVRTC (hipRTC on ROCm) through CuPy's RawModule; kernels/cuda_source
+adds the per-platform macros (warp width 32 or 64). Weights are uploaded once
+at load, repacked for aligned 16-byte loads (Q4_0/Q8_0 split into quants and
+scales, Q6_K padded to 224 bytes); types without kernels are dequantized to
+f16 at load, when the device has room. The f16 KV cache, every activation
+buffer and a bounded weight scratch are allocated once, so a forward pass
+allocates nothing on the device.
+
+A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
+pure functions of the model's Layout (no GPU needed, so CI tests them):
+
+    decode (one token): copy (pos, token) in -> embed -> per layer: rmsnorm,
+        q|k|v matvec, rope + KV write, split attention + merge, o matvec (+= x),
+        rmsnorm, gate|up matvec with SwiGLU, down matvec (+= x) -> rmsnorm,
+        output matvec -> copy logits out
+    prefill (T > MATVEC_MAX_T tokens): the same blocks, but each projection
+        dequantizes its matrix (in row chunks) into the scratch and multiplies
+        with cuBLAS/hipBLAS: f16 x f16 -> f32 for quantized weights, f32 for
+        float ones.
+
+Decode's steps are captured once as a CUDA graph and replayed per token:
+the position and token live in a pinned host buffer that the graph's first
+node copies to the device, so the host work per token is two integer
+stores, one graph launch and a synchronize.
+
+Options: ``max_batch`` (tokens per prefill chunk, default 512), ``device``
+(GPU ordinal, default 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ember.kernels import cuda_source
+from ember.plugins.arch import ModelConfig, UnsupportedModel
+from ember.plugins.hookspecs import hookimpl
+from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+
+NAME = "cuda"
+PRIORITY = 80
+DEFAULT_MAX_BATCH = 512
+MATVEC_MAX_T = 4                 # up to this many tokens, projections use the matvec kernels
+W_SCRATCH_BYTES = 32 << 20       # dequantized weight rows for one prefill GEMM chunk
+MIN_CHUNK, MAX_SPLITS = 64, 64   # decode attention: keys per split, and splits at most
+RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
+# GGUF type -> kernel type; anything else is dequantized to f16 at load
+NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
+          "F16": "f16", "F32": "f32", "BF16": "f32"}
+QUANT_KINDS = ("q4_0", "q8_0", "q4_k", "q6_k")   # f16 GEMM; float kinds use f32 GEMM
+
+
+class TokenOutOfRange(ValueError):
+    """A token id is negative or not below n_vocab."""
+
+    user_error = True
+
+
+# ---------------------------------------------------------------------------
+# Plugin hooks
+# ---------------------------------------------------------------------------
+
+@hookimpl
+def ember_backends():
+    return [BackendSpec(NAME, priority=PRIORITY,
+                        description="GPU kernels (CUDA via NVRTC, or ROCm/HIP) through CuPy, "
+                                    "decode as one CUDA graph per token")]
+
+
+@hookimpl
+def ember_probe(backend):
+    if backend != NAME:
+        return None
+    return probe()
+
+
+@hookimpl
+def ember_plan(backend, config, n_ctx, options):
+    if backend != NAME:
+        return None
+    return plan(config, n_ctx, options or {})
+
+
+@hookimpl
+def ember_load(backend, gguf, config, n_ctx, threads, options):
+    if backend != NAME:
+        return None
+    return CudaRunner(gguf, config, n_ctx, options or {})
+
+
+# ---------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------
+
+def probe() -> Probe:
+    """CuPy importable and a device present; names the platform (CUDA or HIP). Never raises."""
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 - absent or broken CuPy is "not available"
+        return Probe(False, f"CuPy is not importable ({type(e).__name__}: {e}); "
+                            f"install ember[cuda]")
+    try:
+        rt = cupy.cuda.runtime
+        n = rt.getDeviceCount()
+        if n < 1:
+            return Probe(False, "CuPy found no GPU")
+        props = rt.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        platform = "HIP" if rt.is_hip else "CUDA"
+        ver = rt.runtimeGetVersion()
+        mem = int(props["totalGlobalMem"])
+    except Exception as e:  # noqa: BLE001 - no driver / no device is "not available"
+        return Probe(False, f"no usable GPU: {type(e).__name__}: {e}")
+    return Probe(True, f"{platform} runtime {ver}: {name}, {mem / 2**30:.1f} GiB, warp "
+                       f"{props.get('warpSize', 32)}", isa=platform,
+                 devices=[name], memory_bytes=mem)
+
+
+# ---------------------------------------------------------------------------
+# Weights on the device: kinds and sizes (no GPU needed)
+# ---------------------------------------------------------------------------
+
+def kind_of(ggml_type: str) -> str:
+    """The kernel type a GGUF type runs as on the device."""
+    return NATIVE.get(ggml_type, "f16")
+
+
+def device_bytes(t) -> int:
+    """Bytes of one tensor (arch.TensorEntry) once uploaded in its device layout."""
+    n = int(np.prod(t.shape))
+    if len(t.shape) == 1:
+        return 4 * n                        # norms and biases: float32
+    k = kind_of(t.type)
+    if k == "q6_k":
+        return t.nbytes // 210 * 224        # padded super-blocks
+    if k in QUANT_KINDS:
+        return t.nbytes                     # repacked, same bytes
+    return n * (4 if k == "f32" else 2)
+
+
+@dataclass(frozen=True)
+class Mat:
+    """A weight matrix as the steps see it: rows [row0, row0 + rows) of a tensor."""
+    tensor: str
+    kind: str
+    rows: int
+    cols: int
+    row0: int = 0
+
+    def w(self) -> "Buf":
+        return Buf(self.tensor, self.row0 * _row_bytes(self.kind, self.cols))
+
+    def d(self) -> "Buf | None":
+        if self.kind not in ("q4_0", "q8_0"):
+            return None
+        return Buf(self.tensor + "#d", self.row0 * (self.cols // 32) * 2)
+
+
+def _row_bytes(kind: str, cols: int) -> int:
+    per = {"q4_0": (32, 16), "q8_0": (32, 32), "q4_k": (256, 144), "q6_k": (256, 224),
+           "f16": (1, 2), "f32": (1, 4)}[kind]
+    return cols // per[0] * per[1]
+
+
+# ---------------------------------------------------------------------------
+# The layout: dimensions, matrices and buffers of one loaded model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    c: ModelConfig
+    n_ctx: int
+    max_batch: int
+    warp: int = 32
+    mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
+    vecs: dict = field(default_factory=dict)        # role -> tensor name or None
+
+    @property
+    def q_dim(self): return self.c.n_head * self.c.head_dim
+
+    @property
+    def kv_dim(self): return self.c.n_head_kv * self.c.head_dim
+
+    @property
+    def qkv_dim(self): return self.q_dim + 2 * self.kv_dim
+
+    @property
+    def nwarps(self): return cuda_source.BLOCK_WARPS[self.warp]
+
+    @property
+    def block(self): return self.warp * self.nwarps
+
+    @property
+    def chunk(self):
+        """Keys per decode attention split: at least MIN_CHUNK, at most MAX_SPLITS splits."""
+        return max(MIN_CHUNK, -(-self.n_ctx // MAX_SPLITS))
+
+    @property
+    def n_split(self): return -(-self.n_ctx // self.chunk)
+
+    def buffers(self) -> dict[str, int]:
+        """Device scratch buffers, name -> bytes (weights and KV cache excluded)."""
+        c, B = self.c, self.max_batch
+        wide = max(c.n_embd, self.q_dim, 2 * c.n_ff)
+        part = max(B * c.n_head * (c.head_dim + 2), c.n_head * self.n_split * (c.head_dim + 2))
+        return {"x": 4 * B * c.n_embd, "xn": 4 * B * c.n_embd, "qkv": 4 * B * self.qkv_dim,
+                "att": 4 * B * self.q_dim, "ffn": 4 * B * 2 * c.n_ff, "xh": 2 * B * wide,
+                "part": 4 * part, "wscr": self.wscr_bytes(), "logits": 4 * B * c.n_vocab,
+                "io": 4 * (1 + B), "cs": 4 * self.n_ctx * c.rope_dim}
+
+    def wscr_bytes(self) -> int:
+        """The GEMM weight scratch: W_SCRATCH_BYTES, or less when the largest matrix fits."""
+        full = max(m.rows * m.cols * (2 if m.kind in QUANT_KINDS else 4) for m in self.mats.values())
+        return min(W_SCRATCH_BYTES, full)
+
+    def kv_bytes(self) -> int:
+        return self.c.kv_cache_bytes(self.n_ctx, bytes_per_value=2)
+
+
+def _check_supported(c: ModelConfig) -> None:
+    if c.head_dim > cuda_source.HD_MAX:
+        raise UnsupportedModel(f"head_dim {c.head_dim} is above the GPU kernels' {cuda_source.HD_MAX}")
+    if c.rope_dim > c.head_dim or c.rope_dim % 2:
+        raise UnsupportedModel(f"rope dimension {c.rope_dim} does not fit head_dim {c.head_dim}")
+
+
+def _mat(c: ModelConfig, name: str, rows: int | None = None, row0: int = 0) -> Mat:
+    if name not in c.tensors:
+        raise UnsupportedModel(f"tensor {name!r} is missing")
+    t = c.tensors[name]
+    if len(t.shape) != 2:
+        raise UnsupportedModel(f"tensor {name!r} has shape {t.shape}, expected a matrix")
+    return Mat(name, kind_of(t.type), rows if rows is not None else t.shape[0], t.shape[1], row0)
+
+
+def _opt(c: ModelConfig, name: str) -> str | None:
+    return name if name in c.tensors else None
+
+
+def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32) -> Layout:
+    """Every matrix and vector the steps use, by role."""
+    _check_supported(c)
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp)
+    m, v, F = lay.mats, lay.vecs, c.n_ff
+    m["token_embd"] = _mat(c, "token_embd.weight")
+    m["output"] = _mat(c, "token_embd.weight" if c.tied_embeddings else "output.weight")
+    v["output_norm"] = "output_norm.weight"
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        if c.fused_qkv:
+            m[f"{i}.qkv"] = _mat(c, p + "attn_qkv.weight")
+        else:
+            for r in "qkv":
+                m[f"{i}.{r}"] = _mat(c, p + f"attn_{r}.weight")
+        m[f"{i}.o"] = _mat(c, p + "attn_output.weight")
+        if c.fused_gate_up:   # phi3: ffn_up holds gate (rows 0..F) | up (rows F..2F)
+            m[f"{i}.gate"] = _mat(c, p + "ffn_up.weight", F, 0)
+            m[f"{i}.up"] = _mat(c, p + "ffn_up.weight", F, F)
+        else:
+            m[f"{i}.gate"], m[f"{i}.up"] = _mat(c, p + "ffn_gate.weight"), _mat(c, p + "ffn_up.weight")
+        m[f"{i}.down"] = _mat(c, p + "ffn_down.weight")
+        v[f"{i}.attn_norm"], v[f"{i}.ffn_norm"] = p + "attn_norm.weight", p + "ffn_norm.weight"
+        v[f"{i}.bias"] = p + "bqkv" if _opt(c, p + "attn_q.bias") else None
+        v[f"{i}.q_norm"] = _opt(c, p + "attn_q_norm.weight") if c.qk_norm else None
+        v[f"{i}.k_norm"] = _opt(c, p + "attn_k_norm.weight") if c.qk_norm else None
+    return lay
+
+
+# ---------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------
+
+def device_plan(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, int]:
+    """Device bytes by part: weights (device layout), kv_cache, scratch."""
+    lay = layout(c, n_ctx, max_batch)
+    weights = sum(device_bytes(t) for t in c.tensors.values())
+    return {"weights": weights, "kv_cache": lay.kv_bytes(), "scratch": sum(lay.buffers().values())}
+
+
+def plan(c: ModelConfig, n_ctx: int, options: dict) -> MemoryPlan:
+    """Everything lives on the device; the host keeps the runtime and two pinned buffers."""
+    batch = max(1, min(int(options.get("max_batch", DEFAULT_MAX_BATCH)), n_ctx))
+    dev = device_plan(c, n_ctx, batch)
+    converted = sorted({t.type for t in c.tensors.values()
+                        if len(t.shape) == 2 and t.type not in NATIVE})
+    notes = [f"device: weights {dev['weights']} + KV cache {dev['kv_cache']} (f16) + scratch "
+             f"{dev['scratch']} bytes (prefill chunks of {batch} tokens)",
+             "the mapped file is read once at load to upload the weights"]
+    if converted:
+        notes.append(f"{', '.join(converted)} matrices are dequantized to f16 at load")
+    return MemoryPlan(weights=0, kv_cache=0, scratch=4 * (1 + batch) + 4 * c.n_vocab,
+                      runtime=RUNTIME_BYTES, device=sum(dev.values()), notes=notes)
+
+
+# ---------------------------------------------------------------------------
+# Steps: what a forward pass launches (pure data, no GPU needed)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Buf:
+    """A device address: a named buffer (or weight tensor) plus a byte offset."""
+    name: str
+    offset: int = 0
+
+    def at(self, nbytes: int) -> "Buf":
+        return Buf(self.name, self.offset + nbytes)
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple          # Buf | None (pointers), int (C int), float (C float), np.int64
+
+
+@dataclass(frozen=True)
+class Copy:
+    dst: Buf
+    src: Buf
+    nbytes: int
+    kind: str            # "h2d" | "d2h"; host buffers are the pinned "io_h" and "logits_h"
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """C (n, ldc; f32) (+)= A (m rows of k; a_type) . B (n rows of k; b_type), row-major."""
+    m: int
+    n: int
+    k: int
+    a: Buf
+    b: Buf
+    ldb: int
+    c: Buf
+    ldc: int
+    half: bool           # f16 operands (quantized weights) or f32
+    beta: float
+
+
+def _grid(n: int, per: int) -> int:
+    return max(1, -(-n // per))
+
+
+def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool):
+    ws = [(g.w(), g.d(), g.rows) for g in group] + [(None, None, 0)] * (3 - len(group))
+    rows = sum(g.rows for g in group)
+    args = tuple(a for w in ws for a in w) + (x, y, group[0].cols, ldx, ldy, int(acc))
+    return Launch(f"matvec_{group[0].kind}", (_grid(rows, lay.nwarps), T, 1), (lay.block, 1, 1), args)
+
+
+def _runs(mats: list[Mat]) -> list[list[Mat]]:
+    """Consecutive matrices of one kind (their outputs are adjacent), at most 3 per launch."""
+    out: list[list[Mat]] = []
+    for m in mats:
+        if out and out[-1][0].kind == m.kind and len(out[-1]) < 3:
+            out[-1].append(m)
+        else:
+            out.append([m])
+    return out
+
+
+def _gemm_rows(lay: Layout, m: Mat) -> int:
+    """Rows of m dequantized per GEMM chunk (the scratch bounds it)."""
+    per = m.cols * (2 if m.kind in QUANT_KINDS else 4)
+    return max(1, min(m.rows, W_SCRATCH_BYTES // per))
+
+
+def _gemm(lay: Layout, m: Mat, xb: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool) -> list:
+    """Dequantize m in row chunks into the scratch, multiply each chunk with cuBLAS."""
+    half = m.kind in QUANT_KINDS
+    steps, unit = [], {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(m.kind, 1)
+    step_rows = _gemm_rows(lay, m)
+    for r0 in range(0, m.rows, step_rows):
+        n = min(step_rows, m.rows - r0)
+        if m.kind == "f32":     # float32 rows are the operand already
+            a = Buf(m.tensor, (m.row0 + r0) * m.cols * 4)
+        else:
+            a = Buf("wscr")
+            units = n * (m.cols // unit)
+            steps.append(Launch(f"dequant_{m.kind}", (_grid(units, lay.block), 1, 1), (lay.block, 1, 1),
+                                (m.w(), m.d(), None, r0, n, m.cols,
+                                 a if half else None, None if half else a)))
+        steps.append(Gemm(n, T, m.cols, a, xb, ldx, y.at(4 * r0), ldy, half, 1.0 if acc else 0.0))
+    return steps
+
+
+def project(lay: Layout, mats: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool = False):
+    """y[:, cols of each matrix in turn] (+)= x @ W^T for the matrices sharing input x."""
+    steps, col = [], 0
+    if T <= MATVEC_MAX_T:
+        for run in _runs(mats):
+            steps.append(_matvec(lay, run, x, ldx, y.at(4 * col), ldy, T, acc))
+            col += sum(m.rows for m in run)
+        return steps
+    if any(m.kind in QUANT_KINDS for m in mats):
+        steps.append(Launch("to_half", (_grid(T * ldx, lay.block), 1, 1), (lay.block, 1, 1),
+                            (x, Buf("xh"), np.int64(T * ldx))))
+    for m in mats:
+        xb = Buf("xh") if m.kind in QUANT_KINDS else x
+        steps += _gemm(lay, m, xb, ldx, y.at(4 * col), ldy, T, acc)
+        col += m.rows
+    return steps
+
+
+def _rmsnorm(lay: Layout, x: Buf, w: str, y: Buf, T: int) -> Launch:
+    E = lay.c.n_embd
+    return Launch("rmsnorm", (T, 1, 1), (lay.block, 1, 1), (x, Buf(w), y, E, E, float(lay.c.rms_eps)))
+
+
+def _attention_block(lay: Layout, i: int, T: int) -> list:
+    c, v = lay.c, lay.vecs
+    qkv_mats = [lay.mats[f"{i}.qkv"]] if c.fused_qkv else [lay.mats[f"{i}.{r}"] for r in "qkv"]
+    kv_off = 2 * i * lay.n_ctx * lay.kv_dim
+    split, chunk = (lay.n_split, lay.chunk) if T == 1 else (1, lay.n_ctx)
+    vec = lambda role: Buf(v[role]) if v[role] else None  # noqa: E731
+    steps = [_rmsnorm(lay, Buf("x"), v[f"{i}.attn_norm"], Buf("xn"), T)]
+    steps += project(lay, qkv_mats, Buf("xn"), c.n_embd, Buf("qkv"), lay.qkv_dim, T)
+    steps.append(Launch("rope_kv", (T, 1, 1), (lay.block, 1, 1),
+                        (Buf("qkv"), lay.qkv_dim, vec(f"{i}.bias"), vec(f"{i}.q_norm"), vec(f"{i}.k_norm"),
+                         Buf("cs"), Buf("io"), Buf("kc", kv_off), Buf("vc", kv_off),
+                         c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"),
+                         float(c.rms_eps))))
+    steps.append(Launch("attention", (c.n_head, T, split), (lay.block, 1, 1),
+                        (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
+                         Buf("part"), c.n_head, c.n_head_kv, c.head_dim, chunk,
+                         float(1.0 / math.sqrt(c.head_dim)))))
+    steps.append(Launch("attn_reduce", (c.n_head, T, 1), (128, 1, 1),
+                        (Buf("part"), Buf("att"), c.n_head, c.head_dim, split, lay.q_dim)))
+    steps += project(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, T, acc=True)
+    return steps
+
+
+def _ffn_block(lay: Layout, i: int, T: int) -> list:
+    c, F = lay.c, lay.c.n_ff
+    g, u = lay.mats[f"{i}.gate"], lay.mats[f"{i}.up"]
+    steps = [_rmsnorm(lay, Buf("x"), lay.vecs[f"{i}.ffn_norm"], Buf("xn"), T)]
+    if T <= MATVEC_MAX_T and g.kind == u.kind:   # gate, up and SwiGLU in one pass
+        steps.append(Launch(f"matvec_swiglu_{g.kind}", (_grid(F, lay.nwarps), T, 1), (lay.block, 1, 1),
+                            (g.w(), g.d(), u.w(), u.d(), F, Buf("xn"), Buf("ffn"), c.n_embd, c.n_embd, 2 * F)))
+    else:
+        steps += project(lay, [g, u], Buf("xn"), c.n_embd, Buf("ffn"), 2 * F, T)
+        steps.append(Launch("swiglu", (_grid(F, 256), T, 1), (256, 1, 1), (Buf("ffn"), Buf("ffn"), F, 2 * F, 2 * F)))
+    steps += project(lay, [lay.mats[f"{i}.down"]], Buf("ffn"), 2 * F, Buf("x"), c.n_embd, T, acc=True)
+    return steps
+
+
+def _embed(lay: Layout, T: int) -> Launch:
+    e = lay.mats["token_embd"]
+    unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(e.kind, 1)
+    return Launch(f"dequant_{e.kind}", (_grid(T * (e.cols // unit), lay.block), 1, 1), (lay.block, 1, 1),
+                  (e.w(), e.d(), Buf("io", 4), 0, T, e.cols, None, Buf("x")))
+
+
+def _logits(lay: Layout, T: int, all_logits: bool) -> list:
+    E, V = lay.c.n_embd, lay.c.n_vocab
+    if all_logits:
+        return ([_rmsnorm(lay, Buf("x"), lay.vecs["output_norm"], Buf("xn"), T)]
+                + project(lay, [lay.mats["output"]], Buf("xn"), E, Buf("logits"), V, T))
+    last = 4 * (T - 1) * E
+    return ([_rmsnorm(lay, Buf("x", last), lay.vecs["output_norm"], Buf("xn", last), 1)]
+            + project(lay, [lay.mats["output"]], Buf("xn", last), E, Buf("logits"), V, 1))
+
+
+def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list:
+    """The whole pass for T tokens at positions io[0].. (tokens in io[1..])."""
+    if not 1 <= T <= lay.max_batch:
+        raise ValueError(f"T={T} must be in [1, {lay.max_batch}]")
+    steps = [_embed(lay, T)]
+    for i in range(lay.c.n_layer):
+        steps += _attention_block(lay, i, T) + _ffn_block(lay, i, T)
+    return steps + _logits(lay, T, all_logits)
+
+
+def decode_steps(lay: Layout) -> list:
+    """One token, graph-capturable: (pos, token) in from pinned memory, logits out to it."""
+    return ([Copy(Buf("io"), Buf("io_h"), 8, "h2d")] + forward_steps(lay, 1)
+            + [Copy(Buf("logits_h"), Buf("logits"), 4 * lay.c.n_vocab, "d2h")])
+
+
+# ---------------------------------------------------------------------------
+# Uploading weights
+# ---------------------------------------------------------------------------
+
+def _host_layout(t) -> list[np.ndarray]:
+    """A GGUF tensor as the byte arrays the kernels read: [data] or [quants, scales]."""
+    raw = np.frombuffer(t.data, dtype=np.uint8)
+    if len(t.shape) == 1:
+        return [np.ascontiguousarray(t.numpy(), dtype=np.float32)]
+    k = kind_of(t.type)
+    if k in ("q4_0", "q8_0"):
+        blk = raw.reshape(-1, 18 if k == "q4_0" else 34)
+        return [np.ascontiguousarray(blk[:, 2:]), np.ascontiguousarray(blk[:, :2])]
+    if k == "q4_k":
+        return [raw]
+    if k == "q6_k":   # pad 210-byte super-blocks to 224 so each starts 16-byte aligned
+        padded = np.zeros((raw.size // 210, 224), dtype=np.uint8)
+        padded[:, :210] = raw.reshape(-1, 210)
+        return [padded]
+    if t.type == "F16":
+        return [raw]
+    if t.type == "F32":
+        return [raw]
+    dtype = np.float32 if k == "f32" else np.float16   # BF16 -> f32 exactly; the rest -> f16
+    return [np.ascontiguousarray(t.numpy(), dtype=dtype)]
+
+
+def _fused_bias(gguf, prefix: str, c: ModelConfig) -> np.ndarray:
+    """q|k|v biases as one float32 vector (a missing one is zeros)."""
+    q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    parts = []
+    for r, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+        t = gguf.tensors.get(f"{prefix}attn_{r}.bias")
+        parts.append(np.zeros(n, np.float32) if t is None else np.asarray(t.numpy(), np.float32).reshape(n))
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------
+
+class CudaRunner:
+    """ember.plugins.types.Runner on one GPU."""
+
+    def __init__(self, gguf, config: ModelConfig, n_ctx: int, options: dict | None = None):
+        options = options or {}
+        if not isinstance(n_ctx, int) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        import cupy
+        self.cp = cupy
+        self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
+        self.device = cupy.cuda.Device(int(options.get("device", 0)))
+        with self.device:
+            self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)))
+
+    def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int) -> None:
+        cp = self.cp
+        rt = cp.cuda.runtime
+        warp = int(rt.getDeviceProperties(self.device.id).get("warpSize", 32))
+        self.lay = layout(config, n_ctx, batch, warp)
+        need = sum(device_plan(config, n_ctx, batch).values())
+        free = rt.memGetInfo()[0]
+        if need > free:
+            raise BackendError(f"the model needs {need / 2**30:.2f} GiB of GPU memory "
+                               f"(weights, KV cache, scratch); {free / 2**30:.2f} GiB is free")
+        v = cuda_source.variant("hip" if rt.is_hip else "cuda", warp)
+        self.module = cp.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
+        self.kernels = {k: self.module.get_function(k) for k in cuda_source.kernel_names()}
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.bufs: dict[str, object] = {}
+        self._upload(gguf, config)
+        self._alloc(config)
+        self.blas = cp.cuda.device.get_cublas_handle()
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self.graph = None
+
+    def _put(self, name: str, host: np.ndarray) -> None:
+        self.bufs[name] = self.cp.asarray(np.ascontiguousarray(host).reshape(-1).view(np.uint8))
+
+    def _upload(self, gguf, c: ModelConfig) -> None:
+        """Every tensor once, in the kernels' layout; q|k|v biases fused per layer."""
+        for name, t in gguf.tensors.items():
+            if name.endswith(".bias") and "attn_" in name or name == "rope_freqs.weight":
+                continue
+            arrays = _host_layout(t)
+            self._put(name, arrays[0])
+            if len(arrays) > 1:
+                self._put(name + "#d", arrays[1])
+        for i in range(c.n_layer):
+            if self.lay.vecs[f"{i}.bias"]:
+                self._put(f"blk.{i}.bqkv", _fused_bias(gguf, f"blk.{i}.", c))
+        from ember.plugins.reference import rope_tables
+        ff = gguf.tensors.get("rope_freqs.weight")
+        cos, sin = rope_tables(c, self.n_ctx, None if ff is None else np.asarray(ff.numpy(), np.float32))
+        self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
+
+    def _alloc(self, c: ModelConfig) -> None:
+        cp = self.cp
+        for name, nbytes in self.lay.buffers().items():
+            if name != "cs":
+                self.bufs[name] = cp.zeros(nbytes, dtype=cp.uint8)
+        kv = self.lay.kv_bytes() // 2          # k and v halves, (n_layer, n_ctx, kv_dim) f16 each
+        self.bufs["kc"] = cp.zeros(kv, dtype=cp.uint8)
+        self.bufs["vc"] = cp.zeros(kv, dtype=cp.uint8)
+        self._pinned = [cp.cuda.alloc_pinned_memory(4 * (1 + self.lay.max_batch)),
+                        cp.cuda.alloc_pinned_memory(4 * c.n_vocab)]
+        self.io_h = np.frombuffer(self._pinned[0], np.int32, 1 + self.lay.max_batch)
+        self.logits_h = np.frombuffer(self._pinned[1], np.float32, c.n_vocab)
+        self.ptr = {n: b.data.ptr for n, b in self.bufs.items()}
+        self.ptr["io_h"], self.ptr["logits_h"] = self.io_h.ctypes.data, self.logits_h.ctypes.data
+
+    # -- executing steps ------------------------------------------------------
+
+    def _addr(self, b: Buf | None) -> int:
+        return 0 if b is None else self.ptr[b.name] + b.offset
+
+    def _arg(self, a):
+        if a is None or isinstance(a, Buf):
+            return np.uint64(self._addr(a))
+        if isinstance(a, np.generic):
+            return a
+        if isinstance(a, bool) or isinstance(a, int):
+            return np.int32(a)
+        return np.float32(a)
+
+    def _run(self, steps: list) -> None:
+        """Enqueue steps on the runner's stream (the caller holds `with self.stream`)."""
+        rt, cp = self.cp.cuda.runtime, self.cp
+        for s in steps:
+            if isinstance(s, Launch):
+                self.kernels[s.kernel](s.grid, s.block, tuple(self._arg(a) for a in s.args))
+            elif isinstance(s, Copy):
+                kind = rt.memcpyHostToDevice if s.kind == "h2d" else rt.memcpyDeviceToHost
+                rt.memcpyAsync(self._addr(s.dst), self._addr(s.src), s.nbytes, kind, self.stream.ptr)
+            else:
+                self._gemm(s)
+
+    def _gemm(self, g: Gemm) -> None:
+        """Row-major C (n x m, ldc) = B (n x k) A^T (k x m): column-major C^T = A^T' B."""
+        cublas = self.cp.cuda.cublas
+        dt = 2 if g.half else 0                              # CUDA_R_16F / CUDA_R_32F
+        compute = getattr(cublas, "CUBLAS_COMPUTE_32F", 68)
+        beta = self._one if g.beta else self._zero
+        cublas.setStream(self.blas, self.stream.ptr)
+        cublas.gemmEx(self.blas, 1, 0, g.m, g.n, g.k, self._one.ctypes.data, self._addr(g.a), dt, g.k,
+                      self._addr(g.b), dt, g.ldb, beta.ctypes.data, self._addr(g.c), 0, g.ldc,
+                      compute, -1)
+
+    # -- the Runner protocol --------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self._check(tokens)
+        B, out = self.lay.max_batch, []
+        with self.device, self.stream:
+            for c0 in range(0, ids.size, B):
+                self.stream.synchronize()    # the last chunk's copy of io_h has been done
+                chunk = ids[c0:c0 + B]
+                last = c0 + chunk.size == ids.size
+                self.io_h[0], self.io_h[1:1 + chunk.size] = self.n_past + c0, chunk
+                self._run([Copy(Buf("io"), Buf("io_h"), 4 * (1 + chunk.size), "h2d")])
+                self._run(forward_steps(self.lay, chunk.size, all_logits))
+                if all_logits or last:
+                    rows = chunk.size if all_logits else 1
+                    out.append(self.bufs["logits"][:4 * rows * self.n_vocab].view(self.cp.float32)
+                               .reshape(rows, self.n_vocab).get(stream=self.stream))
+            self.stream.synchronize()
+        self.n_past += ids.size
+        return np.concatenate(out) if all_logits else out[-1][0]
+
+    def decode(self, token: int) -> np.ndarray:
+        if self.lay is None:
+            raise ValueError("runner is closed")
+        if not 0 <= token < self.n_vocab:
+            raise TokenOutOfRange(f"token id {token} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + 1 > self.n_ctx:
+            raise ContextOverflow(f"1 token after {self.n_past} cached would need "
+                                  f"{self.n_past + 1} positions; n_ctx is {self.n_ctx}")
+        self.io_h[0], self.io_h[1] = self.n_past, token
+        with self.device, self.stream:
+            if self.graph is None:       # first token: run eagerly (loads every kernel), then capture
+                self._run(decode_steps(self.lay))
+                self.stream.synchronize()
+                self.graph = self._capture()
+            else:
+                self.graph.launch(self.stream)
+                self.stream.synchronize()
+        self.n_past += 1
+        return self.logits_h.copy()
+
+    def _capture(self):
+        self.stream.begin_capture(self.cp.cuda.runtime.streamCaptureModeRelaxed)
+        try:
+            self._run(decode_steps(self.lay))
+        finally:
+            graph = self.stream.end_capture()
+        graph.upload(self.stream)
+        return graph
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
+        self.n_past = int(n_past)     # later positions are simply overwritten
+
+    def close(self) -> None:
+        if self.lay is None:
+            return
+        self.stream.synchronize()
+        self.graph = None
+        self.bufs.clear()
+        self.ptr.clear()
+        self.lay = None
+        self.module = self.kernels = None
+        self.cp.get_default_memory_pool().free_all_blocks()
+
+    # -- internals ------------------------------------------------------------
+
+    def _check(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.lay is None:
+            raise ValueError("runner is closed")
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
+                                  f"got {ids.dtype} array of shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
+            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
+                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
+        return ids.astype(np.int32)

@@ -1,0 +1,321 @@
+"""The cuda backend: CPU-side parts everywhere, GPU parts where a GPU is.
+
+CPU (CI): kernel source assembly and its CUDA/HIP macro variants, the step
+plans (decode is graph-capturable: launches and copies only, the position
+read from device memory; prefill GEMMs stay inside the scratch), the memory
+plan, the probe. Where hipcc (Debian's `hipcc`) or nvcc is installed, the
+assembled source is compiled for a gfx / sm target.
+
+GPU (skipped with the probe's reason when none): each weight type's matvec
+and dequantize kernels against numpy on ember's own quantized data, and the
+whole runner against the reference backend on synthetic llama-tiny models
+(prefill, graph-replayed decode, no device-memory growth). The conformance
+suite (test_conformance.py) holds the backend to llama.cpp's logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from ember.daemon import synthetic
+from ember.formats import gguf, quants
+from ember.kernels import cuda_source
+from ember.plugins import cuda, reference
+from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.plugins.types import ContextOverflow, Probe
+
+PROBE = cuda.probe()
+gpu = pytest.mark.skipif(not PROBE.available, reason=f"no GPU: {PROBE.reason}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """quant -> path of a synthetic llama-tiny model (dim 256, 2 layers, vocab 1024)."""
+    d = tmp_path_factory.mktemp("cuda-models")
+    paths = {}
+
+    def get(quant: str):
+        if quant not in paths:
+            paths[quant] = synthetic.write_model("llama-tiny", quant, d / f"tiny-{quant}.gguf")
+        return paths[quant]
+    return get
+
+
+def _config(path):
+    with gguf.open(path) as f:
+        return config_from_gguf(f)
+
+
+# ---------------------------------------------------------------------------
+# Kernel source assembly
+# ---------------------------------------------------------------------------
+
+def test_variants_set_the_warp_width_per_platform():
+    c, h = cuda_source.variant("cuda"), cuda_source.variant("hip")
+    assert (c.warp, c.block, h.warp, h.block) == (32, 256, 64, 256)
+    assert cuda_source.variant("hip", 32).warp == 32          # RDNA wave32
+    src = cuda_source.source(h)
+    assert "#define EMBER_HIP 1\n#define WARP 64\n" in src and src.endswith(cuda_source.raw_source())
+    assert "#define EMBER_HIP 0\n#define WARP 32\n" in cuda_source.source(c)
+
+
+def test_bad_variants_are_refused():
+    with pytest.raises(cuda_source.SourceError, match="metal"):
+        cuda_source.variant("metal")
+    with pytest.raises(cuda_source.SourceError, match="warp width 64"):
+        cuda_source.variant("cuda", 64)
+
+
+def test_the_source_never_assumes_32_lanes():
+    """Lane math goes through WARP and shuffles through SHFL_XOR, so wave64 works."""
+    body = cuda_source.raw_source().split("#define NWARPS", 1)[1]
+    assert "__shfl" not in body and "__syncwarp" not in body
+    assert not re.search(r"(threadIdx\.x|lane)\s*[%/&]\s*(32|31)\b", body)
+    assert not re.search(r"0xffffffff", body)
+
+
+def test_kernel_names_cover_every_type():
+    names = set(cuda_source.kernel_names())
+    for t in cuda_source.TYPES:
+        assert {f"matvec_{t}", f"matvec_swiglu_{t}", f"dequant_{t}"} <= names
+    assert set(cuda_source.ROW_KERNELS) <= names
+
+
+def _compile(cmd: list[str], v, tmp_path) -> None:
+    src = tmp_path / "ember.cu"
+    src.write_text(cuda_source.source(v))
+    r = subprocess.run(cmd + [str(src), "-o", str(tmp_path / "ember.o")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("hipcc") is None, reason="hipcc is not installed")
+@pytest.mark.parametrize("arch,warp", [("gfx90a", 64), ("gfx1100", 32)])
+def test_hipcc_compiles_the_hip_variant(arch, warp, tmp_path):
+    _compile(["hipcc", f"--offload-arch={arch}", "-std=c++17", "-O2", "-c", "-x", "hip"],
+             cuda_source.variant("hip", warp), tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_nvcc_compiles_the_cuda_variant(tmp_path):
+    _compile(["nvcc", "-std=c++17", "-arch=sm_90", "-c"], cuda_source.variant("cuda"), tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Step plans (no GPU)
+# ---------------------------------------------------------------------------
+
+def test_decode_plan_is_one_capturable_graph(tiny):
+    c = _config(tiny("Q4_K_M"))
+    lay = cuda.layout(c, n_ctx=300)
+    steps = cuda.decode_steps(lay)
+    assert all(isinstance(s, (cuda.Launch, cuda.Copy)) for s in steps)      # no cuBLAS, no host sync
+    assert steps[0] == cuda.Copy(cuda.Buf("io"), cuda.Buf("io_h"), 8, "h2d")
+    assert steps[-1] == cuda.Copy(cuda.Buf("logits_h"), cuda.Buf("logits"), 4 * c.n_vocab, "d2h")
+    names = set(cuda_source.kernel_names())
+    launches = [s for s in steps if isinstance(s, cuda.Launch)]
+    assert {s.kernel for s in launches} <= names
+    # the position is never baked in: kernels that need it read the io buffer
+    for s in launches:
+        if s.kernel in ("rope_kv", "attention"):
+            assert cuda.Buf("io") in s.args
+    attn = [s for s in launches if s.kernel == "attention"]
+    assert len(attn) == c.n_layer and all(s.grid == (c.n_head, 1, lay.n_split) for s in attn)
+    assert lay.n_split * lay.chunk >= 300 and lay.chunk >= cuda.MIN_CHUNK
+
+
+def test_decode_plan_fuses_per_layer(tiny):
+    """Per layer: 2 norms, q|k|v (one launch per run of one type), rope, attention + merge,
+    o, gate|up+SwiGLU, down; the Q4_K_M mix puts attn_v in Q6_K on some layers."""
+    c = _config(tiny("Q4_K_M"))
+    lay = cuda.layout(c, n_ctx=64)
+    steps = [s for s in cuda.forward_steps(lay, 1) if isinstance(s, cuda.Launch)]
+    split_v = [lay.mats[f"{i}.k"].kind != lay.mats[f"{i}.v"].kind for i in range(c.n_layer)]
+    assert any(split_v)                                     # the mix has a Q6_K attn_v layer
+    assert len(steps) == 1 + sum(9 + s for s in split_v) + 2  # embed ... final norm, output
+    qkv = [s for s in steps if s.kernel.startswith("matvec_") and "swiglu" not in s.kernel
+           and s.args[10].name == "qkv"]
+    assert len(qkv) == c.n_layer + sum(split_v)
+    for s in qkv:   # each launch writes its rows at its column offset of q|k|v
+        rows = s.args[2] + s.args[5] + s.args[8]
+        assert s.args[10].offset // 4 + rows <= lay.qkv_dim and s.grid[0] * lay.nwarps >= rows
+    assert sum(s.kernel.startswith("matvec_swiglu_") for s in steps) == c.n_layer
+
+
+def test_prefill_plan_gemms_stay_inside_the_scratch(tiny):
+    c = _config(tiny("Q8_0"))
+    lay = cuda.layout(c, n_ctx=512, max_batch=128)
+    steps = cuda.forward_steps(lay, 100, all_logits=True)
+    gemms = [s for s in steps if isinstance(s, cuda.Gemm)]
+    assert gemms and all(g.n == 100 and g.half for g in gemms)
+    wscr = lay.buffers()["wscr"]
+    assert all(g.m * g.k * 2 <= wscr for g in gemms)
+    # every output row of every matrix is produced exactly once
+    assert sum(g.m for g in gemms) == sum(m.rows for k, m in lay.mats.items() if k != "token_embd")
+
+
+def test_prefill_beyond_max_batch_is_refused_by_the_plan(tiny):
+    lay = cuda.layout(_config(tiny("Q4_0")), n_ctx=64, max_batch=16)
+    with pytest.raises(ValueError, match="T=17"):
+        cuda.forward_steps(lay, 17)
+
+
+def test_wide_heads_are_refused(tiny):
+    c = dataclasses.replace(_config(tiny("Q4_0")), head_dim=512)
+    with pytest.raises(UnsupportedModel, match="head_dim 512"):
+        cuda.layout(c, 64)
+
+
+# ---------------------------------------------------------------------------
+# Memory plan and probe (no GPU)
+# ---------------------------------------------------------------------------
+
+def test_memory_plan_counts_the_device_layout(tiny):
+    c = _config(tiny("Q4_K_M"))
+    dev = cuda.device_plan(c, 256)
+    q6 = sum(t.nbytes for t in c.tensors.values() if t.type == "Q6_K")
+    assert q6 > 0
+    assert dev["weights"] == c.weights_bytes + q6 // 210 * 14        # Q6_K padded to 224
+    assert dev["kv_cache"] == c.kv_cache_bytes(256, bytes_per_value=2)
+    p = cuda.plan(c, 256, {})
+    assert p.device == sum(dev.values()) and p.host_total < c.weights_bytes + (1 << 30)
+    assert "KV cache" in p.notes[0]
+
+
+def test_memory_plan_names_types_dequantized_at_load(tiny):
+    c = _config(tiny("Q4_0"))
+    t = c.tensors["blk.0.ffn_up.weight"]
+    odd = dataclasses.replace(c, tensors={**c.tensors, t.name: dataclasses.replace(t, type="Q5_0")})
+    assert any("Q5_0 matrices are dequantized to f16" in n for n in cuda.plan(odd, 64, {}).notes)
+    n = int(np.prod(t.shape))
+    assert cuda.device_plan(odd, 64)["weights"] - cuda.device_plan(c, 64)["weights"] == 2 * n - t.nbytes
+
+
+def test_probe_never_raises_and_names_the_platform():
+    p = cuda.probe()
+    assert isinstance(p, Probe) and p.reason
+    if p.available:
+        assert p.isa in ("CUDA", "HIP") and p.devices and p.memory_bytes > 0
+    else:
+        assert "CuPy" in p.reason or "GPU" in p.reason
+
+
+# ---------------------------------------------------------------------------
+# GPU: kernels against numpy
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mod():
+    import cupy
+    v = cuda_source.variant("hip" if cupy.cuda.runtime.is_hip else "cuda",
+                            cupy.cuda.runtime.getDeviceProperties(0)["warpSize"])
+    m = cupy.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
+    return cupy, m, v
+
+
+def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
+    rng = np.random.default_rng(len(ttype) + rows)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    data = w if ttype == "F32" else w.astype(np.float16) if ttype == "F16" else quants.quantize(ttype, w)
+    gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
+               [("w", gguf.TensorData(ttype, (rows, cols), data))])
+    return gguf.open(tmp_path / "w.gguf")
+
+
+@gpu
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32"])
+def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
+    cp, m, v = mod
+    rows, cols, T = 77, 512, 3
+    with _typed_file(tmp_path, ttype, rows, cols) as f:
+        t = f.tensors["w"]
+        ref = t.numpy()                                             # (rows, cols) float32
+        dev = [cp.asarray(a.reshape(-1).view(np.uint8)) for a in cuda._host_layout(t)]
+    w, d = dev[0], (dev[1] if len(dev) > 1 else None)
+    k = cuda.kind_of(ttype)
+    x = np.random.default_rng(1).standard_normal((T, cols), dtype=np.float32)
+    y = cp.full((T, rows), 7.0, cp.float32)
+    nw = v.block // v.warp
+    ptr = lambda a: np.uint64(0 if a is None else a.data.ptr)  # noqa: E731
+    m.get_function(f"matvec_{k}")(((rows + nw - 1) // nw, T), (v.block,),
+                                  (ptr(w), ptr(d), np.int32(rows), ptr(None), ptr(None), np.int32(0),
+                                   ptr(None), ptr(None), np.int32(0), cp.asarray(x), y,
+                                   np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1)))
+    np.testing.assert_allclose(y.get(), 7.0 + x @ ref.T, rtol=1e-4, atol=1e-3)   # accumulate=1
+    out = cp.zeros((rows, cols), cp.float16)
+    unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(k, 1)
+    m.get_function(f"dequant_{k}")(((rows * cols // unit + 255) // 256,), (256,),
+                                   (ptr(w), ptr(d), ptr(None), np.int32(0), np.int32(rows),
+                                    np.int32(cols), out, ptr(None)))
+    np.testing.assert_allclose(out.get().astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# GPU: the runner against the reference backend
+# ---------------------------------------------------------------------------
+
+def _kl(p_logits, q_logits):
+    def ls(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = ls(p_logits), ls(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M"])
+def test_runner_matches_the_reference_prefill_and_graph_decode(quant, tiny):
+    with gguf.open(tiny(quant)) as f:
+        c = config_from_gguf(f)
+        ref = reference.ReferenceRunner(f, c, 96)
+        run = cuda.CudaRunner(f, c, 96, {"max_batch": 32})     # 40 tokens = two prefill chunks
+        toks = np.random.default_rng(0).integers(3, c.n_vocab, 40).tolist()
+        want, got = ref.prefill(toks, all_logits=True), run.prefill(toks, all_logits=True)
+        assert got.shape == (40, c.n_vocab) and got.dtype == np.float32
+        assert _kl(want, got).max() < 1e-3
+        for tok in toks[:12]:                                  # eager first, then the graph
+            a, b = ref.decode(tok), run.decode(tok)
+            assert _kl(a[None], b[None])[0] < 1e-3
+        assert run.graph is not None and run.n_past == 52
+        run.close()
+
+
+@gpu
+def test_decode_after_truncate_reproduces_logits(tiny):
+    with gguf.open(tiny("Q4_0")) as f:
+        c = config_from_gguf(f)
+        run = cuda.CudaRunner(f, c, 64)
+        run.prefill([5, 6, 7, 8])
+        first = [run.decode(t) for t in (9, 10, 11)]
+        run.truncate(4)
+        again = [run.decode(t) for t in (9, 10, 11)]
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+        run.reset()
+        np.testing.assert_allclose(run.prefill([5, 6, 7, 8, 9, 10, 11]), again[-1], rtol=1e-3, atol=1e-3)
+        run.close()
+
+
+@gpu
+def test_errors_and_no_device_memory_growth(tiny):
+    import cupy
+    with gguf.open(tiny("Q8_0")) as f:
+        c = config_from_gguf(f)
+        run = cuda.CudaRunner(f, c, 300)
+        with pytest.raises(ContextOverflow):
+            run.prefill(list(range(3, 304)))
+        with pytest.raises(cuda.TokenOutOfRange):
+            run.decode(c.n_vocab)
+        tok = int(np.argmax(run.prefill([1, 2, 3])))
+        tok = int(np.argmax(run.decode(tok)))
+        used = cupy.get_default_memory_pool().used_bytes()
+        for _ in range(250):
+            tok = int(np.argmax(run.decode(tok)))
+        assert cupy.get_default_memory_pool().used_bytes() == used
+        assert run.n_past == 255
+        run.close()
