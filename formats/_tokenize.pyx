@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Byte-level BPE merging over token ids, in C: the hot loop of tokenizer_models.BpeModel.
+"""BPE merging over token ids, in C: the hot loop of tokenizer_models' BpeModel and SpmModel.
 
 Same algorithm as tokenizer_models.bpe_merge (a linked list of symbols and a
 binary heap of candidate pairs ordered by (rank, left position)), but every
@@ -9,6 +9,11 @@ them. That needs every symbol to be a token: every byte's stand-in character
 and every merge's result. formats/tokenizer_vocab.py checks both at load
 and uses the pure-Python loop otherwise (and wherever this module is not
 built), so results never depend on which path ran.
+
+SentencePiece merges fit the same loop: a pair (left, right) may merge when
+left+right is a token, best score first; ranking the scores densely (equal
+scores, equal rank) turns "best score, then leftmost" into "lowest rank, then
+leftmost". Symbols there are tokens or single characters, which get ids too.
 
 A stale heap entry is recognised by the ids it was queued with: a symbol
 only changes by absorbing its right neighbour (which then dies), so
@@ -76,12 +81,15 @@ cdef class PairTable:
     cdef uint64_t mask
     cdef int shift
 
-    def __cinit__(self, const int32_t[::1] left, const int32_t[::1] right, const int32_t[::1] merged):
+    def __cinit__(self, const int32_t[::1] left, const int32_t[::1] right, const int32_t[::1] merged,
+                  const int32_t[::1] ranks=None):
+        """One entry per pair; its rank is `ranks[i]`, or its position i when ranks is None
+        (BPE: the merge list's order). Lower rank merges first, ties leftmost."""
         cdef Py_ssize_t n = left.shape[0], i
         cdef uint64_t cap = 16
         self.shift = 60
-        if right.shape[0] != n or merged.shape[0] != n:
-            raise ValueError("left, right and merged must have the same length")
+        if right.shape[0] != n or merged.shape[0] != n or (ranks is not None and ranks.shape[0] != n):
+            raise ValueError("left, right, merged (and ranks) must have the same length")
         while cap < <uint64_t>(2 * n + 2):     # load factor <= 1/2
             cap <<= 1
             self.shift -= 1
@@ -94,7 +102,8 @@ cdef class PairTable:
         for i in range(<Py_ssize_t> cap):
             self.keys[i] = EMPTY
         for i in range(n):
-            self._insert((<uint64_t> <uint32_t> left[i] << 32) | <uint32_t> right[i], <int32_t> i, merged[i])
+            self._insert((<uint64_t> <uint32_t> left[i] << 32) | <uint32_t> right[i],
+                         <int32_t> i if ranks is None else ranks[i], merged[i])
 
     def __dealloc__(self):
         free(self.keys)

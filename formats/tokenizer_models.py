@@ -87,6 +87,43 @@ def compiled_merger(token_to_id: dict[str, int], merge_ids):
     return _tokenize.PairTable(*merge_ids), np.array(byte_tok, dtype=np.int32)
 
 
+def compiled_spm(tokens: list[str], token_to_id: dict[str, int], scores: list[float]):
+    """(PairTable, char -> symbol id, extra chars) so SentencePiece merges run in C.
+
+    Symbols are tokens or single characters, so a pair can merge exactly when some
+    token splits into those two: one table entry per such split, ranked by the
+    token's score (dense: equal scores share a rank, the loop then takes the leftmost).
+    Characters that are no token get ids from n_vocab up."""
+    if _tokenize is None:
+        return None
+    n = len(tokens)
+    extra: dict[str, int] = {}
+    left, right, merged = [], [], []
+    t2i = token_to_id
+    for tid, t in enumerate(tokens):
+        for j in range(1, len(t)):
+            a, b = t[:j], t[j:]
+            ia, ib = t2i.get(a), t2i.get(b)
+            if ia is None:
+                if j != 1:
+                    continue
+                ia = extra.setdefault(a, n + len(extra))
+            if ib is None:
+                if j != len(t) - 1:
+                    continue
+                ib = extra.setdefault(b, n + len(extra))
+            left.append(ia)
+            right.append(ib)
+            merged.append(tid)
+    # dense rank of -score: the best score is rank 0
+    _, rank_of = np.unique(-np.asarray(scores, dtype=np.float32), return_inverse=True)
+    merged_a = np.array(merged, dtype=np.int32)
+    table = _tokenize.PairTable(np.array(left, dtype=np.int32), np.array(right, dtype=np.int32),
+                                merged_a, rank_of.astype(np.int32)[merged_a])
+    char_ids = {t: i for t, i in t2i.items() if len(t) == 1} | extra
+    return table, char_ids, list(extra)
+
+
 # ---------------------------------------------------------------------------
 # Shared: safe cut points before "▁" and a bounded word cache
 # ---------------------------------------------------------------------------
@@ -135,11 +172,13 @@ def token_pairs(tokens: list[str]) -> set[str]:
 
 class SpmModel:
     def __init__(self, token_to_id: dict[str, int], scores: list[float],
-                 byte_ids: list[int | None], splitter, unk_id: int | None = None):
+                 byte_ids: list[int | None], splitter, unk_id: int | None = None, compiled=None):
         self.token_to_id = token_to_id
         self.scores = scores          # (n_vocab,) float32 values as Python floats
         self.byte_ids = byte_ids      # (256,) byte -> id of <0xXX> (or the 1-byte token), None
         self.unk_id = unk_id
+        self.compiled = compiled      # (PairTable, char -> id, extra chars) or None
+        self.n_vocab = len(scores)
         self.splitter = splitter
         self.cache = _WordCache()
         self.pairs = token_pairs(list(token_to_id))   # junction candidates for long pieces
@@ -155,6 +194,8 @@ class SpmModel:
             out.extend(ids)
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        if self.compiled is not None:
+            return self._merge_compiled(piece)
         if len(piece) <= LONG_PIECE:
             return self._merge(piece)
         ids: list[int] = []
@@ -164,6 +205,19 @@ class SpmModel:
             if got is None:
                 got = cache.put(part, self._merge(part))
             ids.extend(got)
+        return tuple(ids)
+
+    def _merge_compiled(self, piece: str) -> tuple[int, ...]:
+        table, char_ids, extra = self.compiled
+        get, n = char_ids.get, self.n_vocab
+        # a character with no id at all travels as -2 - code point (never in the table)
+        start = np.array([get(c, -2 - ord(c)) for c in piece], dtype=np.int32)
+        ids: list[int] = []
+        for i in table.merge(start):
+            if 0 <= i < n:
+                ids.append(i)
+            else:
+                ids.extend(self._bytes_of(extra[i - n] if i >= n else chr(-2 - i)))
         return tuple(ids)
 
     def _merge(self, piece: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ import regex
 
 from ember.formats import gguf
 from ember.formats.tokenizer_models import (SPACE_ESC, BpeModel, SpmModel, WpmModel,
-                                            compiled_merger, space_splitter)
+                                            compiled_merger, compiled_spm, space_splitter)
 from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_pre
 
 # ---------------------------------------------------------------------------
@@ -113,7 +113,8 @@ class Vocab:
     def build_model(self):
         if self.kind == "spm":
             splitter = space_splitter(_chars_before_space_in(self.tokens))
-            return SpmModel(self.token_to_id, self.scores, self._spm_byte_ids(), splitter, self.unk_id)
+            return SpmModel(self.token_to_id, self.scores, self._spm_byte_ids(), splitter, self.unk_id,
+                            compiled_spm(self.tokens, self.token_to_id, self.scores))
         if self.kind == "wpm":
             return WpmModel(self.token_to_id, self.unk_id, max(map(len, self.tokens)),
                             lowercase=self.lowercase, strip_accents=self.strip_accents)

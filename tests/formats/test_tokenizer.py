@@ -136,7 +136,7 @@ def test_cutting_and_caching_change_nothing(name):
     merge loop) against the plain Python algorithm on whole, uncut pieces."""
     tok = vocab(name)
     m = tok._model
-    if name in ("llama-bpe", "qwen2"):   # so this compares the C merge loop with the Python one
+    if name in ("llama-spm", "llama-bpe", "qwen2"):   # so this compares the C loop with Python
         assert (m.compiled is not None) == (tokenizer_models._tokenize is not None)
     for text in awkward_texts(name):
         m.cache.clear()
