@@ -1,21 +1,22 @@
 """`emberd`: load one model and serve it over ZeroMQ.
 
-    emberd --model PATH [--bind ENDPOINT ...] [--backend B] [--threads N] [--ctx N]
+    emberd [--model PATH] [--config FILE] [--bind ENDPOINT ...] [--backend B] [--threads N]
+           [--ctx N] [--memory-budget SIZE] [--server-key K --allowed-clients DIR]
 
 Order matters for the production side: parse flags, load the model (a bad
 file is one line on stderr and exit 2, never a traceback), build the Server,
 bind (a taken port is the same kind of error), print one `listening on`
 line per bound endpoint to stdout (tests and scripts read it to learn a `:*`
 wildcard port), then serve until SIGINT/SIGTERM, and release everything.
-Each stage is its own function so config files, the memory budget, sd_notify
-and SIGHUP reload can slot in between.
+Each stage is its own function; daemon/service.py slots the production side
+in between (config file, model-file checks and memory budget at load, CURVE
+before bind, READY=1 after it, signals, drain, SIGHUP reload, watchdog).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import signal
 import sys
 
 from ember.formats import protocol
@@ -102,13 +103,6 @@ def bind(server) -> None:
 # model late (late streaming, late cancel). 0.5 ms bounds the hand-over; with
 # no contention (the loop idle in poll) it costs nothing.
 SWITCH_INTERVAL_S = 0.0005
-
-
-def install_signals(server) -> None:
-    def stop(signum, frame):
-        server.request_stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
 
 # ---------------------------------------------------------------------------
