@@ -13,8 +13,11 @@ does (src/llama-vocab.cpp):
 * `WpmModel`   WordPiece: BERT normalisation, then greedy longest match.
 
 Speed without changing results. Both merge loops are a linked list of symbols
-plus a heap of candidate pairs (O(n log n), never quadratic), and they run
-on short, cached pieces:
+plus a heap of candidate pairs (O(n log n), never quadratic). Where
+formats/_tokenize.pyx is built, the same loop runs in C over token ids (for
+byte-level BPE whose merges all yield tokens, and for SentencePiece); the
+Python loops below stay the reference the tests compare it with, and the
+fallback. Either way they run on short, cached pieces:
 * a BPE word is cached by its text (natural text repeats words);
 * an SPM text is cut before a U+2581 ("▁", an escaped space) wherever no
   vocabulary token (SPM) or merge result (gemma4) holds the character
@@ -41,6 +44,7 @@ from ember.formats.tokenizer_pretok import WS, PreTokenizer
 SPACE_ESC = "\u2581"   # SentencePiece's visible space "▁"
 CACHE_LIMIT = 1 << 17  # cached words per tokenizer before the cache is cleared
 LONG_PIECE = 24        # pieces longer than this are cut at non-junctions before merging
+MAX_SPM_PAIRS = 1 << 20  # token splits above which SentencePiece stays on the Python loop
 
 # ---------------------------------------------------------------------------
 # GPT-2 byte <-> unicode mapping
@@ -115,6 +119,8 @@ def compiled_spm(tokens: list[str], token_to_id: dict[str, int], scores: list[fl
             left.append(ia)
             right.append(ib)
             merged.append(tid)
+    if len(left) > MAX_SPM_PAIRS:
+        return None   # 32 bytes of table per pair: keep big vocabularies on the Python loop
     # dense rank of -score: the best score is rank 0
     _, rank_of = np.unique(-np.asarray(scores, dtype=np.float32), return_inverse=True)
     merged_a = np.array(merged, dtype=np.int32)
