@@ -16,19 +16,25 @@ ember / llama.cpp — the machine is shared and noisy, so only side-by-side
 numbers mean anything. The machine's read bandwidth (all threads, a 1 GiB
 buffer) is measured in every round too, to show what fraction of it decode
 reaches (weights bytes per token x tok/s).
+
+AMX: this VM advertises AMX and the kernel grants the tile permission, but
+tile instructions fault (SIGILL) — llama.cpp's AMX path crashes on the first
+matmul. The worker therefore denies arch_prctl(ARCH_REQ_XCOMP_PERM) with a
+seccomp filter before loading llama.cpp; ggml then reports "AMX is not
+ready" and uses its AVX-512 kernels (and its repacked Q4_0/Q4_K copies), as
+on any CPU without AMX. --allow-amx turns this off for machines where AMX works.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-LLAMA_PYTHONS = ["/work/llamaenv-noamx/bin/python", "/work/llamaenv/bin/python"]
+LLAMA_PYTHONS = ["/work/llamaenv/bin/python"]
 KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
@@ -36,8 +42,34 @@ KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 # The llama.cpp side (runs under the llama-cpp-python interpreter)
 # ---------------------------------------------------------------------------
 
-def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int) -> dict:
+def deny_amx() -> None:
+    """seccomp filter: arch_prctl(ARCH_REQ_XCOMP_PERM, ...) fails with EPERM (x86-64 only)."""
+    import ctypes
+    import struct
+    # BPF: load syscall nr; if arch_prctl (158): load args[0]; if 0x1023: return ERRNO(EPERM)
+    prog = b"".join(struct.pack("<HBBI", *i) for i in [
+        (0x20, 0, 0, 0), (0x15, 0, 3, 158), (0x20, 0, 0, 16), (0x15, 0, 1, 0x1023),
+        (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7FFF0000)])
+    buf = ctypes.create_string_buffer(prog)
+
+    class FProg(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fp = FProg(len(prog) // 8, ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fp), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter that disables AMX")
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this address space's peak (ru_maxrss would include the forking parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+
+
+def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int, amx: bool) -> dict:
     import numpy as np
+    if not amx:
+        deny_amx()
     from llama_cpp import Llama
     t0 = time.perf_counter()
     llm = Llama(model, n_ctx=n_prompt + n_gen, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -58,7 +90,7 @@ def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int)
         tok = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": n_gen / decode_s,
-            "ttft_ms": prefill_s * 1000, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "ttft_ms": prefill_s * 1000, "peak_rss_mb": peak_rss_mb()}
 
 
 # ---------------------------------------------------------------------------
@@ -81,7 +113,8 @@ def run_ember(model: str, a) -> dict:
 def run_llama(model: str, a) -> dict:
     return run_json([a.llama_python, os.path.abspath(__file__), "--llama-worker", model,
                      "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
-                     "--gen-tokens", str(a.gen_tokens), "--seed", str(a.seed)])
+                     "--gen-tokens", str(a.gen_tokens), "--seed", str(a.seed)]
+                    + (["--allow-amx"] if a.allow_amx else []))
 
 
 def read_bandwidth(threads: int) -> float:
@@ -89,7 +122,9 @@ def read_bandwidth(threads: int) -> float:
     import numpy as np
     from ember.kernels import _native
     buf = np.ones(1 << 30, np.uint8)
-    return _native.read_bandwidth(threads, buf)
+    bw = _native.read_bandwidth(threads, buf)
+    del buf
+    return bw
 
 
 def weights_bytes(model: str) -> int:
@@ -151,10 +186,12 @@ def main(argv=None) -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-python", default=next((x for x in LLAMA_PYTHONS if os.path.exists(x)), None))
+    p.add_argument("--allow-amx", action="store_true", help="let llama.cpp use AMX (it faults in this VM)")
     p.add_argument("--llama-worker", metavar="MODEL", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.llama_worker:
-        print(json.dumps(llama_worker(a.llama_worker, a.threads, a.prompt_tokens, a.gen_tokens, a.seed)))
+        print(json.dumps(llama_worker(a.llama_worker, a.threads, a.prompt_tokens, a.gen_tokens, a.seed,
+                                      a.allow_amx)))
         return 0
     if not a.llama_python:
         print("no llama-cpp-python interpreter found; pass --llama-python", file=sys.stderr)
