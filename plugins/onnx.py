@@ -155,7 +155,8 @@ def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        _save(onnx_graph.build_model(gguf, config, acc), tmp, gguf.path)
+        model = onnx_graph.build_model(gguf, config, acc, weights_path=str(tmp / "weights.bin"))
+        _save(model, tmp, gguf.path)
         os.replace(tmp, final)
     except OSError:
         if not (final / "model.onnx").is_file():   # lost a race to another builder: fine
@@ -166,9 +167,8 @@ def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
 
 
 def _save(model, folder: Path, source: str) -> None:
-    import onnx
-    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    """model.onnx (the weights already streamed to weights.bin) + where it came from."""
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
     meta = {"source": os.path.abspath(source), "built": time.time()}
     (folder / "source.json").write_text(json.dumps(meta))
 

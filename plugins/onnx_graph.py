@@ -41,6 +41,7 @@ Graph outputs: logits (R, n_vocab), new_k.i / new_v.i (T, n_kv, hd)
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ember.plugins.arch import ModelConfig, UnsupportedModel
 
-BUILDER_VERSION = 3      # bump when the graph changes: it is part of the cache key
+BUILDER_VERSION = 4      # bump when the graph changes: it is part of the cache key
 OPSET = 17
 
 
@@ -196,10 +197,39 @@ def encoded_bytes(entry) -> int:
 # A tiny graph-building helper
 # ---------------------------------------------------------------------------
 
+class _ExternalWeights:
+    """Streams initializers into one file as they are made, so building never holds
+    more than one weight in memory; offsets are page-aligned (mappable)."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: str):
+        self.location = os.path.basename(path)
+        self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        pad = -self.f.tell() % self.ALIGN
+        self.f.write(b"\0" * pad)
+        offset = self.f.tell()
+        self.f.write(memoryview(array).cast("B"))
+        t = onnx.TensorProto(name=name, dims=array.shape,
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=k, value=str(v))
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class _Graph:
-    def __init__(self):
+    SMALL = 1024   # initializers under this many bytes stay inside the .onnx
+
+    def __init__(self, weights: _ExternalWeights | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.weights = weights
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
@@ -211,7 +241,11 @@ class _Graph:
         return outs[0] if outputs == 1 else outs
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.weights is not None and array.nbytes >= self.SMALL:
+            self.inits.append(self.weights.tensor(name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -226,9 +260,10 @@ class _Graph:
 # ---------------------------------------------------------------------------
 
 class _Builder:
-    def __init__(self, gguf, c: ModelConfig, accuracy_level: int):
+    def __init__(self, gguf, c: ModelConfig, accuracy_level: int,
+                 weights: _ExternalWeights | None):
         self.f, self.c, self.acc = gguf, c, accuracy_level
-        self.g = _Graph()
+        self.g = _Graph(weights)
 
     def tensor(self, name: str, shape: tuple[int, ...]):
         t = self.f.tensors.get(name)
@@ -399,11 +434,22 @@ class _Builder:
                                                 helper.make_opsetid("com.microsoft", 1)])
 
 
-def build_model(gguf, config: ModelConfig, accuracy_level: int = 4) -> onnx.ModelProto:
-    """The decoder of `gguf` as an ONNX model (weights as initializers)."""
+def build_model(gguf, config: ModelConfig, accuracy_level: int = 4,
+                weights_path: str | None = None) -> onnx.ModelProto:
+    """The decoder of `gguf` as an ONNX model.
+
+    With `weights_path`, every initializer of 1 KiB or more is streamed into that
+    file as it is built (external data, page-aligned) and the model proto stays
+    small; without it, weights are inline (small test models).
+    """
     if config.rope_dim % 2 or config.rope_dim > config.head_dim:
         raise UnsupportedModel(f"rope dimension {config.rope_dim} does not fit head_dim "
                                f"{config.head_dim}")
     # rope_freqs.weight (per-pair frequency factors), when present, is folded
     # into the runner's cos/sin tables, so the graph needs nothing for it.
-    return _Builder(gguf, config, accuracy_level).build()
+    weights = None if weights_path is None else _ExternalWeights(weights_path)
+    try:
+        return _Builder(gguf, config, accuracy_level, weights).build()
+    finally:
+        if weights is not None:
+            weights.close()
