@@ -159,8 +159,8 @@ _CHECKS = {
 # ---------------------------------------------------------------------------
 
 def apply_penalties(logits: np.ndarray, history: Iterable[int], p: SamplingParams) -> np.ndarray:
-    """Penalized copy of logits (n_vocab,) float64; only tokens in the window move."""
-    out = logits.astype(np.float64)
+    """Penalized copy of logits (n_vocab,); only tokens in the window move."""
+    out = np.array(logits, dtype=np.result_type(logits.dtype, np.float32))  # a copy
     hist = list(history)
     if p.penalty_last_n == 0 or not hist:
         return out
@@ -179,22 +179,61 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def _top(ids: np.ndarray | None, vals: np.ndarray, k: int):
+    """The k largest of vals (unordered), in O(n): argpartition instead of a full sort.
+    ids None means vals is the whole vocabulary (ids are positions)."""
+    if k >= vals.size:
+        return ids, vals
+    sel = np.argpartition(vals, vals.size - k)[vals.size - k:]
+    return (sel if ids is None else ids[sel]), vals[sel]
+
+
+def _mass(vals: np.ndarray, vmax: float) -> float:
+    return float(np.exp(vals.astype(np.float64) - vmax).sum())
+
+
+def _sorted(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Most likely first, equal logits in id order. (Exact ties straddling the top_k cut
+    are resolved by argpartition, i.e. arbitrarily, as by llama.cpp's partial sort.)"""
+    order = np.lexsort((ids, -vals))
+    return ids[order], vals[order]
+
+
 def filter_candidates(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """top_k -> top_p -> min_p. -> (ids, logits) of survivors, most likely first."""
-    order = np.argsort(-logits, kind="stable")                 # (n_vocab,) descending
-    if 0 < p.top_k < order.size:
-        order = order[: p.top_k]
-    vals = logits[order]
-    if p.top_p < 1.0:
-        cum = np.cumsum(_softmax(vals))
-        # smallest prefix whose mass reaches top_p (at least one token)
-        keep = int(np.searchsorted(cum, p.top_p, side="left")) + 1
-        order, vals = order[:keep], vals[:keep]
+    """top_k -> top_p -> min_p. -> (ids, logits) of survivors, most likely first
+    (in id order when no filter is on: sorting 150k logits per token buys nothing).
+
+    Same result as sorting the whole vocabulary and cutting three prefixes in
+    llama.cpp's order, without the O(n log n) sort of 150k logits per token:
+    top_p and min_p both keep a *prefix* of the sorted candidates, so the
+    survivors are the shorter of the two prefixes, and only candidates that
+    can be in it are sorted. top_p's mass is normalized over the top_k set.
+    """
+    ids, vals = None, logits
+    if 0 < p.top_k < logits.size:
+        ids, vals = _top(ids, vals, p.top_k)
+    vmax = float(vals.max())
+    # float64: top_p's cut compares sums over up to 150k terms
+    z = float(np.exp(vals.astype(np.float64) - vmax).sum())     # top_p's normalizer
     if p.min_p > 0.0:
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
-        keep = vals >= vals[0] + math.log(p.min_p)
-        order, vals = order[keep], vals[keep]
-    return order, vals
+        keep = vals >= vmax + math.log(p.min_p)
+        ids = np.flatnonzero(keep) if ids is None else ids[keep]
+        vals = vals[keep]
+    if p.top_p < 1.0:
+        k = 256  # grow a candidate set until it holds top_p of the mass: a superset of the prefix
+        while k < vals.size and _mass(_top(ids, vals, k)[1], vmax) < p.top_p * z:
+            k *= 8
+        ids, vals = _top(ids, vals, k)
+    if ids is None and p.top_p >= 1.0:  # no filter is on: draw in id order, unsorted
+        return np.arange(vals.size), vals
+    ids, vals = _sorted(np.arange(vals.size) if ids is None else ids, vals)
+    if p.top_p < 1.0:
+        cum = np.cumsum(np.exp(vals.astype(np.float64) - vmax)) / z
+        # smallest prefix whose mass reaches top_p (at least one token)
+        keep = int(np.searchsorted(cum, p.top_p, side="left")) + 1
+        ids, vals = ids[:keep], vals[:keep]
+    return ids, vals
 
 
 @dataclass

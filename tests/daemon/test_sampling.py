@@ -94,6 +94,35 @@ def test_chain_order_top_k_then_top_p_then_min_p():
     assert ids.tolist() == want
 
 
+def naive_filter(logits, top_k, top_p, min_p):
+    """llama.cpp's order over a full stable sort: the definition the fast path must meet."""
+    order = np.lexsort((np.arange(logits.size), -logits))
+    if 0 < top_k < order.size:
+        order = order[:top_k]
+    if top_p < 1.0:
+        cum = np.cumsum(softmax(logits[order]))
+        order = order[: int(np.searchsorted(cum, top_p)) + 1]
+    if min_p > 0.0:
+        order = order[logits[order] >= logits[order[0]] + math.log(min_p)]
+    return order
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (0, 0.999, 0.0), (40, 0.95, 0.05),
+                                               (0, 1.0, 0.02), (5000, 0.7, 0.0),
+                                               (0, 0.5, 0.3), (1, 0.5, 0.5)])
+def test_fast_filter_equals_full_sort_on_a_large_vocabulary(top_k, top_p, min_p):
+    rng = np.random.default_rng(top_k)
+    logits = (rng.normal(size=151936) * 2).astype(np.float32)
+    logits[rng.integers(0, logits.size, 3000)] = 1.5      # many exact ties
+    ids, vals = filter_candidates(logits, base(top_k=top_k, top_p=top_p, min_p=min_p))
+    want = naive_filter(logits, top_k, top_p, min_p)
+    if top_p < 1.0 or top_k:
+        assert ids.tolist() == want.tolist()
+    else:
+        assert sorted(ids.tolist()) == sorted(want.tolist())
+    assert vals.tolist() == logits[ids].tolist()
+
+
 def test_greedy_is_argmax_whatever_the_filters():
     s = Sampler(SamplingParams.parse(temperature=0.0, top_k=3, top_p=0.1, seed=1))
     logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
