@@ -142,7 +142,8 @@ cdef class PairTable:
         cdef int32_t* sym = <int32_t*> malloc(n * sizeof(int32_t))
         cdef int32_t* nxt = <int32_t*> malloc(n * sizeof(int32_t))
         cdef int32_t* prv = <int32_t*> malloc(n * sizeof(int32_t))
-        cdef Entry* heap = <Entry*> malloc(3 * n * sizeof(Entry))   # n-1 seeds + <= 2 per merge
+        # pushes <= (n-1 seeds) + 2 per merge, and every merge pops one: size <= n-1 + merges < 2n
+        cdef Entry* heap = <Entry*> malloc(2 * n * sizeof(Entry))
         if not sym or not nxt or not prv or not heap:
             free(sym); free(nxt); free(prv); free(heap)
             raise MemoryError()
