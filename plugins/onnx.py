@@ -33,6 +33,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +51,7 @@ NAME = "onnx"
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 DEFAULT_ACCURACY = 4
 ORT_RUNTIME_BYTES = 64 << 20   # ORT's own code, arenas and thread pools (measured ~40-60 MB)
+BUILD_IN_PROCESS_BYTES = 64 << 20  # bigger models build in a child process (see graph_path)
 PREPACK_INT8_OVERHEAD = 35     # % of packed weights that accuracy_level 4's prepacking adds
 
 
@@ -161,8 +164,10 @@ def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        model = onnx_graph.build_model(gguf, config, acc, weights_path=str(tmp / "weights.bin"))
-        _save(model, tmp, gguf.path)
+        if config.weights_bytes > BUILD_IN_PROCESS_BYTES:
+            _build_in_child(gguf.path, tmp, acc)
+        else:
+            build_into(gguf, config, tmp, acc)
         os.replace(tmp, final)
     except OSError:
         if not (final / "model.onnx").is_file():   # lost a race to another builder: fine
@@ -172,11 +177,34 @@ def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
     return final / "model.onnx", True
 
 
-def _save(model, folder: Path, source: str) -> None:
-    """model.onnx (the weights already streamed to weights.bin) + where it came from."""
+def build_into(gguf, config: ModelConfig, folder: Path, acc: int) -> None:
+    """Write model.onnx + weights.bin (+ source.json) of `gguf` into `folder`."""
+    from ember.plugins import onnx_graph
+    model = onnx_graph.build_model(gguf, config, acc, weights_path=str(folder / "weights.bin"))
     (folder / "model.onnx").write_bytes(model.SerializeToString())
-    meta = {"source": os.path.abspath(source), "built": time.time()}
+    meta = {"source": os.path.abspath(gguf.path), "built": time.time(), "accuracy_level": acc}
     (folder / "source.json").write_text(json.dumps(meta))
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from ember.formats import gguf
+from ember.plugins import arch, onnx
+f = gguf.open(sys.argv[1])
+onnx.build_into(f, arch.config_from_gguf(f), Path(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+def _build_in_child(path: str, folder: Path, acc: int) -> None:
+    """Build in a child process: the builder's transient memory (one weight at a time
+    plus Python's heap) is returned to the system when it exits, so the daemon's
+    peak stays what its memory plan says."""
+    r = subprocess.run([sys.executable, "-c", _CHILD, path, str(folder), str(acc)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise BackendError(f"onnx: building the graph of {path} failed: {last}")
 
 
 # ---------------------------------------------------------------------------

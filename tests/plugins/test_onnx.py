@@ -139,6 +139,27 @@ def test_graph_is_built_once_keyed_by_sha256_with_external_weights(cache):
     assert [p.name for p in (cache / "onnx").iterdir()] == [folder.name]  # no temp leftovers
 
 
+def test_big_models_build_in_a_child_process(monkeypatch, tmp_path):
+    """Above BUILD_IN_PROCESS_BYTES the graph is built by a child (the daemon's peak stays
+    planned); the child's graph computes the same logits as an in-process build."""
+    path = conformance_path("models", "s512-llama-Q4_0.gguf")
+    ids = [1, 5, 9, 200, 33]
+    inproc = _load(path).prefill(ids, all_logits=True)
+    monkeypatch.setattr(onnx_backend, "BUILD_IN_PROCESS_BYTES", 0)
+    child = _load(path, cache_dir=str(tmp_path / "child"))
+    assert child.info["graph_built_now"] and str(child.graph).startswith(str(tmp_path / "child"))
+    np.testing.assert_array_equal(child.prefill(ids, all_logits=True), inproc)
+
+
+def test_a_failed_child_build_is_a_clear_error(monkeypatch, tmp_path):
+    path = tmp_path / "broken.gguf"
+    _tiny_gguf(path, 16, False, drop="blk.1.ffn_up.weight")
+    monkeypatch.setattr(onnx_backend, "BUILD_IN_PROCESS_BYTES", 0)
+    with pytest.raises(BackendError, match="building the graph.*blk.1.ffn_up.weight"):
+        _load(path)
+    assert not any(p.name.endswith(".onnx") for p in (tmp_path / "cache").rglob("*"))
+
+
 def test_accuracy_level_is_part_of_the_key():
     path = conformance_path("models", "s512-llama-Q4_0.gguf")
     a4, a0 = _load(path), _load(path, accuracy_level=0)
@@ -187,7 +208,7 @@ def test_context_overflow_and_bad_tokens_are_typed_errors():
     assert r.n_past == 0 and r.decode(1).shape == (r.n_vocab,)
 
 
-def _tiny_gguf(path, rope_dim: int, freq_factors: bool):
+def _tiny_gguf(path, rope_dim: int, freq_factors: bool, drop: str | None = None):
     """A random llama with a partial rope (and optional per-pair rope frequency factors)."""
     rng = np.random.default_rng(rope_dim)
     d, hd, n_head, n_kv, ff, vocab = 64, 16, 4, 2, 96, 50
@@ -207,6 +228,7 @@ def _tiny_gguf(path, rope_dim: int, freq_factors: bool):
                   p + "attn_output.weight": m(d, n_head * hd), p + "ffn_norm.weight": 1 + m(d),
                   p + "ffn_gate.weight": m(ff, d), p + "ffn_up.weight": m(ff, d),
                   p + "ffn_down.weight": m(d, ff)})
+    t.pop(drop, None)
     gguf.write(path, md, t)
 
 
