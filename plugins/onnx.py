@@ -12,6 +12,10 @@ sha256 and the graph options, and runs it with one session:
 
 The folder is written under a temporary name and renamed into place, so a
 crash mid-build never leaves a half graph that a later load would trust.
+Weights are streamed into weights.bin one tensor at a time; a model over 64
+MiB is built by a child process, so the daemon's own peak stays the plan's.
+ORT maps the page-aligned weights and MLAS prepacks the quantized ones into
+its own layout at session start (counted in the plan).
 
 The runner owns the KV cache: float32 (n_layer, n_ctx, n_kv, hd) for K and
 for V, allocated once at load. Each run feeds the cached rows [0, n_past) of
