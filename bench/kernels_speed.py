@@ -9,6 +9,10 @@ per type and ISA, the GB/s of weight bytes consumed by one thread:
   stream  a stack of such matrices larger than the last-level cache, walked
           once per repeat: what decode actually sees;
 
+prefill, the same matrix times a batch of activation rows (matmul), as
+weight rows x batch rows per second against batch x matvec, which shows how
+much the 4-row weight reuse buys;
+
 and the machine's single-thread read bandwidth (a plain C sum over a 1 GiB
 array, compiled on the fly; numpy's sum if no C compiler), so that
 stream / bandwidth is the fraction of the bound reached.
@@ -125,6 +129,25 @@ def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, re
     return {isa: (W.nbytes / warm[isa] / 1e9, S.nbytes / stream[isa] / 1e9) for isa in isas}
 
 
+def bench_matmul(t: str, isas: list[str], rows: int, n: int, batch: int, repeats: int, rng) -> dict:
+    """Per ISA: (matmul row-dots per second in G, speedup over batch separate matvecs)."""
+    tid = GGML_TYPE_IDS[t]
+    W = random_weights(t, rows, n, rng)
+    X = rng.standard_normal((batch, n)).astype(np.float32)
+    Xq = np.empty((batch, _native.act_row_bytes(tid, n)), np.uint8)
+    Y = np.empty((batch, rows), np.float32)
+    mm = {i: float("inf") for i in isas}
+    mv = dict(mm)
+    for _ in range(repeats):
+        for isa in isas:
+            dispatch.use(isa)
+            for b in range(batch):
+                _native.quantize_act(tid, X[b], Xq[b])
+            mm[isa] = min(mm[isa], _timed(lambda: _native.matmul(tid, W, Xq, Y, n, 0, rows)))
+            mv[isa] = min(mv[isa], _timed(lambda: [_native.matvec(tid, W, Xq[b], Y[b], n, 0, rows) for b in range(batch)]))
+    return {isa: (rows * batch / mm[isa] / 1e9, mv[isa] / mm[isa]) for isa in isas}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default=HOT, help=f"comma list, or 'all' ({ALL})")
@@ -133,6 +156,7 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--stream-mb", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64, help="activation rows for the matmul (prefill) part; 0 skips it")
     args = ap.parse_args()
     types = (ALL if args.types == "all" else args.types).split(",")
     isas = args.isas.split(",")
@@ -146,6 +170,13 @@ def main() -> int:
         res = bench_type(t, isas, args.rows, args.cols, args.stream_mb << 20, args.repeats, rng)
         for isa, (warm, stream) in res.items():
             print(f"{t:7} {isa:8} {warm:10.2f} {stream:12.2f} {stream / bw:9.2f}")
+    if args.batch:
+        print(f"\nmatmul {args.rows}x{args.cols} x {args.batch} rows, 1 thread "
+              f"(G row-dots/s; speedup over {args.batch} matvecs)")
+        print(f"{'type':7} {'isa':8} {'G dots/s':>9} {'vs matvec':>10}")
+        for t in types:
+            for isa, (rate, gain) in bench_matmul(t, isas, args.rows, args.cols, args.batch, args.repeats, rng).items():
+                print(f"{t:7} {isa:8} {rate:9.3f} {gain:9.2f}x")
     return 0
 
 

@@ -92,14 +92,12 @@ def quantize_act(wtype: str, x) -> np.ndarray:
 
 def act_blocks(wtype: str, xq: np.ndarray) -> np.ndarray:
     """The standard block part of quantized activation rows (drops Q8_0's aux area)."""
-    tid = type_id(wtype)
-    act = _native.act_type(tid)
-    n = _native.block_elems(act)
-    row = xq.shape[-1]
+    act = _native.act_type(type_id(wtype))
     if act != GGML_TYPE_IDS["Q8_0"]:
         return xq
-    nb = row // (_native.block_bytes(act) + 64)   # 34 bytes of block + 64 of aux per 32 values
-    return xq[..., :nb * _native.block_bytes(act)] if n else xq
+    bb = _native.block_bytes(act)
+    nb = xq.shape[-1] // (bb + 64)        # per 32 values: a 34-byte block + 64 bytes of aux
+    return xq[..., :nb * bb]
 
 # ---------------------------------------------------------------------------
 # Products
