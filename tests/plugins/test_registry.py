@@ -163,3 +163,20 @@ print(int(r.prefill([3, 4]).argmax()), int(r.decode(10).argmax()), r.n_past)
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["5", "0", "3"]  # counting model: t -> t+1 mod 11
+
+
+def test_emberd_starts_and_serves_a_third_party_backend_beside_a_broken_one(plugin_env,
+                                                                             monkeypatch):
+    """The broken plugins are installed too; emberd still starts, on `fake` by name."""
+    from tests.daemon.emberd_proc import start_emberd
+    monkeypatch.setenv("PYTHONPATH", plugin_env["PYTHONPATH"])   # the daemon inherits it
+    d = start_emberd("--backend", "fake", ipc=False, timeout=120)
+    rc = None
+    try:
+        with d.client(timeout=30) as c:
+            assert c.status()["backend"] == "fake"
+            done = c.complete(tokens=[1, 10], max_tokens=5, temperature=0.0, ignore_eos=True)
+            assert done["tokens"].tolist() == [11, 12, 13, 14, 15]   # the counting model
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.stderr()
