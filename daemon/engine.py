@@ -46,8 +46,8 @@ text of a stop string and of an EOS/EOT token is never emitted.
 Timings (ms, per generation): queue_ms = creation -> first compute;
 ttft_ms = creation -> first token sampled (so it includes queue and
 prefill); prefill_tok_s = prompt tokens / first prefill time; decode_tok_s =
-tokens after the first / time spent producing them (re-prefills after a
-preemption are counted separately as reprefill_ms).
+one-token decode steps / time spent in them (re-prefills after a preemption
+are counted separately as reprefill_ms).
 """
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ class Generation:
         self.result: Result | None = None
         self.state = "pending"               # pending | running | suspended | done
         self.t_created = time.perf_counter() if created_at is None else created_at
-        self._t = dict(start=None, first=None, prefill=0.0, decode=0.0, reprefill=0.0)
+        self._t = dict(start=None, first=None, prefill=0.0, decode=0.0, reprefill=0.0, n_decode=0)
 
     # -- control ----------------------------------------------------------------
 
@@ -362,6 +362,7 @@ class Generation:
             logits = self.model.runner.decode(seq[-1])
             self._cached += 1
             self._t["decode"] += time.perf_counter() - t0
+            self._t["n_decode"] += 1
         return logits
 
     def _reprefill(self) -> np.ndarray:
@@ -406,7 +407,7 @@ class Generation:
             prefill_ms=t["prefill"] * 1e3,
             prefill_tok_s=n_prompt / t["prefill"] if t["prefill"] > 0 else 0.0,
             decode_ms=t["decode"] * 1e3,
-            decode_tok_s=(n_gen - 1) / t["decode"] if t["decode"] > 0 and n_gen > 1 else 0.0,
+            decode_tok_s=t["n_decode"] / t["decode"] if t["decode"] > 0 else 0.0,
             reprefill_ms=t["reprefill"] * 1e3,
             total_ms=(now - self.t_created) * 1e3,
         )
