@@ -39,7 +39,7 @@
 #include "ember_ops.h"
 #include "ember_forward.h"
 
-#define MAX_STAGES_PER_LAYER 32  /* a layer takes <= 19: see attention_block, ffn_block */
+#define MAX_STAGES_PER_LAYER 32  /* a layer takes <= 16: see attention_block, ffn_block */
 #define ACT_ALIGN 64
 
 /* ---- the model ------------------------------------------------------------------ */
@@ -213,14 +213,26 @@ static void matmul_group(worker *w, int64_t nb, const mm_target *t, int n_t, int
     stage_wait(w, st, total);
 }
 
-/* quantize src once per activation format, then every matrix of that format */
-static void project(worker *w, const float *src, int64_t ld, int64_t nb, const mm_target *t, int n_t, int64_t ldy) {
+/* a row op fused in front of the first quantization (it produces the row quantized) */
+typedef struct { row_fn prep; const void *prep_arg; quant_arg q; } prep_quant_arg;
+
+static void prep_quant_row(ember_model *m, const void *arg, int64_t b) {
+    const prep_quant_arg *a = arg;
+    if (a->prep) a->prep(m, a->prep_arg, b);
+    quant_row(m, &a->q, b);
+}
+
+/* prep(b) for every row (may be NULL), then quantize src once per activation format,
+ * then every matrix of that format. Fusing prep saves a stage: the thread that
+ * normalizes a row quantizes it, so no other thread needs to wait in between. */
+static void project(worker *w, row_fn prep, const void *prep_arg, const float *src, int64_t ld,
+                    int64_t nb, const mm_target *t, int n_t, int64_t ldy) {
     int done = 0;  /* bitmask of targets computed */
     for (int i = 0; i < n_t; i++) {
         if (done & (1 << i)) continue;
         const int act = ember_act_type(t[i].w->type);
-        quant_arg qa = { t[i].w->type, src, ld, t[i].w->cols };
-        for_rows(w, nb, quant_row, &qa);
+        prep_quant_arg qa = { i == 0 ? prep : NULL, prep_arg, { t[i].w->type, src, ld, t[i].w->cols } };
+        for_rows(w, nb, prep_quant_row, &qa);
         mm_target same[4];
         int n_same = 0;
         for (int j = i; j < n_t; j++)
@@ -297,20 +309,19 @@ static void attention_block(worker *w, int64_t l) {
     ember_model *m = w->m;
     const layer_t *L = &m->layers[l];
     norm_arg na = { L->v[EMBER_V_ATTN_NORM], l > 0 };
-    for_rows(w, m->n_tok, residual_norm_row, &na);
     if (m->hp.fused_qkv) {
         mm_target t[1] = { { &L->m[EMBER_M_QKV], m->qkv } };
-        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->qkv_dim);
+        project(w, residual_norm_row, &na, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->qkv_dim);
     } else {
         mm_target t[3] = { { &L->m[EMBER_M_Q], m->qkv }, { &L->m[EMBER_M_K], m->qkv + m->q_dim },
                            { &L->m[EMBER_M_V], m->qkv + m->q_dim + m->kv_dim } };
-        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 3, m->qkv_dim);
+        project(w, residual_norm_row, &na, m->xn, m->hp.n_embd, m->n_tok, t, 3, m->qkv_dim);
     }
     qkv_arg qa = { L, l };
     for_rows(w, m->n_tok, qkv_post_row, &qa);
     attend(w, l);
     mm_target o[1] = { { &L->m[EMBER_M_O], m->xn } };
-    project(w, m->att, m->q_dim, m->n_tok, o, 1, m->hp.n_embd);
+    project(w, NULL, NULL, m->att, m->q_dim, m->n_tok, o, 1, m->hp.n_embd);
 }
 
 /* ---- the feed-forward block --------------------------------------------------------------------- */
@@ -326,17 +337,15 @@ static void ffn_block(worker *w, int64_t l) {
     const layer_t *L = &m->layers[l];
     const int64_t F = m->hp.n_ff;
     norm_arg na = { L->v[EMBER_V_FFN_NORM], 1 };
-    for_rows(w, m->n_tok, residual_norm_row, &na);
     if (m->hp.fused_gate_up) {  /* phi3: ffn_up holds gate | up */
         mm_target t[1] = { { &L->m[EMBER_M_GATE_UP], m->ffn } };
-        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, 2 * F);
+        project(w, residual_norm_row, &na, m->xn, m->hp.n_embd, m->n_tok, t, 1, 2 * F);
     } else {
         mm_target t[2] = { { &L->m[EMBER_M_GATE], m->ffn }, { &L->m[EMBER_M_UP], m->ffn + F } };
-        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 2, 2 * F);
+        project(w, residual_norm_row, &na, m->xn, m->hp.n_embd, m->n_tok, t, 2, 2 * F);
     }
-    for_rows(w, m->n_tok, swiglu_row, NULL);
     mm_target d[1] = { { &L->m[EMBER_M_DOWN], m->xn } };
-    project(w, m->ffn, 2 * F, m->n_tok, d, 1, m->hp.n_embd);
+    project(w, swiglu_row, NULL, m->ffn, 2 * F, m->n_tok, d, 1, m->hp.n_embd);
 }
 
 /* ---- logits --------------------------------------------------------------------------------------- */
@@ -356,9 +365,9 @@ static void logits_stage(worker *w) {
     if (!m->logits) return;
     mm_target t[1] = { { &m->top.m[EMBER_M_OUTPUT], m->logits } };
     if (m->all_logits)
-        project(w, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->hp.n_vocab);
+        project(w, NULL, NULL, m->xn, m->hp.n_embd, m->n_tok, t, 1, m->hp.n_vocab);
     else  /* only the last token's row, as a batch of 1 */
-        project(w, m->last, m->hp.n_embd, 1, t, 1, m->hp.n_vocab);
+        project(w, NULL, NULL, m->last, m->hp.n_embd, 1, t, 1, m->hp.n_vocab);
 }
 
 /* ---- the pass ----------------------------------------------------------------------------------------- */
