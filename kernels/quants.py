@@ -96,7 +96,7 @@ def act_blocks(wtype: str, xq: np.ndarray) -> np.ndarray:
     if act != GGML_TYPE_IDS["Q8_0"]:
         return xq
     bb = _native.block_bytes(act)
-    nb = xq.shape[-1] // (bb + 64)        # per 32 values: a 34-byte block + 64 bytes of aux
+    nb = xq.shape[-1] // (bb + 96)        # per 32 values: a 34-byte block + 96 bytes of aux
     return xq[..., :nb * bb]
 
 # ---------------------------------------------------------------------------

@@ -148,6 +148,8 @@ _Static_assert(sizeof(block_q8_K) == 4 + QK_K + QK_K / 16 * 2, "block_q8_K size"
  *   int32_t corr[n/32][8]   -bias * (sum of each 4 consecutive codes), bias =
  *                           the weight type's code offset (Q4_0 8, Q5_0 16,
  *                           Q8_0 128 as offset binary, others 0)
+ *   int8_t  qs[n/32][32]    the codes again, contiguous (two blocks = one
+ *                           aligned-free 512-bit load, no lane insert)
  * ember_act_row_bytes includes it; the row stays a valid Q8_0 row prefix. */
 
 int     ember_act_type(int wtype);              /* activation format the weight type pairs with: GGML id of Q8_0, Q8_K or F32 (-1: unsupported wtype) */

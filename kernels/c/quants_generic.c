@@ -38,7 +38,9 @@ void ember_q8_0_fill_aux(void *xq, int64_t n, int bias) {
     const block_q8_0 *x = xq;
     uint8_t *dx8 = (uint8_t *)xq + (n / QK8_0) * sizeof(block_q8_0);
     uint8_t *corr = dx8 + (n / QK8_0) * 32;
+    uint8_t *qs = corr + (n / QK8_0) * 32;
     for (int64_t i = 0; i < n / QK8_0; i++) {
+        memcpy(qs + 32 * i, x[i].qs, 32);
         const float d = ember_fp16_to_fp32(x[i].d);
         for (int l = 0; l < 8; l++) {
             const int32_t c = -bias * (x[i].qs[4 * l] + x[i].qs[4 * l + 1] + x[i].qs[4 * l + 2] + x[i].qs[4 * l + 3]);

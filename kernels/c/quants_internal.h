@@ -104,12 +104,15 @@ extern float ember_fp16_table[1 << 16];
 /* Q8_0 activation aux area (see ember_kernels.h)                            */
 /* ======================================================================== */
 
-static inline size_t ember_q8_0_aux_bytes(int64_t n) { return (size_t)(n / QK8_0) * 64; }
+static inline size_t ember_q8_0_aux_bytes(int64_t n) { return (size_t)(n / QK8_0) * 96; }
 static inline const float *ember_q8_0_dx8(const void *xq, int64_t n) {
     return (const float *)((const uint8_t *)xq + (n / QK8_0) * sizeof(block_q8_0));
 }
 static inline const int32_t *ember_q8_0_corr(const void *xq, int64_t n) {
     return (const int32_t *)((const uint8_t *)xq + (n / QK8_0) * (sizeof(block_q8_0) + 32));
+}
+static inline const int8_t *ember_q8_0_qs(const void *xq, int64_t n) {
+    return (const int8_t *)((const uint8_t *)xq + (n / QK8_0) * (sizeof(block_q8_0) + 64));
 }
 /* write the aux area of a quantized Q8_0 row for weights with code bias `bias` */
 void ember_q8_0_fill_aux(void *xq, int64_t n, int bias);

@@ -254,15 +254,16 @@ def test_activation_quantization_matches_llama_cpp_reference(isa, t):
 
 @pytest.mark.parametrize("t,bias", [("Q4_0", 8), ("Q5_0", 16), ("Q8_0", 128), ("Q4_1", 0), ("IQ4_NL", 0)])
 def test_q8_0_activation_aux_area(t, bias):
-    """After the blocks: each block's scale 8 times, then -bias * sums of 4 codes."""
+    """After the blocks: each block's scale 8 times, -bias * sums of 4 codes, the codes."""
     rng = np.random.default_rng(10)
     n = 32 * 7
     xq = kq.quantize_act(t, rng.standard_normal(n).astype(np.float32))
-    assert xq.size == 7 * (34 + 64)
+    assert xq.size == 7 * (34 + 96)
     blocks = kq.act_blocks(t, xq).reshape(7, 34)
     aux = xq[7 * 34:]
     dx8 = aux[:7 * 32].copy().view(np.float32).reshape(7, 8)
-    corr = aux[7 * 32:].copy().view(np.int32).reshape(7, 8)
+    corr = aux[7 * 32:7 * 64].copy().view(np.int32).reshape(7, 8)
+    np.testing.assert_array_equal(aux[7 * 64:].reshape(7, 32), blocks[:, 2:])
     d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(dx8, np.repeat(d, 8, axis=1))
     codes = blocks[:, 2:].view(np.int8).astype(np.int32).reshape(7, 8, 4)
