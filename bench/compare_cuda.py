@@ -6,10 +6,12 @@ Usage (on the GPU machine; see bench/results/cuda-*.md for a recorded run):
         [--shape tinyllama-1.1b] [--quants Q4_0,Q8_0,Q4_K_M] [--reps 2] [--out table.md]
 
 For each quant mix it writes the synthetic model once (ember.daemon.synthetic,
-the writers run in parallel), then alternates, per repetition, `ember bench
---backend cuda --json` (prefill of 512 tokens, 128 decoded tokens, each a
-fresh process) and `llama-bench -p 512 -n 128 -ngl 99` (all layers on the
-GPU), and reports the best of each with the ratios. The decode row also
+the writers run in parallel), then alternates, per repetition, ember's cuda
+runner and `llama-bench -p 512 -n 128 -ngl 99 -r 3` (all layers on the GPU),
+and reports the best of each with the ratios. ember is measured the way
+llama-bench measures: after a warm-up pass, pp512 is one 512-token prefill
+into an empty cache, tg128 is 128 greedy decode() calls from an empty cache
+(each returning its logits to the host, plus the argmax). The decode row also
 gives the memory bandwidth reached: weight bytes read per token (every
 matrix but the embedding table, of which one row is read) times tokens per
 second, against a device-to-device copy measured in the same run (bytes
@@ -40,11 +42,32 @@ def write_models(shape: str, quants: list[str]) -> dict[str, Path]:
     return paths
 
 
-def ember_run(shape: str, quant: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "bench", "--synthetic", shape,
-                          "--quant", quant, "--backend", "cuda", "--json"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def ember_run(path: Path, n_prompt: int = 512, n_gen: int = 128) -> dict:
+    import numpy as np
+    from ember.formats import gguf
+    from ember.plugins import cuda
+    from ember.plugins.arch import config_from_gguf
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        r = cuda.CudaRunner(f, c, n_prompt + n_gen)
+        prompt = np.random.default_rng(0).integers(3, c.n_vocab, n_prompt).tolist()
+
+        def prefill() -> float:
+            r.reset()
+            t = time.perf_counter()
+            r.prefill(prompt)
+            return n_prompt / (time.perf_counter() - t)
+
+        def decode() -> float:
+            r.reset()
+            tok, t = 1, time.perf_counter()
+            for _ in range(n_gen):
+                tok = int(np.argmax(r.decode(tok)))
+            return n_gen / (time.perf_counter() - t)
+        prefill(), decode()                               # warm-up (and the graph capture)
+        out = {"prefill_tok_s": prefill(), "decode_tok_s": decode()}
+        r.close()
+    return out
 
 
 def llama_run(binary: str, path: Path) -> dict:
@@ -104,7 +127,7 @@ def main() -> int:
     for q in quants:
         em, ll = [], []
         for _ in range(a.reps):   # alternate, so drift hits both alike
-            em.append(ember_run(a.shape, q))
+            em.append(ember_run(paths[q]))
             if a.llama_bench:
                 ll.append(llama_run(a.llama_bench, paths[q]))
             print(q, em[-1], ll[-1] if ll else "", file=sys.stderr, flush=True)

@@ -12,10 +12,11 @@ allocates nothing on the device.
 A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
 pure functions of the model's Layout (no GPU needed, so CI tests them):
 
-    decode (one token): copy (pos, token) in -> embed -> per layer: rmsnorm,
-        q|k|v matvec, rope + KV write, split attention + merge, o matvec (+= x),
-        rmsnorm, gate|up matvec with SwiGLU, down matvec (+= x) -> rmsnorm,
-        output matvec -> copy logits out
+    decode (one token): copy (pos, token) in -> embed -> per layer:
+        rmsnorm + q|k|v matvec, rope + KV write, split attention + merge,
+        o matvec (+= x), rmsnorm + gate|up matvec + SwiGLU, down matvec (+= x)
+        -> rmsnorm + output matvec -> copy logits out (the matvec kernels
+        normalize x while staging it in shared memory: 7 launches a layer)
     prefill (T > MATVEC_MAX_T tokens): the same blocks, but each projection
         dequantizes its matrix (in row chunks) into the scratch and multiplies
         with cuBLAS/hipBLAS: f16 x f16 -> f32 for quantized weights, f32 for
@@ -177,6 +178,7 @@ class Layout:
     n_ctx: int
     max_batch: int
     warp: int = 32
+    n_sm: int = 132                                 # multiprocessors: sizes rows per warp
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -207,7 +209,7 @@ class Layout:
         """Device scratch buffers, name -> bytes (weights and KV cache excluded)."""
         c, B = self.c, self.max_batch
         wide = max(c.n_embd, self.q_dim, 2 * c.n_ff)
-        part = max(B * c.n_head * (c.head_dim + 2), c.n_head * self.n_split * (c.head_dim + 2))
+        part = c.n_head * self.n_split * (c.head_dim + 2)      # decode's attention splits
         return {"x": 4 * B * c.n_embd, "xn": 4 * B * c.n_embd, "qkv": 4 * B * self.qkv_dim,
                 "att": 4 * B * self.q_dim, "ffn": 4 * B * 2 * c.n_ff, "xh": 2 * B * wide,
                 "part": 4 * part, "wscr": self.wscr_bytes(), "logits": 4 * B * c.n_vocab,
@@ -242,10 +244,11 @@ def _opt(c: ModelConfig, name: str) -> str | None:
     return name if name in c.tensors else None
 
 
-def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32) -> Layout:
+def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32,
+           n_sm: int = 132) -> Layout:
     """Every matrix and vector the steps use, by role."""
     _check_supported(c)
-    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp)
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm)
     m, v, F = lay.mats, lay.vecs, c.n_ff
     m["token_embd"] = _mat(c, "token_embd.weight")
     m["output"] = _mat(c, "token_embd.weight" if c.tied_embeddings else "output.weight")
@@ -317,6 +320,7 @@ class Launch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     args: tuple          # Buf | None (pointers), int (C int), float (C float), np.int64
+    smem: int = 0        # dynamic shared memory bytes
 
 
 @dataclass(frozen=True)
@@ -346,11 +350,29 @@ def _grid(n: int, per: int) -> int:
     return max(1, -(-n // per))
 
 
-def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool):
+def _rows_per_warp(lay: Layout, rows: int) -> int:
+    """1 to 4 rows per warp: fewer blocks each staging x, while >= 2 blocks per SM remain."""
+    return max(1, min(4, rows // (lay.nwarps * 2 * lay.n_sm)))
+
+
+def _xs_bytes(kind: str, cols: int) -> int:
+    """The block's shared copy of x: padded by 4 floats per 32 for the quantized kinds."""
+    return 4 * (cols + cols // 32 * 4) if kind in QUANT_KINDS else 4 * cols
+
+
+def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool,
+            norm: str | None):
     ws = [(g.w(), g.d(), g.rows) for g in group] + [(None, None, 0)] * (3 - len(group))
-    rows = sum(g.rows for g in group)
-    args = tuple(a for w in ws for a in w) + (x, y, group[0].cols, ldx, ldy, int(acc))
-    return Launch(f"matvec_{group[0].kind}", (_grid(rows, lay.nwarps), T, 1), (lay.block, 1, 1), args)
+    rows, k = sum(g.rows for g in group), group[0]
+    rpw = _rows_per_warp(lay, rows)
+    args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
+                                              float(lay.c.rms_eps), rpw)
+    return Launch(f"matvec_{k.kind}", (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1), args,
+                  _xs_bytes(k.kind, k.cols))
+
+
+def _vec(name: str | None) -> Buf | None:
+    return Buf(name) if name else None
 
 
 def _runs(mats: list[Mat]) -> list[list[Mat]]:
@@ -389,14 +411,21 @@ def _gemm(lay: Layout, m: Mat, xb: Buf, ldx: int, y: Buf, ldy: int, T: int, acc:
     return steps
 
 
-def project(lay: Layout, mats: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool = False):
-    """y[:, cols of each matrix in turn] (+)= x @ W^T for the matrices sharing input x."""
+def project(lay: Layout, mats: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool = False,
+            norm: str | None = None):
+    """y[:, cols of each matrix in turn] (+)= rmsnorm(x) @ W^T for the matrices sharing input x
+    (norm: the RMSNorm weight, or None for x as it is)."""
     steps, col = [], 0
-    if T <= MATVEC_MAX_T:
+    if T <= MATVEC_MAX_T:     # the matvec kernels normalize x while staging it
         for run in _runs(mats):
-            steps.append(_matvec(lay, run, x, ldx, y.at(4 * col), ldy, T, acc))
+            steps.append(_matvec(lay, run, x, ldx, y.at(4 * col), ldy, T, acc, norm))
             col += sum(m.rows for m in run)
         return steps
+    if norm:
+        steps.append(Launch("rmsnorm", (T, 1, 1), (lay.block, 1, 1),
+                            (x, Buf(norm), Buf("xn").at(x.offset), lay.c.n_embd, ldx,
+                             float(lay.c.rms_eps))))
+        x = Buf("xn").at(x.offset)
     if any(m.kind in QUANT_KINDS for m in mats):
         steps.append(Launch("to_half", (_grid(T * ldx, lay.block), 1, 1), (lay.block, 1, 1),
                             (x, Buf("xh"), np.int64(T * ldx))))
@@ -407,30 +436,28 @@ def project(lay: Layout, mats: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T:
     return steps
 
 
-def _rmsnorm(lay: Layout, x: Buf, w: str, y: Buf, T: int) -> Launch:
-    E = lay.c.n_embd
-    return Launch("rmsnorm", (T, 1, 1), (lay.block, 1, 1), (x, Buf(w), y, E, E, float(lay.c.rms_eps)))
-
-
 def _attention_block(lay: Layout, i: int, T: int) -> list:
     c, v = lay.c, lay.vecs
     qkv_mats = [lay.mats[f"{i}.qkv"]] if c.fused_qkv else [lay.mats[f"{i}.{r}"] for r in "qkv"]
     kv_off = 2 * i * lay.n_ctx * lay.kv_dim
-    split, chunk = (lay.n_split, lay.chunk) if T == 1 else (1, lay.n_ctx)
+    scale = float(1.0 / math.sqrt(c.head_dim))
     vec = lambda role: Buf(v[role]) if v[role] else None  # noqa: E731
-    steps = [_rmsnorm(lay, Buf("x"), v[f"{i}.attn_norm"], Buf("xn"), T)]
-    steps += project(lay, qkv_mats, Buf("xn"), c.n_embd, Buf("qkv"), lay.qkv_dim, T)
+    steps = project(lay, qkv_mats, Buf("x"), c.n_embd, Buf("qkv"), lay.qkv_dim, T, norm=v[f"{i}.attn_norm"])
     steps.append(Launch("rope_kv", (T, 1, 1), (lay.block, 1, 1),
                         (Buf("qkv"), lay.qkv_dim, vec(f"{i}.bias"), vec(f"{i}.q_norm"), vec(f"{i}.k_norm"),
                          Buf("cs"), Buf("io"), Buf("kc", kv_off), Buf("vc", kv_off),
                          c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"),
                          float(c.rms_eps))))
-    steps.append(Launch("attention", (c.n_head, T, split), (lay.block, 1, 1),
-                        (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
-                         Buf("part"), c.n_head, c.n_head_kv, c.head_dim, chunk,
-                         float(1.0 / math.sqrt(c.head_dim)))))
-    steps.append(Launch("attn_reduce", (c.n_head, T, 1), (128, 1, 1),
-                        (Buf("part"), Buf("att"), c.n_head, c.head_dim, split, lay.q_dim)))
+    if T == 1:   # decode: split the keys over blocks, then merge the splits
+        steps.append(Launch("attention", (c.n_head, 1, lay.n_split), (lay.block, 1, 1),
+                            (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
+                             Buf("part"), c.n_head, c.n_head_kv, c.head_dim, lay.chunk, scale)))
+        steps.append(Launch("attn_reduce", (c.n_head, 1, 1), (128, 1, 1),
+                            (Buf("part"), Buf("att"), c.n_head, c.head_dim, lay.n_split, lay.q_dim)))
+    else:        # prefill: a warp per query row, keys a tile at a time
+        steps.append(Launch("attention_rows", (c.n_head, _grid(T, lay.nwarps), 1), (lay.block, 1, 1),
+                            (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
+                             Buf("att"), lay.q_dim, T, c.n_head, c.n_head_kv, c.head_dim, scale)))
     steps += project(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, T, acc=True)
     return steps
 
@@ -438,12 +465,14 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
 def _ffn_block(lay: Layout, i: int, T: int) -> list:
     c, F = lay.c, lay.c.n_ff
     g, u = lay.mats[f"{i}.gate"], lay.mats[f"{i}.up"]
-    steps = [_rmsnorm(lay, Buf("x"), lay.vecs[f"{i}.ffn_norm"], Buf("xn"), T)]
-    if T <= MATVEC_MAX_T and g.kind == u.kind:   # gate, up and SwiGLU in one pass
-        steps.append(Launch(f"matvec_swiglu_{g.kind}", (_grid(F, lay.nwarps), T, 1), (lay.block, 1, 1),
-                            (g.w(), g.d(), u.w(), u.d(), F, Buf("xn"), Buf("ffn"), c.n_embd, c.n_embd, 2 * F)))
+    norm = lay.vecs[f"{i}.ffn_norm"]
+    if T <= MATVEC_MAX_T and g.kind == u.kind:   # norm, gate, up and SwiGLU in one pass
+        rpw = _rows_per_warp(lay, F)
+        steps = [Launch(f"matvec_swiglu_{g.kind}", (_grid(F, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
+                        (g.w(), g.d(), u.w(), u.d(), F, Buf("x"), Buf("ffn"), c.n_embd, c.n_embd, 2 * F,
+                         Buf(norm), float(c.rms_eps), rpw), _xs_bytes(g.kind, g.cols))]
     else:
-        steps += project(lay, [g, u], Buf("xn"), c.n_embd, Buf("ffn"), 2 * F, T)
+        steps = project(lay, [g, u], Buf("x"), c.n_embd, Buf("ffn"), 2 * F, T, norm=norm)
         steps.append(Launch("swiglu", (_grid(F, 256), T, 1), (256, 1, 1), (Buf("ffn"), Buf("ffn"), F, 2 * F, 2 * F)))
     steps += project(lay, [lay.mats[f"{i}.down"]], Buf("ffn"), 2 * F, Buf("x"), c.n_embd, T, acc=True)
     return steps
@@ -457,13 +486,10 @@ def _embed(lay: Layout, T: int) -> Launch:
 
 
 def _logits(lay: Layout, T: int, all_logits: bool) -> list:
-    E, V = lay.c.n_embd, lay.c.n_vocab
+    E, V, norm = lay.c.n_embd, lay.c.n_vocab, lay.vecs["output_norm"]
     if all_logits:
-        return ([_rmsnorm(lay, Buf("x"), lay.vecs["output_norm"], Buf("xn"), T)]
-                + project(lay, [lay.mats["output"]], Buf("xn"), E, Buf("logits"), V, T))
-    last = 4 * (T - 1) * E
-    return ([_rmsnorm(lay, Buf("x", last), lay.vecs["output_norm"], Buf("xn", last), 1)]
-            + project(lay, [lay.mats["output"]], Buf("xn", last), E, Buf("logits"), V, 1))
+        return project(lay, [lay.mats["output"]], Buf("x"), E, Buf("logits"), V, T, norm=norm)
+    return project(lay, [lay.mats["output"]], Buf("x", 4 * (T - 1) * E), E, Buf("logits"), V, 1, norm=norm)
 
 
 def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list:
@@ -540,8 +566,9 @@ class CudaRunner:
     def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int) -> None:
         cp = self.cp
         rt = cp.cuda.runtime
-        warp = int(rt.getDeviceProperties(self.device.id).get("warpSize", 32))
-        self.lay = layout(config, n_ctx, batch, warp)
+        props = rt.getDeviceProperties(self.device.id)
+        warp = int(props.get("warpSize", 32))
+        self.lay = layout(config, n_ctx, batch, warp, int(props.get("multiProcessorCount", 132)))
         need = sum(device_plan(config, n_ctx, batch).values())
         free = rt.memGetInfo()[0]
         if need > free:
@@ -550,6 +577,9 @@ class CudaRunner:
         v = cuda_source.variant("hip" if rt.is_hip else "cuda", warp)
         self.module = cp.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
         self.kernels = {k: self.module.get_function(k) for k in cuda_source.kernel_names()}
+        for s in forward_steps(self.lay, 1):     # x copies above the default 48 KiB
+            if isinstance(s, Launch) and s.smem > 48 << 10:
+                self.kernels[s.kernel].max_dynamic_shared_size_bytes = s.smem
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.bufs: dict[str, object] = {}
         self._upload(gguf, config)
@@ -613,7 +643,8 @@ class CudaRunner:
         rt, cp = self.cp.cuda.runtime, self.cp
         for s in steps:
             if isinstance(s, Launch):
-                self.kernels[s.kernel](s.grid, s.block, tuple(self._arg(a) for a in s.args))
+                self.kernels[s.kernel](s.grid, s.block, tuple(self._arg(a) for a in s.args),
+                                      shared_mem=s.smem)
             elif isinstance(s, Copy):
                 kind = rt.memcpyHostToDevice if s.kind == "h2d" else rt.memcpyDeviceToHost
                 rt.memcpyAsync(self._addr(s.dst), self._addr(s.src), s.nbytes, kind, self.stream.ptr)

@@ -14,8 +14,8 @@
  *   f16 / f32  plain rows; every other GGUF type is dequantized to f16 at load
  * Activations are float32; the KV cache is f16, (n_ctx, n_kv_heads * head_dim) per layer.
  *
- * Each weight type is a "unit" decoder: unit(w, d, row, u, K, f) calls f(i, value) for the
- * UNIT elements of unit u of a row (i = column). The matrix x vector kernels give each warp
+ * Each weight type is a "unit" decoder: load(w, d, row, u, K, v) puts the UNIT weights of unit
+ * u of a row in registers (see the unit decoders' section for their columns). The matrix x vector kernels give each warp
  * one output row and stride the warp's lanes over the row's units (so a warp's loads are
  * contiguous); the dequantize kernel gives each thread one unit. The position of the token
  * being decoded is read from device memory (io[0]), never passed by value, so a CUDA graph
@@ -27,10 +27,12 @@
 #endif
 #include <hip/hip_fp16.h>
 #define SHFL_XOR(v, m) __shfl_xor((v), (m), WARP)
+#define SHFL(v, src) __shfl((v), (src), WARP)
 #define SYNCWARP() __builtin_amdgcn_wave_barrier()
 #else
 #include <cuda_fp16.h>
 #define SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m), WARP)
+#define SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src), WARP)
 #define SYNCWARP() __syncwarp()
 #endif
 
@@ -74,15 +76,20 @@ __device__ float block_sum(float v) {
 
 /* ---- unit decoders, one per weight type ------------------------------------------------- */
 
+/* Q::load(w, d, row, u, K, v) fills v[0..UNIT) with the weights of unit u of a row. They lie
+ * in UNIT/RUN runs of RUN consecutive columns; run r starts at column Q::col(u, r). Runs of
+ * 4 or more let the dot product read x as float4 and the dequantizer store 16 bytes at a time
+ * (scalar accesses strided by a unit across the lanes of a warp were 32-way divergent). */
+
 __device__ __forceinline__ void words16(const u8 *p, u32 w[4]) {
     const uint4 q = *(const uint4 *)p;
     w[0] = q.x; w[1] = q.y; w[2] = q.z; w[3] = q.w;
 }
 
 struct Q4_0 {
-    enum { UNIT = 32 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
+    enum { UNIT = 32, RUN = 32 };
+    static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const i64 b = row * (K / 32) + u;
         u32 q[4];
         words16(w + b * 16, q);
@@ -90,23 +97,23 @@ struct Q4_0 {
 #pragma unroll
         for (int j = 0; j < 16; j++) {   /* byte j: low nibble = element j, high = j + 16 */
             const int byte = (q[j >> 2] >> (8 * (j & 3))) & 0xff;
-            f(u * 32 + j, s * (float)((byte & 15) - 8));
-            f(u * 32 + j + 16, s * (float)((byte >> 4) - 8));
+            v[j] = s * (float)((byte & 15) - 8);
+            v[j + 16] = s * (float)((byte >> 4) - 8);
         }
     }
 };
 
 struct Q8_0 {
-    enum { UNIT = 32 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
+    enum { UNIT = 32, RUN = 32 };
+    static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const i64 b = row * (K / 32) + u;
         u32 q[8];
         words16(w + b * 32, q);
         words16(w + b * 32 + 16, q + 4);
         const float s = __half2float(d[b]);
 #pragma unroll
-        for (int j = 0; j < 32; j++) f(u * 32 + j, s * (float)(i8)((q[j >> 2] >> (8 * (j & 3))) & 0xff));
+        for (int j = 0; j < 32; j++) v[j] = s * (float)(i8)((q[j >> 2] >> (8 * (j & 3))) & 0xff);
     }
 };
 
@@ -125,9 +132,9 @@ __device__ __forceinline__ void scale_min_k4(int is, const u8 *sc, float *s, flo
  * nibbles; unit u (64 weights) is bytes qs[32j..32j+32) of super-block u/4, j = u%4: low
  * nibbles are sub-block 2j, high nibbles sub-block 2j+1. value = d*sc*q - dmin*m. */
 struct Q4_K {
-    enum { UNIT = 64 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
+    enum { UNIT = 64, RUN = 64 };
+    static __device__ __forceinline__ int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const u8 *b = w + (row * (K / 256) + u / 4) * 144;
         const int j = u & 3;
         const float dd = __half2float(((const __half *)b)[0]), dmin = __half2float(((const __half *)b)[1]);
@@ -138,24 +145,25 @@ struct Q4_K {
         u32 q[8];
         words16(b + 16 + 32 * j, q);
         words16(b + 32 + 32 * j, q + 4);
-        const int base = (u / 4) * 256 + 64 * j;
 #pragma unroll
         for (int l = 0; l < 32; l++) {
             const int byte = (q[l >> 2] >> (8 * (l & 3))) & 0xff;
-            f(base + l, a0 * (float)(byte & 15) - c0);
-            f(base + 32 + l, a1 * (float)(byte >> 4) - c1);
+            v[l] = a0 * (float)(byte & 15) - c0;
+            v[32 + l] = a1 * (float)(byte >> 4) - c1;
         }
     }
 };
 
 /* Q6_K (padded to 224 bytes): ql[128] qh[64] scales[16] (int8) d (half). Unit u covers half
- * h = u/2 of the super-block (128 weights) and l in [16g, 16g+16), g = u%2, for the four
- * quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order). */
+ * h of super-block u/4 (128 weights; h = (u%4)/2) and l in [16g, 16g+16), g = u%2, for the
+ * four quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order). */
 struct Q6_K {
-    enum { UNIT = 64 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
-        const int sb = (u & 3), h = sb >> 1, g = sb & 1;
+    enum { UNIT = 64, RUN = 16 };
+    static __device__ __forceinline__ int col(int u, int r) {
+        return (u >> 2) * 256 + 128 * ((u & 3) >> 1) + 16 * (u & 1) + 32 * r;
+    }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+        const int h = (u & 3) >> 1, g = u & 1;
         const u8 *b = w + (row * (K / 256) + u / 4) * 224;
         u32 lo[4], hi[4], qh[4];
         words16(b + 64 * h + 16 * g, lo);
@@ -164,35 +172,89 @@ struct Q6_K {
         const i8 *sc = (const i8 *)(b + 192 + 8 * h + g);
         const float dd = __half2float(*(const __half *)(b + 208));
         const float s0 = dd * sc[0], s1 = dd * sc[2], s2 = dd * sc[4], s3 = dd * sc[6];
-        const int base = (u / 4) * 256 + 128 * h + 16 * g;
 #pragma unroll
         for (int l = 0; l < 16; l++) {
             const int sh = 8 * (l & 3);
             const int a = (lo[l >> 2] >> sh) & 0xff, c = (hi[l >> 2] >> sh) & 0xff, e = (qh[l >> 2] >> sh) & 0xff;
-            f(base + l, s0 * (float)(((a & 15) | ((e & 3) << 4)) - 32));
-            f(base + 32 + l, s1 * (float)(((c & 15) | (((e >> 2) & 3) << 4)) - 32));
-            f(base + 64 + l, s2 * (float)(((a >> 4) | (((e >> 4) & 3) << 4)) - 32));
-            f(base + 96 + l, s3 * (float)(((c >> 4) | (((e >> 6) & 3) << 4)) - 32));
+            v[l] = s0 * (float)(((a & 15) | ((e & 3) << 4)) - 32);
+            v[16 + l] = s1 * (float)(((c & 15) | (((e >> 2) & 3) << 4)) - 32);
+            v[32 + l] = s2 * (float)(((a >> 4) | (((e >> 4) & 3) << 4)) - 32);
+            v[48 + l] = s3 * (float)(((c >> 4) | (((e >> 6) & 3) << 4)) - 32);
         }
     }
 };
 
-/* plain rows: one element per unit, so consecutive lanes read consecutive elements */
+/* plain rows: one element per unit, so consecutive lanes read consecutive elements (any K) */
 struct F16 {
-    enum { UNIT = 1 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
-        f(u, __half2float(((const __half *)w)[row * K + u]));
+    enum { UNIT = 1, RUN = 1 };
+    static __device__ __forceinline__ int col(int u, int r) { return u; }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+        v[0] = __half2float(((const __half *)w)[row * K + u]);
     }
 };
 
 struct F32 {
-    enum { UNIT = 1 };
-    template <class F>
-    static __device__ __forceinline__ void unit(const u8 *w, const __half *d, i64 row, int u, int K, F f) {
-        f(u, ((const float *)w)[row * K + u]);
+    enum { UNIT = 1, RUN = 1 };
+    static __device__ __forceinline__ int col(int u, int r) { return u; }
+    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+        v[0] = ((const float *)w)[row * K + u];
     }
 };
+
+/* Where column c of x sits in a block's shared copy: 4 floats of padding after every 32, so
+ * the lanes of a warp, each reading a float4 of its own unit (units 32 or 64 columns apart),
+ * hit distinct banks. (Straight from global memory those reads touched 32 cache lines per
+ * instruction and capped a matvec at ~250 GB/s.) */
+__device__ __forceinline__ int xpad(int c) { return c + (c >> 5) * 4; }
+
+/* v . x[columns of unit u]; x is the padded shared copy for RUN >= 4, else global */
+template <class Q>
+__device__ __forceinline__ float unit_dot(const float *v, const float *x, int u) {
+    float acc = 0.0f;
+    if (Q::RUN >= 4) {
+#pragma unroll
+        for (int r = 0; r < Q::UNIT / Q::RUN; r++) {
+#pragma unroll
+            for (int e = 0; e < Q::RUN / 4; e++) {
+                const float4 xv = *(const float4 *)(x + xpad(Q::col(u, r) + 4 * e));
+                const float *vv = v + r * Q::RUN + 4 * e;
+                acc += vv[0] * xv.x + vv[1] * xv.y + vv[2] * xv.z + vv[3] * xv.w;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < Q::UNIT; e++) acc += v[e] * x[Q::col(u, 0) + e];
+    }
+    return acc;
+}
+
+/* Stage row x (K floats) into shared memory, padded, optionally RMS-normalized with weight
+ * nw (the norm before a projection, fused here so it costs no launch of its own). Returns
+ * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. */
+template <class Q>
+__device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs) {
+    float inv = 1.0f;
+    if (nw) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < K; i += BLOCK) ss += x[i] * x[i];
+        inv = rsqrtf(block_sum(ss) / (float)K + eps);
+    }
+    if (Q::RUN < 4 && !nw) return x;
+    if (Q::RUN < 4) {
+        for (int i = threadIdx.x; i < K; i += BLOCK) xs[i] = x[i] * inv * nw[i];
+    } else {
+        for (int i = 4 * threadIdx.x; i < K; i += 4 * BLOCK) {
+            float4 v = *(const float4 *)(x + i);
+            if (nw) {
+                const float4 w = *(const float4 *)(nw + i);
+                v.x *= inv * w.x; v.y *= inv * w.y; v.z *= inv * w.z; v.w *= inv * w.w;
+            }
+            *(float4 *)(xs + xpad(i)) = v;
+        }
+    }
+    __syncthreads();
+    return xs;
+}
 
 /* ---- matrix x vector (decode, small batches) -------------------------------------------- */
 
@@ -201,42 +263,53 @@ __device__ __forceinline__ float row_dot(const u8 *w, const __half *d, i64 row, 
     const int lane = threadIdx.x % WARP, nu = K / Q::UNIT;
     float acc = 0.0f;
 #pragma unroll 2
-    for (int u = lane; u < nu; u += WARP)
-        Q::unit(w, d, row, u, K, [&](int i, float v) { acc += v * x[i]; });
+    for (int u = lane; u < nu; u += WARP) {
+        float v[Q::UNIT];
+        Q::load(w, d, row, u, K, v);
+        acc += unit_dot<Q>(v, x, u);
+    }
     return warp_sum(acc);
 }
 
-/* y[t, r] (+)= W[r] . x[t] for the rows of up to three matrices of one type stacked
- * (q|k|v share their input); grid (ceil(rows / NWARPS), n_tokens), one warp per row. */
+/* y[t, r] (+)= W[r] . norm(x[t]) for the rows of up to three matrices of one type stacked
+ * (q|k|v share their input); grid (ceil(rows / (NWARPS * rpw)), n_tokens): a block stages its
+ * token's x once, then its warps take rows in turn (rpw rows per warp). */
 template <class Q>
 __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,
                             const u8 *w2, const __half *d2, int n2, const float *x, float *y,
-                            int K, int ldx, int ldy, int accumulate) {
-    const int r = blockIdx.x * NWARPS + threadIdx.x / WARP;
-    int row = r;
-    const u8 *w;
-    const __half *d;
-    if (row < n0) { w = w0; d = d0; }
-    else if ((row -= n0) < n1) { w = w1; d = d1; }
-    else if ((row -= n1) < n2) { w = w2; d = d2; }
-    else return;                                   /* warp-uniform: no block barrier follows */
+                            int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw) {
+    extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float s = row_dot<Q>(w, d, row, K, x);
-    if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
+    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
+        int row = r;
+        const u8 *w;
+        const __half *d;
+        if (row < n0) { w = w0; d = d0; }
+        else if ((row -= n0) < n1) { w = w1; d = d1; }
+        else { row -= n1; w = w2; d = d2; }
+        const float s = row_dot<Q>(w, d, row, K, xv);
+        if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
+    }
 }
 
-/* y[t, r] = silu(Wg[r] . x[t]) * (Wu[r] . x[t]): the FFN's gate and up rows in one pass */
+/* y[t, r] = silu(Wg[r] . norm(x[t])) * (Wu[r] . norm(x[t])): gate, up and SwiGLU in one pass */
 template <class Q>
 __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,
-                                   const float *x, float *y, int K, int ldx, int ldy) {
-    const int r = blockIdx.x * NWARPS + threadIdx.x / WARP;
-    if (r >= n) return;
+                                   const float *x, float *y, int K, int ldx, int ldy,
+                                   const float *nw, float eps, int rpw) {
+    extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float g = row_dot<Q>(wg, dg, r, K, x);
-    const float u = row_dot<Q>(wu, du, r, K, x);
-    if (threadIdx.x % WARP == 0) y[r] = g / (1.0f + expf(-g)) * u;
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
+    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
+        const float g = row_dot<Q>(wg, dg, r, K, xv);
+        const float u = row_dot<Q>(wu, du, r, K, xv);
+        if (threadIdx.x % WARP == 0) y[r] = g / (1.0f + expf(-g)) * u;
+    }
 }
 
 /* ---- dequantize (prefill GEMM operands, embedding rows) ---------------------------------- */
@@ -250,22 +323,50 @@ __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int 
     if (idx >= (i64)n_rows * nu) return;
     const int i = (int)(idx / nu), u = (int)(idx % nu);
     const i64 src = rows ? (i64)rows[i] : (i64)r0 + i;
+    float v[Q::UNIT];
+    Q::load(w, d, src, u, K, v);
     const i64 o = (i64)i * K;
-    if (out_h) Q::unit(w, d, src, u, K, [&](int c, float v) { out_h[o + c] = __float2half(v); });
-    else       Q::unit(w, d, src, u, K, [&](int c, float v) { out_f[o + c] = v; });
+#pragma unroll
+    for (int r = 0; r < Q::UNIT / Q::RUN; r++) {
+        const i64 c = o + Q::col(u, r);
+        const float *vv = v + r * Q::RUN;
+        if (Q::RUN >= 8 && out_h) {          /* 8 halves = one 16-byte store */
+#pragma unroll
+            for (int e = 0; e < Q::RUN / 8; e++) {
+                uint4 pk;
+                u32 *p32 = (u32 *)&pk;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const __half2 h2 = __floats2half2_rn(vv[8 * e + 2 * k], vv[8 * e + 2 * k + 1]);
+                    p32[k] = *(const u32 *)&h2;
+                }
+                *(uint4 *)(out_h + c + 8 * e) = pk;
+            }
+        } else if (Q::RUN >= 4 && out_f) {
+#pragma unroll
+            for (int e = 0; e < Q::RUN / 4; e++)
+                *(float4 *)(out_f + c + 4 * e) = make_float4(vv[4 * e], vv[4 * e + 1], vv[4 * e + 2], vv[4 * e + 3]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < Q::RUN; e++) {
+                if (out_h) out_h[c + e] = __float2half(vv[e]);
+                else out_f[c + e] = vv[e];
+            }
+        }
+    }
 }
 
 #define EMBER_TYPED(NAME, Q)                                                                     \
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_##NAME(                               \
         const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,          \
         const u8 *w2, const __half *d2, int n2, const float *x, float *y,                        \
-        int K, int ldx, int ldy, int accumulate) {                                               \
-    matvec_body<Q>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate);           \
+        int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw) {          \
+    matvec_body<Q>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, rpw); \
 }                                                                                                \
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_swiglu_##NAME(                        \
         const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,                   \
-        const float *x, float *y, int K, int ldx, int ldy) {                                     \
-    matvec_swiglu_body<Q>(wg, dg, wu, du, n, x, y, K, ldx, ldy);                                 \
+        const float *x, float *y, int K, int ldx, int ldy, const float *nw, float eps, int rpw) { \
+    matvec_swiglu_body<Q>(wg, dg, wu, du, n, x, y, K, ldx, ldy, nw, eps, rpw);                   \
 }                                                                                                \
 extern "C" __global__ void __launch_bounds__(BLOCK) dequant_##NAME(                              \
         const u8 *w, const __half *d, const int *rows, int r0, int n_rows, int K,                \
@@ -425,5 +526,70 @@ extern "C" __global__ void attn_reduce(const float *part, float *out, int n_head
         float a = 0.0f;
         for (int s = 0; s < n_split; s++) a += p[s * (hd + 2) + 2 + i] * expf(p[s * (hd + 2)] - M);
         out[(i64)t * ld_out + h * hd + i] = a / L;
+    }
+}
+
+/* Prefill attention: grid (n_head, ceil(n_tokens / NWARPS)), a warp per query row t (position
+ * p = io[0] + t, keys 0..p). Keys go in tiles of WARP, a lane per key: each lane takes a whole
+ * q.k dot (no reduction per key), the tile's softmax update is one warp max and one warp sum,
+ * then the tile's probabilities are broadcast lane by lane into p.V (lanes own output dims).
+ * Queries of a block are consecutive, so their K/V rows are shared through L1. */
+extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
+        const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
+        float *out, int ld_out, int n_tok, int n_head, int n_kv, int hd, float scale) {
+    __shared__ float qs[NWARPS][HD_MAX];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int h = blockIdx.x, t = blockIdx.y * NWARPS + warp;
+    if (t >= n_tok) return;                        /* warp-uniform; no block barrier below */
+    const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv), pos = io[0] + t;
+    float *q = qs[warp];
+    for (int i = lane; i < hd; i += WARP) q[i] = qkv[(i64)t * ld + h * hd + i] * scale;
+    SYNCWARP();
+    float m = NEG_BIG, l = 0.0f, acc[HD_MAX / WARP];
+#pragma unroll
+    for (int j = 0; j < HD_MAX / WARP; j++) acc[j] = 0.0f;
+    for (int k0 = 0; k0 <= pos; k0 += WARP) {
+        const int key = k0 + lane;
+        float s = NEG_BIG;
+        if (key <= pos) {
+            const __half *kr = k_cache + (i64)key * kv_dim + kvh * hd;
+            float a = 0.0f;
+            if ((hd & 7) == 0) {
+                for (int i = 0; i < hd; i += 8) {
+                    const uint4 raw = *(const uint4 *)(kr + i);
+                    const __half2 *hp = (const __half2 *)&raw;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float2 f = __half22float2(hp[e]);
+                        a += q[i + 2 * e] * f.x + q[i + 2 * e + 1] * f.y;
+                    }
+                }
+            } else {
+                for (int i = 0; i < hd; i++) a += q[i] * __half2float(kr[i]);
+            }
+            s = a;
+        }
+        const float mn = fmaxf(m, warp_max(s));
+        const float corr = expf(m - mn);
+        const float p = key <= pos ? expf(s - mn) : 0.0f;
+        l = l * corr + warp_sum(p);
+#pragma unroll
+        for (int j = 0; j < HD_MAX / WARP; j++) acc[j] *= corr;
+        const int nk = min(WARP, pos + 1 - k0);
+        for (int kk = 0; kk < nk; kk++) {
+            const float pk = SHFL(p, kk);
+            const __half *vr = v_cache + (i64)(k0 + kk) * kv_dim + kvh * hd;
+#pragma unroll
+            for (int j = 0; j < HD_MAX / WARP; j++) {
+                const int i = lane + j * WARP;
+                if (i < hd) acc[j] += pk * __half2float(vr[i]);
+            }
+        }
+        m = mn;
+    }
+#pragma unroll
+    for (int j = 0; j < HD_MAX / WARP; j++) {
+        const int i = lane + j * WARP;
+        if (i < hd) out[(i64)t * ld_out + h * hd + i] = acc[j] / l;
     }
 }

@@ -130,14 +130,15 @@ def test_decode_plan_is_one_capturable_graph(tiny):
 
 
 def test_decode_plan_fuses_per_layer(tiny):
-    """Per layer: 2 norms, q|k|v (one launch per run of one type), rope, attention + merge,
-    o, gate|up+SwiGLU, down; the Q4_K_M mix puts attn_v in Q6_K on some layers."""
+    """Per layer: norm+q|k|v (one launch per run of one type), rope, attention + merge, o,
+    norm+gate|up+SwiGLU, down; the Q4_K_M mix puts attn_v in Q6_K on some layers."""
     c = _config(tiny("Q4_K_M"))
     lay = cuda.layout(c, n_ctx=64)
     steps = [s for s in cuda.forward_steps(lay, 1) if isinstance(s, cuda.Launch)]
     split_v = [lay.mats[f"{i}.k"].kind != lay.mats[f"{i}.v"].kind for i in range(c.n_layer)]
     assert any(split_v)                                     # the mix has a Q6_K attn_v layer
-    assert len(steps) == 1 + sum(9 + s for s in split_v) + 2  # embed ... final norm, output
+    assert len(steps) == 1 + sum(7 + s for s in split_v) + 1  # embed ... norm + output
+    assert not any(s.kernel == "rmsnorm" for s in steps)     # fused into the matvecs
     qkv = [s for s in steps if s.kernel.startswith("matvec_") and "swiglu" not in s.kernel
            and s.args[10].name == "qkv"]
     assert len(qkv) == c.n_layer + sum(split_v)
@@ -242,11 +243,15 @@ def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
     y = cp.full((T, rows), 7.0, cp.float32)
     nw = v.block // v.warp
     ptr = lambda a: np.uint64(0 if a is None else a.data.ptr)  # noqa: E731
+    norm_w = (1.0 + 0.1 * np.random.default_rng(2).standard_normal(cols)).astype(np.float32)
     m.get_function(f"matvec_{k}")(((rows + nw - 1) // nw, T), (v.block,),
                                   (ptr(w), ptr(d), np.int32(rows), ptr(None), ptr(None), np.int32(0),
                                    ptr(None), ptr(None), np.int32(0), cp.asarray(x), y,
-                                   np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1)))
-    np.testing.assert_allclose(y.get(), 7.0 + x @ ref.T, rtol=1e-4, atol=1e-3)   # accumulate=1
+                                   np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1),
+                                   cp.asarray(norm_w), np.float32(1e-5), np.int32(1)),
+                                  shared_mem=cuda._xs_bytes(k, cols))
+    xn = reference.rmsnorm(x, norm_w, 1e-5)                       # the fused RMSNorm
+    np.testing.assert_allclose(y.get(), 7.0 + xn @ ref.T, rtol=1e-4, atol=1e-3)   # accumulate=1
     out = cp.zeros((rows, cols), cp.float16)
     unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(k, 1)
     m.get_function(f"dequant_{k}")(((rows * cols // unit + 255) // 256,), (256,),
@@ -317,5 +322,5 @@ def test_errors_and_no_device_memory_growth(tiny):
         for _ in range(250):
             tok = int(np.argmax(run.decode(tok)))
         assert cupy.get_default_memory_pool().used_bytes() == used
-        assert run.n_past == 255
+        assert run.n_past == 254
         run.close()
