@@ -48,7 +48,7 @@ PRIORITY = 80
 DEFAULT_MAX_BATCH = 512
 MATVEC_MAX_T = 4                 # up to this many tokens, projections use the matvec kernels
 W_SCRATCH_BYTES = 32 << 20       # dequantized weight rows for one prefill GEMM chunk
-MIN_CHUNK, MAX_SPLITS = 64, 64   # decode attention: keys per split, and splits at most
+MIN_CHUNK, MAX_SPLITS = 256, 64  # decode attention: keys per split (a tile per warp), splits
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",

@@ -458,41 +458,74 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
 
 /* ---- attention over the cache, split over the sequence (flash-decoding) -------------------- */
 
-/* grid (n_head, n_tokens, n_split). Block (h, t, s) attends query head h of token t (position
- * p = io[0] + t, keys 0..p) over keys [s*chunk, min((s+1)*chunk, p+1)); its warps take keys
- * in turn with an online softmax each, then merge. Writes the unnormalized partial
- * (max, sum, acc[hd]) to part[t][h][s]; attn_reduce merges the splits. */
+/* q . K[key] for one lane's key; q is a float copy in shared memory (16-byte aligned) */
+__device__ __forceinline__ float key_dot(const float *q, const __half *kr, int hd) {
+    float a = 0.0f;
+    if ((hd & 7) == 0) {
+        for (int i = 0; i < hd; i += 8) {
+            const uint4 raw = *(const uint4 *)(kr + i);
+            const __half2 *hp = (const __half2 *)&raw;
+            const float4 qa = *(const float4 *)(q + i), qb = *(const float4 *)(q + i + 4);
+            const float2 f0 = __half22float2(hp[0]), f1 = __half22float2(hp[1]);
+            const float2 f2 = __half22float2(hp[2]), f3 = __half22float2(hp[3]);
+            a += qa.x * f0.x + qa.y * f0.y + qa.z * f1.x + qa.w * f1.y
+               + qb.x * f2.x + qb.y * f2.y + qb.z * f3.x + qb.w * f3.y;
+        }
+    } else {
+        for (int i = 0; i < hd; i++) a += q[i] * __half2float(kr[i]);
+    }
+    return a;
+}
+
+/* One tile of WARP keys [k0, k0 + WARP) ∩ [.., last] into a warp's online softmax: a lane per
+ * key takes a whole q.k dot, one warp max and one warp sum update (m, l), then the tile's
+ * probabilities are broadcast lane by lane into acc (lanes own output dims lane + j*WARP). */
+__device__ __forceinline__ void attend_tile(const float *q, const __half *kc, const __half *vc, int kv_stride,
+                                            int hd, int k0, int last, float &m, float &l, float *acc) {
+    const int lane = threadIdx.x % WARP, key = k0 + lane;
+    const float s = key <= last ? key_dot(q, kc + (i64)key * kv_stride, hd) : NEG_BIG;
+    const float mn = fmaxf(m, warp_max(s));
+    const float corr = expf(m - mn);
+    const float p = key <= last ? expf(s - mn) : 0.0f;
+    l = l * corr + warp_sum(p);
+#pragma unroll
+    for (int j = 0; j < HD_MAX / WARP; j++) acc[j] *= corr;
+    /* unrolled so the V loads of 8 keys are in flight together; keys past `last` have p = 0
+     * and read row `last` instead (written, finite) */
+#pragma unroll 8
+    for (int kk = 0; kk < WARP; kk++) {
+        const float pk = SHFL(p, kk);
+        const __half *vr = vc + (i64)min(k0 + kk, last) * kv_stride;
+#pragma unroll
+        for (int j = 0; j < HD_MAX / WARP; j++) {
+            const int i = lane + j * WARP;
+            if (i < hd) acc[j] += pk * __half2float(vr[i]);
+        }
+    }
+    m = mn;
+}
+
+/* Decode: grid (n_head, 1, n_split). Block (h, 0, s) attends query head h (position p = io[0],
+ * keys 0..p) over keys [s*chunk, min((s+1)*chunk, p+1)), its warps a tile of WARP keys at a
+ * time, then merges its warps and writes the unnormalized partial (max, sum, acc[hd]) to
+ * part[h][s]; attn_reduce merges the splits. */
 extern "C" __global__ void __launch_bounds__(BLOCK) attention(
         const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
         float *part, int n_head, int n_kv, int hd, int chunk, float scale) {
-    __shared__ float q[HD_MAX];
+    __shared__ __align__(16) float q[HD_MAX];
     __shared__ float wm[NWARPS], wl[NWARPS];
     __shared__ float wacc[NWARPS][HD_MAX];
-    const int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, n_split = gridDim.z;
+    const int h = blockIdx.x, sp = blockIdx.z, n_split = gridDim.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv);
-    const int n_keys = io[0] + t + 1, k0 = sp * chunk;
-    const int k1 = min(k0 + chunk, n_keys);
-    for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[(i64)t * ld + h * hd + i] * scale;
+    const int last = min((sp + 1) * chunk, io[0] + 1) - 1;
+    for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
     __syncthreads();
     float m = NEG_BIG, l = 0.0f, acc[HD_MAX / WARP];
 #pragma unroll
     for (int j = 0; j < HD_MAX / WARP; j++) acc[j] = 0.0f;
-    for (int key = k0 + warp; key < k1; key += NWARPS) {
-        const __half *kr = k_cache + (i64)key * kv_dim + kvh * hd;
-        float sc = 0.0f;
-        for (int i = lane; i < hd; i += WARP) sc += q[i] * __half2float(kr[i]);
-        sc = warp_sum(sc);
-        const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
-        l = l * corr + p;
-        const __half *vr = v_cache + (i64)key * kv_dim + kvh * hd;
-#pragma unroll
-        for (int j = 0; j < HD_MAX / WARP; j++) {
-            const int i = lane + j * WARP;
-            if (i < hd) acc[j] = acc[j] * corr + p * __half2float(vr[i]);
-        }
-        m = mn;
-    }
+    for (int k0 = sp * chunk + warp * WARP; k0 <= last; k0 += BLOCK)
+        attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, last, m, l, acc);
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
     for (int j = 0; j < HD_MAX / WARP; j++)
@@ -500,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     __syncthreads();
     float M = NEG_BIG;
     for (int w = 0; w < NWARPS; w++) M = fmaxf(M, wm[w]);
-    float *out = part + (((i64)t * n_head + h) * n_split + sp) * (hd + 2);
+    float *out = part + ((i64)h * n_split + sp) * (hd + 2);
     for (int i = threadIdx.x; i < hd; i += BLOCK) {
         float a = 0.0f;
         for (int w = 0; w < NWARPS; w++) a += wacc[w][i] * expf(wm[w] - M);
@@ -514,10 +547,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     }
 }
 
-/* out[t, h*hd + i] = sum_s acc_s[i] e^(m_s - M) / sum_s l_s e^(m_s - M); grid (n_head, n_tokens) */
+/* out[h*hd + i] = sum_s acc_s[i] e^(m_s - M) / sum_s l_s e^(m_s - M); grid (n_head) */
 extern "C" __global__ void attn_reduce(const float *part, float *out, int n_head, int hd, int n_split, int ld_out) {
     const int h = blockIdx.x, t = blockIdx.y;
-    const float *p = part + ((i64)t * n_head + h) * n_split * (hd + 2);
+    const float *p = part + (i64)h * n_split * (hd + 2);
     float M = NEG_BIG;
     for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (hd + 2)]);
     float L = 0.0f;
@@ -530,14 +563,12 @@ extern "C" __global__ void attn_reduce(const float *part, float *out, int n_head
 }
 
 /* Prefill attention: grid (n_head, ceil(n_tokens / NWARPS)), a warp per query row t (position
- * p = io[0] + t, keys 0..p). Keys go in tiles of WARP, a lane per key: each lane takes a whole
- * q.k dot (no reduction per key), the tile's softmax update is one warp max and one warp sum,
- * then the tile's probabilities are broadcast lane by lane into p.V (lanes own output dims).
- * Queries of a block are consecutive, so their K/V rows are shared through L1. */
+ * p = io[0] + t, keys 0..p), a tile of WARP keys at a time. Queries of a block are
+ * consecutive, so their K/V rows are shared through L1. */
 extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
         const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
         float *out, int ld_out, int n_tok, int n_head, int n_kv, int hd, float scale) {
-    __shared__ float qs[NWARPS][HD_MAX];
+    __shared__ __align__(16) float qs[NWARPS][HD_MAX];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int h = blockIdx.x, t = blockIdx.y * NWARPS + warp;
     if (t >= n_tok) return;                        /* warp-uniform; no block barrier below */
@@ -548,45 +579,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
     float m = NEG_BIG, l = 0.0f, acc[HD_MAX / WARP];
 #pragma unroll
     for (int j = 0; j < HD_MAX / WARP; j++) acc[j] = 0.0f;
-    for (int k0 = 0; k0 <= pos; k0 += WARP) {
-        const int key = k0 + lane;
-        float s = NEG_BIG;
-        if (key <= pos) {
-            const __half *kr = k_cache + (i64)key * kv_dim + kvh * hd;
-            float a = 0.0f;
-            if ((hd & 7) == 0) {
-                for (int i = 0; i < hd; i += 8) {
-                    const uint4 raw = *(const uint4 *)(kr + i);
-                    const __half2 *hp = (const __half2 *)&raw;
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const float2 f = __half22float2(hp[e]);
-                        a += q[i + 2 * e] * f.x + q[i + 2 * e + 1] * f.y;
-                    }
-                }
-            } else {
-                for (int i = 0; i < hd; i++) a += q[i] * __half2float(kr[i]);
-            }
-            s = a;
-        }
-        const float mn = fmaxf(m, warp_max(s));
-        const float corr = expf(m - mn);
-        const float p = key <= pos ? expf(s - mn) : 0.0f;
-        l = l * corr + warp_sum(p);
-#pragma unroll
-        for (int j = 0; j < HD_MAX / WARP; j++) acc[j] *= corr;
-        const int nk = min(WARP, pos + 1 - k0);
-        for (int kk = 0; kk < nk; kk++) {
-            const float pk = SHFL(p, kk);
-            const __half *vr = v_cache + (i64)(k0 + kk) * kv_dim + kvh * hd;
-#pragma unroll
-            for (int j = 0; j < HD_MAX / WARP; j++) {
-                const int i = lane + j * WARP;
-                if (i < hd) acc[j] += pk * __half2float(vr[i]);
-            }
-        }
-        m = mn;
-    }
+    for (int k0 = 0; k0 <= pos; k0 += WARP)
+        attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, pos, m, l, acc);
 #pragma unroll
     for (int j = 0; j < HD_MAX / WARP; j++) {
         const int i = lane + j * WARP;
