@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 import onnxruntime as ort  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from ember.formats import gguf, quants  # noqa: E402
 from ember.plugins import onnx as onnx_backend  # noqa: E402
@@ -52,19 +51,8 @@ def _load(path, n_ctx=64, **options):
 # ---------------------------------------------------------------------------
 
 def _matmul_nbits(x: np.ndarray, q: onnx_graph.NBits, n: int, k: int) -> np.ndarray:
-    ins, inits = ["A", "B", "S"], [numpy_helper.from_array(q.packed, "B"),
-                                   numpy_helper.from_array(q.scales, "S")]
-    if q.zero_points is not None:
-        ins.append("Z")
-        inits.append(numpy_helper.from_array(q.zero_points, "Z"))
-    node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=k, N=n,
-                            bits=q.bits, block_size=q.block)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
-                                                                          ["M", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    """Run the decoder's own op sequence for one weight, float activations (exact)."""
+    model = onnx_graph.matmul_model(q, k, n, accuracy_level=0)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": x})[0]
 
@@ -90,13 +78,14 @@ def test_matmul_nbits_equals_dequantized_matmul(qtype, n, k, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_q4_1_block_of_a_constant_falls_back_to_float():
-    """d == 0 with m != 0 (every value equal) has no finite zero point: dequantize instead."""
+def test_q4_1_block_of_a_constant_is_exact():
+    """d == 0, m != 0 (every value equal): the offset term alone carries it."""
     block = np.zeros(20, np.uint8)
     block[2:4] = np.frombuffer(np.float16(1.5).tobytes(), np.uint8)   # m = 1.5, d = 0
     t = gguf.GGUFTensor("w", "Q4_1", (1, 32), 0, 20, block)
-    assert onnx_graph.encode_nbits(t) is None
-    assert np.all(onnx_graph.dense(t) == 1.5)
+    x = np.arange(32, dtype=np.float32)[None]
+    np.testing.assert_allclose(_matmul_nbits(x, onnx_graph.encode_nbits(t), 1, 32),
+                               [[1.5 * x.sum()]], rtol=1e-6)
 
 
 def test_other_types_are_dense_and_counted_as_float32():
