@@ -335,33 +335,77 @@ void ember_vec_dot4_q4_K_q8_K_avx2(int64_t n, const void *vw, const void *vx, si
 
 /* ---- Q5_K ---------------------------------------------------------------- */
 
+/* chunk j (64 values) as unsigned 5-bit codes: sub-block 2j (lo) and 2j+1 (hi);
+ * the 5th bit of sub-block k is bit k of qh */
+static inline void q5k_chunk(const uint8_t *qs, __m256i qh, int j, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m256i bits = load256(qs + 32 * j);
+    const __m256i hl = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4);
+    const __m256i hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4);
+    *lo = _mm256_or_si256(_mm256_and_si256(bits, m4), hl);
+    *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), hh);
+}
+
 float ember_vec_dot_q5_K_q8_K_avx2(int64_t n, const void *vw, const void *vx) {
     const block_q5_K *w = vw;
     const block_q8_K *x = vx;
     __m256 acc = _mm256_setzero_ps();
     __m128 accm = _mm_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     for (int64_t i = 0; i < n / QK_K; i++) {
         const __m256i scmin = k4_scales_mins(w[i].scales);
         const __m128i sc = _mm256_castsi256_si128(scmin);
         const __m256i qh = load256(w[i].qh);
         __m256i sumi = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
-            const __m256i bits = load256(w[i].qs + 32 * j);
-            /* 5th bit of sub-block 2j is bit 2j of qh, of 2j+1 is bit 2j+1 */
-            const __m256i hl = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4);
-            const __m256i hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), hl);
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), hh);
+            __m256i lo, hi;
+            q5k_chunk(w[i].qs, qh, j, &lo, &hi);
             const int8_t *y = x[i].qs + 64 * j;
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(bcast16(sc, 2 * j), _mm256_maddubs_epi16(lo, load256(y))));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(bcast16(sc, 2 * j + 1), _mm256_maddubs_epi16(hi, load256(y + 32))));
+            const __m256i pl = _mm256_madd_epi16(bcast16(sc, 2 * j), _mm256_maddubs_epi16(lo, load256(y)));
+            const __m256i ph = _mm256_madd_epi16(bcast16(sc, 2 * j + 1), _mm256_maddubs_epi16(hi, load256(y + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
         const float dy = x[i].d;
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dy * fp16(w[i].d)), _mm256_cvtepi32_ps(sumi), acc);
         accm = _mm_fmadd_ps(_mm_set1_ps(-dy * fp16(w[i].dmin)), _mm_cvtepi32_ps(k4_min_sums(scmin, &x[i])), accm);
     }
     return hsum8(acc) + hsum4(accm);
+}
+
+/* same integer sums and float steps per row as the 1-row dot (equal bits) */
+void ember_vec_dot4_q5_K_q8_K_avx2(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_q5_K *w = vw;
+    const uint8_t *xb = vx;
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int r = 0; r < 4; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm_setzero_ps(); }
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m256i scmin = k4_scales_mins(w[i].scales);
+        const __m128i sc = _mm256_castsi256_si128(scmin);
+        const __m256i qh = load256(w[i].qh);
+        const block_q8_K *x[4];
+        __m256i sumi[4];
+        for (int r = 0; r < 4; r++) {
+            x[r] = (const block_q8_K *)(xb + r * xs) + i;
+            sumi[r] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 4; j++) {
+            __m256i lo, hi;
+            q5k_chunk(w[i].qs, qh, j, &lo, &hi);
+            const __m256i sl = bcast16(sc, 2 * j), sh = bcast16(sc, 2 * j + 1);
+            for (int r = 0; r < 4; r++) {
+                const int8_t *y = x[r]->qs + 64 * j;
+                const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load256(y)));
+                const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load256(y + 32)));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+            }
+        }
+        const float dw = fp16(w[i].d), dmin = fp16(w[i].dmin);
+        for (int r = 0; r < 4; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r]->d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            accm[r] = _mm_fmadd_ps(_mm_set1_ps(-x[r]->d * dmin), _mm_cvtepi32_ps(k4_min_sums(scmin, x[r])), accm[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = hsum8(acc[r]) + hsum4(accm[r]);
 }
 
 /* ---- Q6_K ---------------------------------------------------------------- */
@@ -540,6 +584,7 @@ void ember_fill_kernels_avx2(ember_type_kernels *k) {
     k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_avx2;
     k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx2;
     k[EMBER_Q5_K].dot = ember_vec_dot_q5_K_q8_K_avx2;
+    k[EMBER_Q5_K].dot4 = ember_vec_dot4_q5_K_q8_K_avx2;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx2;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx2;
     k[EMBER_F32].dot = ember_vec_dot_f32_f32_avx2;

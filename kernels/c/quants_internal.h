@@ -84,13 +84,20 @@ static inline void ember_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8
     }
 }
 
-/* 16 signed 6-bit Q3_K scales (value - 32) from their 12-byte packing */
+/* 16 signed 6-bit Q3_K scales (value - 32) from their 12-byte packing.
+ * Scale i: low 4 bits from byte i (i < 8) or the high nibble of byte i-8;
+ * high 2 bits are bits 2*(i/4) of byte 8 + i%4. Four at a time in u32s. */
 static inline void ember_q3k_scales(const uint8_t *s, int8_t out[16]) {
-    for (int i = 0; i < 16; i++) {
-        const int lo = i < 8 ? (s[i] & 0xF) : (s[i - 8] >> 4);
-        const int hi = (s[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
-        out[i] = (int8_t)((lo | (hi << 4)) - 32);
-    }
+    uint32_t a[3], u[4];
+    memcpy(a, s, 12);
+    const uint32_t m2 = 0x03030303u, m4 = 0x0f0f0f0fu;
+    u[0] = (a[0] & m4) | (((a[2] >> 0) & m2) << 4);
+    u[1] = (a[1] & m4) | (((a[2] >> 2) & m2) << 4);
+    u[2] = ((a[0] >> 4) & m4) | (((a[2] >> 4) & m2) << 4);
+    u[3] = ((a[1] >> 4) & m4) | (((a[2] >> 6) & m2) << 4);
+    uint8_t b[16];
+    memcpy(b, u, 16);
+    for (int i = 0; i < 16; i++) out[i] = (int8_t)(b[i] - 32);
 }
 
 extern const int8_t ember_kvalues_iq4nl[16];
