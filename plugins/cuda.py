@@ -443,7 +443,7 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
     scale = float(1.0 / math.sqrt(c.head_dim))
     vec = lambda role: Buf(v[role]) if v[role] else None  # noqa: E731
     steps = project(lay, qkv_mats, Buf("x"), c.n_embd, Buf("qkv"), lay.qkv_dim, T, norm=v[f"{i}.attn_norm"])
-    steps.append(Launch("rope_kv", (T, 1, 1), (lay.block, 1, 1),
+    steps.append(Launch("rope_kv", (_grid(c.n_head + 2 * c.n_head_kv, lay.nwarps), T, 1), (lay.block, 1, 1),
                         (Buf("qkv"), lay.qkv_dim, vec(f"{i}.bias"), vec(f"{i}.q_norm"), vec(f"{i}.k_norm"),
                          Buf("cs"), Buf("io"), Buf("kc", kv_off), Buf("vc", kv_off),
                          c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"),

@@ -410,7 +410,7 @@ extern "C" __global__ void to_half(const float *x, __half *y, i64 n) {
 
 /* ---- q/k/v post-processing: biases, per-head q/k norm, rope, KV cache write --------------- */
 
-/* grid (n_tokens); warp per head of q|k|v (n_head + 2 n_kv heads of hd). Token t sits at
+/* grid (ceil((n_head + 2 n_kv) / NWARPS), n_tokens): a warp per head of q|k|v. Token t sits at
  * position io[0] + t. cs: (n_ctx, rope_dim/2, 2) cos, sin. neox: pairs (i, i + rope_dim/2),
  * else interleaved (2i, 2i+1). q is rewritten in place; k and v go to the f16 cache. */
 extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
@@ -419,10 +419,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps) {
     __shared__ float buf[NWARPS][HD_MAX];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int pos = io[0] + blockIdx.x, kv_dim = n_kv * hd, half_rd = rope_dim / 2;
-    float *row = qkv + (i64)blockIdx.x * ld;
+    const int pos = io[0] + blockIdx.y, kv_dim = n_kv * hd, half_rd = rope_dim / 2;
+    float *row = qkv + (i64)blockIdx.y * ld;
     float *s = buf[warp];
-    for (int hh = warp; hh < n_head + 2 * n_kv; hh += NWARPS) {
+    for (int hh = blockIdx.x * NWARPS + warp; hh < min((int)(blockIdx.x + 1) * NWARPS, n_head + 2 * n_kv); hh += NWARPS) {
         float *v = row + (i64)hh * hd;
         for (int i = lane; i < hd; i += WARP) s[i] = v[i] + (bias ? bias[hh * hd + i] : 0.0f);
         if (hh >= n_head + n_kv) {       /* a v head: straight into the cache */
@@ -477,19 +477,23 @@ __device__ __forceinline__ float key_dot(const float *q, const __half *kr, int h
     return a;
 }
 
+#define NJ2 (HD_MAX / (2 * WARP))   /* half2 output slots per lane for the widest head */
+
 /* One tile of WARP keys [k0, k0 + WARP) ∩ [.., last] into a warp's online softmax: a lane per
  * key takes a whole q.k dot, one warp max and one warp sum update (m, l), then the tile's
- * probabilities are broadcast lane by lane into acc (lanes own output dims lane + j*WARP). */
+ * probabilities are broadcast lane by lane into acc. Lane owns output dims 2*(lane + j*WARP)
+ * and the next one, j < nj = ceil(hd / (2*WARP)) (a warp-uniform bound, so narrow heads skip
+ * the unused slots instead of predicating them). */
 __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, const __half *vc, int kv_stride,
-                                            int hd, int k0, int last, float &m, float &l, float *acc) {
-    const int lane = threadIdx.x % WARP, key = k0 + lane;
+                                            int hd, int k0, int last, float &m, float &l, float2 *acc) {
+    const int lane = threadIdx.x % WARP, key = k0 + lane, nj = (hd + 2 * WARP - 1) / (2 * WARP);
     const float s = key <= last ? key_dot(q, kc + (i64)key * kv_stride, hd) : NEG_BIG;
     const float mn = fmaxf(m, warp_max(s));
     const float corr = expf(m - mn);
     const float p = key <= last ? expf(s - mn) : 0.0f;
     l = l * corr + warp_sum(p);
 #pragma unroll
-    for (int j = 0; j < HD_MAX / WARP; j++) acc[j] *= corr;
+    for (int j = 0; j < NJ2; j++) { acc[j].x *= corr; acc[j].y *= corr; }
     /* unrolled so the V loads of 8 keys are in flight together; keys past `last` have p = 0
      * and read row `last` instead (written, finite) */
 #pragma unroll 8
@@ -497,9 +501,14 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
         const float pk = SHFL(p, kk);
         const __half *vr = vc + (i64)min(k0 + kk, last) * kv_stride;
 #pragma unroll
-        for (int j = 0; j < HD_MAX / WARP; j++) {
-            const int i = lane + j * WARP;
-            if (i < hd) acc[j] += pk * __half2float(vr[i]);
+        for (int j = 0; j < NJ2; j++) {
+            if (j >= nj) break;
+            const int i = 2 * (lane + j * WARP);
+            if (i < hd) {
+                const float2 v = __half22float2(*(const __half2 *)(vr + i));
+                acc[j].x += pk * v.x;
+                acc[j].y += pk * v.y;
+            }
         }
     }
     m = mn;
@@ -521,15 +530,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     const int last = min((sp + 1) * chunk, io[0] + 1) - 1;
     for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
     __syncthreads();
-    float m = NEG_BIG, l = 0.0f, acc[HD_MAX / WARP];
+    float m = NEG_BIG, l = 0.0f;
+    float2 acc[NJ2];
 #pragma unroll
-    for (int j = 0; j < HD_MAX / WARP; j++) acc[j] = 0.0f;
+    for (int j = 0; j < NJ2; j++) acc[j] = make_float2(0.0f, 0.0f);
     for (int k0 = sp * chunk + warp * WARP; k0 <= last; k0 += BLOCK)
         attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, last, m, l, acc);
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
-    for (int j = 0; j < HD_MAX / WARP; j++)
-        if (lane + j * WARP < hd) wacc[warp][lane + j * WARP] = acc[j];
+    for (int j = 0; j < NJ2; j++) {
+        const int i = 2 * (lane + j * WARP);
+        if (i < hd) { wacc[warp][i] = acc[j].x; wacc[warp][i + 1] = acc[j].y; }
+    }
     __syncthreads();
     float M = NEG_BIG;
     for (int w = 0; w < NWARPS; w++) M = fmaxf(M, wm[w]);
@@ -576,14 +588,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
     float *q = qs[warp];
     for (int i = lane; i < hd; i += WARP) q[i] = qkv[(i64)t * ld + h * hd + i] * scale;
     SYNCWARP();
-    float m = NEG_BIG, l = 0.0f, acc[HD_MAX / WARP];
+    float m = NEG_BIG, l = 0.0f;
+    float2 acc[NJ2];
 #pragma unroll
-    for (int j = 0; j < HD_MAX / WARP; j++) acc[j] = 0.0f;
+    for (int j = 0; j < NJ2; j++) acc[j] = make_float2(0.0f, 0.0f);
     for (int k0 = 0; k0 <= pos; k0 += WARP)
         attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, pos, m, l, acc);
+    float *o = out + (i64)t * ld_out + h * hd;
 #pragma unroll
-    for (int j = 0; j < HD_MAX / WARP; j++) {
-        const int i = lane + j * WARP;
-        if (i < hd) out[(i64)t * ld_out + h * hd + i] = acc[j] / l;
+    for (int j = 0; j < NJ2; j++) {
+        const int i = 2 * (lane + j * WARP);
+        if (i < hd) { o[i] = acc[j].x / l; o[i + 1] = acc[j].y / l; }
     }
 }
