@@ -207,7 +207,7 @@ def write_model(shape_name: str, quant: str, path: str | os.PathLike, seed: int 
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("EMBER_CACHE") or os.path.join(
+    base = os.environ.get("EMBER_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ember")
     return Path(base) / "synthetic"
 

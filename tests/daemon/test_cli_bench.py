@@ -1,7 +1,7 @@
 """`ember bench`: real runs of the CLI on real files (a conformance model, a synthetic one).
 
 The synthetic model is written by the command itself into a cache under
-tmp_path (EMBER_CACHE), with ember's own GGUF writer and quantizer.
+tmp_path (EMBER_CACHE_DIR), with ember's own GGUF writer and quantizer.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def ember(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_json_has_exactly_the_documented_keys(tmp_path):
-    env = {"EMBER_CACHE": str(tmp_path)}
+    env = {"EMBER_CACHE_DIR": str(tmp_path)}
     r = ember("--synthetic", "llama-tiny", "--quant", "Q4_K_M", "--prompt-tokens", "24",
               "--gen-tokens", "8", "--threads", "2", "--json", env=env)
     assert r.returncode == 0, r.stderr
@@ -56,7 +56,7 @@ def test_human_output_on_a_real_model():
     (["x.gguf", "--threads", "0"], "--threads"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, msg, tmp_path):
-    r = ember(*args, env={"EMBER_CACHE": str(tmp_path)})
+    r = ember(*args, env={"EMBER_CACHE_DIR": str(tmp_path)})
     assert r.returncode == 2
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
