@@ -27,7 +27,8 @@ Options (the `options` dict of ember_load / ember_plan):
     accuracy_level  MatMulNBits accuracy_level: 4 (default: activations quantized
                     to int8 per block, as llama.cpp does; ~1.5-2x faster on
                     x86, and as close to llama.cpp's logits) or 0 (float
-                    activations)
+                    activations; ORT has no fast float kernel for 8-bit
+                    16-element blocks, so Q6_K tensors crawl: 0.5 vs 7 tok/s)
     allow_spinning  let ORT's idle worker threads busy-wait (default False)
     cache_dir       overrides the cache directory
 """
