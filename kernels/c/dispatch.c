@@ -174,11 +174,27 @@ void ember_quantize_act(int wtype, const float *x, void *xq, int64_t n) {
     if (ember_act_type(wtype) == EMBER_Q8_0) ember_q8_0_fill_aux(xq, n, q8_0_bias(wtype));
 }
 
+/* Decode streams each weight byte once; the hardware prefetcher stops at 4 KiB
+ * page boundaries, so while row r computes we ask for the bytes one row plus
+ * PREFETCH_AHEAD past it (one prefetch per cache line, each line once).
+ * Measured single-thread streaming, 5632x2048: Q4_0 7.5 -> 9.6 GB/s, Q4_K
+ * 7.3 -> 9.6, Q8_0 unchanged; 4 KiB and more ahead was worse. */
+#define PREFETCH_AHEAD 2048
+
+static void prefetch_row(const uint8_t *w, size_t row_bytes, int64_t r, int64_t r1) {
+    const size_t end = (size_t)r1 * row_bytes;
+    const size_t from = (size_t)(r + 1) * row_bytes + PREFETCH_AHEAD;
+    for (size_t o = from; o < from + row_bytes && o < end; o += 64) __builtin_prefetch(w + o, 0, 0);
+}
+
 void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, float *y,
                   int64_t n, int64_t r0, int64_t r1) {
     const ember_vec_dot_fn dot = cur[wtype].dot;
     const uint8_t *w = W;
-    for (int64_t r = r0; r < r1; r++) y[r - r0] = dot(n, w + (size_t)r * row_bytes, xq);
+    for (int64_t r = r0; r < r1; r++) {
+        prefetch_row(w, row_bytes, r, r1);
+        y[r - r0] = dot(n, w + (size_t)r * row_bytes, xq);
+    }
 }
 
 /* Y[b*ldy + r] for rows [r, rend) and activation rows [b, b+4) */
