@@ -7,8 +7,9 @@ it once, and logs the choice once. Forcing an ISA the CPU lacks, or naming
 one that does not exist, raises ISAError at import: a clear error instead of
 a silently slower (or crashing) process.
 
-``ISA`` is the name chosen at import; ``available_isas()`` lists what this
-CPU runs, widest last; ``use(name)`` switches at run time (tests walk every
+``ISA`` is the name chosen at import; ``current_variant()`` adds the
+extension in use ("avx512+vnni"); ``available_isas()`` lists what this CPU
+runs, widest last; ``use(name)`` switches at run time (tests walk every
 variant with it) and must not race with running kernels.
 """
 from __future__ import annotations
@@ -59,11 +60,18 @@ def current_isa() -> str:
     return _native.isa_name()
 
 
+def current_variant() -> str:
+    """The ISA plus the optional extension its kernels use, e.g. 'avx512+vnni',
+    'neon+dotprod' (for `ember backends` and the daemon's status)."""
+    return _native.isa_variant()
+
+
 def _select() -> str:
     forced = parse_isa(os.environ.get("EMBER_ISA"))
     name = use(forced if forced is not None else available_isas()[-1])
     how = "forced by EMBER_ISA" if forced is not None else "auto"
-    log.info("kernels: ISA %s (%s; this CPU runs %s)", name, how, ", ".join(available_isas()))
+    log.info("kernels: ISA %s (%s, %s; this CPU runs %s)", name, current_variant(), how,
+             ", ".join(available_isas()))
     return name
 
 

@@ -73,6 +73,16 @@ def test_unknown_isa_name_is_a_clear_error():
     assert "EMBER_ISA='avx1024' is not an ISA" in p.stderr
 
 
+def test_variant_names_the_isa_and_its_extension():
+    before = dispatch.current_isa()
+    try:
+        for isa in dispatch.available_isas():
+            dispatch.use(isa)
+            assert dispatch.current_variant().split("+")[0] == isa
+    finally:
+        dispatch.use(before)
+
+
 def test_use_switches_and_refuses_missing():
     before = dispatch.current_isa()
     try:
