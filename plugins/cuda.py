@@ -48,7 +48,6 @@ PRIORITY = 80
 DEFAULT_MAX_BATCH = 512
 MATVEC_MAX_T = 4                 # up to this many tokens, projections use the matvec kernels
 W_SCRATCH_BYTES = 32 << 20       # dequantized weight rows for one prefill GEMM chunk
-GMAX = 8                         # query heads of one kv head per prefill attention warp
 MIN_CHUNK, MAX_SPLITS = 256, 64  # decode attention: keys per split (a tile per warp), splits
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
@@ -456,11 +455,9 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
         steps.append(Launch("attn_reduce", (c.n_head, 1, 1), (128, 1, 1),
                             (Buf("part"), Buf("att"), c.n_head, c.head_dim, lay.n_split, lay.q_dim)))
     else:        # prefill: a warp per query row, keys a tile at a time
-        ng = _grid(c.n_head // c.n_head_kv, GMAX)   # blocks per kv head: GMAX query heads each
-        steps.append(Launch("attention_rows", (c.n_head_kv * ng, _grid(T, lay.nwarps), 1), (lay.block, 1, 1),
+        steps.append(Launch("attention_rows", (c.n_head, _grid(T, lay.nwarps), 1), (lay.block, 1, 1),
                             (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
-                             Buf("att"), lay.q_dim, T, c.n_head, c.n_head_kv, c.head_dim, scale),
-                            4 * lay.nwarps * GMAX * c.head_dim))
+                             Buf("att"), lay.q_dim, T, c.n_head, c.n_head_kv, c.head_dim, scale)))
     steps += project(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, T, acc=True)
     return steps
 
@@ -580,8 +577,7 @@ class CudaRunner:
         v = cuda_source.variant("hip" if rt.is_hip else "cuda", warp)
         self.module = cp.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
         self.kernels = {k: self.module.get_function(k) for k in cuda_source.kernel_names()}
-        for s in forward_steps(self.lay, 1) + forward_steps(self.lay, min(self.lay.max_batch, MATVEC_MAX_T + 1)):
-            # shared memory above the default 48 KiB (x copies, q of GMAX wide heads)
+        for s in forward_steps(self.lay, 1):     # x copies above the default 48 KiB
             if isinstance(s, Launch) and s.smem > 48 << 10:
                 self.kernels[s.kernel].max_dynamic_shared_size_bytes = s.smem
         self.stream = cp.cuda.Stream(non_blocking=True)

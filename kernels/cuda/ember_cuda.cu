@@ -88,7 +88,6 @@ __device__ __forceinline__ void words16(const u8 *p, u32 w[4]) {
 
 struct Q4_0 {
     enum { UNIT = 32, RUN = 32 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K / 32 * 16); }
     static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
     static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const i64 b = row * (K / 32) + u;
@@ -106,7 +105,6 @@ struct Q4_0 {
 
 struct Q8_0 {
     enum { UNIT = 32, RUN = 32 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K / 32 * 32); }
     static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
     static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const i64 b = row * (K / 32) + u;
@@ -135,7 +133,6 @@ __device__ __forceinline__ void scale_min_k4(int is, const u8 *sc, float *s, flo
  * nibbles are sub-block 2j, high nibbles sub-block 2j+1. value = d*sc*q - dmin*m. */
 struct Q4_K {
     enum { UNIT = 64, RUN = 64 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K / 256 * 144); }
     static __device__ __forceinline__ int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
     static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         const u8 *b = w + (row * (K / 256) + u / 4) * 144;
@@ -162,7 +159,6 @@ struct Q4_K {
  * four quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order). */
 struct Q6_K {
     enum { UNIT = 64, RUN = 16 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K / 256 * 224); }
     static __device__ __forceinline__ int col(int u, int r) {
         return (u >> 2) * 256 + 128 * ((u & 3) >> 1) + 16 * (u & 1) + 32 * r;
     }
@@ -191,7 +187,6 @@ struct Q6_K {
 /* plain rows: one element per unit, so consecutive lanes read consecutive elements (any K) */
 struct F16 {
     enum { UNIT = 1, RUN = 1 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K * 2); }
     static __device__ __forceinline__ int col(int u, int r) { return u; }
     static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         v[0] = __half2float(((const __half *)w)[row * K + u]);
@@ -200,7 +195,6 @@ struct F16 {
 
 struct F32 {
     enum { UNIT = 1, RUN = 1 };
-    static __device__ __forceinline__ i64 row_bytes(int K) { return (i64)(K * 4); }
     static __device__ __forceinline__ int col(int u, int r) { return u; }
     static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
         v[0] = ((const float *)w)[row * K + u];
@@ -277,21 +271,6 @@ __device__ __forceinline__ float row_dot(const u8 *w, const __half *d, i64 row, 
     return warp_sum(acc);
 }
 
-/* Ask L2 for the rows this warp will read (rows r0 + warp, + NWARPS, ... < r1 of the stacked
- * matrices) before the block stages x, so their bytes arrive while it does. */
-template <class Q>
-__device__ __forceinline__ void prefetch_rows(const u8 *w0, int n0, const u8 *w1, int n1, const u8 *w2,
-                                              int r0, int r1, int K) {
-#if !EMBER_HIP
-    const i64 rb = Q::row_bytes(K);
-    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
-        const u8 *p = r < n0 ? w0 + r * rb : r < n0 + n1 ? w1 + (r - n0) * rb : w2 + (r - n0 - n1) * rb;
-        for (i64 o = 128 * (threadIdx.x % WARP); o < rb; o += 128 * WARP)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + o));
-    }
-#endif
-}
-
 /* y[t, r] (+)= W[r] . norm(x[t]) for the rows of up to three matrices of one type stacked
  * (q|k|v share their input); grid (ceil(rows / (NWARPS * rpw)), n_tokens): a block stages its
  * token's x once, then its warps take rows in turn (rpw rows per warp). */
@@ -302,9 +281,8 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
     extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
-    prefetch_rows<Q>(w0, n0, w1, n1, w2, r0, r1, K);
     const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         int row = r;
         const u8 *w;
@@ -325,10 +303,8 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
     extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
-    prefetch_rows<Q>(wg, n, wu, n, wu, r0, r1, K);
-    prefetch_rows<Q>(wu, n, wu, n, wu, r0, r1, K);
     const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         const float g = row_dot<Q>(wg, dg, r, K, xv);
         const float u = row_dot<Q>(wu, du, r, K, xv);
@@ -598,91 +574,30 @@ extern "C" __global__ void attn_reduce(const float *part, float *out, int n_head
     }
 }
 
-/* Prefill attention, GQA-aware: grid (n_kv * ng, ceil(n_tokens / NWARPS)), ng = ceil(g / GMAX)
- * for g = n_head / n_kv query heads per kv head. A warp takes query row t (position p =
- * io[0] + t, keys 0..p) for up to GMAX heads of one kv head, a tile of WARP keys at a time:
- * each lane loads one key's K row once for all those heads, and each V row of the tile is
- * loaded once for all of them. q (scaled) sits in dynamic shared memory, (NWARPS, GMAX, hd). */
-#define GMAX 8
+/* Prefill attention: grid (n_head, ceil(n_tokens / NWARPS)), a warp per query row t (position
+ * p = io[0] + t, keys 0..p), a tile of WARP keys at a time. Queries of a block are
+ * consecutive, so their K/V rows are shared through L1. */
 extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
         const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
         float *out, int ld_out, int n_tok, int n_head, int n_kv, int hd, float scale) {
-    extern __shared__ float qsh[];
+    __shared__ __align__(16) float qs[NWARPS][HD_MAX];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int g = n_head / n_kv, ng = (g + GMAX - 1) / GMAX;
-    const int kvh = blockIdx.x / ng, h0 = kvh * g + (blockIdx.x % ng) * GMAX;
-    const int gh = min(GMAX, g - (int)(blockIdx.x % ng) * GMAX);
-    const int t = blockIdx.y * NWARPS + warp;
+    const int h = blockIdx.x, t = blockIdx.y * NWARPS + warp;
     if (t >= n_tok) return;                        /* warp-uniform; no block barrier below */
-    const int kv_dim = n_kv * hd, pos = io[0] + t, nj = (hd + 2 * WARP - 1) / (2 * WARP);
-    float *q = qsh + (i64)warp * GMAX * hd;        /* (GMAX, hd) */
-    for (int i = lane; i < gh * hd; i += WARP) q[i] = qkv[(i64)t * ld + h0 * hd + i] * scale;
+    const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv), pos = io[0] + t;
+    float *q = qs[warp];
+    for (int i = lane; i < hd; i += WARP) q[i] = qkv[(i64)t * ld + h * hd + i] * scale;
     SYNCWARP();
-    const __half *kc = k_cache + kvh * hd, *vc = v_cache + kvh * hd;
-    float m[GMAX], l[GMAX];
-    float2 acc[GMAX][NJ2];
+    float m = NEG_BIG, l = 0.0f;
+    float2 acc[NJ2];
 #pragma unroll
-    for (int a = 0; a < GMAX; a++) {
-        m[a] = NEG_BIG; l[a] = 0.0f;
+    for (int j = 0; j < NJ2; j++) acc[j] = make_float2(0.0f, 0.0f);
+    for (int k0 = 0; k0 <= pos; k0 += WARP)
+        attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, pos, m, l, acc);
+    float *o = out + (i64)t * ld_out + h * hd;
 #pragma unroll
-        for (int j = 0; j < NJ2; j++) acc[a][j] = make_float2(0.0f, 0.0f);
-    }
-    for (int k0 = 0; k0 <= pos; k0 += WARP) {
-        const int key = k0 + lane;
-        float sc[GMAX];
-#pragma unroll
-        for (int a = 0; a < GMAX; a++) sc[a] = 0.0f;
-        if (key <= pos) {                          /* one K row, every head of the group */
-            const __half *kr = kc + (i64)key * kv_dim;
-            for (int i = 0; i < hd; i += 2) {
-                const float2 kf = __half22float2(*(const __half2 *)(kr + i));
-#pragma unroll
-                for (int a = 0; a < GMAX; a++) {
-                    if (a >= gh) break;
-                    const float2 qf = *(const float2 *)(q + a * hd + i);
-                    sc[a] += qf.x * kf.x + qf.y * kf.y;
-                }
-            }
-        }
-        float p[GMAX];
-#pragma unroll
-        for (int a = 0; a < GMAX; a++) {
-            if (a >= gh) break;
-            const float s = key <= pos ? sc[a] : NEG_BIG;
-            const float mn = fmaxf(m[a], warp_max(s));
-            const float corr = expf(m[a] - mn);
-            p[a] = key <= pos ? expf(s - mn) : 0.0f;
-            l[a] = l[a] * corr + warp_sum(p[a]);
-            m[a] = mn;
-#pragma unroll
-            for (int j = 0; j < NJ2; j++) { acc[a][j].x *= corr; acc[a][j].y *= corr; }
-        }
-#pragma unroll 4
-        for (int kk = 0; kk < WARP; kk++) {
-            const __half *vr = vc + (i64)min(k0 + kk, pos) * kv_dim;
-#pragma unroll
-            for (int j = 0; j < NJ2; j++) {
-                if (j >= nj) break;
-                const int i = 2 * (lane + j * WARP);
-                const float2 v = i < hd ? __half22float2(*(const __half2 *)(vr + i)) : make_float2(0.0f, 0.0f);
-#pragma unroll
-                for (int a = 0; a < GMAX; a++) {
-                    if (a >= gh) break;
-                    const float pk = SHFL(p[a], kk);
-                    acc[a][j].x += pk * v.x;
-                    acc[a][j].y += pk * v.y;
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int a = 0; a < GMAX; a++) {
-        if (a >= gh) break;
-        float *o = out + (i64)t * ld_out + (h0 + a) * hd;
-#pragma unroll
-        for (int j = 0; j < NJ2; j++) {
-            const int i = 2 * (lane + j * WARP);
-            if (i < hd) { o[i] = acc[a][j].x / l[a]; o[i + 1] = acc[a][j].y / l[a]; }
-        }
+    for (int j = 0; j < NJ2; j++) {
+        const int i = 2 * (lane + j * WARP);
+        if (i < hd) { o[i] = acc[j].x / l; o[i + 1] = acc[j].y / l; }
     }
 }
