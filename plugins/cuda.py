@@ -361,12 +361,13 @@ def _xs_bytes(kind: str, cols: int) -> int:
 
 
 def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool,
-            norm: str | None):
+            norm: str | None, merge: bool = False):
     ws = [(g.w(), g.d(), g.rows) for g in group] + [(None, None, 0)] * (3 - len(group))
     rows, k = sum(g.rows for g in group), group[0]
     rpw = _rows_per_warp(lay, rows)
+    part = (Buf("part"), lay.n_split, lay.c.head_dim) if merge else (None, 0, 1)
     args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
-                                              float(lay.c.rms_eps), rpw)
+                                              float(lay.c.rms_eps), rpw) + part
     return Launch(f"matvec_{k.kind}", (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1), args,
                   _xs_bytes(k.kind, k.cols))
 
@@ -452,8 +453,10 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
         steps.append(Launch("attention", (c.n_head, 1, lay.n_split), (lay.block, 1, 1),
                             (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
                              Buf("part"), c.n_head, c.n_head_kv, c.head_dim, lay.chunk, scale)))
-        steps.append(Launch("attn_reduce", (c.n_head, 1, 1), (128, 1, 1),
-                            (Buf("part"), Buf("att"), c.n_head, c.head_dim, lay.n_split, lay.q_dim)))
+        # the o projection merges the splits while staging its input: no attn_reduce launch
+        steps.append(_matvec(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, 1,
+                             True, None, merge=True))
+        return steps
     else:        # prefill: a warp per query row, keys a tile at a time
         steps.append(Launch("attention_rows", (c.n_head, _grid(T, lay.nwarps), 1), (lay.block, 1, 1),
                             (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),

@@ -232,7 +232,23 @@ __device__ __forceinline__ float unit_dot(const float *v, const float *x, int u)
  * nw (the norm before a projection, fused here so it costs no launch of its own). Returns
  * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. */
 template <class Q>
-__device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs) {
+__device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs,
+                                const float *part, int n_split, int hd) {
+    if (part) {   /* x = the attention output, merged here from decode's split partials */
+        for (int i = threadIdx.x; i < K; i += BLOCK) {
+            const float *p = part + (i64)(i / hd) * n_split * (hd + 2);
+            float M = NEG_BIG, L = 0.0f, a = 0.0f;
+            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (hd + 2)]);
+            for (int s = 0; s < n_split; s++) {
+                const float e = expf(p[s * (hd + 2)] - M);
+                L += p[s * (hd + 2) + 1] * e;
+                a += p[s * (hd + 2) + 2 + i % hd] * e;
+            }
+            xs[Q::RUN >= 4 ? xpad(i) : i] = a / L;
+        }
+        __syncthreads();
+        return xs;
+    }
     float inv = 1.0f;
     if (nw) {
         float ss = 0.0f;
@@ -277,11 +293,12 @@ __device__ __forceinline__ float row_dot(const u8 *w, const __half *d, i64 row, 
 template <class Q>
 __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,
                             const u8 *w2, const __half *d2, int n2, const float *x, float *y,
-                            int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw) {
+                            int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,
+                            const float *part, int n_split, int hd) {
     extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         int row = r;
@@ -303,7 +320,7 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
     extern __shared__ float xs[];
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs);
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         const float g = row_dot<Q>(wg, dg, r, K, xv);
@@ -360,8 +377,10 @@ __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int 
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_##NAME(                               \
         const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,          \
         const u8 *w2, const __half *d2, int n2, const float *x, float *y,                        \
-        int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw) {          \
-    matvec_body<Q>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, rpw); \
+        int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,             \
+        const float *part, int n_split, int hd) {                                                \
+    matvec_body<Q>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, rpw, \
+                   part, n_split, hd);                                                           \
 }                                                                                                \
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_swiglu_##NAME(                        \
         const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,                   \
@@ -494,9 +513,9 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
     l = l * corr + warp_sum(p);
 #pragma unroll
     for (int j = 0; j < NJ2; j++) { acc[j].x *= corr; acc[j].y *= corr; }
-    /* unrolled so the V loads of 8 keys are in flight together; keys past `last` have p = 0
-     * and read row `last` instead (written, finite) */
-#pragma unroll 8
+    /* fully unrolled so the V loads of the whole tile are in flight together; keys past
+     * `last` have p = 0 and read row `last` instead (written, finite) */
+#pragma unroll
     for (int kk = 0; kk < WARP; kk++) {
         const float pk = SHFL(p, kk);
         const __half *vr = vc + (i64)min(k0 + kk, last) * kv_stride;

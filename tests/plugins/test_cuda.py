@@ -130,14 +130,15 @@ def test_decode_plan_is_one_capturable_graph(tiny):
 
 
 def test_decode_plan_fuses_per_layer(tiny):
-    """Per layer: norm+q|k|v (one launch per run of one type), rope, attention + merge, o,
+    """Per layer: norm+q|k|v (one launch per run of one type), rope, attention, merge+o,
     norm+gate|up+SwiGLU, down; the Q4_K_M mix puts attn_v in Q6_K on some layers."""
     c = _config(tiny("Q4_K_M"))
     lay = cuda.layout(c, n_ctx=64)
     steps = [s for s in cuda.forward_steps(lay, 1) if isinstance(s, cuda.Launch)]
     split_v = [lay.mats[f"{i}.k"].kind != lay.mats[f"{i}.v"].kind for i in range(c.n_layer)]
     assert any(split_v)                                     # the mix has a Q6_K attn_v layer
-    assert len(steps) == 1 + sum(7 + s for s in split_v) + 1  # embed ... norm + output
+    assert len(steps) == 1 + sum(6 + s for s in split_v) + 1  # embed ... norm + output
+    assert not any(s.kernel == "attn_reduce" for s in steps)  # merged by the o projection
     assert not any(s.kernel == "rmsnorm" for s in steps)     # fused into the matvecs
     qkv = [s for s in steps if s.kernel.startswith("matvec_") and "swiglu" not in s.kernel
            and s.args[10].name == "qkv"]
@@ -248,7 +249,8 @@ def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
                                   (ptr(w), ptr(d), np.int32(rows), ptr(None), ptr(None), np.int32(0),
                                    ptr(None), ptr(None), np.int32(0), cp.asarray(x), y,
                                    np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1),
-                                   cp.asarray(norm_w), np.float32(1e-5), np.int32(1)),
+                                   cp.asarray(norm_w), np.float32(1e-5), np.int32(1),
+                                   ptr(None), np.int32(0), np.int32(1)),
                                   shared_mem=cuda._xs_bytes(k, cols))
     xn = reference.rmsnorm(x, norm_w, 1e-5)                       # the fused RMSNorm
     np.testing.assert_allclose(y.get(), 7.0 + xn @ ref.T, rtol=1e-4, atol=1e-3)   # accumulate=1
