@@ -23,7 +23,9 @@ every layer (contiguous views, no copy) and writes back the T new rows the
 graph returns; truncate and reset only move n_past.
 
 Options (the `options` dict of ember_load / ember_plan):
-    provider        ORT execution provider, default "CPUExecutionProvider"
+    provider        ORT execution provider, default $EMBER_ONNX_PROVIDER or
+                    "CPUExecutionProvider"; reported in runner.info and
+                    `ember backends` lists the ones this onnxruntime has
     accuracy_level  MatMulNBits accuracy_level: 4 (default: activations quantized
                     to int8 per block, as llama.cpp does; ~1.5-2x faster on
                     x86, and as close to llama.cpp's logits) or 0 (float
@@ -124,7 +126,7 @@ def plan(config: ModelConfig, n_ctx: int, options: dict) -> MemoryPlan:
     T = n_ctx
     acts = T * (4 * config.n_embd + 3 * config.n_ff + 3 * config.n_head * config.head_dim) * 4
     scores = 2 * config.n_head * T * n_ctx * 4
-    on_device = options.get("provider", DEFAULT_PROVIDER) != DEFAULT_PROVIDER
+    on_device = provider(options) != DEFAULT_PROVIDER
     return MemoryPlan(
         weights=embd + (0 if on_device else graph),
         kv_cache=config.kv_cache_bytes(n_ctx, bytes_per_value=4),
@@ -226,6 +228,12 @@ def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def provider(options: dict) -> str:
+    """The execution provider: options["provider"], else $EMBER_ONNX_PROVIDER (so emberd
+    and `ember run`, which pass no backend options, can pick one), else CPU."""
+    return options.get("provider") or os.environ.get("EMBER_ONNX_PROVIDER") or DEFAULT_PROVIDER
+
+
 def _session(path: Path, threads: int | None, provider: str, spin: bool):
     import onnxruntime as ort
     if provider not in ort.get_available_providers():
@@ -255,7 +263,7 @@ class OnnxRunner:
         self.c, self.n_ctx, self.n_vocab, self.n_past = config, n_ctx, config.n_vocab, 0
         t0 = time.perf_counter()
         self.graph, built = graph_path(gguf, config, options)
-        self.provider = options.get("provider", DEFAULT_PROVIDER)
+        self.provider = provider(options)
         self.session = _session(self.graph, threads, self.provider,
                                 bool(options.get("allow_spinning", False)))
         self.info = {"backend": NAME, "provider": self.session.get_providers()[0],

@@ -291,3 +291,15 @@ def test_emberd_serves_on_the_onnx_backend(cache):
     finally:
         rc = d.stop()
     assert rc == 0, d.stderr()
+
+
+def test_provider_from_the_environment(monkeypatch):
+    """emberd and `ember run` pass no backend options: EMBER_ONNX_PROVIDER picks one."""
+    path = conformance_path("models", "stories260K.gguf")
+    monkeypatch.setenv("EMBER_ONNX_PROVIDER", "CUDAExecutionProvider")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert _load(path).info["provider"] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(BackendError, match="'CUDAExecutionProvider' is not available"):
+            _load(path)
+    assert _load(path, provider="CPUExecutionProvider").info["provider"] == "CPUExecutionProvider"
