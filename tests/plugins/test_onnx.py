@@ -96,8 +96,9 @@ def test_other_types_are_dense_and_counted_as_float32():
     assert onnx_graph.encoded_bytes(entry) == 4 * int(np.prod(entry.shape))
 
 
-@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q4_K_M.gguf",
-                                   "s512-llama-Q6_K.gguf", "s512-llama-Q8_0.gguf"])
+@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q4_1.gguf",
+                                   "s512-llama-Q4_K_M.gguf", "s512-llama-Q6_K.gguf",
+                                   "s512-llama-Q8_0.gguf"])
 def test_plan_bytes_match_the_built_encoding(model):
     """The memory plan's per-tensor estimate equals what the encoder really produces."""
     f = gguf.open(conformance_path("models", model))
