@@ -57,10 +57,6 @@ static inline __m512i q8_0_pair(const block_q8_0 *b) {
     return pair256(load256(b[0].qs), load256(b[1].qs));
 }
 
-static inline __m512i y_pair(const block_q8_0 *x0, const block_q8_0 *x1) {
-    return pair256(load256(x0->qs), load256(x1->qs));
-}
-
 /* ======================================================================== */
 /* Q4_0 and Q8_0, generated for the plain and the VNNI build                  */
 /* ======================================================================== */
