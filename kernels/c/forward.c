@@ -383,12 +383,15 @@ static void forward_worker(void *ctx, int ith, int nth) {
 }
 
 static void run_chunk(ember_model *m, const int32_t *tokens, int64_t n, int64_t pos0, float *logits, int all) {
+    /* A late worker may still be walking the previous run's stages, reading n_tok,
+     * logits and the stage counters as it goes: wait for it BEFORE changing any of
+     * them (setting n_tok first left it waiting for more items than that run had). */
+    ember_pool_wait(m->pool);
     m->tokens = tokens;
     m->n_tok = n;
     m->pos0 = pos0;
     m->logits = logits;
     m->all_logits = all;
-    ember_pool_wait(m->pool);  /* a late worker may still be walking the previous run's stages */
     for (int64_t i = 0; i < m->n_stages; i++) {
         atomic_store_explicit(&m->stages[i].claim, 0, memory_order_relaxed);
         atomic_store_explicit(&m->stages[i].done, 0, memory_order_relaxed);
