@@ -13,10 +13,12 @@ A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
 pure functions of the model's Layout (no GPU needed, so CI tests them):
 
     decode (one token): copy (pos, token) in -> embed -> per layer:
-        rmsnorm + q|k|v matvec, rope + KV write, split attention + merge,
-        o matvec (+= x), rmsnorm + gate|up matvec + SwiGLU, down matvec (+= x)
-        -> rmsnorm + output matvec -> copy logits out (the matvec kernels
-        normalize x while staging it in shared memory: 7 launches a layer)
+        rmsnorm + q|k|v matvec, rope + KV write, split attention (flash-
+        decoding), merge of the splits + o matvec (+= x), rmsnorm + gate|up
+        matvec + SwiGLU, down matvec (+= x) -> rmsnorm + output matvec -> copy
+        logits out. The matvec kernels stage x in shared memory and normalize
+        it (or merge the attention splits into it) on the way: 6 launches a
+        layer.
     prefill (T > MATVEC_MAX_T tokens): the same blocks, but each projection
         dequantizes its matrix (in row chunks) into the scratch and multiplies
         with cuBLAS/hipBLAS: f16 x f16 -> f32 for quantized weights, f32 for

@@ -536,7 +536,7 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
 /* Decode: grid (n_head, 1, n_split). Block (h, 0, s) attends query head h (position p = io[0],
  * keys 0..p) over keys [s*chunk, min((s+1)*chunk, p+1)), its warps a tile of WARP keys at a
  * time, then merges its warps and writes the unnormalized partial (max, sum, acc[hd]) to
- * part[h][s]; attn_reduce merges the splits. */
+ * part[h][s]; the o projection's matvec merges the splits while staging its input. */
 extern "C" __global__ void __launch_bounds__(BLOCK) attention(
         const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
         float *part, int n_head, int n_kv, int hd, int chunk, float scale) {
@@ -575,21 +575,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
         for (int w = 0; w < NWARPS; w++) L += wl[w] * expf(wm[w] - M);
         out[0] = M;
         out[1] = L;
-    }
-}
-
-/* out[h*hd + i] = sum_s acc_s[i] e^(m_s - M) / sum_s l_s e^(m_s - M); grid (n_head) */
-extern "C" __global__ void attn_reduce(const float *part, float *out, int n_head, int hd, int n_split, int ld_out) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const float *p = part + (i64)h * n_split * (hd + 2);
-    float M = NEG_BIG;
-    for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (hd + 2)]);
-    float L = 0.0f;
-    for (int s = 0; s < n_split; s++) L += p[s * (hd + 2) + 1] * expf(p[s * (hd + 2)] - M);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float a = 0.0f;
-        for (int s = 0; s < n_split; s++) a += p[s * (hd + 2) + 2 + i] * expf(p[s * (hd + 2)] - M);
-        out[(i64)t * ld_out + h * hd + i] = a / L;
     }
 }
 
