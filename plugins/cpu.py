@@ -17,18 +17,13 @@ import numpy as np
 
 from ember.plugins.arch import ModelConfig
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "cpu"
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
-
-
-class TokenOutOfRange(ValueError):
-    """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 def _kernels():
@@ -101,7 +96,7 @@ def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = N
 # The runner
 # ---------------------------------------------------------------------------
 
-class CpuRunner:
+class CpuRunner(CacheBookkeeping):
     """ember.plugins.types.Runner over the C decoder."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None = None,
@@ -140,14 +135,6 @@ class CpuRunner:
         self.n_past += 1
         return out
 
-    def reset(self) -> None:
-        self.n_past = 0
-
-    def truncate(self, n_past: int) -> None:
-        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
-            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
-        self.n_past = int(n_past)   # later positions are simply overwritten
-
     def close(self) -> None:
         if self.dec is not None:
             self.dec.close()
@@ -158,14 +145,4 @@ class CpuRunner:
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.dec is None:
             raise ValueError("runner is closed")
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
-                                  f"got {ids.dtype} array of shape {ids.shape}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
-            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        if self.n_past + ids.size > self.n_ctx:
-            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
-                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
-        return np.ascontiguousarray(ids, dtype=np.int32)
+        return self.checked_tokens(tokens, np.int32)

@@ -43,7 +43,8 @@ import numpy as np
 from ember.kernels import cuda_source
 from ember.plugins.arch import ModelConfig, UnsupportedModel
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "cuda"
 PRIORITY = 80
@@ -56,12 +57,6 @@ RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
           "F16": "f16", "F32": "f32", "BF16": "f32"}
 QUANT_KINDS = ("q4_0", "q8_0", "q4_k", "q6_k")   # f16 GEMM; float kinds use f32 GEMM
-
-
-class TokenOutOfRange(ValueError):
-    """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
@@ -554,7 +549,7 @@ def _fused_bias(gguf, prefix: str, c: ModelConfig) -> np.ndarray:
 # The runner
 # ---------------------------------------------------------------------------
 
-class CudaRunner:
+class CudaRunner(CacheBookkeeping):
     """ember.plugins.types.Runner on one GPU."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, options: dict | None = None):
@@ -717,14 +712,6 @@ class CudaRunner:
         graph.upload(self.stream)
         return graph
 
-    def reset(self) -> None:
-        self.n_past = 0
-
-    def truncate(self, n_past: int) -> None:
-        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
-            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
-        self.n_past = int(n_past)     # later positions are simply overwritten
-
     def close(self) -> None:
         if self.lay is None:
             return
@@ -741,14 +728,4 @@ class CudaRunner:
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.lay is None:
             raise ValueError("runner is closed")
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
-                                  f"got {ids.dtype} array of shape {ids.shape}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
-            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        if self.n_past + ids.size > self.n_ctx:
-            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
-                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
-        return ids.astype(np.int32)
+        return self.checked_tokens(tokens, np.int32)

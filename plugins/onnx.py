@@ -52,7 +52,8 @@ import numpy as np
 from ember.formats import quants
 from ember.plugins.arch import ModelConfig
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendError, BackendSpec, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "onnx"
 DEFAULT_PROVIDER = "CPUExecutionProvider"
@@ -60,12 +61,6 @@ DEFAULT_ACCURACY = 4
 ORT_RUNTIME_BYTES = 64 << 20   # ORT's own code, arenas and thread pools (measured ~40-60 MB)
 BUILD_IN_PROCESS_BYTES = 64 << 20  # bigger models build in a child process (see graph_path)
 PREPACK_INT8_OVERHEAD = 35     # % of packed weights that accuracy_level 4's prepacking adds
-
-
-class TokenOutOfRange(ValueError):
-    """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +248,7 @@ def _session(path: Path, threads: int | None, provider: str, spin: bool):
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
-class OnnxRunner:
+class OnnxRunner(CacheBookkeeping):
     """ember.plugins.types.Runner over one ONNX Runtime session."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None,
@@ -290,14 +285,6 @@ class OnnxRunner:
     def decode(self, token: int) -> np.ndarray:
         return self.prefill([token])
 
-    def reset(self) -> None:
-        self.n_past = 0
-
-    def truncate(self, n_past: int) -> None:
-        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
-            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
-        self.n_past = int(n_past)
-
     def close(self) -> None:
         self.session = None
         self.k_cache = self.v_cache = None
@@ -308,17 +295,7 @@ class OnnxRunner:
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.session is None:
             raise ValueError("runner is closed")
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
-                                  f"got {ids.dtype} array of shape {ids.shape}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
-            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        if self.n_past + ids.size > self.n_ctx:
-            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
-                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
-        return ids.astype(np.int64)
+        return self.checked_tokens(tokens, np.int64)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Dequantize just the rows of `ids` from the map -> (T, n_embd) float32."""

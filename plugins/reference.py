@@ -41,16 +41,11 @@ import numpy as np
 
 from ember.plugins.arch import ModelConfig, UnsupportedModel
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendSpec, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "reference"
 ATTN_CHUNK = 256  # query rows per attention block: bounds the (heads, rows, n_ctx) scores
-
-
-class TokenOutOfRange(ValueError):
-    """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +239,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 # The runner: KV cache + forward pass
 # ---------------------------------------------------------------------------
 
-class ReferenceRunner:
+class ReferenceRunner(CacheBookkeeping):
     """ember.plugins.types.Runner over the numpy decoder."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int):
@@ -272,14 +267,6 @@ class ReferenceRunner:
     def decode(self, token: int) -> np.ndarray:
         return self.prefill([token])
 
-    def reset(self) -> None:
-        self.n_past = 0
-
-    def truncate(self, n_past: int) -> None:
-        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
-            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
-        self.n_past = int(n_past)
-
     def close(self) -> None:
         self.w = None
         self.k_cache = self.v_cache = None
@@ -290,17 +277,7 @@ class ReferenceRunner:
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.w is None:
             raise ValueError("runner is closed")
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
-                                  f"got {ids.dtype} array of shape {ids.shape}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
-            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        if self.n_past + ids.size > self.n_ctx:
-            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
-                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
-        return ids.astype(np.int64)
+        return self.checked_tokens(tokens, np.int64)
 
     def _forward(self, ids: np.ndarray, p0: int) -> np.ndarray:
         """Run the blocks over ids at positions p0..; fills the cache. -> (T, n_embd)"""

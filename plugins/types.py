@@ -76,3 +76,44 @@ class ContextOverflow(Exception):
     """Tokens would run past the KV cache's n_ctx."""
 
     user_error = True
+
+
+class TokenOutOfRange(ValueError):
+    """A token id is negative or not below n_vocab."""
+
+    user_error = True
+
+
+class CacheBookkeeping:
+    """The KV-cache position bookkeeping every runner shares: token checks, reset, truncate.
+
+    A runner sets n_ctx, n_vocab and n_past; it keeps only the compute. Cache rows
+    past n_past are never read, so reset and truncate move the cursor and the
+    next prefill simply overwrites them.
+    """
+
+    n_ctx: int
+    n_vocab: int
+    n_past: int
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        if not isinstance(n_past, (int, np.integer)) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate({n_past!r}): must be an int in [0, {self.n_past}]")
+        self.n_past = int(n_past)
+
+    def checked_tokens(self, tokens: Sequence[int], dtype) -> np.ndarray:
+        """tokens as a contiguous (n,) array of dtype, after every check a request can fail."""
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenOutOfRange(f"tokens must be a non-empty 1-D sequence of ints, "
+                                  f"got {ids.dtype} array of shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = ids[(ids < 0) | (ids >= self.n_vocab)][0]
+            raise TokenOutOfRange(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise ContextOverflow(f"{ids.size} tokens after {self.n_past} cached would need "
+                                  f"{self.n_past + ids.size} positions; n_ctx is {self.n_ctx}")
+        return np.ascontiguousarray(ids, dtype=dtype)
