@@ -201,7 +201,13 @@ void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, fl
 static void matmul_tile4(const ember_type_kernels *k, const uint8_t *w, size_t row_bytes,
                          const uint8_t *xq, size_t xs, float *Y, int64_t ldy, int64_t n,
                          int64_t r, int64_t rend) {
-    float s[4];
+    float s[8];
+    if (k->dot2x4) {
+        for (; r + 2 <= rend; r += 2) {
+            k->dot2x4(n, w + (size_t)r * row_bytes, row_bytes, xq, xs, s);
+            for (int j = 0; j < 4; j++) { Y[j * ldy + r] = s[j]; Y[j * ldy + r + 1] = s[4 + j]; }
+        }
+    }
     for (; r < rend; r++) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
         if (k->dot4) {

@@ -16,6 +16,9 @@
  * K-quants: a 64-value run of a super-block fills one register in value
  * order, is multiplied by maddubs and scaled by its int16 sub-block scales in
  * the same madd that sums pairs, so no int32 multiply is ever needed.
+ *
+ * Activation quantizers (Q8_0, Q8_K) are vectorized here too, bit-identical
+ * to the generic ones (the generic Q8_0 uses roundf, 6x slower than this).
  */
 #include "quants_internal.h"
 
@@ -146,6 +149,42 @@ void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *v
     }                                                                                   \
 }
 
+/* Two weight rows x four activation rows: each activation load (codes, corr,
+ * scales) now feeds two weight rows, halving the activation traffic, which
+ * from L2 bounds dot4 at prefill. Each (weight row, activation row) pair runs
+ * exactly step4's operations in step4's order: bit-identical to dot. */
+#define Q8_0_KERNELS_2X4(name, wtype_t, ISA)                                             \
+void ember_vec_dot2x4_##name##_q8_0_##ISA(int64_t n, const void *vw, size_t ws,         \
+                                          const void *vx, size_t xs, float *s) {        \
+    const wtype_t *w[2] = {vw, (const wtype_t *)((const uint8_t *)vw + ws)};            \
+    const uint8_t *xb = vx;                                                             \
+    const int64_t nb = n / QK8_0;                                                       \
+    acc2 acc[2][4];                                                                     \
+    for (int k = 0; k < 2; k++)                                                         \
+        for (int r = 0; r < 4; r++) acc[k][r].a0 = acc[k][r].a1 = _mm512_setzero_ps();  \
+    int64_t i = 0;                                                                      \
+    for (; i + 4 <= nb; i += 4) {                                                       \
+        const __m512 dw00 = DW_PAIR(&w[0][i]), dw01 = DW_PAIR(&w[0][i + 2]);            \
+        const __m512 dw10 = DW_PAIR(&w[1][i]), dw11 = DW_PAIR(&w[1][i + 2]);            \
+        for (int r = 0; r < 4; r++) {                                                   \
+            const void *xr = xb + r * xs;                                               \
+            const int8_t *qs = ember_q8_0_qs(xr, n) + 32 * i;                           \
+            const float *dx8 = ember_q8_0_dx8(xr, n) + 8 * i;                           \
+            const int32_t *corr = ember_q8_0_corr(xr, n) + 8 * i;                       \
+            step4_##name##_##ISA(&acc[0][r], w[0] + i, dw00, dw01, qs, dx8, corr);      \
+            step4_##name##_##ISA(&acc[1][r], w[1] + i, dw10, dw11, qs, dx8, corr);      \
+        }                                                                               \
+    }                                                                                   \
+    for (int k = 0; k < 2; k++) {                                                       \
+        for (int r = 0; r < 4; r++) {                                                   \
+            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                    \
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][r].a0, acc[k][r].a1));  \
+            if (i < nb) v += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w[k] + i, x + i); \
+            s[4 * k + r] = v;                                                           \
+        }                                                                               \
+    }                                                                                   \
+}
+
 PAIR_FUNCS(avx512, dot_acc_plain)
 Q8_0_KERNELS(q4_0, block_q4_0, avx512)
 Q8_0_KERNELS(q8_0, block_q8_0, avx512)
@@ -158,6 +197,8 @@ static inline __m512i pair_q8_0_avx512vnni(const block_q8_0 *w, __m512i y, const
 }
 Q8_0_KERNELS(q4_0, block_q4_0, avx512vnni)
 Q8_0_KERNELS(q8_0, block_q8_0, avx512vnni)
+Q8_0_KERNELS_2X4(q4_0, block_q4_0, avx512vnni)
+Q8_0_KERNELS_2X4(q8_0, block_q8_0, avx512vnni)
 #pragma GCC pop_options
 
 /* ======================================================================== */
@@ -340,6 +381,66 @@ void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, 
 }
 
 /* ======================================================================== */
+/* Activation quantization (bit-identical to the generic quantizers)         */
+/* ======================================================================== */
+
+/* roundf (half away from zero) of 16 lanes, exactly: t = trunc|v|, plus one
+ * where the fraction |v| - t (exact for |v| < 2^23) is >= 0.5, sign put back
+ * on the integer. A biased add (|v| + 0.5) would round 0.49999997 up. */
+static inline __m512i roundf_epi32(__m512 v) {
+    const __m512 a = _mm512_abs_ps(v);
+    const __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512i r = _mm512_mask_add_epi32(_mm512_cvttps_epi32(t), up, _mm512_cvttps_epi32(t), _mm512_set1_epi32(1));
+    const __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(v));
+    return _mm512_mask_sub_epi32(r, neg, _mm512_setzero_si512(), r);
+}
+
+void ember_quantize_row_q8_0_avx512(const float *x, void *vy, int64_t n) {
+    block_q8_0 *y = vy;
+    for (int64_t i = 0; i < n / QK8_0; i++, x += QK8_0) {
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        y[i].d = ember_fp32_to_fp16(d);
+        _mm_storeu_si128((__m128i *)y[i].qs, _mm512_cvtepi32_epi8(roundf_epi32(_mm512_mul_ps(v0, id))));
+        _mm_storeu_si128((__m128i *)(y[i].qs + 16), _mm512_cvtepi32_epi8(roundf_epi32(_mm512_mul_ps(v1, id))));
+    }
+}
+
+/* the first x[j] with |x[j]| == amax (the generic loop keeps the first) */
+static inline float first_extreme(const float *x, float amax) {
+    for (int j = 0; j < QK_K; j += 16) {
+        const __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + j)), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+        if (m) return x[j + __builtin_ctz(m)];
+    }
+    return 0.0f;
+}
+
+void ember_quantize_row_q8_K_avx512(const float *x, void *vy, int64_t n) {
+    block_q8_K *y = vy;
+    for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {
+        __m512 m = _mm512_setzero_ps();
+        for (int j = 0; j < QK_K; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+        const float amax = _mm512_reduce_max_ps(m);
+        if (amax == 0.0f) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const float iscale = -127.0f / first_extreme(x, amax);
+        for (int j = 0; j < QK_K; j += 16) {
+            /* cvtps rounds half to even, as ember_nearest_int */
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(x + j)));
+            q = _mm512_min_epi32(q, _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i *)(y[i].qs + j), _mm512_cvtepi32_epi8(q));
+            y[i].bsums[j / 16] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+/* ======================================================================== */
 /* Table                                                                     */
 /* ======================================================================== */
 
@@ -351,6 +452,8 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
         k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512vnni;
         k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512vnni;
         k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_avx512vnni;
+        k[EMBER_Q4_0].dot2x4 = ember_vec_dot2x4_q4_0_q8_0_avx512vnni;
+        k[EMBER_Q8_0].dot2x4 = ember_vec_dot2x4_q8_0_q8_0_avx512vnni;
     } else {
         k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512;
         k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512;
@@ -361,6 +464,11 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
     k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx512;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
+    /* every Q8_0- / Q8_K-paired type shares its activation quantizer */
+    for (int t = 0; t < EMBER_N_TYPES; t++) {
+        if (k[t].quantize == ember_quantize_row_q8_0_generic) k[t].quantize = ember_quantize_row_q8_0_avx512;
+        if (k[t].quantize == ember_quantize_row_q8_K_generic) k[t].quantize = ember_quantize_row_q8_K_avx512;
+    }
     return vnni ? "avx512+vnni" : "avx512";
 }
 

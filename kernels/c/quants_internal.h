@@ -22,11 +22,15 @@ typedef float (*ember_vec_dot_fn)(int64_t n, const void *w, const void *x);
 /* s[j] = dot(w row, x row j) for j < 4; x rows are x_stride bytes apart */
 typedef void (*ember_vec_dot4_fn)(int64_t n, const void *w, const void *x, size_t x_stride, float *s);
 typedef void (*ember_quantize_fn)(const float *x, void *y, int64_t n);
+/* s[4k + j] = dot(w row k, x row j) for k < 2, j < 4; w rows w_stride bytes apart */
+typedef void (*ember_vec_dot2x4_fn)(int64_t n, const void *w, size_t w_stride, const void *x,
+                                    size_t x_stride, float *s);
 
 typedef struct {
     ember_vec_dot_fn dot;
     ember_vec_dot4_fn dot4;       /* NULL: dispatch calls dot four times */
     ember_quantize_fn quantize;   /* quantizer of this type's activation format */
+    ember_vec_dot2x4_fn dot2x4;   /* NULL: dispatch calls dot4 twice */
 } ember_type_kernels;
 
 /* ======================================================================== */
