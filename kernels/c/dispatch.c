@@ -226,9 +226,15 @@ void ember_matmul(int wtype, const void *W, size_t row_bytes, const void *Xq, si
     /* a tile of weight rows (~32 KiB) stays in L1/L2 while every activation row passes */
     int64_t tile = row_bytes ? (int64_t)(32768 / row_bytes) : 1;
     tile = tile < 1 ? 1 : (tile > 64 ? 64 : tile);
+    int64_t b0 = 0;
+    if (k->matmul16) {   /* its own loop order; falls back below if out of memory */
+        for (; b0 + 16 <= nb; b0 += 16) {
+            if (k->matmul16(n, W, row_bytes, r0, r1, xq + b0 * xq_stride, xq_stride, Y + b0 * ldy, ldy) != 0) break;
+        }
+    }
     for (int64_t r = r0; r < r1; r += tile) {
         const int64_t rend = r + tile < r1 ? r + tile : r1;
-        int64_t b = 0;
+        int64_t b = b0;
         for (; b + 4 <= nb; b += 4) {
             matmul_tile4(k, w, row_bytes, xq + b * xq_stride, xq_stride, Y + b * ldy, ldy, n, r, rend);
         }

@@ -20,6 +20,9 @@
  * Activation quantizers (Q8_0, Q8_K) are vectorized here too, bit-identical
  * to the generic ones (the generic Q8_0 uses roundf, 6x slower than this).
  */
+#include <math.h>
+#include <stdlib.h>
+
 #include "quants_internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -199,6 +202,152 @@ Q8_0_KERNELS(q4_0, block_q4_0, avx512vnni)
 Q8_0_KERNELS(q8_0, block_q8_0, avx512vnni)
 Q8_0_KERNELS_2X4(q4_0, block_q4_0, avx512vnni)
 Q8_0_KERNELS_2X4(q8_0, block_q8_0, avx512vnni)
+#pragma GCC pop_options
+
+
+/* ------------------------------------------------------------------------ */
+/* Q4_0 with VNNI, activation rows in lanes                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Prefill layout: 16 activation rows interleaved, so that one vpdpbusd of a
+ * broadcast 4-value weight group against 64 bytes (4 codes of each of 16
+ * rows) advances 16 (weight row, activation row) dots at once and every
+ * int32 lane is a finished block sum after 8 of them: the float work (cvt,
+ * scale, fma) is paid once per block for 16 rows instead of once per 8
+ * lanes per row. No weight repacking: a weight block is unpacked to 32 bytes
+ * on the stack and broadcast 4 bytes at a time.
+ *
+ * The per-pair order both paths share (matvec == matmul row, bit for bit):
+ * isum_b is the exact block sum (bias included), s_b = d(w_b) * d(x_b);
+ * chain c = b % 4 does A_c = fma((float)isum_b, s_b, A_c); the result is
+ * (A_0 + A_1) + (A_2 + A_3). Four chains keep matvec's fma latency hidden. */
+
+typedef struct {
+    int8_t qs[8][64];   /* group k: codes 4k..4k+3 of rows 0..15 */
+    float dx[16];       /* d(x) per row */
+    int32_t corr[16];   /* -8 * sum of the row's 32 codes */
+} q4_0_xpack16;
+
+static void pack16_q4_0(const uint8_t *xq, size_t xs, int64_t n, q4_0_xpack16 *p) {
+    const int64_t nb = n / QK8_0;
+    for (int r = 0; r < 16; r++) {
+        const void *xr = xq + r * xs;
+        const int8_t *qs = ember_q8_0_qs(xr, n);
+        const float *dx8 = ember_q8_0_dx8(xr, n);
+        const int32_t *corr = ember_q8_0_corr(xr, n);
+        for (int64_t b = 0; b < nb; b++) {
+            for (int k = 0; k < 8; k++) memcpy(p[b].qs[k] + 4 * r, qs + 32 * b + 4 * k, 4);
+            int32_t c = 0;
+            for (int l = 0; l < 8; l++) c += corr[8 * b + l];
+            p[b].dx[r] = dx8[8 * b];
+            p[b].corr[r] = c;
+        }
+    }
+}
+
+/* 32 weight codes (unsigned nibbles) in value order */
+static inline void unpack_q4_0(const block_q4_0 *w, uint32_t u[8]) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)w->qs), m = _mm_set1_epi8(0x0F);
+    _mm_storeu_si128((__m128i *)u, _mm_and_si128(q, m));
+    _mm_storeu_si128((__m128i *)(u + 4), _mm_and_si128(_mm_srli_epi16(q, 4), m));
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+/* rows [r, rend) of W against one packed 16-row group: Y[j * ldy + row] */
+static void mm16_rows_q4_0(int64_t n, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
+                           const q4_0_xpack16 *p, float *Y, int64_t ldy) {
+    const int64_t nb = n / QK8_0;
+    for (; r < rend; r++) {
+        const block_q4_0 *wr = (const block_q4_0 *)(w + (size_t)r * row_bytes);
+        __m512 A[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t u[8];
+            unpack_q4_0(&wr[b], u);
+            __m512i i0 = _mm512_loadu_si512(p[b].corr), i1 = _mm512_setzero_si512();
+            for (int k = 0; k < 8; k += 2) {   /* two int chains: shorter dpbusd latency chain */
+                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[k]), load512(p[b].qs[k]));
+                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[k + 1]), load512(p[b].qs[k + 1]));
+            }
+            const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(wr[b].d)), _mm512_loadu_ps(p[b].dx));
+            A[b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, A[b & 3]);
+        }
+        const __m512 y = _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3]));
+        float t[16];
+        _mm512_storeu_ps(t, y);
+        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+    }
+}
+
+/* grows once to the largest row seen, per thread; never per call after that */
+static __thread q4_0_xpack16 *xpack_buf;
+static __thread int64_t xpack_cap;
+
+int ember_matmul16_q4_0_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
+                                   const void *xq, size_t xs, float *Y, int64_t ldy) {
+    const int64_t nb = n / QK8_0;
+    if (nb > xpack_cap) {
+        q4_0_xpack16 *nbuf = aligned_alloc(64, (size_t)nb * sizeof(q4_0_xpack16));
+        if (!nbuf) return -1;
+        free(xpack_buf);
+        xpack_buf = nbuf;
+        xpack_cap = nb;
+    }
+    pack16_q4_0(xq, xs, n, xpack_buf);
+    mm16_rows_q4_0(n, W, row_bytes, r0, r1, xpack_buf, Y, ldy);
+    return 0;
+}
+
+/* exact block sums of 4 blocks (bias included): [b0, b1, b2, b3] */
+static inline __m128i block_sums4(__m512i p0, __m512i p1) {
+    /* p0 = [b0 x8 | b1 x8], p1 = [b2 x8 | b3 x8]; 128-bit lanes L0 L1 = first block */
+    const __m512i q = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i h = _mm512_add_epi32(q, _mm512_shuffle_epi32(q, _MM_PERM_BADC));  /* [p0 L, p1 L, ..] */
+    const __m256i lo = _mm512_castsi512_si256(h), hi = _mm512_extracti64x4_epi64(h, 1);
+    /* lo: L0 = [b0', b2', ..], L1 = [b0'', b2'', ..]; hi the same for b1, b3 */
+    const __m128i e = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+    const __m128i o = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    return _mm_unpacklo_epi32(e, o);   /* [b0, b1, b2, b3] */
+}
+
+static inline float chains_sum(__m128 A) {
+    float a[4];
+    _mm_storeu_ps(a, A);
+    return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+float ember_vec_dot_q4_0_q8_0_lanes(int64_t n, const void *vw, const void *vx) {
+    const block_q4_0 *w = vw;
+    const block_q8_0 *x = vx;
+    const float *dx8 = ember_q8_0_dx8(vx, n);
+    const int32_t *corr = ember_q8_0_corr(vx, n);
+    const int8_t *qs = ember_q8_0_qs(vx, n);
+    const int64_t nb = n / QK8_0;
+    __m128 A = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) {
+        const __m512i p0 = pair_q4_0_avx512vnni(w + i, load512(qs + 32 * i), corr + 8 * i);
+        const __m512i p1 = pair_q4_0_avx512vnni(w + i + 2, load512(qs + 32 * i + 64), corr + 8 * i + 16);
+        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d));
+        const __m128 dx = _mm_setr_ps(dx8[8 * i], dx8[8 * i + 8], dx8[8 * i + 16], dx8[8 * i + 24]);
+        A = _mm_fmadd_ps(_mm_cvtepi32_ps(block_sums4(p0, p1)), _mm_mul_ps(dw, dx), A);
+    }
+    if (i < nb) {
+        float a[4];
+        _mm_storeu_ps(a, A);
+        for (; i < nb; i++) {
+            int32_t isum = 0;
+            for (int j = 0; j < 16; j++) {
+                isum += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j] + ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + 16];
+            }
+            a[i & 3] = fmaf((float)isum, fp16(w[i].d) * dx8[8 * i], a[i & 3]);
+        }
+        A = _mm_loadu_ps(a);
+    }
+    return chains_sum(A);
+}
+
 #pragma GCC pop_options
 
 /* ======================================================================== */
@@ -448,11 +597,13 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
     __builtin_cpu_init();
     const int vnni = use_extensions && __builtin_cpu_supports("avx512vnni");
     if (vnni) {
-        k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512vnni;
-        k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512vnni;
+        /* activation rows in lanes: dot and matmul16 share one order; the
+         * leftover batch rows (< 16) go through dot, never dot4 */
+        k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_lanes;
+        k[EMBER_Q4_0].dot4 = NULL;
+        k[EMBER_Q4_0].matmul16 = ember_matmul16_q4_0_avx512vnni;
         k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512vnni;
         k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_avx512vnni;
-        k[EMBER_Q4_0].dot2x4 = ember_vec_dot2x4_q4_0_q8_0_avx512vnni;
         k[EMBER_Q8_0].dot2x4 = ember_vec_dot2x4_q8_0_q8_0_avx512vnni;
     } else {
         k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512;

@@ -182,7 +182,7 @@ def test_matvec_matches_reference(isa, t):
 
 
 @pytest.mark.parametrize("t", TYPES)
-@pytest.mark.parametrize("batch", [1, 3, 4, 9])
+@pytest.mark.parametrize("batch", [1, 3, 4, 9, 37])   # 37: two 16-row groups (matmul16) + 5
 def test_matmul_matches_reference_and_matvec(isa, t, batch):
     rng = np.random.default_rng(5)
     W = random_weights(t, 37, 7, rng)     # 37 rows: crosses a row tile
