@@ -200,13 +200,11 @@ static inline __m512i pair_q8_0_avx512vnni(const block_q8_0 *w, __m512i y, const
 }
 Q8_0_KERNELS(q4_0, block_q4_0, avx512vnni)
 Q8_0_KERNELS(q8_0, block_q8_0, avx512vnni)
-Q8_0_KERNELS_2X4(q4_0, block_q4_0, avx512vnni)
-Q8_0_KERNELS_2X4(q8_0, block_q8_0, avx512vnni)
 #pragma GCC pop_options
 
 
 /* ------------------------------------------------------------------------ */
-/* Q4_0 with VNNI, activation rows in lanes                                  */
+/* Q4_0 and Q8_0 with VNNI, activation rows in lanes                         */
 /* ------------------------------------------------------------------------ */
 
 /* Prefill layout: 16 activation rows interleaved, so that one vpdpbusd of a
@@ -225,10 +223,10 @@ Q8_0_KERNELS_2X4(q8_0, block_q8_0, avx512vnni)
 typedef struct {
     int8_t qs[8][64];   /* group k: codes 4k..4k+3 of rows 0..15 */
     float dx[16];       /* d(x) per row */
-    int32_t corr[16];   /* -8 * sum of the row's 32 codes */
-} q4_0_xpack16;
+    int32_t corr[16];   /* -bias * sum of the row's 32 codes (the aux corr, summed) */
+} xpack16;
 
-static void pack16_q4_0(const uint8_t *xq, size_t xs, int64_t n, q4_0_xpack16 *p) {
+static void pack16(const uint8_t *xq, size_t xs, int64_t n, xpack16 *p) {
     const int64_t nb = n / QK8_0;
     for (int r = 0; r < 16; r++) {
         const void *xr = xq + r * xs;
@@ -252,50 +250,38 @@ static inline void unpack_q4_0(const block_q4_0 *w, uint32_t u[8]) {
     _mm_storeu_si128((__m128i *)(u + 4), _mm_and_si128(_mm_srli_epi16(q, 4), m));
 }
 
+/* 32 Q8_0 weight codes made unsigned (offset binary; corr removes the 128) */
+static inline void unpack_q8_0(const block_q8_0 *w, uint32_t u[8]) {
+    _mm256_storeu_si256((__m256i *)u, _mm256_xor_si256(load256(w->qs), _mm256_set1_epi8((char)0x80)));
+}
+
+/* the exact signed block sum, for the < 4 leftover blocks of a row */
+static inline int32_t isum_q4_0(const block_q4_0 *w, const block_q8_0 *x) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++) s += ((w->qs[j] & 0xF) - 8) * x->qs[j] + ((w->qs[j] >> 4) - 8) * x->qs[j + 16];
+    return s;
+}
+
+static inline int32_t isum_q8_0(const block_q8_0 *w, const block_q8_0 *x) {
+    int32_t s = 0;
+    for (int j = 0; j < 32; j++) s += w->qs[j] * x->qs[j];
+    return s;
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
-/* rows [r, rend) of W against one packed 16-row group: Y[j * ldy + row] */
-static void mm16_rows_q4_0(int64_t n, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
-                           const q4_0_xpack16 *p, float *Y, int64_t ldy) {
-    const int64_t nb = n / QK8_0;
-    for (; r < rend; r++) {
-        const block_q4_0 *wr = (const block_q4_0 *)(w + (size_t)r * row_bytes);
-        __m512 A[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t b = 0; b < nb; b++) {
-            uint32_t u[8];
-            unpack_q4_0(&wr[b], u);
-            __m512i i0 = _mm512_loadu_si512(p[b].corr), i1 = _mm512_setzero_si512();
-            for (int k = 0; k < 8; k += 2) {   /* two int chains: shorter dpbusd latency chain */
-                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[k]), load512(p[b].qs[k]));
-                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[k + 1]), load512(p[b].qs[k + 1]));
-            }
-            const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(wr[b].d)), _mm512_loadu_ps(p[b].dx));
-            A[b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, A[b & 3]);
-        }
-        const __m512 y = _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3]));
-        float t[16];
-        _mm512_storeu_ps(t, y);
-        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
-    }
-}
-
 /* grows once to the largest row seen, per thread; never per call after that */
-static __thread q4_0_xpack16 *xpack_buf;
+static __thread xpack16 *xpack_buf;
 static __thread int64_t xpack_cap;
 
-int ember_matmul16_q4_0_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
-                                   const void *xq, size_t xs, float *Y, int64_t ldy) {
-    const int64_t nb = n / QK8_0;
-    if (nb > xpack_cap) {
-        q4_0_xpack16 *nbuf = aligned_alloc(64, (size_t)nb * sizeof(q4_0_xpack16));
-        if (!nbuf) return -1;
-        free(xpack_buf);
-        xpack_buf = nbuf;
-        xpack_cap = nb;
-    }
-    pack16_q4_0(xq, xs, n, xpack_buf);
-    mm16_rows_q4_0(n, W, row_bytes, r0, r1, xpack_buf, Y, ldy);
+static int xpack_reserve(int64_t nb) {
+    if (nb <= xpack_cap) return 0;
+    xpack16 *nbuf = aligned_alloc(64, (size_t)nb * sizeof(xpack16));
+    if (!nbuf) return -1;
+    free(xpack_buf);
+    xpack_buf = nbuf;
+    xpack_cap = nb;
     return 0;
 }
 
@@ -317,36 +303,66 @@ static inline float chains_sum(__m128 A) {
     return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
-float ember_vec_dot_q4_0_q8_0_lanes(int64_t n, const void *vw, const void *vx) {
-    const block_q4_0 *w = vw;
-    const block_q8_0 *x = vx;
-    const float *dx8 = ember_q8_0_dx8(vx, n);
-    const int32_t *corr = ember_q8_0_corr(vx, n);
-    const int8_t *qs = ember_q8_0_qs(vx, n);
-    const int64_t nb = n / QK8_0;
-    __m128 A = _mm_setzero_ps();
-    int64_t i = 0;
-    for (; i + 4 <= nb; i += 4) {
-        const __m512i p0 = pair_q4_0_avx512vnni(w + i, load512(qs + 32 * i), corr + 8 * i);
-        const __m512i p1 = pair_q4_0_avx512vnni(w + i + 2, load512(qs + 32 * i + 64), corr + 8 * i + 16);
-        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d));
-        const __m128 dx = _mm_setr_ps(dx8[8 * i], dx8[8 * i + 8], dx8[8 * i + 16], dx8[8 * i + 24]);
-        A = _mm_fmadd_ps(_mm_cvtepi32_ps(block_sums4(p0, p1)), _mm_mul_ps(dw, dx), A);
-    }
-    if (i < nb) {
-        float a[4];
-        _mm_storeu_ps(a, A);
-        for (; i < nb; i++) {
-            int32_t isum = 0;
-            for (int j = 0; j < 16; j++) {
-                isum += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j] + ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + 16];
-            }
-            a[i & 3] = fmaf((float)isum, fp16(w[i].d) * dx8[8 * i], a[i & 3]);
-        }
-        A = _mm_loadu_ps(a);
-    }
-    return chains_sum(A);
+#define LANES_KERNELS(name, wtype_t)                                                     \
+/* rows [r, rend) of W against one packed 16-row group: Y[j * ldy + row] */             \
+static void mm16_rows_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t r,  \
+                             int64_t rend, const xpack16 *p, float *Y, int64_t ldy) {   \
+    const int64_t nb = n / QK8_0;                                                       \
+    for (; r < rend; r++) {                                                             \
+        const wtype_t *wr = (const wtype_t *)(w + (size_t)r * row_bytes);               \
+        __m512 A[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+        for (int64_t b = 0; b < nb; b++) {                                              \
+            uint32_t u[8];                                                              \
+            unpack_##name(&wr[b], u);                                                   \
+            __m512i i0 = _mm512_loadu_si512(p[b].corr), i1 = _mm512_setzero_si512();    \
+            for (int k = 0; k < 8; k += 2) {   /* two int chains: half the latency */   \
+                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[k]), load512(p[b].qs[k])); \
+                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[k + 1]), load512(p[b].qs[k + 1])); \
+            }                                                                           \
+            const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(wr[b].d)), _mm512_loadu_ps(p[b].dx)); \
+            A[b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, A[b & 3]); \
+        }                                                                               \
+        float t[16];                                                                    \
+        _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3]))); \
+        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];                             \
+    }                                                                                   \
+}                                                                                       \
+                                                                                        \
+int ember_matmul16_##name##_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, \
+                                       int64_t r1, const void *xq, size_t xs, float *Y, int64_t ldy) { \
+    if (xpack_reserve(n / QK8_0) != 0) return -1;                                       \
+    pack16(xq, xs, n, xpack_buf);                                                       \
+    mm16_rows_##name(n, W, row_bytes, r0, r1, xpack_buf, Y, ldy);                       \
+    return 0;                                                                           \
+}                                                                                       \
+                                                                                        \
+float ember_vec_dot_##name##_q8_0_lanes(int64_t n, const void *vw, const void *vx) {    \
+    const wtype_t *w = vw;                                                              \
+    const block_q8_0 *x = vx;                                                           \
+    const float *dx8 = ember_q8_0_dx8(vx, n);                                           \
+    const int32_t *corr = ember_q8_0_corr(vx, n);                                       \
+    const int8_t *qs = ember_q8_0_qs(vx, n);                                            \
+    const int64_t nb = n / QK8_0;                                                       \
+    __m128 A = _mm_setzero_ps();                                                        \
+    int64_t i = 0;                                                                      \
+    for (; i + 4 <= nb; i += 4) {                                                       \
+        const __m512i p0 = pair_##name##_avx512vnni(w + i, load512(qs + 32 * i), corr + 8 * i); \
+        const __m512i p1 = pair_##name##_avx512vnni(w + i + 2, load512(qs + 32 * i + 64), corr + 8 * i + 16); \
+        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d)); \
+        const __m128 dx = _mm_setr_ps(dx8[8 * i], dx8[8 * i + 8], dx8[8 * i + 16], dx8[8 * i + 24]); \
+        A = _mm_fmadd_ps(_mm_cvtepi32_ps(block_sums4(p0, p1)), _mm_mul_ps(dw, dx), A);  \
+    }                                                                                   \
+    if (i < nb) {                                                                       \
+        float a[4];                                                                     \
+        _mm_storeu_ps(a, A);                                                            \
+        for (; i < nb; i++) a[i & 3] = fmaf((float)isum_##name(&w[i], &x[i]), fp16(w[i].d) * dx8[8 * i], a[i & 3]); \
+        A = _mm_loadu_ps(a);                                                            \
+    }                                                                                   \
+    return chains_sum(A);                                                               \
 }
+
+LANES_KERNELS(q4_0, block_q4_0)
+LANES_KERNELS(q8_0, block_q8_0)
 
 #pragma GCC pop_options
 
@@ -602,9 +618,9 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
         k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_lanes;
         k[EMBER_Q4_0].dot4 = NULL;
         k[EMBER_Q4_0].matmul16 = ember_matmul16_q4_0_avx512vnni;
-        k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_avx512vnni;
-        k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_avx512vnni;
-        k[EMBER_Q8_0].dot2x4 = ember_vec_dot2x4_q8_0_q8_0_avx512vnni;
+        k[EMBER_Q8_0].dot = ember_vec_dot_q8_0_q8_0_lanes;
+        k[EMBER_Q8_0].dot4 = NULL;
+        k[EMBER_Q8_0].matmul16 = ember_matmul16_q8_0_avx512vnni;
     } else {
         k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_avx512;
         k[EMBER_Q4_0].dot4 = ember_vec_dot4_q4_0_q8_0_avx512;
