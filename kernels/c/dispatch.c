@@ -10,7 +10,9 @@
  * The row loops live here, not in the ISA files: a matvec is one dot per
  * weight row; a matmul walks weight rows in tiles small enough to stay in L1
  * and, inside a tile, applies each weight row to four activation rows at a
- * time (dot4), so each weight block is decoded once per four rows.
+ * time (dot4), so each weight block is decoded once per four rows. Types
+ * with a matmul16 kernel (AVX-512 VNNI Q4_0/Q8_0) take the activation rows
+ * 16 at a time in their own loop; only the leftover rows come here.
  */
 #include "quants_internal.h"
 
@@ -201,13 +203,7 @@ void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, fl
 static void matmul_tile4(const ember_type_kernels *k, const uint8_t *w, size_t row_bytes,
                          const uint8_t *xq, size_t xs, float *Y, int64_t ldy, int64_t n,
                          int64_t r, int64_t rend) {
-    float s[8];
-    if (k->dot2x4) {
-        for (; r + 2 <= rend; r += 2) {
-            k->dot2x4(n, w + (size_t)r * row_bytes, row_bytes, xq, xs, s);
-            for (int j = 0; j < 4; j++) { Y[j * ldy + r] = s[j]; Y[j * ldy + r + 1] = s[4 + j]; }
-        }
-    }
+    float s[4];
     for (; r < rend; r++) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
         if (k->dot4) {

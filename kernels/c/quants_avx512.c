@@ -152,42 +152,6 @@ void ember_vec_dot4_##name##_q8_0_##ISA(int64_t n, const void *vw, const void *v
     }                                                                                   \
 }
 
-/* Two weight rows x four activation rows: each activation load (codes, corr,
- * scales) now feeds two weight rows, halving the activation traffic, which
- * from L2 bounds dot4 at prefill. Each (weight row, activation row) pair runs
- * exactly step4's operations in step4's order: bit-identical to dot. */
-#define Q8_0_KERNELS_2X4(name, wtype_t, ISA)                                             \
-void ember_vec_dot2x4_##name##_q8_0_##ISA(int64_t n, const void *vw, size_t ws,         \
-                                          const void *vx, size_t xs, float *s) {        \
-    const wtype_t *w[2] = {vw, (const wtype_t *)((const uint8_t *)vw + ws)};            \
-    const uint8_t *xb = vx;                                                             \
-    const int64_t nb = n / QK8_0;                                                       \
-    acc2 acc[2][4];                                                                     \
-    for (int k = 0; k < 2; k++)                                                         \
-        for (int r = 0; r < 4; r++) acc[k][r].a0 = acc[k][r].a1 = _mm512_setzero_ps();  \
-    int64_t i = 0;                                                                      \
-    for (; i + 4 <= nb; i += 4) {                                                       \
-        const __m512 dw00 = DW_PAIR(&w[0][i]), dw01 = DW_PAIR(&w[0][i + 2]);            \
-        const __m512 dw10 = DW_PAIR(&w[1][i]), dw11 = DW_PAIR(&w[1][i + 2]);            \
-        for (int r = 0; r < 4; r++) {                                                   \
-            const void *xr = xb + r * xs;                                               \
-            const int8_t *qs = ember_q8_0_qs(xr, n) + 32 * i;                           \
-            const float *dx8 = ember_q8_0_dx8(xr, n) + 8 * i;                           \
-            const int32_t *corr = ember_q8_0_corr(xr, n) + 8 * i;                       \
-            step4_##name##_##ISA(&acc[0][r], w[0] + i, dw00, dw01, qs, dx8, corr);      \
-            step4_##name##_##ISA(&acc[1][r], w[1] + i, dw10, dw11, qs, dx8, corr);      \
-        }                                                                               \
-    }                                                                                   \
-    for (int k = 0; k < 2; k++) {                                                       \
-        for (int r = 0; r < 4; r++) {                                                   \
-            const block_q8_0 *x = (const block_q8_0 *)(xb + r * xs);                    \
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][r].a0, acc[k][r].a1));  \
-            if (i < nb) v += ember_vec_dot_##name##_q8_0_generic((nb - i) * QK8_0, w[k] + i, x + i); \
-            s[4 * k + r] = v;                                                           \
-        }                                                                               \
-    }                                                                                   \
-}
-
 PAIR_FUNCS(avx512, dot_acc_plain)
 Q8_0_KERNELS(q4_0, block_q4_0, avx512)
 Q8_0_KERNELS(q8_0, block_q8_0, avx512)
@@ -297,34 +261,60 @@ static inline __m128i block_sums4(__m512i p0, __m512i p1) {
     return _mm_unpacklo_epi32(e, o);   /* [b0, b1, b2, b3] */
 }
 
+/* d of 4 consecutive blocks: packed in a GPR (scalar ports are idle here),
+ * one exact F16C conversion -- the same values as the fp16 table */
+static inline __m128 dw4(const ember_fp16_t *d, size_t stride) {
+    const uint8_t *p = (const uint8_t *)d;
+    uint16_t h[4];
+    for (int j = 0; j < 4; j++) memcpy(&h[j], p + j * stride, 2);
+    const uint64_t v = h[0] | ((uint64_t)h[1] << 16) | ((uint64_t)h[2] << 32) | ((uint64_t)h[3] << 48);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
+}
+
+/* d(x) of 4 consecutive blocks from the aux area (each stored 8 times) */
+static inline __m128 dx4(const float *dx8) {
+    const __m512i idx = _mm512_setr_epi32(0, 8, 16, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps128(_mm512_permutex2var_ps(_mm512_loadu_ps(dx8), idx, _mm512_loadu_ps(dx8 + 16)));
+}
+
 static inline float chains_sum(__m128 A) {
     float a[4];
     _mm_storeu_ps(a, A);
     return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
+/* one block of one weight row into its chain: exact isum over 16 rows, then
+ * the float step (matvec does the same per row: see the order above) */
+#define LANES_STEP(name, wb, pb, Ac) do {                                                \
+    uint32_t u_[8];                                                                     \
+    unpack_##name(wb, u_);                                                              \
+    __m512i i0_ = _mm512_loadu_si512((pb)->corr), i1_ = _mm512_setzero_si512();         \
+    for (int k_ = 0; k_ < 8; k_ += 2) {   /* two int chains: half the latency */        \
+        i0_ = _mm512_dpbusd_epi32(i0_, _mm512_set1_epi32((int)u_[k_]), load512((pb)->qs[k_])); \
+        i1_ = _mm512_dpbusd_epi32(i1_, _mm512_set1_epi32((int)u_[k_ + 1]), load512((pb)->qs[k_ + 1])); \
+    }                                                                                   \
+    const __m512 sc_ = _mm512_mul_ps(_mm512_set1_ps(fp16((wb)->d)), _mm512_loadu_ps((pb)->dx)); \
+    Ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0_, i1_)), sc_, Ac);      \
+} while (0)
+
+static inline void store16(const __m512 A[4], float *Y, int64_t ldy, int64_t r) {
+    float t[16];
+    _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])));
+    for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+}
+
 #define LANES_KERNELS(name, wtype_t)                                                     \
-/* rows [r, rend) of W against one packed 16-row group: Y[j * ldy + row] */             \
+/* rows [r, rend) of W against one packed 16-row group: Y[j * ldy + row]      \
+ * (two weight rows per pass, sharing the activation loads, measured slower) */         \
 static void mm16_rows_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t r,  \
                              int64_t rend, const xpack16 *p, float *Y, int64_t ldy) {   \
     const int64_t nb = n / QK8_0;                                                       \
     for (; r < rend; r++) {                                                             \
-        const wtype_t *wr = (const wtype_t *)(w + (size_t)r * row_bytes);               \
-        __m512 A[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
-        for (int64_t b = 0; b < nb; b++) {                                              \
-            uint32_t u[8];                                                              \
-            unpack_##name(&wr[b], u);                                                   \
-            __m512i i0 = _mm512_loadu_si512(p[b].corr), i1 = _mm512_setzero_si512();    \
-            for (int k = 0; k < 8; k += 2) {   /* two int chains: half the latency */   \
-                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[k]), load512(p[b].qs[k])); \
-                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[k + 1]), load512(p[b].qs[k + 1])); \
-            }                                                                           \
-            const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(wr[b].d)), _mm512_loadu_ps(p[b].dx)); \
-            A[b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, A[b & 3]); \
-        }                                                                               \
-        float t[16];                                                                    \
-        _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3]))); \
-        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];                             \
+        const wtype_t *w0 = (const wtype_t *)(w + (size_t)r * row_bytes);               \
+        __m512 A[4];                                                                    \
+        for (int c = 0; c < 4; c++) A[c] = _mm512_setzero_ps();                         \
+        for (int64_t b = 0; b < nb; b++) LANES_STEP(name, &w0[b], &p[b], A[b & 3]);    \
+        store16(A, Y, ldy, r);                                                          \
     }                                                                                   \
 }                                                                                       \
                                                                                         \
@@ -348,8 +338,8 @@ float ember_vec_dot_##name##_q8_0_lanes(int64_t n, const void *vw, const void *v
     for (; i + 4 <= nb; i += 4) {                                                       \
         const __m512i p0 = pair_##name##_avx512vnni(w + i, load512(qs + 32 * i), corr + 8 * i); \
         const __m512i p1 = pair_##name##_avx512vnni(w + i + 2, load512(qs + 32 * i + 64), corr + 8 * i + 16); \
-        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d)); \
-        const __m128 dx = _mm_setr_ps(dx8[8 * i], dx8[8 * i + 8], dx8[8 * i + 16], dx8[8 * i + 24]); \
+        const __m128 dw = dw4(&w[i].d, sizeof(wtype_t));                                \
+        const __m128 dx = dx4(dx8 + 8 * i);                                             \
         A = _mm_fmadd_ps(_mm_cvtepi32_ps(block_sums4(p0, p1)), _mm_mul_ps(dw, dx), A);  \
     }                                                                                   \
     if (i < nb) {                                                                       \

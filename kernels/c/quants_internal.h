@@ -25,16 +25,12 @@ typedef void (*ember_quantize_fn)(const float *x, void *y, int64_t n);
 /* Y[j * ldy + r] = dot(w row r, x row j) for r0 <= r < r1, j < 16; -1 if out of memory */
 typedef int (*ember_matmul16_fn)(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
                                  const void *x, size_t x_stride, float *Y, int64_t ldy);
-/* s[4k + j] = dot(w row k, x row j) for k < 2, j < 4; w rows w_stride bytes apart */
-typedef void (*ember_vec_dot2x4_fn)(int64_t n, const void *w, size_t w_stride, const void *x,
-                                    size_t x_stride, float *s);
 
 typedef struct {
     ember_vec_dot_fn dot;
     ember_vec_dot4_fn dot4;       /* NULL: dispatch calls dot four times */
     ember_quantize_fn quantize;   /* quantizer of this type's activation format */
-    ember_vec_dot2x4_fn dot2x4;   /* NULL: dispatch calls dot4 twice */
-    ember_matmul16_fn matmul16;   /* NULL: dispatch tiles with dot2x4 / dot4 / dot */
+    ember_matmul16_fn matmul16;   /* NULL: dispatch tiles with dot4 / dot */
 } ember_type_kernels;
 
 /* ======================================================================== */
