@@ -16,6 +16,8 @@
  * dot4 variants decode a weight block once and use it for four activation
  * rows (matmul).
  */
+#include <math.h>
+
 #include "quants_internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -565,6 +567,88 @@ FLOAT_DOT(f16, load8_f16)
 FLOAT_DOT(bf16, load8_bf16)
 
 /* ======================================================================== */
+/* Activation quantization (bit-identical to the generic quantizers)         */
+/* ======================================================================== */
+
+/* roundf (half away from zero) of 8 lanes, exactly: t = trunc|v|, plus one
+ * where the exact fraction |v| - t is >= 0.5, the sign put back on the int */
+static inline __m256i roundf_epi32_avx2(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 a = _mm256_andnot_ps(sign, v);
+    const __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, t), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m256i r = _mm256_sub_epi32(_mm256_cvttps_epi32(t), _mm256_castps_si256(up));  /* up = -1 */
+    return _mm256_sign_epi32(r, _mm256_castps_si256(_mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(1.0f))));
+}
+
+/* 4 x 8 int32 (each in -127..127) -> 32 int8 in order */
+static inline __m256i pack_epi8_avx2(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    const __m256i q = _mm256_packs_epi16(ab, cd);   /* lanes interleaved by 128-bit halves */
+    return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+void ember_quantize_row_q8_0_avx2(const float *x, void *vy, int64_t n) {
+    block_q8_0 *y = vy;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / QK8_0; i++, x += QK8_0) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 8 * j);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+        }
+        const float d = hmax8(m) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        y[i].d = ember_fp32_to_fp16(d);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) q[j] = roundf_epi32_avx2(_mm256_mul_ps(v[j], id));
+        _mm256_storeu_si256((__m256i *)y[i].qs, pack_epi8_avx2(q[0], q[1], q[2], q[3]));
+    }
+}
+
+void ember_quantize_row_q8_K_avx2(const float *x, void *vy, int64_t n) {
+    block_q8_K *y = vy;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        const float amax = hmax8(m);
+        if (amax == 0.0f) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        float max = 0.0f;   /* the first x[j] with |x[j]| == amax, as the generic loop keeps */
+        for (int j = 0; j < QK_K; j++) {
+            if (fabsf(x[j]) == amax) { max = x[j]; break; }
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i q[4];
+            for (int l = 0; l < 4; l++) {
+                /* cvtps rounds half to even, as ember_nearest_int */
+                q[l] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_set1_ps(iscale), _mm256_loadu_ps(x + j + 8 * l)));
+                q[l] = _mm256_min_epi32(q[l], _mm256_set1_epi32(127));
+            }
+            _mm256_storeu_si256((__m256i *)(y[i].qs + j), pack_epi8_avx2(q[0], q[1], q[2], q[3]));
+            for (int h = 0; h < 2; h++) {
+                const __m256i s = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+                const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                y[i].bsums[j / 16 + h] = (int16_t)_mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+            }
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+/* ======================================================================== */
 /* Table                                                                     */
 /* ======================================================================== */
 
@@ -590,6 +674,11 @@ void ember_fill_kernels_avx2(ember_type_kernels *k) {
     k[EMBER_F32].dot = ember_vec_dot_f32_f32_avx2;
     k[EMBER_F16].dot = ember_vec_dot_f16_f32_avx2;
     k[EMBER_BF16].dot = ember_vec_dot_bf16_f32_avx2;
+    /* every Q8_0- / Q8_K-paired type shares its activation quantizer */
+    for (int t = 0; t < EMBER_N_TYPES; t++) {
+        if (k[t].quantize == ember_quantize_row_q8_0_generic) k[t].quantize = ember_quantize_row_q8_0_avx2;
+        if (k[t].quantize == ember_quantize_row_q8_K_generic) k[t].quantize = ember_quantize_row_q8_K_avx2;
+    }
 }
 
 #pragma GCC pop_options

@@ -621,10 +621,11 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
     k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx512;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
-    /* every Q8_0- / Q8_K-paired type shares its activation quantizer */
+    /* every Q8_0- / Q8_K-paired type shares its activation quantizer (the
+     * table starts as a copy of AVX2's) */
     for (int t = 0; t < EMBER_N_TYPES; t++) {
-        if (k[t].quantize == ember_quantize_row_q8_0_generic) k[t].quantize = ember_quantize_row_q8_0_avx512;
-        if (k[t].quantize == ember_quantize_row_q8_K_generic) k[t].quantize = ember_quantize_row_q8_K_avx512;
+        if (k[t].quantize == ember_quantize_row_q8_0_avx2) k[t].quantize = ember_quantize_row_q8_0_avx512;
+        if (k[t].quantize == ember_quantize_row_q8_K_avx2) k[t].quantize = ember_quantize_row_q8_K_avx512;
     }
     return vnni ? "avx512+vnni" : "avx512";
 }

@@ -135,6 +135,8 @@ void ember_q8_0_fill_aux(void *xq, int64_t n, int bias);
 void ember_quantize_row_q8_0_generic(const float *x, void *y, int64_t n);
 void ember_quantize_row_q8_K_generic(const float *x, void *y, int64_t n);
 void ember_quantize_row_f32_generic(const float *x, void *y, int64_t n);
+void ember_quantize_row_q8_0_avx2(const float *x, void *y, int64_t n);
+void ember_quantize_row_q8_K_avx2(const float *x, void *y, int64_t n);
 
 void ember_dequantize_row_generic(int wtype, const void *x, float *y, int64_t n);
 
