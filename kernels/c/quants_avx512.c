@@ -456,6 +456,170 @@ void ember_vec_dot4_q4_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, 
     for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]) + hsum4(accm[r]);
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* Q4_K with VNNI, activation rows in lanes (the Q4_0 scheme per sub-block)  */
+/* ------------------------------------------------------------------------ */
+
+/* Per super-block i the exact ints sumi = sum_j sc_j * isum_j and
+ * summ = sum_j m_j * (codes of sub-block j); chain c = i % 4 does
+ * A_c = fma(sumi, d(x) * d(w), A_c) and M_c = fma(summ, -(d(x) * dmin), M_c);
+ * the result is ((A_0 + A_1) + (A_2 + A_3)) + ((M_0 + M_1) + (M_2 + M_3)),
+ * in matvec and matmul16 alike. */
+
+typedef struct {
+    int8_t qs[64][64];  /* group g: codes 4g..4g+3 of rows 0..15 */
+    float dx[16];
+    int32_t bs[4][16];  /* int16 pair (codes of sub-block 2q, of 2q+1) per row */
+} k4_xpack16;
+
+static void pack16_k4(const uint8_t *xq, size_t xs, int64_t nsb, k4_xpack16 *p) {
+    for (int r = 0; r < 16; r++) {
+        const block_q8_K *x = (const block_q8_K *)(xq + r * xs);
+        for (int64_t i = 0; i < nsb; i++) {
+            for (int g = 0; g < 64; g++) memcpy(p[i].qs[g] + 4 * r, x[i].qs + 4 * g, 4);
+            p[i].dx[r] = x[i].d;
+            for (int q = 0; q < 4; q++) {
+                const int16_t lo = (int16_t)(x[i].bsums[4 * q] + x[i].bsums[4 * q + 1]);
+                const int16_t hi = (int16_t)(x[i].bsums[4 * q + 2] + x[i].bsums[4 * q + 3]);
+                p[i].bs[q][r] = (int32_t)(((uint32_t)(uint16_t)hi << 16) | (uint16_t)lo);
+            }
+        }
+    }
+}
+
+/* 256 unsigned codes of a Q4_K super-block in value order */
+static inline void unpack_q4_K(const block_q4_K *w, uint32_t u[64]) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++) {
+        const __m256i q = load256(w->qs + 32 * c);
+        _mm256_storeu_si256((__m256i *)(u + 16 * c), _mm256_and_si256(q, m));
+        _mm256_storeu_si256((__m256i *)(u + 16 * c + 8), _mm256_and_si256(_mm256_srli_epi16(q, 4), m));
+    }
+}
+
+/* 6-bit scales (sm[0..7]) and mins (sm[8..15]) */
+static inline void k4_unpack_sm(const block_q4_K *w, uint16_t sm[16]) {
+    _mm256_storeu_si256((__m256i *)sm, k4_scales_mins(w->scales));
+}
+
+static inline float sum4x2(const float a[4], const float m[4]) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((m[0] + m[1]) + (m[2] + m[3]));
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+static __thread k4_xpack16 *k4_buf;
+static __thread int64_t k4_cap;
+
+static void mm16_rows_q4_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
+                           const k4_xpack16 *p, float *Y, int64_t ldy) {
+    for (; r < rend; r++) {
+        const block_q4_K *wr = (const block_q4_K *)(w + (size_t)r * row_bytes);
+        __m512 A[4], M[4];
+        for (int c = 0; c < 4; c++) A[c] = M[c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < nsb; i++) {
+            uint32_t u[64];
+            uint16_t sm[16];
+            unpack_q4_K(&wr[i], u);
+            k4_unpack_sm(&wr[i], sm);
+            __m512i sumi = _mm512_setzero_si512(), summ = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k += 2) {
+                    i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[8 * j + k]), load512(p[i].qs[8 * j + k]));
+                    i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[8 * j + k + 1]), load512(p[i].qs[8 * j + k + 1]));
+                }
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(sm[j])));
+            }
+            for (int q = 0; q < 4; q++) {
+                const int mp = (int)((uint32_t)sm[8 + 2 * q] | ((uint32_t)sm[9 + 2 * q] << 16));
+                summ = _mm512_add_epi32(summ, _mm512_madd_epi16(_mm512_loadu_si512(p[i].bs[q]), _mm512_set1_epi32(mp)));
+            }
+            const __m512 dx = _mm512_loadu_ps(p[i].dx);
+            A[i & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(dx, _mm512_set1_ps(fp16(wr[i].d))), A[i & 3]);
+            M[i & 3] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dx, _mm512_set1_ps(fp16(wr[i].dmin))), M[i & 3]);
+        }
+        const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])),
+                                       _mm512_add_ps(_mm512_add_ps(M[0], M[1]), _mm512_add_ps(M[2], M[3])));
+        float t[16];
+        _mm512_storeu_ps(t, y);
+        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+    }
+}
+
+int ember_matmul16_q4_K_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
+                                   const void *xq, size_t xs, float *Y, int64_t ldy) {
+    const int64_t nsb = n / QK_K;
+    if (nsb > k4_cap) {
+        k4_xpack16 *nbuf = aligned_alloc(64, (size_t)nsb * sizeof(k4_xpack16));
+        if (!nbuf) return -1;
+        free(k4_buf);
+        k4_buf = nbuf;
+        k4_cap = nsb;
+    }
+    pack16_k4(xq, xs, nsb, k4_buf);
+    mm16_rows_q4_K(nsb, W, row_bytes, r0, r1, k4_buf, Y, ldy);
+    return 0;
+}
+
+#pragma GCC pop_options
+
+/* one super-block's exact int sums: sc-weighted codes (16 lanes) and mins (4) */
+static inline __m512i k4_sumi(const block_q4_K *w, const block_q8_K *x, __m128i *mins) {
+    const __m256i scmin = k4_scales_mins(w->scales);
+    const __m512i sc = _mm512_castsi256_si512(scmin);
+    __m512i sumi = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        const __m512i pr = _mm512_maddubs_epi16(q4k_chunk(w->qs + 32 * j), load512(x->qs + 64 * j));
+        sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(_mm512_permutexvar_epi16(idx_2x16(2 * j, 2 * j + 1), sc), pr));
+    }
+    *mins = k4_min_sums(scmin, x);
+    return sumi;
+}
+
+/* [sum(a), sum(b), sum(c), sum(d)] of four 4-lane int vectors */
+static inline __m128i hsum4x4(__m128i a, __m128i b, __m128i c, __m128i d) {
+    const __m128i ab = _mm_add_epi32(_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b));
+    const __m128i cd = _mm_add_epi32(_mm_unpacklo_epi32(c, d), _mm_unpackhi_epi32(c, d));
+    return _mm_add_epi32(_mm_unpacklo_epi64(ab, cd), _mm_unpackhi_epi64(ab, cd));
+}
+
+/* 16 lanes -> 4 lanes (exact ints: the order is free) */
+static inline __m128i fold16(__m512i v) {
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+float ember_vec_dot_q4_K_q8_K_lanes(int64_t n, const void *vw, const void *vx) {
+    const block_q4_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nsb = n / QK_K;
+    __m128 A = _mm_setzero_ps(), M = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nsb; i += 4) {   /* lane c = chain c = super-block i + c */
+        __m128i s[4], m[4];
+        for (int c = 0; c < 4; c++) s[c] = fold16(k4_sumi(&w[i + c], &x[i + c], &m[c]));
+        const __m128 dx = _mm_setr_ps(x[i].d, x[i + 1].d, x[i + 2].d, x[i + 3].d);
+        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d));
+        const __m128 dm = _mm_setr_ps(fp16(w[i].dmin), fp16(w[i + 1].dmin), fp16(w[i + 2].dmin), fp16(w[i + 3].dmin));
+        A = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4x4(s[0], s[1], s[2], s[3])), _mm_mul_ps(dx, dw), A);
+        M = _mm_fnmadd_ps(_mm_cvtepi32_ps(hsum4x4(m[0], m[1], m[2], m[3])), _mm_mul_ps(dx, dm), M);
+    }
+    float a[4], mm[4];
+    _mm_storeu_ps(a, A);
+    _mm_storeu_ps(mm, M);
+    for (; i < nsb; i++) {
+        __m128i mins;
+        const __m128i si = fold16(k4_sumi(&w[i], &x[i], &mins));
+        const __m128i t = hsum4x4(si, mins, si, mins);   /* [sumi, summ, ..] */
+        a[i & 3] = fmaf((float)_mm_cvtsi128_si32(t), x[i].d * fp16(w[i].d), a[i & 3]);
+        mm[i & 3] = fmaf(-(float)_mm_extract_epi32(t, 1), x[i].d * fp16(w[i].dmin), mm[i & 3]);
+    }
+    return sum4x2(a, mm);
+}
+
 /* ======================================================================== */
 /* Q6_K                                                                      */
 /* ======================================================================== */
@@ -619,6 +783,11 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
     }
     k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_avx512;
     k[EMBER_Q4_K].dot4 = ember_vec_dot4_q4_K_q8_K_avx512;
+    if (vnni) {   /* activation rows in lanes, the same order in dot and matmul16 */
+        k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_lanes;
+        k[EMBER_Q4_K].dot4 = NULL;
+        k[EMBER_Q4_K].matmul16 = ember_matmul16_q4_K_avx512vnni;
+    }
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
     /* every Q8_0- / Q8_K-paired type shares its activation quantizer (the
