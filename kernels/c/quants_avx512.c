@@ -699,6 +699,137 @@ void ember_vec_dot4_q6_K_q8_K_avx512(int64_t n, const void *vw, const void *vx, 
     for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* Q6_K with VNNI, activation rows in lanes (16-value sub-blocks)            */
+/* ------------------------------------------------------------------------ */
+
+/* Per super-block the exact int sumi = sum_s sc_s * isum_s - 32 sum_s sc_s *
+ * bsum_s (codes are value + 32); chain c = i % 4 does A_c = fma(sumi,
+ * d(x) * d(w), A_c); the result is (A_0 + A_1) + (A_2 + A_3). */
+
+typedef struct {
+    int8_t qs[64][64];  /* group g: codes 4g..4g+3 of rows 0..15 */
+    float dx[16];
+    int32_t bs[8][16];  /* int16 pair (bsums[2q], bsums[2q+1]) per row */
+} k6_xpack16;
+
+static void pack16_k6(const uint8_t *xq, size_t xs, int64_t nsb, k6_xpack16 *p) {
+    for (int r = 0; r < 16; r++) {
+        const block_q8_K *x = (const block_q8_K *)(xq + r * xs);
+        for (int64_t i = 0; i < nsb; i++) {
+            for (int g = 0; g < 64; g++) memcpy(p[i].qs[g] + 4 * r, x[i].qs + 4 * g, 4);
+            p[i].dx[r] = x[i].d;
+            for (int q = 0; q < 8; q++) {
+                p[i].bs[q][r] = (int32_t)(((uint32_t)(uint16_t)x[i].bsums[2 * q + 1] << 16) | (uint16_t)x[i].bsums[2 * q]);
+            }
+        }
+    }
+}
+
+/* 256 unsigned codes (0..63) of a Q6_K super-block in value order */
+static inline void unpack_q6_K(const block_q6_K *w, uint32_t u[64]) {
+    for (int half = 0; half < 2; half++) {
+        __m512i v[2];
+        q6k_half(w->ql + 64 * half, w->qh + 32 * half, v);
+        _mm512_storeu_si512(u + 32 * half, v[0]);
+        _mm512_storeu_si512(u + 32 * half + 16, v[1]);
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+static __thread k6_xpack16 *k6_buf;
+static __thread int64_t k6_cap;
+
+static void mm16_rows_q6_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
+                           const k6_xpack16 *p, float *Y, int64_t ldy) {
+    for (; r < rend; r++) {
+        const block_q6_K *wr = (const block_q6_K *)(w + (size_t)r * row_bytes);
+        __m512 A[4];
+        for (int c = 0; c < 4; c++) A[c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < nsb; i++) {
+            uint32_t u[64];
+            unpack_q6_K(&wr[i], u);
+            const int8_t *sc = wr[i].scales;
+            __m512i sumi = _mm512_setzero_si512(), off = _mm512_setzero_si512();
+            for (int sb = 0; sb < 16; sb++) {
+                __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)u[4 * sb]), load512(p[i].qs[4 * sb]));
+                __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)u[4 * sb + 1]), load512(p[i].qs[4 * sb + 1]));
+                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[4 * sb + 2]), load512(p[i].qs[4 * sb + 2]));
+                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[4 * sb + 3]), load512(p[i].qs[4 * sb + 3]));
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(sc[sb])));
+            }
+            for (int q = 0; q < 8; q++) {
+                const int sp = (int)((uint32_t)(uint16_t)(int16_t)sc[2 * q] | ((uint32_t)(uint16_t)(int16_t)sc[2 * q + 1] << 16));
+                off = _mm512_add_epi32(off, _mm512_madd_epi16(_mm512_loadu_si512(p[i].bs[q]), _mm512_set1_epi32(sp)));
+            }
+            sumi = _mm512_sub_epi32(sumi, _mm512_slli_epi32(off, 5));
+            const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(p[i].dx), _mm512_set1_ps(fp16(wr[i].d)));
+            A[i & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), s, A[i & 3]);
+        }
+        float t[16];
+        _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])));
+        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+    }
+}
+
+int ember_matmul16_q6_K_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
+                                   const void *xq, size_t xs, float *Y, int64_t ldy) {
+    const int64_t nsb = n / QK_K;
+    if (nsb > k6_cap) {
+        k6_xpack16 *nbuf = aligned_alloc(64, (size_t)nsb * sizeof(k6_xpack16));
+        if (!nbuf) return -1;
+        free(k6_buf);
+        k6_buf = nbuf;
+        k6_cap = nsb;
+    }
+    pack16_k6(xq, xs, nsb, k6_buf);
+    mm16_rows_q6_K(nsb, W, row_bytes, r0, r1, k6_buf, Y, ldy);
+    return 0;
+}
+
+#pragma GCC pop_options
+
+/* one super-block's exact int sum, bias included (as dot's sumi) */
+static inline __m512i k6_sumi(const block_q6_K *w, const block_q8_K *x) {
+    const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales)));
+    __m512i sumi = q6k_start(sc16, x);
+    for (int half = 0; half < 2; half++) {
+        __m512i u[2];
+        q6k_half(w->ql + 64 * half, w->qh + 32 * half, u);
+        for (int c = 0; c < 2; c++) {
+            const __m512i pr = _mm512_maddubs_epi16(u[c], load512(x->qs + 128 * half + 64 * c));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(_mm512_permutexvar_epi16(idx_4x8(8 * half + 4 * c), sc16), pr));
+        }
+    }
+    return sumi;
+}
+
+float ember_vec_dot_q6_K_q8_K_lanes(int64_t n, const void *vw, const void *vx) {
+    const block_q6_K *w = vw;
+    const block_q8_K *x = vx;
+    const int64_t nsb = n / QK_K;
+    __m128 A = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nsb; i += 4) {   /* lane c = chain c = super-block i + c */
+        __m128i s[4];
+        for (int c = 0; c < 4; c++) s[c] = fold16(k6_sumi(&w[i + c], &x[i + c]));
+        const __m128 dx = _mm_setr_ps(x[i].d, x[i + 1].d, x[i + 2].d, x[i + 3].d);
+        const __m128 dw = _mm_setr_ps(fp16(w[i].d), fp16(w[i + 1].d), fp16(w[i + 2].d), fp16(w[i + 3].d));
+        A = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4x4(s[0], s[1], s[2], s[3])), _mm_mul_ps(dx, dw), A);
+    }
+    float a[4];
+    _mm_storeu_ps(a, A);
+    for (; i < nsb; i++) {
+        const __m128i si = fold16(k6_sumi(&w[i], &x[i]));
+        const __m128i t = hsum4x4(si, si, si, si);
+        a[i & 3] = fmaf((float)_mm_cvtsi128_si32(t), x[i].d * fp16(w[i].d), a[i & 3]);
+    }
+    return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
 /* ======================================================================== */
 /* Activation quantization (bit-identical to the generic quantizers)         */
 /* ======================================================================== */
@@ -790,6 +921,11 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
     }
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx512;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx512;
+    if (vnni) {
+        k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_lanes;
+        k[EMBER_Q6_K].dot4 = NULL;
+        k[EMBER_Q6_K].matmul16 = ember_matmul16_q6_K_avx512vnni;
+    }
     /* every Q8_0- / Q8_K-paired type shares its activation quantizer (the
      * table starts as a copy of AVX2's) */
     for (int t = 0; t < EMBER_N_TYPES; t++) {
