@@ -20,7 +20,7 @@ from ember.formats import gguf
 from ember.kernels import dispatch
 from ember.plugins import cpu, registry
 from ember.plugins.arch import config_from_gguf
-from ember.plugins.types import ContextOverflow, MemoryPlan
+from ember.plugins.types import MemoryPlan
 from tests.conftest import conformance_cases, conformance_path
 from tests.plugins.test_reference import greedy, kl_rows, thresholds
 
@@ -86,22 +86,6 @@ def test_greedy_continuation_matches_llama_cpp(case):
 # ---------------------------------------------------------------------------
 # 2. the Runner contract
 # ---------------------------------------------------------------------------
-
-def test_context_overflow_is_typed_and_leaves_the_cache_alone():
-    r = load_runner("stories260K.gguf", n_ctx=16)
-    r.prefill(list(range(1, 11)))
-    with pytest.raises(ContextOverflow, match="n_ctx is 16"):
-        r.prefill(list(range(1, 8)))
-    assert r.n_past == 10
-    for t in range(6):
-        r.decode(t + 1)
-    with pytest.raises(ContextOverflow):
-        r.decode(1)
-    assert r.n_past == 16
-    r.reset()
-    assert r.prefill([1]).shape == (r.n_vocab,)
-    r.close()
-
 
 def test_truncate_then_decode_rebuilds_the_same_logits():
     r = load_runner("stories260K.gguf")

@@ -13,7 +13,7 @@ import pytest
 from ember.formats import gguf
 from ember.plugins import reference, registry
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
-from ember.plugins.types import ContextOverflow, MemoryPlan
+from ember.plugins.types import MemoryPlan
 from tests.conftest import conformance_cases, conformance_path
 
 CASES = conformance_cases()
@@ -148,21 +148,6 @@ def test_truncate_then_decode_rebuilds_the_same_logits(runners):
 # ---------------------------------------------------------------------------
 # The cache bound and bad tokens: typed errors, state untouched
 # ---------------------------------------------------------------------------
-
-def test_context_overflow_is_typed_and_leaves_the_cache_alone():
-    r = load_runner("stories260K.gguf", n_ctx=16)
-    r.prefill(list(range(1, 11)))
-    with pytest.raises(ContextOverflow, match="n_ctx is 16"):
-        r.prefill(list(range(1, 8)))
-    assert r.n_past == 10
-    for t in range(6):
-        r.decode(t + 1)
-    with pytest.raises(ContextOverflow):
-        r.decode(1)
-    assert r.n_past == 16
-    r.reset()
-    assert r.prefill([1]).shape == (r.n_vocab,)
-
 
 @pytest.mark.parametrize("tokens", [[], [-1], [512], [1, 2, 10**9], [[1, 2]], [1.5]])
 def test_bad_tokens_are_typed(tokens, runners):
