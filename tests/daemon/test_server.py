@@ -205,10 +205,11 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
 
 def test_health_reports_a_worker_that_makes_no_token_in_time(emberd):
     """A worker busy without a token (here: in a long prefill) past the timeout is unhealthy."""
-    long_prompt = "Once upon a time " * 20
+    # ~1200 tokens: long enough that even the fast cpu prefill outlasts a 2 ms timeout
+    long_prompt = "Once upon a time " * 300
     checked = 0
     with emberd.client() as c, emberd.client() as h:
-        for _ in range(4):
+        for _ in range(8):
             rid = c.send("generate", prompt=long_prompt, max_tokens=1)
             while (cur := h.status()["current"]) is None or cur["id"] != rid:
                 pass
