@@ -11,8 +11,11 @@ render is bounded three ways:
   loop the template compiles to;
 * memory: the watcher also samples the process's resident size and stops a
   render that grows it by more than `max_mem_bytes` (a string doubled in a
-  loop); `*`, `+` and `**` are intercepted so a single operation cannot
-  build something huge in one step;
+  loop). That watcher cannot stop one C-level operation midway, so every
+  operation that can build a big string or list in one step is checked for
+  size before it runs: `*`, `+`, `**`, `%`, `~` (compiled to a bounded
+  join), the str methods and filters that grow text (replace, ljust/center,
+  join, indent, format...);
 * output: chunks are counted as they are generated; past `max_bytes` the
   render stops.
 
@@ -33,11 +36,15 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import re
 import threading
 import time
 from typing import Any
 
 import jinja2
+import jinja2.nodes
+import jinja2.runtime
+from jinja2.compiler import CodeGenerator, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -57,6 +64,8 @@ FALLBACK_TEMPLATE = (
 MAX_TEMPLATE_CHARS = 1 << 20
 MAX_MESSAGES = 4096
 MAX_OP_RESULT = 1 << 20         # largest string/list a single + or * may build
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d+)")  # the width digits of a %-conversion
+_FORMAT_SPEC_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")  # a {:>NNNNNNN} field
 
 
 # ---------------------------------------------------------------------------
@@ -83,10 +92,124 @@ def _size(x: Any) -> int:
     return len(x) if isinstance(x, (str, bytes, list, tuple)) else 0
 
 
-class _Env(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus bounds on operators that can multiply memory."""
+def _bound(n: int, what: str) -> None:
+    """Refuse, before it is built, a string/list larger than MAX_OP_RESULT."""
+    if n > MAX_OP_RESULT:
+        raise _TemplateRaised(f"{what} would be too large ({n} > {MAX_OP_RESULT})")
 
-    intercepted_binops = frozenset(["*", "+", "**"])
+
+def _int(x: Any, default: int = 0) -> int:
+    return x if isinstance(x, int) else default
+
+
+def _str_growth(s: str, name: str, args: tuple) -> int:
+    """Length a growing str method would produce; 0 for methods that can't grow."""
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) \
+            and isinstance(args[1], str):
+        hits = len(s) + 1 if args[0] == "" else s.count(args[0])
+        if len(args) >= 3 and isinstance(args[2], int) and args[2] >= 0:
+            hits = min(hits, args[2])
+        return len(s) + hits * max(len(args[1]) - len(args[0]), 0)
+    if name in ("ljust", "rjust", "center", "zfill") and args:
+        return max(len(s), _int(args[0]))
+    if name == "expandtabs":
+        return len(s) + s.count("\t") * _int(args[0] if args else 8, 8)
+    if name == "join" and args and isinstance(args[0], (list, tuple)):
+        return sum(len(str(x)) for x in args[0]) + len(s) * len(args[0])
+    return 0
+
+
+def _bounded_filter(filt, growth):
+    """Wrap a built-in filter that can build a large string with a size pre-check."""
+    def checked(*args, **kwargs):
+        _bound(growth(*args, **kwargs), f"the result of filter {filt.__name__}")
+        return filt(*args, **kwargs)
+    checked.__name__ = filt.__name__
+    for flag in ("jinja_pass_arg",):
+        if hasattr(filt, flag):
+            setattr(checked, flag, getattr(filt, flag))
+    return checked
+
+
+def _filter_growth(name: str):
+    """Size estimate of filter `name` (arguments as the filter receives them)."""
+    def growth(*args, **kwargs):
+        args = [a for a in args if not isinstance(a, (jinja2.runtime.Context,
+                                                      jinja2.nodes.EvalContext,
+                                                      jinja2.Environment))]
+        if not args:
+            return 0
+        value, rest = args[0], args[1:]
+        if name == "replace":
+            return _str_growth(str(value), "replace", tuple(map(str, rest[:2])) + tuple(rest[2:3]))
+        if name == "center":
+            return max(_size(str(value)), _int(rest[0] if rest else kwargs.get("width"), 80))
+        if name == "indent":
+            width = rest[0] if rest else kwargs.get("width", 4)
+            pad = len(width) if isinstance(width, str) else _int(width, 4)
+            return len(str(value)) * (1 + pad)
+        if name == "join" and isinstance(value, (list, tuple)):
+            sep = rest[0] if rest else kwargs.get("d", "")
+            return sum(len(str(x)) for x in value) + len(str(sep)) * len(value)
+        return 0
+    return growth
+
+
+class _BoundedCodeGen(CodeGenerator):
+    """Compiles `a ~ b` to a size-checked join instead of jinja2's plain str_join."""
+
+    @optimizeconst
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus bounds on every operation that can multiply memory.
+
+    A single C-level operation (a concatenation, a str.replace) holds the GIL
+    while it builds its result, so the memory watcher cannot stop it midway:
+    such operations are checked for size before they run."""
+
+    code_generator_class = _BoundedCodeGen
+    intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("replace", "center", "indent", "join"):
+            self.filters[name] = _bounded_filter(self.filters[name], _filter_growth(name))
+
+    @staticmethod
+    def bounded_concat(parts: tuple) -> str:
+        parts = [str(p) for p in parts]
+        _bound(sum(map(len, parts)), "a ~ concatenation")
+        return "".join(parts)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            _bound(_str_growth(owner, getattr(__obj, "__name__", ""), args), "a string method result")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt = value.__self__
+
+        def checked(*args, **kwargs):
+            values = [*args, *kwargs.values()]
+            if value.__name__ == "format_map" and args and isinstance(args[0], dict):
+                values = list(args[0].values())
+            widest = max((len(str(v)) for v in values), default=0)
+            _bound(len(fmt) + fmt.count("{") * widest, "a str.format result")
+            if _FORMAT_SPEC_WIDTH.search(fmt):
+                raise _TemplateRaised("a str.format width is too large")
+            return wrapped(*args, **kwargs)
+        return checked
 
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(left, int) and isinstance(right, int) \
@@ -98,6 +221,11 @@ class _Env(ImmutableSandboxedEnvironment):
                 raise _TemplateRaised("a repeated string/list would be too large")
         if operator == "+" and _size(left) + _size(right) > MAX_OP_RESULT:
             raise _TemplateRaised("a concatenation would be too large")
+        if operator == "%" and isinstance(left, str):
+            values = right if isinstance(right, tuple) else (right,)
+            _bound(len(left) + sum(len(str(v)) for v in values), "a % formatting")
+            if any(len(w) > 6 for w in _FORMAT_WIDTH.findall(left)):
+                raise _TemplateRaised("a % format width is too large")
         return super().call_binop(context, operator, left, right)
 
 

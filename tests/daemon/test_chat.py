@@ -77,6 +77,18 @@ HOSTILE = {
                         "{% endfor %}{% endfor %}",
     "doubling string": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
                        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+    "doubling by replace": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+                           "{% set ns.s = ns.s.replace('a', ns.s) %}{% endfor %}{{ ns.s | length }}",
+    "doubling by filter": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+                          "{% set ns.s = [ns.s, ns.s] | join %}{% endfor %}{{ ns.s | length }}",
+    "doubling by %": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+                     "{% set ns.s = '%s%s' % (ns.s, ns.s) %}{% endfor %}{{ ns.s | length }}",
+    "doubling by format": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+                          "{% set ns.s = '{}{}'.format(ns.s, ns.s) %}{% endfor %}{{ ns.s | length }}",
+    "huge % width": "{{ ('%9999999999s' % 'a') | length }}",
+    "huge format width": "{{ '{:>9999999999}'.format('a') | length }}",
+    "huge ljust": "{{ 'a'.ljust(10000000000) | length }}",
+    "huge center": "{{ 'a' | center(10000000000) | length }}",
     "big repeat": "{{ 'a' * 10000000000 }}",
     "big power": "{{ 999999 ** 999999 }}",
     "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
