@@ -47,7 +47,8 @@ def test_allocation_bombs_refused_fast(name):
     t = time.perf_counter()
     with pytest.raises(ProtocolError) as e:
         protocol.decode_request([BOMBS[name]], L)
-    assert time.perf_counter() - t < 0.05, f"{name} took too long to refuse"
+    # a bomb honoured costs seconds and gigabytes; refused, it is microseconds
+    assert time.perf_counter() - t < 0.5, f"{name} took too long to refuse"
     assert e.value.code in ("too_large", "bad_request") and e.value.message
 
 

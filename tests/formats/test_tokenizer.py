@@ -7,7 +7,6 @@ Hostile vocabularies are written by the test with ember's own GGUF writer.
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -222,12 +221,11 @@ def test_lone_surrogate_is_replacement_character():
     assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
 
 
-def test_qwen2_vocab_loads_fast():
-    path = conformance_path("tokenizer", "ggml-vocab-qwen2.gguf")
-    t0 = time.perf_counter()
-    Tokenizer.from_gguf(path)
-    # 152k tokens + 151k merges; the budget is ~1 s on a quiet machine, 3x for CI noise
-    assert time.perf_counter() - t0 < 3.0
+def test_qwen2_vocab_loads_whole():
+    # 152k tokens + 151k merges; load speed is measured in bench/tokenizer_speed.py
+    tok = Tokenizer.from_gguf(conformance_path("tokenizer", "ggml-vocab-qwen2.gguf"))
+    assert tok.n_vocab > 150_000
+    assert tok.decode(tok.encode("Hello, world")) == "Hello, world"
 
 
 def test_from_open_gguf_file_leaves_it_usable():
