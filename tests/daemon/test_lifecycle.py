@@ -251,8 +251,8 @@ def test_second_sigterm_aborts_at_once(launch):
         time.sleep(0.3)
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
-        assert d.wait(5) == 1
-        assert time.monotonic() - t0 < 2
+        assert d.wait(15) == 1
+        assert time.monotonic() - t0 < 10         # not the 60 s drain: at once, with CI slack
         stream.close()
     assert "second stop signal" in d.stderr()
 
