@@ -180,13 +180,16 @@ void ember_quantize_act(int wtype, const float *x, void *xq, int64_t n) {
  * page boundaries, so while row r computes we ask for the bytes one row plus
  * PREFETCH_AHEAD past it (one prefetch per cache line, each line once).
  * Measured single-thread streaming, 5632x2048: Q4_0 7.5 -> 9.6 GB/s, Q4_K
- * 7.3 -> 9.6, Q8_0 unchanged; 4 KiB and more ahead was worse. */
+ * 7.3 -> 9.6. The hint is T0, not NTA: a Q8_0 row is 34 lines, and a burst
+ * of that many NTA prefetches held the fill buffers long enough to stall the
+ * kernel (Q8_0 streaming, 1 GiB, 2 threads: NTA 15.3 GB/s, T0 19.8; NTA also
+ * evicted L2-resident weights: 12.5 vs 25.5 GB/s on a 1 MB matrix). */
 #define PREFETCH_AHEAD 2048
 
 static void prefetch_row(const uint8_t *w, size_t row_bytes, int64_t r, int64_t r1) {
     const size_t end = (size_t)r1 * row_bytes;
     const size_t from = (size_t)(r + 1) * row_bytes + PREFETCH_AHEAD;
-    for (size_t o = from; o < from + row_bytes && o < end; o += 64) __builtin_prefetch(w + o, 0, 0);
+    for (size_t o = from; o < from + row_bytes && o < end; o += 64) __builtin_prefetch(w + o, 0, 3);
 }
 
 void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, float *y,
