@@ -52,6 +52,18 @@ static inline __m512i pair256(__m256i a, __m256i b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
 }
 
+/* One 4-byte weight group broadcast to 16 lanes, straight from memory. Left
+ * to itself the compiler keeps the unpacked groups in registers and builds
+ * each broadcast from 1-2 shuffles plus a register broadcast, all on port 5
+ * -- two port-5 uops per vpdpbusd made prefill shuffle-bound. A broadcast
+ * load is a load-port uop only. `p` must point at memory the caller wrote
+ * (the "m" operand makes the compiler keep it there). */
+static inline __m512i bcast_mem32(const uint32_t *p) {
+    __m512i r;
+    __asm__("vpbroadcastd %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+}
+
 /* 2 x 8 float lanes: s0 in lanes 0..7, s1 in 8..15 */
 static inline __m512 pair_scale(float s0, float s1) {
     return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
@@ -298,8 +310,8 @@ static inline float chains_sum(__m128 A) {
     unpack_##name(wb, u_);                                                              \
     __m512i i0_ = _mm512_loadu_si512((pb)->corr), i1_ = _mm512_setzero_si512();         \
     for (int k_ = 0; k_ < 8; k_ += 2) {   /* two int chains: half the latency */        \
-        i0_ = _mm512_dpbusd_epi32(i0_, _mm512_set1_epi32((int)u_[k_]), load512((pb)->qs[k_])); \
-        i1_ = _mm512_dpbusd_epi32(i1_, _mm512_set1_epi32((int)u_[k_ + 1]), load512((pb)->qs[k_ + 1])); \
+        i0_ = _mm512_dpbusd_epi32(i0_, bcast_mem32(&u_[k_]), load512((pb)->qs[k_])); \
+        i1_ = _mm512_dpbusd_epi32(i1_, bcast_mem32(&u_[k_ + 1]), load512((pb)->qs[k_ + 1])); \
     }                                                                                   \
     const __m512 sc_ = _mm512_mul_ps(_mm512_set1_ps(fp16((wb)->d)), _mm512_loadu_ps((pb)->dx)); \
     Ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0_, i1_)), sc_, Ac);      \
@@ -536,8 +548,8 @@ static void mm16_rows_q4_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int6
             for (int j = 0; j < 8; j++) {
                 __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
                 for (int k = 0; k < 8; k += 2) {
-                    i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[8 * j + k]), load512(p[i].qs[8 * j + k]));
-                    i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[8 * j + k + 1]), load512(p[i].qs[8 * j + k + 1]));
+                    i0 = _mm512_dpbusd_epi32(i0, bcast_mem32(&u[8 * j + k]), load512(p[i].qs[8 * j + k]));
+                    i1 = _mm512_dpbusd_epi32(i1, bcast_mem32(&u[8 * j + k + 1]), load512(p[i].qs[8 * j + k + 1]));
                 }
                 sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(sm[j])));
             }
@@ -763,10 +775,10 @@ static void mm16_rows_q6_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int6
             const int8_t *sc = wr[i].scales;
             __m512i sumi = _mm512_setzero_si512(), off = _mm512_setzero_si512();
             for (int sb = 0; sb < 16; sb++) {
-                __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)u[4 * sb]), load512(p[i].qs[4 * sb]));
-                __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)u[4 * sb + 1]), load512(p[i].qs[4 * sb + 1]));
-                i0 = _mm512_dpbusd_epi32(i0, _mm512_set1_epi32((int)u[4 * sb + 2]), load512(p[i].qs[4 * sb + 2]));
-                i1 = _mm512_dpbusd_epi32(i1, _mm512_set1_epi32((int)u[4 * sb + 3]), load512(p[i].qs[4 * sb + 3]));
+                __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bcast_mem32(&u[4 * sb]), load512(p[i].qs[4 * sb]));
+                __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bcast_mem32(&u[4 * sb + 1]), load512(p[i].qs[4 * sb + 1]));
+                i0 = _mm512_dpbusd_epi32(i0, bcast_mem32(&u[4 * sb + 2]), load512(p[i].qs[4 * sb + 2]));
+                i1 = _mm512_dpbusd_epi32(i1, bcast_mem32(&u[4 * sb + 3]), load512(p[i].qs[4 * sb + 3]));
                 sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(sc[sb])));
             }
             for (int q = 0; q < 8; q++) {
