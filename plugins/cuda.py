@@ -24,13 +24,22 @@ pure functions of the model's Layout (no GPU needed, so CI tests them):
         with cuBLAS/hipBLAS: f16 x f16 -> f32 for quantized weights, f32 for
         float ones.
 
+    prefill attention: on CUDA, a flash-style kernel on the tensor cores
+        (wmma: 64 queries a block, K/V tiles of 64 keys in shared memory,
+        online softmax); elsewhere, or for heads not a multiple of 16 wide,
+        a warp per query row.
+
 Decode's steps are captured once as a CUDA graph and replayed per token:
 the position and token live in a pinned host buffer that the graph's first
 node copies to the device, so the host work per token is two integer
-stores, one graph launch and a synchronize.
+stores, one graph launch and a synchronize. Prefill's launches are turned
+into ready argument tuples once per chunk length, so a chunk's ~500 launches
+cost the host little more than CuPy's own launch call.
 
 Options: ``max_batch`` (tokens per prefill chunk, default 512), ``device``
-(GPU ordinal, default 0).
+(GPU ordinal, default 0), ``flash`` (tensor-core prefill attention where
+it compiles, default on), ``prefetch`` (decode matvecs that put their first
+row's loads in flight before staging x, default on).
 """
 from __future__ import annotations
 
@@ -52,6 +61,9 @@ DEFAULT_MAX_BATCH = 512
 MATVEC_MAX_T = 4                 # up to this many tokens, projections use the matvec kernels
 W_SCRATCH_BYTES = 32 << 20       # dequantized weight rows for one prefill GEMM chunk
 MIN_CHUNK, MAX_SPLITS = 256, 64  # decode attention: keys per split (a tile per warp), splits
+FA_Q, FA_K, FA_WARPS = 64, 64, 4  # flash prefill attention: queries a block, keys a tile, warps
+FA_HD_MAX = 128                  # widest head it takes (shared memory grows with it)
+PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
@@ -176,6 +188,8 @@ class Layout:
     max_batch: int
     warp: int = 32
     n_sm: int = 132                                 # multiprocessors: sizes rows per warp
+    flash: bool = False                             # prefill attention on the tensor cores
+    prefetch: bool = False                          # decode matvecs: the _pf kernels
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -242,10 +256,12 @@ def _opt(c: ModelConfig, name: str) -> str | None:
 
 
 def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32,
-           n_sm: int = 132) -> Layout:
-    """Every matrix and vector the steps use, by role."""
+           n_sm: int = 132, flash: bool = False, prefetch: bool = False) -> Layout:
+    """Every matrix and vector the steps use, by role. flash: the tensor-core prefill
+    attention where the head width allows it; prefetch: the _pf decode matvecs."""
     _check_supported(c)
-    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm)
+    flash = flash and c.head_dim % 16 == 0 and c.head_dim <= FA_HD_MAX
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm, flash, prefetch)
     m, v, F = lay.mats, lay.vecs, c.n_ff
     m["token_embd"] = _mat(c, "token_embd.weight")
     m["output"] = _mat(c, "token_embd.weight" if c.tied_embeddings else "output.weight")
@@ -347,9 +363,27 @@ def _grid(n: int, per: int) -> int:
     return max(1, -(-n // per))
 
 
-def _rows_per_warp(lay: Layout, rows: int) -> int:
-    """1 to 4 rows per warp: fewer blocks each staging x, while >= 2 blocks per SM remain."""
+def _rows_per_warp(lay: Layout, rows: int, kind: str) -> int:
+    """1 to 4 rows per warp: fewer blocks each staging x, while >= 2 blocks per SM remain.
+    The _pf kernels (PF_BLOCKS resident a SM) get enough rows a warp for one wave."""
+    if _prefetching(lay, kind):
+        return max(1, min(4, -(-rows // (lay.nwarps * PF_BLOCKS * lay.n_sm))))
     return max(1, min(4, rows // (lay.nwarps * 2 * lay.n_sm)))
+
+
+def _prefetching(lay: Layout, kind: str) -> bool:
+    return lay.prefetch and kind in QUANT_KINDS
+
+
+def _mv_kernel(lay: Layout, stem: str, kind: str) -> str:
+    """matvec_<kind> / matvec_swiglu_<kind>, or their _pf variants."""
+    return f"{stem}_pf_{kind}" if _prefetching(lay, kind) else f"{stem}_{kind}"
+
+
+def fa_smem_bytes(hd: int) -> int:
+    """Dynamic shared memory of attention_flash: Q, K, V tiles (half, rows hd + 8 wide) and
+    per warp S (16 x FA_K + 4, f32), P (16 x FA_K + 8, half), O (16 x hd + 4, f32)."""
+    return 2 * (FA_Q + 2 * FA_K) * (hd + 8) + FA_WARPS * 16 * (4 * (FA_K + 4) + 2 * (FA_K + 8) + 4 * (hd + 4))
 
 
 def _xs_bytes(kind: str, cols: int) -> int:
@@ -361,12 +395,12 @@ def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T
             norm: str | None, merge: bool = False):
     ws = [(g.w(), g.d(), g.rows) for g in group] + [(None, None, 0)] * (3 - len(group))
     rows, k = sum(g.rows for g in group), group[0]
-    rpw = _rows_per_warp(lay, rows)
+    rpw = _rows_per_warp(lay, rows, k.kind)
     part = (Buf("part"), lay.n_split, lay.c.head_dim) if merge else (None, 0, 1)
     args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
                                               float(lay.c.rms_eps), rpw) + part
-    return Launch(f"matvec_{k.kind}", (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1), args,
-                  _xs_bytes(k.kind, k.cols))
+    return Launch(_mv_kernel(lay, "matvec", k.kind), (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
+                  args, _xs_bytes(k.kind, k.cols))
 
 
 def _vec(name: str | None) -> Buf | None:
@@ -454,10 +488,13 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
         steps.append(_matvec(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, 1,
                              True, None, merge=True))
         return steps
+    args = (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
+            Buf("att"), lay.q_dim, T, c.n_head, c.n_head_kv, c.head_dim, scale)
+    if lay.flash:   # prefill on the tensor cores: 64 queries a block, K/V tiles in shared memory
+        steps.append(Launch("attention_flash", (c.n_head, _grid(T, FA_Q), 1), (FA_WARPS * lay.warp, 1, 1),
+                            args, fa_smem_bytes(c.head_dim)))
     else:        # prefill: a warp per query row, keys a tile at a time
-        steps.append(Launch("attention_rows", (c.n_head, _grid(T, lay.nwarps), 1), (lay.block, 1, 1),
-                            (Buf("qkv"), lay.qkv_dim, Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"),
-                             Buf("att"), lay.q_dim, T, c.n_head, c.n_head_kv, c.head_dim, scale)))
+        steps.append(Launch("attention_rows", (c.n_head, _grid(T, lay.nwarps), 1), (lay.block, 1, 1), args))
     steps += project(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, T, acc=True)
     return steps
 
@@ -467,8 +504,8 @@ def _ffn_block(lay: Layout, i: int, T: int) -> list:
     g, u = lay.mats[f"{i}.gate"], lay.mats[f"{i}.up"]
     norm = lay.vecs[f"{i}.ffn_norm"]
     if T <= MATVEC_MAX_T and g.kind == u.kind:   # norm, gate, up and SwiGLU in one pass
-        rpw = _rows_per_warp(lay, F)
-        steps = [Launch(f"matvec_swiglu_{g.kind}", (_grid(F, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
+        rpw = _rows_per_warp(lay, F, g.kind)
+        steps = [Launch(_mv_kernel(lay, "matvec_swiglu", g.kind), (_grid(F, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
                         (g.w(), g.d(), u.w(), u.d(), F, Buf("x"), Buf("ffn"), c.n_embd, c.n_embd, 2 * F,
                          Buf(norm), float(c.rms_eps), rpw), _xs_bytes(g.kind, g.cols))]
     else:
@@ -545,6 +582,32 @@ def _fused_bias(gguf, prefix: str, c: ModelConfig) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def compile_kernels(cp, platform: str, warp: int, flash: bool = True):
+    """(module, {name: kernel}, variant): with the wmma kernels when asked and they compile
+    (NVRTC finds <mma.h> in the toolkit's include folder), else without them."""
+    for wmma in ((True, False) if flash and platform == "cuda" else (False,)):
+        v = cuda_source.variant(platform, warp, wmma)
+        try:
+            module = cp.RawModule(code=cuda_source.source(v),
+                                  options=cuda_source.compile_options(v, _cuda_include(cp)))
+            return module, {k: module.get_function(k) for k in cuda_source.kernel_names(v)}, v
+        except Exception:  # noqa: BLE001 - a missing <mma.h>: retry without the wmma kernels
+            if not wmma:
+                raise
+    raise BackendError("the GPU kernels did not compile")   # unreachable: the last try raises
+
+
+def _cuda_include(cp) -> str | None:
+    """The CUDA toolkit's include folder (for <mma.h>), or None where CuPy knows no toolkit."""
+    import os
+    try:
+        root = cp.cuda.get_cuda_path()
+    except Exception:  # noqa: BLE001 - no toolkit: NVRTC's own headers only
+        return None
+    inc = os.path.join(root, "include") if root else None
+    return inc if inc and os.path.isfile(os.path.join(inc, "mma.h")) else None
+
+
 # ---------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------
@@ -561,25 +624,23 @@ class CudaRunner(CacheBookkeeping):
         self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
         self.device = cupy.cuda.Device(int(options.get("device", 0)))
         with self.device:
-            self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)))
+            self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
+                        bool(options.get("flash", True)), bool(options.get("prefetch", True)))
 
-    def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int) -> None:
+    def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool) -> None:
         cp = self.cp
         rt = cp.cuda.runtime
         props = rt.getDeviceProperties(self.device.id)
         warp = int(props.get("warpSize", 32))
-        self.lay = layout(config, n_ctx, batch, warp, int(props.get("multiProcessorCount", 132)))
         need = sum(device_plan(config, n_ctx, batch).values())
         free = rt.memGetInfo()[0]
         if need > free:
             raise BackendError(f"the model needs {need / 2**30:.2f} GiB of GPU memory "
                                f"(weights, KV cache, scratch); {free / 2**30:.2f} GiB is free")
-        v = cuda_source.variant("hip" if rt.is_hip else "cuda", warp)
-        self.module = cp.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
-        self.kernels = {k: self.module.get_function(k) for k in cuda_source.kernel_names()}
-        for s in forward_steps(self.lay, 1):     # x copies above the default 48 KiB
-            if isinstance(s, Launch) and s.smem > 48 << 10:
-                self.kernels[s.kernel].max_dynamic_shared_size_bytes = s.smem
+        v = self._compile("hip" if rt.is_hip else "cuda", warp, flash)
+        self.lay = layout(config, n_ctx, batch, warp, int(props.get("multiProcessorCount", 132)),
+                          flash and v.wmma, prefetch)
+        self._raise_smem_limits()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.bufs: dict[str, object] = {}
         self._upload(gguf, config)
@@ -588,6 +649,21 @@ class CudaRunner(CacheBookkeeping):
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self.graph = None
+        self._plans: dict[tuple[int, bool], list] = {}
+
+    def _compile(self, platform: str, warp: int, flash: bool):
+        self.module, self.kernels, v = compile_kernels(self.cp, platform, warp, flash)
+        return v
+
+    def _raise_smem_limits(self) -> None:
+        """Kernels launched with more than the default 48 KiB of dynamic shared memory (x copies
+        of wide matrices, the flash attention tiles) get their limit raised once."""
+        need: dict[str, int] = {}
+        for s in forward_steps(self.lay, 1) + forward_steps(self.lay, self.lay.max_batch):
+            if isinstance(s, Launch) and s.smem > 48 << 10:
+                need[s.kernel] = max(need.get(s.kernel, 0), s.smem)
+        for name, nbytes in need.items():
+            self.kernels[name].max_dynamic_shared_size_bytes = nbytes
 
     def _put(self, name: str, host: np.ndarray) -> None:
         self.bufs[name] = self.cp.asarray(np.ascontiguousarray(host).reshape(-1).view(np.uint8))
@@ -638,11 +714,27 @@ class CudaRunner(CacheBookkeeping):
             return np.int32(a)
         return np.float32(a)
 
+    def _prepare(self, steps: list) -> list:
+        """Launches as (kernel, grid, block, ready argument tuple, smem); the rest as they are."""
+        return [(self.kernels[s.kernel], s.grid, s.block, tuple(self._arg(a) for a in s.args), s.smem)
+                if isinstance(s, Launch) else s for s in steps]
+
+    def _forward(self, T: int, all_logits: bool) -> list:
+        """forward_steps(T), prepared once per (T, all_logits) and kept."""
+        key = (T, all_logits)
+        if key not in self._plans:
+            self._plans[key] = self._prepare(forward_steps(self.lay, T, all_logits))
+        return self._plans[key]
+
     def _run(self, steps: list) -> None:
-        """Enqueue steps on the runner's stream (the caller holds `with self.stream`)."""
-        rt, cp = self.cp.cuda.runtime, self.cp
+        """Enqueue steps (plain or prepared) on the runner's stream (the caller holds
+        `with self.stream`)."""
+        rt = self.cp.cuda.runtime
         for s in steps:
-            if isinstance(s, Launch):
+            if isinstance(s, tuple):
+                fn, grid, block, args, smem = s
+                fn(grid, block, args, shared_mem=smem)
+            elif isinstance(s, Launch):
                 self.kernels[s.kernel](s.grid, s.block, tuple(self._arg(a) for a in s.args),
                                       shared_mem=s.smem)
             elif isinstance(s, Copy):
@@ -674,7 +766,7 @@ class CudaRunner(CacheBookkeeping):
                 last = c0 + chunk.size == ids.size
                 self.io_h[0], self.io_h[1:1 + chunk.size] = self.n_past + c0, chunk
                 self._run([Copy(Buf("io"), Buf("io_h"), 4 * (1 + chunk.size), "h2d")])
-                self._run(forward_steps(self.lay, chunk.size, all_logits))
+                self._run(self._forward(int(chunk.size), all_logits))
                 if all_logits or last:
                     rows = chunk.size if all_logits else 1
                     out.append(self.bufs["logits"][:4 * rows * self.n_vocab].view(self.cp.float32)
@@ -717,6 +809,7 @@ class CudaRunner(CacheBookkeeping):
             return
         self.stream.synchronize()
         self.graph = None
+        self._plans.clear()
         self.bufs.clear()
         self.ptr.clear()
         self.lay = None

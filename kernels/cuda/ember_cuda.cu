@@ -37,6 +37,8 @@
 #endif
 
 #define NWARPS (BLOCK / WARP)
+#define PF_BLOCKS 2  /* _pf matvecs: blocks an SM must hold (caps registers at 80, so a grid of ~2.5
+                      * blocks per SM runs in one wave) */
 #define NEG_BIG (-1.0e30f)  /* "no key yet": exp(NEG_BIG - m) underflows to 0 without inf - inf */
 
 typedef unsigned char u8;
@@ -76,130 +78,181 @@ __device__ float block_sum(float v) {
 
 /* ---- unit decoders, one per weight type ------------------------------------------------- */
 
-/* Q::load(w, d, row, u, K, v) fills v[0..UNIT) with the weights of unit u of a row. They lie
- * in UNIT/RUN runs of RUN consecutive columns; run r starts at column Q::col(u, r). Runs of
- * 4 or more let the dot product read x as float4 and the dequantizer store 16 bytes at a time
- * (scalar accesses strided by a unit across the lanes of a warp were 32-way divergent). */
+/* A row of each weight type is a sequence of units of UNIT weights. Q::fetch(w, d, row, u, K, r)
+ * issues the global loads of unit u into a Raw (registers only); Q::quad(r, u, k, v) decodes
+ * the k-th group of 4 weights of the unit once the loads have arrived; those 4 weights are
+ * consecutive columns starting at Q::col4(u, k) (a group never straddles a run of RUN
+ * consecutive columns). Fetch and decode are apart so a matvec can put a row's loads in flight
+ * before it stages x, and decoding 4 at a time keeps a unit's 32-64 floats out of registers.
+ * Runs of 4 or more let the dot product read x as float4 and the dequantizer store 16 bytes at
+ * a time (scalar accesses strided by a unit across the lanes of a warp were 32-way divergent).
+ * PF: units a lane fetches ahead in the _pf matvecs (sized so they fit in 80 registers). */
 
-__device__ __forceinline__ void words16(const u8 *p, u32 w[4]) {
-    const uint4 q = *(const uint4 *)p;
-    w[0] = q.x; w[1] = q.y; w[2] = q.z; w[3] = q.w;
+/* byte e (0..3) of a word, as an int */
+__device__ __forceinline__ int byte_of(u32 w, int e) { return (int)((w >> (8 * e)) & 0xff); }
+
+/* a uint4's word i for a compile-time i (after unrolling) */
+__device__ __forceinline__ u32 word_of(const uint4 &q, int i) {
+    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
 }
 
 struct Q4_0 {
-    enum { UNIT = 32, RUN = 32 };
+    enum { UNIT = 32, RUN = 32, PF = 1 };
+    struct Raw { uint4 q; __half s; };
     static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+    static __device__ __forceinline__ int col4(int u, int k) { return u * 32 + 4 * k; }
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const i64 b = row * (K / 32) + u;
-        u32 q[4];
-        words16(w + b * 16, q);
-        const float s = __half2float(d[b]);
+        r.q = *(const uint4 *)(w + b * 16);
+        r.s = d[b];
+    }
+    /* byte j: low nibble = element j, high = j + 16; groups 0-3 low nibbles, 4-7 high */
+    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+        const u32 wd = word_of(r.q, k & 3);
+        const float s = __half2float(r.s);
 #pragma unroll
-        for (int j = 0; j < 16; j++) {   /* byte j: low nibble = element j, high = j + 16 */
-            const int byte = (q[j >> 2] >> (8 * (j & 3))) & 0xff;
-            v[j] = s * (float)((byte & 15) - 8);
-            v[j + 16] = s * (float)((byte >> 4) - 8);
+        for (int e = 0; e < 4; e++) {
+            const int b = byte_of(wd, e);
+            v[e] = s * (float)((k < 4 ? b & 15 : b >> 4) - 8);
         }
     }
 };
 
 struct Q8_0 {
-    enum { UNIT = 32, RUN = 32 };
+    enum { UNIT = 32, RUN = 32, PF = 1 };
+    struct Raw { uint4 a, b; __half s; };
     static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+    static __device__ __forceinline__ int col4(int u, int k) { return u * 32 + 4 * k; }
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const i64 b = row * (K / 32) + u;
-        u32 q[8];
-        words16(w + b * 32, q);
-        words16(w + b * 32 + 16, q + 4);
-        const float s = __half2float(d[b]);
+        r.a = *(const uint4 *)(w + b * 32);
+        r.b = *(const uint4 *)(w + b * 32 + 16);
+        r.s = d[b];
+    }
+    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+        const u32 wd = k < 4 ? word_of(r.a, k) : word_of(r.b, k - 4);
+        const float s = __half2float(r.s);
 #pragma unroll
-        for (int j = 0; j < 32; j++) v[j] = s * (float)(i8)((q[j >> 2] >> (8 * (j & 3))) & 0xff);
+        for (int e = 0; e < 4; e++) v[e] = s * (float)(i8)byte_of(wd, e);
     }
 };
 
+/* byte i (0..11) of a Q4_K super-block's packed scales, held as three words; selects, not
+ * an indexed array, so a run-time i keeps them in registers */
+__device__ __forceinline__ int sc_byte(const u32 *sc, int i) {
+    const u32 word = (i >> 2) == 0 ? sc[0] : (i >> 2) == 1 ? sc[1] : sc[2];
+    return byte_of(word, i & 3);
+}
+
 /* 6-bit scale and min of sub-block `is` of a Q4_K super-block (llama.cpp's get_scale_min_k4) */
-__device__ __forceinline__ void scale_min_k4(int is, const u8 *sc, float *s, float *m) {
+__device__ __forceinline__ void scale_min_k4(int is, const u32 *sc, float *s, float *m) {
     if (is < 4) {
-        *s = (float)(sc[is] & 63);
-        *m = (float)(sc[is + 4] & 63);
+        *s = (float)(sc_byte(sc, is) & 63);
+        *m = (float)(sc_byte(sc, is + 4) & 63);
     } else {
-        *s = (float)((sc[is + 4] & 0xF) | ((sc[is - 4] >> 6) << 4));
-        *m = (float)((sc[is + 4] >> 4) | ((sc[is] >> 6) << 4));
+        *s = (float)((sc_byte(sc, is + 4) & 0xF) | ((sc_byte(sc, is - 4) >> 6) << 4));
+        *m = (float)((sc_byte(sc, is + 4) >> 4) | ((sc_byte(sc, is) >> 6) << 4));
     }
 }
 
 /* Q4_K: 256 weights = d, dmin (half), 12 bytes of packed 6-bit scales/mins, 128 bytes of
  * nibbles; unit u (64 weights) is bytes qs[32j..32j+32) of super-block u/4, j = u%4: low
- * nibbles are sub-block 2j, high nibbles sub-block 2j+1. value = d*sc*q - dmin*m. */
+ * nibbles are sub-block 2j (groups 0-7), high nibbles sub-block 2j+1 (groups 8-15).
+ * value = d*sc*q - dmin*m. */
 struct Q4_K {
-    enum { UNIT = 64, RUN = 64 };
+    enum { UNIT = 64, RUN = 64, PF = 1 };
+    struct Raw { uint4 q0, q1; u32 sc[3]; u32 dm; };
     static __device__ __forceinline__ int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+    static __device__ __forceinline__ int col4(int u, int k) { return col(u, 0) + 4 * k; }
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const u8 *b = w + (row * (K / 256) + u / 4) * 144;
         const int j = u & 3;
-        const float dd = __half2float(((const __half *)b)[0]), dmin = __half2float(((const __half *)b)[1]);
-        float s0, m0, s1, m1;
-        scale_min_k4(2 * j, b + 4, &s0, &m0);
-        scale_min_k4(2 * j + 1, b + 4, &s1, &m1);
-        const float a0 = dd * s0, c0 = dmin * m0, a1 = dd * s1, c1 = dmin * m1;
-        u32 q[8];
-        words16(b + 16 + 32 * j, q);
-        words16(b + 32 + 32 * j, q + 4);
+        r.dm = *(const u32 *)b;                       /* d, dmin */
+        r.sc[0] = *(const u32 *)(b + 4);
+        r.sc[1] = *(const u32 *)(b + 8);
+        r.sc[2] = *(const u32 *)(b + 12);
+        r.q0 = *(const uint4 *)(b + 16 + 32 * j);
+        r.q1 = *(const uint4 *)(b + 32 + 32 * j);
+    }
+    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+        const int sub = 2 * (u & 3) + (k >> 3);
+        const __half2 dm = *(const __half2 *)&r.dm;
+        float sc, mn;
+        scale_min_k4(sub, r.sc, &sc, &mn);
+        const float a = __low2float(dm) * sc, c = __high2float(dm) * mn;
+        const u32 wd = (k & 7) < 4 ? word_of(r.q0, k & 3) : word_of(r.q1, k & 3);
 #pragma unroll
-        for (int l = 0; l < 32; l++) {
-            const int byte = (q[l >> 2] >> (8 * (l & 3))) & 0xff;
-            v[l] = a0 * (float)(byte & 15) - c0;
-            v[32 + l] = a1 * (float)(byte >> 4) - c1;
+        for (int e = 0; e < 4; e++) {
+            const int b = byte_of(wd, e);
+            v[e] = a * (float)(k < 8 ? b & 15 : b >> 4) - c;
         }
     }
 };
 
 /* Q6_K (padded to 224 bytes): ql[128] qh[64] scales[16] (int8) d (half). Unit u covers half
  * h of super-block u/4 (128 weights; h = (u%4)/2) and l in [16g, 16g+16), g = u%2, for the
- * four quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order). */
+ * four quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order): group k is
+ * quarter k/4, l = 16g + 4(k%4) .. +3. */
 struct Q6_K {
-    enum { UNIT = 64, RUN = 16 };
+    enum { UNIT = 64, RUN = 16, PF = 1 };
+    struct Raw { uint4 lo, hi, qh; i8 sc0, sc1, sc2, sc3; __half d; };
     static __device__ __forceinline__ int col(int u, int r) {
         return (u >> 2) * 256 + 128 * ((u & 3) >> 1) + 16 * (u & 1) + 32 * r;
     }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+    static __device__ __forceinline__ int col4(int u, int k) { return col(u, k >> 2) + 4 * (k & 3); }
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const int h = (u & 3) >> 1, g = u & 1;
         const u8 *b = w + (row * (K / 256) + u / 4) * 224;
-        u32 lo[4], hi[4], qh[4];
-        words16(b + 64 * h + 16 * g, lo);
-        words16(b + 64 * h + 32 + 16 * g, hi);
-        words16(b + 128 + 32 * h + 16 * g, qh);
+        r.lo = *(const uint4 *)(b + 64 * h + 16 * g);
+        r.hi = *(const uint4 *)(b + 64 * h + 32 + 16 * g);
+        r.qh = *(const uint4 *)(b + 128 + 32 * h + 16 * g);
         const i8 *sc = (const i8 *)(b + 192 + 8 * h + g);
-        const float dd = __half2float(*(const __half *)(b + 208));
-        const float s0 = dd * sc[0], s1 = dd * sc[2], s2 = dd * sc[4], s3 = dd * sc[6];
+        r.sc0 = sc[0]; r.sc1 = sc[2]; r.sc2 = sc[4]; r.sc3 = sc[6];
+        r.d = *(const __half *)(b + 208);
+    }
+    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+        const int q = k >> 2;                       /* quarter: 0..3 */
+        const float s = __half2float(r.d) * (float)(q == 0 ? r.sc0 : q == 1 ? r.sc1 : q == 2 ? r.sc2 : r.sc3);
+        const u32 a = word_of(q & 1 ? r.hi : r.lo, k & 3), e = word_of(r.qh, k & 3);
 #pragma unroll
-        for (int l = 0; l < 16; l++) {
-            const int sh = 8 * (l & 3);
-            const int a = (lo[l >> 2] >> sh) & 0xff, c = (hi[l >> 2] >> sh) & 0xff, e = (qh[l >> 2] >> sh) & 0xff;
-            v[l] = s0 * (float)(((a & 15) | ((e & 3) << 4)) - 32);
-            v[16 + l] = s1 * (float)(((c & 15) | (((e >> 2) & 3) << 4)) - 32);
-            v[32 + l] = s2 * (float)(((a >> 4) | (((e >> 4) & 3) << 4)) - 32);
-            v[48 + l] = s3 * (float)(((c >> 4) | (((e >> 6) & 3) << 4)) - 32);
+        for (int i = 0; i < 4; i++) {
+            const int nib = q < 2 ? byte_of(a, i) & 15 : byte_of(a, i) >> 4;
+            v[i] = s * (float)((nib | (((byte_of(e, i) >> (2 * q)) & 3) << 4)) - 32);
         }
     }
 };
 
 /* plain rows: one element per unit, so consecutive lanes read consecutive elements (any K) */
 struct F16 {
-    enum { UNIT = 1, RUN = 1 };
+    enum { UNIT = 1, RUN = 1, PF = 0 };
+    struct Raw { float v; };
     static __device__ __forceinline__ int col(int u, int r) { return u; }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
-        v[0] = __half2float(((const __half *)w)[row * K + u]);
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+        r.v = __half2float(((const __half *)w)[row * K + u]);
     }
 };
 
 struct F32 {
-    enum { UNIT = 1, RUN = 1 };
+    enum { UNIT = 1, RUN = 1, PF = 0 };
+    struct Raw { float v; };
     static __device__ __forceinline__ int col(int u, int r) { return u; }
-    static __device__ __forceinline__ void load(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
-        v[0] = ((const float *)w)[row * K + u];
+    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+        r.v = ((const float *)w)[row * K + u];
     }
 };
+
+/* v[0..UNIT) = the weights of unit u of a row, group by group (the dequantizer's path) */
+template <class Q>
+__device__ __forceinline__ void load_unit(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+    typename Q::Raw r;
+    Q::fetch(w, d, row, u, K, r);
+    if constexpr (Q::RUN >= 4) {
+#pragma unroll
+        for (int k = 0; k < Q::UNIT / 4; k++) Q::quad(r, u, k, v + 4 * k);
+    } else {
+        v[0] = r.v;
+    }
+}
 
 /* Where column c of x sits in a block's shared copy: 4 floats of padding after every 32, so
  * the lanes of a warp, each reading a float4 of its own unit (units 32 or 64 columns apart),
@@ -207,25 +260,23 @@ struct F32 {
  * instruction and capped a matvec at ~250 GB/s.) */
 __device__ __forceinline__ int xpad(int c) { return c + (c >> 5) * 4; }
 
-/* v . x[columns of unit u]; x is the padded shared copy for RUN >= 4, else global */
+/* W[unit u] . x[its columns] from a fetched Raw; x is the padded shared copy for RUN >= 4,
+ * else global (or the unpadded shared copy) */
 template <class Q>
-__device__ __forceinline__ float unit_dot(const float *v, const float *x, int u) {
-    float acc = 0.0f;
-    if (Q::RUN >= 4) {
+__device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const float *x) {
+    if constexpr (Q::RUN >= 4) {
+        float acc = 0.0f;
 #pragma unroll
-        for (int r = 0; r < Q::UNIT / Q::RUN; r++) {
-#pragma unroll
-            for (int e = 0; e < Q::RUN / 4; e++) {
-                const float4 xv = *(const float4 *)(x + xpad(Q::col(u, r) + 4 * e));
-                const float *vv = v + r * Q::RUN + 4 * e;
-                acc += vv[0] * xv.x + vv[1] * xv.y + vv[2] * xv.z + vv[3] * xv.w;
-            }
+        for (int k = 0; k < Q::UNIT / 4; k++) {
+            float v[4];
+            Q::quad(r, u, k, v);
+            const float4 xv = *(const float4 *)(x + xpad(Q::col4(u, k)));
+            acc += v[0] * xv.x + v[1] * xv.y + v[2] * xv.z + v[3] * xv.w;
         }
+        return acc;
     } else {
-#pragma unroll
-        for (int e = 0; e < Q::UNIT; e++) acc += v[e] * x[Q::col(u, 0) + e];
+        return r.v * x[u];
     }
-    return acc;
 }
 
 /* Stage row x (K floats) into shared memory, padded, optionally RMS-normalized with weight
@@ -245,6 +296,29 @@ __device__ const float *stage_x(const float *x, const float *nw, float eps, int 
                 a += p[s * (hd + 2) + 2 + i % hd] * e;
             }
             xs[Q::RUN >= 4 ? xpad(i) : i] = a / L;
+        }
+        __syncthreads();
+        return xs;
+    }
+    if (Q::RUN >= 4 && nw && K <= 16 * BLOCK) {   /* one pass: x and nw stay in registers */
+        float4 xr[4], wr[4];
+        float ss = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = 4 * (threadIdx.x + j * BLOCK);
+            if (i < K) {
+                xr[j] = *(const float4 *)(x + i);
+                wr[j] = *(const float4 *)(nw + i);
+                ss += xr[j].x * xr[j].x + xr[j].y * xr[j].y + xr[j].z * xr[j].z + xr[j].w * xr[j].w;
+            }
+        }
+        const float inv = rsqrtf(block_sum(ss) / (float)K + eps);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = 4 * (threadIdx.x + j * BLOCK);
+            if (i < K)
+                *(float4 *)(xs + xpad(i)) = make_float4(xr[j].x * inv * wr[j].x, xr[j].y * inv * wr[j].y,
+                                                        xr[j].z * inv * wr[j].z, xr[j].w * inv * wr[j].w);
         }
         __syncthreads();
         return xs;
@@ -274,58 +348,124 @@ __device__ const float *stage_x(const float *x, const float *nw, float eps, int 
 
 /* ---- matrix x vector (decode, small batches) -------------------------------------------- */
 
-template <class Q>
-__device__ __forceinline__ float row_dot(const u8 *w, const __half *d, i64 row, int K, const float *x) {
-    const int lane = threadIdx.x % WARP, nu = K / Q::UNIT;
+/* This lane's part of W[row] . x over units u0, u0 + WARP, ... (the caller sums the warp) */
+template <class Q, int UNROLL = 2>
+__device__ __forceinline__ float row_part(const u8 *w, const __half *d, i64 row, int K, const float *x, int u0) {
+    const int nu = K / Q::UNIT;
     float acc = 0.0f;
-#pragma unroll 2
-    for (int u = lane; u < nu; u += WARP) {
-        float v[Q::UNIT];
-        Q::load(w, d, row, u, K, v);
-        acc += unit_dot<Q>(v, x, u);
+#pragma unroll UNROLL
+    for (int u = u0; u < nu; u += WARP) {
+        typename Q::Raw r;
+        Q::fetch(w, d, row, u, K, r);
+        acc += raw_dot<Q>(r, u, x);
     }
-    return warp_sum(acc);
+    return acc;
+}
+
+/* Units lane, lane + WARP, ... (NP of them) of one row, fetched before x is staged so their
+ * memory latency overlaps the staging; NP = 0 for the plain kinds (nothing worth hiding). */
+template <class Q, int NP>
+struct Prefetch {
+    typename Q::Raw raw[NP > 0 ? NP : 1];
+    __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int K) {
+        const int lane = threadIdx.x % WARP, nu = K / Q::UNIT;
+#pragma unroll
+        for (int j = 0; j < NP; j++)
+            if (lane + j * WARP < nu) Q::fetch(w, d, row, lane + j * WARP, K, raw[j]);
+    }
+    /* the lane's part of the row's dot product: the fetched units, then the rest */
+    __device__ __forceinline__ float dot(const u8 *w, const __half *d, i64 row, int K, const float *x) {
+        const int lane = threadIdx.x % WARP, nu = K / Q::UNIT;
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NP; j++) {
+            const int u = lane + j * WARP;
+            if (u < nu) acc += raw_dot<Q>(raw[j], u, x);
+        }
+        return acc + row_part<Q, 1>(w, d, row, K, x, lane + NP * WARP);
+    }
+};
+
+/* which of up to three stacked matrices holds row r, and its row there */
+__device__ __forceinline__ i64 pick_row(int r, const u8 *w0, const __half *d0, int n0, const u8 *w1,
+                                        const __half *d1, int n1, const u8 *w2, const __half *d2,
+                                        const u8 **w, const __half **d) {
+    if (r < n0) { *w = w0; *d = d0; return r; }
+    if (r - n0 < n1) { *w = w1; *d = d1; return r - n0; }
+    *w = w2; *d = d2;
+    return r - n0 - n1;
 }
 
 /* y[t, r] (+)= W[r] . norm(x[t]) for the rows of up to three matrices of one type stacked
  * (q|k|v share their input); grid (ceil(rows / (NWARPS * rpw)), n_tokens): a block stages its
- * token's x once, then its warps take rows in turn (rpw rows per warp). */
-template <class Q>
+ * token's x once, then its warps take rows in turn (rpw rows per warp). With PF > 0 each warp
+ * fetches the first PF units a lane of its first row before the staging. */
+template <class Q, int PF>
 __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,
                             const u8 *w2, const __half *d2, int n2, const float *x, float *y,
                             int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,
                             const float *part, int n_split, int hd) {
     extern __shared__ float xs[];
+    constexpr int NP = Q::RUN >= 4 ? PF : 0;
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
-    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
-        int row = r;
+    const int first = r0 + threadIdx.x / WARP;
+    Prefetch<Q, NP> pre;
+    if (NP > 0 && first < r1) {
         const u8 *w;
         const __half *d;
-        if (row < n0) { w = w0; d = d0; }
-        else if ((row -= n0) < n1) { w = w1; d = d1; }
-        else { row -= n1; w = w2; d = d2; }
-        const float s = row_dot<Q>(w, d, row, K, xv);
+        const i64 row = pick_row(first, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
+        pre.fetch(w, d, row, K);
+    }
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
+    int r = first;
+    if (NP > 0 && r < r1) {      /* the first row from its fetched units */
+        const u8 *w;
+        const __half *d;
+        const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
+        const float s = warp_sum(pre.dot(w, d, row, K, xv));
+        if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
+        r += NWARPS;
+    }
+    for (; r < r1; r += NWARPS) {
+        const u8 *w;
+        const __half *d;
+        const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
+        const float s = warp_sum(row_part<Q>(w, d, row, K, xv, threadIdx.x % WARP));
         if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
     }
 }
 
 /* y[t, r] = silu(Wg[r] . norm(x[t])) * (Wu[r] . norm(x[t])): gate, up and SwiGLU in one pass */
-template <class Q>
+template <class Q, int PF>
 __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,
                                    const float *x, float *y, int K, int ldx, int ldy,
                                    const float *nw, float eps, int rpw) {
     extern __shared__ float xs[];
+    constexpr int NP = Q::RUN >= 4 ? PF : 0;
     x += (i64)blockIdx.y * ldx;
     y += (i64)blockIdx.y * ldy;
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
-    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
-        const float g = row_dot<Q>(wg, dg, r, K, xv);
-        const float u = row_dot<Q>(wu, du, r, K, xv);
-        if (threadIdx.x % WARP == 0) y[r] = g / (1.0f + expf(-g)) * u;
+    const int first = r0 + threadIdx.x / WARP;
+    Prefetch<Q, NP> pg, pu;
+    if (NP > 0 && first < r1) {
+        pg.fetch(wg, dg, first, K);
+        pu.fetch(wu, du, first, K);
+    }
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
+    const int lane = threadIdx.x % WARP;
+    int r = first;
+    if (NP > 0 && r < r1) {      /* the first row from its fetched units */
+        const float g = warp_sum(pg.dot(wg, dg, r, K, xv));
+        const float u = warp_sum(pu.dot(wu, du, r, K, xv));
+        if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
+        r += NWARPS;
+    }
+    for (; r < r1; r += NWARPS) {
+        const float g = warp_sum(row_part<Q>(wg, dg, r, K, xv, lane));
+        const float u = warp_sum(row_part<Q>(wu, du, r, K, xv, lane));
+        if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
     }
 }
 
@@ -341,7 +481,7 @@ __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int 
     const int i = (int)(idx / nu), u = (int)(idx % nu);
     const i64 src = rows ? (i64)rows[i] : (i64)r0 + i;
     float v[Q::UNIT];
-    Q::load(w, d, src, u, K, v);
+    load_unit<Q>(w, d, src, u, K, v);
     const i64 o = (i64)i * K;
 #pragma unroll
     for (int r = 0; r < Q::UNIT / Q::RUN; r++) {
@@ -373,19 +513,34 @@ __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int 
     }
 }
 
+/* matvec_<t> / matvec_swiglu_<t>: x staged first, then the rows (PF = 0); the _pf variants
+ * (PF units a lane in flight during the staging) are what decode launches by default */
 #define EMBER_TYPED(NAME, Q)                                                                     \
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_##NAME(                               \
         const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,          \
         const u8 *w2, const __half *d2, int n2, const float *x, float *y,                        \
         int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,             \
         const float *part, int n_split, int hd) {                                                \
-    matvec_body<Q>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, rpw, \
-                   part, n_split, hd);                                                           \
+    matvec_body<Q, 0>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, rpw, \
+                      part, n_split, hd);                                                        \
+}                                                                                                \
+extern "C" __global__ void __launch_bounds__(BLOCK, PF_BLOCKS) matvec_pf_##NAME(                            \
+        const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,          \
+        const u8 *w2, const __half *d2, int n2, const float *x, float *y,                        \
+        int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,             \
+        const float *part, int n_split, int hd) {                                                \
+    matvec_body<Q, Q::PF>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, \
+                             rpw, part, n_split, hd);                                            \
 }                                                                                                \
 extern "C" __global__ void __launch_bounds__(BLOCK) matvec_swiglu_##NAME(                        \
         const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,                   \
         const float *x, float *y, int K, int ldx, int ldy, const float *nw, float eps, int rpw) { \
-    matvec_swiglu_body<Q>(wg, dg, wu, du, n, x, y, K, ldx, ldy, nw, eps, rpw);                   \
+    matvec_swiglu_body<Q, 0>(wg, dg, wu, du, n, x, y, K, ldx, ldy, nw, eps, rpw);                \
+}                                                                                                \
+extern "C" __global__ void __launch_bounds__(BLOCK, PF_BLOCKS) matvec_swiglu_pf_##NAME(                     \
+        const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,                   \
+        const float *x, float *y, int K, int ldx, int ldy, const float *nw, float eps, int rpw) { \
+    matvec_swiglu_body<Q, Q::PF>(wg, dg, wu, du, n, x, y, K, ldx, ldy, nw, eps, rpw);         \
 }                                                                                                \
 extern "C" __global__ void __launch_bounds__(BLOCK) dequant_##NAME(                              \
         const u8 *w, const __half *d, const int *rows, int r0, int n_rows, int K,                \
@@ -605,3 +760,135 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
         if (i < hd) { o[i] = acc[j].x / l; o[i + 1] = acc[j].y / l; }
     }
 }
+
+/* ---- prefill attention on the tensor cores (CUDA only) -------------------------------------- */
+
+#if EMBER_WMMA
+#include <mma.h>
+
+#define FA_Q 64                 /* queries per block, 16 per warp */
+#define FA_K 64                 /* keys per tile */
+#define FA_WARPS 4
+#define FA_LS (FA_K + 4)        /* row stride of a warp's scores S (floats) */
+#define FA_LP (FA_K + 8)        /* row stride of a warp's probabilities P (halves) */
+
+/* Prefill attention, flash style: grid (n_head, ceil(n_tokens / FA_Q)), FA_WARPS warps. A block
+ * holds FA_Q consecutive queries of head h (positions io[0] + t) as half in shared memory and
+ * walks the keys 0..its last position in tiles of FA_K: the K and V tiles are loaded once into
+ * shared memory for the whole block, then each warp takes its 16 query rows through
+ *   S = Q K^T (wmma, f32 accumulate) -> online softmax on S (two lanes a row: max, rescale of
+ *   the running output O, probabilities P as half) -> O += P V (wmma).
+ * O lives in shared memory as f32 (the accumulator fragments' layout is opaque, so the
+ * per-row rescale is done on the stored copy). head_dim must be a multiple of 16; dynamic
+ * shared memory is fa_smem_bytes(hd) in plugins/cuda.py:
+ *   Q, K, V (FA_Q|FA_K, hd + 8) half + FA_WARPS x [S (16, FA_LS) f32, P (16, FA_LP) half,
+ *   O (16, hd + 4) f32]; every part's size is a multiple of 128 bytes, so every fragment
+ *   pointer is 32-byte aligned as wmma requires. */
+extern "C" __global__ void __launch_bounds__(FA_WARPS * WARP) attention_flash(
+        const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
+        float *out, int ld_out, int n_tok, int n_head, int n_kv, int hd, float scale) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char fa_smem[];
+    const int lh = hd + 8, lo = hd + 4;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    __half *Qs = (__half *)fa_smem;
+    __half *Ks = Qs + FA_Q * lh;
+    __half *Vs = Ks + FA_K * lh;
+    float *S = (float *)(Vs + FA_K * lh) + warp * 16 * FA_LS;
+    __half *P = (__half *)((float *)(Vs + FA_K * lh) + FA_WARPS * 16 * FA_LS) + warp * 16 * FA_LP;
+    float *O = (float *)((__half *)((float *)(Vs + FA_K * lh) + FA_WARPS * 16 * FA_LS) + FA_WARPS * 16 * FA_LP)
+               + warp * 16 * lo;
+    const int h = blockIdx.x, t0 = blockIdx.y * FA_Q, p0 = io[0];
+    const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv);
+    const __half *kc = k_cache + kvh * hd, *vc = v_cache + kvh * hd;
+    const int key_end = p0 + min(t0 + FA_Q, n_tok) - 1;            /* the block's last key */
+    const int warp_end = p0 + min(t0 + 16 * warp + 15, n_tok - 1);  /* this warp's last key */
+    for (int i = threadIdx.x; i < FA_Q * hd; i += FA_WARPS * WARP) {
+        const int r = i / hd, c = i % hd, t = t0 + r;
+        Qs[r * lh + c] = __float2half(t < n_tok ? qkv[(i64)t * ld + h * hd + c] * scale : 0.0f);
+    }
+    for (int i = lane; i < 16 * lo; i += WARP) O[i] = 0.0f;
+    /* lanes 2r and 2r+1 own row r of the warp's 16: keys [half * FA_K/2, +FA_K/2) of each tile,
+     * output columns [half * hd/2, +hd/2) */
+    const int r = lane >> 1, hf = lane & 1, t = t0 + 16 * warp + r, qpos = p0 + t;
+    const bool row_ok = t < n_tok;
+    float m = NEG_BIG, l = 0.0f;
+    for (int k0 = 0; k0 <= key_end; k0 += FA_K) {
+        __syncthreads();                     /* the last tile is consumed (and Q, O are ready) */
+        const int nv = hd / 8;               /* 16-byte pieces a row */
+        for (int i = threadIdx.x; i < FA_K * nv; i += FA_WARPS * WARP) {
+            const int kr = i / nv, c = 8 * (i % nv), key = k0 + kr;
+            uint4 kq = make_uint4(0u, 0u, 0u, 0u), vq = kq;
+            if (key <= key_end) {            /* rows past the block's keys: zeros, never NaN */
+                kq = *(const uint4 *)(kc + (i64)key * kv_dim + c);
+                vq = *(const uint4 *)(vc + (i64)key * kv_dim + c);
+            }
+            *(uint4 *)(Ks + kr * lh + c) = kq;
+            *(uint4 *)(Vs + kr * lh + c) = vq;
+        }
+        __syncthreads();
+        if (k0 > warp_end) continue;         /* warp-uniform: all keys of the tile are masked */
+        {   /* S = Q K^T for the warp's 16 rows */
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> qa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> kb;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sc;
+#pragma unroll
+            for (int j = 0; j < FA_K / 16; j++) {
+                wmma::fill_fragment(sc, 0.0f);
+                for (int kk = 0; kk < hd / 16; kk++) {
+                    wmma::load_matrix_sync(qa, Qs + 16 * warp * lh + 16 * kk, lh);
+                    wmma::load_matrix_sync(kb, Ks + 16 * j * lh + 16 * kk, lh);
+                    wmma::mma_sync(sc, qa, kb, sc);
+                }
+                wmma::store_matrix_sync(S + 16 * j, sc, FA_LS, wmma::mem_row_major);
+            }
+        }
+        SYNCWARP();
+        {   /* online softmax of row r over this tile; P = exp(S - m) as half */
+            const float *srow = S + r * FA_LS + hf * (FA_K / 2);
+            const int key0 = k0 + hf * (FA_K / 2);
+            float mx = NEG_BIG;
+#pragma unroll 8
+            for (int c = 0; c < FA_K / 2; c++)
+                if (row_ok && key0 + c <= qpos) mx = fmaxf(mx, srow[c]);
+            mx = fmaxf(mx, SHFL_XOR(mx, 1));
+            const float mn = fmaxf(m, mx), corr = expf(m - mn);
+            __half *prow = P + r * FA_LP + hf * (FA_K / 2);
+            float sum = 0.0f;
+#pragma unroll 8
+            for (int c = 0; c < FA_K / 2; c++) {
+                const __half p = __float2half(row_ok && key0 + c <= qpos ? expf(srow[c] - mn) : 0.0f);
+                sum += __half2float(p);   /* the rounded p, as P V will use it */
+                prow[c] = p;
+            }
+            l = l * corr + sum + SHFL_XOR(sum, 1);
+            m = mn;
+            float *orow = O + r * lo + hf * (hd / 2);
+            for (int c = 0; c < hd / 2; c++) orow[c] *= corr;
+        }
+        SYNCWARP();
+        {   /* O += P V */
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> pa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> vb;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> oc;
+            for (int n = 0; n < hd / 16; n++) {
+                wmma::load_matrix_sync(oc, O + 16 * n, lo, wmma::mem_row_major);
+#pragma unroll
+                for (int kk = 0; kk < FA_K / 16; kk++) {
+                    wmma::load_matrix_sync(pa, P + 16 * kk, FA_LP);
+                    wmma::load_matrix_sync(vb, Vs + 16 * kk * lh + 16 * n, lh);
+                    wmma::mma_sync(oc, pa, vb, oc);
+                }
+                wmma::store_matrix_sync(O + 16 * n, oc, lo, wmma::mem_row_major);
+            }
+        }
+        SYNCWARP();
+    }
+    if (row_ok) {
+        const float inv = 1.0f / l;
+        float *o = out + (i64)t * ld_out + h * hd + hf * (hd / 2);
+        const float *orow = O + r * lo + hf * (hd / 2);
+        for (int c = 0; c < hd / 2; c++) o[c] = orow[c] * inv;
+    }
+}
+#endif

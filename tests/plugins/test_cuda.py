@@ -216,9 +216,8 @@ def test_probe_never_raises_and_names_the_platform():
 @pytest.fixture(scope="module")
 def mod():
     import cupy
-    v = cuda_source.variant("hip" if cupy.cuda.runtime.is_hip else "cuda",
-                            cupy.cuda.runtime.getDeviceProperties(0)["warpSize"])
-    m = cupy.RawModule(code=cuda_source.source(v), options=cuda_source.compile_options(v))
+    m, _, v = cuda.compile_kernels(cupy, "hip" if cupy.cuda.runtime.is_hip else "cuda",
+                                   cupy.cuda.runtime.getDeviceProperties(0)["warpSize"])
     return cupy, m, v
 
 
@@ -232,10 +231,13 @@ def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
 
 
 @gpu
+@pytest.mark.parametrize("stem", ["matvec", "matvec_pf"])
 @pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32"])
-def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
+def test_matvec_and_dequant_match_numpy(ttype, stem, mod, tmp_path):
+    """Both matvec variants (x staged first; the first row's units fetched before it), and
+    a K wide enough that the _pf kernels also run units past the fetched ones."""
     cp, m, v = mod
-    rows, cols, T = 77, 512, 3
+    rows, cols, T = 77, 512 if stem == "matvec" else 3072, 3
     with _typed_file(tmp_path, ttype, rows, cols) as f:
         t = f.tensors["w"]
         ref = t.numpy()                                             # (rows, cols) float32
@@ -247,7 +249,7 @@ def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
     nw = v.block // v.warp
     ptr = lambda a: np.uint64(0 if a is None else a.data.ptr)  # noqa: E731
     norm_w = (1.0 + 0.1 * np.random.default_rng(2).standard_normal(cols)).astype(np.float32)
-    m.get_function(f"matvec_{k}")(((rows + nw - 1) // nw, T), (v.block,),
+    m.get_function(f"{stem}_{k}")(((rows + nw - 1) // nw, T), (v.block,),
                                   (ptr(w), ptr(d), np.int32(rows), ptr(None), ptr(None), np.int32(0),
                                    ptr(None), ptr(None), np.int32(0), cp.asarray(x), y,
                                    np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1),
@@ -255,13 +257,63 @@ def test_matvec_and_dequant_match_numpy(ttype, mod, tmp_path):
                                    ptr(None), np.int32(0), np.int32(1)),
                                   shared_mem=cuda._xs_bytes(k, cols))
     xn = reference.rmsnorm(x, norm_w, 1e-5)                       # the fused RMSNorm
-    np.testing.assert_allclose(y.get(), 7.0 + xn @ ref.T, rtol=1e-4, atol=1e-3)   # accumulate=1
+    np.testing.assert_allclose(y.get(), 7.0 + xn @ ref.T, rtol=1e-4, atol=2e-3)   # accumulate=1
     out = cp.zeros((rows, cols), cp.float16)
     unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(k, 1)
     m.get_function(f"dequant_{k}")(((rows * cols // unit + 255) // 256,), (256,),
                                    (ptr(w), ptr(d), ptr(None), np.int32(0), np.int32(rows),
                                     np.int32(cols), out, ptr(None)))
     np.testing.assert_allclose(out.get().astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+
+
+def _causal_attention(qkv, kc, vc, p0, n_head, n_kv, hd):
+    """float64 numpy: token t (position p0 + t) attends keys 0..p0 + t of its kv head."""
+    T, q_dim = qkv.shape[0], n_head * hd
+    q = qkv[:, :q_dim].astype(np.float64).reshape(T, n_head, hd) / np.sqrt(hd)
+    K = kc.astype(np.float64).reshape(-1, n_kv, hd)
+    V = vc.astype(np.float64).reshape(-1, n_kv, hd)
+    out = np.zeros((T, n_head, hd))
+    masked = np.arange(K.shape[0])[None, :] > (p0 + np.arange(T))[:, None]     # (T, keys)
+    for h in range(n_head):
+        g = h // (n_head // n_kv)
+        s = np.where(masked, -np.inf, q[:, h] @ K[:, g].T)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ V[:, g]
+    return out.reshape(T, q_dim)
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["attention_flash", "attention_rows"])
+@pytest.mark.parametrize("hd,n_head,n_kv,T,p0", [(64, 8, 2, 100, 0), (32, 4, 4, 70, 37),
+                                                 (128, 4, 1, 130, 5), (16, 2, 1, 1, 200)])
+def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
+    """Causal attention of T new tokens after p0 cached ones: partial query blocks and key
+    tiles, GQA, a long cached prefix, fresh random data (poisoned output first)."""
+    cp, m, v = mod
+    if kernel == "attention_flash" and not v.wmma:
+        pytest.skip("the wmma kernels did not compile here (no <mma.h> for NVRTC, or ROCm)")
+    rng = np.random.default_rng(hd * 1000 + T + p0)
+    q_dim, kv_dim = n_head * hd, n_kv * hd
+    n_ctx = p0 + T + 3
+    qkv = rng.standard_normal((T, q_dim + 2 * kv_dim), dtype=np.float32)
+    kc = rng.standard_normal((n_ctx, kv_dim)).astype(np.float16)
+    vc = rng.standard_normal((n_ctx, kv_dim)).astype(np.float16)
+    out = cp.full((T, q_dim), np.nan, cp.float32)
+    args = (cp.asarray(qkv), np.int32(qkv.shape[1]), cp.asarray(kc), cp.asarray(vc),
+            cp.asarray(np.array([p0], np.int32)), out, np.int32(q_dim), np.int32(T),
+            np.int32(n_head), np.int32(n_kv), np.int32(hd), np.float32(1.0 / np.sqrt(hd)))
+    f = m.get_function(kernel)
+    if kernel == "attention_flash":
+        smem = cuda.fa_smem_bytes(hd)
+        f.max_dynamic_shared_size_bytes = smem
+        f((n_head, -(-T // cuda.FA_Q)), (cuda.FA_WARPS * v.warp,), args, shared_mem=smem)
+    else:
+        f((n_head, -(-T // (v.block // v.warp))), (v.block,), args)
+    want = _causal_attention(qkv, kc, vc, p0, n_head, n_kv, hd)
+    got = out.get()
+    assert np.isfinite(got).all()
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < (5e-3 if kernel == "attention_flash" else 1e-5), err   # half Q and P on the tensor cores
 
 
 # ---------------------------------------------------------------------------
