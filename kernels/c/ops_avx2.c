@@ -184,6 +184,59 @@ static inline void axpy_f16_avx2(float *out, const uint16_t *v, float a, int64_t
     for (; i < n; i++) out[i] += a * ember_ops_h2f(v[i]);
 }
 
+/* scores[t] = scale * K[t] . q for t < n_kv. Four keys at a time: four independent
+ * fma chains instead of one per key (one chain of hd/8 fmas was latency-bound). */
+static void qk_scores_avx2(const uint16_t *K, int64_t kv_stride, const float *q, int64_t hd,
+                           int64_t n_kv, float scale, float *scores) {
+    const int64_t hd8 = hd / 8 * 8;
+    int64_t t = 0;
+    for (; t + 4 <= n_kv; t += 4) {
+        const uint16_t *k0 = K + t * kv_stride, *k1 = k0 + kv_stride, *k2 = k1 + kv_stride, *k3 = k2 + kv_stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < hd8; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(load_f16(k0 + i), qv, a0);
+            a1 = _mm256_fmadd_ps(load_f16(k1 + i), qv, a1);
+            a2 = _mm256_fmadd_ps(load_f16(k2 + i), qv, a2);
+            a3 = _mm256_fmadd_ps(load_f16(k3 + i), qv, a3);
+        }
+        /* [sum a0, sum a1, sum a2, sum a3] */
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        float d[4];
+        _mm_storeu_ps(d, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        for (int64_t i = hd8; i < hd; i++) {
+            d[0] += ember_ops_h2f(k0[i]) * q[i];
+            d[1] += ember_ops_h2f(k1[i]) * q[i];
+            d[2] += ember_ops_h2f(k2[i]) * q[i];
+            d[3] += ember_ops_h2f(k3[i]) * q[i];
+        }
+        for (int j = 0; j < 4; j++) scores[t + j] = d[j] * scale;
+    }
+    for (; t < n_kv; t++) scores[t] = dot_f16_avx2(K + t * kv_stride, q, hd) * scale;
+}
+
+/* out = sum_t p[t] V[t] (hd values). 64 output values at a time stay in eight
+ * registers over all keys: accumulating through memory (axpy per key) was
+ * bound by the store -> load round trip of each output line. */
+static void pv_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int64_t n_kv,
+                    int64_t hd, float *out) {
+    int64_t c = 0;
+    for (; c + 64 <= hd; c += 64) {
+        __m256 o[8];
+        for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n_kv; t++) {
+            const __m256 a = _mm256_set1_ps(p[t]);
+            const uint16_t *v = V + t * kv_stride + c;
+            for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(a, load_f16(v + 8 * j), o[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c + 8 * j, o[j]);
+    }
+    if (c < hd) {   /* leftover < 64 values (odd head sizes): one key at a time */
+        memset(out + c, 0, (size_t)(hd - c) * sizeof(float));
+        for (int64_t t = 0; t < n_kv; t++) axpy_f16_avx2(out + c, V + t * kv_stride + c, p[t], hd - c);
+    }
+}
+
 static void attention_avx2(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
                            int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
                            int64_t hd, float scale, float *out, int64_t ldo, float *scores,
@@ -191,14 +244,10 @@ static void attention_avx2(const float *q, int64_t ldq, const uint16_t *K, const
     const int64_t group = n_head / n_head_kv;  /* GQA: query heads per kv head */
     for (int64_t it = i0; it < i1; it++) {
         const int64_t b = it / n_head, h = it % n_head, n_kv = pos0 + b + 1;
-        const float *qh = q + b * ldq + h * hd;
         const int64_t kvo = (h / group) * hd;
-        for (int64_t t = 0; t < n_kv; t++)
-            scores[t] = dot_f16_avx2(K + t * kv_stride + kvo, qh, hd) * scale;
+        qk_scores_avx2(K + kvo, kv_stride, q + b * ldq + h * hd, hd, n_kv, scale, scores);
         softmax_avx2(scores, n_kv);
-        float *oh = out + b * ldo + h * hd;
-        memset(oh, 0, (size_t)hd * sizeof(float));
-        for (int64_t t = 0; t < n_kv; t++) axpy_f16_avx2(oh, V + t * kv_stride + kvo, scores[t], hd);
+        pv_avx2(V + kvo, kv_stride, scores, n_kv, hd, out + b * ldo + h * hd);
     }
 }
 
