@@ -3,7 +3,8 @@
 Usage (on the GPU machine; see bench/results/cuda-*.md for a recorded run):
 
     python bench/compare_cuda.py --llama-bench /path/to/llama-bench \
-        [--shape tinyllama-1.1b] [--quants Q4_0,Q8_0,Q4_K_M] [--reps 2] [--out table.md]
+        [--shape tinyllama-1.1b] [--quants Q4_0,Q8_0,Q4_K_M] [--reps 2] [--out table.md] \
+        [--variants "base:flash=0,prefetch=0;new:flash=1,prefetch=1"] [--profile]
 
 For each quant mix it writes the synthetic model once (ember.daemon.synthetic,
 the writers run in parallel), then alternates, per repetition, ember's cuda
@@ -16,6 +17,12 @@ gives the memory bandwidth reached: weight bytes read per token (every
 matrix but the embedding table, of which one row is read) times tokens per
 second, against a device-to-device copy measured in the same run (bytes
 read + written).
+
+--variants measures several sets of runner options side by side (each row of
+the table is one variant; the first is the yardstick for a logits check: the
+KL of every other variant's prefill and decode logits from it). --profile
+times each step of one decoded token (position ~600) and of a 512-token
+prefill with CUDA events, summed per kernel, for the first quant.
 """
 from __future__ import annotations
 
@@ -42,14 +49,16 @@ def write_models(shape: str, quants: list[str]) -> dict[str, Path]:
     return paths
 
 
-def ember_run(path: Path, n_prompt: int = 512, n_gen: int = 128) -> dict:
+def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_gen: int = 128) -> dict:
+    """pp512 and tg128 tok/s of one runner, plus its logits (last prompt position, and the
+    first decoded token after the prompt) for the cross-variant check."""
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import cuda
     from ember.plugins.arch import config_from_gguf
     with gguf.open(path) as f:
         c = config_from_gguf(f)
-        r = cuda.CudaRunner(f, c, n_prompt + n_gen)
+        r = cuda.CudaRunner(f, c, n_prompt + n_gen, options or {})
         prompt = np.random.default_rng(0).integers(3, c.n_vocab, n_prompt).tolist()
 
         def prefill() -> float:
@@ -66,7 +75,30 @@ def ember_run(path: Path, n_prompt: int = 512, n_gen: int = 128) -> dict:
             return n_gen / (time.perf_counter() - t)
         prefill(), decode()                               # warm-up (and the graph capture)
         out = {"prefill_tok_s": prefill(), "decode_tok_s": decode()}
+        r.reset()
+        out["logits"] = [r.prefill(prompt[:300]), r.decode(prompt[300])]
+        out["flash"], out["prefetch"], out["pdl"] = r.lay.flash, r.lay.prefetch, r.pdl is not None
         r.close()
+    return out
+
+
+def kl(p_logits, q_logits) -> float:
+    """KL(softmax(p) || softmax(q)) in float64."""
+    import numpy as np
+
+    def ls(x):
+        x = x.astype(np.float64) - x.max()
+        return x - np.log(np.exp(x).sum())
+    lp, lq = ls(p_logits), ls(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """"name:key=val,key=val;name2:..." -> [(name, {key: int(val)})]"""
+    out = []
+    for part in filter(None, text.split(";")):
+        name, _, opts = part.partition(":")
+        out.append((name, {k: int(v) for k, v in (kv.split("=") for kv in filter(None, opts.split(",")))}))
     return out
 
 
@@ -103,6 +135,64 @@ def decode_bytes(path: Path) -> int:
     return sum(cuda.device_bytes(t) for n, t in c.tensors.items() if n != skip)
 
 
+def profile(path: Path, options: dict) -> str:
+    """Per-kernel time of one decoded token at position ~600 and of a 512-token prefill (CUDA
+    events around each step, summed per kernel and grid), plus the whole decode graph."""
+    import collections
+    import cupy as cp
+    import numpy as np
+    from ember.formats import gguf
+    from ember.plugins import cuda
+    from ember.plugins.arch import config_from_gguf
+    lines = []
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        r = cuda.CudaRunner(f, c, 640, options)
+        toks = np.random.default_rng(0).integers(3, c.n_vocab, 600).tolist()
+        r.prefill(toks)
+        r.decode(5)
+        s = r.stream
+        t = time.perf_counter()
+        for _ in range(100):
+            r.graph.launch(s)
+            s.synchronize()
+        lines.append(f"decode graph ({len(cuda.decode_steps(r.lay))} steps) launch + sync: "
+                     f"{(time.perf_counter() - t) * 1e4:.1f} us per token at position ~600")
+
+        def per_step(steps, label):
+            evs = []
+            with r.device, s:
+                for st in steps:
+                    a, b = cp.cuda.Event(), cp.cuda.Event()
+                    a.record(s)
+                    r._run([st])
+                    b.record(s)
+                    name = st.kernel if isinstance(st, cuda.Launch) else type(st).__name__
+                    if isinstance(st, cuda.Launch) and st.kernel.startswith("matvec"):
+                        name += f" grid {st.grid[0]} K {st.args[7 if 'swiglu' in st.kernel else 11]}"
+                    if isinstance(st, cuda.Gemm):
+                        name += f" {st.m}x{st.k}"
+                    evs.append((name, a, b))
+                s.synchronize()
+            agg = collections.defaultdict(lambda: [0.0, 0])
+            for name, a, b in evs:
+                agg[name][0] += cp.cuda.get_elapsed_time(a, b)
+                agg[name][1] += 1
+            lines.append(f"== {label}: {sum(v[0] for v in agg.values()):.3f} ms summed over {len(steps)} steps "
+                         f"(each timed alone, gaps excluded)")
+            for k, (ms, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:16]:
+                lines.append(f"  {k:44s} {ms:8.3f} ms  x{n:3d}  {1000 * ms / n:8.1f} us each")
+        r.io_h[0], r.io_h[1] = 600, 7
+        per_step(cuda.decode_steps(r.lay), "decode, one token")
+        r.io_h[0] = 0
+        r.io_h[1:513] = toks[:512]
+        with r.device, s:
+            r._run([cuda.Copy(cuda.Buf("io"), cuda.Buf("io_h"), 4 * 513, "h2d")])
+        per_step(cuda.forward_steps(r.lay, 512), "prefill, 512 tokens")
+        r.close()
+    return "\n".join(lines)
+
+
 def device_name() -> str:
     import cupy as cp
     n = cp.cuda.runtime.getDeviceProperties(0)["name"]
@@ -116,31 +206,44 @@ def main() -> int:
     ap.add_argument("--quants", default="Q4_0,Q8_0,Q4_K_M")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", help="write the markdown table here too")
+    ap.add_argument("--variants", default="default:",
+                    help='runner options to compare, "name:key=val,...;name2:..." (first = yardstick)')
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the first quant, last variant")
     a = ap.parse_args()
-    quants = a.quants.split(",")
+    quants, variants = a.quants.split(","), parse_variants(a.variants)
     paths = write_models(a.shape, quants)
     bw = copy_bandwidth()
     lines = [f"GPU: {device_name()}; device-to-device copy {bw / 1e12:.2f} TB/s (read + write)", "",
-             "| weights | ember decode tok/s | llama.cpp decode tok/s | ratio | ember GB/s (of copy) "
-             "| ember prefill tok/s | llama.cpp prefill tok/s | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| weights | ember variant | ember decode tok/s | llama.cpp decode tok/s | ratio | ember GB/s (of copy) "
+             "| ember prefill tok/s | llama.cpp prefill tok/s | ratio | KL vs first variant (prefill, decode) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for q in quants:
-        em, ll = [], []
-        for _ in range(a.reps):   # alternate, so drift hits both alike
-            em.append(ember_run(paths[q]))
+        em = {name: [] for name, _ in variants}
+        ll = []
+        for _ in range(a.reps):   # alternate, so drift hits all alike
+            for name, opts in variants:
+                em[name].append(ember_run(paths[q], opts))
+                print(q, name, {k: v for k, v in em[name][-1].items() if k != "logits"}, file=sys.stderr, flush=True)
             if a.llama_bench:
                 ll.append(llama_run(a.llama_bench, paths[q]))
-            print(q, em[-1], ll[-1] if ll else "", file=sys.stderr, flush=True)
-        ed, ep = max(r["decode_tok_s"] for r in em), max(r["prefill_tok_s"] for r in em)
+                print(q, "llama.cpp", ll[-1], file=sys.stderr, flush=True)
         ld = max((r["decode_tok_s"] for r in ll), default=float("nan"))
         lp = max((r["prefill_tok_s"] for r in ll), default=float("nan"))
-        gbs = decode_bytes(paths[q]) * ed
-        lines.append(f"| {q} | {ed:,.0f} | {ld:,.0f} | {ed / ld:.2f}x | {gbs / 1e9:,.0f} ({gbs / bw:.0%}) "
-                     f"| {ep:,.0f} | {lp:,.0f} | {ep / lp:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+        first = em[variants[0][0]][0]["logits"]
+        for name, opts in variants:
+            runs = em[name]
+            ed, ep = max(r["decode_tok_s"] for r in runs), max(r["prefill_tok_s"] for r in runs)
+            gbs = decode_bytes(paths[q]) * ed
+            d = [kl(x, y) for x, y in zip(first, runs[0]["logits"])]
+            label = f"{name} ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})"
+            lines.append(f"| {q} | {label} | {ed:,.0f} | {ld:,.0f} | {ed / ld:.2f}x | {gbs / 1e9:,.0f} ({gbs / bw:.0%}) "
+                         f"| {ep:,.0f} | {lp:,.0f} | {ep / lp:.2f}x | {d[0]:.1e}, {d[1]:.1e} |")
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+    if a.profile:
+        print(profile(paths[quants[0]], variants[-1][1]), flush=True)
     return 0
 
 

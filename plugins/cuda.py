@@ -36,13 +36,21 @@ stores, one graph launch and a synchronize. Prefill's launches are turned
 into ready argument tuples once per chunk length, so a chunk's ~500 launches
 cost the host little more than CuPy's own launch call.
 
+On Hopper and later, decode's kernels are launched with programmatic
+dependent launch (cuLaunchKernelEx through ctypes): each may start while the
+one before it finishes, issue its weight loads, and wait (griddepcontrol)
+only before it touches the previous kernels' outputs, which hides most of
+the gap between the graph's ~130 nodes.
+
 Options: ``max_batch`` (tokens per prefill chunk, default 512), ``device``
 (GPU ordinal, default 0), ``flash`` (tensor-core prefill attention where
 it compiles, default on), ``prefetch`` (decode matvecs that put their first
-row's loads in flight before staging x, default on).
+row's loads in flight before staging x, default on), ``pdl`` (programmatic
+dependent launch for decode where the GPU has it, default on).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -597,6 +605,58 @@ def compile_kernels(cp, platform: str, warp: int, flash: bool = True):
     raise BackendError("the GPU kernels did not compile")   # unreachable: the last try raises
 
 
+class _LaunchAttr(ctypes.Structure):
+    """CUlaunchAttribute: an id, 4 bytes of padding, a 64-byte value union."""
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("value", ctypes.c_int32 * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h)."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("n_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class PdlLauncher:
+    """Kernel launches that allow programmatic dependent launch: the driver's cuLaunchKernelEx
+    with the programmatic-stream-serialization attribute (CuPy's launch has no attributes).
+    Each prepared launch owns its C argument values, so replaying it costs one C call."""
+
+    def __init__(self):
+        self.fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        self.fn.restype = ctypes.c_int
+        self.fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.attr = _LaunchAttr(PROGRAMMATIC_STREAM_SERIALIZATION, 0)
+        self.attr.value[0] = 1
+
+    def prepare(self, fptr: int, grid, block, smem: int, stream: int, args: tuple):
+        vals = [_c_value(a) for a in args]
+        params = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.addressof(v) for v in vals])
+        cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, stream,
+                            ctypes.pointer(self.attr), 1)
+        fn = self.fn
+
+        def launch():
+            rc = fn(ctypes.byref(cfg), fptr, params, None)
+            if rc:
+                raise BackendError(f"cuLaunchKernelEx failed (CUresult {rc})")
+        launch.keep = (vals, params, cfg)     # the C values must outlive every replay
+        return launch
+
+
+def _c_value(a):
+    """A prepared kernel argument (numpy scalar from CudaRunner._arg) as its C value."""
+    if isinstance(a, np.uint64):
+        return ctypes.c_uint64(int(a))
+    if isinstance(a, np.int64):
+        return ctypes.c_int64(int(a))
+    if isinstance(a, np.int32):
+        return ctypes.c_int32(int(a))
+    return ctypes.c_float(float(a))
+
+
 def _cuda_include(cp) -> str | None:
     """The CUDA toolkit's include folder (for <mma.h>), or None where CuPy knows no toolkit."""
     import os
@@ -626,6 +686,10 @@ class CudaRunner(CacheBookkeeping):
         with self.device:
             self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
                         bool(options.get("flash", True)), bool(options.get("prefetch", True)))
+            self.pdl = None
+            if bool(options.get("pdl", True)) and not self.cp.cuda.runtime.is_hip \
+                    and int(self.device.compute_capability) >= 90:
+                self.pdl = PdlLauncher()
 
     def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool) -> None:
         cp = self.cp
@@ -714,10 +778,21 @@ class CudaRunner(CacheBookkeeping):
             return np.int32(a)
         return np.float32(a)
 
-    def _prepare(self, steps: list) -> list:
-        """Launches as (kernel, grid, block, ready argument tuple, smem); the rest as they are."""
-        return [(self.kernels[s.kernel], s.grid, s.block, tuple(self._arg(a) for a in s.args), s.smem)
-                if isinstance(s, Launch) else s for s in steps]
+    def _prepare(self, steps: list, pdl: PdlLauncher | None = None) -> list:
+        """Launches as (kernel, grid, block, ready argument tuple, smem), or as a ready
+        programmatic-dependent launch (a callable) with pdl; the rest as they are."""
+        out = []
+        for s in steps:
+            if not isinstance(s, Launch):
+                out.append(s)
+                continue
+            args = tuple(self._arg(a) for a in s.args)
+            if pdl is None:
+                out.append((self.kernels[s.kernel], s.grid, s.block, args, s.smem))
+            else:
+                out.append(pdl.prepare(self.kernels[s.kernel].kernel.ptr, s.grid, s.block, s.smem,
+                                       self.stream.ptr, args))
+        return out
 
     def _forward(self, T: int, all_logits: bool) -> list:
         """forward_steps(T), prepared once per (T, all_logits) and kept."""
@@ -731,7 +806,9 @@ class CudaRunner(CacheBookkeeping):
         `with self.stream`)."""
         rt = self.cp.cuda.runtime
         for s in steps:
-            if isinstance(s, tuple):
+            if callable(s):
+                s()
+            elif isinstance(s, tuple):
                 fn, grid, block, args, smem = s
                 fn(grid, block, args, shared_mem=smem)
             elif isinstance(s, Launch):
@@ -786,8 +863,7 @@ class CudaRunner(CacheBookkeeping):
         self.io_h[0], self.io_h[1] = self.n_past, token
         with self.device, self.stream:
             if self.graph is None:       # first token: run eagerly (loads every kernel), then capture
-                self._run(decode_steps(self.lay))
-                self.stream.synchronize()
+                self._eager_decode()
                 self.graph = self._capture()
             else:
                 self.graph.launch(self.stream)
@@ -795,10 +871,25 @@ class CudaRunner(CacheBookkeeping):
         self.n_past += 1
         return self.logits_h.copy()
 
+    def _eager_decode(self) -> None:
+        """One decode pass outside a graph; where programmatic launch fails, drop it and redo
+        the pass with ordinary launches (a pass is idempotent for its position and token)."""
+        self._decode_plan = self._prepare(decode_steps(self.lay), self.pdl)
+        try:
+            self._run(self._decode_plan)
+            self.stream.synchronize()
+        except BackendError:
+            if self.pdl is None:
+                raise
+            self.pdl = None
+            self._decode_plan = self._prepare(decode_steps(self.lay))
+            self._run(self._decode_plan)
+            self.stream.synchronize()
+
     def _capture(self):
         self.stream.begin_capture(self.cp.cuda.runtime.streamCaptureModeRelaxed)
         try:
-            self._run(decode_steps(self.lay))
+            self._run(self._decode_plan)
         finally:
             graph = self.stream.end_capture()
         graph.upload(self.stream)
@@ -810,6 +901,7 @@ class CudaRunner(CacheBookkeeping):
         self.stream.synchronize()
         self.graph = None
         self._plans.clear()
+        self._decode_plan = []
         self.bufs.clear()
         self.ptr.clear()
         self.lay = None

@@ -36,6 +36,19 @@
 #define SYNCWARP() __syncwarp()
 #endif
 
+/* Programmatic dependent launch (Hopper and later, CUDA): a decode kernel launched with the
+ * programmatic-serialization attribute may start while the kernel before it still runs.
+ * GRID_DEP_TRIGGER lets the next kernel launch; GRID_DEP_WAIT blocks until the previous kernel
+ * has finished and its writes are visible, so everything before it may only read what no
+ * earlier kernel of the pass writes (weights). Both are no-ops for an ordinary launch. */
+#if !EMBER_HIP && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_DEP_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define GRID_DEP_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define GRID_DEP_TRIGGER()
+#define GRID_DEP_WAIT()
+#endif
+
 #define NWARPS (BLOCK / WARP)
 #define PF_BLOCKS 2  /* _pf matvecs: blocks an SM must hold (caps registers at 80, so a grid of ~2.5
                       * blocks per SM runs in one wave) */
@@ -412,12 +425,14 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
     const int first = r0 + threadIdx.x / WARP;
     Prefetch<Q, NP> pre;
+    GRID_DEP_TRIGGER();
     if (NP > 0 && first < r1) {
         const u8 *w;
         const __half *d;
         const i64 row = pick_row(first, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
         pre.fetch(w, d, row, K);
     }
+    GRID_DEP_WAIT();             /* x, part and y are the previous kernels' */
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
     int r = first;
     if (NP > 0 && r < r1) {      /* the first row from its fetched units */
@@ -449,10 +464,12 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
     const int first = r0 + threadIdx.x / WARP;
     Prefetch<Q, NP> pg, pu;
+    GRID_DEP_TRIGGER();
     if (NP > 0 && first < r1) {
         pg.fetch(wg, dg, first, K);
         pu.fetch(wu, du, first, K);
     }
+    GRID_DEP_WAIT();
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
     const int lane = threadIdx.x % WARP;
     int r = first;
@@ -475,6 +492,8 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
 template <class Q>
 __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int r0, int n_rows, int K,
                              __half *out_h, float *out_f) {
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
     const int nu = K / Q::UNIT;
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (i64)n_rows * nu) return;
@@ -592,6 +611,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
         const float *cs, const int *io, __half *k_cache, __half *v_cache,
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps) {
     __shared__ float buf[NWARPS][HD_MAX];
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int pos = io[0] + blockIdx.y, kv_dim = n_kv * hd, half_rd = rope_dim / 2;
     float *row = qkv + (i64)blockIdx.y * ld;
@@ -698,6 +719,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     __shared__ __align__(16) float q[HD_MAX];
     __shared__ float wm[NWARPS], wl[NWARPS];
     __shared__ float wacc[NWARPS][HD_MAX];
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
     const int h = blockIdx.x, sp = blockIdx.z, n_split = gridDim.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv);

@@ -329,12 +329,15 @@ def _kl(p_logits, q_logits):
 
 
 @gpu
-@pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M"])
-def test_runner_matches_the_reference_prefill_and_graph_decode(quant, tiny):
+@pytest.mark.parametrize("quant,opts", [("Q4_0", {}), ("Q8_0", {}), ("Q4_K_M", {}),
+                                        ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0})])
+def test_runner_matches_the_reference_prefill_and_graph_decode(quant, opts, tiny):
+    """Defaults (flash prefill attention, _pf matvecs, programmatic dependent launch where
+    the GPU has them) and the plain kernels."""
     with gguf.open(tiny(quant)) as f:
         c = config_from_gguf(f)
         ref = reference.ReferenceRunner(f, c, 96)
-        run = cuda.CudaRunner(f, c, 96, {"max_batch": 32})     # 40 tokens = two prefill chunks
+        run = cuda.CudaRunner(f, c, 96, {"max_batch": 32, **opts})     # 40 tokens = two prefill chunks
         toks = np.random.default_rng(0).integers(3, c.n_vocab, 40).tolist()
         want, got = ref.prefill(toks, all_logits=True), run.prefill(toks, all_logits=True)
         assert got.shape == (40, c.n_vocab) and got.dtype == np.float32
