@@ -72,6 +72,7 @@ MIN_CHUNK, MAX_SPLITS = 256, 64  # decode attention: keys per split (a tile per 
 FA_Q, FA_K, FA_WARPS = 64, 64, 4  # flash prefill attention: queries a block, keys a tile, warps
 FA_HD_MAX = 128                  # widest head it takes (shared memory grows with it)
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
+PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
@@ -469,11 +470,46 @@ def project(lay: Layout, mats: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T:
     if any(m.kind in QUANT_KINDS for m in mats):
         steps.append(Launch("to_half", (_grid(T * ldx, lay.block), 1, 1), (lay.block, 1, 1),
                             (x, Buf("xh"), np.int64(T * ldx))))
-    for m in mats:
-        xb = Buf("xh") if m.kind in QUANT_KINDS else x
-        steps += _gemm(lay, m, xb, ldx, y.at(4 * col), ldy, T, acc)
-        col += m.rows
+    for group in _stacked(lay, mats):
+        xb = Buf("xh") if group[0].kind in QUANT_KINDS else x
+        if len(group) == 1:
+            steps += _gemm(lay, group[0], xb, ldx, y.at(4 * col), ldy, T, acc)
+        else:
+            steps += _gemm_stacked(lay, group, xb, ldx, y.at(4 * col), ldy, T, acc)
+        col += sum(m.rows for m in group)
     return steps
+
+
+def _stacked(lay: Layout, mats: list[Mat]) -> list[list[Mat]]:
+    """Consecutive quantized matrices (outputs adjacent) whose f16 copies fit the scratch
+    together, so they share one GEMM: q|k|v is one 2560-row product, not three with two of
+    256 rows (small GEMMs leave most of the GPU idle)."""
+    out: list[list[Mat]] = []
+    for m in mats:
+        cur = out[-1] if out else None
+        if cur and m.kind in QUANT_KINDS and cur[0].kind in QUANT_KINDS and m.cols == cur[0].cols \
+                and 2 * m.cols * (sum(g.rows for g in cur) + m.rows) <= lay.wscr_bytes():
+            cur.append(m)
+        else:
+            out.append([m])
+    return out
+
+
+def _gemm_stacked(lay: Layout, group: list[Mat], xb: Buf, ldx: int, y: Buf, ldy: int, T: int,
+                  acc: bool) -> list:
+    """Dequantize each matrix of the group below the last in the scratch, then one GEMM."""
+    steps, r, cols = [], 0, group[0].cols
+    for m in group:
+        units = m.rows * (cols // _unit(m.kind))
+        steps.append(Launch(f"dequant_{m.kind}", (_grid(units, lay.block), 1, 1), (lay.block, 1, 1),
+                            (m.w(), m.d(), None, 0, m.rows, cols, Buf("wscr", 2 * r * cols), None)))
+        r += m.rows
+    return steps + [Gemm(r, T, cols, Buf("wscr"), xb, ldx, y, ldy, True, 1.0 if acc else 0.0)]
+
+
+def _unit(kind: str) -> int:
+    """Weights a thread of the dequantize kernel decodes (the kind's unit)."""
+    return {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(kind, 1)
 
 
 def _attention_block(lay: Layout, i: int, T: int) -> list:
@@ -795,9 +831,12 @@ class CudaRunner(CacheBookkeeping):
         return out
 
     def _forward(self, T: int, all_logits: bool) -> list:
-        """forward_steps(T), prepared once per (T, all_logits) and kept."""
+        """forward_steps(T), prepared once per (T, all_logits) and kept (the last PLANS_KEPT
+        chunk lengths: a daemon sees many prompt lengths)."""
         key = (T, all_logits)
         if key not in self._plans:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = self._prepare(forward_steps(self.lay, T, all_logits))
         return self._plans[key]
 
