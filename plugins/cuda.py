@@ -926,6 +926,17 @@ class CudaRunner(CacheBookkeeping):
             self.stream.synchronize()
 
     def _capture(self):
+        """The decode graph; if capturing programmatic launches fails, captured without them."""
+        try:
+            return self._capture_plan()
+        except Exception:  # noqa: BLE001 - retried once with ordinary launches, else raised
+            if self.pdl is None:
+                raise
+            self.pdl = None
+            self._decode_plan = self._prepare(decode_steps(self.lay))
+            return self._capture_plan()
+
+    def _capture_plan(self):
         self.stream.begin_capture(self.cp.cuda.runtime.streamCaptureModeRelaxed)
         try:
             self._run(self._decode_plan)
