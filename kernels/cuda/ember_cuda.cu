@@ -50,6 +50,7 @@
 #endif
 
 #define NWARPS (BLOCK / WARP)
+#define PF_ROWS 2    /* rows a warp of a _pf matvec fetches ahead (the first PF units a lane of each) */
 #define PF_BLOCKS 2  /* _pf matvecs: blocks an SM must hold (caps registers at 80, so a grid of ~2.5
                       * blocks per SM runs in one wave) */
 #define NEG_BIG (-1.0e30f)  /* "no key yet": exp(NEG_BIG - m) underflows to 0 without inf - inf */
@@ -424,24 +425,31 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
     y += (i64)blockIdx.y * ldy;
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n0 + n1 + n2);
     const int first = r0 + threadIdx.x / WARP;
-    Prefetch<Q, NP> pre;
+    Prefetch<Q, NP> pre[PF_ROWS];
     GRID_DEP_TRIGGER();
-    if (NP > 0 && first < r1) {
-        const u8 *w;
-        const __half *d;
-        const i64 row = pick_row(first, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
-        pre.fetch(w, d, row, K);
+#pragma unroll
+    for (int j = 0; j < PF_ROWS; j++) {
+        const int r = first + j * NWARPS;
+        if (NP > 0 && r < r1) {
+            const u8 *w;
+            const __half *d;
+            const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
+            pre[j].fetch(w, d, row, K);
+        }
     }
     GRID_DEP_WAIT();             /* x, part and y are the previous kernels' */
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
     int r = first;
-    if (NP > 0 && r < r1) {      /* the first row from its fetched units */
-        const u8 *w;
-        const __half *d;
-        const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
-        const float s = warp_sum(pre.dot(w, d, row, K, xv));
-        if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
-        r += NWARPS;
+#pragma unroll
+    for (int j = 0; j < PF_ROWS; j++) {
+        if (NP > 0 && r < r1) {  /* the first rows from their fetched units */
+            const u8 *w;
+            const __half *d;
+            const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
+            const float s = warp_sum(pre[j].dot(w, d, row, K, xv));
+            if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
+            r += NWARPS;
+        }
     }
     for (; r < r1; r += NWARPS) {
         const u8 *w;
@@ -463,21 +471,27 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
     y += (i64)blockIdx.y * ldy;
     const int r0 = blockIdx.x * NWARPS * rpw, r1 = min(r0 + NWARPS * rpw, n);
     const int first = r0 + threadIdx.x / WARP;
-    Prefetch<Q, NP> pg, pu;
+    Prefetch<Q, NP> pg[PF_ROWS], pu[PF_ROWS];
     GRID_DEP_TRIGGER();
-    if (NP > 0 && first < r1) {
-        pg.fetch(wg, dg, first, K);
-        pu.fetch(wu, du, first, K);
+#pragma unroll
+    for (int j = 0; j < PF_ROWS; j++) {
+        if (NP > 0 && first + j * NWARPS < r1) {
+            pg[j].fetch(wg, dg, first + j * NWARPS, K);
+            pu[j].fetch(wu, du, first + j * NWARPS, K);
+        }
     }
     GRID_DEP_WAIT();
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
     const int lane = threadIdx.x % WARP;
     int r = first;
-    if (NP > 0 && r < r1) {      /* the first row from its fetched units */
-        const float g = warp_sum(pg.dot(wg, dg, r, K, xv));
-        const float u = warp_sum(pu.dot(wu, du, r, K, xv));
-        if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
-        r += NWARPS;
+#pragma unroll
+    for (int j = 0; j < PF_ROWS; j++) {
+        if (NP > 0 && r < r1) {  /* the first rows from their fetched units */
+            const float g = warp_sum(pg[j].dot(wg, dg, r, K, xv));
+            const float u = warp_sum(pu[j].dot(wu, du, r, K, xv));
+            if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
+            r += NWARPS;
+        }
     }
     for (; r < r1; r += NWARPS) {
         const float g = warp_sum(row_part<Q>(wg, dg, r, K, xv, lane));
