@@ -15,12 +15,16 @@ much the 4-row weight reuse buys;
 
 and the machine's single-thread read bandwidth (a plain C sum over a 1 GiB
 array, compiled on the fly; numpy's sum if no C compiler), so that
-stream / bandwidth is the fraction of the bound reached.
+stream / bandwidth is the fraction of the bound reached. With --threads N
+(N > 1) the stream is also walked by N threads at once, each over its own
+contiguous rows as decode splits a matrix, against the read bandwidth of N
+threads summing their own parts: decode runs that way, and one thread alone
+does not saturate memory here.
 
 ISAs alternate inside each repeat, so load on a shared machine hits all of
 them alike; compare ratios, not absolute numbers across runs.
 
-    python3 bench/kernels_speed.py [--types Q4_0,Q8_0,Q4_K,Q6_K] [--stream-mb 1024]
+    python3 bench/kernels_speed.py [--types Q4_0,Q8_0,Q4_K,Q6_K] [--stream-mb 1024] [--threads 2]
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import ctypes
 import os
 import subprocess
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -73,13 +78,27 @@ def _c_sum():
     return fn
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, str]:
-    """Best single-thread GB/s over a `gib` GiB array, and how it was measured."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int = 1) -> tuple[float, str]:
+    """Best GB/s of `threads` threads each summing its part of a `gib` GiB array, and how."""
     a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)   # (n,) touched once: pages exist
     fn = _c_sum()
-    run = (lambda: fn(a.ctypes.data, a.size)) if fn else (lambda: a.sum())
-    best = min(_timed(run) for _ in range(repeats))
+    parts = np.array_split(a, threads)
+    if fn:   # ctypes drops the GIL for the call, so the parts run in parallel
+        tasks = [lambda p=p: fn(p.ctypes.data, p.size) for p in parts]
+    else:
+        tasks = [lambda p=p: p.sum() for p in parts]
+    best = min(_timed(lambda: _parallel(tasks)) for _ in range(repeats))
     return a.nbytes / best / 1e9, "C sum -O3 -march=native" if fn else "numpy uint64 sum"
+
+
+def _parallel(tasks) -> None:
+    """Run callables at once, one thread each (the first on this thread)."""
+    ts = [threading.Thread(target=t) for t in tasks[1:]]
+    for t in ts:
+        t.start()
+    tasks[0]()
+    for t in ts:
+        t.join()
 
 # ---------------------------------------------------------------------------
 # Matrices
@@ -109,7 +128,8 @@ def _timed(fn) -> float:
 # The measurement
 # ---------------------------------------------------------------------------
 
-def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, repeats: int, rng) -> dict:
+def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, repeats: int, rng,
+               threads: int = 1) -> dict:
     tid = GGML_TYPE_IDS[t]
     W = random_weights(t, rows, n, rng)
     copies = max(2, -(-stream_bytes // W.nbytes))
@@ -118,7 +138,9 @@ def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, re
     xq = np.empty(_native.act_row_bytes(tid, n), np.uint8)
     y = np.empty(S.shape[0], np.float32)
     warm = {i: float("inf") for i in isas}
-    stream = dict(warm)
+    stream, par = dict(warm), dict(warm)
+    bounds = np.linspace(0, S.shape[0], threads + 1).astype(int)   # contiguous rows per thread
+    tasks = [lambda a=a, b=b: _native.matvec(tid, S, xq, y[a:b], n, a, b) for a, b in zip(bounds, bounds[1:])]
     for _ in range(repeats):
         for isa in isas:                               # alternate: load hits every ISA alike
             dispatch.use(isa)
@@ -126,7 +148,10 @@ def bench_type(t: str, isas: list[str], rows: int, n: int, stream_bytes: int, re
             for _ in range(3):
                 warm[isa] = min(warm[isa], _timed(lambda: _native.matvec(tid, W, xq, y, n, 0, rows)))
             stream[isa] = min(stream[isa], _timed(lambda: _native.matvec(tid, S, xq, y, n, 0, S.shape[0])))
-    return {isa: (W.nbytes / warm[isa] / 1e9, S.nbytes / stream[isa] / 1e9) for isa in isas}
+            if threads > 1:
+                par[isa] = min(par[isa], _timed(lambda: _parallel(tasks)))
+    return {isa: (W.nbytes / warm[isa] / 1e9, S.nbytes / stream[isa] / 1e9, S.nbytes / par[isa] / 1e9)
+            for isa in isas}
 
 
 def bench_matmul(t: str, isas: list[str], rows: int, n: int, batch: int, repeats: int, rng) -> dict:
@@ -157,19 +182,27 @@ def main() -> int:
     ap.add_argument("--stream-mb", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64, help="activation rows for the matmul (prefill) part; 0 skips it")
+    ap.add_argument("--threads", type=int, default=1, help="also stream with this many threads (decode's split)")
     args = ap.parse_args()
     types = (ALL if args.types == "all" else args.types).split(",")
     isas = args.isas.split(",")
+    nt = max(1, args.threads)
     bw, how = read_bandwidth()
     print(f"single-thread read bandwidth: {bw:.1f} GB/s ({how}, 1 GiB)")
-    print(f"matvec {args.rows}x{args.cols}, 1 thread; GB/s of weights (warm = cache-resident, "
-          f"stream = {args.stream_mb} MB, fraction = stream / read bandwidth)")
-    print(f"{'type':7} {'isa':8} {'warm GB/s':>10} {'stream GB/s':>12} {'fraction':>9}")
+    bwn = read_bandwidth(threads=nt)[0] if nt > 1 else bw
+    if nt > 1:
+        print(f"{nt}-thread read bandwidth: {bwn:.1f} GB/s")
+    print(f"matvec {args.rows}x{args.cols}; GB/s of weights (warm = cache-resident, 1 thread; "
+          f"stream = {args.stream_mb} MB, 1 thread{f' and {nt} threads' if nt > 1 else ''}; "
+          f"fraction = stream / read bandwidth of as many threads)")
+    head = f"{'type':7} {'isa':8} {'warm GB/s':>10} {'stream GB/s':>12} {'fraction':>9}"
+    print(head + (f" {f'stream {nt}T':>11} {'fraction':>9}" if nt > 1 else ""))
     rng = np.random.default_rng(0)
     for t in types:
-        res = bench_type(t, isas, args.rows, args.cols, args.stream_mb << 20, args.repeats, rng)
-        for isa, (warm, stream) in res.items():
-            print(f"{t:7} {isa:8} {warm:10.2f} {stream:12.2f} {stream / bw:9.2f}")
+        res = bench_type(t, isas, args.rows, args.cols, args.stream_mb << 20, args.repeats, rng, nt)
+        for isa, (warm, stream, par) in res.items():
+            line = f"{t:7} {isa:8} {warm:10.2f} {stream:12.2f} {stream / bw:9.2f}"
+            print(line + (f" {par:11.2f} {par / bwn:9.2f}" if nt > 1 else ""))
     if args.batch:
         print(f"\nmatmul {args.rows}x{args.cols} x {args.batch} rows, 1 thread "
               f"(G row-dots/s; speedup over {args.batch} matvecs)")
