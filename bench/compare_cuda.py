@@ -82,6 +82,37 @@ def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_ge
     return out
 
 
+def ember_run_isolated(path: Path, options: dict) -> dict | None:
+    """ember_run in a child process (a kernel fault poisons its CUDA context, not ours);
+    None, with the child's error shown, when it fails."""
+    import tempfile
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.npz"
+        try:
+            p = subprocess.run([sys.executable, __file__, "--one", str(path), json.dumps(options), str(out)],
+                               capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            print(f"ember run {options} timed out", file=sys.stderr)
+            return None
+        if p.returncode != 0 or not out.exists():
+            print(f"ember run {options} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+            return None
+        z = np.load(out)
+        res = json.loads(str(z["meta"]))
+        res["logits"] = [z["prefill"], z["decode"]]
+        return res
+
+
+def _one(path: str, options: str, out: str) -> int:
+    """Child side of ember_run_isolated."""
+    import numpy as np
+    r = ember_run(Path(path), json.loads(options))
+    pre, dec = r.pop("logits")
+    np.savez(out, prefill=pre, decode=dec, meta=json.dumps(r))
+    return 0
+
+
 def kl(p_logits, q_logits) -> float:
     """KL(softmax(p) || softmax(q)) in float64."""
     import numpy as np
@@ -102,9 +133,12 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def llama_run(binary: str, path: Path) -> dict:
+def llama_run(binary: str, path: Path) -> dict | None:
     out = subprocess.run([binary, "-m", str(path), "-p", "512", "-n", "128", "-ngl", "99", "-r", "3",
-                          "-o", "json"], capture_output=True, text=True, check=True)
+                          "-o", "json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"llama-bench failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
     rows = json.loads(out.stdout)
     get = lambda key: next(r["avg_ts"] for r in rows if r[key] > 0)  # noqa: E731
     return {"prefill_tok_s": get("n_prompt"), "decode_tok_s": get("n_gen")}
@@ -121,7 +155,10 @@ def copy_bandwidth() -> float:
     for _ in range(10):
         cp.copyto(b, a)
     cp.cuda.Device().synchronize()
-    return 10 * 2 * a.nbytes / (time.perf_counter() - t)
+    bw = 10 * 2 * a.nbytes / (time.perf_counter() - t)
+    del a, b
+    cp.get_default_memory_pool().free_all_blocks()
+    return bw
 
 
 def decode_bytes(path: Path) -> int:
@@ -200,6 +237,8 @@ def device_name() -> str:
 
 
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":
+        return _one(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-bench", help="llama-bench built with -DGGML_CUDA=ON (omit: ember only)")
     ap.add_argument("--shape", default="tinyllama-1.1b")
@@ -222,20 +261,25 @@ def main() -> int:
         ll = []
         for _ in range(a.reps):   # alternate, so drift hits all alike
             for name, opts in variants:
-                em[name].append(ember_run(paths[q], opts))
-                print(q, name, {k: v for k, v in em[name][-1].items() if k != "logits"}, file=sys.stderr, flush=True)
-            if a.llama_bench:
-                ll.append(llama_run(a.llama_bench, paths[q]))
+                res = ember_run_isolated(paths[q], opts)
+                if res is not None:
+                    em[name].append(res)
+                    print(q, name, {k: v for k, v in res.items() if k != "logits"}, file=sys.stderr, flush=True)
+            if a.llama_bench and (res := llama_run(a.llama_bench, paths[q])) is not None:
+                ll.append(res)
                 print(q, "llama.cpp", ll[-1], file=sys.stderr, flush=True)
         ld = max((r["decode_tok_s"] for r in ll), default=float("nan"))
         lp = max((r["prefill_tok_s"] for r in ll), default=float("nan"))
-        first = em[variants[0][0]][0]["logits"]
+        first = next((em[n][0]["logits"] for n, _ in variants if em[n]), None)
         for name, opts in variants:
             runs = em[name]
+            label = f"{name} ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})"
+            if not runs:
+                lines.append(f"| {q} | {label} | failed | {ld:,.0f} | | | failed | {lp:,.0f} | | |")
+                continue
             ed, ep = max(r["decode_tok_s"] for r in runs), max(r["prefill_tok_s"] for r in runs)
             gbs = decode_bytes(paths[q]) * ed
             d = [kl(x, y) for x, y in zip(first, runs[0]["logits"])]
-            label = f"{name} ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})"
             lines.append(f"| {q} | {label} | {ed:,.0f} | {ld:,.0f} | {ed / ld:.2f}x | {gbs / 1e9:,.0f} ({gbs / bw:.0%}) "
                          f"| {ep:,.0f} | {lp:,.0f} | {ep / lp:.2f}x | {d[0]:.1e}, {d[1]:.1e} |")
         text = "\n".join(lines)
