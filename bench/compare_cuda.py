@@ -77,7 +77,7 @@ def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_ge
         out = {"prefill_tok_s": prefill(), "decode_tok_s": decode()}
         r.reset()
         out["logits"] = [r.prefill(prompt[:300]), r.decode(prompt[300])]
-        out["flash"], out["prefetch"], out["pdl"] = r.lay.flash, r.lay.prefetch, r.pdl is not None
+        out.update(flash=r.lay.flash, prefetch=r.lay.prefetch, fuse_rope=r.lay.fuse_rope, pdl=r.pdl is not None)
         r.close()
     return out
 

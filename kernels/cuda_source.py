@@ -23,7 +23,7 @@ HD_MAX = 256            # widest head: llama/qwen use 64..128, gemma-style heads
 BLOCK_WARPS = {32: 8, 64: 4}   # 256 threads either way
 # weight types with native kernels; the suffix of matvec_<t>, matvec_swiglu_<t>, dequant_<t>
 TYPES = ("q4_0", "q8_0", "q4_k", "q6_k", "f16", "f32")
-ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attention_rows")
+ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attention_rope", "attention_rows")
 WMMA_KERNELS = ("attention_flash",)     # only where EMBER_WMMA is 1
 
 

@@ -13,12 +13,12 @@ A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
 pure functions of the model's Layout (no GPU needed, so CI tests them):
 
     decode (one token): copy (pos, token) in -> embed -> per layer:
-        rmsnorm + q|k|v matvec, rope + KV write, split attention (flash-
-        decoding), merge of the splits + o matvec (+= x), rmsnorm + gate|up
-        matvec + SwiGLU, down matvec (+= x) -> rmsnorm + output matvec -> copy
-        logits out. The matvec kernels stage x in shared memory and normalize
-        it (or merge the attention splits into it) on the way: 6 launches a
-        layer.
+        rmsnorm + q|k|v matvec, rope + KV write + split attention (flash-
+        decoding; one launch, or two with fuse_rope off), merge of the splits
+        + o matvec (+= x), rmsnorm + gate|up matvec + SwiGLU, down matvec
+        (+= x) -> rmsnorm + output matvec -> copy logits out. The matvec
+        kernels stage x in shared memory and normalize it (or merge the
+        attention splits into it) on the way: 5 (or 6) launches a layer.
     prefill (T > MATVEC_MAX_T tokens): the same blocks, but each projection
         dequantizes its matrix (in row chunks) into the scratch and multiplies
         with cuBLAS/hipBLAS: f16 x f16 -> f32 for quantized weights, f32 for
@@ -45,8 +45,9 @@ the gap between the graph's ~130 nodes.
 Options: ``max_batch`` (tokens per prefill chunk, default 512), ``device``
 (GPU ordinal, default 0), ``flash`` (tensor-core prefill attention where
 it compiles, default on), ``prefetch`` (decode matvecs that put their first
-row's loads in flight before staging x, default on), ``pdl`` (programmatic
-dependent launch for decode where the GPU has it, default on).
+rows' loads in flight before staging x, default on), ``fuse_rope`` (decode's
+rope and KV write inside the attention kernel, default on), ``pdl``
+(programmatic dependent launch for decode where the GPU has it, default on).
 """
 from __future__ import annotations
 
@@ -199,6 +200,7 @@ class Layout:
     n_sm: int = 132                                 # multiprocessors: sizes rows per warp
     flash: bool = False                             # prefill attention on the tensor cores
     prefetch: bool = False                          # decode matvecs: the _pf kernels
+    fuse_rope: bool = False                         # decode: rope + KV write inside attention
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -265,12 +267,13 @@ def _opt(c: ModelConfig, name: str) -> str | None:
 
 
 def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32,
-           n_sm: int = 132, flash: bool = False, prefetch: bool = False) -> Layout:
+           n_sm: int = 132, flash: bool = False, prefetch: bool = False, fuse_rope: bool = False) -> Layout:
     """Every matrix and vector the steps use, by role. flash: the tensor-core prefill
-    attention where the head width allows it; prefetch: the _pf decode matvecs."""
+    attention where the head width allows it; prefetch: the _pf decode matvecs; fuse_rope:
+    decode's rope and KV write done by the attention kernel."""
     _check_supported(c)
     flash = flash and c.head_dim % 16 == 0 and c.head_dim <= FA_HD_MAX
-    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm, flash, prefetch)
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm, flash, prefetch, fuse_rope)
     m, v, F = lay.mats, lay.vecs, c.n_ff
     m["token_embd"] = _mat(c, "token_embd.weight")
     m["output"] = _mat(c, "token_embd.weight" if c.tied_embeddings else "output.weight")
@@ -519,6 +522,15 @@ def _attention_block(lay: Layout, i: int, T: int) -> list:
     scale = float(1.0 / math.sqrt(c.head_dim))
     vec = lambda role: Buf(v[role]) if v[role] else None  # noqa: E731
     steps = project(lay, qkv_mats, Buf("x"), c.n_embd, Buf("qkv"), lay.qkv_dim, T, norm=v[f"{i}.attn_norm"])
+    if T == 1 and lay.fuse_rope:   # decode: rope, KV write and the split attention in one launch
+        steps.append(Launch("attention_rope", (c.n_head, 1, lay.n_split), (lay.block, 1, 1),
+                            (Buf("qkv"), vec(f"{i}.bias"), vec(f"{i}.q_norm"), vec(f"{i}.k_norm"), Buf("cs"),
+                             Buf("kc", kv_off), Buf("vc", kv_off), Buf("io"), Buf("part"), c.n_head, c.n_head_kv,
+                             c.head_dim, c.rope_dim, int(c.rope_style == "neox"), float(c.rms_eps), lay.chunk,
+                             scale)))
+        steps.append(_matvec(lay, [lay.mats[f"{i}.o"]], Buf("att"), lay.q_dim, Buf("x"), c.n_embd, 1,
+                             True, None, merge=True))
+        return steps
     steps.append(Launch("rope_kv", (_grid(c.n_head + 2 * c.n_head_kv, lay.nwarps), T, 1), (lay.block, 1, 1),
                         (Buf("qkv"), lay.qkv_dim, vec(f"{i}.bias"), vec(f"{i}.q_norm"), vec(f"{i}.k_norm"),
                          Buf("cs"), Buf("io"), Buf("kc", kv_off), Buf("vc", kv_off),
@@ -721,13 +733,15 @@ class CudaRunner(CacheBookkeeping):
         self.device = cupy.cuda.Device(int(options.get("device", 0)))
         with self.device:
             self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
-                        bool(options.get("flash", True)), bool(options.get("prefetch", True)))
+                        bool(options.get("flash", True)), bool(options.get("prefetch", True)),
+                        bool(options.get("fuse_rope", True)))
             self.pdl = None
             if bool(options.get("pdl", True)) and not self.cp.cuda.runtime.is_hip \
                     and int(self.device.compute_capability) >= 90:
                 self.pdl = PdlLauncher()
 
-    def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool) -> None:
+    def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool,
+               fuse_rope: bool) -> None:
         cp = self.cp
         rt = cp.cuda.runtime
         props = rt.getDeviceProperties(self.device.id)
@@ -739,7 +753,7 @@ class CudaRunner(CacheBookkeeping):
                                f"(weights, KV cache, scratch); {free / 2**30:.2f} GiB is free")
         v = self._compile("hip" if rt.is_hip else "cuda", warp, flash)
         self.lay = layout(config, n_ctx, batch, warp, int(props.get("multiProcessorCount", 132)),
-                          flash and v.wmma, prefetch)
+                          flash and v.wmma, prefetch, fuse_rope)
         self._raise_smem_limits()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.bufs: dict[str, object] = {}

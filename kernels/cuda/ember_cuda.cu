@@ -617,9 +617,40 @@ extern "C" __global__ void to_half(const float *x, __half *y, i64 n) {
 
 /* ---- q/k/v post-processing: biases, per-head q/k norm, rope, KV cache write --------------- */
 
+/* s[0..hd) = head hh of a token's q|k|v row, ready for attention: plus its bias, then for a
+ * q or k head the per-head RMSNorm (q_norm / k_norm, when the model has them) and the rope
+ * rotation at position pos; a v head only gets its bias. One warp; s in shared memory.
+ * cs: (n_ctx, rope_dim/2, 2) cos, sin. neox: pairs (i, i + rope_dim/2), else (2i, 2i+1). */
+__device__ void prep_head(const float *row, int hh, const float *bias, const float *q_norm, const float *k_norm,
+                          const float *cs, int pos, int n_head, int n_kv, int hd, int rope_dim, int neox,
+                          float eps, float *s) {
+    const int lane = threadIdx.x % WARP, half_rd = rope_dim / 2;
+    for (int i = lane; i < hd; i += WARP) s[i] = row[(i64)hh * hd + i] + (bias ? bias[hh * hd + i] : 0.0f);
+    if (hh >= n_head + n_kv) {
+        SYNCWARP();
+        return;
+    }
+    const float *nw = hh < n_head ? q_norm : k_norm;
+    if (nw) {
+        float ss = 0.0f;
+        for (int i = lane; i < hd; i += WARP) ss += s[i] * s[i];
+        const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
+        for (int i = lane; i < hd; i += WARP) s[i] = s[i] * inv * nw[i];
+    }
+    SYNCWARP();
+    const float *c = cs + (i64)pos * rope_dim;
+    for (int i = lane; i < half_rd; i += WARP) {
+        const int ia = neox ? i : 2 * i, ib = neox ? i + half_rd : 2 * i + 1;
+        const float a = s[ia], b = s[ib], co = c[2 * i], si = c[2 * i + 1];
+        s[ia] = a * co - b * si;
+        s[ib] = a * si + b * co;
+    }
+    SYNCWARP();
+}
+
 /* grid (ceil((n_head + 2 n_kv) / NWARPS), n_tokens): a warp per head of q|k|v. Token t sits at
- * position io[0] + t. cs: (n_ctx, rope_dim/2, 2) cos, sin. neox: pairs (i, i + rope_dim/2),
- * else interleaved (2i, 2i+1). q is rewritten in place; k and v go to the f16 cache. */
+ * position io[0] + t. q is rewritten in place; k and v go to the f16 cache. (Decode fuses
+ * this into attention_rope.) */
 extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
         float *qkv, int ld, const float *bias, const float *q_norm, const float *k_norm,
         const float *cs, const int *io, __half *k_cache, __half *v_cache,
@@ -628,38 +659,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
     GRID_DEP_TRIGGER();
     GRID_DEP_WAIT();
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int pos = io[0] + blockIdx.y, kv_dim = n_kv * hd, half_rd = rope_dim / 2;
+    const int pos = io[0] + blockIdx.y, kv_dim = n_kv * hd;
     float *row = qkv + (i64)blockIdx.y * ld;
     float *s = buf[warp];
     for (int hh = blockIdx.x * NWARPS + warp; hh < min((int)(blockIdx.x + 1) * NWARPS, n_head + 2 * n_kv); hh += NWARPS) {
-        float *v = row + (i64)hh * hd;
-        for (int i = lane; i < hd; i += WARP) s[i] = v[i] + (bias ? bias[hh * hd + i] : 0.0f);
-        if (hh >= n_head + n_kv) {       /* a v head: straight into the cache */
-            for (int i = lane; i < hd; i += WARP)
-                v_cache[(i64)pos * kv_dim + (hh - n_head - n_kv) * hd + i] = __float2half(s[i]);
-            continue;
-        }
-        const float *nw = hh < n_head ? q_norm : k_norm;
-        if (nw) {
-            float ss = 0.0f;
-            for (int i = lane; i < hd; i += WARP) ss += s[i] * s[i];
-            const float inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
-            for (int i = lane; i < hd; i += WARP) s[i] = s[i] * inv * nw[i];
-        }
-        SYNCWARP();
-        const float *c = cs + (i64)pos * rope_dim;
-        for (int i = lane; i < half_rd; i += WARP) {
-            const int ia = neox ? i : 2 * i, ib = neox ? i + half_rd : 2 * i + 1;
-            const float a = s[ia], b = s[ib], co = c[2 * i], si = c[2 * i + 1];
-            s[ia] = a * co - b * si;
-            s[ib] = a * si + b * co;
-        }
-        SYNCWARP();
+        prep_head(row, hh, bias, q_norm, k_norm, cs, pos, n_head, n_kv, hd, rope_dim, neox, eps, s);
         if (hh < n_head) {
-            for (int i = lane; i < hd; i += WARP) v[i] = s[i];
+            for (int i = lane; i < hd; i += WARP) row[(i64)hh * hd + i] = s[i];
         } else {
-            for (int i = lane; i < hd; i += WARP)
-                k_cache[(i64)pos * kv_dim + (hh - n_head) * hd + i] = __float2half(s[i]);
+            const int at = hh < n_head + n_kv ? hh - n_head : hh - n_head - n_kv;
+            __half *cache = hh < n_head + n_kv ? k_cache : v_cache;
+            for (int i = lane; i < hd; i += WARP) cache[(i64)pos * kv_dim + at * hd + i] = __float2half(s[i]);
         }
         SYNCWARP();
     }
@@ -688,15 +698,18 @@ __device__ __forceinline__ float key_dot(const float *q, const __half *kr, int h
 
 #define NJ2 (HD_MAX / (2 * WARP))   /* half2 output slots per lane for the widest head */
 
-/* One tile of WARP keys [k0, k0 + WARP) ∩ [.., last] into a warp's online softmax: a lane per
- * key takes a whole q.k dot, one warp max and one warp sum update (m, l), then the tile's
+/* One tile of WARP keys [k0, k0 + WARP) ∩ [.., last] into a warp's online softmax (key `cur`,
+ * if any, read from kcur / vcur instead of the cache): a lane per key takes a whole q.k dot, one warp max and one warp sum update (m, l), then the tile's
  * probabilities are broadcast lane by lane into acc. Lane owns output dims 2*(lane + j*WARP)
  * and the next one, j < nj = ceil(hd / (2*WARP)) (a warp-uniform bound, so narrow heads skip
  * the unused slots instead of predicating them). */
 __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, const __half *vc, int kv_stride,
-                                            int hd, int k0, int last, float &m, float &l, float2 *acc) {
+                                            int hd, int k0, int last, float &m, float &l, float2 *acc,
+                                            int cur = -1, const __half *kcur = nullptr,
+                                            const __half *vcur = nullptr) {
     const int lane = threadIdx.x % WARP, key = k0 + lane, nj = (hd + 2 * WARP - 1) / (2 * WARP);
-    const float s = key <= last ? key_dot(q, kc + (i64)key * kv_stride, hd) : NEG_BIG;
+    const __half *kr = key == cur ? kcur : kc + (i64)key * kv_stride;
+    const float s = key <= last ? key_dot(q, kr, hd) : NEG_BIG;
     const float mn = fmaxf(m, warp_max(s));
     const float corr = expf(m - mn);
     const float p = key <= last ? expf(s - mn) : 0.0f;
@@ -708,7 +721,8 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
 #pragma unroll
     for (int kk = 0; kk < WARP; kk++) {
         const float pk = SHFL(p, kk);
-        const __half *vr = vc + (i64)min(k0 + kk, last) * kv_stride;
+        const int kv = min(k0 + kk, last);
+        const __half *vr = kv == cur ? vcur : vc + (i64)kv * kv_stride;
 #pragma unroll
         for (int j = 0; j < NJ2; j++) {
             if (j >= nj) break;
@@ -726,27 +740,23 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
 /* Decode: grid (n_head, 1, n_split). Block (h, 0, s) attends query head h (position p = io[0],
  * keys 0..p) over keys [s*chunk, min((s+1)*chunk, p+1)), its warps a tile of WARP keys at a
  * time, then merges its warps and writes the unnormalized partial (max, sum, acc[hd]) to
- * part[h][s]; the o projection's matvec merges the splits while staging its input. */
-extern "C" __global__ void __launch_bounds__(BLOCK) attention(
-        const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
-        float *part, int n_head, int n_kv, int hd, int chunk, float scale) {
-    __shared__ __align__(16) float q[HD_MAX];
+ * part[h][s]; the o projection's matvec merges the splits while staging its input. q: the
+ * scaled query in shared memory; key p from kcur / vcur when they are given. */
+__device__ void attend_split(const float *q, const __half *k_cache, const __half *v_cache, int pos,
+                             float *part, int n_head, int n_kv, int hd, int chunk,
+                             const __half *kcur, const __half *vcur) {
     __shared__ float wm[NWARPS], wl[NWARPS];
     __shared__ float wacc[NWARPS][HD_MAX];
-    GRID_DEP_TRIGGER();
-    GRID_DEP_WAIT();
     const int h = blockIdx.x, sp = blockIdx.z, n_split = gridDim.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv);
-    const int last = min((sp + 1) * chunk, io[0] + 1) - 1;
-    for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
-    __syncthreads();
+    const int last = min((sp + 1) * chunk, pos + 1) - 1, cur = kcur ? pos : -1;
     float m = NEG_BIG, l = 0.0f;
     float2 acc[NJ2];
 #pragma unroll
     for (int j = 0; j < NJ2; j++) acc[j] = make_float2(0.0f, 0.0f);
     for (int k0 = sp * chunk + warp * WARP; k0 <= last; k0 += BLOCK)
-        attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, last, m, l, acc);
+        attend_tile(q, k_cache + kvh * hd, v_cache + kvh * hd, kv_dim, hd, k0, last, m, l, acc, cur, kcur, vcur);
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
     for (int j = 0; j < NJ2; j++) {
@@ -768,6 +778,60 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
         out[0] = M;
         out[1] = L;
     }
+}
+
+/* decode attention after rope_kv: q from the q|k|v row (roped in place), every key from the cache */
+extern "C" __global__ void __launch_bounds__(BLOCK) attention(
+        const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
+        float *part, int n_head, int n_kv, int hd, int chunk, float scale) {
+    __shared__ __align__(16) float q[HD_MAX];
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
+    const int h = blockIdx.x;
+    for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
+    __syncthreads();
+    attend_split(q, k_cache, v_cache, io[0], part, n_head, n_kv, hd, chunk, nullptr, nullptr);
+}
+
+/* decode attention with rope_kv fused in (one launch a layer less): each block prepares its own
+ * query head; the blocks whose split holds the new position p also prepare its key and value
+ * and attend key p from those shared copies (so no block reads cache row p, which the first
+ * block of each kv head writes for the tokens after this one). */
+extern "C" __global__ void __launch_bounds__(BLOCK) attention_rope(
+        const float *qkv, const float *bias, const float *q_norm, const float *k_norm, const float *cs,
+        __half *k_cache, __half *v_cache, const int *io, float *part,
+        int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, float scale) {
+    __shared__ __align__(16) float q[HD_MAX];
+    __shared__ float kv[2][HD_MAX];
+    __shared__ __align__(16) __half kcur[HD_MAX];
+    __shared__ __align__(16) __half vcur[HD_MAX];
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
+    const int h = blockIdx.x, sp = blockIdx.z, warp = threadIdx.x / WARP, pos = io[0];
+    const int kv_dim = n_kv * hd, group = n_head / n_kv, kvh = h / group;
+    const bool has_cur = sp * chunk <= pos && pos < (sp + 1) * chunk;    /* block-uniform */
+    if (warp == 0)
+        prep_head(qkv, h, bias, q_norm, k_norm, cs, pos, n_head, n_kv, hd, rope_dim, neox, eps, q);
+    else if (has_cur && warp == 1)
+        prep_head(qkv, n_head + kvh, bias, q_norm, k_norm, cs, pos, n_head, n_kv, hd, rope_dim, neox, eps, kv[0]);
+    else if (has_cur && warp == 2)
+        prep_head(qkv, n_head + n_kv + kvh, bias, q_norm, k_norm, cs, pos, n_head, n_kv, hd, rope_dim, neox,
+                  eps, kv[1]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += BLOCK) {
+        q[i] *= scale;
+        if (has_cur) {
+            kcur[i] = __float2half(kv[0][i]);
+            vcur[i] = __float2half(kv[1][i]);
+            if (h % group == 0) {        /* one block per kv head stores the new key and value */
+                k_cache[(i64)pos * kv_dim + kvh * hd + i] = kcur[i];
+                v_cache[(i64)pos * kv_dim + kvh * hd + i] = vcur[i];
+            }
+        }
+    }
+    __syncthreads();
+    attend_split(q, k_cache, v_cache, pos, part, n_head, n_kv, hd, chunk, has_cur ? kcur : nullptr,
+                 has_cur ? vcur : nullptr);
 }
 
 /* Prefill attention: grid (n_head, ceil(n_tokens / NWARPS)), a warp per query row t (position

@@ -124,7 +124,7 @@ def test_decode_plan_is_one_capturable_graph(tiny):
     assert {s.kernel for s in launches} <= names
     # the position is never baked in: kernels that need it read the io buffer
     for s in launches:
-        if s.kernel in ("rope_kv", "attention"):
+        if s.kernel in ("rope_kv", "attention", "attention_rope"):
             assert cuda.Buf("io") in s.args
     attn = [s for s in launches if s.kernel == "attention"]
     assert len(attn) == c.n_layer and all(s.grid == (c.n_head, 1, lay.n_split) for s in attn)
@@ -149,6 +149,24 @@ def test_decode_plan_fuses_per_layer(tiny):
         rows = s.args[2] + s.args[5] + s.args[8]
         assert s.args[10].offset // 4 + rows <= lay.qkv_dim and s.grid[0] * lay.nwarps >= rows
     assert sum(s.kernel.startswith("matvec_swiglu_") for s in steps) == c.n_layer
+
+
+def test_fused_rope_decode_plan_has_five_launches_a_layer(tiny):
+    """fuse_rope: decode's attention_rope replaces rope_kv + attention; prefill keeps rope_kv;
+    the position still comes from the io buffer."""
+    c = _config(tiny("Q8_0"))
+    lay = cuda.layout(c, n_ctx=300, fuse_rope=True, prefetch=True)
+    dec = [s for s in cuda.forward_steps(lay, 1) if isinstance(s, cuda.Launch)]
+    assert len(dec) == 1 + 5 * c.n_layer + 1
+    names = [s.kernel for s in dec]
+    assert "rope_kv" not in names and "attention" not in names
+    rope = [s for s in dec if s.kernel == "attention_rope"]
+    assert len(rope) == c.n_layer and all(cuda.Buf("io") in s.args and s.grid == (c.n_head, 1, lay.n_split)
+                                          for s in rope)
+    assert all(s.kernel.startswith(("matvec_pf_", "matvec_swiglu_pf_")) for s in dec
+               if s.kernel.startswith("matvec"))
+    pre = [s.kernel for s in cuda.forward_steps(lay, 20) if isinstance(s, cuda.Launch)]
+    assert pre.count("rope_kv") == c.n_layer and "attention_rope" not in pre
 
 
 def test_prefill_plan_gemms_stay_inside_the_scratch(tiny):
@@ -330,10 +348,10 @@ def _kl(p_logits, q_logits):
 
 @gpu
 @pytest.mark.parametrize("quant,opts", [("Q4_0", {}), ("Q8_0", {}), ("Q4_K_M", {}),
-                                        ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0})])
+                                        ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0, "fuse_rope": 0})])
 def test_runner_matches_the_reference_prefill_and_graph_decode(quant, opts, tiny):
-    """Defaults (flash prefill attention, _pf matvecs, programmatic dependent launch where
-    the GPU has them) and the plain kernels."""
+    """Defaults (flash prefill attention, _pf matvecs, rope fused into decode attention,
+    programmatic dependent launch where the GPU has them) and the plain kernels."""
     with gguf.open(tiny(quant)) as f:
         c = config_from_gguf(f)
         ref = reference.ReferenceRunner(f, c, 96)
@@ -347,6 +365,30 @@ def test_runner_matches_the_reference_prefill_and_graph_decode(quant, opts, tiny
             assert _kl(a[None], b[None])[0] < 1e-3
         assert run.graph is not None and run.n_past == 52
         run.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", ["s512-qwen2-Q4_K_M.gguf", "s512-qwen3-Q4_K_M.gguf"])
+def test_fused_rope_decode_with_biases_qk_norms_and_neox_rope(model):
+    """Decode through attention_rope on the conformance qwen2 (q/k/v biases, NEOX rope) and
+    qwen3 (per-head q/k RMSNorm) models: each decoded token's logits against the reference
+    backend, and the same with rope_kv as a launch of its own."""
+    from tests.conftest import conformance_path
+    with gguf.open(conformance_path("models", model)) as f:
+        c = config_from_gguf(f)
+        ref = reference.ReferenceRunner(f, c, 64)
+        runs = [cuda.CudaRunner(f, c, 64, {"fuse_rope": fr}) for fr in (1, 0)]
+        toks = np.random.default_rng(3).integers(3, c.n_vocab, 14).tolist()
+        ref.prefill(toks[:6])
+        for r in runs:
+            r.prefill(toks[:6])
+        for tok in toks[6:]:
+            want = ref.decode(tok)
+            fused, plain = (r.decode(tok) for r in runs)
+            assert _kl(want[None], fused[None])[0] < 1e-3
+            np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+        for r in runs:
+            r.close()
 
 
 @gpu
