@@ -126,6 +126,27 @@ static int next_chunk(worker *w, int64_t stage, int64_t n, int64_t chunk, int64_
     return 1;
 }
 
+/* Guided variant for batches: each claim takes a share of what is left
+ * (remaining / (2 nth), at least `min` items), so chunks shrink toward the
+ * stage's end and threads finish it nearly together. With equal chunks the
+ * first thread done idled for up to a whole chunk (4% of a prompt spun in
+ * stage_wait); small chunks throughout would repeat the per-chunk activation
+ * packing of the matmul kernels more often. */
+static int next_chunk_guided(worker *w, int64_t stage, int64_t n, int64_t min, int64_t *i0, int64_t *i1) {
+    _Atomic int64_t *claim = &w->m->stages[stage].claim;
+    int64_t c = atomic_load_explicit(claim, memory_order_relaxed);
+    for (;;) {
+        if (c >= n) return 0;
+        int64_t size = (n - c) / (2 * (int64_t)w->nth);
+        size = size < min ? min : (size + 15) / 16 * 16;
+        if (atomic_compare_exchange_weak_explicit(claim, &c, c + size, memory_order_relaxed, memory_order_relaxed)) {
+            *i0 = c;
+            *i1 = c + size < n ? c + size : n;
+            return 1;
+        }
+    }
+}
+
 static int64_t take_stage(worker *w) { return w->stage++; }
 
 /* record items [i0, i1) of a stage as finished (their results visible to acquirers) */
@@ -181,11 +202,10 @@ static void matmul_rows(ember_model *m, const mm_target *t, int64_t nb, int64_t 
                      w->cols, nb, r0, r1);
 }
 
-static int64_t row_chunk(int64_t rows, int nth, int64_t n_tok) {
-    /* ~8 chunks per thread balance preemption; never below 16 rows (one chunk of
-     * work must dwarf its atomic add); a batch makes each row costlier */
+static int64_t row_chunk(int64_t rows, int nth) {
+    /* decode: ~8 chunks per thread balance preemption; never below 16 rows (one
+     * chunk of work must dwarf its atomic add). Batches claim guided chunks. */
     int64_t c = rows / ((int64_t)nth * 8);
-    if (n_tok > 1) c = rows / ((int64_t)nth * 4);
     c = (c + 15) / 16 * 16;
     return c < 16 ? 16 : c;
 }
@@ -194,9 +214,9 @@ static void matmul_group(worker *w, int64_t nb, const mm_target *t, int n_t, int
     const int64_t st = take_stage(w);
     int64_t total = 0, chunk = 0;
     for (int i = 0; i < n_t; i++) total += t[i].w->rows;
-    chunk = row_chunk(total, w->nth, nb);
+    chunk = row_chunk(total, w->nth);
     int64_t g0, g1;
-    while (next_chunk(w, st, total, chunk, &g0, &g1)) {
+    while (nb > 1 ? next_chunk_guided(w, st, total, 32, &g0, &g1) : next_chunk(w, st, total, chunk, &g0, &g1)) {
         const int64_t c0 = g0, c1 = g1;
         int64_t base = 0;  /* split the global range over the matrices it spans */
         for (int i = 0; i < n_t && g0 < g1; i++) {
