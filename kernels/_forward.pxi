@@ -35,6 +35,8 @@ cdef extern from "ember_forward.h":
         void (*add)(float *y, const float *x, int64_t n) nogil
         void (*to_f16)(const float *x, uint16_t *y, int64_t n) nogil
     enum:
+        EMBER_ATT_HEADS
+    enum:
         EMBER_M_Q, EMBER_M_K, EMBER_M_V, EMBER_M_QKV, EMBER_M_O, EMBER_M_GATE, EMBER_M_UP,
         EMBER_M_GATE_UP, EMBER_M_DOWN, EMBER_M_TOK_EMBD, EMBER_M_OUTPUT
     enum:
@@ -277,7 +279,7 @@ def op_attention(str isa, const float[:, ::1] q, const uint16_t[:, ::1] K, const
             or out.shape[0] != B or out.shape[1] != q.shape[1] or B == 0):
         raise ValueError("attention: shapes do not fit")
     import numpy as np
-    cdef float[::1] scores = np.empty(K.shape[0], dtype=np.float32)
+    cdef float[::1] scores = np.empty(EMBER_ATT_HEADS * K.shape[0], dtype=np.float32)
     cdef float scale = 1.0 / sqrt(<double> hd)
     with nogil:
         o.attention(&q[0, 0], q.shape[1], &K[0, 0], &V[0, 0], K.shape[1], pos0, n_head, n_head_kv,

@@ -51,6 +51,8 @@ static inline uint16_t ember_ops_f2h(float f) {
 
 /* ---- the op table --------------------------------------------------------- */
 
+#define EMBER_ATT_HEADS 8   /* query heads an attention kernel may take at once (scratch size) */
+
 typedef struct ember_ops {
     const char *name;
     /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; y may alias x */
@@ -65,7 +67,8 @@ typedef struct ember_ops {
     /* causal attention of query rows over the f16 cache, for work items [i0, i1) of
      * (token b, head h) = (i / n_head, i % n_head). q: (B, ldq) with head h at h*hd;
      * K, V: (n_ctx, kv_stride) f16 of one layer; token b sees positions [0, pos0 + b].
-     * out: (B, ldo). scores: scratch of n_ctx floats. */
+     * out: (B, ldo). scores: scratch of EMBER_ATT_HEADS * n_ctx floats (kernels may
+     * take the query heads of one KV head together, up to EMBER_ATT_HEADS). */
     void (*attention)(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
                       int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
                       int64_t hd, float scale, float *out, int64_t ldo, float *scores,

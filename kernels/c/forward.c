@@ -74,7 +74,7 @@ struct ember_model {
     float *ffn;                       /* (B, 2 F) gate | up; silu(gate)*up into gate */
     uint8_t *xq;                      /* (B, xq_stride) quantized activations */
     size_t xq_stride;
-    float *scores;                    /* (n_threads, n_ctx) */
+    float *scores;                    /* (n_threads, EMBER_ATT_HEADS * n_ctx) */
     float *last;                      /* (E) normed last row for the logits */
     stage_ctr *stages;                /* (n_stages) work counters of one run */
     int64_t n_stages;
@@ -313,10 +313,14 @@ static void attend(worker *w, int64_t layer) {
     const ember_hparams *hp = &m->hp;
     const int64_t st = take_stage(w), n_items = m->n_tok * hp->n_head;
     const size_t base = (size_t)layer * hp->n_ctx * m->kv_dim;
-    float *scores = m->scores + (int64_t)w->ith * hp->n_ctx;
+    float *scores = m->scores + (int64_t)w->ith * EMBER_ATT_HEADS * hp->n_ctx;
+    /* a chunk is the query heads of one KV head (at most EMBER_ATT_HEADS), which the
+     * kernel takes together; items are (token, head), so chunks never straddle tokens */
+    int64_t chunk = hp->n_head / hp->n_head_kv;
+    chunk = chunk < EMBER_ATT_HEADS ? chunk : EMBER_ATT_HEADS;
     const float scale = 1.0f / sqrtf((float)hp->head_dim);
     int64_t i0, i1;
-    while (next_chunk(w, st, n_items, 1, &i0, &i1)) {
+    while (next_chunk(w, st, n_items, chunk, &i0, &i1)) {
         m->ops->attention(m->qkv, m->qkv_dim, m->k_cache + base, m->v_cache + base, m->kv_dim,
                           m->pos0, hp->n_head, hp->n_head_kv, hp->head_dim, scale,
                           m->att, m->q_dim, scores, i0, i1);
@@ -479,7 +483,7 @@ int ember_model_finish(ember_model *m) {
     m->att = zalloc((size_t)B * m->q_dim * sizeof(float));
     m->ffn = zalloc((size_t)B * 2 * hp->n_ff * sizeof(float));
     m->xq = zalloc((size_t)B * m->xq_stride);
-    m->scores = zalloc((size_t)ember_pool_size(m->pool) * hp->n_ctx * sizeof(float));
+    m->scores = zalloc((size_t)ember_pool_size(m->pool) * EMBER_ATT_HEADS * hp->n_ctx * sizeof(float));
     m->last = zalloc((size_t)E * sizeof(float));
     return (m->x && m->xn && m->qkv && m->att && m->ffn && m->xq && m->scores && m->last) ? 0 : -1;
 }
@@ -488,7 +492,7 @@ size_t ember_model_scratch_bytes(const ember_model *m) {
     const ember_hparams *hp = &m->hp;
     const size_t B = (size_t)hp->max_batch;
     return B * sizeof(float) * (2 * hp->n_embd + m->qkv_dim + m->q_dim + 2 * hp->n_ff)
-         + B * m->xq_stride + (size_t)ember_pool_size(m->pool) * hp->n_ctx * sizeof(float)
+         + B * m->xq_stride + (size_t)ember_pool_size(m->pool) * EMBER_ATT_HEADS * hp->n_ctx * sizeof(float)
          + hp->n_embd * sizeof(float) + (size_t)m->n_stages * sizeof(stage_ctr);
 }
 
