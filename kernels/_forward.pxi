@@ -64,6 +64,7 @@ cdef extern from "ember_forward.h":
                        float *logits, int all_logits) nogil
 
 
+ATT_HEADS = EMBER_ATT_HEADS   # attention scratch: this many heads x n_ctx floats per thread
 MATS = {"q": EMBER_M_Q, "k": EMBER_M_K, "v": EMBER_M_V, "qkv": EMBER_M_QKV, "o": EMBER_M_O,
         "gate": EMBER_M_GATE, "up": EMBER_M_UP, "gate_up": EMBER_M_GATE_UP, "down": EMBER_M_DOWN,
         "tok_embd": EMBER_M_TOK_EMBD, "output": EMBER_M_OUTPUT}

@@ -147,7 +147,8 @@ def scratch_bytes(c: ModelConfig, n_ctx: int, threads: int, max_batch: int = DEF
             act = max(act, _native.act_row_bytes(tid, t.shape[1]))
     act = (act + 63) // 64 * 64
     B = max_batch
-    floats = B * (2 * c.n_embd + q_dim + 2 * kv_dim + q_dim + 2 * c.n_ff) + threads * n_ctx + c.n_embd
+    floats = (B * (2 * c.n_embd + q_dim + 2 * kv_dim + q_dim + 2 * c.n_ff)
+              + threads * _native.ATT_HEADS * n_ctx + c.n_embd)
     stage_counters = (c.n_layer + 1) * 32 * 128   # MAX_STAGES_PER_LAYER cache-line pairs
     return floats * F32_BYTES + B * act + n_ctx * c.rope_dim * F32_BYTES + stage_counters
 
