@@ -706,14 +706,19 @@ def _c_value(a):
 
 
 def _cuda_include(cp) -> str | None:
-    """The CUDA toolkit's include folder (for <mma.h>), or None where CuPy knows no toolkit."""
+    """A CUDA include folder with <mma.h> and the crt/mma.h it includes (CuPy's own CUDA path
+    can be a pip wheel's partial copy, which lacks crt/), or None where there is none."""
     import os
     try:
-        root = cp.cuda.get_cuda_path()
-    except Exception:  # noqa: BLE001 - no toolkit: NVRTC's own headers only
-        return None
-    inc = os.path.join(root, "include") if root else None
-    return inc if inc and os.path.isfile(os.path.join(inc, "mma.h")) else None
+        roots = [cp.cuda.get_cuda_path()]
+    except Exception:  # noqa: BLE001 - no toolkit known to CuPy
+        roots = []
+    roots += [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        inc = os.path.join(root, "include")
+        if all(os.path.isfile(os.path.join(inc, *f)) for f in (("mma.h",), ("crt", "mma.h"))):
+            return inc
+    return None
 
 
 # ---------------------------------------------------------------------------
