@@ -50,6 +50,11 @@
 #endif
 
 #define NWARPS (BLOCK / WARP)
+#ifdef EMBER_HOST_TEST
+#define EMBER_HD __host__ __device__ __forceinline__
+#else
+#define EMBER_HD __device__ __forceinline__
+#endif
 #define PF_ROWS 2    /* rows a warp of a _pf matvec fetches ahead (the first PF units a lane of each) */
 #define PF_BLOCKS 2  /* _pf matvecs: blocks an SM must hold (caps registers at 80, so a grid of ~2.5
                       * blocks per SM runs in one wave) */
@@ -93,41 +98,44 @@ __device__ float block_sum(float v) {
 /* ---- unit decoders, one per weight type ------------------------------------------------- */
 
 /* A row of each weight type is a sequence of units of UNIT weights. Q::fetch(w, d, row, u, K, r)
- * issues the global loads of unit u into a Raw (registers only); Q::quad(r, u, k, v) decodes
- * the k-th group of 4 weights of the unit once the loads have arrived; those 4 weights are
- * consecutive columns starting at Q::col4(u, k) (a group never straddles a run of RUN
- * consecutive columns). Fetch and decode are apart so a matvec can put a row's loads in flight
- * before it stages x, and decoding 4 at a time keeps a unit's 32-64 floats out of registers.
- * Runs of 4 or more let the dot product read x as float4 and the dequantizer store 16 bytes at
- * a time (scalar accesses strided by a unit across the lanes of a warp were 32-way divergent).
- * PF: units a lane fetches ahead in the _pf matvecs (sized so they fit in 80 registers). */
+ * issues the global loads of unit u into a Raw (registers only); once they have arrived,
+ * Q::scales(r, u) works out the unit's scale factors once and Q::quad(r, sc, u, k, v) decodes
+ * the k-th group of 4 weights of the unit; those 4 weights are consecutive columns starting at
+ * Q::col4(u, k) (a group never straddles a run of RUN consecutive columns). Fetch and decode
+ * are apart so a matvec can put a row's loads in flight before it stages x, and decoding 4 at
+ * a time keeps a unit's 32-64 floats out of registers. Runs of 4 or more let the dot product
+ * read x as float4 and the dequantizer store 16 bytes at a time (scalar accesses strided by a
+ * unit across the lanes of a warp were 32-way divergent). PF: units a lane fetches ahead in
+ * the _pf matvecs (sized so they fit the register cap). EMBER_HD: host-callable too when the
+ * host test harness (tests/plugins/test_cuda.py) compiles the decoders for the CPU. */
 
 /* byte e (0..3) of a word, as an int */
-__device__ __forceinline__ int byte_of(u32 w, int e) { return (int)((w >> (8 * e)) & 0xff); }
+EMBER_HD int byte_of(u32 w, int e) { return (int)((w >> (8 * e)) & 0xff); }
 
 /* a uint4's word i for a compile-time i (after unrolling) */
-__device__ __forceinline__ u32 word_of(const uint4 &q, int i) {
+EMBER_HD u32 word_of(const uint4 &q, int i) {
     return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
 }
 
 struct Q4_0 {
     enum { UNIT = 32, RUN = 32, PF = 1 };
     struct Raw { uint4 q; __half s; };
-    static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
-    static __device__ __forceinline__ int col4(int u, int k) { return u * 32 + 4 * k; }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    struct Scales { float s; };
+    static EMBER_HD int col(int u, int r) { return u * 32; }
+    static EMBER_HD int col4(int u, int k) { return u * 32 + 4 * k; }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const i64 b = row * (K / 32) + u;
         r.q = *(const uint4 *)(w + b * 16);
         r.s = d[b];
     }
+    static EMBER_HD Scales scales(const Raw &r, int u) { return {__half2float(r.s)}; }
     /* byte j: low nibble = element j, high = j + 16; groups 0-3 low nibbles, 4-7 high */
-    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+    static EMBER_HD void quad(const Raw &r, const Scales &sc, int u, int k, float *v) {
         const u32 wd = word_of(r.q, k & 3);
-        const float s = __half2float(r.s);
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int b = byte_of(wd, e);
-            v[e] = s * (float)((k < 4 ? b & 15 : b >> 4) - 8);
+            v[e] = sc.s * (float)((k < 4 ? b & 15 : b >> 4) - 8);
         }
     }
 };
@@ -135,31 +143,32 @@ struct Q4_0 {
 struct Q8_0 {
     enum { UNIT = 32, RUN = 32, PF = 1 };
     struct Raw { uint4 a, b; __half s; };
-    static __device__ __forceinline__ int col(int u, int r) { return u * 32; }
-    static __device__ __forceinline__ int col4(int u, int k) { return u * 32 + 4 * k; }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    struct Scales { float s; };
+    static EMBER_HD int col(int u, int r) { return u * 32; }
+    static EMBER_HD int col4(int u, int k) { return u * 32 + 4 * k; }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const i64 b = row * (K / 32) + u;
         r.a = *(const uint4 *)(w + b * 32);
         r.b = *(const uint4 *)(w + b * 32 + 16);
         r.s = d[b];
     }
-    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
+    static EMBER_HD Scales scales(const Raw &r, int u) { return {__half2float(r.s)}; }
+    static EMBER_HD void quad(const Raw &r, const Scales &sc, int u, int k, float *v) {
         const u32 wd = k < 4 ? word_of(r.a, k) : word_of(r.b, k - 4);
-        const float s = __half2float(r.s);
 #pragma unroll
-        for (int e = 0; e < 4; e++) v[e] = s * (float)(i8)byte_of(wd, e);
+        for (int e = 0; e < 4; e++) v[e] = sc.s * (float)(i8)byte_of(wd, e);
     }
 };
 
 /* byte i (0..11) of a Q4_K super-block's packed scales, held as three words; selects, not
  * an indexed array, so a run-time i keeps them in registers */
-__device__ __forceinline__ int sc_byte(const u32 *sc, int i) {
+EMBER_HD int sc_byte(const u32 *sc, int i) {
     const u32 word = (i >> 2) == 0 ? sc[0] : (i >> 2) == 1 ? sc[1] : sc[2];
     return byte_of(word, i & 3);
 }
 
 /* 6-bit scale and min of sub-block `is` of a Q4_K super-block (llama.cpp's get_scale_min_k4) */
-__device__ __forceinline__ void scale_min_k4(int is, const u32 *sc, float *s, float *m) {
+EMBER_HD void scale_min_k4(int is, const u32 *sc, float *s, float *m) {
     if (is < 4) {
         *s = (float)(sc_byte(sc, is) & 63);
         *m = (float)(sc_byte(sc, is + 4) & 63);
@@ -172,13 +181,15 @@ __device__ __forceinline__ void scale_min_k4(int is, const u32 *sc, float *s, fl
 /* Q4_K: 256 weights = d, dmin (half), 12 bytes of packed 6-bit scales/mins, 128 bytes of
  * nibbles; unit u (64 weights) is bytes qs[32j..32j+32) of super-block u/4, j = u%4: low
  * nibbles are sub-block 2j (groups 0-7), high nibbles sub-block 2j+1 (groups 8-15).
- * value = d*sc*q - dmin*m. */
+ * value = d*sc*q - dmin*m. The two sub-blocks' factors are worked out once a unit (per group,
+ * the run-time scale selects doubled the kernel's instructions). */
 struct Q4_K {
     enum { UNIT = 64, RUN = 64, PF = 1 };
     struct Raw { uint4 q0, q1; u32 sc[3]; u32 dm; };
-    static __device__ __forceinline__ int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
-    static __device__ __forceinline__ int col4(int u, int k) { return col(u, 0) + 4 * k; }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    struct Scales { float a0, c0, a1, c1; };
+    static EMBER_HD int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
+    static EMBER_HD int col4(int u, int k) { return col(u, 0) + 4 * k; }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const u8 *b = w + (row * (K / 256) + u / 4) * 144;
         const int j = u & 3;
         r.dm = *(const u32 *)b;                       /* d, dmin */
@@ -188,12 +199,16 @@ struct Q4_K {
         r.q0 = *(const uint4 *)(b + 16 + 32 * j);
         r.q1 = *(const uint4 *)(b + 32 + 32 * j);
     }
-    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
-        const int sub = 2 * (u & 3) + (k >> 3);
+    static EMBER_HD Scales scales(const Raw &r, int u) {
         const __half2 dm = *(const __half2 *)&r.dm;
-        float sc, mn;
-        scale_min_k4(sub, r.sc, &sc, &mn);
-        const float a = __low2float(dm) * sc, c = __high2float(dm) * mn;
+        const float dd = __low2float(dm), dmin = __high2float(dm);
+        float s0, m0, s1, m1;
+        scale_min_k4(2 * (u & 3), r.sc, &s0, &m0);
+        scale_min_k4(2 * (u & 3) + 1, r.sc, &s1, &m1);
+        return {dd * s0, dmin * m0, dd * s1, dmin * m1};
+    }
+    static EMBER_HD void quad(const Raw &r, const Scales &sc, int u, int k, float *v) {
+        const float a = k < 8 ? sc.a0 : sc.a1, c = k < 8 ? sc.c0 : sc.c1;
         const u32 wd = (k & 7) < 4 ? word_of(r.q0, k & 3) : word_of(r.q1, k & 3);
 #pragma unroll
         for (int e = 0; e < 4; e++) {
@@ -210,11 +225,12 @@ struct Q4_K {
 struct Q6_K {
     enum { UNIT = 64, RUN = 16, PF = 1 };
     struct Raw { uint4 lo, hi, qh; i8 sc0, sc1, sc2, sc3; __half d; };
-    static __device__ __forceinline__ int col(int u, int r) {
+    struct Scales { float s[4]; };
+    static EMBER_HD int col(int u, int r) {
         return (u >> 2) * 256 + 128 * ((u & 3) >> 1) + 16 * (u & 1) + 32 * r;
     }
-    static __device__ __forceinline__ int col4(int u, int k) { return col(u, k >> 2) + 4 * (k & 3); }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    static EMBER_HD int col4(int u, int k) { return col(u, k >> 2) + 4 * (k & 3); }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         const int h = (u & 3) >> 1, g = u & 1;
         const u8 *b = w + (row * (K / 256) + u / 4) * 224;
         r.lo = *(const uint4 *)(b + 64 * h + 16 * g);
@@ -224,14 +240,17 @@ struct Q6_K {
         r.sc0 = sc[0]; r.sc1 = sc[2]; r.sc2 = sc[4]; r.sc3 = sc[6];
         r.d = *(const __half *)(b + 208);
     }
-    static __device__ __forceinline__ void quad(const Raw &r, int u, int k, float *v) {
-        const int q = k >> 2;                       /* quarter: 0..3 */
-        const float s = __half2float(r.d) * (float)(q == 0 ? r.sc0 : q == 1 ? r.sc1 : q == 2 ? r.sc2 : r.sc3);
+    static EMBER_HD Scales scales(const Raw &r, int u) {
+        const float dd = __half2float(r.d);
+        return {{dd * r.sc0, dd * r.sc1, dd * r.sc2, dd * r.sc3}};
+    }
+    static EMBER_HD void quad(const Raw &r, const Scales &sc, int u, int k, float *v) {
+        const int q = k >> 2;                       /* quarter: 0..3 (compile-time after unrolling) */
         const u32 a = word_of(q & 1 ? r.hi : r.lo, k & 3), e = word_of(r.qh, k & 3);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int nib = q < 2 ? byte_of(a, i) & 15 : byte_of(a, i) >> 4;
-            v[i] = s * (float)((nib | (((byte_of(e, i) >> (2 * q)) & 3) << 4)) - 32);
+            v[i] = sc.s[q] * (float)((nib | (((byte_of(e, i) >> (2 * q)) & 3) << 4)) - 32);
         }
     }
 };
@@ -240,8 +259,8 @@ struct Q6_K {
 struct F16 {
     enum { UNIT = 1, RUN = 1, PF = 0 };
     struct Raw { float v; };
-    static __device__ __forceinline__ int col(int u, int r) { return u; }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    static EMBER_HD int col(int u, int r) { return u; }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         r.v = __half2float(((const __half *)w)[row * K + u]);
     }
 };
@@ -249,20 +268,21 @@ struct F16 {
 struct F32 {
     enum { UNIT = 1, RUN = 1, PF = 0 };
     struct Raw { float v; };
-    static __device__ __forceinline__ int col(int u, int r) { return u; }
-    static __device__ __forceinline__ void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
+    static EMBER_HD int col(int u, int r) { return u; }
+    static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
         r.v = ((const float *)w)[row * K + u];
     }
 };
 
 /* v[0..UNIT) = the weights of unit u of a row, group by group (the dequantizer's path) */
 template <class Q>
-__device__ __forceinline__ void load_unit(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
+EMBER_HD void load_unit(const u8 *w, const __half *d, i64 row, int u, int K, float *v) {
     typename Q::Raw r;
     Q::fetch(w, d, row, u, K, r);
     if constexpr (Q::RUN >= 4) {
+        const typename Q::Scales sc = Q::scales(r, u);
 #pragma unroll
-        for (int k = 0; k < Q::UNIT / 4; k++) Q::quad(r, u, k, v + 4 * k);
+        for (int k = 0; k < Q::UNIT / 4; k++) Q::quad(r, sc, u, k, v + 4 * k);
     } else {
         v[0] = r.v;
     }
@@ -280,10 +300,11 @@ template <class Q>
 __device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const float *x) {
     if constexpr (Q::RUN >= 4) {
         float acc = 0.0f;
+        const typename Q::Scales sc = Q::scales(r, u);
 #pragma unroll
         for (int k = 0; k < Q::UNIT / 4; k++) {
             float v[4];
-            Q::quad(r, u, k, v);
+            Q::quad(r, sc, u, k, v);
             const float4 xv = *(const float4 *)(x + xpad(Q::col4(u, k)));
             acc += v[0] * xv.x + v[1] * xv.y + v[2] * xv.z + v[3] * xv.w;
         }

@@ -108,6 +108,83 @@ def test_nvcc_compiles_the_cuda_variant(tmp_path):
     _compile(["nvcc", "-std=c++17", "-arch=sm_90", "-c"], cuda_source.variant("cuda"), tmp_path)
 
 
+HOST_HARNESS = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+/* argv: type rows cols w.bin d.bin out.bin -> out = the decoded (rows, cols) float32 matrix */
+template <class Q>
+static void decode_all(const u8 *w, const __half *d, int rows, int K, float *out) {
+    float v[Q::UNIT];
+    for (int row = 0; row < rows; row++)
+        for (int u = 0; u < K / Q::UNIT; u++) {
+            load_unit<Q>(w, d, row, u, K, v);
+            for (int r = 0; r < Q::UNIT / Q::RUN; r++)
+                for (int e = 0; e < Q::RUN; e++) out[(long)row * K + Q::col(u, r) + e] = v[r * Q::RUN + e];
+        }
+}
+static void *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *p = aligned_alloc(64, (n + 63) / 64 * 64 + 64);
+    if (fread(p, 1, n, f) != (size_t)n) exit(3);
+    fclose(f);
+    return p;
+}
+int main(int argc, char **argv) {
+    const std::string t = argv[1];
+    const int rows = atoi(argv[2]), K = atoi(argv[3]);
+    const u8 *w = (const u8 *)slurp(argv[4]);
+    const __half *d = (const __half *)slurp(argv[5]);
+    float *out = (float *)calloc((size_t)rows * K, sizeof(float));
+    if (t == "q4_0") decode_all<Q4_0>(w, d, rows, K, out);
+    else if (t == "q8_0") decode_all<Q8_0>(w, d, rows, K, out);
+    else if (t == "q4_k") decode_all<Q4_K>(w, d, rows, K, out);
+    else if (t == "q6_k") decode_all<Q6_K>(w, d, rows, K, out);
+    else return 2;
+    FILE *f = fopen(argv[6], "wb");
+    fwrite(out, sizeof(float), (size_t)rows * K, f);
+    fclose(f);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_unit_decoders_match_numpy_on_the_host(tmp_path):
+    """The unit decoders every matvec and the dequantizer use (fetch, scales, quad), compiled
+    for the CPU by nvcc (EMBER_HOST_TEST), against ember's numpy dequantization, on the
+    device layout the runner uploads: a check of the bit unpacking that needs no GPU."""
+    v = cuda_source.variant("cuda", wmma=False)
+    src = tmp_path / "harness.cu"
+    src.write_text(cuda_source.source(v) + HOST_HARNESS)
+    exe = tmp_path / "harness"
+    r = subprocess.run(["nvcc", "-std=c++17", "-DEMBER_HOST_TEST", "-arch=sm_90", str(src), "-o", str(exe)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = np.random.default_rng(7)
+    for ttype in ("Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+        rows, cols = 5, 768
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(0.01, 3.0, (rows, 1)).astype(np.float32)
+        gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
+                   [("w", gguf.TensorData(ttype, (rows, cols), quants.quantize(ttype, w)))])
+        with gguf.open(tmp_path / "w.gguf") as f:
+            t = f.tensors["w"]
+            want = t.numpy()
+            parts = cuda._host_layout(t)
+            (tmp_path / "w.bin").write_bytes(parts[0].tobytes())
+            (tmp_path / "d.bin").write_bytes(parts[1].tobytes() if len(parts) > 1 else b"\0" * 16)
+        out = tmp_path / "out.bin"
+        r = subprocess.run([str(exe), cuda.kind_of(ttype), str(rows), str(cols), str(tmp_path / "w.bin"),
+                            str(tmp_path / "d.bin"), str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (ttype, r.stderr)
+        got = np.fromfile(out, np.float32).reshape(rows, cols)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=ttype)
+
+
 # ---------------------------------------------------------------------------
 # Step plans (no GPU)
 # ---------------------------------------------------------------------------
