@@ -295,6 +295,19 @@ def test_memory_plan_names_types_dequantized_at_load(tiny):
     assert cuda.device_plan(odd, 64)["weights"] - cuda.device_plan(c, 64)["weights"] == 2 * n - t.nbytes
 
 
+def test_launch_structs_match_cuda_h():
+    """The ctypes mirrors of CUlaunchAttribute / CUlaunchConfig that the programmatic launches
+    hand to cuLaunchKernelEx: cuda.h's sizes and field offsets (x86-64 and aarch64 alike)."""
+    import ctypes
+    assert ctypes.sizeof(cuda._LaunchAttr) == 72 and cuda._LaunchAttr.value.offset == 8
+    c = cuda._LaunchConfig
+    assert (c.smem.offset, c.stream.offset, c.attrs.offset, c.n_attrs.offset, ctypes.sizeof(c)) == \
+        (24, 32, 40, 48, 56)
+    vals = [cuda._c_value(v) for v in (np.uint64(2**40 + 3), np.int32(-5), np.float32(0.25), np.int64(-7))]
+    assert [type(v) for v in vals] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int64]
+    assert [v.value for v in vals] == [2**40 + 3, -5, 0.25, -7]
+
+
 def test_probe_never_raises_and_names_the_platform():
     p = cuda.probe()
     assert isinstance(p, Probe) and p.reason
