@@ -53,6 +53,16 @@ static inline uint16_t ember_ops_f2h(float f) {
 
 #define EMBER_ATT_HEADS 8   /* query heads an attention kernel may take at once (scratch size) */
 
+/* Heads taken together: the largest divisor of the GQA group (query heads per KV
+ * head) up to EMBER_ATT_HEADS, so runs tile every group and never depend on how
+ * the work items were chunked (a head's result is the same in prefill and decode). */
+static inline int64_t ember_att_run(int64_t n_head, int64_t n_head_kv) {
+    const int64_t group = n_head / n_head_kv;
+    int64_t d = group < EMBER_ATT_HEADS ? group : EMBER_ATT_HEADS;
+    while (group % d) d--;
+    return d;
+}
+
 typedef struct ember_ops {
     const char *name;
     /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; y may alias x */

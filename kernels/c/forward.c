@@ -314,10 +314,9 @@ static void attend(worker *w, int64_t layer) {
     const int64_t st = take_stage(w), n_items = m->n_tok * hp->n_head;
     const size_t base = (size_t)layer * hp->n_ctx * m->kv_dim;
     float *scores = m->scores + (int64_t)w->ith * EMBER_ATT_HEADS * hp->n_ctx;
-    /* a chunk is the query heads of one KV head (at most EMBER_ATT_HEADS), which the
-     * kernel takes together; items are (token, head), so chunks never straddle tokens */
-    int64_t chunk = hp->n_head / hp->n_head_kv;
-    chunk = chunk < EMBER_ATT_HEADS ? chunk : EMBER_ATT_HEADS;
+    /* a chunk is one run of query heads sharing a KV head, which the kernel takes
+     * together; items are (token, head), so chunks never straddle tokens */
+    const int64_t chunk = ember_att_run(hp->n_head, hp->n_head_kv);
     const float scale = 1.0f / sqrtf((float)hp->head_dim);
     int64_t i0, i1;
     while (next_chunk(w, st, n_items, chunk, &i0, &i1)) {

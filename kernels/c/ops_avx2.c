@@ -331,13 +331,13 @@ static void attention_avx2(const float *q, int64_t ldq, const uint16_t *K, const
                            int64_t hd, float scale, float *out, int64_t ldo, float *scores,
                            int64_t i0, int64_t i1) {
     const int64_t group = n_head / n_head_kv;  /* GQA: query heads per kv head */
+    const int64_t run = ember_att_run(n_head, n_head_kv);
     const int shared = hd % 8 == 0 && hd <= ATT_MAX_HD;
     for (int64_t it = i0; it < i1;) {
         const int64_t b = it / n_head, h = it % n_head, n_kv = pos0 + b + 1;
         const int64_t kvo = (h / group) * hd;
-        int64_t nh = group - h % group;        /* heads left in this KV head's run */
+        int64_t nh = run - h % run;            /* heads left in this run (runs tile each group) */
         nh = nh < i1 - it ? nh : i1 - it;
-        nh = nh < EMBER_ATT_HEADS ? nh : EMBER_ATT_HEADS;
         if (shared && nh > 1) {
             qk_heads_avx2(K + kvo, kv_stride, q + b * ldq + h * hd, (int)nh, hd, n_kv, scale, scores);
             for (int64_t j = 0; j < nh; j++) softmax_avx2(scores + j * n_kv, n_kv);

@@ -162,6 +162,7 @@ def attention_ref(q, K, V, pos0, n_head, n_kv, hd):
     (9, 0, 4, 1, 128),       # prefill from empty, MQA
     (6, 2, 4, 2, 96),        # one 64-value register block plus a leftover 32
     (3, 7, 16, 1, 64),       # 16 query heads on one KV head: two runs of 8 shared heads
+    (2, 5, 18, 2, 64),       # groups of 9: runs of 3 (the largest divisor up to 8)
 ])
 def test_attention(isa, B, pos0, n_head, n_kv, hd):
     rng = np.random.default_rng(B * 100 + pos0)
