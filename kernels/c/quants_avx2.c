@@ -299,6 +299,27 @@ float ember_vec_dot_q4_K_q8_K_avx2(int64_t n, const void *vw, const void *vx) {
     return hsum8(acc) + hsum4(accm);
 }
 
+/* 4-row dots, Q4_K and Q5_K alike: chunk j's unsigned codes (lo: sub-block 2j,
+ * hi: 2j+1, scales sl/sh) against each row's 64 activations, into sumi[r] */
+static inline void k4_rows4_chunk(__m256i lo, __m256i hi, __m256i sl, __m256i sh,
+                                  const block_q8_K *const x[4], int j, __m256i sumi[4]) {
+    for (int r = 0; r < 4; r++) {
+        const int8_t *y = x[r]->qs + 64 * j;
+        const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load256(y)));
+        const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load256(y + 32)));
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+    }
+}
+
+/* the super-block's float step per row: the same order as the 1-row dot (equal bits) */
+static inline void k4_rows4_scale(const block_q8_K *const x[4], float dw, float dmin, __m256i scmin,
+                                  const __m256i sumi[4], __m256 acc[4], __m128 accm[4]) {
+    for (int r = 0; r < 4; r++) {
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r]->d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        accm[r] = _mm_fmadd_ps(_mm_set1_ps(-x[r]->d * dmin), _mm_cvtepi32_ps(k4_min_sums(scmin, x[r])), accm[r]);
+    }
+}
+
 void ember_vec_dot4_q4_K_q8_K_avx2(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
     const block_q4_K *w = vw;
     const uint8_t *xb = vx;
@@ -319,18 +340,9 @@ void ember_vec_dot4_q4_K_q8_K_avx2(int64_t n, const void *vw, const void *vx, si
             const __m256i lo = _mm256_and_si256(bits, _mm256_set1_epi8(0x0F));
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), _mm256_set1_epi8(0x0F));
             const __m256i sl = bcast16(sc, 2 * j), sh = bcast16(sc, 2 * j + 1);
-            for (int r = 0; r < 4; r++) {
-                const int8_t *y = x[r]->qs + 64 * j;
-                const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load256(y)));
-                const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load256(y + 32)));
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-            }
+            k4_rows4_chunk(lo, hi, sl, sh, x, j, sumi);
         }
-        const float dw = fp16(w[i].d), dmin = fp16(w[i].dmin);
-        for (int r = 0; r < 4; r++) {
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r]->d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            accm[r] = _mm_fmadd_ps(_mm_set1_ps(-x[r]->d * dmin), _mm_cvtepi32_ps(k4_min_sums(scmin, x[r])), accm[r]);
-        }
+        k4_rows4_scale(x, fp16(w[i].d), fp16(w[i].dmin), scmin, sumi, acc, accm);
     }
     for (int r = 0; r < 4; r++) s[r] = hsum8(acc[r]) + hsum4(accm[r]);
 }
@@ -394,18 +406,9 @@ void ember_vec_dot4_q5_K_q8_K_avx2(int64_t n, const void *vw, const void *vx, si
             __m256i lo, hi;
             q5k_chunk(w[i].qs, qh, j, &lo, &hi);
             const __m256i sl = bcast16(sc, 2 * j), sh = bcast16(sc, 2 * j + 1);
-            for (int r = 0; r < 4; r++) {
-                const int8_t *y = x[r]->qs + 64 * j;
-                const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, load256(y)));
-                const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, load256(y + 32)));
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-            }
+            k4_rows4_chunk(lo, hi, sl, sh, x, j, sumi);
         }
-        const float dw = fp16(w[i].d), dmin = fp16(w[i].dmin);
-        for (int r = 0; r < 4; r++) {
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r]->d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            accm[r] = _mm_fmadd_ps(_mm_set1_ps(-x[r]->d * dmin), _mm_cvtepi32_ps(k4_min_sums(scmin, x[r])), accm[r]);
-        }
+        k4_rows4_scale(x, fp16(w[i].d), fp16(w[i].dmin), scmin, sumi, acc, accm);
     }
     for (int r = 0; r < 4; r++) s[r] = hsum8(acc[r]) + hsum4(accm[r]);
 }

@@ -293,18 +293,23 @@ static inline int32_t isum_q8_0(const block_q8_0 *w, const block_q8_0 *x) {
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
-/* grows once to the largest row seen, per thread; never per call after that */
-static __thread xpack16 *xpack_buf;
+/* a per-thread packing buffer of n elements of `size` bytes: grows once to the
+ * largest row seen, never per call after that */
+static int pack_reserve(void **buf, int64_t *cap, int64_t n, size_t size) {
+    if (n <= *cap) return 0;
+    void *nbuf = aligned_alloc(64, (size_t)n * size);
+    if (!nbuf) return -1;
+    free(*buf);
+    *buf = nbuf;
+    *cap = n;
+    return 0;
+}
+
+static __thread void *xpack_buf;
 static __thread int64_t xpack_cap;
 
 static int xpack_reserve(int64_t nb) {
-    if (nb <= xpack_cap) return 0;
-    xpack16 *nbuf = aligned_alloc(64, (size_t)nb * sizeof(xpack16));
-    if (!nbuf) return -1;
-    free(xpack_buf);
-    xpack_buf = nbuf;
-    xpack_cap = nb;
-    return 0;
+    return pack_reserve(&xpack_buf, &xpack_cap, nb, sizeof(xpack16));
 }
 
 /* exact block sums of 4 blocks (bias included): [b0, b1, b2, b3] */
@@ -355,10 +360,15 @@ static inline float chains_sum(__m128 A) {
     Ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0_, i1_)), sc_, Ac);      \
 } while (0)
 
-static inline void store16(const __m512 A[4], float *Y, int64_t ldy, int64_t r) {
+/* lane j of y -> Y[j * ldy + r]: one output column of 16 activation rows */
+static inline void store16_lanes(__m512 y, float *Y, int64_t ldy, int64_t r) {
     float t[16];
-    _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])));
+    _mm512_storeu_ps(t, y);
     for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+}
+
+static inline void store16(const __m512 A[4], float *Y, int64_t ldy, int64_t r) {
+    store16_lanes(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])), Y, ldy, r);
 }
 
 #define LANES_KERNELS(name, wtype_t)                                                     \
@@ -580,7 +590,7 @@ static inline float sum4x2(const float a[4], const float m[4]) {
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
-static __thread k4_xpack16 *k4_buf;
+static __thread void *k4_buf;
 static __thread int64_t k4_cap;
 
 static void mm16_rows_q4_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
@@ -613,22 +623,14 @@ static void mm16_rows_q4_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int6
         }
         const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])),
                                        _mm512_add_ps(_mm512_add_ps(M[0], M[1]), _mm512_add_ps(M[2], M[3])));
-        float t[16];
-        _mm512_storeu_ps(t, y);
-        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+        store16_lanes(y, Y, ldy, r);
     }
 }
 
 int ember_matmul16_q4_K_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
                                    const void *xq, size_t xs, float *Y, int64_t ldy) {
     const int64_t nsb = n / QK_K;
-    if (nsb > k4_cap) {
-        k4_xpack16 *nbuf = aligned_alloc(64, (size_t)nsb * sizeof(k4_xpack16));
-        if (!nbuf) return -1;
-        free(k4_buf);
-        k4_buf = nbuf;
-        k4_cap = nsb;
-    }
+    if (pack_reserve(&k4_buf, &k4_cap, nsb, sizeof(k4_xpack16))) return -1;
     pack16_k4(xq, xs, nsb, k4_buf);
     mm16_rows_q4_K(nsb, W, row_bytes, r0, r1, k4_buf, Y, ldy);
     return 0;
@@ -810,7 +812,7 @@ static inline void unpack_q6_K(const block_q6_K *w, uint32_t u[64]) {
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
-static __thread k6_xpack16 *k6_buf;
+static __thread void *k6_buf;
 static __thread int64_t k6_cap;
 
 static void mm16_rows_q6_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int64_t r, int64_t rend,
@@ -839,22 +841,14 @@ static void mm16_rows_q6_K(int64_t nsb, const uint8_t *w, size_t row_bytes, int6
             const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(p[i].dx), _mm512_set1_ps(fp16(wr[i].d)));
             A[i & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), s, A[i & 3]);
         }
-        float t[16];
-        _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])));
-        for (int j = 0; j < 16; j++) Y[j * ldy + r] = t[j];
+        store16(A, Y, ldy, r);
     }
 }
 
 int ember_matmul16_q6_K_avx512vnni(int64_t n, const void *W, size_t row_bytes, int64_t r0, int64_t r1,
                                    const void *xq, size_t xs, float *Y, int64_t ldy) {
     const int64_t nsb = n / QK_K;
-    if (nsb > k6_cap) {
-        k6_xpack16 *nbuf = aligned_alloc(64, (size_t)nsb * sizeof(k6_xpack16));
-        if (!nbuf) return -1;
-        free(k6_buf);
-        k6_buf = nbuf;
-        k6_cap = nsb;
-    }
+    if (pack_reserve(&k6_buf, &k6_cap, nsb, sizeof(k6_xpack16))) return -1;
     pack16_k6(xq, xs, nsb, k6_buf);
     mm16_rows_q6_K(nsb, W, row_bytes, r0, r1, k6_buf, Y, ldy);
     return 0;
