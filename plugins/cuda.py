@@ -441,21 +441,30 @@ def _gemm_rows(lay: Layout, m: Mat) -> int:
     return max(1, min(m.rows, W_SCRATCH_BYTES // per))
 
 
+def _unit(kind: str) -> int:
+    """Weights a thread of the dequantize kernel decodes (the kind's unit)."""
+    return {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(kind, 1)
+
+
+def _dequant(lay: Layout, m: Mat, r0: int, n: int, out_half: Buf | None, out_f32: Buf | None,
+             rows: Buf | None = None) -> Launch:
+    """dequant_<kind>: n rows of m from r0 (or the rows listed in `rows`) into f16 or f32."""
+    units = n * (m.cols // _unit(m.kind))
+    return Launch(f"dequant_{m.kind}", (_grid(units, lay.block), 1, 1), (lay.block, 1, 1),
+                  (m.w(), m.d(), rows, r0, n, m.cols, out_half, out_f32))
+
+
 def _gemm(lay: Layout, m: Mat, xb: Buf, ldx: int, y: Buf, ldy: int, T: int, acc: bool) -> list:
     """Dequantize m in row chunks into the scratch, multiply each chunk with cuBLAS."""
     half = m.kind in QUANT_KINDS
-    steps, unit = [], {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(m.kind, 1)
-    step_rows = _gemm_rows(lay, m)
+    steps, step_rows = [], _gemm_rows(lay, m)
     for r0 in range(0, m.rows, step_rows):
         n = min(step_rows, m.rows - r0)
         if m.kind == "f32":     # float32 rows are the operand already
             a = Buf(m.tensor, (m.row0 + r0) * m.cols * 4)
         else:
             a = Buf("wscr")
-            units = n * (m.cols // unit)
-            steps.append(Launch(f"dequant_{m.kind}", (_grid(units, lay.block), 1, 1), (lay.block, 1, 1),
-                                (m.w(), m.d(), None, r0, n, m.cols,
-                                 a if half else None, None if half else a)))
+            steps.append(_dequant(lay, m, r0, n, a if half else None, None if half else a))
         steps.append(Gemm(n, T, m.cols, a, xb, ldx, y.at(4 * r0), ldy, half, 1.0 if acc else 0.0))
     return steps
 
@@ -508,16 +517,9 @@ def _gemm_stacked(lay: Layout, group: list[Mat], xb: Buf, ldx: int, y: Buf, ldy:
     """Dequantize each matrix of the group below the last in the scratch, then one GEMM."""
     steps, r, cols = [], 0, group[0].cols
     for m in group:
-        units = m.rows * (cols // _unit(m.kind))
-        steps.append(Launch(f"dequant_{m.kind}", (_grid(units, lay.block), 1, 1), (lay.block, 1, 1),
-                            (m.w(), m.d(), None, 0, m.rows, cols, Buf("wscr", 2 * r * cols), None)))
+        steps.append(_dequant(lay, m, 0, m.rows, Buf("wscr", 2 * r * cols), None))
         r += m.rows
     return steps + [Gemm(r, T, cols, Buf("wscr"), xb, ldx, y, ldy, True, 1.0 if acc else 0.0)]
-
-
-def _unit(kind: str) -> int:
-    """Weights a thread of the dequantize kernel decodes (the kind's unit)."""
-    return {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(kind, 1)
 
 
 def _attention_block(lay: Layout, i: int, T: int) -> list:
@@ -577,10 +579,7 @@ def _ffn_block(lay: Layout, i: int, T: int) -> list:
 
 
 def _embed(lay: Layout, T: int) -> Launch:
-    e = lay.mats["token_embd"]
-    unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(e.kind, 1)
-    return Launch(f"dequant_{e.kind}", (_grid(T * (e.cols // unit), lay.block), 1, 1), (lay.block, 1, 1),
-                  (e.w(), e.d(), Buf("io", 4), 0, T, e.cols, None, Buf("x")))
+    return _dequant(lay, lay.mats["token_embd"], 0, T, None, Buf("x"), rows=Buf("io", 4))
 
 
 def _logits(lay: Layout, T: int, all_logits: bool) -> list:
