@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import os
 import re
 import threading
@@ -121,13 +122,10 @@ def _str_growth(s: str, name: str, args: tuple) -> int:
 
 def _bounded_filter(filt, growth):
     """Wrap a built-in filter that can build a large string with a size pre-check."""
+    @functools.wraps(filt)          # keeps jinja's pass_eval_context/pass_context marks
     def checked(*args, **kwargs):
         _bound(growth(*args, **kwargs), f"the result of filter {filt.__name__}")
         return filt(*args, **kwargs)
-    checked.__name__ = filt.__name__
-    for flag in ("jinja_pass_arg",):
-        if hasattr(filt, flag):
-            setattr(checked, flag, getattr(filt, flag))
     return checked
 
 
