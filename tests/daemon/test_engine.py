@@ -11,7 +11,7 @@ from ember.daemon.chat import ChatTemplateError
 from ember.daemon.sampling import SamplingError
 from ember.plugins.arch import UnsupportedModel
 from ember.plugins.types import BackendError, ContextOverflow
-from tests.conftest import conformance_cases, conformance_path
+from tests.conftest import conformance_cases, conformance_path, oracle_params
 
 CASES = conformance_cases()
 STORIES = "stories260K.gguf"
@@ -54,12 +54,12 @@ def run(gen: engine.Generation):
 # Against llama.cpp
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", oracle_params(CASES), ids=_case_id)
 def test_prompt_tokens_match_llama_cpp(case, models):
     assert models(case["model"]).tokenize(case["prompt"]) == _ref(case)["tokens"].tolist()
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["model"] == STORIES], ids=_case_id)
+@pytest.mark.parametrize("case", oracle_params([c for c in CASES if c["model"] == STORIES]), ids=_case_id)
 def test_stories_greedy_generation_matches_llama_cpp(case, stories):
     want = _ref(case)["greedy"].tolist()
     events, r = run(stories.start(case["prompt"], temperature=0, max_tokens=len(want)))

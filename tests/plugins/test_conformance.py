@@ -19,7 +19,7 @@ import pytest
 
 from ember.daemon import engine
 from ember.plugins import registry
-from tests.conftest import conformance_cases, conformance_path
+from tests.conftest import conformance_cases, conformance_path, oracle_params
 
 CASES = conformance_cases()
 BACKENDS = registry.available()
@@ -71,7 +71,7 @@ def models(tmp_path_factory):
     mp.undo()
 
 
-@pytest.mark.parametrize("backend,case", _params(CASES))
+@pytest.mark.parametrize("backend,case", oracle_params(_params(CASES), 2))
 def test_logits_match_llama_cpp(backend, case, models):
     z = np.load(conformance_path("refs", case["ref"]))
     m = models(backend, case["model"])
@@ -86,7 +86,7 @@ def test_logits_match_llama_cpp(backend, case, models):
 
 
 @pytest.mark.parametrize("backend,case",
-                         _params([c for c in CASES if c["model"] in GREEDY_MODELS]))
+                         oracle_params(_params([c for c in CASES if c["model"] in GREEDY_MODELS]), 2))
 def test_greedy_text_matches_llama_cpp(backend, case, models):
     z = np.load(conformance_path("refs", case["ref"]))
     want = z["greedy"].tolist()

@@ -21,7 +21,7 @@ from ember.kernels import dispatch
 from ember.plugins import cpu, registry
 from ember.plugins.arch import config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import conformance_cases, conformance_path
+from tests.conftest import conformance_cases, conformance_path, oracle_params
 from tests.plugins.test_reference import greedy, kl_rows, thresholds
 
 CASES = conformance_cases()
@@ -45,7 +45,7 @@ def restore_isa():
 # 1. conformance: every case, every ISA
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", oracle_params(MODELS))
 @pytest.mark.parametrize("isa", ISAS)
 def test_logits_match_llama_cpp(isa, model, restore_isa):
     dispatch.use(isa)
@@ -74,7 +74,7 @@ def test_every_model_ran():
 STORIES = [c for c in CASES if c["model"] == "stories260K.gguf"]
 
 
-@pytest.mark.parametrize("case", STORIES, ids=lambda c: c["ref"])
+@pytest.mark.parametrize("case", oracle_params(STORIES), ids=lambda c: c["ref"])
 def test_greedy_continuation_matches_llama_cpp(case):
     z = np.load(conformance_path("refs", case["ref"]))
     want = z["greedy"].tolist()

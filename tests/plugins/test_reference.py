@@ -14,7 +14,7 @@ from ember.formats import gguf
 from ember.plugins import reference, registry
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import conformance_cases, conformance_path
+from tests.conftest import conformance_cases, conformance_path, oracle_params
 
 CASES = conformance_cases()
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -68,7 +68,7 @@ def _ref(case: dict):
 # 1. logits conformance, every case
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", oracle_params(CASES), ids=_case_id)
 def test_logits_match_llama_cpp(case, runners):
     z = _ref(case)
     r = runners(case["model"])
@@ -104,7 +104,7 @@ STORIES = [c for c in CASES if c["model"] in ("stories260K.gguf", "s512-llama-F3
                                               "s512-qwen2-F32.gguf", "s512-qwen3-F32.gguf")]
 
 
-@pytest.mark.parametrize("case", STORIES, ids=_case_id)
+@pytest.mark.parametrize("case", oracle_params(STORIES), ids=_case_id)
 def test_greedy_continuation_matches_llama_cpp(case, runners):
     z = _ref(case)
     want = z["greedy"].tolist()
