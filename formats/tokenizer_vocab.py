@@ -213,7 +213,7 @@ def _array(v: Vocab, md: dict, types: dict, key: str, etypes: tuple, required: b
         if vtype == gguf.ARRAY:
             got = f"ARRAY of {gguf.VALUE_TYPE_NAMES.get(etype, etype)}"
         raise _err(v, f"{key} must be an ARRAY of {names}, not {got}")
-    return md[key]
+    return md[key].tolist()   # the file's lazy view, decoded here: what the tokenizer keeps
 
 
 def _read_tokens(v: Vocab, md: dict, types: dict) -> None:

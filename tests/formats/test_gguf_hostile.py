@@ -343,3 +343,31 @@ def test_random_byte_flips_never_escape(tmp_path):
         except gguf.GGUFError:
             kinds["GGUFError"] += 1
     assert kinds["GGUFError"] > 50 and sum(kinds.values()) == 400
+
+
+# ---------------------------------------------------------------------------
+# Bools: the spec allows the bytes 0 and 1 only (issue 12 #10)
+# ---------------------------------------------------------------------------
+
+BOOLS = gguf.encode({"b.one": True, "b.many": [False, True, False]},
+                    types={"b.one": gguf.BOOL, "b.many": (ARRAY, gguf.BOOL)})
+
+
+@pytest.mark.parametrize("byte", [2, 0x80, 0xFF])
+@pytest.mark.parametrize("key, index", [("b.one", None), ("b.many", 0), ("b.many", 2)])
+def test_bool_byte_other_than_0_or_1_is_refused_at_its_offset(tmp_path, key, index, byte):
+    at = value_at(BOOLS, key) + (0 if index is None else 4 + 8 + index)  # arrays: etype, count
+    p = tmp_path / "b.gguf"
+    p.write_bytes(patch(BOOLS, at, bytes([byte])))
+    with pytest.raises(gguf.GGUFError) as e:
+        gguf.open(p)
+    assert e.value.offset == at
+    where = f"{key!r}" if index is None else f"{key!r}[{index}]"
+    assert f"metadata {where} at byte {at}: bool byte {byte} is neither 0 nor 1" in str(e.value)
+
+
+def test_bool_bytes_0_and_1_read_as_bools(tmp_path):
+    p = tmp_path / "b.gguf"
+    p.write_bytes(BOOLS)
+    with gguf.open(p) as f:
+        assert f.metadata["b.one"] is True and f.metadata["b.many"].tolist() == [False, True, False]
