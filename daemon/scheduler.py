@@ -212,7 +212,7 @@ class Scheduler:
             try:
                 self._run(job)
             except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
-                self._fail(job, "internal", f"{type(e).__name__}: {e}", traceback.format_exc())
+                self._fail(job, *_failure(e))
 
     def _take(self) -> Job | None:
         with self._lock:
@@ -326,3 +326,9 @@ class Scheduler:
         self.post("error", job, (code, message, detail))
 
 
+def _failure(e: Exception) -> tuple[str, str, str | None]:
+    """(code, message, detail) for an exception that escaped a running job."""
+    from ember.daemon import engine
+    if isinstance(e, engine.ModelChanged):    # the file shrank under the map mid-request
+        return "model_changed", str(e), None
+    return "internal", f"{type(e).__name__}: {e}", traceback.format_exc()

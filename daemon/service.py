@@ -322,7 +322,7 @@ class Service:
                         budget_mod.human(mem["peak_rss_bytes"]), budget_mod.human(mem["total"]))
 
     def _watch_file(self) -> None:
-        msg = self.loaded.watch.shrunk()
+        msg = self.loaded.watch.shrunk() or self.loaded.model.changed
         if msg is None:
             return
         log.error("%s; stopping", msg)

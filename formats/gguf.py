@@ -489,6 +489,12 @@ class GGUFFile:
         _check_overlaps(tensors, {i.name: i.at for i in infos})
         return tensors
 
+    def mapped(self) -> np.ndarray:
+        """The whole file as a read-only uint8 view of the map (what a SIGBUS guard covers)."""
+        if self._mmap is None:
+            raise GGUFError(f"{self.path}: the file is closed")
+        return np.frombuffer(self._mmap, dtype=np.uint8)
+
     # -- lifetime -------------------------------------------------------------
 
     def close(self) -> None:
