@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from ember.daemon.client import Client, EmberError
+from tests.conftest import conformance_path
 from tests.daemon.emberd_proc import _read_endpoints, model, model_path  # noqa: F401
 
 PROMPT = "Once upon a time"
@@ -260,9 +261,7 @@ def test_second_sigterm_aborts_at_once(launch):
 def test_sigterm_during_model_load_sends_no_ready(launch, notify):
     """v128k-llama3 takes ~2 s from STATUS=loading to READY here (load + a 128k-token
     tokenizer); SIGTERM lands 0.2 s into it."""
-    big = model_path().with_name("v128k-llama3-Q8_0.gguf")
-    if not big.exists():
-        pytest.skip(f"{big} is absent")
+    big = conformance_path("models", "v128k-llama3-Q8_0.gguf")
     d = launch(model_file=big, started=False)
     end = time.monotonic() + 30
     while not any("loading" in f.get("STATUS", "") for _, f in notify.messages):
