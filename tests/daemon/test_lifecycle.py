@@ -32,6 +32,11 @@ from tests.daemon.emberd_proc import _read_endpoints, model, model_path  # noqa:
 PROMPT = "Once upon a time"
 
 
+def slow_model():
+    """v32k-llama: its 32k vocabulary makes a token ~10x slower than stories260K's."""
+    return conformance_path("models", "v32k-llama-Q8_0.gguf")
+
+
 # ---------------------------------------------------------------------------
 # Fake systemd and a launcher
 # ---------------------------------------------------------------------------
@@ -206,7 +211,9 @@ def test_no_notify_socket_is_a_no_op(launch, workdir):
 # ---------------------------------------------------------------------------
 
 def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
-    d = launch("--drain-timeout", "1")
+    # On a fast CPU stories260K finished all 1,500 tokens inside the 1 s drain
+    # (stop "length", not "cancelled"): a model ~10x slower per token keeps it running.
+    d = launch("--drain-timeout", "1", model_file=slow_model())
     notify.wait_for("READY")
     with d.client() as a, d.client() as b, d.client(timeout=5) as late:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
@@ -243,13 +250,13 @@ def test_sigterm_lets_a_short_request_finish(launch, model):  # noqa: F811
     assert stream.done["text"] == greedy(model, PROMPT, 300, ignore_eos=True)
 
 
-def test_second_sigterm_aborts_at_once(launch):
-    d = launch("--drain-timeout", "60")
+def test_second_sigterm_aborts_at_once(launch, notify):
+    d = launch("--drain-timeout", "60", model_file=slow_model())   # still running at signal 2
     with d.client() as a:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
         next(iter(stream))
         d.signal(signal.SIGTERM)
-        time.sleep(0.3)
+        notify.wait_for("STOPPING", timeout=10)   # the first one handled: two would coalesce
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert d.wait(15) == 1
@@ -267,8 +274,7 @@ def test_sigterm_during_model_load_sends_no_ready(launch, notify):
     while not any("loading" in f.get("STATUS", "") for _, f in notify.messages):
         assert time.monotonic() < end and d.proc.poll() is None, d.stderr()
         time.sleep(0.01)
-    time.sleep(0.2)
-    assert "READY" not in notify.keys()
+    assert "READY" not in notify.keys()           # SIGTERM lands inside the ~2 s load
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
     keys = notify.keys()

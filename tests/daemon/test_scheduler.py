@@ -159,8 +159,7 @@ def test_preemption_resumes_with_the_uninterrupted_text(sched, model, temperatur
         pass
     low = job(priority=0, **params)
     s.submit(low)
-    while low.n_tokens < 10:
-        time.sleep(0.001)
+    wait_tokens(low, 10)
     high = job(source="The dog", priority=9, max_tokens=6, temperature=0.0)
     s.submit(high)
     result, stop = ev.until("done", low)
@@ -211,9 +210,10 @@ def test_close_stops_the_running_job(model):
     assert ev.until("done", j)[1] == "cancelled"
 
 
-def wait_tokens(j: Job, n: int, timeout: float = 10.0) -> None:
+def wait_tokens(j: Job, n: int, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
-    while j.n_tokens < n and time.monotonic() < end:
+    while j.n_tokens < n:
+        assert time.monotonic() < end, f"{j.n_tokens} of {n} tokens within {timeout} s"
         time.sleep(0.001)
 
 
