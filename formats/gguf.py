@@ -27,7 +27,8 @@ its elements only when asked (`.tolist()`, iteration, indexing, `.numpy()` for
 a zero-copy view of a numeric array). A 100M-element array thus costs no
 memory until a consumer (the tokenizer, once the memory plan has admitted the
 model) materializes it. Arrays of arrays are the exception: their outer level
-is a list (of views), since each inner array carries its own type.
+is a list (of views), since each inner array carries its own type; so they
+are limited to MAX_NESTED_ITEMS.
 
 Value types are kept exactly: `.metadata_types[key]` is a spec
 `(value_type, element)` — element is None for scalars and strings, the element
@@ -57,6 +58,8 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_ARRAY_DEPTH = 4          # arrays nested deeper than this are refused
+MAX_NESTED_ITEMS = 1 << 16   # arrays of arrays hold at most this many: each inner array is an
+                             # object at open (flat arrays stay lazy views: no such limit)
 MAX_DIMS = 4                 # ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
 MAX_TENSOR_NAME = 63         # bytes; ggml's GGML_MAX_NAME is 64 including the NUL
 MAX_ELEMENTS = 1 << 62       # product of dims; keeps byte counts far from int64 overflow
@@ -207,6 +210,9 @@ def _read_array(cur: _Cursor, what: str, depth: int):
     if etype == STRING:
         start, cur.pos = cur.pos, _string_run(cur.buf, cur.pos, cur.size, n, what)
         return ArrayView(cur.buf, STRING, start, n, what), (ARRAY, STRING)
+    if n > MAX_NESTED_ITEMS:
+        raise _fault(f"{what} array length", at + 4, f"{n} arrays in an array exceed the limit of "
+                                                     f"{MAX_NESTED_ITEMS}")
     values, specs = [], []
     for i in range(n):
         v, spec = _read_array(cur, f"{what}[{i}]", depth + 1)

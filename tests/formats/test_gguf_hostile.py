@@ -127,6 +127,13 @@ def nesting_case(depth: int) -> bytes:
     return splice(d, start, end, value)
 
 
+def wide_nesting_case(n: int) -> bytes:
+    """k.nested replaced by one array of n empty u8 arrays."""
+    d = VALID
+    start, end = value_at(d, "k.nested"), info_at(d, "tensor.aaaa")["name"]
+    return splice(d, start, end, U32.pack(ARRAY) + U64.pack(n) + (U32.pack(UINT8) + U64.pack(0)) * n)
+
+
 def type_cases() -> dict[str, bytes]:
     d, out = VALID, {}
     for v in (13, 99, 2**32 - 1):
@@ -206,6 +213,7 @@ def all_cases() -> dict[str, bytes]:
         cases.update(make())
     cases["arrays nested 5000 deep"] = nesting_case(5000)
     cases[f"arrays nested {gguf.MAX_ARRAY_DEPTH + 1} deep"] = nesting_case(gguf.MAX_ARRAY_DEPTH + 1)
+    cases["too many arrays in an array"] = wide_nesting_case(gguf.MAX_NESTED_ITEMS + 1)
     return cases
 
 
@@ -320,6 +328,7 @@ def test_valid_file_truncated_at_every_offset(outcomes):
     ("arrays nested 5000 deep", ["'k.nested'", "nested deeper than 4"]),
     ("unknown tensor type 99", ["'tensor.aaaa' type", "unknown tensor type 99"]),
     ("string longer than the file", ["'k.str'", "remain in the file"]),
+    ("too many arrays in an array", ["'k.nested' array length", "exceed the limit of 65536"]),
 ])
 def test_messages_name_the_field(outcomes, name, words):
     msg = outcomes["cases"][name][1]
