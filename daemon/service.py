@@ -240,10 +240,9 @@ class Service:
         """Wire security, handlers, status and the tick into a built (not yet bound) Server."""
         self.server = server
         if self.curve is not None:
-            server._secure_socket = self.curve.secure
-        self._orig_generate = server.handlers["generate"]
-        server.handlers["generate"] = self._on_generate
-        server.handlers["load"] = self._on_load
+            server.before_bind.append(self.curve.secure)
+        self._orig_generate = server.register_op("generate", self._on_generate)
+        server.register_op("load", self._on_load)
         server.on_tick.append(self.tick)
         if self.notify.watchdog_interval:   # wake often enough to ping every half interval
             server.tick_s = min(server.tick_s, self.notify.watchdog_interval / 4)
@@ -348,18 +347,18 @@ class Service:
         running = srv.scheduler.running
         if running is not None and now >= self._drain_deadline and running.stop is None:
             srv.scheduler.cancel(running)      # ends within a token with done/cancelled
-        idle = srv.scheduler.idle() and not srv._active
+        idle = srv.scheduler.idle() and not srv.active_jobs()
         if idle or now >= self._drain_deadline + STUCK_GRACE_S:
             srv.request_stop()
 
     def _cancel_queued(self) -> None:
         srv = self.server
-        for job in list(srv._active.values()):
+        for job in srv.active_jobs():
             if job is srv.scheduler.running or job.state not in ("queued", "suspended"):
                 continue                       # (cancel() on the running job would stop it)
             if srv.scheduler.cancel(job):      # True: it was waiting and is dropped now
-                srv._end(job)
-                srv._send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
+                srv.end_job(job)
+                srv.send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
                                                     job.rid))
 
     # -- reload -------------------------------------------------------------------
@@ -418,7 +417,7 @@ class Service:
         except Exception as e:  # noqa: BLE001 - a bad reload keeps the old model serving
             result = e
         self._swap = (result, reply_to)
-        self.server._wake()
+        self.server.wake()
 
     def _finish_reload(self) -> None:
         (result, reply_to), self._swap = self._swap, None
@@ -429,24 +428,22 @@ class Service:
             print(f"emberd: reload failed, still serving the old model: {msg}", file=sys.stderr,
                   flush=True)
             if reply_to:
-                self.server._send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
+                self.server.send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
                                                               reply_to[1]))
             self.status(self._serving_text())
             return
         self._swap_in(result)
         if reply_to:
             info = self.server.info
-            self.server._send(reply_to[0], protocol.reply(
+            self.server.send(reply_to[0], protocol.reply(
                 "load", reply_to[1], model=info["model"], n_ctx=info["n_ctx"],
                 backend=info["backend"]))
 
     def _swap_in(self, new: Loaded) -> None:
         from ember.daemon.emberd import model_info
         srv, old = self.server, self.loaded
-        srv.model = new.model
-        srv.scheduler.model = new.model            # jobs opened from now on use the new one
+        srv.set_model(new.model, {**model_info(new.model), "memory": None})   # for jobs opened from now on
         self.loaded = new
-        srv.info = {**model_info(new.model), "memory": None}
         self._peak = 0
         srv.info["memory"] = self._memory()
         self._retired.append(old)
@@ -469,7 +466,7 @@ class Service:
         self._retired = keep
 
     def _models_in_use(self) -> set:
-        jobs = list(self.server._active.values())
+        jobs = self.server.active_jobs()
         running = self.server.scheduler.running
         if running is not None:
             jobs.append(running)

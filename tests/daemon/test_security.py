@@ -91,7 +91,7 @@ def curve_server(keyring):
     keys, allowed = keyring
     curve = security.Curve(security.server_keys(str(keys / "server.key_secret"), str(allowed)))
     server = Server(None, ["tcp://127.0.0.1:*"])
-    server._secure_socket = curve.secure
+    server.before_bind.append(curve.secure)
     server.start()
     monitor = server.sock.get_monitor_socket()
     thread = threading.Thread(target=server.serve, daemon=True)
