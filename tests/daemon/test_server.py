@@ -177,11 +177,14 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
     with emberd.client() as busy, emberd.client() as obs:
         blocker = busy.generate("Once upon a time", **LONG)
         next(blocker)
+        sockets = _open_sockets(emberd)
         queued = emberd.client()
         rid_q = queued.send("generate", prompt="The cat", max_tokens=200, ignore_eos=True)
-        time.sleep(0.05)
-        assert obs.status()["queue_len"] == 1
+        _poll(lambda: obs.status()["queue_len"] == 1, "the request never queued")
         queued.sock.close(linger=0)                   # vanish while queued
+        # the daemon learns of it when its I/O thread reads the FIN and closes the connection;
+        # on a loaded machine that can take longer than the blocker's cancel
+        _poll(lambda: _open_sockets(emberd) == sockets, "the daemon never saw the client go")
         blocker.close()
         wait_idle(obs)
         r = recent(obs, rid_q)
@@ -205,6 +208,24 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
                 assert r["tokens"] <= 2, r     # prefill finished, then at most a token more
                 checked += 1
         assert checked, "never managed to vanish during a prefill"
+
+
+def _open_sockets(daemon) -> int:
+    """How many socket file descriptors the daemon holds (one per client connection, plus fixed)."""
+    fds, n = f"/proc/{daemon.proc.pid}/fd", 0
+    for name in os.listdir(fds):
+        try:
+            n += os.readlink(f"{fds}/{name}").startswith("socket:")
+        except FileNotFoundError:      # closed while we looked
+            pass
+    return n
+
+
+def _poll(cond, what: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
 
 
 def test_health_reports_a_worker_that_makes_no_token_in_time(emberd):
