@@ -141,6 +141,7 @@ def main(argv=None) -> int:
 
 
 def _release(server, model, svc) -> None:
+    svc.stop_security()         # first: the ZAP handler's sockets would block the server's ctx.term()
     if server is not None:
         server.stop()
     if svc.loaded is not None:

@@ -26,7 +26,8 @@ is treated as gone too: its requests are cancelled and its replies dropped.
 
 Extension points for the production side (daemon/service.py), so that it
 never reaches into the loop's state: `before_bind` (CURVE/ZAP and other
-socket options, run on the ROUTER before bind), `register_op` (add or wrap
+socket options, run on the ROUTER before bind), `admit` (checks on every
+request's first frame, e.g. a revoked CURVE key), `register_op` (add or wrap
 an op, e.g. `load`), `send` / `end_job` / `active_jobs` (answer and retire
 requests), `set_model` (swap the served model), `wake` (from another
 thread), `on_tick` callbacks run every loop turn (watchdog),
@@ -115,6 +116,7 @@ class Server:
         self.draining = False
         self.on_tick: list[Callable[[], None]] = []
         self.before_bind: list[Callable[[zmq.Socket], None]] = []   # socket security, options
+        self.admit: list[Callable[[zmq.Frame], None]] = []   # per request; raise ProtocolError to refuse
         self.tick_s = 1.0                  # longest sleep between ticks (the watchdog may need less)
         self.handlers: dict[str, Callable[[bytes, Request], None]] = {
             "hello": self.on_hello, "generate": self.on_generate, "cancel": self.on_cancel,
@@ -220,18 +222,23 @@ class Server:
 
     def _drain_requests(self, budget: int = 256) -> None:
         for _ in range(budget):   # bounded, so the worker's events are never starved
-            frames = self._recv_bounded()
-            if frames is None:
+            got = self._recv_bounded()
+            if got is None:
                 return
+            first, frames = got
             if len(frames) >= 2:
-                self._handle(frames[0], frames[1:])
+                self._handle(first, frames[0], frames[1:])
 
-    def _recv_bounded(self) -> list[bytes] | None:
-        """One multipart message, frame by frame; parts past the limit are discarded unseen."""
+    def _recv_bounded(self) -> tuple[zmq.Frame, list[bytes]] | None:
+        """One multipart message, frame by frame; parts past the limit are discarded unseen.
+
+        Also the first frame itself: it carries the connection's metadata (the CURVE key).
+        """
         try:
-            frames = [self.sock.recv(zmq.NOBLOCK)]
+            first = self.sock.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        frames = [first.bytes]
         cap, extra = self.limits.max_frames + 1, 0     # +1: the identity frame
         while self.sock.getsockopt(zmq.RCVMORE):
             part = self.sock.recv()
@@ -241,12 +248,14 @@ class Server:
                 extra += 1
         if extra:
             frames = frames[:cap + 1]   # decode_request answers too_large
-        return frames
+        return first, frames
 
-    def _handle(self, owner: bytes, frames: list[bytes]) -> None:
+    def _handle(self, first: zmq.Frame, owner: bytes, frames: list[bytes]) -> None:
         req = None
         try:
             req = protocol.decode_request(frames, self.limits)
+            for check in self.admit:
+                check(first)
             self.handlers[req.op](owner, req)
         except ProtocolError as e:
             rid = e.id if req is None else req.id

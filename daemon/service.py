@@ -241,6 +241,7 @@ class Service:
         self.server = server
         if self.curve is not None:
             server.before_bind.append(self.curve.secure)
+            server.admit.append(self.curve.admit)
         self._orig_generate = server.register_op("generate", self._on_generate)
         server.register_op("load", self._on_load)
         server.on_tick.append(self.tick)
@@ -255,9 +256,13 @@ class Service:
             raise Stopped()
         self.notify.ready(self._serving_text())
 
-    def close(self) -> None:
+    def stop_security(self) -> None:
+        """End the ZAP authenticator (it shares the server's context; stop it before the server)."""
         if self.curve is not None:
             self.curve.stop()
+
+    def close(self) -> None:
+        self.stop_security()
         for old in self._retired:
             old.model.close()
             old.watch.close()
@@ -278,6 +283,8 @@ class Service:
             self._drain(now)
         elif self._hup:
             self._hup = False
+            if self.curve is not None:
+                self.curve.reload_allowed()
             self.start_reload(None)
         if self._swap is not None:
             self._finish_reload()
