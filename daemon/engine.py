@@ -255,6 +255,16 @@ class Model:
             yield ev
         yield gen.result
 
+    def info(self) -> dict:
+        """Facts the daemon reports in hello/status/models."""
+        try:
+            isa = registry.probe(self.backend).isa
+        except Exception:  # noqa: BLE001 - informational only
+            isa = None
+        return {"model": os.path.basename(self.path), "path": os.path.abspath(self.path),
+                "arch": self.config.arch, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab,
+                "backend": self.backend, "isa": isa}
+
     def close(self) -> None:
         """Free the runner and unmap the file; safe to call twice."""
         with self.lock:

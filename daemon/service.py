@@ -41,13 +41,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
 from ember.daemon import modelcache, modelfile, security
+from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
 from ember.formats.protocol import ProtocolError
@@ -141,7 +141,7 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
     """Check the file, fit the budget, load at the planned context."""
     from ember.daemon import engine
-    say = say or (lambda m: print(f"emberd: {m}", file=sys.stderr, flush=True))
+    say = say or log_say
     if args.ctx is not None and args.ctx < 1:
         raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
@@ -200,7 +200,10 @@ class Service:
     def _on_term(self, signum, frame) -> None:
         self._terms += 1
         if self._terms > 1:
-            os.write(2, b"emberd: second stop signal: exiting now without draining\n")
+            try:
+                os.write(2, b"emberd: second stop signal: exiting now without draining\n")
+            except OSError:
+                pass
             os._exit(1)
         if not self._serving:
             self.notify.stopping("stopped during start-up")
@@ -221,7 +224,7 @@ class Service:
         """Before the load: refuse an open bind without keys (cheap, so it comes first)."""
         keys = security.server_keys(self.args.server_key, self.args.allowed_clients)
         for w in security.check_binds(endpoints, keys, self.args.insecure):
-            print(f"emberd: {w}", file=sys.stderr, flush=True)
+            log_say(w)
         self.curve = security.Curve(keys) if keys else None
 
     def load(self) -> Loaded:
@@ -233,7 +236,7 @@ class Service:
         return self.loaded
 
     def _say(self, msg: str) -> None:
-        print(f"emberd: {msg}", file=sys.stderr, flush=True)
+        log_say(msg)
         self.status(msg)
 
     def attach(self, server) -> None:
@@ -331,8 +334,7 @@ class Service:
         msg = self.loaded.watch.shrunk()
         if msg is None:
             return
-        log.error("%s; stopping", msg)
-        print(f"emberd: {msg}; stopping", file=sys.stderr, flush=True)
+        log_say(f"{msg}; stopping")
         self.status(msg)
         self.exit_code = 1
         self.server.request_stop()
@@ -431,9 +433,7 @@ class Service:
         self._reload = None
         if isinstance(result, BaseException):
             msg = str(result).replace("\n", "; ")
-            log.error("reload failed, still serving the old model: %s", msg)
-            print(f"emberd: reload failed, still serving the old model: {msg}", file=sys.stderr,
-                  flush=True)
+            log_say(f"reload failed, still serving the old model: {msg}")
             if reply_to:
                 self.server.send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
                                                               reply_to[1]))
@@ -447,15 +447,13 @@ class Service:
                 backend=info["backend"]))
 
     def _swap_in(self, new: Loaded) -> None:
-        from ember.daemon.emberd import model_info
         srv, old = self.server, self.loaded
-        srv.set_model(new.model, {**model_info(new.model), "memory": None})   # for jobs opened from now on
+        srv.set_model(new.model, {**new.model.info(), "memory": None})   # for jobs opened from now on
         self.loaded = new
         self._peak = 0
         srv.info["memory"] = self._memory()
         self._retired.append(old)
-        print(f"emberd: now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})",
-              file=sys.stderr, flush=True)
+        log_say(f"now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})")
         self.status(self._serving_text())
 
     def _close_retired(self) -> None:
