@@ -24,8 +24,10 @@ stop "cancelled"); when nothing is in flight the loop returns and emberd
 exits 0. A second SIGTERM exits at once (status 1). SIGTERM during the load
 ends the start-up before READY=1 is ever sent (exit 0).
 
-Reload (SIGHUP, or the `load` op when --allow-load): the config is read
-again and the model loads on a helper thread beside the old one, charged to
+Reload (SIGHUP, or the `load` op when --allow-load): on a helper thread
+(never the serving loop: the config may be a FIFO or on a hung mount) the
+config is read again within CONFIG_READ_S, the CURVE allow-list too, and
+the model loads beside the old one, charged to
 the budget with the old one still in it; the loop swaps the server's and
 scheduler's model in one turn. A generation already started keeps the old
 model (its Generation holds it) and finishes there; the old model is closed
@@ -38,6 +40,7 @@ default action.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -59,6 +62,7 @@ DEFAULT_DRAIN_S = 10.0
 STATUS_EVERY_S = 10.0
 WATCH_EVERY_S = 1.0
 STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
+CONFIG_READ_S = 5.0          # SIGHUP: a config file not read within this fails the reload
 
 
 class Stopped(BaseException):
@@ -180,6 +184,7 @@ class Service:
         self._hang = False
         self._drain_deadline: float | None = None
         self._reload: threading.Thread | None = None
+        self._config_reader: threading.Thread | None = None
         self._swap: tuple | None = None          # (Loaded | Exception, reply target)
         self._retired: list[Loaded] = []
         self._last_status = (0.0, None)
@@ -396,28 +401,50 @@ class Service:
         if self._reload is not None:
             log.warning("reload already in progress; ignoring")
             return
-        args = self._fresh_args()
-        if path is not None:
-            args.model = path
-        self.status(f"reloading {args.model or 'the default model'} beside "
+        self.status(f"reloading {path or 'the configured model'} beside "
                     f"{self.server.info.get('model')}")
-        self._reload = threading.Thread(target=self._load_beside, args=(args, reply_to),
+        self._reload = threading.Thread(target=self._load_beside, args=(path, reply_to),
                                         name="ember-reload", daemon=True)
         self._reload.start()
 
-    def _fresh_args(self):
-        """SIGHUP re-reads the config file; flags still win."""
+    def _fresh_args(self) -> argparse.Namespace:
+        """The config file read again (flags still win), off the serving loop and in bounded time.
+
+        The file may be a FIFO or sit on a hung mount: the read gets its own thread and
+        CONFIG_READ_S; past that the reload fails (the old model keeps serving) and the
+        reader is left behind, blocked, and the next reload fails too until it returns.
+        """
         if self.parser_factory is None:
-            return self.args
+            return argparse.Namespace(**vars(self.args))
+        from ember.daemon import config
+        if self._config_reader is not None and self._config_reader.is_alive():
+            raise config.ConfigError(f"config {self.args.config}: still blocked in the read "
+                                     "started by an earlier reload")
+        box: dict = {}
+        self._config_reader = threading.Thread(target=self._read_config, args=(box,),
+                                               name="ember-config", daemon=True)
+        self._config_reader.start()
+        self._config_reader.join(CONFIG_READ_S)
+        if self._config_reader.is_alive():
+            raise config.ConfigError(f"config {self.args.config}: not read within "
+                                     f"{CONFIG_READ_S:.0f} s (a FIFO, or a hung mount?)")
+        if box.get("args") is None:
+            log.error("config no longer valid; reloading with the start-up settings")
+            return argparse.Namespace(**vars(self.args))
+        return box["args"]
+
+    def _read_config(self, box: dict) -> None:
         from ember.daemon import config
         try:
-            return config.parse_args(self.parser_factory(), self.argv)
-        except SystemExit:
-            log.error("config no longer valid; reloading with the start-up settings")
-            return self.args
+            box["args"] = config.parse_args(self.parser_factory(), self.argv)
+        except SystemExit:           # a bad file: parse_args has said why
+            box["args"] = None
 
-    def _load_beside(self, args, reply_to) -> None:
+    def _load_beside(self, path: str | None, reply_to) -> None:
         try:
+            args = self._fresh_args()
+            if path is not None:
+                args.model = path
             old = self.loaded.fit
             new = load_model(args, process=old.process, beside=old.plan.host_total,
                              say=lambda m: log.warning("%s", m))

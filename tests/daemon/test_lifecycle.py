@@ -404,3 +404,25 @@ def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
             list(s)
         assert s.done["usage"]["completion_tokens"] == 4
     assert re.search(r"reload failed, still serving the old model", d.stderr())
+
+
+def test_sighup_with_a_fifo_config_keeps_answering(launch, workdir):
+    """The config is read off the serving loop: a FIFO nobody writes blocks only the reload."""
+    cfg = Path(workdir, "emberd.toml")
+    cfg.write_text(f'model = "{model_path()}"\n')
+    d = launch("--config", str(cfg), model_file=False)
+    with d.client(timeout=5) as c:
+        c.ping()
+        cfg.unlink()
+        os.mkfifo(cfg)                                   # open() blocks until a writer comes
+        d.signal(signal.SIGHUP)
+        end = time.monotonic() + 7                       # past the reload's 5 s read limit
+        while time.monotonic() < end:
+            assert c.ping() < 1.0
+            time.sleep(0.05)
+        while "not read within" not in d.stderr():
+            assert time.monotonic() < end + 10, d.stderr()
+            time.sleep(0.05)
+        assert c.complete("Once", max_tokens=2)["usage"]["completion_tokens"] == 2
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
