@@ -90,6 +90,8 @@ def add_arguments(p) -> None:
                    help="allow binding beyond loopback without CURVE keys (anyone may connect)")
     g.add_argument("--allow-load", action="store_true", default=False,
                    help="enable the `load` op (clients may swap the model)")
+    g.add_argument("--load-dir", metavar="DIR",
+                   help="besides the model cache, the one folder whose models `load` may open")
     g.add_argument("--cache-dir", help="model cache (default $CACHE_DIRECTORY/models or "
                                        "~/.cache/ember/models)")
     g.add_argument("--hub", help="model hub base URL for the default model (default $EMBER_HUB "
@@ -387,15 +389,28 @@ class Service:
         self.start_reload((owner, req.id), path)
 
     def _load_target(self, name: str) -> str:
-        """An absolute path, or a cache entry as REPO/FILE or FILE."""
-        if os.path.isabs(name):
-            return name
+        """A cached model (REPO/FILE or FILE), or a file in the cache or under --load-dir.
+
+        Anything else gets one answer whatever it names: missing, unreadable, a folder,
+        outside, a symlink out — so `load` cannot probe the host's files (nor read their
+        first bytes back in a "not a GGUF file" error).
+        """
         root = modelcache.cache_dir(override=self.args.cache_dir)
         for e in modelcache.entries(root):
             if name in (f"{e.repo}/{e.file}", e.file):
                 return str(e.path)
-        raise ProtocolError("bad_request", f"model {name!r}: give an absolute path or a cached "
-                                           "model (see `ember models`)")
+        folders = [os.path.realpath(root)]
+        if self.args.load_dir:
+            folders.append(os.path.realpath(self.args.load_dir))
+        try:
+            real = os.path.realpath(os.path.join(folders[-1], name))   # absolute: join keeps it
+            if os.path.isfile(real) and any(os.path.commonpath([real, f]) == f for f in folders):
+                return real
+        except (OSError, ValueError):      # a NUL byte, a loop: the same answer
+            pass
+        raise ProtocolError("bad_request", f"model {name!r} is not available to load: give a cached "
+                                           "model (see `ember models`) or a file under the "
+                                           "daemon's --load-dir")
 
     def start_reload(self, reply_to, path: str | None = None) -> None:
         if self._reload is not None:
