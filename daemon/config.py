@@ -27,11 +27,11 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+from ember.formats.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """The config file is unreadable or has a bad key/value."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import sys
 from ember.daemon.log import say
 from ember.daemon.log import setup as log_setup
 from ember.formats import protocol
+from ember.formats.errors import UserError
 
 
 # ---------------------------------------------------------------------------
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class StartupError(Exception):
-    user_error = True
+class StartupError(UserError):
+    """A flag or bind that stops emberd from starting; one line on stderr, exit 2."""
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - user-facing boundary
         from ember.daemon.cli import _is_user_error
         _release(server, model, svc)
-        if _is_user_error(e) or isinstance(e, (ValueError, OSError)):
+        if _is_user_error(e):
             say(str(e))
             return 2
         raise

@@ -62,6 +62,7 @@ import numpy as np
 from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
+from ember.formats.errors import UserError
 from ember.plugins import registry
 from ember.plugins.arch import ModelConfig, config_from_gguf
 from ember.plugins.types import BackendError, ContextOverflow
@@ -69,10 +70,8 @@ from ember.plugins.types import BackendError, ContextOverflow
 DEFAULT_MAX_CTX = 4096
 
 
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """A request the engine cannot run as given; the message says why."""
-
-    user_error = True
 
 
 class EmptyPrompt(EngineError):

@@ -37,6 +37,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ember.formats.errors import UserError
 from ember.formats.protocol import ProtocolError
 
 log = logging.getLogger("emberd")
@@ -44,10 +45,8 @@ log = logging.getLogger("emberd")
 ZAP_DOMAIN = "ember"
 
 
-class SecurityError(ValueError):
+class SecurityError(UserError, ValueError):
     """Keys missing/unreadable, or an open bind refused."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

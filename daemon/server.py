@@ -50,6 +50,7 @@ import zmq
 
 from ember.daemon.scheduler import Busy, Job, Scheduler
 from ember.formats import protocol
+from ember.formats.errors import UserError
 from ember.formats.protocol import Limits, ProtocolError, Request
 
 log = logging.getLogger("emberd")
@@ -519,8 +520,11 @@ class Server:
         def run():
             try:
                 payload = fn()
-            except Exception as e:  # noqa: BLE001 - engine refusals (bad ids, bad text) are the client's
+            except UserError as e:          # engine refusals (bad ids, bad text) are the client's
                 payload = (protocol.error("bad_request", f"{req.op}: {e}", req.id), ())
+            except Exception as e:  # noqa: BLE001 - ours: the helper thread must live on
+                log.exception("%s failed", req.op)
+                payload = (protocol.error("internal", f"{type(e).__name__}: {e}", req.id), ())
             self._post("reply", owner, payload)
         self._aux.submit(run)
 
