@@ -368,8 +368,10 @@ class Server:
             if kind in ("token", "done") and self._health:
                 self._health_progress()   # a token was made: the worker is alive
 
+    # a gone client's job sends nothing more: a reply could re-open a held queue for nobody
+
     def _ev_start(self, job: Job, _):
-        if job.probe:
+        if job.probe or job.gone:
             return
         ok = self.send(job.owner, protocol.reply(
             "start", job.rid, queue_ms=_ms(job.t_start - job.t_arrival)))
@@ -377,7 +379,7 @@ class Server:
 
     def _ev_token(self, job: Job, payload) -> None:
         i, ev = payload
-        if job.stream and not job.probe:
+        if job.stream and not job.probe and not job.gone:
             msg = protocol.reply("token", job.rid, i=i, token=int(ev.id), text=ev.text)
             if ev.logprob is not None:
                 msg["logprob"] = float(ev.logprob)
@@ -399,7 +401,8 @@ class Server:
         if job.probe:
             return
         msg, frames = done_message(job, result)
-        self.send(job.owner, msg, frames)
+        if not job.gone:
+            self.send(job.owner, msg, frames)
         self._recent.append({"id": job.rid, "stop": msg["stop"], "tokens": job.n_tokens,
                              "gone": job.gone, "preemptions": job.preemptions})
 
@@ -409,7 +412,8 @@ class Server:
             log.error("request %r: %s", job.rid, detail)
         self.end_job(job)
         if not job.probe:
-            self.send(job.owner, protocol.error(code, message, job.rid))
+            if not job.gone:
+                self.send(job.owner, protocol.error(code, message, job.rid))
             self._recent.append({"id": job.rid, "stop": "error", "code": code,
                                  "tokens": job.n_tokens, "gone": job.gone})
 
