@@ -62,6 +62,7 @@ import numpy as np
 from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
+from ember.formats.errors import UserError
 from ember.plugins import registry
 from ember.plugins.arch import ModelConfig, config_from_gguf
 from ember.plugins.types import BackendError, ContextOverflow
@@ -69,10 +70,8 @@ from ember.plugins.types import BackendError, ContextOverflow
 DEFAULT_MAX_CTX = 4096
 
 
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """A request the engine cannot run as given; the message says why."""
-
-    user_error = True
 
 
 class EmptyPrompt(EngineError):
@@ -269,6 +268,16 @@ class Model:
         while (ev := gen.step()) is not None:
             yield ev
         yield gen.result
+
+    def info(self) -> dict:
+        """Facts the daemon reports in hello/status/models."""
+        try:
+            isa = registry.probe(self.backend).isa
+        except Exception:  # noqa: BLE001 - informational only
+            isa = None
+        return {"model": os.path.basename(self.path), "path": os.path.abspath(self.path),
+                "arch": self.config.arch, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab,
+                "backend": self.backend, "isa": isa}
 
     def close(self) -> None:
         """Free the runner and unmap the file; safe to call twice."""

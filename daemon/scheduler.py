@@ -34,6 +34,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ember.formats.errors import UserError
+
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
@@ -258,9 +260,9 @@ class Scheduler:
         except engine.ContextOverflow as e:
             self._fail(job, "context_overflow", str(e))
             return False
-        except ValueError as e:          # EngineError, SamplingError, ChatTemplateError
+        except UserError as e:           # EngineError, SamplingError, ChatTemplateError, ...
             self._fail(job, "bad_request", str(e))
-            return False
+            return False                 # anything else is ours: `internal`, from _work
         # no wake-up: `start` leaves with the first token. Waking the loop now would
         # make it fight the prefill for the GIL, for a message nobody waits on.
         self.post("start", job, None, False)

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ember.formats import quants
+from ember.formats.errors import UserError
 
 # ---------------------------------------------------------------------------
 # Constants and errors
@@ -95,14 +96,12 @@ MIN_TENSOR_INFO_BYTES = 32
 MIN_KV_BYTES = 13
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file is malformed or unsupported. The message names field and byte offset.
 
     `.field` and `.offset` carry the same facts for callers (None where the
     fault is not at one place in a file, e.g. a bad argument to write()).
     """
-
-    user_error = True
 
     def __init__(self, message: str, field: str | None = None, offset: int | None = None):
         super().__init__(message)

@@ -20,6 +20,7 @@ import numpy as np
 import regex
 
 from ember.formats import gguf
+from ember.formats.errors import UserError
 from ember.formats.tokenizer_models import (SPACE_ESC, BpeModel, SpmModel, WpmModel,
                                             compiled_merger, compiled_spm, space_splitter)
 from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_pre
@@ -29,9 +30,8 @@ from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_
 # ---------------------------------------------------------------------------
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A vocabulary ember cannot (or will not) build a tokenizer from, or bad input to one."""
-    user_error = True
 
 
 MODELS = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "gemma4": "bpe"}

@@ -380,17 +380,38 @@ def test_load_op(launch, workdir):
     with closed.client() as c, pytest.raises(EmberError) as e:
         c.call("load", model=str(other))
     assert e.value.code == "unauthorized"
-    d = launch("--allow-load")
+    d = launch("--allow-load", "--load-dir", workdir)
     with d.client() as c:
         reply = c.call("load", model=str(other))[0]
         assert reply["model"] == "q8.gguf" and c.status()["model"] == "q8.gguf"
         with pytest.raises(EmberError) as e:
             c.call("load", model=str(Path(workdir, "absent.gguf")))
-        assert e.value.code == "bad_request" and "no such file" in e.value.message
+        assert e.value.code == "bad_request" and "not available to load" in e.value.message
         with pytest.raises(EmberError) as e:
             c.call("load", model="relative/name.gguf")
         assert e.value.code == "bad_request"
         assert c.status()["model"] == "q8.gguf"                 # a failed load changes nothing
+
+
+def test_load_outside_the_allowed_folders_leaks_nothing(launch, workdir):
+    """Missing, unreadable, outside, a symlink out, a folder: one answer, naming only the request."""
+    allowed = Path(workdir, "models")
+    allowed.mkdir()
+    secret = Path(workdir, "secret.txt")
+    secret.write_text("GGUF? no: the first bytes of a private file")
+    os.symlink(secret, allowed / "link.gguf")
+    d = launch("--allow-load", "--load-dir", str(allowed))
+    answers = set()
+    with d.client() as c:
+        for name in (str(secret), str(Path(workdir, "absent")), "/etc/passwd", "/etc",
+                     "../secret.txt", "link.gguf", str(allowed / "missing.gguf"), "a\0b"):
+            with pytest.raises(EmberError) as e:
+                c.call("load", model=name)
+            assert e.value.code == "bad_request"
+            answers.add(e.value.message.replace(repr(name), "NAME"))
+        assert c.status()["model"] == model_path().name
+    assert len(answers) == 1, answers
+    assert "private" not in answers.pop()
 
 
 def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
@@ -398,8 +419,8 @@ def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
     with probe.client() as c:
         mem = c.status()["memory"]
     limit = mem["total"] + mem["weights"] // 2          # room for one model, not two
-    d = launch("--allow-load", "--memory-budget", str(limit), "--ctx", str(mem["n_ctx"]),
-               "--min-ctx", str(mem["n_ctx"]))
+    d = launch("--allow-load", "--load-dir", workdir, "--memory-budget", str(limit),
+               "--ctx", str(mem["n_ctx"]), "--min-ctx", str(mem["n_ctx"]))
     with d.client() as c:
         with pytest.raises(EmberError) as e:
             c.call("load", model=str(_readonly_copy(model_path(), Path(workdir, "again.gguf"))))
@@ -409,3 +430,25 @@ def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
             list(s)
         assert s.done["usage"]["completion_tokens"] == 4
     assert re.search(r"reload failed, still serving the old model", d.stderr())
+
+
+def test_sighup_with_a_fifo_config_keeps_answering(launch, workdir):
+    """The config is read off the serving loop: a FIFO nobody writes blocks only the reload."""
+    cfg = Path(workdir, "emberd.toml")
+    cfg.write_text(f'model = "{model_path()}"\n')
+    d = launch("--config", str(cfg), model_file=False)
+    with d.client(timeout=5) as c:
+        c.ping()
+        cfg.unlink()
+        os.mkfifo(cfg)                                   # open() blocks until a writer comes
+        d.signal(signal.SIGHUP)
+        end = time.monotonic() + 7                       # past the reload's 5 s read limit
+        while time.monotonic() < end:
+            assert c.ping() < 1.0
+            time.sleep(0.05)
+        while "not read within" not in d.stderr():
+            assert time.monotonic() < end + 10, d.stderr()
+            time.sleep(0.05)
+        assert c.complete("Once", max_tokens=2)["usage"]["completion_tokens"] == 2
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0

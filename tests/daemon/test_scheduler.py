@@ -150,6 +150,23 @@ def test_engine_refusals_become_typed_errors(sched):
     assert ev.until("done", ok)[1] in ("length", "eos")     # the worker survived both
 
 
+def test_an_internal_value_error_is_internal_not_the_clients(sched, model, monkeypatch):  # noqa: F811
+    """Only a UserError is `bad_request`: a numpy ValueError inside the engine is our bug."""
+    s, ev = sched
+
+    def broken(prompt):           # a shape bug in the engine's own code, raised by numpy
+        return np.zeros(3).reshape(2, 2).tolist()
+    monkeypatch.setattr(model, "prompt_tokens", broken)
+    bad = job(max_tokens=2)
+    s.submit(bad)
+    code, message, detail = ev.until("error", bad)
+    assert code == "internal" and "ValueError" in message and "reshape" in detail
+    monkeypatch.undo()
+    ok = job(max_tokens=2)
+    s.submit(ok)
+    assert ev.until("done", ok)[1] in ("length", "eos")
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_preemption_resumes_with_the_uninterrupted_text(sched, model, temperature):
     s, ev = sched
