@@ -80,7 +80,7 @@ def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_ge
         r.reset()
         out["logits"] = [r.prefill(prompt[:300]), r.decode(prompt[300])]
         out.update(flash=r.lay.flash, prefetch=r.lay.prefetch, fuse_rope=r.lay.fuse_rope, pdl=r.pdl is not None,
-                   persistent=r.lay.persistent, p_grid=r.lay.p_grid,
+                   persistent=r.lay.persistent, p_grid=r.lay.p_grid, persistent_error=r.persistent_error,
                    graph=type(r.graph).__name__)
         r.close()
     return out

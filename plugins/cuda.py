@@ -454,8 +454,19 @@ def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T
     part = (Buf("part"), lay.n_split, lay.c.head_dim) if merge else (None, 0, 1)
     args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
                                               float(lay.c.rms_eps), rpw) + part
+    smem = _xs_bytes(k.kind, k.cols) if not merge else 4 * _xpad(k.cols) + _merge_bytes(lay)
     return Launch(_mv_kernel(lay, "matvec", k.kind), (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
-                  args, _xs_bytes(k.kind, k.cols))
+                  args, smem)
+
+
+def _xpad(cols: int) -> int:
+    """The kernels' xpad(cols): floats of a padded shared copy of cols columns."""
+    return cols + cols // 32 * 4
+
+
+def _merge_bytes(lay: Layout) -> int:
+    """Shared scratch of a split merge (stage_x with part): a weight per head and split."""
+    return 4 * lay.c.n_head * lay.n_split
 
 
 def _vec(name: str | None) -> Buf | None:
@@ -695,21 +706,35 @@ def persistent_stages(lay: Layout) -> list[PStage]:
     return st
 
 
-def persistent_smem(lay: Layout) -> int:
-    """decode_persistent's dynamic shared memory: the padded x copy of its widest input."""
-    return max(_xs_bytes(s.mats[0].kind, s.K) for s in persistent_stages(lay) if s.op in (P_MATVEC, P_SWIGLU))
+P_TABLE_SMEM = 48 << 10   # the stage table is copied to shared memory when it fits this
+
+
+def persistent_smem(lay: Layout) -> tuple[int, int, int]:
+    """decode_persistent's dynamic shared memory, as (bytes, xs floats, table offset in floats
+    or 0): the padded x copy of its widest input with the split merge's weights past it (the
+    o stage's), then the stage table when it fits P_TABLE_SMEM (read once per token instead
+    of once per stage from global memory)."""
+    st = persistent_stages(lay)
+    xs = max(_xpad(s.K) for s in st if s.op in (P_MATVEC, P_SWIGLU))
+    xs = max(xs, _xpad(lay.q_dim) + _merge_bytes(lay) // 4)
+    xs += xs % 2                                  # the table after it 8-byte aligned
+    table = P_STAGE_BYTES * len(st)
+    if table > P_TABLE_SMEM:
+        return 4 * xs, xs, 0
+    return 4 * xs + table, xs, xs
 
 
 def persistent_launch(lay: Layout, trace: bool = False) -> Launch:
     """The cooperative launch of decode_persistent over the stage table in "ptab" (trace: block
     0's clock at each stage start into "trace", for the profile)."""
     c = lay.c
+    smem, _, tab = persistent_smem(lay)
     return Launch("decode_persistent", (lay.p_grid, 1, 1), (lay.block, 1, 1),
-                  (Buf("ptab"), lay.n_stages, Buf("bar"), Buf("io"), Buf("part"), Buf("cs"), c.n_head,
+                  (Buf("ptab"), lay.n_stages, tab, Buf("bar"), Buf("io"), Buf("part"), Buf("cs"), c.n_head,
                    c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"), float(c.rms_eps),
                    lay.chunk, lay.n_split, float(1.0 / math.sqrt(c.head_dim)), np.int64(lay.pf_cap),
                    Buf("trace") if trace else None),
-                  persistent_smem(lay), coop=True)
+                  smem, coop=True)
 
 
 # ---------------------------------------------------------------------------
@@ -922,7 +947,7 @@ class CudaRunner(CacheBookkeeping):
         v = self._compile("hip" if rt.is_hip else "cuda", warp, flash)
         n_sm = int(props.get("multiProcessorCount", 132))
         self.lay = layout(config, n_ctx, batch, warp, n_sm, flash and v.wmma, prefetch, fuse_rope)
-        self._coop = None
+        self._coop, self.persistent_error = None, None
         if persistent and not rt.is_hip and persistent_refusal(self.lay) is None:
             self._plan_persistent(n_sm, int(props.get("l2CacheSize", 0)), p_per_sm)
         self._raise_smem_limits()
@@ -946,10 +971,10 @@ class CudaRunner(CacheBookkeeping):
     def _plan_persistent(self, n_sm: int, l2_bytes: int, p_per_sm: int) -> None:
         """Decode as the persistent kernel: as many blocks as the GPU holds at once (at most
         p_per_sm a multiprocessor), each prefetching up to half the L2 over the grid per stage."""
-        smem = persistent_smem(self.lay)
+        smem = persistent_smem(self.lay)[0]
         fn = self.kernels["decode_persistent"]
-        if smem > 48 << 10:
-            fn.max_dynamic_shared_size_bytes = smem
+        # static + dynamic shared memory above 48 KiB needs the opt-in, whatever the dynamic part
+        fn.max_dynamic_shared_size_bytes = smem
         per_sm = min(max(1, p_per_sm), _resident_blocks(fn.kernel.ptr, self.lay.block, smem))
         if per_sm < 1:
             return
@@ -1122,8 +1147,9 @@ class CudaRunner(CacheBookkeeping):
         try:
             self._run(self._decode_plan)
             self.stream.synchronize()
-        except BackendError:
+        except BackendError as e:
             if self.lay.persistent:
+                self.persistent_error = str(e)      # kept for the tests and the bench to show
                 self.lay.persistent = False
                 return self._eager_decode()
             if self.pdl is None:

@@ -316,21 +316,34 @@ __device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const 
 
 /* Stage row x (K floats) into shared memory, padded, optionally RMS-normalized with weight
  * nw (the norm before a projection, fused here so it costs no launch of its own). Returns
- * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. */
+ * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. With
+ * part, x is the attention output merged from decode's split partials: first each (head,
+ * split)'s weight exp(M_s - M) / L into wsc (shared, n_head * n_split floats past the padded
+ * copy), then every element one weighted sum; loads independent of each other, so a few
+ * round trips to L2 instead of one per split per element. */
 template <class Q>
 __device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs,
                                 const float *part, int n_split, int hd) {
-    if (part) {   /* x = the attention output, merged here from decode's split partials */
+    if (part) {
+        float *wsc = xs + xpad(K);
+        const int stride = hd + 2;
+        for (int j = threadIdx.x; j < K / hd * n_split; j += BLOCK) {
+            const float *p = part + (i64)(j / n_split) * n_split * stride;
+            float M = NEG_BIG, L = 0.0f;
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * stride]);
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) L += p[s * stride + 1] * expf(p[s * stride] - M);
+            wsc[j] = expf(p[(j % n_split) * stride] - M) / L;
+        }
+        __syncthreads();
         for (int i = threadIdx.x; i < K; i += BLOCK) {
-            const float *p = part + (i64)(i / hd) * n_split * (hd + 2);
-            float M = NEG_BIG, L = 0.0f, a = 0.0f;
-            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (hd + 2)]);
-            for (int s = 0; s < n_split; s++) {
-                const float e = expf(p[s * (hd + 2)] - M);
-                L += p[s * (hd + 2) + 1] * e;
-                a += p[s * (hd + 2) + 2 + i % hd] * e;
-            }
-            xs[Q::RUN >= 4 ? xpad(i) : i] = a / L;
+            const int h = i / hd;
+            const float *p = part + (i64)h * n_split * stride + 2 + i % hd;
+            float a = 0.0f;
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) a += wsc[h * n_split + s] * p[s * stride];
+            xs[Q::RUN >= 4 ? xpad(i) : i] = a;
         }
         __syncthreads();
         return xs;
@@ -708,7 +721,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
 __device__ __forceinline__ float key_dot(const float *q, const __half *kr, int hd) {
     float a = 0.0f;
     if ((hd & 7) == 0) {
-        for (int i = 0; i < hd; i += 8) {
+#pragma unroll 8
+        for (int i = 0; i < hd; i += 8) {   /* unrolled: a 64-wide head's 8 loads in flight at once */
             const uint4 raw = *(const uint4 *)(kr + i);
             const __half2 *hp = (const __half2 *)&raw;
             const float4 qa = *(const float4 *)(q + i), qb = *(const float4 *)(q + i + 4);
@@ -1037,18 +1051,67 @@ __device__ __forceinline__ float pmat_part(const PMat &M, int row, int K, const 
     }
 }
 
-/* y[r] (+)= M(r) . x for this block's rows r; x normalized or merged while staged */
+/* Two rows' parts at once (A row ra, B row rb): both rows' loads in flight together, half the
+ * dependent round trips of two pmat_part calls. Units of 32 (small Raws) two a lane at a
+ * time; the k-quants' 64-wide units one at a time (their Raws x 4 spilled past the 128
+ * registers that two blocks an SM allow, and a 2048-wide row is one unit a lane anyway). */
+template <class Q>
+__device__ __forceinline__ void row_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *x,
+                                          int lane, float &a, float &b) {
+    const int nu = K / Q::UNIT;
+#pragma unroll (Q::UNIT == 32 ? 2 : 1)
+    for (int u = lane; u < nu; u += WARP) {
+        typename Q::Raw r0, r1;
+        Q::fetch(A.w, A.d, ra, u, K, r0);
+        Q::fetch(B.w, B.d, rb, u, K, r1);
+        a += raw_dot<Q>(r0, u, x);
+        b += raw_dot<Q>(r1, u, x);
+    }
+}
+
+__device__ __forceinline__ void pmat_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *xs,
+                                           int lane, float &a, float &b) {
+    a = b = 0.0f;
+    if (A.kind != B.kind) {
+        a = pmat_part(A, ra, K, xs, lane);
+        b = pmat_part(B, rb, K, xs, lane);
+        return;
+    }
+    switch (A.kind) {
+    case PK_Q4_0: row_part2<Q4_0>(A, ra, B, rb, K, xs, lane, a, b); break;
+    case PK_Q8_0: row_part2<Q8_0>(A, ra, B, rb, K, xs, lane, a, b); break;
+    case PK_Q4_K: row_part2<Q4_K>(A, ra, B, rb, K, xs, lane, a, b); break;
+    default: row_part2<Q6_K>(A, ra, B, rb, K, xs, lane, a, b); break;
+    }
+}
+
+/* stage row r -> its matrix (index into S.mat) and its row there */
+__device__ __forceinline__ int locate(const PStage &S, int &row) {
+    int m = 0;
+    while (row >= S.mat[m].rows) row -= S.mat[m++].rows;
+    return m;
+}
+
+/* y[r] (+)= M(r) . x for this block's rows r, a warp two rows at a time; x normalized or
+ * merged while staged */
 __device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int hd, float eps) {
     int r0, r1;
     block_rows(S.rows, r0, r1);
     if (r0 >= r1) return;                    /* block-uniform */
     const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, S.merge ? part : nullptr, n_split, hd);
     const int lane = threadIdx.x % WARP;
-    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
-        int m = 0, row = r;
-        while (row >= S.mat[m].rows) row -= S.mat[m++].rows;
-        const float v = warp_sum(pmat_part(S.mat[m], row, S.K, xv, lane));
-        if (lane == 0) S.y[r] = S.accumulate ? S.y[r] + v : v;
+    for (int r = r0 + threadIdx.x / WARP; r < r1; r += 2 * NWARPS) {
+        const int r2 = r + NWARPS;
+        int ra = r, rb = r2 < r1 ? r2 : r;
+        const int ma = locate(S, ra), mb = locate(S, rb);
+        float a, b;
+        pmat_part2(S.mat[ma], ra, S.mat[mb], rb, S.K, xv, lane, a, b);
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) {
+            S.y[r] = S.accumulate ? S.y[r] + a : a;
+            if (r2 < r1) S.y[r2] = S.accumulate ? S.y[r2] + b : b;
+        }
     }
 }
 
@@ -1060,8 +1123,10 @@ __device__ void p_swiglu(const PStage &S, float *xs, float eps) {
     const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, nullptr, 0, 1);
     const int lane = threadIdx.x % WARP;
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
-        const float g = warp_sum(pmat_part(S.mat[0], r, S.K, xv, lane));
-        const float u = warp_sum(pmat_part(S.mat[1], r, S.K, xv, lane));
+        float g, u;
+        pmat_part2(S.mat[0], r, S.mat[1], r, S.K, xv, lane, g, u);
+        g = warp_sum(g);
+        u = warp_sum(u);
         if (lane == 0) S.y[r] = g / (1.0f + expf(-g)) * u;
     }
 }
@@ -1083,20 +1148,27 @@ __device__ void p_embed(const PStage &S, int token) {
 }
 
 /* grid: the resident blocks (cooperative launch); block: BLOCK threads; dynamic shared memory:
- * the padded x copy of the widest matvec input. io: (pos, token); part: the attention splits;
+ * the padded x copy of the widest matvec input, then (tab_off > 0: at that float offset) the stage
+ * table, copied once. io: (pos, token); part: the attention splits;
  * pf_cap: L2 prefetch bytes a block may ask for per stage; trace: null, or n_st + 1 clocks. */
 extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
-        const PStage *stages, int n_st, u32 *count, const int *io, float *part, const float *cs,
+        const PStage *stages, int n_st, int tab_off, u32 *count, const int *io, float *part, const float *cs,
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, int n_split,
         float scale, i64 pf_cap, i64 *trace) {
     extern __shared__ __align__(16) float pxs[];
-    __shared__ PStage S;
+    __shared__ PStage one;
     const int pos = io[0], token = io[1];
+    PStage *tab = tab_off ? (PStage *)(pxs + tab_off) : nullptr;
+    if (tab)                                 /* the whole table once (tab_off: past x and wsc) */
+        for (int i = threadIdx.x; i < n_st * (int)(sizeof(PStage) / 8); i += BLOCK)
+            ((i64 *)tab)[i] = ((const i64 *)stages)[i];
     for (int s = 0; s < n_st; s++) {
         if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[s] = stage_clock();
-        if (threadIdx.x < sizeof(PStage) / 8) ((i64 *)&S)[threadIdx.x] = ((const i64 *)(stages + s))[threadIdx.x];
+        if (!tab && threadIdx.x < sizeof(PStage) / 8)
+            ((i64 *)&one)[threadIdx.x] = ((const i64 *)(stages + s))[threadIdx.x];
         __syncthreads();
-        if (s + 1 < n_st) prefetch_stage(stages[s + 1], pf_cap);
+        const PStage &S = tab ? tab[s] : one;
+        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap);
         switch (S.op) {
         case P_EMBED: p_embed(S, token); break;
         case P_MATVEC: p_matvec(S, pxs, part, n_split, hd, eps); break;

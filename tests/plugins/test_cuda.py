@@ -305,7 +305,9 @@ def test_persistent_decode_plan_is_one_cooperative_launch(tiny):
         assert ffn.op == cuda.P_SWIGLU and ffn.rows == c.n_ff and ffn.nw == cuda.Buf(lay.vecs[f"{i}.ffn_norm"])
         assert down.x == cuda.Buf("ffn") and down.accumulate and down.K == c.n_ff
     assert st[-1].y == cuda.Buf("logits") and st[-1].rows == c.n_vocab
-    assert cuda.persistent_smem(lay) == cuda._xs_bytes("q4_k", c.n_ff)
+    smem, xs, tab = cuda.persistent_smem(lay)           # x copy (+ merge weights), then the table
+    assert xs >= cuda._xpad(c.n_ff) and xs >= cuda._xpad(lay.q_dim) + c.n_head * lay.n_split
+    assert tab == xs and smem == 4 * xs + cuda.P_STAGE_BYTES * len(st) and k.args[2] == tab
     pre = [s for s in cuda.forward_steps(lay, 20) if isinstance(s, cuda.Launch)]
     assert not any(s.coop for s in pre)
     # the table resolves every address (fake ones here) into the kernel's 160-byte records
@@ -586,7 +588,9 @@ def test_persistent_decode_matches_the_graph(model, tiny):
             want, *got = (r.decode(tok) for r in runs)
             for g in got:
                 assert _kl(want[None], g[None])[0] <= 1e-6
-        assert not isinstance(runs[1].graph, cuda._DirectReplay) or runs[1].lay.persistent
+        for r in runs[1:]:                           # still the persistent kernel after decoding
+            assert r.lay.persistent and r.persistent_error is None, r.persistent_error
+            assert len(r._decode_plan) == 3                # copy in, the cooperative launch, copy out
         for r in runs:
             r.close()
 
