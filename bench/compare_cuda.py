@@ -4,7 +4,7 @@ Usage (on the GPU machine; see bench/results/cuda-*.md for a recorded run):
 
     python bench/compare_cuda.py --llama-bench /path/to/llama-bench \
         [--shape tinyllama-1.1b] [--quants Q4_0,Q8_0,Q4_K_M] [--reps 2] [--out table.md] \
-        [--variants "base:flash=0,prefetch=0;new:flash=1,prefetch=1"] [--profile]
+        [--variants "base:flash=0,prefetch=0;new:flash=1,prefetch=1"] [--profile] [--trace]
 
 For each quant mix it writes the synthetic model once (ember.daemon.synthetic,
 the writers run in parallel), then alternates, per repetition, ember's cuda
@@ -269,6 +269,26 @@ def persistent_trace(r, reps: int = 20) -> list[str]:
     return out
 
 
+def trace_variants(path: Path, variants: list[tuple[str, dict]]) -> str:
+    """persistent_trace of each persistent variant on one model (position ~600)."""
+    import numpy as np
+    from ember.formats import gguf
+    from ember.plugins import cuda
+    from ember.plugins.arch import config_from_gguf
+    lines = []
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        toks = np.random.default_rng(0).integers(3, c.n_vocab, 600).tolist()
+        for name, opts in variants:
+            r = cuda.CudaRunner(f, c, 640, opts)
+            r.prefill(toks)
+            r.decode(5)
+            if r.lay.persistent:
+                lines += [f"-- {name} {opts}"] + persistent_trace(r)
+            r.close()
+    return "\n".join(lines)
+
+
 def device_name() -> str:
     import cupy as cp
     n = cp.cuda.runtime.getDeviceProperties(0)["name"]
@@ -287,6 +307,8 @@ def main() -> int:
     ap.add_argument("--variants", default="default:",
                     help='runner options to compare, "name:key=val,...;name2:..." (first = yardstick)')
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the first quant, last variant")
+    ap.add_argument("--trace", action="store_true", help="the persistent kernel's stage trace of every variant, "
+                                                         "first quant")
     a = ap.parse_args()
     quants, variants = a.quants.split(","), parse_variants(a.variants)
     paths = write_models(a.shape, quants)
@@ -327,6 +349,8 @@ def main() -> int:
             Path(a.out).write_text(text + "\n")
     if a.profile:
         print(profile(paths[quants[0]], variants[-1][1]), flush=True)
+    if a.trace:
+        print(trace_variants(paths[quants[0]], variants), flush=True)
     return 0
 
 

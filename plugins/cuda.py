@@ -64,7 +64,9 @@ rows' loads in flight before staging x, default on), ``fuse_rope`` (decode's
 rope and KV write inside the attention kernel, default on), ``pdl``
 (programmatic dependent launch for decode where the GPU has it, default on),
 ``persistent`` (decode as one persistent kernel on CUDA, default on),
-``p_per_sm`` (its blocks per multiprocessor, at most; default P_PER_SM).
+``p_per_sm`` (its blocks per multiprocessor, at most; default P_PER_SM),
+``p_flags`` (its barrier / prefetch variants, P_FLAGS), ``l2_prefetch`` (its
+next-stage L2 prefetch, default on).
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ FA_HD_MAX = 128                  # widest head it takes (shared memory grows wit
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
 P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (at most)
+P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line prefetch)
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
@@ -224,6 +227,7 @@ class Layout:
     persistent: bool = False                        # decode: one persistent kernel per token
     p_grid: int = 0                                 # its blocks (all resident at once)
     pf_cap: int = 0                                 # L2 prefetch bytes a block asks for per stage
+    p_flags: int = 0                                # the kernel's PF_* flags (barrier, prefetch kind)
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -733,7 +737,7 @@ def persistent_launch(lay: Layout, trace: bool = False) -> Launch:
                   (Buf("ptab"), lay.n_stages, tab, Buf("bar"), Buf("io"), Buf("part"), Buf("cs"), c.n_head,
                    c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"), float(c.rms_eps),
                    lay.chunk, lay.n_split, float(1.0 / math.sqrt(c.head_dim)), np.int64(lay.pf_cap),
-                   Buf("trace") if trace else None),
+                   lay.p_flags, Buf("trace") if trace else None),
                   smem, coop=True)
 
 
@@ -928,6 +932,10 @@ class CudaRunner(CacheBookkeeping):
                         bool(options.get("flash", True)), bool(options.get("prefetch", True)),
                         bool(options.get("fuse_rope", True)), bool(options.get("persistent", True)),
                         int(options.get("p_per_sm", P_PER_SM)))
+            if self.lay.persistent:
+                self.lay.p_flags = int(options.get("p_flags", P_FLAGS))
+                if not bool(options.get("l2_prefetch", True)):
+                    self.lay.pf_cap = 0
             self.pdl = None
             if bool(options.get("pdl", True)) and not self.cp.cuda.runtime.is_hip \
                     and int(self.device.compute_capability) >= 90:

@@ -964,18 +964,27 @@ EMBER_HD i64 kind_row_bytes(int kind, int K) {
     }
 }
 
+/* decode_persistent's flags (plugins/cuda.py P_FLAGS; measured side by side, see bench/results) */
+#define PF_SLEEP 1     /* barrier: back off 100 ns between polls */
+#define PF_CLASSIC 2   /* barrier: fence + atomicAdd + volatile polling (cooperative groups' way) */
+#define PF_LINES 4     /* L2 prefetch: a prefetch.global.L2 per 128-byte line over the block */
+
 /* Ask for bytes [p, p + n) in L2 (a hint: nothing waits for it). Hopper: the copy engine's bulk
- * prefetch, one instruction a range, from thread 0; older GPUs: a prefetch per 128-byte line
- * spread over the block. The range is trimmed to whole 16-byte pieces inside it. */
-__device__ __forceinline__ void l2_prefetch(const void *p, i64 n) {
+ * prefetch, one instruction a range, from thread 0 (unless PF_LINES); older GPUs: a prefetch
+ * per 128-byte line spread over the block. The range is trimmed to whole 16-byte pieces inside it. */
+__device__ __forceinline__ void l2_prefetch(const void *p, i64 n, int flags) {
     unsigned long long a = ((unsigned long long)p + 15) & ~15ull, e = ((unsigned long long)p + n) & ~15ull;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0)
-        for (; a < e; a += 1u << 20) {
-            const u32 sz = (u32)min(e - a, 1ull << 20);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"(sz) : "memory");
-        }
-#elif defined(__CUDA_ARCH__)
+    if (!(flags & PF_LINES)) {
+        if (threadIdx.x == 0)
+            for (; a < e; a += 1u << 20) {
+                const u32 sz = (u32)min(e - a, 1ull << 20);
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"(sz) : "memory");
+            }
+        return;
+    }
+#endif
+#if defined(__CUDA_ARCH__)
     for (a += 128ull * threadIdx.x; a < e; a += 128ull * BLOCK)
         asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
 #endif
@@ -988,7 +997,7 @@ __device__ __forceinline__ void block_rows(int rows, int &r0, int &r1) {
 }
 
 /* L2 prefetch of the weight rows this block multiplies in stage S, at most cap bytes */
-__device__ void prefetch_stage(const PStage &S, i64 cap) {
+__device__ void prefetch_stage(const PStage &S, i64 cap, int flags) {
     if (S.op != P_MATVEC && S.op != P_SWIGLU) return;
     int r0, r1;
     block_rows(S.rows, r0, r1);
@@ -999,8 +1008,8 @@ __device__ void prefetch_stage(const PStage &S, i64 cap) {
         if (S.op == P_MATVEC) base += M.rows;
         if (a >= b) continue;
         const i64 rb = kind_row_bytes(M.kind, S.K), n = min((i64)(b - a) * rb, cap);
-        l2_prefetch(M.w + a * rb, n);
-        if (M.d) l2_prefetch(M.d + (i64)a * (S.K / 32), n / rb * (S.K / 32) * 2);
+        l2_prefetch(M.w + a * rb, n, flags);
+        if (M.d) l2_prefetch(M.d + (i64)a * (S.K / 32), n / rb * (S.K / 32) * 2, flags);
         cap -= n;
     }
 }
@@ -1015,11 +1024,20 @@ __device__ __forceinline__ u32 load_acquire(const u32 *p) {
     return v;
 }
 
-__device__ __forceinline__ void grid_barrier(u32 *count, u32 target) {
+__device__ __forceinline__ void grid_barrier(u32 *count, u32 target, int flags) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(count) : "memory");
-        while (load_acquire(count) < target) {}
+        if (flags & PF_CLASSIC) {
+            __threadfence();
+            atomicAdd(count, 1u);
+            while (*(volatile u32 *)count < target)
+                if (flags & PF_SLEEP) __nanosleep(100);
+            __threadfence();
+        } else {
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(count) : "memory");
+            while (load_acquire(count) < target)
+                if (flags & PF_SLEEP) __nanosleep(100);
+        }
     }
     __syncthreads();
 }
@@ -1150,11 +1168,12 @@ __device__ void p_embed(const PStage &S, int token) {
 /* grid: the resident blocks (cooperative launch); block: BLOCK threads; dynamic shared memory:
  * the padded x copy of the widest matvec input, then (tab_off > 0: at that float offset) the stage
  * table, copied once. io: (pos, token); part: the attention splits;
- * pf_cap: L2 prefetch bytes a block may ask for per stage; trace: null, or n_st + 1 clocks. */
+ * pf_cap: L2 prefetch bytes a block may ask for per stage (0: none); flags: PF_*; trace: null,
+ * or n_st + 1 clocks. */
 extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
         const PStage *stages, int n_st, int tab_off, u32 *count, const int *io, float *part, const float *cs,
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, int n_split,
-        float scale, i64 pf_cap, i64 *trace) {
+        float scale, i64 pf_cap, int flags, i64 *trace) {
     extern __shared__ __align__(16) float pxs[];
     __shared__ PStage one;
     const int pos = io[0], token = io[1];
@@ -1168,7 +1187,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
             ((i64 *)&one)[threadIdx.x] = ((const i64 *)(stages + s))[threadIdx.x];
         __syncthreads();
         const PStage &S = tab ? tab[s] : one;
-        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap);
+        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags);
         switch (S.op) {
         case P_EMBED: p_embed(S, token); break;
         case P_MATVEC: p_matvec(S, pxs, part, n_split, hd, eps); break;
@@ -1178,7 +1197,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
                 attention_rope_body(it / n_split, it % n_split, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,
                                     S.kc, S.vc, pos, part, n_head, n_kv, hd, rope_dim, neox, eps, chunk, scale);
         }
-        if (s + 1 < n_st) grid_barrier(count, (u32)(s + 1) * gridDim.x);
+        if (s + 1 < n_st) grid_barrier(count, (u32)(s + 1) * gridDim.x, flags);
     }
     if (grid_exit(count, (u32)n_st * gridDim.x) && trace) trace[n_st] = stage_clock();
 }
