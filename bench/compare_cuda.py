@@ -19,7 +19,7 @@ second, against a device-to-device copy measured in the same run (bytes
 read + written).
 
 --variants measures several sets of runner options side by side (e.g.
-"graph:persistent=0;persistent:persistent=1": the launch graph, the yardstick, first) (each row of
+"graph:;persistent:persistent=1": the launch graph, the yardstick, first) (each row of
 the table is one variant; the first is the yardstick for a logits check: the
 KL of every other variant's prefill and decode logits from it). --profile
 times each step of one decoded token (position ~600) and of a 512-token

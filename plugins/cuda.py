@@ -7,7 +7,9 @@ at load, repacked for aligned 16-byte loads (Q4_0/Q8_0 split into quants and
 scales, Q6_K padded to 224 bytes); types without kernels are dequantized to
 f16 at load, when the device has room. The f16 KV cache, every activation
 buffer and a bounded weight scratch are allocated once, so a forward pass
-allocates nothing on the device.
+allocates nothing on the device. On an integrated GPU (Jetson: device memory
+is the host's RAM) the mapped file's pages are released after the upload,
+so the weights are not resident twice.
 
 A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
 pure functions of the model's Layout (no GPU needed, so CI tests them):
@@ -28,15 +30,18 @@ pure functions of the model's Layout (no GPU needed, so CI tests them):
         keys in shared memory, online softmax); elsewhere, or for heads not a
         multiple of 16 wide, a warp per query row.
 
-Decode on CUDA (``persistent``, default on) is one cooperative launch of
-decode_persistent per token: the grid is as many blocks as the GPU holds at
+Decode on CUDA can also run as one cooperative launch of decode_persistent
+per token (``persistent=1``): the grid is as many blocks as the GPU holds at
 once, walks a table of stages (embed, per layer q|k|v, rope + attention, o,
 gate|up + SwiGLU, down, then the output matrix) and passes a grid barrier
-between stages; at the start of each stage every block asks the copy engine
-to prefetch into L2 the weight rows it multiplies in the next one, so HBM
-streams while the barrier waits. ROCm (the kernel's barrier and prefetch are
-PTX) and models with float matrices use the launches below instead; so does
-``persistent=0``, the yardstick the GPU test compares it with.
+between stages; with ``l2_prefetch`` every block asks the copy engine at the
+start of a stage to prefetch into L2 the weight rows it multiplies in the
+next. Measured on an H200 (bench/results/cuda-h200.md) it is 16-22% slower
+than the graph below (~1.37 ms a token against ~1.21: each of its 112 stages
+costs 5-20 us of dependent latency, the barrier included), so the graph
+stays the default and the persistent kernel its opt-in alternative, held to
+the graph's logits (KL <= 1e-6) by the GPU test. ROCm (the kernel's barrier
+and prefetch are PTX) and models with float matrices always use the graph.
 
 Decode's steps are captured once as a CUDA graph and replayed per token:
 the position and token live in a pinned host buffer that the graph's first
@@ -63,10 +68,10 @@ it compiles, default on), ``prefetch`` (decode matvecs that put their first
 rows' loads in flight before staging x, default on), ``fuse_rope`` (decode's
 rope and KV write inside the attention kernel, default on), ``pdl``
 (programmatic dependent launch for decode where the GPU has it, default on),
-``persistent`` (decode as one persistent kernel on CUDA, default on),
+``persistent`` (decode as one persistent kernel on CUDA, default off),
 ``p_per_sm`` (its blocks per multiprocessor, at most; default P_PER_SM),
 ``p_flags`` (its barrier / prefetch variants, P_FLAGS), ``l2_prefetch`` (its
-next-stage L2 prefetch, default on).
+next-stage L2 prefetch, default off: 6-10% slower with it on the H200).
 """
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ FA_Q, FA_K, FA_WARPS = 64, 64, 4  # flash prefill attention: queries a block, ke
 FA_HD_MAX = 128                  # widest head it takes (shared memory grows with it)
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
-P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (at most)
+P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (at most; 2 measured no faster)
 P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line prefetch)
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
@@ -110,9 +115,9 @@ QUANT_KINDS = ("q4_0", "q8_0", "q4_k", "q6_k")   # f16 GEMM; float kinds use f32
 def ember_backends():
     return [BackendSpec(NAME, priority=PRIORITY,
                         description="GPU kernels (CUDA via NVRTC, or ROCm/HIP) through CuPy; decode as "
-                                    "one persistent kernel per token on CUDA (grid barriers between "
-                                    "stages), as a graph of ~5 launches a layer on ROCm/HIP or for "
-                                    "float matrices")]
+                                    "one CUDA graph per token (~5 launches a layer); persistent=1: one "
+                                    "persistent kernel per token instead (CUDA only; ROCm/HIP and "
+                                    "float matrices keep the graph)")]
 
 
 @hookimpl
@@ -930,11 +935,11 @@ class CudaRunner(CacheBookkeeping):
         with self.device:
             self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
                         bool(options.get("flash", True)), bool(options.get("prefetch", True)),
-                        bool(options.get("fuse_rope", True)), bool(options.get("persistent", True)),
+                        bool(options.get("fuse_rope", True)), bool(options.get("persistent", False)),
                         int(options.get("p_per_sm", P_PER_SM)))
             if self.lay.persistent:
                 self.lay.p_flags = int(options.get("p_flags", P_FLAGS))
-                if not bool(options.get("l2_prefetch", True)):
+                if not bool(options.get("l2_prefetch", False)):
                     self.lay.pf_cap = 0
             self.pdl = None
             if bool(options.get("pdl", True)) and not self.cp.cuda.runtime.is_hip \
@@ -962,6 +967,8 @@ class CudaRunner(CacheBookkeeping):
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.bufs: dict[str, object] = {}
         self._upload(gguf, config)
+        if props.get("integrated"):      # Jetson: device memory is the host's RAM; no second copy
+            gguf.release_pages()
         self._alloc(config)
         if self.lay.persistent:
             table = stage_table(persistent_stages(self.lay), self._addr)

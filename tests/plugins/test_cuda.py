@@ -572,13 +572,13 @@ def test_persistent_decode_matches_the_graph(model, tiny):
     """The persistent kernel against the graph of launches (its yardstick): KL <= 1e-6 for
     each decoded token, across a split boundary of the attention (chunk 256), on llama
     (Q4_K_M: Q4_K and Q6_K in one q|k|v stage), qwen2 (biases, NEOX rope) and qwen3 (q/k
-    norms); one and two blocks a multiprocessor."""
+    norms); one and two blocks a multiprocessor, with and without the L2 prefetch."""
     from tests.conftest import conformance_path
     path = tiny(model) if model.startswith("Q") else conformance_path("models", model)
     with gguf.open(path) as f:
         c = config_from_gguf(f)
-        runs = [cuda.CudaRunner(f, c, 300, {"persistent": 0}), cuda.CudaRunner(f, c, 300),
-                cuda.CudaRunner(f, c, 300, {"p_per_sm": 2})]
+        runs = [cuda.CudaRunner(f, c, 300), cuda.CudaRunner(f, c, 300, {"persistent": 1}),
+                cuda.CudaRunner(f, c, 300, {"persistent": 1, "p_per_sm": 2, "l2_prefetch": 1})]
         assert [r.lay.persistent for r in runs] == [False, True, True]
         assert runs[2].lay.p_grid >= runs[1].lay.p_grid
         toks = np.random.default_rng(5).integers(3, c.n_vocab, 270).tolist()
