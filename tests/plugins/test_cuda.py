@@ -153,6 +153,7 @@ int main(int argc, char **argv) {
         printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(PStage), offsetof(PStage, x),
                offsetof(PStage, nw), offsetof(PStage, accumulate), offsetof(PStage, mat),
                offsetof(PStage, bias), offsetof(PStage, vc), sizeof(PMat), offsetof(PMat, kind));
+        for (int k = PK_Q4_0; k <= PK_F32; k++) printf("%lld ", kind_row_bytes(k, 2048));
         return 0;
     }
     const int rows = atoi(argv[2]), K = atoi(argv[3]);
@@ -205,10 +206,14 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
     # the persistent decode's stage table: the ctypes mirror has the C layout
     r = subprocess.run([str(exe), "layout"], capture_output=True, text=True, timeout=60)
     P, M = cuda._PStage, cuda._PMat
-    assert [int(v) for v in r.stdout.split()] == [
+    layout_line, row_bytes = r.stdout.split("\n")
+    assert [int(v) for v in layout_line.split()] == [
         ctypes.sizeof(P), P.x.offset, P.nw.offset, P.accumulate.offset, P.mat.offset, P.bias.offset,
         P.vc.offset, ctypes.sizeof(M), M.kind.offset]
     assert ctypes.sizeof(P) == cuda.P_STAGE_BYTES
+    # the kernel's row sizes (its L2 prefetch ranges) are the upload's, kind by kind (PKIND order)
+    kinds = sorted(cuda.PKIND, key=cuda.PKIND.get)
+    assert [int(v) for v in row_bytes.split()] == [cuda._row_bytes(k, 2048) for k in kinds]
 
 
 # ---------------------------------------------------------------------------
