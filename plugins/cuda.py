@@ -165,8 +165,15 @@ def probe() -> Probe:
     except Exception as e:  # noqa: BLE001 - no driver / no device is "not available"
         return Probe(False, f"no usable GPU: {type(e).__name__}: {e}")
     return Probe(True, f"{platform} runtime {ver}: {name}, {mem / 2**30:.1f} GiB, warp "
-                       f"{props.get('warpSize', 32)}", isa=platform,
+                       f"{props.get('warpSize', 32)}; {decode_note(platform)}", isa=platform,
                  devices=[name], memory_bytes=mem)
+
+
+def decode_note(platform: str) -> str:
+    """How decode runs on this platform, for `ember backends`."""
+    if platform == "HIP":
+        return "decode: a graph of launches (the persistent decode kernel is CUDA-only)"
+    return "decode: a CUDA graph of launches (option persistent=1: one persistent kernel a token)"
 
 
 # ---------------------------------------------------------------------------

@@ -403,8 +403,11 @@ def test_probe_never_raises_and_names_the_platform():
     assert isinstance(p, Probe) and p.reason
     if p.available:
         assert p.isa in ("CUDA", "HIP") and p.devices and p.memory_bytes > 0
+        assert cuda.decode_note(p.isa) in p.reason
     else:
         assert "CuPy" in p.reason or "GPU" in p.reason
+    # `ember backends` says that ROCm keeps the graph and where the persistent kernel runs
+    assert "CUDA-only" in cuda.decode_note("HIP") and "persistent=1" in cuda.decode_note("CUDA")
 
 
 # ---------------------------------------------------------------------------
