@@ -18,7 +18,9 @@ token; ZMQ heartbeats close connections whose peer stopped answering.
 Hooks for the production side (issue 7): `_secure_socket` (CURVE/ZAP before
 bind), `handlers` (add ops, e.g. `load`), `on_tick` callbacks run every loop
 turn (watchdog), `request_stop()` / `draining` for signal handling, and
-`stop()` to release everything.
+`stop()` to release everything. The HTTP gateway (daemon/http.py) sits in
+front of `scheduler.post` and posts a `progress` event for its own jobs'
+tokens, so `health` sees every token, whichever door it went out of.
 """
 from __future__ import annotations
 
@@ -256,7 +258,7 @@ class Server:
         while self._events:
             kind, job, payload = self._events.popleft()
             getattr(self, f"_ev_{kind}")(job, payload)
-            if kind in ("token", "done") and self._health:
+            if kind in ("token", "done", "progress") and self._health:
                 self._health_progress()   # a token was made: the worker is alive
 
     def _ev_start(self, job: Job, _):
@@ -276,6 +278,9 @@ class Server:
                 msg["top_logprobs"] = [[int(t), float(lp)] for t, lp in ev.top_logprobs]
             self._delivered(job, self._send(job.owner, msg))
         self.scheduler.delivered(job, i + 1)   # after _delivered: a gone client's stop is set first
+
+    def _ev_progress(self, job: None, _) -> None:
+        """Another front door's job made a token (daemon/http.py): only health waiters care."""
 
     def _ev_suspended(self, job: Job, _) -> None:
         log.info("request %r preempted after %d tokens", job.rid, job.n_tokens)

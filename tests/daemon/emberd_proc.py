@@ -42,6 +42,11 @@ class Daemon:
         return next(e for e in self.endpoints if e.startswith("tcp://"))
 
     @property
+    def http(self) -> str:
+        """The HTTP gateway's base URL (start_emberd(http=True))."""
+        return next(e for e in self.endpoints if e.startswith("http://"))
+
+    @property
     def ipc(self) -> str:
         return next(e for e in self.endpoints if e.startswith("ipc://"))
 
@@ -79,19 +84,19 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0) -> Daemon:
-    """Start emberd and wait until it reports every bound endpoint."""
+def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0, http: bool = False) -> Daemon:
+    """Start emberd and wait until it reports every bound endpoint (http: also --http on a free port)."""
     model = model_path()
     # ipc paths are limited to ~107 bytes: a short private dir under the system tmp
     workdir = tempfile.mkdtemp(prefix="emberd-")
     log = Path(workdir) / "stderr.log"
     binds = ["--bind", "tcp://127.0.0.1:*"] + (["--bind", f"ipc://{workdir}/e.sock"] if ipc else [])
     cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", str(model), "--backend", BACKEND,
-           *binds, *extra]
+           *binds, *(["--http", "127.0.0.1:0"] if http else []), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"))
     daemon = Daemon(proc, [], workdir, log)
     try:
-        daemon.endpoints = _read_endpoints(proc, 1 + ipc, timeout)
+        daemon.endpoints = _read_endpoints(proc, 1 + ipc + http, timeout)
     except BaseException:
         daemon.stop()
         raise
