@@ -271,6 +271,8 @@ class Gateway:
         progress = kind in ("token", "done")
         if kind == "done" and not job.probe:
             self.metrics.generation(job, *payload)
+        elif kind == "error" and not job.probe:
+            self.metrics.failed(payload[0])
         if progress and self._health:
             self.loop.call_soon_threadsafe(self._health_progress)
         if not isinstance(job, HttpJob):

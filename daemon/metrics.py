@@ -96,6 +96,10 @@ class Metrics:
         if t.get("decode_tok_s"):
             self.decode.observe(t["decode_tok_s"])
 
+    def failed(self, code: str) -> None:
+        """A generation refused by the engine or ended by an error (any front door)."""
+        self.generations.labels(f"error:{code}").inc()
+
     def disconnect(self, extra_tokens: int) -> None:
         self.extra.observe(max(0, extra_tokens))
 

@@ -37,6 +37,7 @@ def api(tmp_path_factory):
     d = start_emberd("--api-key-file", str(keys), "--max-queue", "1", ipc=False, http=True)
     yield d
     d.stop()
+    assert "Traceback" not in d.stderr(), d.stderr()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,7 @@ class Holder:
     """A raw streamed completion that keeps the worker busy; reads only its first event."""
 
     def __init__(self, d, **fields):
+        self.d = d
         body = json.dumps({"model": NAME, "prompt": PROMPT, "stream": True, "temperature": 0.0,
                            **LONG, **fields})
         self.sock = raw_socket(d, rcvbuf=4096)
@@ -139,7 +141,15 @@ class Holder:
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
 
     def close(self):
+        """Disconnect, and wait until the daemon has cancelled the job (so tests don't overlap)."""
         self.sock.close()
+        if self.d.alive():
+            wait_until(lambda: idle(self.d))
+
+
+def idle(d) -> bool:
+    m = metrics(d)
+    return sample(m, "ember_running") == 0 and sample(m, "ember_queue_length") == 0
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +276,19 @@ def test_second_request_gets_429_while_the_queue_is_full(api, client):
     assert queued["r"].choices[0].finish_reason == "length"
 
 
+def test_zeromq_health_counts_tokens_of_http_requests(api):
+    holder = Holder(api)                      # the worker is busy with an HTTP job
+    try:
+        with api.client() as c:
+            h = c.health(timeout_ms=5000)
+        assert h["ok"] is True, h
+        assert sample(metrics(api), "ember_running") == 1
+    finally:
+        holder.close()
+
+
 def test_closing_a_stream_cancels_within_one_token(api, client):
+    wait_until(lambda: idle(api))
     before = metrics(api)
     n0 = sample(before, "ember_http_disconnect_extra_tokens", "ember_http_disconnect_extra_tokens_count")
     c0 = sample(before, "ember_generations", "ember_generations_total", stop="cancelled")
@@ -466,7 +488,7 @@ def test_draining_daemon_answers_503(tmp_path):
         with pytest.raises(openai.InternalServerError) as e:
             c.completions.create(model=NAME, prompt=PROMPT, max_tokens=4)
         assert e.value.status_code == 503
-        holder.close()
+        holder.sock.close()
         assert d.proc.wait(20) == 0
     finally:
         c.close()
