@@ -66,7 +66,8 @@ MAX_LINE_BYTES = 8190           # request line and each header
 MAX_HEADERS = 64
 MAX_CONNECTIONS = 2048
 IDLE_S = 5.0                    # keep-alive and whole-request-head timeout
-BODY_TIMEOUT_S = 10.0
+LINGER_S = 1.0                  # after refusing a body, read (and drop) its rest this long, then close
+BODY_TIMEOUT_S = 5.0           # 1 MiB at 200 KB/s; a slower body is a slowloris body
 HEALTH_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 1
 SHUTDOWN_GRACE_S = 2.0
@@ -234,7 +235,7 @@ class Gateway:
         self._routes(app, web)
         self._runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE_S, keepalive_timeout=IDLE_S,
+            shutdown_timeout=SHUTDOWN_GRACE_S, keepalive_timeout=IDLE_S, lingering_time=LINGER_S,
             max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES, max_headers=MAX_HEADERS)
         await self._runner.setup()
         self._listener = await asyncio.get_running_loop().create_server(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -32,6 +33,9 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}      # seconds of work on the re
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)    # 1000 idle connections, both ends
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"# test keys\n{KEY}\nanother-key-abcdefghijklmnop\n")
     d = start_emberd("--api-key-file", str(keys), "--max-queue", "1", ipc=False, http=True)
@@ -403,6 +407,33 @@ def test_oversized_headers_get_a_status_or_a_closed_connection(api):
         assert reply == b"" or reply.split(b" ")[1] in (b"400", b"413", b"431"), reply[:100]
 
 
+def test_a_slow_body_gets_408(api):
+    s = raw_socket(api)
+    s.sendall(post_head("/v1/completions", 100) + b'{"model": ')      # then nothing more
+    t0 = time.monotonic()
+    reply = read_reply(s)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 408") and b'"timeout"' in reply, reply[:200]
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_vanished_unstreamed_request_is_cancelled(api):
+    wait_until(lambda: idle(api))
+    before = metrics(api)
+    c0 = sample(before, "ember_generations", "ember_generations_total", stop="cancelled")
+    body = json.dumps({"model": NAME, "prompt": PROMPT, **LONG}).encode()
+    s = raw_socket(api)
+    s.sendall(post_head("/v1/completions", len(body)) + body)
+    wait_until(lambda: sample(metrics(api), "ember_running") == 1)
+    s.close()                                       # gone before any reply byte
+    wait_until(lambda: idle(api))
+    after = metrics(api)
+    assert sample(after, "ember_generations", "ember_generations_total", stop="cancelled") == c0 + 1
+    done = sample(after, "ember_completion_tokens", "ember_completion_tokens_total") - sample(
+        before, "ember_completion_tokens", "ember_completion_tokens_total")
+    assert done < LONG["max_tokens"]
+
+
 def test_slowloris_head_is_closed_while_others_are_served(api, client):
     s = raw_socket(api)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
@@ -465,6 +496,16 @@ def test_http_beyond_loopback_needs_an_api_key_file(tmp_path):
     assert r.returncode == 2 and "shorter than 16" in r.stderr, r.stderr
     r = emberd_exit("--http", "localhost:http")
     assert r.returncode == 2 and "HOST:PORT" in r.stderr, r.stderr
+    r = emberd_exit("--api-key-file", str(short))
+    assert r.returncode == 2 and "needs --http" in r.stderr, r.stderr
+
+
+def test_http_without_the_extra_says_what_to_install():
+    """aiohttp absent (blocked in sys.modules, as an import of a missing package fails)."""
+    code = ("import sys; sys.modules['aiohttp'] = None; from ember.daemon import emberd; "
+            f"sys.exit(emberd.main(['--model', {str(model_path())!r}, '--http', '127.0.0.1:0']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pip install 'ember[http]'" in r.stderr, r.stderr
 
 
 def test_draining_daemon_answers_503(tmp_path):
