@@ -245,8 +245,9 @@ class Gateway:
 
     async def _close(self) -> None:
         self._listener.close()
-        for job in list(self._jobs):           # handlers still waiting: their jobs stop now
-            self._leave(job)
+        for job in list(self._jobs):           # handlers still waiting answer 503 now
+            self.scheduler.cancel(job)
+            job.inbox.put_nowait(("error", ("cancelled", "the daemon is stopping", None)))
         await self._runner.cleanup()
 
     def _accept(self) -> asyncio.Protocol:
@@ -275,7 +276,7 @@ class Gateway:
         elif kind == "error" and not job.probe:
             self.metrics.failed(payload[0])
         if progress and self._health:
-            self.loop.call_soon_threadsafe(self._health_progress)
+            self._call(self._health_progress)
         if not isinstance(job, HttpJob):
             return self._forward(kind, job, payload, wake)
         if progress and self.server._health:
@@ -283,7 +284,14 @@ class Gateway:
         self._events.append((kind, job, payload))
         if wake and not self._wake_pending:
             self._wake_pending = True
-            self.loop.call_soon_threadsafe(self._drain)
+            self._call(self._drain)
+
+    def _call(self, fn) -> None:
+        """Run fn on the HTTP loop (from any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            pass     # the loop has closed (emberd is stopping): no handler waits any more
 
     def _drain(self) -> None:
         self._wake_pending = False          # before popping: a later append schedules again
@@ -303,7 +311,7 @@ class Gateway:
         """On the ZeroMQ loop each turn: a drain that just began also empties our queue."""
         if self.server.draining and not self._draining_seen:
             self._draining_seen = True
-            self.loop.call_soon_threadsafe(self._cancel_queued)
+            self._call(self._cancel_queued)
 
     def _cancel_queued(self) -> None:
         for job in list(self._jobs):
