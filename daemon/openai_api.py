@@ -241,9 +241,9 @@ def parse(kind: str, body: Any, models: Callable[[str], bool], limits: Limits) -
             raise ApiError(400, f"unknown field '{name}' for /v1/{_route(kind)}; known: "
                                 f"model, {', '.join(fields)}", name, "unknown_parameter")
     model = _model(body, models)
-    for name in (REQUIRED[kind],):
-        if body.get(name) is None:
-            raise ApiError(400, f"'{name}' is required", name, "missing_required_parameter")
+    required = REQUIRED[kind]
+    if body.get(required) is None:
+        raise ApiError(400, f"'{required}' is required", required, "missing_required_parameter")
     got: dict = {}
     for name, x in body.items():
         if name == "model" or x is None:
