@@ -13,7 +13,8 @@ prompt at temperature 0:
   http stream     POST /v1/completions, stream=true, read to `data: [DONE]`
 
 and reports medians and the median of the paired differences (HTTP minus
-ZeroMQ: the added latency). Goal: < 1 ms.
+ZeroMQ: the added latency). Goal: < 1 ms. Then a 128-token stream on each
+door: the added time per token (does SSE keep up with the decode speed?).
 
 Memory: a second emberd without --http on the same model; both get the same
 warm-up (20 generations on their own door), then RSS from /proc is compared.
@@ -65,9 +66,9 @@ def zmq_complete(client, prompt: str) -> float:
     return time.perf_counter() - t
 
 
-def zmq_stream(client, prompt: str) -> float:
+def zmq_stream(client, prompt: str, n: int = 1) -> float:
     t = time.perf_counter()
-    for _ in client.generate(prompt, max_tokens=1, temperature=0.0, ignore_eos=True):
+    for _ in client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
         pass
     return time.perf_counter() - t
 
@@ -80,8 +81,8 @@ class Http:
         self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
         self.model = model
 
-    def _post(self, prompt: str, stream: bool) -> bytes:
-        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+    def _post(self, prompt: str, stream: bool, n: int = 1) -> bytes:
+        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0,
                            "ignore_eos": True, "stream": stream})
         self.conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = self.conn.getresponse()
@@ -95,9 +96,9 @@ class Http:
         self._post(prompt, False)
         return time.perf_counter() - t
 
-    def stream(self, prompt: str) -> float:
+    def stream(self, prompt: str, n: int = 1) -> float:
         t = time.perf_counter()
-        data = self._post(prompt, True)
+        data = self._post(prompt, True, n)
         assert data.endswith(b"data: [DONE]\n\n")
         return time.perf_counter() - t
 
@@ -140,11 +141,24 @@ def latency(model: str, backend: str, n: int, prompt: str) -> float:
             worst = max(worst, added)
             print(f"HTTP added latency, {mode:<8}: median of paired differences {added * 1e3:+.3f} ms "
                   f"(ratio of medians {statistics.median(series[f'http {mode}']) / statistics.median(series[f'zmq {mode}']):.2f}x)")
+        long_stream(zc, hc, prompt, 128, max(5, n // 20))
         zc.close()
         return worst
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def long_stream(zc, hc, prompt: str, n_tokens: int, rounds: int) -> None:
+    """A long streamed generation: does the HTTP door keep up with the decode speed?"""
+    z, h = [], []
+    for _ in range(rounds):
+        z.append(zmq_stream(zc, prompt, n_tokens))
+        h.append(hc.stream(prompt, n_tokens))
+    a, b = statistics.median(z), statistics.median(h)
+    print(f"\n{n_tokens}-token stream, {rounds} alternating rounds: zmq {a * 1e3:.2f} ms, http "
+          f"{b * 1e3:.2f} ms, http adds {(b - a) * 1e3:+.2f} ms ({(b - a) / n_tokens * 1e6:+.1f} "
+          f"us/token, ratio {b / a:.3f}x)")
 
 
 def memory(model: str, backend: str, prompt: str) -> float:
