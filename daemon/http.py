@@ -523,17 +523,14 @@ class Gateway:
 
     async def model(self, request):
         from aiohttp import web
-        name = request.match_info["model"]
-        if not self._serves(name):
-            raise ApiError(404, f"the model '{name[:200]}' does not exist here; GET /v1/models "
-                                "lists the model this daemon serves", "model", "model_not_found")
+        openai_api.check_model({"model": request.match_info["model"]}, self._serves)
         return web.json_response(self._model_object())
 
     async def embeddings(self, request):
         body = await self._json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        openai_api._model(body, self._serves)
+        openai_api.check_model(body, self._serves)
         raise ApiError(400, f"the model '{body['model']}' cannot make embeddings: it is a "
                             "text-generation model, and this ember build loads no embedding "
                             "models yet", "model", "embeddings_unsupported")
@@ -592,7 +589,7 @@ async def _send(resp, obj: dict) -> None:
 
 def _from_http(e, request) -> ApiError:
     """aiohttp's own refusals (no route, wrong method, body too large) in OpenAI's shape."""
-    where = f"{request.method} {request.path[:200]}"
+    where = f"{request.method} {openai_api.clip(request.path)}"
     if e.status == 404:
         return ApiError(404, f"no route {where}; the API is under /v1 (see docs/http.md)",
                         code="unknown_route")

@@ -102,9 +102,13 @@ def _stream(name, x, limits):
     return {"stream": protocol.boolean(name, x, limits)}
 
 
+def _bad(name: str, why: str) -> ApiError:
+    return ApiError(400, f"field '{name}' {why}", name)
+
+
 def _stream_options(name, x, limits):
     if not isinstance(x, dict) or set(x) - {"include_usage"}:
-        raise protocol._bad(name, "must be an object with at most 'include_usage'")
+        raise _bad(name, "must be an object with at most 'include_usage'")
     return {"include_usage": protocol.boolean(f"{name}.include_usage", x.get("include_usage", False),
                                               limits)}
 
@@ -171,9 +175,9 @@ def _prompt(name, x, limits):
         if len(x) > limits.max_prompt_tokens:
             raise ProtocolError("too_large", f"'{name}' has {len(x)} tokens, limit {limits.max_prompt_tokens}")
         if min(x) < 0:
-            raise protocol._bad(name, "token ids must be non-negative")
+            raise _bad(name, "token ids must be non-negative")
         return {"source": list(x)}
-    raise protocol._bad(name, "must be a non-empty string, a list of one string, or a list of "
+    raise _bad(name, "must be a non-empty string, a list of one string, or a list of "
                               "token ids (batches of prompts are not supported: send one request each)")
 
 
@@ -238,9 +242,10 @@ def parse(kind: str, body: Any, models: Callable[[str], bool], limits: Limits) -
     fields = FIELDS[kind]
     for name in body:
         if name not in fields and name != "model":
+            name = clip(name)                  # echoed back: never the client's megabyte
             raise ApiError(400, f"unknown field '{name}' for /v1/{_route(kind)}; known: "
                                 f"model, {', '.join(fields)}", name, "unknown_parameter")
-    model = _model(body, models)
+    model = check_model(body, models)
     required = REQUIRED[kind]
     if body.get(required) is None:
         raise ApiError(400, f"'{required}' is required", required, "missing_required_parameter")
@@ -259,15 +264,20 @@ def _route(kind: str) -> str:
     return "chat/completions" if kind == "chat" else "completions"
 
 
-def _model(body: dict, models: Callable[[str], bool]) -> str:
+def check_model(body: dict, models: Callable[[str], bool]) -> str:
+    """The request's `model`, which must name the served model (404 otherwise)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: a model id from GET /v1/models", "model",
                        "missing_required_parameter")
     if not models(model):
-        raise ApiError(404, f"the model '{model}' does not exist here; GET /v1/models lists the "
-                            "model this daemon serves", "model", "model_not_found")
+        raise ApiError(404, f"the model '{clip(model)}' does not exist here; GET /v1/models lists "
+                            "the model this daemon serves", "model", "model_not_found")
     return model
+
+
+def clip(text: str, n: int = 100) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _call(kind: str, model: str, got: dict, limits: Limits) -> Call:

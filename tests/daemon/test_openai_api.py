@@ -163,3 +163,10 @@ def test_ember_error_codes_map_to_http_statuses():
     assert openai_api.from_ember("busy", "x").status == 429
     assert openai_api.from_ember("cancelled", "x").status == 503
     assert openai_api.from_ember("internal", "x").body()["error"]["type"] == "server_error"
+
+
+def test_echoed_names_are_clipped():
+    e = refused("chat", model="m", messages=MSG, **{"k" * 100_000: 1})
+    assert len(e.message) < 1000 and len(e.param) < 120
+    e = refused("chat", 404, model="x" * 100_000, messages=MSG)
+    assert len(e.message) < 1000
