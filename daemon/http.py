@@ -58,6 +58,7 @@ from typing import Any
 from ember.daemon import openai_api, security
 from ember.daemon.openai_api import ApiError
 from ember.daemon.scheduler import Busy, Job
+from ember.formats.errors import UserError
 
 log = logging.getLogger("emberd")
 
@@ -76,10 +77,8 @@ INSTALL = "pip install 'ember[http]'"
 PROBE = {"max_tokens": 1, "temperature": 0.0}
 
 
-class HttpSetupError(ValueError):
+class HttpSetupError(UserError, ValueError):
     """A bad --http / --api-key-file setting, or the http extra is missing."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
