@@ -423,7 +423,7 @@ class Gateway:
 
     async def _whole(self, call, job: HttpJob, event: tuple):
         from aiohttp import web
-        reply, events = self._reply(call), []
+        reply, events = self._reply(call, job), []
         while True:
             kind, payload = event
             if kind == "token" and call.top_logprobs is not None:
@@ -438,7 +438,7 @@ class Gateway:
         from aiohttp import web
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        reply = self._reply(call)
+        reply = self._reply(call, job)
         try:
             await resp.prepare(request)
             if (chunk := reply.role_chunk()) is not None:
@@ -494,9 +494,10 @@ class Gateway:
         if self.scheduler.cancel(job):           # still queued: dropped now, nothing computed
             self.metrics.disconnect(0)
 
-    def _reply(self, call) -> openai_api.Reply:
+    def _reply(self, call, job: HttpJob) -> openai_api.Reply:
         info = self.server.info
-        tok = self.server.model.tokenizer
+        # the job's own model: after a reload it may still run on the previous one
+        tok = (job.gen.model if job.gen is not None else self.server.model).tokenizer
         fingerprint = "-".join(str(x) for x in ("ember", info.get("backend"), info.get("isa")) if x)
         return openai_api.Reply(call, lambda t: tok.token_to_piece(t, special=True), fingerprint,
                                 info.get("model"))

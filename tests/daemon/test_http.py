@@ -280,6 +280,23 @@ def test_second_request_gets_429_while_the_queue_is_full(api, client):
     assert queued["r"].choices[0].finish_reason == "length"
 
 
+def test_both_doors_share_one_queue(api, client):
+    """A ZeroMQ request waiting behind an HTTP one fills the queue for HTTP too."""
+    holder = Holder(api)
+    try:
+        with api.client() as z:
+            rid = z.send("generate", prompt=PROMPT, max_tokens=4, temperature=0.0, stream=False)
+            wait_until(lambda: z.status()["queue_len"] == 1)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4)
+            holder.sock.close()                       # the HTTP job is cancelled; ZeroMQ's runs
+            while (msg := z.recv(rid)[0])["op"] not in ("done", "error"):
+                pass
+        assert msg["op"] == "done" and msg["usage"]["completion_tokens"] == 4, msg
+    finally:
+        holder.close()
+
+
 def test_zeromq_health_counts_tokens_of_http_requests(api):
     holder = Holder(api)                      # the worker is busy with an HTTP job
     try:
