@@ -543,20 +543,22 @@ class Gateway:
     # -- health -------------------------------------------------------------------------
 
     async def health(self, request):
-        """200 once the worker makes a token (a 1-token probe when idle), else 503."""
+        """200 once the worker makes a token (a 1-token probe when idle), else 503 after
+        ?timeout_ms= (default 5 s)."""
         from aiohttp import web
         self._open_for_work()
+        timeout = _health_timeout(request.query.get("timeout_ms"))
         loop, t0 = asyncio.get_running_loop(), time.monotonic()
         proof = loop.create_future()
         self._health.append(proof)
         if self.scheduler.idle():
             self._probe()
         try:
-            await asyncio.wait_for(asyncio.shield(proof), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(proof), timeout)
         except TimeoutError:
             age = time.monotonic() - self.scheduler.heartbeat
-            raise ApiError(503, f"no token within {HEALTH_TIMEOUT_S:.0f} s (worker silent for "
-                                f"{age:.1f} s)", code="unhealthy") from None
+            raise ApiError(503, f"no token within {timeout * 1e3:.0f} ms (worker silent for "
+                                f"{age * 1e3:.0f} ms)", code="unhealthy") from None
         finally:
             if proof in self._health:
                 self._health.remove(proof)
@@ -581,6 +583,16 @@ class Gateway:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+
+def _health_timeout(text: str | None) -> float:
+    """GET /health?timeout_ms=N (1..60000, as the ZeroMQ `health` op), in seconds."""
+    if text is None:
+        return HEALTH_TIMEOUT_S
+    if not text.isdigit() or not 1 <= int(text) <= 60_000:
+        raise ApiError(400, f"timeout_ms must be an integer in [1, 60000], got {openai_api.clip(text)!r}",
+                       "timeout_ms")
+    return int(text) / 1e3
+
 
 async def _send(resp, obj: dict) -> None:
     """One SSE event."""

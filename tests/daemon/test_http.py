@@ -297,6 +297,29 @@ def test_both_doors_share_one_queue(api, client):
         holder.close()
 
 
+def test_http_health_reports_a_worker_that_makes_no_token_in_time(api):
+    """A long prefill (no token yet) outlasting ?timeout_ms=1 is 503; the same wait later is 200."""
+    long_prompt = "Once upon a time " * 150      # ~600 tokens: a prefill far above 1 ms
+    checked = 0
+    for _ in range(8):
+        body = json.dumps({"model": NAME, "prompt": long_prompt, "max_tokens": 1}).encode()
+        s = raw_socket(api)
+        s.sendall(post_head("/v1/completions", len(body)) + body)
+        wait_until(lambda: sample(metrics(api), "ember_running") == 1, every=0.001)
+        status, _, body = request(api, "GET", "/health?timeout_ms=1")
+        still = sample(metrics(api), "ember_running") == 1    # so no token came in between
+        s.settimeout(30)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.close()
+        if status == 503 and still:
+            assert body["error"]["code"] == "unhealthy" and "no token within 1 ms" in body["error"]["message"]
+            checked += 1
+            break
+    assert checked, "never caught the worker inside a prefill"
+    status, _, body = request(api, "GET", "/health?timeout_ms=5000")
+    assert status == 200 and body["status"] == "ok"
+
+
 def test_zeromq_health_counts_tokens_of_http_requests(api):
     holder = Holder(api)                      # the worker is busy with an HTTP job
     try:
@@ -358,6 +381,7 @@ def test_curl_health_and_metrics(api, client):
     assert sample(fams, "process_resident_memory_bytes") > 10 << 20
     info = fams["ember_model_info"].samples[0].labels
     assert info["model"] == NAME and info["backend"] == "reference"
+    assert curl(api, "/health?timeout_ms=0", "-o", "/dev/null", "-w", "%{http_code}").stdout == "400"
     wrong = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
                             "Authorization: Bearer nope", api.http + "/health"],
                            capture_output=True, text=True, timeout=30)
