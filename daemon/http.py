@@ -188,16 +188,14 @@ class Gateway:
         from ember.daemon.metrics import Metrics
         self.server, self.scheduler = server, server.scheduler
         self.metrics = Metrics(server)
-        self._forward = self.scheduler.post
-        self.scheduler.post = self._post
-        server.on_tick.append(self._tick)
         self._thread = threading.Thread(target=self._run, name="ember-http", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._start_error is not None:
-            self.scheduler.post = self._forward
-            server.on_tick.remove(self._tick)
             raise HttpSetupError(f"cannot serve HTTP on {self.host}:{self.port}: {self._start_error}")
+        self._forward = self.scheduler.post      # the loop is up: events may come to it now
+        self.scheduler.post = self._post
+        server.on_tick.append(self._tick)
         print(f"emberd: listening on {self.url}", flush=True)
 
     def stop(self) -> None:

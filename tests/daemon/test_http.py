@@ -541,6 +541,15 @@ def test_http_beyond_loopback_needs_an_api_key_file(tmp_path):
     assert r.returncode == 2 and "needs --http" in r.stderr, r.stderr
 
 
+def test_a_taken_http_port_is_one_line_and_exit_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = emberd_exit("--http", f"127.0.0.1:{taken.getsockname()[1]}")
+    assert r.returncode == 2 and "cannot serve HTTP on 127.0.0.1" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_http_without_the_extra_says_what_to_install():
     """aiohttp absent (blocked in sys.modules, as an import of a missing package fails)."""
     code = ("import sys; sys.modules['aiohttp'] = None; from ember.daemon import emberd; "
