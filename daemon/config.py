@@ -15,9 +15,10 @@ example and a test checks that it loads.
 Keys (top level unless a section is named):
 
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
-    memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir
+    memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir,
+    http ("HOST:PORT": the OpenAI-compatible API, docs/http.md)
     [scheduler]  queue_size, max_tokens, drain_timeout
-    [security]   server_secret_key, allowed_clients, insecure
+    [security]   server_secret_key, allowed_clients, insecure, api_key_file
     [cache]      dir, hub
 """
 from __future__ import annotations
@@ -56,12 +57,14 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "log_level"): Key("log_level", (str,), "debug, info, warning or error"),
     ("", "allow_load"): Key("allow_load", (bool,), "true or false"),
     ("", "load_dir"): Key("load_dir", (str,), "a folder"),
+    ("", "http"): Key("http", (str,), 'an HTTP address such as "127.0.0.1:8080"'),
     ("scheduler", "queue_size"): Key("max_queue", (int,), "an integer >= 0"),
     ("scheduler", "max_tokens"): Key("max_tokens", (int,), "a positive integer"),
     ("scheduler", "drain_timeout"): Key("drain_timeout", (int, float), "seconds"),
     ("security", "server_secret_key"): Key("server_key", (str,), "a path to a .key_secret file"),
     ("security", "allowed_clients"): Key("allowed_clients", (str,), "a folder of client .key files"),
     ("security", "insecure"): Key("insecure", (bool,), "true or false"),
+    ("security", "api_key_file"): Key("api_key_file", (str,), "a path to a file of HTTP API keys"),
     ("cache", "dir"): Key("cache_dir", (str,), "a folder"),
     ("cache", "hub"): Key("hub", (str,), "a base URL"),
 }

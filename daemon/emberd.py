@@ -8,7 +8,10 @@ file is one line on stderr and exit 2, never a traceback), build the Server,
 bind (a taken port is the same kind of error), print one `listening on`
 line per bound endpoint to stdout (tests and scripts read it to learn a `:*`
 wildcard port), then serve until SIGINT/SIGTERM, and release everything.
-Each stage is its own function; daemon/service.py slots the production side
+With --http, the OpenAI-compatible gateway (daemon/http.py) is checked
+before the load, started after the ZeroMQ bind onto the same scheduler, and
+prints its own `listening on http://...` line. Each stage is its own
+function; daemon/service.py slots the production side
 in between (config file, model-file checks and memory budget at load, CURVE
 before bind, READY=1 after it, signals, drain, SIGHUP reload, watchdog).
 """
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     from ember.daemon import service
     service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload (issue 7)
+    from ember.daemon import http
+    http.add_arguments(p)       # --http HOST:PORT, --api-key-file (issue 14)
     return p
 
 
@@ -71,6 +76,14 @@ def build_server(args, model):
     limits = protocol.Limits(max_queue=max(0, args.max_queue), max_tokens=max(1, args.max_tokens))
     model.tokenize("warm up")   # build the tokenizer now, not inside the first request
     return Server(model, args.bind or [protocol.DEFAULT_ENDPOINT], limits, model.info())
+
+
+def http_gateway(args):
+    """The HTTP gateway for --http (checked before the model loads), or None."""
+    if not args.http and not args.api_key_file:
+        return None              # the http extra is not even imported
+    from ember.daemon import http
+    return http.from_args(args)
 
 
 def bind(server) -> None:
@@ -101,20 +114,23 @@ def main(argv=None) -> int:
     args = config.parse_args(build_parser(), argv)   # the --config file, flags win
     log_setup(args.log_level)       # stderr lines that can never take the daemon down
     svc = service.Service(args, argv, build_parser)   # signals + sd_notify from here on
-    model = server = None
+    model = server = gateway = None
     try:
         svc.security(args.bind or [protocol.DEFAULT_ENDPOINT])
+        gateway = http_gateway(args)
         model = load_model(args, svc)
         server = build_server(args, model)
         svc.attach(server)
         bind(server)
-        svc.ready()             # READY=1: model loaded, socket bound
+        if gateway is not None:
+            gateway.start(server)
+        svc.ready()             # READY=1: model loaded, sockets bound
     except service.Stopped:     # SIGTERM before serving: no READY=1, clean exit
-        _release(server, model, svc)
+        _release(server, model, svc, gateway)
         return 0
     except Exception as e:  # noqa: BLE001 - user-facing boundary
         from ember.daemon.cli import _is_user_error
-        _release(server, model, svc)
+        _release(server, model, svc, gateway)
         if _is_user_error(e):
             say(str(e))
             return 2
@@ -123,12 +139,14 @@ def main(argv=None) -> int:
     try:
         server.serve()
     finally:
-        _release(server, model, svc)
+        _release(server, model, svc, gateway)
     return svc.exit_code
 
 
-def _release(server, model, svc) -> None:
-    svc.stop_security()         # first: the ZAP handler's sockets would block the server's ctx.term()
+def _release(server, model, svc, gateway=None) -> None:
+    if gateway is not None:     # first: in-flight HTTP replies finish while the worker still runs
+        gateway.stop()
+    svc.stop_security()         # then: the ZAP handler's sockets would block the server's ctx.term()
     if server is not None:
         server.stop()
     if svc.loaded is not None:

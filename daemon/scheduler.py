@@ -167,6 +167,12 @@ class Scheduler:
         with self._lock:
             return self.running is None and self._queued == 0
 
+    def jobs(self) -> list[Job]:
+        """Every unfinished job — running, queued or suspended — whichever front door sent it."""
+        with self._lock:
+            live = [j for _, j in self._heap if j.state != "finished"]
+            return ([self.running] if self.running is not None else []) + live
+
     def snapshot(self, now: float) -> dict:
         with self._lock:
             queue = sorted((k, j) for k, j in self._heap if j.state != "finished")

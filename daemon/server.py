@@ -33,6 +33,9 @@ requests), `set_model` (swap the served model), `wake` (from another
 thread), `on_tick` callbacks run every loop turn (watchdog),
 `request_stop()` / `draining` for signal handling, and `stop()` to release
 everything.
+The HTTP gateway (daemon/http.py) sits in front of `scheduler.post` and
+posts a `progress` event for its own jobs' tokens, so `health` sees every
+token, whichever door it went out of.
 """
 from __future__ import annotations
 
@@ -365,7 +368,7 @@ class Server:
         while self._events:
             kind, job, payload = self._events.popleft()
             getattr(self, f"_ev_{kind}")(job, payload)
-            if kind in ("token", "done") and self._health:
+            if kind in ("token", "done", "progress") and self._health:
                 self._health_progress()   # a token was made: the worker is alive
 
     # a gone client's job sends nothing more: a reply could re-open a held queue for nobody
@@ -392,6 +395,9 @@ class Server:
                 sent()                          # after the stop is set: the worker must not wait
             return
         self.scheduler.delivered(job, i + 1)
+
+    def _ev_progress(self, job: None, _) -> None:
+        """Another front door's job made a token (daemon/http.py): only health waiters care."""
 
     def _ev_suspended(self, job: Job, _) -> None:
         log.info("request %r preempted after %d tokens", job.rid, job.n_tokens)

@@ -513,8 +513,7 @@ class Service:
         self._retired = keep
 
     def _models_in_use(self) -> set:
-        jobs = self.server.active_jobs()
-        running = self.server.scheduler.running
-        if running is not None:
-            jobs.append(running)
+        # the scheduler's jobs too: an HTTP job (daemon/http.py) suspended by a preemption
+        # holds its Generation, and so the old model, without being one of the server's
+        jobs = self.server.active_jobs() + self.server.scheduler.jobs()
         return {j.gen.model for j in jobs if j.gen is not None}

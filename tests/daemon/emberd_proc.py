@@ -42,6 +42,11 @@ class Daemon:
         return next(e for e in self.endpoints if e.startswith("tcp://"))
 
     @property
+    def http(self) -> str:
+        """The HTTP gateway's base URL (start_emberd(http=True))."""
+        return next(e for e in self.endpoints if e.startswith("http://"))
+
+    @property
     def ipc(self) -> str:
         return next(e for e in self.endpoints if e.startswith("ipc://"))
 
@@ -80,21 +85,21 @@ class Daemon:
 
 
 def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0,
-                 stderr: str | None = None) -> Daemon:
+                 stderr: str | None = None, http: bool = False) -> Daemon:
     """Start emberd and wait until it reports every bound endpoint (stderr: a path instead of
-    the log file, e.g. /dev/full)."""
+    the log file, e.g. /dev/full; http: also --http on a free loopback port)."""
     model = model_path()
     # ipc paths are limited to ~107 bytes: a short private dir under the system tmp
     workdir = tempfile.mkdtemp(prefix="emberd-")
     log = Path(workdir) / "stderr.log"
     binds = ["--bind", "tcp://127.0.0.1:*"] + (["--bind", f"ipc://{workdir}/e.sock"] if ipc else [])
     cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", str(model), "--backend", BACKEND,
-           *binds, *extra]
+           *binds, *(["--http", "127.0.0.1:0"] if http else []), *extra]
     with open(stderr or log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     daemon = Daemon(proc, [], workdir, log)
     try:
-        daemon.endpoints = _read_endpoints(proc, 1 + ipc, timeout)
+        daemon.endpoints = _read_endpoints(proc, 1 + ipc + http, timeout)
     except BaseException:
         daemon.stop()
         raise

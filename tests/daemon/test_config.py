@@ -90,3 +90,12 @@ def test_emberd_runs_from_a_config_file(tmp_path):
         assert hello["n_ctx"] == 96 and hello["limits"]["max_tokens"] == 7
     finally:
         d.stop()
+
+
+def test_http_settings_come_from_the_file(tmp_path):
+    f = tmp_path / "e.toml"
+    f.write_text('http = "127.0.0.1:8080"\n[security]\napi_key_file = "/etc/ember/http.keys"\n')
+    args = _parse(["--config", str(f)])
+    assert args.http == "127.0.0.1:8080" and args.api_key_file == "/etc/ember/http.keys"
+    assert _parse(["--config", str(f), "--http", "127.0.0.1:9"]).http == "127.0.0.1:9"
+    assert _parse([]).http is None                          # off by default

@@ -189,6 +189,25 @@ def test_preemption_resumes_with_the_uninterrupted_text(sched, model, temperatur
     assert stop == "length" and result.timings["reprefill_ms"] > 0
 
 
+def test_jobs_lists_running_queued_and_suspended(sched):
+    s, ev = sched
+    low = job(priority=0, max_tokens=200, ignore_eos=True, temperature=0.0)
+    s.submit(low)
+    wait_tokens(low, 3)
+    high = job(source="The dog", priority=9, max_tokens=200, ignore_eos=True, temperature=0.0)
+    waiting = job(priority=-5, max_tokens=2)
+    s.submit(high)
+    s.submit(waiting)
+    wait_tokens(high, 1)
+    assert s.jobs()[0] is high and {low, waiting} <= set(s.jobs())
+    assert low.state == "suspended" and low.gen is not None        # it still holds its model
+    assert s.cancel(waiting) is True                  # queued: dropped at once
+    for j in (high, low):                             # running (or resumed): ends with done
+        if not s.cancel(j):
+            ev.until("done", j)
+    assert s.jobs() == []
+
+
 def test_equal_priority_does_not_preempt(sched):
     s, ev = sched
     a, b = job(max_tokens=40, ignore_eos=True, temperature=0.0), job(max_tokens=5, temperature=0.0)
