@@ -39,12 +39,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import ModelConfig, UnsupportedModel
+from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin, rope_factors
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "reference"
+# ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
+IMPLEMENTED = frozenset({"yarn", "longrope"})
 ATTN_CHUNK = 256  # query rows per attention block: bounds the (heads, rows, n_ctx) scores
 
 
@@ -143,7 +145,7 @@ class _Layer:
         self.bv = _maybe(gguf, p + "attn_v.bias", (kv_dim,))
         if c.qkv_bias and self.bq is None:
             raise UnsupportedModel(f"{c.arch} needs tensor {p}attn_q.bias")
-        if c.qk_norm:
+        if c.qk_norm == "head":
             self.q_norm = _need(gguf, p + "attn_q_norm.weight", (c.head_dim,))
             self.k_norm = _need(gguf, p + "attn_k_norm.weight", (c.head_dim,))
         self.wo = _need(gguf, p + "attn_output.weight", (d, q_dim))
@@ -162,7 +164,6 @@ class Weights:
         self.output_norm = _need(gguf, "output_norm.weight", (c.n_embd,))
         self.output = (self.token_embd if c.tied_embeddings
                        else _need(gguf, "output.weight", (c.n_vocab, c.n_embd)))
-        self.rope_freqs = _maybe(gguf, "rope_freqs.weight", (c.rope_dim // 2,))
         self.layers = [_Layer(gguf, c, i) for i in range(c.n_layer)]
 
 
@@ -174,16 +175,6 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (..., n) * w (n,) / rms(x); the mean of squares in float64 (long rows)."""
     ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
     return (x / np.sqrt(ms + eps)).astype(np.float32) * w
-
-
-def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
-    """cos, sin (n_ctx, rope_dim/2) for every position the cache can hold."""
-    i = np.arange(c.rope_dim // 2, dtype=np.float64)
-    inv_freq = c.rope_freq_scale * c.rope_base ** (-2.0 * i / c.rope_dim)  # (rope_dim/2,)
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.astype(np.float64)
-    angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, dim: int, style: str) -> np.ndarray:
@@ -245,6 +236,7 @@ class ReferenceRunner(CacheBookkeeping):
     def __init__(self, gguf, config: ModelConfig, n_ctx: int):
         if not isinstance(n_ctx, int) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        require_features(config, NAME, IMPLEMENTED)
         self.c = config
         self.n_ctx = n_ctx
         self.n_vocab = config.n_vocab
@@ -253,7 +245,7 @@ class ReferenceRunner(CacheBookkeeping):
         shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
         self.k_cache = np.zeros(shape, dtype=np.float32)         # (layer, n_ctx, n_kv, hd)
         self.v_cache = np.zeros(shape, dtype=np.float32)
-        self.cos, self.sin = rope_tables(config, n_ctx, self.w.rope_freqs)
+        self.cos, self.sin = rope_cos_sin(config, n_ctx, rope_factors(config, gguf, n_ctx))
         self._gguf = gguf  # keeps the map (and the F32 views into it) alive
 
     # -- the Runner protocol --------------------------------------------------
@@ -290,7 +282,7 @@ class ReferenceRunner(CacheBookkeeping):
     def _attn_block(self, li: int, L: _Layer, x: np.ndarray, p0: int) -> np.ndarray:
         c, T = self.c, x.shape[0]
         q, k, v = self._qkv(L, rmsnorm(x, L.attn_norm, c.rms_eps))
-        if c.qk_norm:
+        if c.qk_norm == "head":
             q, k = rmsnorm(q, L.q_norm, c.rms_eps), rmsnorm(k, L.k_norm, c.rms_eps)
         cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
         q = rope(q, cos, sin, c.rope_dim, c.rope_style)

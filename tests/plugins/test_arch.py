@@ -10,12 +10,12 @@ from tests.conftest import conformance_path
 
 # file -> (arch, rope_style, qkv_bias, qk_norm, fused_qkv, fused_gate_up, tied, rope_base)
 EXPECTED = {
-    "stories260K.gguf": ("llama", "norm", False, False, False, False, False, 10000.0),
-    "s512-qwen2-F32.gguf": ("qwen2", "neox", True, False, False, False, False, 1e6),
-    "s512-qwen3-F32.gguf": ("qwen3", "neox", False, True, False, False, False, 1e6),
-    "v32k-phi3-Q8_0.gguf": ("phi3", "neox", False, False, True, True, False, 10000.0),
-    "v32k-llama-Q8_0.gguf": ("llama", "norm", False, False, False, False, True, 10000.0),
-    "v128k-llama3-Q8_0.gguf": ("llama", "norm", False, False, False, False, True, 5e5),
+    "stories260K.gguf": ("llama", "norm", False, "none", False, False, False, 10000.0),
+    "s512-qwen2-F32.gguf": ("qwen2", "neox", True, "none", False, False, False, 1e6),
+    "s512-qwen3-F32.gguf": ("qwen3", "neox", False, "head", False, False, False, 1e6),
+    "v32k-phi3-Q8_0.gguf": ("phi3", "neox", False, "none", True, True, False, 10000.0),
+    "v32k-llama-Q8_0.gguf": ("llama", "norm", False, "none", False, False, True, 10000.0),
+    "v128k-llama3-Q8_0.gguf": ("llama", "norm", False, "none", False, False, True, 5e5),
 }
 
 
@@ -59,8 +59,9 @@ def _variant(tmp_path, change: dict, drop_keys=(), drop_tensors=()):
     ({"llama.embedding_length": "64"}, (), "embedding_length"),
     ({"llama.rope.freq_base": -1.0}, (), "freq_base"),
     ({}, ("llama.block_count",), "block_count"),
-    ({"llama.rope.scaling.type": "yarn"}, (), "'yarn' is not supported"),
-    ({"llama.rope.scaling.type": "longrope"}, (), "'longrope' is not supported"),
+    ({"llama.rope.scaling.type": "su"}, (), "'su' is not supported"),
+    ({"llama.rope.scaling.type": "longrope"}, (), "rope_factors_long.weight"),
+    ({"llama.rope.dimension_count": 9}, (), "dimension_count 9 must be even"),
     ({"llama.rope.scaling.factor": "2"}, (), "scaling factor"),
 ])
 def test_refusals_name_the_problem(tmp_path, change, drop, match):
@@ -96,11 +97,11 @@ def test_linear_rope_scaling_and_rope_freqs(tmp_path):
     assert c.rope_freq_scale == 1.0 and not c.rope_freqs
 
 
-def test_long_rope_factor_tensors_are_refused(tmp_path):
+def test_long_rope_needs_both_factor_tensors(tmp_path):
     src = gguf.open(conformance_path("models", "stories260K.gguf"))
     tensors = dict(src.tensors, **{"rope_factors_long.weight": np.ones(4, np.float32)})
     gguf.write(tmp_path / "lr.gguf", src.metadata, tensors, types=src.metadata_types)
     src.close()
     with gguf.open(tmp_path / "lr.gguf") as f, pytest.raises(UnsupportedModel,
-                                                             match="rope_factors_long"):
+                                                             match="rope_factors_short"):
         config_from_gguf(f)
