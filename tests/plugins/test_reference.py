@@ -236,6 +236,6 @@ def test_registered_probe_and_plan():
     held = {id(a): a.nbytes for a in [r.w.token_embd, r.w.output, r.w.output_norm]
             + [a for L in r.w.layers for a in vars(L).values() if isinstance(a, np.ndarray)]}
     assert plan.weights == sum(held.values())
-    assert plan.kv_cache == r.k_cache.nbytes + r.v_cache.nbytes
+    assert plan.kv_cache == sum(a.nbytes for a in r.k_cache + r.v_cache)
     r.close()
     f.close()
