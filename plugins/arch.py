@@ -146,6 +146,12 @@ class ModelConfig:
         rows = sum(self.kv_rows(il, n_ctx) for il in range(self.n_layer))
         return 2 * rows * self.n_head_kv * self.head_dim * bytes_per_value
 
+    def kv_saved_bytes(self, n_ctx: int, bytes_per_value: int = 2) -> int:
+        """What keeping only the window on sliding-window layers saves against full layers."""
+        full = 2 * sum(n_ctx for il in range(self.n_layer) if self.layer_kind(il) == "attn")
+        return full * self.n_head_kv * self.head_dim * bytes_per_value - \
+            self.kv_cache_bytes(n_ctx, bytes_per_value)
+
     def conv_state_bytes(self, bytes_per_value: int = 4) -> int:
         """lfm2: each conv layer keeps the last conv_l_cache - 1 inputs (n_embd wide)."""
         n_conv = sum(self.layer_kind(il) == "conv" for il in range(self.n_layer))

@@ -50,8 +50,8 @@ import numpy as np
 from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe, TruncateUnsupported
-from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
+from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import TokenOutOfRange, TruncateUnsupported  # noqa: F401 - re-exported
 
 NAME = "reference"
 # ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
@@ -103,13 +103,16 @@ def plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
     rows = n_ctx
     acts = rows * (4 * config.n_embd + 3 * config.n_ff + 3 * config.n_head * config.head_dim) * 4
     scores = config.n_head * min(ATTN_CHUNK, n_ctx) * n_ctx * 4
+    saved = config.kv_saved_bytes(n_ctx, bytes_per_value=4)
+    window = ([f"sliding-window layers keep {config.sliding_window} of {n_ctx} positions: "
+               f"the KV cache is {saved} bytes smaller than with full layers"] if saved else [])
     return MemoryPlan(
         weights=mapped + copies,
         kv_cache=config.kv_cache_bytes(n_ctx, bytes_per_value=4) + config.conv_state_bytes(4),
         scratch=acts + scores + config.n_vocab * 4,
         notes=[f"{copies} bytes are float32 copies of quantized/half tensors; "
                f"{mapped} bytes are F32 tensors read from the map",
-               "all_logits=True adds len(tokens) * n_vocab * 4 bytes for the result"],
+               "all_logits=True adds len(tokens) * n_vocab * 4 bytes for the result", *window],
     )
 
 
