@@ -403,8 +403,7 @@ def _sliding_window(md: dict, p: str, arch: str, n_layer: int) -> dict:
     return dict(sliding_window=window, swa_layers=layers) if any(layers) else {}
 
 
-def _arch_values(md: dict, p: str, arch: str, n_embd: int, n_layer: int, head_dim: int,
-                 n_head: int) -> dict:
+def _arch_values(md: dict, p: str, arch: str, n_embd: int, n_layer: int, n_head: int) -> dict:
     """The multipliers, soft-caps and per-layer switches that come from metadata."""
     v: dict = {}
     if arch in ("gemma2", "gemma3"):
@@ -475,6 +474,6 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         tensors={n: TensorEntry(n, t.type, t.shape, t.nbytes) for n, t in f.tensors.items()},
         **_rope_scaling(md, p, f.tensors, n_ctx_train),
         **_sliding_window(md, p, arch, n_layer),
-        **_arch_values(md, p, arch, n_embd, n_layer, head_dim, n_head),
+        **_arch_values(md, p, arch, n_embd, n_layer, n_head),
         **switches,
     )

@@ -101,7 +101,8 @@ def plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
     mapped = sum(t.nbytes for t in config.tensors.values() if t.type == "F32")
     copies = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values() if t.type != "F32")
     rows = n_ctx
-    acts = rows * (4 * config.n_embd + 3 * config.n_ff + 3 * config.n_head * config.head_dim) * 4
+    conv = 3 * config.n_embd if "conv" in config.layer_kinds else 0          # lfm2's b | c | x
+    acts = rows * (4 * config.n_embd + 3 * config.n_ff + 3 * config.n_head * config.head_dim + conv) * 4
     scores = config.n_head * min(ATTN_CHUNK, n_ctx) * n_ctx * 4
     saved = config.kv_saved_bytes(n_ctx, bytes_per_value=4)
     window = ([f"sliding-window layers keep {config.sliding_window} of {n_ctx} positions: "

@@ -19,7 +19,7 @@ import pytest
 
 from ember.daemon import engine
 from ember.formats import gguf
-from ember.plugins import cpu, onnx, reference, registry
+from ember.plugins import cpu, cuda, onnx, reference, registry
 from ember.plugins.arch import FEATURES, UnsupportedModel, config_from_gguf, features
 from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
 from tests.plugins.test_conformance import _kl_rows, _thresholds
@@ -28,9 +28,10 @@ CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
 MODELS = sorted({c["model"] for c in CASES})
 # backend -> the arch.FEATURES it implements. BACKENDS must run every case; a PARTIAL
 # backend runs what its IMPLEMENTED covers (so the cases follow as a backend grows) and
-# refuses the rest. cpu moves to BACKENDS once its C decoder computes every feature.
+# refuses the rest. cpu moves to BACKENDS once its C decoder computes every feature;
+# cuda runs only where a GPU probes available.
 BACKENDS = {"reference": reference.IMPLEMENTED}
-PARTIAL = {"cpu": cpu.IMPLEMENTED, "onnx": onnx.IMPLEMENTED}
+PARTIAL = {"cpu": cpu.IMPLEMENTED, "onnx": onnx.IMPLEMENTED, "cuda": cuda.IMPLEMENTED}
 ALL = {**BACKENDS, **{b: f for b, f in PARTIAL.items() if b in registry.available()}}
 
 
