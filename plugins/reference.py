@@ -51,7 +51,7 @@ from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
-from ember.plugins.types import TokenOutOfRange, TruncateUnsupported  # noqa: F401 - re-exported
+from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
 # ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
@@ -334,13 +334,13 @@ class ReferenceRunner(CacheBookkeeping):
         if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past:
             c = self.c
             if "conv" in c.layer_kinds:
-                raise TruncateUnsupported(f"truncate({n_past}): {c.arch}'s convolution layers keep "
+                raise CacheTooShort(f"truncate({n_past}): {c.arch}'s convolution layers keep "
                                           "only their latest inputs; reset() and prefill again")
             # a ring of R rows holds positions n_past - R ..; the next query at position
             # n_past' needs the R - 1 before it
             ring = min((len(k) for il, k in enumerate(self.k_cache) if c.is_swa(il)), default=0)
             if ring and max(0, n_past - ring + 1) < self.n_past - ring:
-                raise TruncateUnsupported(f"truncate({n_past}): the sliding-window layers keep "
+                raise CacheTooShort(f"truncate({n_past}): the sliding-window layers keep "
                                           f"only the last {ring} positions of {self.n_past}; "
                                           "reset() and prefill again")
         super().truncate(n_past)

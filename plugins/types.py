@@ -78,9 +78,9 @@ class ContextOverflow(Exception):
     user_error = True
 
 
-class TruncateUnsupported(ValueError):
-    """The cache cannot go back that far: sliding-window rings and convolution states keep
-    only the latest positions. reset() and prefill again instead."""
+class CacheTooShort(BackendError, ValueError):
+    """truncate() asked for positions a ring cache has dropped: sliding-window rings and
+    convolution states keep only the latest positions. reset() and prefill again instead."""
 
     user_error = True
 

@@ -169,7 +169,7 @@ def test_truncate_goes_back_only_as_far_as_rings_and_conv_states_allow():
     full = np.concatenate([full[:3], r.prefill(ids[3:], all_logits=True)])
     r.truncate(39)                                    # one back: the ring still holds it
     assert kl_rows(full[39:], r.decode(ids[39])[None]).max() <= 1e-6
-    with pytest.raises(reference.TruncateUnsupported, match="keep only the last 16 positions"):
+    with pytest.raises(reference.CacheTooShort, match="keep only the last 16 positions"):
         r.truncate(30)
     assert r.n_past == 40                             # refused: nothing changed
     r.truncate(0)                                     # going back to empty is a reset
@@ -177,7 +177,7 @@ def test_truncate_goes_back_only_as_far_as_rings_and_conv_states_allow():
     r.close()
     r = load_arch_runner("s512-lfm2-F32.gguf", n_ctx=64)
     r.prefill(ids)
-    with pytest.raises(reference.TruncateUnsupported, match="convolution layers"):
+    with pytest.raises(reference.CacheTooShort, match="convolution layers"):
         r.truncate(39)
     r.close()
 
