@@ -363,6 +363,8 @@ def _head_count_kv(md: dict, p: str, arch: str, n_layer: int, n_head: int):
     v = md.get(key, n_head)
     if not isinstance(v, (list, tuple, np.ndarray)):
         return _positive("head_count_kv", _get(md, key, int, n_head)), ()
+    if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v):
+        raise UnsupportedModel(f"metadata {key!r} must hold integers, got {list(v)[:8]}")
     v = [int(x) for x in v]
     if len(v) != n_layer:
         raise UnsupportedModel(f"metadata {key!r} has {len(v)} entries for {n_layer} layers")
