@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ember.formats.errors import UserError
 from ember.formats.gguf import GGUFFile
 
 
-class UnsupportedModel(Exception):
+class UnsupportedModel(UserError):
     """The file's architecture or hyper-parameters are outside what ember runs."""
-
-    user_error = True
 
 
 # architecture -> switches that differ from plain llama (metadata-driven ones are read below)
