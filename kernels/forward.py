@@ -68,7 +68,7 @@ def layer_slots(c: ModelConfig) -> list[Slot]:
               Slot("v", "attn_v.weight", (kv_dim, d))]
     s += [Slot("bq", "attn_q.bias", (q_dim,), c.qkv_bias), Slot("bk", "attn_k.bias", (kv_dim,), c.qkv_bias),
           Slot("bv", "attn_v.bias", (kv_dim,), c.qkv_bias)]
-    if c.qk_norm:
+    if c.qk_norm == "head":
         s += [Slot("q_norm", "attn_q_norm.weight", (hd,)), Slot("k_norm", "attn_k_norm.weight", (hd,))]
     if c.fused_gate_up:   # phi3: gate | up in one matrix
         s.append(Slot("gate_up", "ffn_up.weight", (2 * c.n_ff, d)))
@@ -130,7 +130,7 @@ def hparams(c: ModelConfig, n_ctx: int, max_batch: int) -> dict:
     return dict(n_vocab=c.n_vocab, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
                 n_head_kv=c.n_head_kv, head_dim=c.head_dim, n_ff=c.n_ff, rope_dim=c.rope_dim,
                 n_ctx=n_ctx, max_batch=max_batch, rms_eps=c.rms_eps, neox=c.rope_style == "neox",
-                qk_norm=c.qk_norm, fused_qkv=c.fused_qkv, fused_gate_up=c.fused_gate_up)
+                qk_norm=c.qk_norm == "head", fused_qkv=c.fused_qkv, fused_gate_up=c.fused_gate_up)
 
 
 # ---------------------------------------------------------------------------

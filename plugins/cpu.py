@@ -15,12 +15,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import ModelConfig
+from ember.plugins.arch import ModelConfig, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 
 NAME = "cpu"
+# ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
+IMPLEMENTED: frozenset[str] = frozenset()
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
@@ -106,6 +108,7 @@ class CpuRunner(CacheBookkeeping):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
             raise BackendError(f"threads must be a positive int, got {threads!r}")
+        require_features(config, NAME, IMPLEMENTED)
         dispatch, forward = _kernels()
         self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
         self.dec = forward.Decoder(gguf, config, n_ctx, threads,

@@ -83,7 +83,7 @@ from typing import Sequence
 import numpy as np
 
 from ember.kernels import cuda_source
-from ember.plugins.arch import ModelConfig, UnsupportedModel
+from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin, rope_factors
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
@@ -291,7 +291,13 @@ class Layout:
         return self.c.kv_cache_bytes(self.n_ctx, bytes_per_value=2)
 
 
+# ModelConfig features (arch.FEATURES) the GPU decoder computes; the rest are refused at load.
+# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed.
+IMPLEMENTED = frozenset({"yarn", "longrope"})
+
+
 def _check_supported(c: ModelConfig) -> None:
+    require_features(c, NAME, IMPLEMENTED)
     if c.head_dim > cuda_source.HD_MAX:
         raise UnsupportedModel(f"head_dim {c.head_dim} is above the GPU kernels' {cuda_source.HD_MAX}")
     if c.rope_dim > c.head_dim or c.rope_dim % 2:
@@ -342,8 +348,8 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp:
         m[f"{i}.down"] = _mat(c, p + "ffn_down.weight")
         v[f"{i}.attn_norm"], v[f"{i}.ffn_norm"] = p + "attn_norm.weight", p + "ffn_norm.weight"
         v[f"{i}.bias"] = p + "bqkv" if _opt(c, p + "attn_q.bias") else None
-        v[f"{i}.q_norm"] = _opt(c, p + "attn_q_norm.weight") if c.qk_norm else None
-        v[f"{i}.k_norm"] = _opt(c, p + "attn_k_norm.weight") if c.qk_norm else None
+        v[f"{i}.q_norm"] = _opt(c, p + "attn_q_norm.weight") if c.qk_norm == "head" else None
+        v[f"{i}.k_norm"] = _opt(c, p + "attn_k_norm.weight") if c.qk_norm == "head" else None
     lay.persistent = p_grid > 0 and persistent_refusal(lay) is None
     return lay
 
@@ -1029,9 +1035,7 @@ class CudaRunner(CacheBookkeeping):
         for i in range(c.n_layer):
             if self.lay.vecs[f"{i}.bias"]:
                 self._put(f"blk.{i}.bqkv", _fused_bias(gguf, f"blk.{i}.", c))
-        from ember.plugins.reference import rope_tables
-        ff = gguf.tensors.get("rope_freqs.weight")
-        cos, sin = rope_tables(c, self.n_ctx, None if ff is None else np.asarray(ff.numpy(), np.float32))
+        cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx))
         self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
 
     def _alloc(self, c: ModelConfig) -> None:

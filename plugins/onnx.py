@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 
 from ember.formats import quants
-from ember.plugins.arch import ModelConfig
+from ember.plugins.arch import ModelConfig, require_features, rope_cos_sin, rope_factors
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
@@ -60,6 +60,9 @@ DEFAULT_PROVIDER = "CPUExecutionProvider"
 DEFAULT_ACCURACY = 4
 ORT_RUNTIME_BYTES = 64 << 20   # ORT's own code, arenas and thread pools (measured ~40-60 MB)
 BUILD_IN_PROCESS_BYTES = 64 << 20  # bigger models build in a child process (see graph_path)
+# ModelConfig features (arch.FEATURES) the graph computes; the rest are refused at load.
+# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed.
+IMPLEMENTED = frozenset({"yarn", "longrope"})
 PREPACK_INT8_OVERHEAD = 35     # % of packed weights that accuracy_level 4's prepacking adds
 
 
@@ -213,16 +216,6 @@ def _build_in_child(path: str, folder: Path, acc: int) -> None:
 # The runner
 # ---------------------------------------------------------------------------
 
-def rope_tables(c: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
-    """cos, sin (n_ctx, rope_dim/2): angle = pos * base^(-2i/rope_dim) [/ factor_i]."""
-    i = np.arange(c.rope_dim // 2, dtype=np.float64)
-    inv_freq = c.rope_base ** (-2.0 * i / c.rope_dim)                   # (rope_dim/2,)
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.astype(np.float64)
-    angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 def provider(options: dict) -> str:
     """The execution provider: options["provider"], else $EMBER_ONNX_PROVIDER (so emberd
     and `ember run`, which pass no backend options, can pick one), else CPU."""
@@ -255,6 +248,7 @@ class OnnxRunner(CacheBookkeeping):
                  options: dict):
         if not isinstance(n_ctx, int) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        require_features(config, NAME, IMPLEMENTED)
         self.c, self.n_ctx, self.n_vocab, self.n_past = config, n_ctx, config.n_vocab, 0
         t0 = time.perf_counter()
         self.graph, built = graph_path(gguf, config, options)
@@ -267,8 +261,7 @@ class OnnxRunner(CacheBookkeeping):
                      "load_s": round(time.perf_counter() - t0, 3)}
         self.embd = gguf.tensors["token_embd.weight"]        # rows read from the map
         self._row_bytes = self.embd.nbytes // config.n_vocab
-        freqs = gguf.tensors.get("rope_freqs.weight")
-        self.cos, self.sin = rope_tables(config, n_ctx, None if freqs is None else freqs.numpy())
+        self.cos, self.sin = rope_cos_sin(config, n_ctx, rope_factors(config, gguf, n_ctx))
         shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
         self.k_cache = np.zeros(shape, np.float32)           # (layer, n_ctx, n_kv, hd)
         self.v_cache = np.zeros(shape, np.float32)

@@ -411,7 +411,7 @@ class _Builder:
         q, k, v = self.qkv(p, h)
         heads = lambda t, n: g.op("Reshape", t, g.const([-1, n, c.head_dim]))  # noqa: E731
         q, k, v = heads(q, c.n_head), heads(k, c.n_head_kv), heads(v, c.n_head_kv)
-        if c.qk_norm:
+        if c.qk_norm == "head":
             q = self.rmsnorm(q, self.vector(p + "attn_q_norm.weight", c.head_dim))
             k = self.rmsnorm(k, self.vector(p + "attn_k_norm.weight", c.head_dim))
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)

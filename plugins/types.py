@@ -76,6 +76,11 @@ class ContextOverflow(UserError):
     """Tokens would run past the KV cache's n_ctx."""
 
 
+class CacheTooShort(BackendError, ValueError):
+    """truncate() asked for positions a ring cache has dropped: sliding-window rings and
+    convolution states keep only the latest positions. reset() and prefill again instead."""
+
+
 class TokenOutOfRange(UserError, ValueError):
     """A token id is negative or not below n_vocab."""
 

@@ -71,3 +71,4 @@ def test_run_bad_input_is_one_line_exit_2(stories, extra, message):
 def test_run_missing_file(tmp_path):
     p = ember("run", str(tmp_path / "none.gguf"), "-p", "hi")
     assert p.returncode == 2 and "No such file" in p.stderr and "Traceback" not in p.stderr
+

@@ -17,7 +17,7 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import forward
 from ember.plugins import cpu, reference
-from ember.plugins.arch import config_from_gguf
+from ember.plugins.arch import config_from_gguf, rope_cos_sin
 from tests.conftest import conformance_path
 from tests.plugins.test_reference import kl_rows, thresholds
 
@@ -60,7 +60,7 @@ def test_logits_match_the_reference_decoder(model):
 
 def test_rope_table_matches_the_reference():
     f, c = _open("s512-qwen2-F32.gguf")
-    cos, sin = reference.rope_tables(c, 300, None)
+    cos, sin = rope_cos_sin(c, 300)
     cs = forward.rope_table(c, 300, None).reshape(300, -1, 2)
     assert np.array_equal(cs[..., 0], cos) and np.array_equal(cs[..., 1], sin)
 
