@@ -10,7 +10,7 @@ driver calls `unicode_regex_split(text, regex_exprs, byte_encode=false)` with
 the table's verbatim regexes, in the C locale as libllama runs. The words go
 to tests/formats/data/pretok_llamacpp.json as code-point lengths (llama.cpp's
 zero-length words, which encode to nothing, are dropped), read by
-tests/formats/test_tokenizer_pretok.py. Nothing here is imported by ember.
+tests/formats/test_tokenizer_pretok.py. A development tool: ember never imports it.
 """
 from __future__ import annotations
 
