@@ -23,6 +23,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from ember.daemon.chat import ChatTemplate, ChatTemplateError
 from ember.formats import gguf, quants
 from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
@@ -84,7 +85,8 @@ def _hyperparameters(f: gguf.GGUFFile) -> dict[str, Any]:
 
 
 def _verdict(f: gguf.GGUFFile, model_problem: str | None, tensors: list[dict]) -> dict[str, Any]:
-    """{"runs": bool, "reasons": [...]}: every reason ember would refuse the file, by part."""
+    """{"runs": bool, "reasons": [...], "notes": [...]}: every reason ember would refuse the
+    file, by part; notes are what works differently than a user may expect."""
     reasons = []
     if model_problem is not None:
         reasons.append({"part": "model", "reason": model_problem})
@@ -96,7 +98,19 @@ def _verdict(f: gguf.GGUFFile, model_problem: str | None, tensors: list[dict]) -
         reasons.append({"part": "tensor type",
                         "reason": f"tensor type {tname} is not supported ({len(names)} tensors, "
                                   f"e.g. {names[0]!r})"})
-    return {"runs": not reasons, "reasons": reasons}
+    return {"runs": not reasons, "reasons": reasons, "notes": _chat_notes(f.metadata)}
+
+
+def _chat_notes(md: dict[str, Any]) -> list[str]:
+    source = md.get("tokenizer.chat_template")
+    if source is None:
+        return ["no tokenizer.chat_template: chat messages are rendered as ChatML "
+                "(<|im_start|>role ... <|im_end|>)"]
+    try:
+        ChatTemplate(source)
+    except ChatTemplateError as e:
+        return [f"chat requests will fail, plain prompts work: {e}"]
+    return []
 
 
 def _types_without_codec(tensors: list[dict]) -> dict[str, list[str]]:
@@ -182,10 +196,11 @@ def _text(doc: dict) -> list[str]:
 
 
 def _text_verdict(verdict: dict) -> list[str]:
+    notes = [f"  note: {n}" for n in verdict["notes"]]
     if verdict["runs"]:
-        return ["verdict       ember can run this file"]
+        return ["verdict       ember can run this file"] + notes
     return ["verdict       ember cannot run this file:"] + \
-        [f"  {r['part']}: {r['reason']}" for r in verdict["reasons"]]
+        [f"  {r['part']}: {r['reason']}" for r in verdict["reasons"]] + notes
 
 
 def _text_hyperparameters(doc: dict) -> list[str]:

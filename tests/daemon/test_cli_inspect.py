@@ -24,7 +24,7 @@ def inspect_json(capsys, path) -> dict:
 def test_json_report_matches_the_file(capsys, name):
     path = conformance_path("models", name)
     doc = inspect_json(capsys, path)
-    assert doc["verdict"] == {"runs": True, "reasons": []}   # ember runs every conformance model
+    assert doc["verdict"]["runs"] and doc["verdict"]["reasons"] == []  # ember runs them all
     with gguf.open(path) as f:
         md = f.metadata
         assert doc["architecture"] == md["general.architecture"]
@@ -186,9 +186,24 @@ def rewritten(tmp_path, name: str, **changes) -> Path:
 
 def test_a_file_ember_runs_says_so(capsys):
     path = conformance_path("models", "v151k-qwen2-Q8_0.gguf")
-    assert inspect_json(capsys, path)["verdict"] == {"runs": True, "reasons": []}
+    assert inspect_json(capsys, path)["verdict"] == {"runs": True, "reasons": [], "notes": []}
     assert cli.main(["inspect", str(path)]) == 0
-    assert "verdict       ember can run this file\n" in capsys.readouterr().out
+    assert "verdict       ember can run this file\n\n" in capsys.readouterr().out
+
+
+def test_chat_template_notes(tmp_path, capsys):
+    """Not reasons to refuse (plain prompts work), but said: the ChatML fallback, a broken template."""
+    path = conformance_path("models", "stories260K.gguf")
+    assert inspect_json(capsys, path)["verdict"]["notes"] == [
+        "no tokenizer.chat_template: chat messages are rendered as ChatML (<|im_start|>role ... <|im_end|>)"]
+    broken = rewritten(tmp_path, "v151k-qwen2-Q8_0.gguf", **{"tokenizer.chat_template": "{% for %}"})
+    verdict = inspect_json(capsys, broken)["verdict"]
+    assert verdict["runs"] is True and len(verdict["notes"]) == 1
+    assert verdict["notes"][0].startswith("chat requests will fail, plain prompts work: "
+                                          "chat template does not compile")
+    assert cli.main(["inspect", str(broken)]) == 0
+    assert "verdict       ember can run this file\n  note: chat requests will fail" in \
+        capsys.readouterr().out
 
 
 def test_unknown_pre_tokenizer_is_named(tmp_path, capsys):
@@ -240,7 +255,7 @@ def test_unsupported_architecture_is_the_verdict(capsys):
     from ember.plugins.arch import ARCH_SWITCHES
     verdict = inspect_json(capsys, path)["verdict"]
     if "gemma3" in ARCH_SWITCHES:      # once ember runs gemma3, the same file must say so
-        assert verdict == {"runs": True, "reasons": []}
+        assert verdict["runs"] and verdict["reasons"] == []
     else:
         assert verdict["reasons"] == [{"part": "model", "reason": verdict["reasons"][0]["reason"]}]
         assert "'gemma3'" in verdict["reasons"][0]["reason"]
