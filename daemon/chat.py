@@ -22,9 +22,15 @@ render is bounded three ways:
 Any failure — syntax error, `raise_exception(...)` from the template, a
 recursion, a limit — becomes ChatTemplateError with a one-line reason.
 
-Variables given to the template, as Hugging Face transformers does:
-`messages`, `bos_token`, `eos_token`, `add_generation_prompt`,
-`raise_exception(msg)` and `strftime_now(fmt)`.
+The environment is the one Hugging Face transformers renders with
+(`_compile_jinja_template`): trim_blocks and lstrip_blocks, a trailing newline
+of the source dropped (jinja2's default), the loop-control and `{% generation %}`
+extensions, and its `tojson` (json.dumps: no HTML escaping, keys unsorted).
+Variables, as `apply_chat_template` passes them: `messages`, `tools` and
+`documents` (None), `add_generation_prompt`, `bos_token`, `eos_token`, and
+the globals `raise_exception(msg)` and `strftime_now(fmt)`. So a model's own
+template gives the prompt it was trained on (tests/daemon/test_chat.py renders
+the families' real templates both ways).
 
 Fallback: a file with no `tokenizer.chat_template` is rendered as ChatML
 (`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then
@@ -36,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import functools
+import json
 import os
 import re
 import threading
@@ -43,6 +50,7 @@ import time
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.nodes
 import jinja2.runtime
 from jinja2.compiler import CodeGenerator, optimizeconst
@@ -87,6 +95,33 @@ def _raise_exception(message: str = "template raised an exception"):
 
 def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(str(fmt))
+
+
+MAX_JSON_INDENT = 64
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' tojson filter (json.dumps as is), with the indent bounded."""
+    if _size(indent) > MAX_JSON_INDENT or (isinstance(indent, int) and indent > MAX_JSON_INDENT):
+        raise _TemplateRaised(f"tojson indent is too large (at most {MAX_JSON_INDENT})")
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's part of
+    a training prompt with it; rendering a prompt, the body is output as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
 
 
 def _size(x: Any) -> int:
@@ -228,7 +263,9 @@ class _Env(ImmutableSandboxedEnvironment):
 
 
 def _environment() -> _Env:
-    env = _Env(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = _Env(trim_blocks=True, lstrip_blocks=True,
+               extensions=[jinja2.ext.loopcontrols, _Generation])
+    env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env
 
@@ -335,8 +372,9 @@ class ChatTemplate:
             raise ChatTemplateError("chat template nests too deeply to compile") from None
 
     def render(self, messages: Any, add_generation_prompt: bool = True) -> str:
-        variables = dict(messages=check_messages(messages), bos_token=self.bos_token,
-                         eos_token=self.eos_token, add_generation_prompt=bool(add_generation_prompt))
+        variables = dict(messages=check_messages(messages), tools=None, documents=None,
+                         add_generation_prompt=bool(add_generation_prompt),
+                         bos_token=self.bos_token, eos_token=self.eos_token)
         return _render_bounded(self.template, variables, self.max_bytes, self.timeout_s,
                                self.max_mem_bytes)
 

@@ -51,6 +51,7 @@ are counted separately as reprefill_ms).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -68,6 +69,7 @@ from ember.plugins.arch import ModelConfig, config_from_gguf
 from ember.plugins.types import BackendError, ContextOverflow
 
 DEFAULT_MAX_CTX = 4096
+log = logging.getLogger("emberd.engine")
 
 
 class EngineError(UserError, ValueError):
@@ -196,6 +198,10 @@ class Model:
             self._chat = ChatTemplate(self.gguf.metadata.get("tokenizer.chat_template"),
                                       bos_token=_token_text(tok, tok.bos_id),
                                       eos_token=_token_text(tok, tok.eos_id))
+            if self._chat.is_fallback:   # built once per model, so this is said once
+                log.warning("%s has no tokenizer.chat_template: chat messages are rendered "
+                            "with the ChatML fallback (<|im_start|>role ... <|im_end|>)",
+                            os.path.basename(self.path))
         return self._chat
 
     def apply_chat(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:

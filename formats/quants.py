@@ -833,6 +833,11 @@ def _codec(type_name: str) -> type[_Quant]:
     return cls
 
 
+def can_compute(type_name: str) -> bool:
+    """Whether ember has a codec (and so a way to compute) for tensors of this type."""
+    return type_name in _TYPES
+
+
 def _check_shape(cls: type[_Quant], shape: Sequence[int]) -> int:
     """Number of blocks of `shape`; QuantError unless the row length fits the block."""
     shape = tuple(int(s) for s in shape)

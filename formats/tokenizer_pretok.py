@@ -9,23 +9,32 @@ classifies every code point with `regex`'s \\p{L}, \\p{N}, ... and \\s).
 
 Three ways llama.cpp runs a pattern, and why one `regex` pattern reproduces each:
 
-* hand-written splitters for the GPT-2 and Llama-3 patterns: they implement
-  the pattern literally with llama.cpp's class table, so the pattern itself
-  (with \\s spelled as that table's whitespace set) gives the same words;
+* hand-written splitters for the GPT-2, Llama-3, Qwen2 and Qwen3.5 patterns
+  (picked by the exact regex string): they implement the pattern literally
+  with llama.cpp's class table, so the pattern itself (with \\s spelled as
+  that table's whitespace set) gives the same words; a digit-grouping
+  splitter (afmoe, tiny_aya) is reproduced by `_digit_groups`;
 * std::regex over a "collapsed" text (every non-ASCII code point replaced by
   one byte standing for its category, \\p{X} rewritten to that byte plus the
   ASCII members): equivalent to matching the real classes, since the
-  collapsed classes keep exactly the members of the real ones;
+  collapsed classes keep exactly the members of the real ones. The collapse
+  knows only N, L, P, M, S: \\p{Lu}, \\p{Ll}, ... all become "any letter";
 * std::wregex for patterns with no \\p{...}: code points as they are, except
   that non-ASCII whitespace is replaced by U+000B first. That replacement
   is visible (a class like [　-。] then misses U+3000), so such patterns
   (`fold_ws`) are matched against a folded copy and cut from the original.
 
-`$` in std::regex means "end of this fragment" only, so it is written \\Z.
+`translate` applies these rules to llama.cpp's regexes as they are written in
+its source (formats/tokenizer_pretok_table.py keeps them verbatim): \\s, \\S and
+\\d become std::regex's C-locale classes, and `$` ("end of this fragment"
+only) becomes \\Z. Checked against llama.cpp's own unicode_regex_split
+(tests/formats/test_tokenizer_pretok.py).
 """
 from __future__ import annotations
 
 import regex
+
+from ember.formats.tokenizer_pretok_table import NAMES, REFUSED, TYPES, Pre
 
 # ---------------------------------------------------------------------------
 # Character classes
@@ -54,69 +63,100 @@ def _llama3_like(digits: str, letters: str = "\\p{L}", other_extra: str = "") ->
 LLAMA3 = _llama3_like("\\p{N}{1,3}")
 QWEN2 = _llama3_like("\\p{N}")
 QWEN35 = _llama3_like("\\p{N}", letters="[\\p{L}\\p{M}]", other_extra="\\p{M}")
-
-# deepseek-llm's letter class, as llama.cpp lists it (no \p{...}: a wregex pattern).
-_DEEPSEEK_LETTERS = (  # \u escapes: several are NFC-unstable singletons (U+1F7D, U+2126, ...)
-    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-"
-    "\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-"
-    "\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5"
-    "\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00"
-    "-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-"
-    "\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-"
-    "\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-"
-    "\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149"
-    "\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
-    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13"
-    "-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
-    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
-    "\U0001e900-\U0001e943"
-)
-_CJK = "[一-龥ࠀ-一가-퟿]+"
-
-# ---------------------------------------------------------------------------
-# Presets: pre name -> [(pattern, fold_ws)]
-# ---------------------------------------------------------------------------
-
-_P = (lambda pattern, fold_ws=False: (pattern, fold_ws))
-
-PRESETS: dict[str, list[tuple[str, bool]]] = {
-    "llama-bpe": [_P(LLAMA3)],
-    "qwen2": [_P(QWEN2)],
-    "qwen35": [_P(QWEN35)],
-    "gpt-2": [_P(GPT2)],
-    "mpt": [_P(GPT2)],
-    "deepseek-llm": [
-        _P("[\\r\\n]", True),
-        _P(f"{_S}?[{_DEEPSEEK_LETTERS}]+", True),
-        _P(f"{_S}?[!-/:-~！-／：-～‘-‟　-。]+", True),
-        _P(f"{_S}+\\Z", True),
-        _P(_CJK, True),
-        _P("\\p{N}+"),
-    ],
-    "deepseek-coder": [
-        _P("[\\r\\n]", True),
-        _P(f"{_S}?\\p{{L}}+"),
-        _P(f"{_S}?\\p{{P}}+"),
-        _P(_CJK, True),
-        _P("\\p{N}"),
-    ],
-    "falcon": [_P("[\\p{P}\\$\\+<=>\\^~\\|`]+"), _P(GPT2), _P("[0-9][0-9][0-9]", True)],
-    "starcoder": [_P("\\p{N}"), _P(GPT2)],
-    "refact": [_P("\\p{N}"), _P(GPT2)],
-    "command-r": [_P("\\p{N}"), _P(GPT2)],
-    "default": [_P("[\\p{P}\\$\\+<=>\\^~\\|]+"), _P(GPT2), _P("\\p{N}+"), _P("[0-9][0-9][0-9]", True)],
-    # gemma4 escapes spaces to U+2581 first and only cuts at newlines.
-    "gemma4": [_P("[^\\n]+|[\\n]+", True)],
-}
-# Other spellings llama.cpp maps onto the same pre-tokenizer.
-ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "deepseek-r1-qwen": "qwen2",
-           "phi-2": "gpt-2"}
 # Patterns whose alternatives match every character: findall alone gives all words.
 _TOTAL = {GPT2, LLAMA3, QWEN2, QWEN35}
 
+# ---------------------------------------------------------------------------
+# llama.cpp's regexes -> Python patterns
+# ---------------------------------------------------------------------------
+
+# Exact regex strings llama.cpp hands to its own splitters instead of std::regex
+# (unicode_regex_split_custom); each maps to the pattern that splits the same way.
+_CUSTOM = {
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)": GPT2,
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": LLAMA3,
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": LLAMA3,
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": QWEN2,
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": QWEN35,
+}
+# Digit grouping (afmoe, tiny_aya): a hand-written splitter, see _digit_groups.
+DIGIT_GROUPS = "digit-groups"
+_DIGIT_GROUP_REGEXES = {r"\p{AFMoE_digits}", r"\d{1,3}(?=(?:\d{3})*\b)"}
+# The categories that make llama.cpp match on its collapsed text (one byte per category).
+_COLLAPSING = regex.compile(r"\\p\{(?:N|L|P|M|S|Lu|Ll|Lt|Lm|Lo)\}")
+
+
+def translate(rx: str) -> tuple[str, bool]:
+    """A llama.cpp regex -> (Python `regex` pattern with the same matches, fold_ws).
+
+    Collapsed patterns (any \\p{X}) see one category byte per non-ASCII code point,
+    so \\p{Lu}, \\p{Ll}, ... all mean \\p{L}; \\s / \\S / \\d are std::regex's C-locale
+    classes (non-ASCII whitespace reaches them as U+000B), written out here."""
+    if rx in _CUSTOM:
+        return _CUSTOM[rx], False
+    if rx in _DIGIT_GROUP_REGEXES:
+        return DIGIT_GROUPS, False
+    collapsed = bool(_COLLAPSING.search(rx))
+    out, inside, i = [], False, 0
+    while i < len(rx):
+        c = rx[i]
+        if c == "\\" and i + 1 < len(rx):
+            out.append(_escape(rx, i, inside, collapsed))
+            i += len(_ESCAPE.match(rx, i).group(0))
+            continue
+        if c == "[" and not inside:
+            inside = True
+        elif c == "]" and inside and out[-1] not in ("[", "[^"):
+            inside = False
+        elif c == "^" and inside and out[-1] == "[":
+            out[-1] = "[^"
+            i += 1
+            continue
+        elif c == "$" and not inside:
+            c = "\\Z"   # std::regex's $ is the end of the fragment only
+        out.append(c)
+        i += 1
+    return "".join(out), not collapsed
+
+
+_ESCAPE = regex.compile(r"\\(?:p\{\w+\}|.)", regex.S)
+
+
+def _escape(rx: str, i: int, inside: bool, collapsed: bool) -> str:
+    esc = _ESCAPE.match(rx, i).group(0)
+    if esc == "\\s":
+        return WS if inside else _S
+    if esc == "\\S" and not inside:
+        return _NS
+    if esc == "\\d":
+        return "0-9" if inside else "[0-9]"
+    if esc in ("\\w", "\\W", "\\b", "\\B", "\\D", "\\S"):
+        raise ValueError(f"llama.cpp regex {rx!r}: {esc} has no translation")
+    if collapsed and esc in (r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}"):
+        return r"\p{L}"
+    return esc
+
+
+# ---------------------------------------------------------------------------
+# The table: every name llama.cpp knows (formats/tokenizer_pretok_table.py)
+# ---------------------------------------------------------------------------
+
+def entry(name: str) -> Pre:
+    """The table's entry for a `tokenizer.ggml.pre` name; KeyError for unknown names."""
+    return NAMES[name]
+
+
+def refusal(name: str) -> str | None:
+    """Why ember cannot tokenize like llama.cpp for this known name, or None when it can."""
+    return REFUSED.get(NAMES[name].type)
+
 
 def supported() -> list[str]:
-    return sorted(set(PRESETS) | set(ALIASES))
+    return sorted(n for n in NAMES if refusal(n) is None)
 
 
 # ---------------------------------------------------------------------------
@@ -124,19 +164,27 @@ def supported() -> list[str]:
 # ---------------------------------------------------------------------------
 
 class PreTokenizer:
-    """A compiled pre-tokenizer: `split(text) -> list[str]` of words, in order."""
+    """A compiled pre-tokenizer: `split(text) -> list[str]` of words, in order.
+
+    Built from a name in the table; a refused or unknown name is a ValueError
+    (formats/tokenizer_vocab.py checks names first and reports them to the user)."""
 
     def __init__(self, name: str):
-        self.name = ALIASES.get(name, name)
-        steps = PRESETS[self.name]
-        self._steps = [(regex.compile(p), fold, p in _TOTAL) for p, fold in steps]
+        reason = refusal(name)
+        if reason is not None:
+            raise ValueError(f"pre-tokenizer {name!r}: {reason}")
+        self.name = name
+        self.type = NAMES[name].type
+        steps = [translate(rx) for rx in TYPES[self.type]]
+        self._steps = [(None if p == DIGIT_GROUPS else regex.compile(p), fold, p in _TOTAL)
+                       for p, fold in steps]
 
     def split(self, text: str) -> list[str]:
         if len(self._steps) == 1 and self._steps[0][2]:
             return self._steps[0][0].findall(text)
         frags = [text]
         for rx, fold, _ in self._steps:
-            frags = _resplit(frags, rx, fold)
+            frags = _digit_groups(frags) if rx is None else _resplit(frags, rx, fold)
         return frags
 
 
@@ -153,6 +201,28 @@ def _resplit(frags: list[str], rx, fold: bool) -> list[str]:
             if end > start:
                 out.append(frag[start:end])
             pos = end
+        if pos < len(frag):
+            out.append(frag[pos:])
+    return out
+
+
+_NUMBER_RUN = regex.compile(r"\p{N}+")
+
+
+def _digit_groups(frags: list[str]) -> list[str]:
+    """llama.cpp's digit splitter (afmoe, tiny_aya): a run of n numbers is cut after its
+    first n % 3, then every 3. The text before a run stays on its first group
+    ("ab1234" -> "ab1", "234"), as llama.cpp emits it; later regexes cut it off."""
+    out: list[str] = []
+    for frag in frags:
+        pos = 0
+        for m in _NUMBER_RUN.finditer(frag):
+            start, end = m.span()
+            first = start + ((end - start) % 3 or 3)   # n % 3 == 0: the first group is 3
+            for cut in range(first, end + 1, 3):
+                if cut > pos:
+                    out.append(frag[pos:cut])
+                    pos = cut
         if pos < len(frag):
             out.append(frag[pos:])
     return out

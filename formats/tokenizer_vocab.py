@@ -23,7 +23,10 @@ from ember.formats import gguf
 from ember.formats.errors import UserError
 from ember.formats.tokenizer_models import (SPACE_ESC, BpeModel, SpmModel, WpmModel,
                                             compiled_merger, compiled_spm, space_splitter)
-from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_pre
+from ember.formats.tokenizer_pretok import (PreTokenizer, entry as pre_entry, refusal as pre_refusal,
+                                            supported as supported_pre)
+from ember.formats.tokenizer_pretok_table import (FORCE_ADD_BOS, LLAMA_CPP_SOURCE as PRE_SOURCE,
+                                                  NAMES as PRE_NAMES, NEWLINE_WORDS, RAW_UTF8)
 
 # ---------------------------------------------------------------------------
 # Errors and constants
@@ -94,7 +97,8 @@ class Vocab:
 
     model: str            # 'llama' | 'gpt2' | 'bert' | 'gemma4'
     kind: str             # 'spm' | 'bpe' | 'wpm'
-    pre: str | None
+    pre: str | None       # tokenizer.ggml.pre as the file names it
+    pre_type: str | None  # BPE: llama.cpp's pre-tokenizer type for that name (the regex set)
     tokens: list[str]     # (n_vocab,)
     token_to_id: dict[str, int]
     scores: list[float]   # (n_vocab,)
@@ -118,14 +122,14 @@ class Vocab:
         if self.kind == "wpm":
             return WpmModel(self.token_to_id, self.unk_id, max(map(len, self.tokens)),
                             lowercase=self.lowercase, strip_accents=self.strip_accents)
-        gemma = self.pre == "gemma4"
+        raw = self.pre_type in RAW_UTF8   # BPE over raw UTF-8 with <0xXX> fallback (gemma4)
         return BpeModel(self.token_to_id, self.ranks, PreTokenizer(self.pre),
-                        byte_level=not gemma, ignore_merges=self.ignore_merges,
-                        newline_words=gemma, byte_ids=self._bpe_byte_ids(not gemma),
-                        junctions=self.junctions,
-                        compiled=None if gemma else compiled_merger(self.token_to_id, self.merge_ids),
+                        byte_level=not raw, ignore_merges=self.ignore_merges,
+                        newline_words=self.pre_type in NEWLINE_WORDS,
+                        byte_ids=self._bpe_byte_ids(not raw), junctions=self.junctions,
+                        compiled=None if raw else compiled_merger(self.token_to_id, self.merge_ids),
                         splitter=space_splitter(_chars_before_space_in_merges(self.merges))
-                        if gemma else None)
+                        if raw else None)
 
     def _spm_byte_ids(self) -> list[int | None]:
         t2i = self.token_to_id
@@ -188,17 +192,29 @@ def _read_model(v: Vocab, md: dict) -> None:
         raise _err(v, f"unknown tokenizer model {model!r} ({K}model); "
                       f"supported: {', '.join(sorted(MODELS))}")
     v.model, v.kind = model, MODELS[model]
-    pre = md.get(K + "pre")
-    if model == "gemma4":
-        pre = "gemma4"
-    elif v.kind == "bpe":
-        if not isinstance(pre, str):
-            raise _err(v, f"{K}pre is missing or not a string ({pre!r}); a gpt2 vocabulary needs "
-                          f"its pre-tokenizer named; supported: {', '.join(supported_pre())}")
-        if pre not in supported_pre() or pre == "gemma4":
-            raise _err(v, f"unknown pre-tokenizer {pre!r} ({K}pre); "
-                          f"supported: {', '.join(p for p in supported_pre() if p != 'gemma4')}")
-    v.pre = pre if v.kind == "bpe" else (pre if isinstance(pre, str) else None)
+    pre = "gemma4" if model == "gemma4" else md.get(K + "pre")
+    v.pre = v.pre_type = None
+    if v.kind == "bpe":
+        v.pre = _checked_pre(v, pre)
+        v.pre_type = pre_entry(v.pre).type
+    elif isinstance(pre, str):
+        v.pre = pre   # SPM and WPM: llama.cpp ignores the name
+
+
+def _checked_pre(v: Vocab, pre) -> str:
+    """A BPE vocabulary's pre-tokenizer name, known to llama.cpp and reproduced by ember."""
+    if not isinstance(pre, str):
+        raise _err(v, f"{K}pre is missing or not a string ({pre!r}); a gpt2 vocabulary needs "
+                      f"its pre-tokenizer named (llama.cpp would guess 'default' and warn that "
+                      f"quality degrades): convert the model again with a current llama.cpp")
+    if pre not in PRE_NAMES:
+        raise _err(v, f"unknown pre-tokenizer {pre!r} ({K}pre): llama.cpp "
+                      f"({PRE_SOURCE}) does not know it either: the file was converted for "
+                      f"a newer llama.cpp, or is damaged; supported: {', '.join(supported_pre())}")
+    reason = pre_refusal(pre)
+    if reason is not None:
+        raise _err(v, f"pre-tokenizer {pre!r} ({K}pre) is not supported: {reason}")
+    return pre
 
 
 def _array(v: Vocab, md: dict, types: dict, key: str, etypes: tuple, required: bool):
@@ -337,6 +353,8 @@ def _int_value(v: Vocab, md: dict, key: str):
 def _read_special_ids(v: Vocab, md: dict) -> None:
     n = len(v.tokens)
     defaults = DEFAULT_IDS[v.model]
+    if v.kind == "bpe" and pre_entry(v.pre).no_bos:
+        defaults = {**defaults, "bos_id": None}   # chatglm/glm4: llama.cpp clears the default
     for attr, key in SPECIAL_KEYS.items():
         tid = defaults.get(attr)
         if tid is not None and tid >= n:
@@ -362,14 +380,14 @@ def _bool_value(v: Vocab, md: dict, key: str, default: bool) -> bool:
 
 def _read_flags(v: Vocab, md: dict) -> None:
     spm, wpm, bpe = v.kind == "spm", v.kind == "wpm", v.kind == "bpe"
-    llama3 = bpe and v.pre in ("llama-bpe", "llama3", "llama-v3")
+    pre = pre_entry(v.pre) if bpe else None
     v.add_space_prefix = _bool_value(v, md, K + "add_space_prefix", spm)
-    v.add_bos = _bool_value(v, md, K + "add_bos_token", spm or wpm or llama3)
+    v.add_bos = _bool_value(v, md, K + "add_bos_token", spm or wpm or (bpe and pre.add_bos))
     v.add_eos = _bool_value(v, md, K + "add_eos_token", False)
-    if v.pre == "gemma4":
+    if v.pre_type in FORCE_ADD_BOS:
         v.add_bos = True  # llama.cpp forces it for Gemma 4
-    v.escape_whitespaces = v.pre == "gemma4"
-    v.ignore_merges = llama3
+    v.escape_whitespaces = bpe and pre.escape_whitespaces
+    v.ignore_merges = bpe and pre.ignore_merges
     v.lowercase = _bool_value(v, md, K + "normalizer.lowercase", True)
     v.strip_accents = _bool_value(v, md, K + "normalizer.strip_accents", v.lowercase)
     if v.add_bos and v.bos_id is None:

@@ -1,12 +1,19 @@
-"""`ember inspect MODEL.gguf [--json]`: what is in a model file, without loading it.
+"""`ember inspect MODEL.gguf [--json]`: what is in a model file, and whether ember runs it.
 
 Reads only the validated header through ember.formats.gguf (tensor data stays
-mapped, never touched), then reports: the architecture and its
-hyper-parameters (from ember.plugins.arch when ember runs that architecture,
-else the raw metadata), a tokenizer summary read straight from the
-`tokenizer.ggml.*` keys, the tensor table, the quant mix and the sizes.
-A malformed file raises GGUFError, which the CLI turns into one line on
-stderr and exit status 2.
+mapped, never touched), then reports: the verdict (can ember run this file,
+and if not every reason why), the architecture and its hyper-parameters (from
+ember.plugins.arch when ember runs that architecture, else the raw metadata),
+a tokenizer summary read straight from the `tokenizer.ggml.*` keys, the tensor
+table, the quant mix and the sizes.
+
+The verdict asks the loaders themselves rather than a list of its own, so it
+stays right as architectures, pre-tokenizers and quant types are added:
+config_from_gguf (architecture, hyper-parameters, rope scaling), the
+tokenizer's load_vocab (tokenizer model, pre-tokenizer, vocabulary), and the
+quant codecs (every tensor type). A malformed file, or one whose tensor type
+the GGUF reader does not know, raises GGUFError, which the CLI turns into one
+line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ import os
 from collections import Counter
 from typing import Any
 
-from ember.formats import gguf
+from ember.daemon.chat import ChatTemplate, ChatTemplateError
+from ember.formats import gguf, quants
+from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
 
 MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
@@ -43,6 +52,7 @@ def report(path: str) -> dict[str, Any]:
     with gguf.open(path) as f:
         tensors = [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.nbytes}
                    for t in f.tensors.values()]
+        hyper = _hyperparameters(f)
         doc = {
             "path": os.path.abspath(path),
             "file_bytes": f.size,
@@ -50,7 +60,8 @@ def report(path: str) -> dict[str, Any]:
             "alignment": f.alignment,
             "architecture": f.metadata.get("general.architecture"),
             "name": f.metadata.get("general.name"),
-            **_hyperparameters(f),
+            "verdict": _verdict(f, hyper["unsupported"], tensors),
+            **hyper,
             "tokenizer": _tokenizer(f.metadata),
             "tensors": tensors,
             "quant_mix": _quant_mix(tensors),
@@ -72,6 +83,43 @@ def _hyperparameters(f: gguf.GGUFFile) -> dict[str, Any]:
     hp = {fld.name: getattr(cfg, fld.name) for fld in dataclasses.fields(cfg)
           if fld.name not in ("arch", "tensors")}
     return {"hyperparameters": hp, "unsupported": None}
+
+
+def _verdict(f: gguf.GGUFFile, model_problem: str | None, tensors: list[dict]) -> dict[str, Any]:
+    """{"runs": bool, "reasons": [...], "notes": [...]}: every reason ember would refuse the
+    file, by part; notes are what works differently than a user may expect."""
+    reasons = []
+    if model_problem is not None:
+        reasons.append({"part": "model", "reason": model_problem})
+    try:
+        load_vocab(f.metadata, f.metadata_types, f.path)
+    except TokenizerError as e:
+        reasons.append({"part": "tokenizer", "reason": str(e).removeprefix(f"{f.path}: ")})
+    for tname, names in _types_without_codec(tensors).items():
+        reasons.append({"part": "tensor type",
+                        "reason": f"tensor type {tname} is not supported ({len(names)} tensors, "
+                                  f"e.g. {names[0]!r})"})
+    return {"runs": not reasons, "reasons": reasons, "notes": _chat_notes(f.metadata)}
+
+
+def _chat_notes(md: dict[str, Any]) -> list[str]:
+    source = md.get("tokenizer.chat_template")
+    if source is None:
+        return ["no tokenizer.chat_template: chat messages are rendered as ChatML "
+                "(<|im_start|>role ... <|im_end|>)"]
+    try:
+        ChatTemplate(source)
+    except ChatTemplateError as e:
+        return [f"chat requests will fail, plain prompts work: {e}"]
+    return []
+
+
+def _types_without_codec(tensors: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for t in tensors:
+        if not quants.can_compute(t["type"]):
+            out.setdefault(t["type"], []).append(t["name"])
+    return out
 
 
 def _tokenizer(md: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +178,7 @@ def _text(doc: dict) -> list[str]:
              f"format        GGUF v{doc['gguf_version']}, alignment {doc['alignment']}, "
              f"{len(doc['tensors'])} tensors, {len(doc['metadata'])} metadata keys",
              f"architecture  {doc['architecture']}" + (f"  ({doc['name']})" if doc["name"] else ""),
+             *_text_verdict(doc["verdict"]),
              ""]
     lines += _text_hyperparameters(doc)
     tok = doc["tokenizer"]
@@ -145,6 +194,14 @@ def _text(doc: dict) -> list[str]:
     lines += ["", f"total         {_size(doc['tensor_bytes'])} of tensors, "
                   f"{_size(doc['file_bytes'])} file"]
     return lines
+
+
+def _text_verdict(verdict: dict) -> list[str]:
+    notes = [f"  note: {n}" for n in verdict["notes"]]
+    if verdict["runs"]:
+        return ["verdict       ember can run this file"] + notes
+    return ["verdict       ember cannot run this file:"] + \
+        [f"  {r['part']}: {r['reason']}" for r in verdict["reasons"]] + notes
 
 
 def _text_hyperparameters(doc: dict) -> list[str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ember.daemon import cli
-from ember.formats import gguf
+from ember.formats import gguf, quants
 from ember.formats.gguf import TensorData
 from tests.conftest import conformance_models, conformance_path
 
@@ -23,6 +24,7 @@ def inspect_json(capsys, path) -> dict:
 def test_json_report_matches_the_file(capsys, name):
     path = conformance_path("models", name)
     doc = inspect_json(capsys, path)
+    assert doc["verdict"]["runs"] and doc["verdict"]["reasons"] == []  # ember runs them all
     with gguf.open(path) as f:
         md = f.metadata
         assert doc["architecture"] == md["general.architecture"]
@@ -163,3 +165,97 @@ def test_nested_metadata_is_summarized(tmp_path, capsys):
     doc = inspect_json(capsys, path)
     assert doc["metadata"]["nest"] == [[1, 2], "[20 x UINT32]"]
     assert doc["unsupported"] and doc["tokenizer"]["vocab_size"] is None
+
+
+# ---------------------------------------------------------------------------
+# The verdict: can ember run the file, and if not, every reason why
+# ---------------------------------------------------------------------------
+
+def rewritten(tmp_path, name: str, **changes) -> Path:
+    """A copy of a conformance model with some metadata changed (None: key removed)."""
+    path = tmp_path / f"changed-{name}"
+    with gguf.open(conformance_path("models", name)) as f:
+        md, types = dict(f.metadata), dict(f.metadata_types)
+        for k, v in changes.items():
+            md.pop(k, None), types.pop(k, None)
+            if v is not None:
+                md[k] = v
+        gguf.write(path, md, f.tensors, types=types)
+    return path
+
+
+def test_a_file_ember_runs_says_so(capsys):
+    path = conformance_path("models", "v151k-qwen2-Q8_0.gguf")
+    assert inspect_json(capsys, path)["verdict"] == {"runs": True, "reasons": [], "notes": []}
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "verdict       ember can run this file\n\n" in capsys.readouterr().out
+
+
+def test_chat_template_notes(tmp_path, capsys):
+    """Not reasons to refuse (plain prompts work), but said: the ChatML fallback, a broken template."""
+    path = conformance_path("models", "stories260K.gguf")
+    assert inspect_json(capsys, path)["verdict"]["notes"] == [
+        "no tokenizer.chat_template: chat messages are rendered as ChatML (<|im_start|>role ... <|im_end|>)"]
+    broken = rewritten(tmp_path, "v151k-qwen2-Q8_0.gguf", **{"tokenizer.chat_template": "{% for %}"})
+    verdict = inspect_json(capsys, broken)["verdict"]
+    assert verdict["runs"] is True and len(verdict["notes"]) == 1
+    assert verdict["notes"][0].startswith("chat requests will fail, plain prompts work: "
+                                          "chat template does not compile")
+    assert cli.main(["inspect", str(broken)]) == 0
+    assert "verdict       ember can run this file\n  note: chat requests will fail" in \
+        capsys.readouterr().out
+
+
+def test_unknown_pre_tokenizer_is_named(tmp_path, capsys):
+    path = rewritten(tmp_path, "v151k-qwen2-Q8_0.gguf", **{"tokenizer.ggml.pre": "klingon-v9"})
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict       ember cannot run this file:\n" in out
+    assert "  tokenizer: unknown pre-tokenizer 'klingon-v9' (tokenizer.ggml.pre)" in out
+    doc = inspect_json(capsys, path)
+    assert doc["verdict"]["runs"] is False and doc["hyperparameters"] is not None
+    [reason] = doc["verdict"]["reasons"]
+    assert reason["part"] == "tokenizer" and "'klingon-v9'" in reason["reason"]
+
+
+def test_refused_pre_tokenizer_says_why(tmp_path, capsys):
+    path = rewritten(tmp_path, "v151k-qwen2-Q8_0.gguf", **{"tokenizer.ggml.pre": "kimi-k2"})
+    [reason] = inspect_json(capsys, path)["verdict"]["reasons"]
+    assert reason["reason"].startswith("pre-tokenizer 'kimi-k2' (tokenizer.ggml.pre) is not "
+                                       "supported: llama.cpp splits it with a hand-written splitter")
+
+
+def test_every_reason_is_listed(tmp_path, capsys):
+    """Architecture (or rope scaling), tokenizer and tensor type are each checked on their own."""
+    path = tmp_path / "many.gguf"
+    uncomputable = sorted(t for t in quants.BLOCKS if not quants.can_compute(t))
+    assert uncomputable, "every readable type has a codec now: pick another refusal"
+    tname = uncomputable[0]
+    elems, nbytes = quants.BLOCKS[tname]
+    md = {"general.architecture": "llama", "llama.block_count": 1, "llama.embedding_length": 32,
+          "llama.feed_forward_length": 64, "llama.attention.head_count": 4,
+          "llama.rope.scaling.type": "klingon-rope",
+          "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon-v9",
+          "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]}
+    gguf.write(path, md, {"token_embd.weight": np.zeros((2, 32), np.float32),
+                          "blk.0.odd.weight": TensorData(tname, (2, elems), bytes(2 * nbytes))})
+    verdict = inspect_json(capsys, path)["verdict"]
+    parts = {r["part"]: r["reason"] for r in verdict["reasons"]}
+    assert verdict["runs"] is False and list(parts) == ["model", "tokenizer", "tensor type"]
+    assert "'klingon-rope'" in parts["model"]
+    assert "'klingon-v9'" in parts["tokenizer"]
+    assert parts["tensor type"] == f"tensor type {tname} is not supported (1 tensors, e.g. 'blk.0.odd.weight')"
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {p}: {r}" in out for p, r in parts.items())
+
+
+def test_unsupported_architecture_is_the_verdict(capsys):
+    path = conformance_path("arch", "models", "s512-gemma3-Q8_0.gguf")
+    from ember.plugins.arch import ARCH_SWITCHES
+    verdict = inspect_json(capsys, path)["verdict"]
+    if "gemma3" in ARCH_SWITCHES:      # once ember runs gemma3, the same file must say so
+        assert verdict["runs"] and verdict["reasons"] == []
+    else:
+        assert verdict["reasons"] == [{"part": "model", "reason": verdict["reasons"][0]["reason"]}]
+        assert "'gemma3'" in verdict["reasons"][0]["reason"]

@@ -186,10 +186,16 @@ def test_chat_messages_render_with_the_files_template(models):
     assert m.tokenizer.token_text(gen.prompt[1]) == "<|user|>"  # specials parsed
 
 
-def test_chat_fallback_is_chatml(stories):
-    assert stories.chat_template.is_fallback
-    assert stories.chat_template.render([{"role": "user", "content": "x"}]) == \
-        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+def test_chat_fallback_is_chatml_and_logged_once(caplog):
+    with engine.load(conformance_path("models", STORIES), backend="reference", n_ctx=64) as m:
+        with caplog.at_level("WARNING", logger="emberd.engine"):
+            for _ in range(3):
+                assert m.chat_template.is_fallback
+                assert m.chat_template.render([{"role": "user", "content": "x"}]) == \
+                    "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+                m.start([{"role": "user", "content": "y"}], max_tokens=1)
+    said = [r.getMessage() for r in caplog.records if "ChatML fallback" in r.getMessage()]
+    assert len(said) == 1 and STORIES in said[0]
 
 
 # ---------------------------------------------------------------------------

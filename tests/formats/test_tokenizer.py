@@ -1,7 +1,9 @@
 """Tokenizers against llama.cpp's own vectors, the refs' prompt tokens, and hostile vocabularies.
 
 Oracles: ../shared/conformance/tokenizer (llama.cpp's test-tokenizer-0 vectors,
-15 vocabularies) and ../shared/conformance/refs (prompt tokens with BOS).
+15 vocabularies), ../shared/conformance/arch/tokenizer (the same format for two
+vocabularies extracted from real models: SmolLM2's `smollm` BPE and Gemma 3's
+262k SentencePiece), and ../shared/conformance/refs (prompt tokens with BOS).
 Hostile vocabularies are written by the test with ember's own GGUF writer.
 """
 from __future__ import annotations
@@ -17,9 +19,15 @@ from ember.formats.tokenizer import Tokenizer, TokenizerError
 from ember.formats import tokenizer_models
 from ember.formats.tokenizer_models import SPACE_ESC, byte_encode
 
-VOCAB_DIR = CONFORMANCE / "tokenizer"
-VOCABS = sorted(p.name[len("ggml-vocab-"):-len(".gguf")] for p in VOCAB_DIR.glob("ggml-vocab-*.gguf")) \
-    if VOCAB_DIR.is_dir() else []
+
+
+def _vocab_names(folder) -> list[str]:
+    return sorted(p.name[len("ggml-vocab-"):-len(".gguf")] for p in folder.glob("ggml-vocab-*.gguf")) \
+        if folder.is_dir() else []
+
+
+VOCABS = _vocab_names(CONFORMANCE / "tokenizer")                  # the original 15
+ARCH_VOCABS = _vocab_names(CONFORMANCE / "arch" / "tokenizer")    # issue 13's, kept apart
 # Vocabularies that cannot give the text back, and why.
 LOSSY = {"bert-bge": "WordPiece lowercases, strips accents, drops whitespace and has [UNK]"}
 SEP = "\n__ggml_vocab_test__\n"
@@ -27,10 +35,15 @@ SEP = "\n__ggml_vocab_test__\n"
 _loaded: dict[str, Tokenizer] = {}
 
 
+def vocab_path(name: str):
+    folder = ("arch", "tokenizer") if name in ARCH_VOCABS else ("tokenizer",)
+    return conformance_path(*folder, f"ggml-vocab-{name}.gguf")
+
+
 def vocab(name: str) -> Tokenizer:
     """One Tokenizer per vocabulary for the whole module (loading is the slow part)."""
     if name not in _loaded:
-        _loaded[name] = Tokenizer.from_gguf(conformance_path("tokenizer", f"ggml-vocab-{name}.gguf"))
+        _loaded[name] = Tokenizer.from_gguf(vocab_path(name))
     return _loaded[name]
 
 
@@ -44,7 +57,7 @@ def model_tokenizer(model: str) -> Tokenizer:
 def read_vectors(name: str) -> list[tuple[str, list[int]]]:
     """test-tokenizer-0's reading: split the .inp on "\\n__ggml_vocab_test__\\n", a trailing
     separator opens no new case; .out has one line of ids per case (empty line: no ids)."""
-    base = conformance_path("tokenizer", f"ggml-vocab-{name}.gguf")
+    base = vocab_path(name)
     raw = base.with_name(base.name + ".inp").read_bytes().decode("utf-8")
     cases, pos = [], 0
     while pos < len(raw):
@@ -68,7 +81,12 @@ def test_all_fifteen_vocabularies_are_present():
     assert len(VOCABS) == 15, VOCABS
 
 
-@pytest.mark.parametrize("name", oracle_params(VOCABS))
+def test_both_new_vocabularies_are_present():
+    conformance_path("arch", "tokenizer")
+    assert ARCH_VOCABS == ["gemma-3", "smollm"]
+
+
+@pytest.mark.parametrize("name", oracle_params(VOCABS) + oracle_params(ARCH_VOCABS))
 def test_llama_cpp_vectors(name):
     tok = vocab(name)
     cases = read_vectors(name)
@@ -81,7 +99,7 @@ def test_llama_cpp_vectors(name):
 # 2. decode(encode(s)) == s, and the stream decoder agrees with decode
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", oracle_params(VOCABS))
+@pytest.mark.parametrize("name", oracle_params(VOCABS) + oracle_params(ARCH_VOCABS))
 def test_roundtrip_and_stream(name):
     tok = vocab(name)
     for s, _ in read_vectors(name):
