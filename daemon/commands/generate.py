@@ -40,8 +40,9 @@ def add_endpoint(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
+    from ember.daemon.cli import add_flag
     for flag, (_, kind, help_) in SAMPLING_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, help=help_)
+        add_flag(p, flag, type=kind, default=None, help=help_)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable)")
 
@@ -65,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def stream_to(out, stream) -> dict:
     """Write each token's text as it arrives; return the `done` event."""
     for tok in stream:
-        out.write(tok["text"])
+        out.write(tok.text)
         out.flush()
     return stream.done
 

@@ -142,12 +142,12 @@ def test_rename_over_the_model_during_generation(tmp_path, model):  # noqa: F811
     try:
         with d.client() as c, c.generate("Once upon a time", max_tokens=300, temperature=0,
                                          ignore_eos=True) as s:
-            first = next(iter(s))
+            first = next(s)
             other = tmp_path / "incoming.gguf"
             shutil.copyfile(model_path().with_name("stories260K-Q8_0.gguf"), other)
             os.chmod(other, 0o444)
             os.replace(other, p)                       # the new file takes the path now
-            text = first["text"] + "".join(t["text"] for t in s)
+            text = first.text + "".join(t.text for t in s)
         assert s.done["stop"] == "length" and s.done["usage"]["completion_tokens"] == 300
         assert text == s.done["text"] == greedy_local_ignore_eos(model, "Once upon a time", 300)
         assert d.alive()

@@ -129,7 +129,7 @@ def test_unknown_key_refused(curve_server):
     server, _, monitor, keys = curve_server
     with _client(server, keys, "stranger") as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 
@@ -137,7 +137,7 @@ def test_plaintext_client_refused(curve_server):
     server, _, monitor, keys = curve_server
     with _client(server, keys, None) as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 
@@ -148,7 +148,7 @@ def test_dead_zap_handler_fails_closed(curve_server):
     curve.stop()                                                 # the ZAP handler is gone
     with _client(server, keys, "friend") as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 

@@ -45,7 +45,7 @@ def test_greedy_over_zeromq_equals_in_process(emberd, model, transport):
     want = greedy_local(model, prompt, 48)
     with emberd.client(getattr(emberd, transport)) as c:
         with c.generate(prompt, max_tokens=48, temperature=0.0) as stream:
-            pieces = [t["text"] for t in stream]
+            pieces = [t.text for t in stream]
         assert "".join(pieces) == want == stream.done["text"]
         assert stream.done["usage"]["completion_tokens"] == len(stream.done["tokens"])
         done = c.complete(prompt, max_tokens=48, temperature=0.0)
@@ -61,11 +61,11 @@ def test_first_token_arrives_before_the_last_is_computed(emberd):
             st = observer.status()               # the daemon is still computing this request
             rest = list(stream)
         t_done = time.monotonic()
-    assert first["i"] == 0
+    assert first.index == 0
     assert st["current"] is not None and st["current"]["id"] == stream.id
     assert st["current"]["tokens"] < LONG["max_tokens"]
     assert len(rest) == LONG["max_tokens"] - 1
-    assert [t["i"] for t in rest] == list(range(1, LONG["max_tokens"]))
+    assert [t.index for t in rest] == list(range(1, LONG["max_tokens"]))
     assert t_done - t_first > 0.05    # the stream spread over the decode, not one burst
 
 

@@ -285,7 +285,7 @@ def test_emberd_serves_on_the_onnx_backend(cache):
                               temperature=0.0, ignore_eos=True)
             assert done["tokens"].tolist() == z["greedy"].tolist()
             with c.generate("Once upon a time", max_tokens=40, temperature=0.0) as stream:
-                text = "".join(t["text"] for t in stream)
+                text = "".join(t.text for t in stream)
         with engine.load(model_path(), backend="reference") as ref:
             assert text == greedy_local(ref, "Once upon a time", 40) and len(text) > 20
         assert any((cache / "onnx").iterdir())          # the daemon built into our cache
