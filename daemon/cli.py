@@ -80,7 +80,8 @@ class Parser(argparse.ArgumentParser):
     "did you mean", and errors print this (sub)command's usage."""
 
     def parse_known_args(self, args=None, namespace=None):
-        for a in sys.argv[1:] if args is None else args:
+        mine = [] if self._subparsers is not None else sys.argv[1:] if args is None else args
+        for a in mine:      # (a parser with subcommands leaves this to the subcommand's)
             if a.split("=", 1)[0] in FOREIGN:   # before argparse reads `-ngl` as `-n gl`
                 self.error(f"{a.split('=', 1)[0]}: {FOREIGN[a.split('=', 1)[0]]}")
         return super().parse_known_args(args, namespace)
@@ -97,9 +98,9 @@ class Parser(argparse.ArgumentParser):
             words, known = [m.group(1)], [c for a in self._actions if a.choices for c in a.choices]
         else:
             return ""
-        hints = [f"{w} -> {close[0]}" for w in words
+        hints = [close[0] for w in words
                  if (close := difflib.get_close_matches(w, known, n=1, cutoff=0.6))]
-        return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def _load(name: str):

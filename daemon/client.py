@@ -194,8 +194,11 @@ class Client:
         if not self.sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
             raise _unavailable(self.endpoint, self._curve, self.connect_timeout)
         rid = next(self._ids)
+        try:            # never block: with ZMQ_IMMEDIATE a lost connection would block forever
+            self.sock.send_multipart(_request(op, rid, fields, tokens), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise _unavailable(self.endpoint, self._curve, self.connect_timeout) from None
         self._inbox[rid] = collections.deque()
-        self.sock.send_multipart(_request(op, rid, fields, tokens))
         return rid
 
     def recv(self, rid: Any, timeout: float | None = None) -> tuple[dict, dict]:
@@ -336,13 +339,14 @@ class Stream:
             return
         c = self.client
         try:
-            c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}))
+            c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}),
+                                  flags=zmq.NOBLOCK)    # a daemon gone: nothing to cancel
             end = time.monotonic() + wait
             while self.done is None and time.monotonic() < end:
                 header, arrays = c.recv(self.id, timeout=max(0.0, end - time.monotonic()))
                 if header["op"] in TERMINAL:
                     self.done = header
-        except (EmberError, zmq.ZMQError):
+        except (EmberError, zmq.ZMQError):   # zmq.Again included
             pass
         finally:
             c._inbox.pop(self.id, None)
@@ -398,8 +402,11 @@ class AsyncClient:
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
         rid = next(self._ids)
+        try:
+            await self.sock.send_multipart(_request(op, rid, fields, tokens), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise _unavailable(self.endpoint, self._curve, self.connect_timeout) from None
         self._inbox[rid] = asyncio.Queue()
-        await self.sock.send_multipart(_request(op, rid, fields, tokens))
         return rid
 
     async def recv(self, rid: Any, timeout: float | None = None) -> tuple[dict, dict]:
@@ -518,7 +525,8 @@ class AsyncStream:
         if self.done is not None or self.id not in c._inbox:
             return
         try:
-            await c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}))
+            await c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}),
+                                        flags=zmq.NOBLOCK)
             end = time.monotonic() + wait
             while self.done is None and time.monotonic() < end:
                 header, _ = await asyncio.wait_for(c._inbox[self.id].get(), end - time.monotonic())

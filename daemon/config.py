@@ -15,7 +15,7 @@ example and a test checks that it loads.
 Keys (top level unless a section is named):
 
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
-    memory_budget ("1.5G" or bytes), log_level, allow_load
+    memory_budget ("1.5G" or bytes), log_level, allow_load, strict_model_file
     [scheduler]  queue_size, max_tokens, drain_timeout
     [security]   server_secret_key, allowed_clients, insecure
     [cache]      dir, hub
@@ -46,7 +46,7 @@ class Key:
 
 
 SCHEMA: dict[tuple[str, str], Key] = {
-    ("", "model"): Key("model", (str,), "a model file path (empty: the default model)"),
+    ("", "model"): Key("model", (str,), "a model file path or name (empty: the default model)"),
     ("", "bind"): Key("bind", (list,), "a list of endpoint strings"),
     ("", "backend"): Key("backend", (str,), "a backend name"),
     ("", "threads"): Key("threads", (int,), "an integer >= 0"),
@@ -55,6 +55,7 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "memory_budget"): Key("memory_budget", (str, int), 'a size such as "1.5G" or bytes'),
     ("", "log_level"): Key("log_level", (str,), "debug, info, warning or error"),
     ("", "allow_load"): Key("allow_load", (bool,), "true or false"),
+    ("", "strict_model_file"): Key("strict_model_file", (bool,), "true or false"),
     ("scheduler", "queue_size"): Key("max_queue", (int,), "an integer >= 0"),
     ("scheduler", "max_tokens"): Key("max_tokens", (int,), "a positive integer"),
     ("scheduler", "drain_timeout"): Key("drain_timeout", (int, float), "seconds"),

@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
@@ -92,6 +93,9 @@ def add_arguments(p) -> None:
                                  "or huggingface.co)")
     g.add_argument("--no-pull", action="store_true", default=False,
                    help="never download the default model; say what to run instead")
+    g.add_argument("--strict-model-file", action="store_true", default=False,
+                   help="refuse a model file this user could write (a file truncated while "
+                        "mapped kills the daemon); default: serve it with a warning")
 
 
 # ---------------------------------------------------------------------------
@@ -108,9 +112,9 @@ class Loaded:
 
 
 def resolve_model(args, say) -> str:
-    if args.model:
-        return args.model
     root = modelcache.cache_dir(override=getattr(args, "cache_dir", None))
+    if args.model:      # a path, or a name `ember models` prints (demo, REPO/FILE, REPO:QUANT)
+        return str(modelcache.resolve(args.model, root))
     hub = modelcache.hub_url(override=getattr(args, "hub", None))
     return str(modelcache.default_model(root, hub, allow_pull=not args.no_pull, say=say))
 
@@ -145,7 +149,9 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     if args.ctx is not None and args.ctx < 1:
         raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
-    checked = modelfile.check(path)
+    checked = modelfile.check(path, strict=getattr(args, "strict_model_file", False))
+    if checked.warning and Path(path) != modelcache.DEMO_PATH:   # the demo: part of the package
+        say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
     fit, backend = plan_fit(path, args, process, beside)
     for m in fit.messages:

@@ -76,10 +76,13 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
     with Client(args.endpoint, timeout=args.timeout) as client:
-        with client.generate(**request, **sampling(args)) as stream:
+        stream = client.generate(**request, **sampling(args))
+        try:
             done = stream_to(sys.stdout, stream)
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
+        finally:        # Ctrl-C included: the shell prompt starts on a line of its own
+            if sys.stdout.isatty() and not stream.text.endswith("\n"):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
     if args.verbose:
         print(json.dumps({"stop": done["stop"], "usage": done["usage"], "timings": done["timings"]}),
               file=sys.stderr)

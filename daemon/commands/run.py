@@ -64,10 +64,21 @@ def _prompt(args: argparse.Namespace):
     return msgs + [{"role": "user", "content": args.prompt}]
 
 
+def model_file(args: argparse.Namespace) -> str:
+    """The file MODEL or --model names (a path or a name `ember models` prints)."""
+    from ember.daemon import modelcache
+    from ember.daemon.cli import UserError
+    if bool(args.model) == bool(args.model_flag):
+        raise UserError("give the model once: `ember run MODEL -p ...` or `ember run -m MODEL -p ...`"
+                        f" (MODEL: a .gguf path, or a name `ember models` prints, e.g. "
+                        f"{modelcache.DEMO_NAME})")
+    return str(modelcache.resolve(args.model or args.model_flag, modelcache.cache_dir()))
+
+
 def run(args: argparse.Namespace) -> int:
     from ember.daemon import engine  # numpy and the backends load only for this command
 
-    with engine.load(args.model, backend=args.backend, n_ctx=args.n_ctx,
+    with engine.load(model_file(args), backend=args.backend, n_ctx=args.n_ctx,
                      threads=args.threads) as model:
         gen = model.start(_prompt(args), **_sampling(args))
         for ev in gen:
