@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, TypedDict
@@ -45,6 +46,12 @@ if TYPE_CHECKING:
 
 TERMINAL = ("done", "error")
 CONNECT_TIMEOUT_S = 1.0
+ENDPOINT_ENV = "EMBER_ENDPOINT"
+
+
+def default_endpoint() -> str:
+    """$EMBER_ENDPOINT, else tcp://127.0.0.1:5555 — what the clients and the CLI connect to."""
+    return os.environ.get(ENDPOINT_ENV) or protocol.DEFAULT_ENDPOINT
 
 
 # ---------------------------------------------------------------------------
@@ -168,9 +175,10 @@ class Client:
     """A blocking client; `timeout` (s) bounds each wait for a reply, `connect_timeout` the
     wait for a daemon to be there at all."""
 
-    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0, *,
+    def __init__(self, endpoint: str | None = None, timeout: float = 30.0, *,
                  connect_timeout: float = CONNECT_TIMEOUT_S, ctx: zmq.Context | None = None,
                  curve=None):
+        endpoint = endpoint or default_endpoint()
         self.endpoint, self.timeout, self.connect_timeout = endpoint, timeout, connect_timeout
         self._ctx = ctx or zmq.Context.instance()
         self.sock = _dealer(self._ctx, endpoint, curve)
@@ -365,9 +373,10 @@ class Stream:
 class AsyncClient:
     """The same operations as Client, as coroutines; a reader task routes replies by id."""
 
-    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0, *,
+    def __init__(self, endpoint: str | None = None, timeout: float = 30.0, *,
                  connect_timeout: float = CONNECT_TIMEOUT_S,
                  ctx: zmq.asyncio.Context | None = None, curve=None):
+        endpoint = endpoint or default_endpoint()
         self.endpoint, self.timeout, self.connect_timeout = endpoint, timeout, connect_timeout
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = _dealer(self._ctx, endpoint, curve)

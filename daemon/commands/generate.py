@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from ember.daemon.client import ENDPOINT_ENV, default_endpoint
 from ember.formats import protocol
-
-ENDPOINT_ENV = "EMBER_ENDPOINT"
 
 # flag -> (request field, type, help)
 SAMPLING_FLAGS = {
@@ -33,7 +31,7 @@ SAMPLING_FLAGS = {
 
 
 def add_endpoint(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
-    p.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV, protocol.DEFAULT_ENDPOINT),
+    p.add_argument("--endpoint", default=default_endpoint(),
                    help=f"emberd endpoint (default ${ENDPOINT_ENV} or {protocol.DEFAULT_ENDPOINT})")
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"seconds to wait for each reply (default {timeout:g})")
