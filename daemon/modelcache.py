@@ -111,23 +111,28 @@ class ModelNotFound(PullError):
 
 def resolve(name: str, root: Path) -> Path:
     """The file a --model value names: a path, `demo`, REPO/FILE, FILE or REPO:QUANT."""
+    if os.path.exists(name) and name != DEMO_NAME:
+        return Path(name)
+    if (found := lookup(name, root)) is not None:
+        return found
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")):
+        return Path(name).expanduser()  # plainly a path: the loader says what is missing
+    raise ModelNotFound(_not_found(name, root, entries(root)))
+
+
+def lookup(name: str, root: Path) -> Path | None:
+    """The bundled or cached model a name means (never a path), None when none."""
     if name == DEMO_NAME:
         return DEMO_PATH
-    if os.path.exists(name):
-        return Path(name)
     found = entries(root)
     hits = [e for e in found if name in (f"{e.repo}/{e.file}", e.file)]
     if ":" in name and not hits:
         repo, quant = name.rsplit(":", 1)
         hits = [e for e in found if e.repo.lower() == repo.lower() and _has_quant(e.file, quant)]
-    if len(hits) == 1:
-        return hits[0].path
     if len(hits) > 1:
         raise ModelNotFound(f"model {name!r} matches several cached files: "
                             f"{', '.join(f'{e.repo}/{e.file}' for e in hits)}; give one of them")
-    if os.path.isabs(name) or name.startswith(("./", "../", "~")):
-        return Path(name).expanduser()  # plainly a path: the loader says what is missing
-    raise ModelNotFound(_not_found(name, root, found))
+    return hits[0].path if hits else None
 
 
 def _has_quant(file: str, quant: str) -> bool:

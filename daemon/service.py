@@ -380,15 +380,18 @@ class Service:
         self.start_reload((owner, req.id), path)
 
     def _load_target(self, name: str) -> str:
-        """An absolute path, or a cache entry as REPO/FILE or FILE."""
+        """An absolute path, or a name `ember models` prints (never relative to our cwd)."""
         if os.path.isabs(name):
             return name
         root = modelcache.cache_dir(override=self.args.cache_dir)
-        for e in modelcache.entries(root):
-            if name in (f"{e.repo}/{e.file}", e.file):
-                return str(e.path)
-        raise ProtocolError("bad_request", f"model {name!r}: give an absolute path or a cached "
-                                           "model (see `ember models`)")
+        try:
+            found = modelcache.lookup(name, root)
+        except modelcache.ModelNotFound as e:
+            raise ProtocolError("bad_request", str(e)) from None
+        if found is None:
+            raise ProtocolError("bad_request", f"model {name!r}: give an absolute path or a "
+                                               "model `ember models` lists")
+        return str(found)
 
     def start_reload(self, reply_to, path: str | None = None) -> None:
         if self._reload is not None:

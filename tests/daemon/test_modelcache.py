@@ -279,9 +279,11 @@ def test_offline_start_explains_itself(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"ember pull {modelcache.DEFAULT_REPO} {modelcache.DEFAULT_FILE} --cache-dir {tmp_path}" \
         in r.stderr
-    assert "cannot reach" in r.stderr and "--model" in r.stderr
+    assert "cannot reach" in r.stderr and "--model demo" in r.stderr
     r = _emberd("--cache-dir", str(tmp_path), "--no-pull")
     assert r.returncode == 2 and f"ember pull {modelcache.DEFAULT_REPO}" in r.stderr
+    assert "--model demo" in r.stderr
+    assert list(tmp_path.iterdir()) == []          # the failed pull left no folder behind
 
 
 def test_first_start_pulls_the_default_model(hub, tmp_path):
