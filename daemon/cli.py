@@ -63,8 +63,11 @@ FOREIGN: dict[str, str] = {"-ngl": _GPU_HINT, "--n-gpu-layers": _GPU_HINT, "--gp
 
 
 def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> argparse.Action:
-    """p.add_argument(name, ...) plus its HABITS spellings."""
-    return p.add_argument(name, *HABITS.get(name, ()), **kw)
+    """p.add_argument(name, ...) plus its HABITS spellings; a short one leads, so usage
+    lines show `-m MODEL` (the destination still comes from `name`)."""
+    others = HABITS.get(name, ())
+    short = [o for o in others if not o.startswith("--")]
+    return p.add_argument(*short, name, *[o for o in others if o.startswith("--")], **kw)
 
 
 def version() -> str:

@@ -327,12 +327,8 @@ class Stream:
                     continue
                 self._finish(header, arrays)
                 return None
-        except EmberError as e:
-            if e.code == "timeout":
-                self.close()        # stop the work on the server too
-            raise
-        except BaseException:
-            self.close()            # Ctrl-C
+        except BaseException:       # a timeout, Ctrl-C: stop the work on the server too
+            self.close()            # (a no-op after an error reply: the request is over)
             raise
 
     def _finish(self, header: dict, arrays: dict) -> None:
