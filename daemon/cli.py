@@ -19,6 +19,8 @@ import importlib
 import re
 import sys
 
+from ember.formats.errors import UserError
+
 # name -> (module under ember.daemon.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "show a GGUF model's architecture, tokenizer and tensors"),
@@ -35,10 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("rm", "remove a model from the cache"),
     "keys": ("keys", "generate a CURVE key pair"),
 }
-
-
-class UserError(Exception):
-    """An error the user caused and can fix; printed as one line, exit 2."""
 
 
 # ---------------------------------------------------------------------------
@@ -155,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     """Typed errors a user can cause; everything else is a bug and keeps its traceback."""
-    from ember.formats.gguf import GGUFError
-    user_types: tuple[type, ...] = (UserError, GGUFError, FileNotFoundError, PermissionError,
-                                    IsADirectoryError)
-    return isinstance(e, user_types) or getattr(e, "user_error", False)
+    return isinstance(e, (UserError, FileNotFoundError, PermissionError, IsADirectoryError))
 
 
 if __name__ == "__main__":

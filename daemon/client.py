@@ -40,6 +40,7 @@ import zmq
 import zmq.asyncio
 
 from ember.formats import protocol
+from ember.formats.errors import UserError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -58,10 +59,8 @@ def default_endpoint() -> str:
 # Errors and events
 # ---------------------------------------------------------------------------
 
-class EmberError(Exception):
+class EmberError(UserError):
     """An `error` reply from the daemon (code as in docs/protocol.md), or a local failure."""
-
-    user_error = True
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")

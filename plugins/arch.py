@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.formats.errors import UserError
 from ember.formats.gguf import GGUFFile
 
 
-class UnsupportedModel(Exception):
+class UnsupportedModel(UserError):
     """The file's architecture or hyper-parameters are outside what ember runs."""
-
-    user_error = True
 
 
 # architecture -> switches that differ from plain llama

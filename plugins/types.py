@@ -6,11 +6,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ember.formats.errors import UserError
 
-class BackendError(Exception):
+
+class BackendError(UserError):
     """A backend cannot be chosen or cannot load a model; the message says why."""
-
-    user_error = True
 
 
 @dataclass(frozen=True)
@@ -72,16 +72,12 @@ class Runner(Protocol):
         """Release what the runner holds."""
 
 
-class ContextOverflow(Exception):
+class ContextOverflow(UserError):
     """Tokens would run past the KV cache's n_ctx."""
 
-    user_error = True
 
-
-class TokenOutOfRange(ValueError):
+class TokenOutOfRange(UserError, ValueError):
     """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 class CacheBookkeeping:

@@ -67,7 +67,7 @@ def _prompt(args: argparse.Namespace):
 def model_file(args: argparse.Namespace) -> str:
     """The file MODEL or --model names (a path or a name `ember models` prints)."""
     from ember.daemon import modelcache
-    from ember.daemon.cli import UserError
+    from ember.formats.errors import UserError
     if bool(args.model) == bool(args.model_flag):
         raise UserError("give the model once: `ember run MODEL -p ...` or `ember run -m MODEL -p ...`"
                         f" (MODEL: a .gguf path, or a name `ember models` prints, e.g. "
