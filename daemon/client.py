@@ -269,16 +269,26 @@ class Client:
 
     def complete(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                  tokens: Iterable[int] | None = None, **params: Unpack[GenerateParams]) -> dict:
-        """A non-streaming generation: returns the `done` event (with `text`)."""
+        """A non-streaming generation: returns the `done` event (with `text`).
+        A timeout or Ctrl-C while waiting cancels it on the daemon."""
         rid = self.send("generate", tokens, **_generate_fields(prompt, messages, False, params))
+        header = {}
         try:
-            while True:
+            while header.get("op") not in TERMINAL:
                 header, arrays = self.recv(rid)
-                if header["op"] in TERMINAL:
-                    header["tokens"] = arrays.get("tokens")
-                    return _raise_if_error(header)
         finally:
+            if header.get("op") not in TERMINAL:
+                self._send_cancel(rid)
             self._inbox.pop(rid, None)
+        header["tokens"] = arrays.get("tokens")
+        return _raise_if_error(header)
+
+    def _send_cancel(self, rid: Any) -> None:
+        try:            # NOBLOCK: with the daemon gone there is nothing to cancel
+            self.sock.send_multipart(_request("cancel", next(self._ids), {"target": rid}),
+                                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
 
 class Stream:
@@ -342,14 +352,13 @@ class Stream:
             return
         c = self.client
         try:
-            c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}),
-                                  flags=zmq.NOBLOCK)    # a daemon gone: nothing to cancel
+            c._send_cancel(self.id)
             end = time.monotonic() + wait
             while self.done is None and time.monotonic() < end:
                 header, arrays = c.recv(self.id, timeout=max(0.0, end - time.monotonic()))
                 if header["op"] in TERMINAL:
                     self.done = header
-        except (EmberError, zmq.ZMQError):   # zmq.Again included
+        except (EmberError, zmq.ZMQError):  # no terminal event in time, or the client closed
             pass
         finally:
             c._inbox.pop(self.id, None)
@@ -466,14 +475,23 @@ class AsyncClient:
                        tokens: Iterable[int] | None = None,
                        **params: Unpack[GenerateParams]) -> dict:
         rid = await self.send("generate", tokens, **_generate_fields(prompt, messages, False, params))
+        header = {}
         try:
-            while True:
+            while header.get("op") not in TERMINAL:
                 header, arrays = await self.recv(rid)
-                if header["op"] in TERMINAL:
-                    header["tokens"] = arrays.get("tokens")
-                    return _raise_if_error(header)
         finally:
+            if header.get("op") not in TERMINAL:
+                await self._send_cancel(rid)
             self._inbox.pop(rid, None)
+        header["tokens"] = arrays.get("tokens")
+        return _raise_if_error(header)
+
+    async def _send_cancel(self, rid: Any) -> None:
+        try:
+            await self.sock.send_multipart(_request("cancel", next(self._ids), {"target": rid}),
+                                           flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
 
 class AsyncStream:
@@ -529,14 +547,13 @@ class AsyncStream:
         if self.done is not None or self.id not in c._inbox:
             return
         try:
-            await c.sock.send_multipart(_request("cancel", next(c._ids), {"target": self.id}),
-                                        flags=zmq.NOBLOCK)
+            await c._send_cancel(self.id)
             end = time.monotonic() + wait
             while self.done is None and time.monotonic() < end:
                 header, _ = await asyncio.wait_for(c._inbox[self.id].get(), end - time.monotonic())
                 if header["op"] in TERMINAL:
                     self.done = header
-        except (asyncio.TimeoutError, zmq.ZMQError):
+        except asyncio.TimeoutError:
             pass
         finally:
             c._inbox.pop(self.id, None)
