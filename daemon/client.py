@@ -15,10 +15,14 @@ its `id` into that request's inbox. A streaming generation is an iterable of
 reply raises EmberError (typed by `code`).
 
 Failing fast. ZeroMQ's connect never fails: with nothing listening, a send
-just waits in a queue. The socket is made with ZMQ_IMMEDIATE, so it is
-writable only once a connection is up (with CURVE, once the handshake
-passed); each request first waits at most `connect_timeout` for that and
-otherwise raises EmberUnavailable, instead of a full reply timeout.
+just waits in a queue. So until its first connection is up (with CURVE,
+until the handshake passed) a client watches its socket's monitor for
+HANDSHAKE_SUCCEEDED; a request waits at most `connect_timeout` for it and
+otherwise raises EmberUnavailable, instead of a full reply timeout. After
+that the socket behaves as ZeroMQ's always do (a daemon restarted later is
+reconnected to; a reply that never comes is EmberTimeout). ZMQ_IMMEDIATE
+would say the same per send, but changes how the daemon sees a client that
+sends and vanishes at once, so the monitor is used only at the start.
 
 Cancelling. Leaving a stream early — `close()`, the `with` block, a `break`
 out of a `for` loop (its generator is closed), an exception, Ctrl-C inside
@@ -143,17 +147,24 @@ def _generate_fields(prompt, messages, stream: bool, params: dict) -> dict:
     return {"prompt": prompt, "messages": messages, "stream": stream, **params}
 
 
-def _dealer(ctx: zmq.Context, endpoint: str, curve=None) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, endpoint: str, curve=None) -> tuple[zmq.Socket, zmq.Socket]:
+    """The connected DEALER and its monitor (HANDSHAKE_SUCCEEDED only), made before the
+    connect so that the event cannot be missed."""
     from ember.daemon import security
     curve = curve or security.client_curve_from_env()   # EMBER_SERVER_KEY + EMBER_CLIENT_KEY
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)       # writable only with a live connection: fail fast
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.CLIENT_LIMITS.max_frame_bytes)
     if curve:   # (server public, client public, client secret): security.client_curve()
         security.apply_client(sock, curve)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sock.connect(endpoint)
-    return sock
+    return sock, monitor
+
+
+def _drop_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    sock.disable_monitor()
+    monitor.close(linger=0)
 
 
 def _unavailable(endpoint: str, curve: bool, waited: float) -> EmberUnavailable:
@@ -180,12 +191,15 @@ class Client:
         endpoint = endpoint or default_endpoint()
         self.endpoint, self.timeout, self.connect_timeout = endpoint, timeout, connect_timeout
         self._ctx = ctx or zmq.Context.instance()
-        self.sock = _dealer(self._ctx, endpoint, curve)
+        self.sock, self._monitor = _dealer(self._ctx, endpoint, curve)
         self._curve = self.sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
         self._ids = itertools.count(1)
         self._inbox: dict[Any, collections.deque] = {}
 
     def close(self) -> None:
+        if self._monitor is not None:
+            _drop_monitor(self.sock, self._monitor)
+            self._monitor = None
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Client":
@@ -197,14 +211,14 @@ class Client:
     # -- plumbing ---------------------------------------------------------------
 
     def send(self, op: str, tokens=None, **fields) -> Any:
-        """Send one request; returns its id. EmberUnavailable when no daemon is connected."""
-        if not self.sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-            raise _unavailable(self.endpoint, self._curve, self.connect_timeout)
+        """Send one request; returns its id. EmberUnavailable when no daemon was ever reached."""
+        if self._monitor is not None:
+            if not self._monitor.poll(int(self.connect_timeout * 1000)):
+                raise _unavailable(self.endpoint, self._curve, self.connect_timeout)
+            _drop_monitor(self.sock, self._monitor)
+            self._monitor = None
         rid = next(self._ids)
-        try:            # never block: with ZMQ_IMMEDIATE a lost connection would block forever
-            self.sock.send_multipart(_request(op, rid, fields, tokens), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise _unavailable(self.endpoint, self._curve, self.connect_timeout) from None
+        self.sock.send_multipart(_request(op, rid, fields, tokens))
         self._inbox[rid] = collections.deque()
         return rid
 
@@ -383,7 +397,7 @@ class AsyncClient:
         endpoint = endpoint or default_endpoint()
         self.endpoint, self.timeout, self.connect_timeout = endpoint, timeout, connect_timeout
         self._ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = _dealer(self._ctx, endpoint, curve)
+        self.sock, self._monitor = _dealer(self._ctx, endpoint, curve)
         self._curve = self.sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
@@ -392,6 +406,9 @@ class AsyncClient:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        if self._monitor is not None:
+            _drop_monitor(self.sock, self._monitor)
+            self._monitor = None
         self.sock.close(linger=0)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -410,16 +427,16 @@ class AsyncClient:
                 box.put_nowait((header, arrays))
 
     async def send(self, op: str, tokens=None, **fields) -> Any:
-        if not await self.sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-            raise _unavailable(self.endpoint, self._curve, self.connect_timeout)
+        if self._monitor is not None:
+            if not await self._monitor.poll(int(self.connect_timeout * 1000)):
+                raise _unavailable(self.endpoint, self._curve, self.connect_timeout)
+            _drop_monitor(self.sock, self._monitor)
+            self._monitor = None
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
         rid = next(self._ids)
-        try:
-            await self.sock.send_multipart(_request(op, rid, fields, tokens), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise _unavailable(self.endpoint, self._curve, self.connect_timeout) from None
         self._inbox[rid] = asyncio.Queue()
+        await self.sock.send_multipart(_request(op, rid, fields, tokens))
         return rid
 
     async def recv(self, rid: Any, timeout: float | None = None) -> tuple[dict, dict]:
