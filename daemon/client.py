@@ -309,7 +309,9 @@ class Stream:
     """One generation's Token events; `done` holds the terminal event (a dict, as on the wire).
 
     `for tok in stream` iterates a generator: abandoning the loop (break,
-    an exception) closes it, which cancels the request on the daemon.
+    an exception) closes it, which cancels the request on the daemon. So
+    does dropping any iterator taken with iter(stream): take single tokens
+    with next(stream) instead.
     """
 
     def __init__(self, client: Client, rid: Any):
