@@ -76,6 +76,14 @@ def version() -> str:
         return "unknown"
 
 
+def add_version(p: argparse.ArgumentParser) -> None:
+    """--version, looked up only when asked (reading the package metadata takes ~0.2 s)."""
+    class Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.exit(message=f"{parser.prog} {version()}\n")
+    p.add_argument("--version", nargs=0, action=Version, help="show the version and exit")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with hints: FOREIGN flags explained, unknown flags and commands get
     "did you mean", and errors print this (sub)command's usage."""
@@ -117,7 +125,7 @@ def _available() -> list[str]:
 def build_parser(argv: list[str]) -> tuple[Parser, Parser | None]:
     """The `ember` parser and the chosen subcommand's (None when argv names none)."""
     parser = Parser(prog="ember", description="ember: local LLM inference")
-    parser.add_argument("--version", action="version", version=f"ember {version()}")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     chosen_parser = None

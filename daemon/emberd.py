@@ -28,9 +28,9 @@ from ember.formats.errors import UserError
 # ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from ember.daemon.cli import Parser, add_flag, version
+    from ember.daemon.cli import Parser, add_flag, add_version
     p = Parser(prog="emberd", description="ember inference daemon (ZeroMQ + msgpack)")
-    p.add_argument("--version", action="version", version=f"emberd {version()}")
+    add_version(p)
     add_flag(p, "--model", default=None, metavar="MODEL",
              help="GGUF model file to serve, or a name `ember models` prints (REPO/FILE, "
                   "REPO:QUANT); `demo` is the tiny model bundled with ember "
