@@ -80,7 +80,8 @@ def add_version(p: argparse.ArgumentParser) -> None:
     """--version, looked up only when asked (reading the package metadata takes ~0.2 s)."""
     class Version(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            parser.exit(message=f"{parser.prog} {version()}\n")
+            print(f"{parser.prog} {version()}")
+            parser.exit()
     p.add_argument("--version", nargs=0, action=Version, help="show the version and exit")
 
 
