@@ -292,7 +292,7 @@ class Client:
                 header, arrays = self.recv(rid)
         finally:
             if header.get("op") not in TERMINAL:
-                self._send_cancel(rid)
+                Stream(self, rid).close()       # cancel; wait briefly for the daemon to confirm
             self._inbox.pop(rid, None)
         header["tokens"] = arrays.get("tokens")
         return _raise_if_error(header)
@@ -500,7 +500,7 @@ class AsyncClient:
                 header, arrays = await self.recv(rid)
         finally:
             if header.get("op") not in TERMINAL:
-                await self._send_cancel(rid)
+                await AsyncStream(self, rid).aclose()
             self._inbox.pop(rid, None)
         header["tokens"] = arrays.get("tokens")
         return _raise_if_error(header)
