@@ -15,7 +15,7 @@ example and a test checks that it loads.
 Keys (top level unless a section is named):
 
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
-    memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir,
+    memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir, strict_model_file,
     http ("HOST:PORT": the OpenAI-compatible API, docs/http.md)
     [scheduler]  queue_size, max_tokens, drain_timeout
     [security]   server_secret_key, allowed_clients, insecure, api_key_file
@@ -47,7 +47,7 @@ class Key:
 
 
 SCHEMA: dict[tuple[str, str], Key] = {
-    ("", "model"): Key("model", (str,), "a model file path (empty: the default model)"),
+    ("", "model"): Key("model", (str,), "a model file path or name (empty: the default model)"),
     ("", "bind"): Key("bind", (list,), "a list of endpoint strings"),
     ("", "backend"): Key("backend", (str,), "a backend name"),
     ("", "threads"): Key("threads", (int,), "an integer >= 0"),
@@ -56,6 +56,7 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "memory_budget"): Key("memory_budget", (str, int), 'a size such as "1.5G" or bytes'),
     ("", "log_level"): Key("log_level", (str,), "debug, info, warning or error"),
     ("", "allow_load"): Key("allow_load", (bool,), "true or false"),
+    ("", "strict_model_file"): Key("strict_model_file", (bool,), "true or false"),
     ("", "load_dir"): Key("load_dir", (str,), "a folder"),
     ("", "http"): Key("http", (str,), 'an HTTP address such as "127.0.0.1:8080"'),
     ("scheduler", "queue_size"): Key("max_queue", (int,), "an integer >= 0"),

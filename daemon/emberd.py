@@ -31,16 +31,19 @@ from ember.formats.errors import UserError
 # ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emberd", description="ember inference daemon (ZeroMQ + msgpack)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="GGUF model file to serve (default: the default model from the cache, "
-                        "see `ember models`)")
+    from ember.daemon.cli import Parser, add_flag, add_version
+    p = Parser(prog="emberd", description="ember inference daemon (ZeroMQ + msgpack)")
+    add_version(p)
+    add_flag(p, "--model", default=None, metavar="MODEL",
+             help="GGUF model file to serve, or a name `ember models` prints (REPO/FILE, "
+                  "REPO:QUANT); `demo` is the tiny model bundled with ember "
+                  "(default: the default model from the cache)")
     p.add_argument("--bind", action="append", metavar="ENDPOINT",
                    help=f"ZeroMQ endpoint to listen on, repeatable (default {protocol.DEFAULT_ENDPOINT}; "
                         "tcp://HOST:* picks a free port; ipc:///path for a Unix socket)")
     p.add_argument("--backend", default="auto", help="compute backend (see `ember backends`)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads")
-    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (KV cache)")
+    add_flag(p, "--threads", type=int, default=None, metavar="N", help="compute threads")
+    add_flag(p, "--ctx", type=int, default=None, metavar="N", help="context length (KV cache)")
     p.add_argument("--max-queue", type=int, default=protocol.Limits.max_queue, metavar="N",
                    help="requests allowed to wait; more are answered `busy`")
     p.add_argument("--max-tokens", type=int, default=protocol.Limits.max_tokens, metavar="N",

@@ -21,6 +21,11 @@ renamed into place, read-only (emberd refuses writable model files).
 The default model (`emberd` without --model) is TinyLlama-1.1B-Chat-v1.0 in
 Q4_K_M: llama architecture, SentencePiece tokenizer and the Q4_K/Q6_K mix,
 all of which the conformance suite covers.
+
+Names. `--model` and `ember run` take a path, or a name `ember models`
+prints: `demo` (the tiny model shipped inside the package, daemon/models/),
+REPO/FILE, a FILE alone when one repository has it, or Ollama's REPO:QUANT
+(the cached file of REPO whose name carries QUANT, case-insensitive).
 """
 from __future__ import annotations
 
@@ -29,8 +34,6 @@ import http.client
 import os
 import re
 import shutil
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -95,6 +98,57 @@ def file_url(hub: str, repo: str, file: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Names -> files
+# ---------------------------------------------------------------------------
+
+DEMO_NAME = "demo"
+DEMO_PATH = Path(__file__).parent / "models" / "stories260K.gguf"
+
+
+class ModelNotFound(PullError):
+    """A --model name that is neither a file nor a model in the cache."""
+
+
+def resolve(name: str, root: Path) -> Path:
+    """The file a --model value names: a path, `demo`, REPO/FILE, FILE or REPO:QUANT."""
+    if os.path.exists(name) and name != DEMO_NAME:
+        return Path(name)
+    if (found := lookup(name, root)) is not None:
+        return found
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")):
+        return Path(name).expanduser()  # plainly a path: the loader says what is missing
+    raise ModelNotFound(_not_found(name, root, entries(root)))
+
+
+def lookup(name: str, root: Path) -> Path | None:
+    """The bundled or cached model a name means (never a path), None when none."""
+    if name == DEMO_NAME:
+        return DEMO_PATH
+    found = entries(root)
+    hits = [e for e in found if name in (f"{e.repo}/{e.file}", e.file)]
+    if ":" in name and not hits:
+        repo, quant = name.rsplit(":", 1)
+        hits = [e for e in found if e.repo.lower() == repo.lower() and _has_quant(e.file, quant)]
+    if len(hits) > 1:
+        raise ModelNotFound(f"model {name!r} matches several cached files: "
+                            f"{', '.join(f'{e.repo}/{e.file}' for e in hits)}; give one of them")
+    return hits[0].path if hits else None
+
+
+def _has_quant(file: str, quant: str) -> bool:
+    """Does a file name carry this quant type as a whole word (Q4_K_M, not Q4_K_M inside Q4_K_MX)?"""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", file, re.I) is not None
+
+
+def _not_found(name: str, root: Path, found: list["Entry"]) -> str:
+    have = ", ".join([DEMO_NAME] + [f"{e.repo}/{e.file}" for e in found][:8])
+    how = (f"ember pull {name.rsplit(':', 1)[0]} FILE.gguf" if ":" in name or "/" in name
+           else f"ember pull {DEFAULT_REPO} {DEFAULT_FILE}")
+    return (f"model {name!r} is neither a file nor a model in the cache {root} (known: {have}); "
+            f"get one with `{how}`, or use `--model {DEMO_NAME}` for the bundled demo model")
+
+
+# ---------------------------------------------------------------------------
 # Download
 # ---------------------------------------------------------------------------
 
@@ -105,15 +159,48 @@ class Pulled:
     verified: str          # "--sha256" | "server etag" | "" (not verified)
     resumed_from: int
     size: int
+    cached: bool = False   # already in the cache, verified: nothing was downloaded
 
 
 def pull(repo: str, file: str, root: Path, hub: str, sha256: str | None = None,
          progress: Callable[[int, int | None], None] | None = None) -> Pulled:
-    """Download repo/file into root (resuming a part file); verify; rename into place."""
+    """Download repo/file into root (resuming a part file); verify; rename into place.
+
+    A file already in the cache with a verified sha256 (the same as --sha256,
+    when given) is not downloaded again. A failure before any byte arrived
+    leaves no folder behind; a partial download stays, for a resume.
+    """
     dest = model_path(repo, file, root)
     if sha256 is not None and not _SHA256.fullmatch(sha256.lower()):
         raise PullError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+    if (have := _verified_copy(dest, sha256)) is not None:
+        return have
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(repo, file, dest, hub, sha256, progress)
+    finally:
+        _prune(dest.parent)
+
+
+def _verified_copy(dest: Path, sha256: str | None) -> Pulled | None:
+    """The cached file as a Pulled when its sidecar says it was verified (and matches)."""
+    if not dest.is_file():
+        return None
+    sha, verified = _read_sidecar(dest)
+    if not sha or verified in ("", "not verified") or (sha256 and sha256.lower() != sha):
+        return None
+    return Pulled(dest, sha, verified, 0, dest.stat().st_size, cached=True)
+
+
+def _prune(folder: Path) -> None:
+    """Remove the repository folder when nothing is in it (a refused or failed first pull)."""
+    try:
+        folder.rmdir()          # only succeeds when empty
+    except OSError:
+        pass
+
+
+def _download(repo: str, file: str, dest: Path, hub: str, sha256: str | None, progress) -> Pulled:
     part = dest.with_name(dest.name + ".part")
     url = file_url(hub, repo, file)
     head = _head(url)
@@ -248,40 +335,6 @@ def _net_error(url: str, e: Exception) -> PullError:
 
 
 # ---------------------------------------------------------------------------
-# Progress bar (stderr, only on a terminal)
-# ---------------------------------------------------------------------------
-
-class Progress:
-    """`done/total bytes, rate, bar` redrawn at most 10 times a second."""
-
-    def __init__(self, name: str, stream=sys.stderr):
-        self.name, self.stream = name, stream
-        self.t0 = self._last = time.monotonic()
-        self.first: int | None = None
-
-    def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = done
-        if now - self._last < 0.1 and done != total:
-            return
-        self._last = now
-        rate = (done - self.first) / max(now - self.t0, 1e-6)
-        if total:
-            width = 30
-            filled = int(width * done / total)
-            bar = f"[{'#' * filled}{'.' * (width - filled)}] {100 * done / total:5.1f}%"
-        else:
-            bar = f"{done >> 20} MiB"
-        self.stream.write(f"\r{self.name} {bar} {rate / 1e6:6.1f} MB/s")
-        self.stream.flush()
-
-    def end(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
-# ---------------------------------------------------------------------------
 # Listing and removing
 # ---------------------------------------------------------------------------
 
@@ -361,14 +414,17 @@ def default_model(root: Path, hub: str, allow_pull: bool = True, say=print) -> P
         command += f" --cache-dir {root}"     # e.g. systemd's CacheDirectory: say where
     if not allow_pull:
         raise PullError(f"no --model given and the default model is not in the cache ({path}); "
-                        f"run `{command}` or pass --model PATH")
+                        f"run `{command}`, pass --model PATH, or try the bundled demo model "
+                        f"with --model {DEMO_NAME}")
     say(f"no --model given: pulling the default model {DEFAULT_REPO}/{DEFAULT_FILE} into {root}")
     try:
         return pull(DEFAULT_REPO, DEFAULT_FILE, root, hub).path
     except OSError as e:
         raise PullError(f"no --model given, the default model is not in the cache ({path}) and it "
-                        f"cannot be stored there: {e.strerror}. Pass --model PATH") from None
+                        f"cannot be stored there: {e.strerror}. Pass --model PATH, or "
+                        f"--model {DEMO_NAME} for the bundled demo model") from None
     except PullError as e:
         raise PullError(f"no --model given, the default model is not in the cache ({path}) and "
                         f"pulling it failed: {e}. When the network is up, run `{command}` "
-                        f"(EMBER_HUB selects a mirror), or pass --model PATH") from None
+                        f"(EMBER_HUB selects a mirror); or pass --model PATH, or --model "
+                        f"{DEMO_NAME} for the tiny demo model bundled with ember") from None

@@ -6,9 +6,12 @@ time prevents:
 
 * The file is truncated while mapped. Touching a page past the new end
   raises SIGBUS, which kills the process with no Python exception to catch.
-  So the daemon refuses files its own user could write (a bug, or a
-  compromised daemon, could then not truncate its own model), checks the
-  size again right before the load, and `watch()` compares the mapped
+  So a file its own user could write is served with a one-line warning
+  (llama.cpp and Ollama map such files without a word; refusing them made
+  every first run fail), or refused with `--strict-model-file` (on in the
+  systemd config: a bug, or a compromised daemon, could then not truncate
+  its own model). The size is checked again right before the load, and
+  `watch()` compares the mapped
   file's size with the size it was mapped at, so a shrink is noticed and
   reported before the next request pages it in.
 * The path names something that is not a plain file (a FIFO blocks the
@@ -45,14 +48,17 @@ class Checked:
     dev: int
     ino: int
     size: int
+    warning: str | None = None      # set when served although writable (not strict)
+    strict: bool = True
 
 
 # ---------------------------------------------------------------------------
 # Before the load
 # ---------------------------------------------------------------------------
 
-def check(path: str | os.PathLike) -> Checked:
-    """Refuse anything but a regular file that the daemon's user cannot write."""
+def check(path: str | os.PathLike, strict: bool = True) -> Checked:
+    """Refuse anything but a regular file; a file the daemon's user can write is refused
+    when strict, else passed with a one-line `warning`."""
     path = os.fspath(path)
     try:
         st = os.stat(path)
@@ -63,12 +69,14 @@ def check(path: str | os.PathLike) -> Checked:
     if not stat.S_ISREG(st.st_mode):
         raise ModelFileError(f"model {path}: not a regular file ({_kind(st.st_mode)}); "
                              "give the path of a .gguf file")
+    warning = None
     if writable_by_us(st):
-        raise ModelFileError(
-            f"model {path}: writable by the daemon's user (mode {stat.filemode(st.st_mode)}, "
-            f"owner uid {st.st_uid}); a file truncated while mapped kills the process (SIGBUS). "
-            f"Make it read-only: chmod a-w {path}")
-    return Checked(path, st.st_dev, st.st_ino, st.st_size)
+        why = (f"model {path}: writable by the daemon's user (mode {stat.filemode(st.st_mode)}, "
+               f"owner uid {st.st_uid}); a file truncated while mapped kills the process (SIGBUS)")
+        if strict:
+            raise ModelFileError(f"{why}. Make it read-only: chmod a-w {path}")
+        warning = f"{why}; serving it anyway (`chmod a-w {path}` silences this)"
+    return Checked(path, st.st_dev, st.st_ino, st.st_size, warning, strict)
 
 
 def writable_by_us(st: os.stat_result) -> bool:
@@ -99,7 +107,7 @@ def recheck(checked: Checked, needed: int | None = None) -> None:
     if (st.st_dev, st.st_ino) == (checked.dev, checked.ino):
         _no_shrink(checked.path, st.st_size, max(checked.size, needed or 0))
     else:   # replaced in between: judge the new file afresh
-        new = check(checked.path)
+        new = check(checked.path, checked.strict)
         _no_shrink(new.path, new.size, needed or 0)
 
 

@@ -46,6 +46,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
@@ -98,6 +99,9 @@ def add_arguments(p) -> None:
                                  "or huggingface.co)")
     g.add_argument("--no-pull", action="store_true", default=False,
                    help="never download the default model; say what to run instead")
+    g.add_argument("--strict-model-file", action="store_true", default=False,
+                   help="refuse a model file this user could write (a file truncated while "
+                        "mapped kills the daemon); default: serve it with a warning")
 
 
 # ---------------------------------------------------------------------------
@@ -114,9 +118,9 @@ class Loaded:
 
 
 def resolve_model(args, say) -> str:
-    if args.model:
-        return args.model
     root = modelcache.cache_dir(override=getattr(args, "cache_dir", None))
+    if args.model:      # a path, or a name `ember models` prints (demo, REPO/FILE, REPO:QUANT)
+        return str(modelcache.resolve(args.model, root))
     hub = modelcache.hub_url(override=getattr(args, "hub", None))
     return str(modelcache.default_model(root, hub, allow_pull=not args.no_pull, say=say))
 
@@ -151,7 +155,9 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     if args.ctx is not None and args.ctx < 1:
         raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
-    checked = modelfile.check(path)
+    checked = modelfile.check(path, strict=getattr(args, "strict_model_file", False))
+    if checked.warning and Path(path) != modelcache.DEMO_PATH:   # the demo: part of the package
+        say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
     fit, backend = plan_fit(path, args, process, beside)
     for m in fit.messages:
@@ -389,16 +395,20 @@ class Service:
         self.start_reload((owner, req.id), path)
 
     def _load_target(self, name: str) -> str:
-        """A cached model (REPO/FILE or FILE), or a file in the cache or under --load-dir.
+        """A name `ember models` prints (demo, REPO/FILE, FILE, REPO:QUANT), or a file in
+        the cache or under --load-dir.
 
         Anything else gets one answer whatever it names: missing, unreadable, a folder,
         outside, a symlink out — so `load` cannot probe the host's files (nor read their
         first bytes back in a "not a GGUF file" error).
         """
         root = modelcache.cache_dir(override=self.args.cache_dir)
-        for e in modelcache.entries(root):
-            if name in (f"{e.repo}/{e.file}", e.file):
-                return str(e.path)
+        try:
+            found = modelcache.lookup(name, root)
+        except modelcache.ModelNotFound as e:     # several cached files match: names only
+            raise ProtocolError("bad_request", str(e)) from None
+        if found is not None:
+            return str(found)
         folders = [os.path.realpath(root)]
         if self.args.load_dir:
             folders.append(os.path.realpath(self.args.load_dir))

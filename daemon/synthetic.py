@@ -195,14 +195,29 @@ def metadata(shape_name: str, s: Shape, quant: str) -> dict:
 # Writing
 # ---------------------------------------------------------------------------
 
-def write_model(shape_name: str, quant: str, path: str | os.PathLike, seed: int = 0) -> Path:
+def write_model(shape_name: str, quant: str, path: str | os.PathLike, seed: int = 0,
+                quiet: bool = False) -> Path:
+    """Write the model; a tqdm bar (tensors) on stderr when it is a terminal and not quiet."""
+    from tqdm import tqdm
     s = get_shape(shape_name)
-    tensors = []
-    for k, (name, shape, layer) in enumerate(tensor_shapes(s)):
-        ttype = "F32" if len(shape) == 1 else tensor_type(quant, name, layer, s, shape[1])
-        tensors.append((name, gguf.TensorData(ttype, shape, _generator(name, shape, ttype, seed + k))))
-    gguf.write(path, metadata(shape_name, s, quant), tensors)
+    shapes = tensor_shapes(s)
+    with tqdm(total=len(shapes), desc=Path(path).name, unit="tensor", file=sys.stderr,
+              dynamic_ncols=True, disable=True if quiet else None) as bar:
+        tensors = []
+        for k, (name, shape, layer) in enumerate(shapes):
+            ttype = "F32" if len(shape) == 1 else tensor_type(quant, name, layer, s, shape[1])
+            make = _counted(_generator(name, shape, ttype, seed + k), bar)
+            tensors.append((name, gguf.TensorData(ttype, shape, make)))
+        gguf.write(path, metadata(shape_name, s, quant), tensors)
     return Path(path)
+
+
+def _counted(make, bar):
+    def counted():
+        out = make()
+        bar.update()
+        return out
+    return counted
 
 
 def cache_dir() -> Path:

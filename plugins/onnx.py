@@ -182,10 +182,16 @@ def graph_path(gguf, config: ModelConfig, options: dict) -> tuple[Path, bool]:
     return final / "model.onnx", True
 
 
-def build_into(gguf, config: ModelConfig, folder: Path, acc: int) -> None:
-    """Write model.onnx + weights.bin (+ source.json) of `gguf` into `folder`."""
+def build_into(gguf, config: ModelConfig, folder: Path, acc: int, bar_file=None) -> None:
+    """Write model.onnx + weights.bin (+ source.json) of `gguf` into `folder`; a tqdm bar
+    (layers) on bar_file (default stderr) when that is a terminal."""
+    from tqdm import tqdm
+
     from ember.plugins import onnx_graph
-    model = onnx_graph.build_model(gguf, config, acc, weights_path=str(folder / "weights.bin"))
+    with tqdm(total=config.n_layer, desc="building ONNX graph", unit="layer", dynamic_ncols=True,
+              file=bar_file or sys.stderr, disable=None) as bar:
+        model = onnx_graph.build_model(gguf, config, acc, weights_path=str(folder / "weights.bin"),
+                                       progress=bar.update)
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     meta = {"source": os.path.abspath(gguf.path), "built": time.time(), "accuracy_level": acc}
     (folder / "source.json").write_text(json.dumps(meta))
@@ -197,7 +203,8 @@ from pathlib import Path
 from ember.formats import gguf
 from ember.plugins import arch, onnx
 f = gguf.open(sys.argv[1])
-onnx.build_into(f, arch.config_from_gguf(f), Path(sys.argv[2]), int(sys.argv[3]))
+bar_file = open(int(sys.argv[4]), "w") if sys.argv[4] != "-1" else None
+onnx.build_into(f, arch.config_from_gguf(f), Path(sys.argv[2]), int(sys.argv[3]), bar_file)
 """
 
 
@@ -205,8 +212,14 @@ def _build_in_child(path: str, folder: Path, acc: int) -> None:
     """Build in a child process: the builder's transient memory (one weight at a time
     plus Python's heap) is returned to the system when it exits, so the daemon's
     peak stays what its memory plan says."""
-    r = subprocess.run([sys.executable, "-c", _CHILD, path, str(folder), str(acc)],
-                       capture_output=True, text=True)
+    # the child's stderr is captured for errors: its progress bar goes to our terminal
+    bar_fd = os.dup(sys.stderr.fileno()) if sys.stderr.isatty() else -1
+    try:
+        r = subprocess.run([sys.executable, "-c", _CHILD, path, str(folder), str(acc), str(bar_fd)],
+                           capture_output=True, text=True, pass_fds=(bar_fd,) if bar_fd >= 0 else ())
+    finally:
+        if bar_fd >= 0:
+            os.close(bar_fd)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
         raise BackendError(f"onnx: building the graph of {path} failed: {last}")

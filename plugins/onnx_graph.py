@@ -301,9 +301,10 @@ def matmul_model(q: NBits, k: int, n: int, accuracy_level: int = 4) -> onnx.Mode
 
 class _Builder:
     def __init__(self, gguf, c: ModelConfig, accuracy_level: int,
-                 weights: _ExternalWeights | None):
+                 weights: _ExternalWeights | None, progress=None):
         self.f, self.c, self.acc = gguf, c, accuracy_level
         self.g = _Graph(weights)
+        self.progress = progress or (lambda: None)     # called once per layer built
 
     def tensor(self, name: str, shape: tuple[int, ...]):
         t = self.f.tensors.get(name)
@@ -442,6 +443,7 @@ class _Builder:
         for i in range(c.n_layer):
             x = g.op("Add", x, self.attn_block(i, x, cos, sin, "mask"))
             x = g.op("Add", x, self.ffn_block(i, x))
+            self.progress()
         h = self.rmsnorm(g.op("Gather", x, "rows", axis=0),
                          self.vector("output_norm.weight", c.n_embd))
         out = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -468,7 +470,7 @@ class _Builder:
 
 
 def build_model(gguf, config: ModelConfig, accuracy_level: int = 4,
-                weights_path: str | None = None) -> onnx.ModelProto:
+                weights_path: str | None = None, progress=None) -> onnx.ModelProto:
     """The decoder of `gguf` as an ONNX model.
 
     With `weights_path`, every initializer of 1 KiB or more is streamed into that
@@ -482,7 +484,7 @@ def build_model(gguf, config: ModelConfig, accuracy_level: int = 4,
     # into the runner's cos/sin tables, so the graph needs nothing for it.
     weights = None if weights_path is None else _ExternalWeights(weights_path)
     try:
-        return _Builder(gguf, config, accuracy_level, weights).build()
+        return _Builder(gguf, config, accuracy_level, weights, progress).build()
     finally:
         if weights is not None:
             weights.close()

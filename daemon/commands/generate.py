@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from ember.daemon.client import ENDPOINT_ENV, default_endpoint
 from ember.formats import protocol
-
-ENDPOINT_ENV = "EMBER_ENDPOINT"
 
 # flag -> (request field, type, help)
 SAMPLING_FLAGS = {
@@ -33,15 +31,16 @@ SAMPLING_FLAGS = {
 
 
 def add_endpoint(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
-    p.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV, protocol.DEFAULT_ENDPOINT),
+    p.add_argument("--endpoint", default=default_endpoint(),
                    help=f"emberd endpoint (default ${ENDPOINT_ENV} or {protocol.DEFAULT_ENDPOINT})")
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"seconds to wait for each reply (default {timeout:g})")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
+    from ember.daemon.cli import add_flag
     for flag, (_, kind, help_) in SAMPLING_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, help=help_)
+        add_flag(p, flag, type=kind, default=None, help=help_)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable)")
 
@@ -65,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def stream_to(out, stream) -> dict:
     """Write each token's text as it arrives; return the `done` event."""
     for tok in stream:
-        out.write(tok["text"])
+        out.write(tok.text)
         out.flush()
     return stream.done
 
@@ -75,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
     with Client(args.endpoint, timeout=args.timeout) as client:
-        with client.generate(**request, **sampling(args)) as stream:
+        stream = client.generate(**request, **sampling(args))
+        try:
             done = stream_to(sys.stdout, stream)
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
+        finally:        # Ctrl-C included: the shell prompt starts on a line of its own
+            if sys.stdout.isatty() and not stream.text.endswith("\n"):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
     if args.verbose:
         print(json.dumps({"stop": done["stop"], "usage": done["usage"], "timings": done["timings"]}),
               file=sys.stderr)

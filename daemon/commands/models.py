@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     root = modelcache.cache_dir(override=args.cache_dir)
     found = modelcache.entries(root)
+    demo = modelcache.DEMO_PATH
+    print(f"{modelcache.DEMO_NAME}  {human(demo.stat().st_size)}  bundled with ember "
+          f"(TinyStories 260K)\n    {demo}")
     if not found:
         print(f"no models in {root}; get one with: ember pull {modelcache.DEFAULT_REPO} "
               f"{modelcache.DEFAULT_FILE}")

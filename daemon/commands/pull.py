@@ -4,6 +4,11 @@
 
 EMBER_HUB=URL pulls from a mirror laid out like Hugging Face
 (``URL/REPO/resolve/main/FILE``). See ember.daemon.modelcache.
+
+On a terminal a tqdm bar shows size, rate and ETA on stderr; tqdm rather
+than rich because it is one small pure-Python package with no dependencies
+that does exactly this (byte units, rate, ETA, off when not a TTY), where
+rich would bring a rendering engine (pygments, markdown-it) for one bar.
 """
 from __future__ import annotations
 
@@ -20,17 +25,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="models folder (default: $CACHE_DIRECTORY/models or "
                                        "~/.cache/ember/models)")
     p.add_argument("--hub", help=f"base URL (default: $EMBER_HUB or {modelcache.DEFAULT_HUB})")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def byte_bar(name: str, quiet: bool):
+    """A tqdm bar in bytes on stderr: off with --quiet, and when stderr is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=True if quiet else None, dynamic_ncols=True)
 
 
 def run(args: argparse.Namespace) -> int:
     root = modelcache.cache_dir(override=args.cache_dir)
-    bar = modelcache.Progress(args.file) if sys.stderr.isatty() else None
-    try:
+    with byte_bar(args.file, args.quiet) as bar:
+        def progress(done: int, total: int | None) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.update(done - bar.n)
         got = modelcache.pull(args.repo, args.file, root, modelcache.hub_url(override=args.hub),
-                              sha256=args.sha256, progress=bar)
-    finally:
-        if bar is not None:
-            bar.end()
+                              sha256=args.sha256, progress=progress)
+    if got.cached:
+        print(f"{got.path} ({got.size} bytes) is already in the cache, sha256 verified "
+              f"({got.verified}): {got.sha256}; nothing downloaded")
+        return 0
     resumed = f", resumed at {got.resumed_from} bytes" if got.resumed_from else ""
     check = (f"sha256 verified ({got.verified})" if got.verified else
              "sha256 NOT verified (no --sha256 and the server gave no sha256 ETag)")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ember.formats import gguf, quants
 from ember.formats.errors import UserError
@@ -89,6 +89,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("type", metavar="TYPE", help="target quant type, e.g. Q8_0, Q4_0, Q4_K, F16")
     parser.add_argument("--allow-requantize", action="store_true",
                         help="allow converting tensors that are already quantized (loses quality)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _check_type(name: str) -> str:
@@ -114,12 +115,12 @@ def run(args) -> int:
     with gguf.open(args.input) as src:
         plan = {name: target_type(src.tensors[name], wanted) for name in llama_order(src.tensors)}
         _check_requantize(src, plan, args.allow_requantize)
-        bar = Progress(len(plan)) if sys.stderr.isatty() else None
-        tensors = {name: _lazy(src.tensors[name], new, bar) for name, new in plan.items()}
-        metadata, types = _metadata(src, wanted)
-        gguf.write(args.output, metadata, tensors, types=types, version=3)
-        if bar:
-            bar.done()
+        with tqdm(total=len(plan), unit="tensor", file=sys.stderr, dynamic_ncols=True,
+                  disable=True if args.quiet else None) as bar:   # None: off when not a TTY
+            tensors = {name: _lazy(src.tensors[name], new, bar) for name, new in plan.items()}
+            metadata, types = _metadata(src, wanted)
+            gguf.write(args.output, metadata, tensors, types=types, version=3)
+        os.chmod(args.output, 0o444)      # emberd maps models: read-only, like `ember pull`'s
         before = sum(t.nbytes for t in src.tensors.values())
     with gguf.open(args.output) as out:   # re-read: the result passes the validating reader
         after = sum(t.nbytes for t in out.tensors.values())
@@ -137,11 +138,11 @@ def _check_requantize(src: gguf.GGUFFile, plan: dict, allowed: bool) -> None:
                             "pass --allow-requantize to do it anyway")
 
 
-def _lazy(t: gguf.GGUFTensor, new: str | None, bar: "Progress | None") -> gguf.TensorData:
+def _lazy(t: gguf.GGUFTensor, new: str | None, bar: tqdm) -> gguf.TensorData:
     """A tensor the writer produces when it gets there: copied or converted."""
     def produce():
-        if bar:
-            bar.step(t.name)
+        bar.set_postfix_str(t.name, refresh=False)
+        bar.update()
         if new is None:
             return t.data                              # the mapped bytes, unchanged
         try:
@@ -163,31 +164,3 @@ def _metadata(src: gguf.GGUFFile, wanted: str) -> tuple[dict, dict]:
     if wanted in FILE_TYPES:
         md["general.file_type"], types["general.file_type"] = FILE_TYPES[wanted], gguf.UINT32
     return md, types
-
-
-# ---------------------------------------------------------------------------
-# Progress bar (terminal only)
-# ---------------------------------------------------------------------------
-
-
-class Progress:
-    """`[#####-----] 12/48 blk.3.ffn_up.weight`, redrawn in place on stderr."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.n = total, 0
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-
-    def step(self, name: str) -> None:
-        self.n += 1
-        filled = self.WIDTH * self.n // max(self.total, 1)
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        self.stream.write(f"\r\x1b[K[{bar}] {self.n}/{self.total} {name}")
-        self.stream.flush()
-
-    def done(self) -> None:
-        self.stream.write(f"\r\x1b[K[{'#' * self.WIDTH}] {self.total}/{self.total} "
-                          f"done in {time.monotonic() - self.t0:.1f}s\n")
-        self.stream.flush()

@@ -27,20 +27,23 @@ SAMPLING_FLAGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="path to a GGUF model file")
+    from ember.daemon.cli import add_flag
+    p.add_argument("model", nargs="?", help="a GGUF model file, or a name `ember models` prints "
+                                            "(REPO/FILE, REPO:QUANT, demo)")
+    add_flag(p, "--model", dest="model_flag", metavar="MODEL", help="the same, as a flag")
     p.add_argument("-p", "--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template")
     p.add_argument("--system", help="with --chat: a system message first")
     for flag, (_, kind, help_) in SAMPLING_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, help=help_)
+        add_flag(p, flag, type=kind, default=None, help=help_)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text")
-    p.add_argument("--n-ctx", type=int, default=None, help="context length (default: "
-                   "min(trained context, 4096))")
+    add_flag(p, "--n-ctx", type=int, default=None, help="context length (default: "
+             "min(trained context, 4096))")
     p.add_argument("--backend", default="auto", help="compute backend (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads")
+    add_flag(p, "--threads", type=int, default=None, help="compute threads")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -61,10 +64,21 @@ def _prompt(args: argparse.Namespace):
     return msgs + [{"role": "user", "content": args.prompt}]
 
 
+def model_file(args: argparse.Namespace) -> str:
+    """The file MODEL or --model names (a path or a name `ember models` prints)."""
+    from ember.daemon import modelcache
+    from ember.formats.errors import UserError
+    if bool(args.model) == bool(args.model_flag):
+        raise UserError("give the model once: `ember run MODEL -p ...` or `ember run -m MODEL -p ...`"
+                        f" (MODEL: a .gguf path, or a name `ember models` prints, e.g. "
+                        f"{modelcache.DEMO_NAME})")
+    return str(modelcache.resolve(args.model or args.model_flag, modelcache.cache_dir()))
+
+
 def run(args: argparse.Namespace) -> int:
     from ember.daemon import engine  # numpy and the backends load only for this command
 
-    with engine.load(args.model, backend=args.backend, n_ctx=args.n_ctx,
+    with engine.load(model_file(args), backend=args.backend, n_ctx=args.n_ctx,
                      threads=args.threads) as model:
         gen = model.start(_prompt(args), **_sampling(args))
         for ev in gen:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pty
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from ember.daemon.commands.quantize import llama_order
 from ember.formats import gguf
 from ember.formats.gguf import TensorData
 from tests.conftest import conformance_path
+from tests.daemon.terminal import run_on_tty
 
 # ember's target type -> the conformance file llama.cpp's quantizer made from s512-llama-F32
 PURE = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
@@ -112,26 +112,22 @@ def test_refuses_to_overwrite_its_input(tmp_path, capsys):
     assert src.read_bytes() == model("stories260K.gguf").read_bytes()
 
 
-def test_progress_bar_on_a_terminal(tmp_path):
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "ember.daemon.cli", "quantize",
-                             str(model("stories260K.gguf")), str(tmp_path / "o.gguf"), "Q8_0"],
-                            stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:     # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    assert proc.wait(timeout=120) == 0
-    text = seen.decode()
-    assert "] 1/48 " in text and "] 48/48 " in text and "done in" in text
-    assert "[" + "#" * 30 + "]" in text
+def test_progress_bar_on_a_terminal_unless_quiet(tmp_path):
+    cmd = [sys.executable, "-m", "ember.daemon.cli", "quantize", str(model("stories260K.gguf"))]
+    rc, shown, _ = run_on_tty(cmd + [str(tmp_path / "o.gguf"), "Q8_0"], stderr=True)
+    assert rc == 0
+    text = shown.decode()
+    assert "0/48" in text and "100%" in text and " 48/48 " in text and "tensor/s" in text
+    rc, shown, _ = run_on_tty(cmd + [str(tmp_path / "q.gguf"), "Q8_0", "--quiet"], stderr=True)
+    assert rc == 0 and shown == b""
+
+
+def test_output_is_read_only_and_can_be_replaced(tmp_path):
+    out = tmp_path / "o.gguf"
+    for _ in range(2):          # the second run replaces the read-only first result
+        proc = run_ember("quantize", str(model("stories260K.gguf")), str(out), "Q8_0")
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_mode & 0o777 == 0o444
 
 
 def test_llama_order():

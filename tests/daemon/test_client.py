@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.daemon.client import AsyncClient, Client, EmberError
+from ember.daemon.client import (AsyncClient, Client, EmberError, EmberTimeout, EmberUnavailable,
+                                 Token)
 from tests.daemon.emberd_proc import emberd, greedy_local, model  # noqa: F401
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
@@ -69,12 +70,12 @@ def test_interleaved_requests_on_one_socket(emberd, model):
         first = next(stream)
         st = c.status()                     # replies are routed by id while the stream runs
         ids = c.tokenize("hello")
-        rest = [t["text"] for t in stream]
+        rest = [t.text for t in stream]
     assert st["current"]["id"] == stream.id and ids == model.tokenize("hello")
     want = None
     for want in model.generate("Once upon a time", max_tokens=300, temperature=0.0, ignore_eos=True):
         pass
-    assert first["text"] + "".join(rest) == want.text
+    assert first.text + "".join(rest) == want.text
 
 
 def test_error_reply_raises_typed(emberd):
@@ -84,11 +85,58 @@ def test_error_reply_raises_typed(emberd):
         assert e.value.code == "bad_request" and "top_p" in e.value.message
 
 
-def test_unreachable_daemon_times_out_cleanly(tmp_path):
-    with Client(f"ipc://{tmp_path}/nobody", timeout=0.2) as c:
-        with pytest.raises(EmberError) as e:
-            c.ping()
-    assert e.value.code == "timeout"
+def test_nothing_listening_fails_fast(tmp_path):
+    for endpoint in (f"ipc://{tmp_path}/nobody", "tcp://127.0.0.1:1"):
+        t = time.monotonic()
+        with Client(endpoint, timeout=30) as c:
+            with pytest.raises(EmberUnavailable) as e:
+                c.ping()
+        assert time.monotonic() - t < 2.0
+        assert isinstance(e.value, ConnectionError) and isinstance(e.value, EmberError)
+        assert e.value.code == "unavailable" and f"no emberd at {endpoint}" in str(e.value)
+        assert "emberd --model" in str(e.value)
+
+
+def test_a_silent_daemon_is_a_typed_timeout(emberd):
+    with emberd.client(timeout=0.05) as c:
+        with pytest.raises(EmberTimeout) as e:     # connected, but no reply within 50 ms
+            c.complete("Once upon a time", **LONG)
+    assert isinstance(e.value, TimeoutError) and e.value.code == "timeout"
+    with emberd.client() as c:                      # the abandoned request was cancelled
+        end = time.monotonic() + 10
+        while c.status()["current"] is not None and time.monotonic() < end:
+            time.sleep(0.01)
+        r = c.status()["recent"][-1]
+        assert r["stop"] == "cancelled" and r["tokens"] < LONG["max_tokens"]
+
+
+def test_tokens_are_dataclasses_with_the_wire_facts(emberd, model):
+    with emberd.client() as c:
+        stream = c.generate("Once upon a time", max_tokens=6, temperature=0.0, logprobs=True,
+                            top_logprobs=2)
+        toks = list(stream)
+    assert all(isinstance(t, Token) for t in toks)
+    assert [t.index for t in toks] == list(range(6))
+    assert "".join(t.text for t in toks) == stream.done["text"] == greedy_local(model, "Once upon a time", 6)
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in toks)
+    assert toks[0].id == toks[0].top_logprobs[0][0]      # greedy: the most likely one was taken
+
+
+def test_unknown_option_is_a_type_error_before_sending(emberd):
+    with emberd.client() as c:
+        with pytest.raises(TypeError, match="max_token.*valid: max_tokens"):
+            c.generate("x", max_token=3)
+
+
+def test_breaking_out_of_a_for_loop_cancels_on_the_server(emberd):
+    with emberd.client() as c:
+        stream = c.generate("Once upon a time", **LONG)
+        for i, _ in enumerate(stream):
+            if i == 4:
+                break
+        assert stream.done is not None and stream.done["stop"] == "cancelled"
+        r = last_recent(c, stream.id)
+        assert r["stop"] == "cancelled" and r["tokens"] < LONG["max_tokens"]
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +148,7 @@ def test_async_stream_and_aclose(emberd, model):
         async with AsyncClient(emberd.tcp, timeout=20) as c:
             hello = await c.hello()
             stream = await c.generate("Once upon a time", max_tokens=24, temperature=0.0)
-            texts = [t["text"] async for t in stream]
+            texts = [t.text async for t in stream]
             long = await c.generate("Once upon a time", **LONG)
             await long.__anext__()
             await long.aclose()
@@ -110,6 +158,50 @@ def test_async_stream_and_aclose(emberd, model):
     assert "".join(texts) == done["text"] == greedy_local(model, "Once upon a time", 24)
     assert cancelled["stop"] == "cancelled"
     assert st["current"] is None
+
+
+def test_async_client_has_the_same_methods():
+    public = lambda cls: {n for n in vars(cls) if not n.startswith("_")}   # noqa: E731
+    assert public(AsyncClient) == public(Client)
+
+
+def test_async_client_ops_and_abandoned_async_for_cancels(emberd, model):
+    async def main():
+        async with AsyncClient(emberd.ipc, timeout=20) as c:
+            ids = await c.tokenize("hello")
+            text = await c.detokenize(ids)
+            done = await c.complete("Once upon a time", max_tokens=8, temperature=0.0)
+            stream = await c.generate("Once upon a time", **LONG)
+            async for i, _ in _enumerate(stream):
+                if i == 3:
+                    break
+            for _ in range(200):            # asyncio finalizes the abandoned generator
+                if stream.done is not None:
+                    break
+                await asyncio.sleep(0.01)
+            return ids, text, done, stream.done, await c.models(), await c.health()
+    ids, text, done, cancelled, models, health = asyncio.run(main())
+    assert ids == model.tokenize("hello") and text.strip() == "hello"
+    assert done["text"] == greedy_local(model, "Once upon a time", 8)
+    assert cancelled["stop"] == "cancelled" and cancelled["usage"]["completion_tokens"] < 100
+    assert models[0]["name"] == "stories260K.gguf" and health["ok"]
+
+
+async def _enumerate(stream):
+    i = 0
+    async for tok in stream:
+        yield i, tok
+        i += 1
+
+
+def test_async_nothing_listening_fails_fast(tmp_path):
+    async def main():
+        async with AsyncClient(f"ipc://{tmp_path}/nobody", timeout=30) as c:
+            await c.status()
+    t = time.monotonic()
+    with pytest.raises(EmberUnavailable):
+        asyncio.run(main())
+    assert time.monotonic() - t < 2.0
 
 
 # ---------------------------------------------------------------------------
@@ -126,8 +218,8 @@ def test_ember_generate_prints_only_the_completion(emberd, model):
 def test_ember_generate_bad_value_is_one_line(emberd):
     r = ember("generate", "--endpoint", emberd.tcp, "--temperature", "nan", "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "temperature" in r.stderr
-    r = ember("ping", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "0.3")
-    assert r.returncode == 2 and "timeout" in r.stderr and "Traceback" not in r.stderr
+    r = ember("ping", "--endpoint", "tcp://127.0.0.1:1")
+    assert r.returncode == 2 and "no emberd at" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_ctrl_c_on_ember_generate_cancels_on_the_daemon(emberd):

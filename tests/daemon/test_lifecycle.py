@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.daemon.client import Client, EmberError
+from ember.daemon.client import Client, EmberError, Token
 from tests.conftest import conformance_path
 from tests.daemon.emberd_proc import _read_endpoints, model, model_path  # noqa: F401
 
@@ -217,7 +217,7 @@ def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
     notify.wait_for("READY")
     with d.client() as a, d.client() as b, d.client(timeout=5) as late:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
-        first = next(iter(stream))
+        first = next(stream)
         queued = b.send("generate", prompt="Hello", max_tokens=5, temperature=0)
         while late.status()["queue_len"] < 1:          # B waits behind A before the signal
             time.sleep(0.01)
@@ -230,7 +230,7 @@ def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
         msg, _ = b.recv(queued, timeout=10)
         assert d.wait() == 0
         elapsed = time.monotonic() - t0
-    assert first["op"] == "token"
+    assert isinstance(first, Token) and first.index == 0
     assert stream.done["stop"] == "cancelled" and 0 < n < 1500        # cut at the drain timeout
     assert stream.done["usage"]["completion_tokens"] == n
     assert msg["op"] == "error" and msg["code"] == "cancelled"        # the queued one: told
@@ -242,7 +242,7 @@ def test_sigterm_lets_a_short_request_finish(launch, model):  # noqa: F811
     d = launch("--drain-timeout", "30")
     with d.client() as a:
         stream = a.generate(PROMPT, max_tokens=300, temperature=0, ignore_eos=True)
-        next(iter(stream))
+        next(stream)
         d.signal(signal.SIGTERM)
         list(stream)
         assert d.wait() == 0
@@ -254,7 +254,7 @@ def test_second_sigterm_aborts_at_once(launch, notify):
     d = launch("--drain-timeout", "60", model_file=slow_model())   # still running at signal 2
     with d.client() as a:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
-        next(iter(stream))
+        next(stream)
         d.signal(signal.SIGTERM)
         notify.wait_for("STOPPING", timeout=10)   # the first one handled: two would coalesce
         t0 = time.monotonic()
@@ -357,7 +357,7 @@ def test_sighup_swaps_models_with_a_request_in_flight(launch, workdir, model):  
     d = launch("--config", str(cfg), model_file=False)
     with d.client() as a, d.client() as b:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
-        next(iter(stream))
+        next(stream)
         cfg.write_text(f'model = "{new}"\nctx = 2048\n')
         d.signal(signal.SIGHUP)
         st = _wait_model(b, "new.gguf")

@@ -10,7 +10,6 @@ from the conformance folder) or random bytes.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import socket
@@ -24,6 +23,7 @@ import pytest
 
 from ember.daemon import modelcache
 from tests.daemon.emberd_proc import model_path
+from tests.daemon.terminal import run_on_tty
 
 REPO, FILE = "someone/tiny-GGUF", "tiny.Q8_0.gguf"
 
@@ -40,6 +40,7 @@ class Hub:
         self.wrong_sha = False
         self.linked_etag = True
         self.gets: list[str | None] = []        # Range header of every GET of the bytes
+        self.requests = 0                       # every request, HEAD included
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -66,6 +67,7 @@ class Hub:
                 self._serve(body=True)
 
             def _serve(self, body: bool):
+                hub.requests += 1
                 m = re.fullmatch(r"/(.+)/resolve/main/(.+)", self.path)
                 if m:
                     return self._redirect(f"{m.group(1)}/{m.group(2)}")
@@ -177,8 +179,7 @@ def test_checksum_mismatch_refused_and_partial_removed(hub, payload, tmp_path):
     hub.wrong_sha = True
     with pytest.raises(modelcache.ChecksumMismatch, match="partial download was removed"):
         _pull(hub, tmp_path)
-    folder = tmp_path / "someone--tiny-GGUF"
-    assert list(folder.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []          # no part file, and no empty folder
 
 
 def test_resumed_corrupt_prefix_caught(hub, payload, tmp_path):
@@ -219,15 +220,6 @@ def test_bad_names_and_missing_files(hub, tmp_path):
         modelcache.pull(REPO, "../x.gguf", tmp_path, hub.url)
     with pytest.raises(modelcache.PullError, match="404"):
         modelcache.pull(REPO, "absent.gguf", tmp_path, hub.url)
-
-
-def test_progress_bar_text():
-    out = io.StringIO()
-    bar = modelcache.Progress("m.gguf", out)
-    bar(50, 100)
-    bar(100, 100)
-    bar.end()
-    assert "100.0%" in out.getvalue() and out.getvalue().endswith("\n")
 
 
 # ---------------------------------------------------------------------------
@@ -287,9 +279,11 @@ def test_offline_start_explains_itself(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"ember pull {modelcache.DEFAULT_REPO} {modelcache.DEFAULT_FILE} --cache-dir {tmp_path}" \
         in r.stderr
-    assert "cannot reach" in r.stderr and "--model" in r.stderr
+    assert "cannot reach" in r.stderr and "--model demo" in r.stderr
     r = _emberd("--cache-dir", str(tmp_path), "--no-pull")
     assert r.returncode == 2 and f"ember pull {modelcache.DEFAULT_REPO}" in r.stderr
+    assert "--model demo" in r.stderr
+    assert list(tmp_path.iterdir()) == []          # the failed pull left no folder behind
 
 
 def test_first_start_pulls_the_default_model(hub, tmp_path):
@@ -315,29 +309,85 @@ def test_first_start_pulls_the_default_model(hub, tmp_path):
 
 
 def test_cli_progress_bar_only_on_a_terminal(hub, payload, tmp_path):
-    import pty
     hub.files[f"{REPO}/{FILE}"] = payload
-    master, slave = pty.openpty()
-    try:
-        r = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "pull", REPO, FILE,
-                            "--cache-dir", str(tmp_path / "a"), "--hub", hub.url],
-                           stdout=subprocess.PIPE, stderr=slave, timeout=60)
-        os.close(slave)
-        slave = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:          # EIO: the terminal's other side is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    assert r.returncode == 0
-    assert b"100.0%" in shown and b"\r" in shown and FILE.encode() in shown
+    pull = [sys.executable, "-m", "ember.daemon.cli", "pull", REPO, FILE, "--hub", hub.url,
+            "--cache-dir"]
+    rc, shown, out = run_on_tty(pull + [str(tmp_path / "a")], stderr=True)
+    assert rc == 0 and b"sha256 verified" in out
+    bar = [ln for ln in shown.decode().replace("\r", "\n").splitlines() if ln.strip()][-1]
+    # name, percent, size, elapsed<ETA, rate (tqdm's byte units)
+    assert re.search(rf"{re.escape(FILE)}: 100%.*3\.01M/3\.01M \[\d\d:\d\d<\d\d:\d\d, .*B/s\]",
+                     bar), bar
     r = _cli("pull", REPO, FILE, "--cache-dir", str(tmp_path / "b"), "--hub", hub.url)
-    assert r.returncode == 0 and "%" not in r.stderr          # a pipe gets no bar
+    assert r.returncode == 0 and "%" not in r.stderr and r.stderr == ""    # a pipe gets no bar
+    rc, shown, _ = run_on_tty(pull + [str(tmp_path / "c"), "--quiet"], stderr=True)
+    assert rc == 0 and shown == b""                                          # --quiet: none
+
+
+def test_a_verified_cached_file_is_not_downloaded_again(hub, payload, tmp_path):
+    hub.files[f"{REPO}/{FILE}"] = payload
+    first = _pull(hub, tmp_path)
+    served = hub.requests
+    again = _pull(hub, tmp_path)
+    assert again.cached and again.path == first.path and again.sha256 == first.sha256
+    assert hub.requests == served                                 # not one request
+    r = _cli("pull", REPO, FILE, "--cache-dir", str(tmp_path), "--hub", hub.url)
+    assert r.returncode == 0 and "already in the cache" in r.stdout and hub.requests == served
+    other = hashlib.sha256(b"another file").hexdigest()         # a different --sha256: fetch
+    with pytest.raises(modelcache.ChecksumMismatch):
+        _pull(hub, tmp_path, sha256=other)
+    assert hub.requests > served and first.path.read_bytes() == payload
+
+
+def test_failed_pulls_leave_no_empty_folders(hub, tmp_path):
+    with pytest.raises(modelcache.PullError, match="HTTP 404"):
+        modelcache.pull(REPO, "absent.gguf", tmp_path, hub.url)
+    with pytest.raises(modelcache.PullError, match="cannot reach"):
+        modelcache.pull(REPO, FILE, tmp_path, _dead_url())
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Model names: what --model and `ember run` accept
+# ---------------------------------------------------------------------------
+
+def test_names_resolve_to_cached_files(hub, payload, tmp_path):
+    hub.files[f"{REPO}/{FILE}"] = payload
+    hub.files[f"{REPO}/tiny.Q4_K_M.gguf"] = payload[:1000]
+    a = _pull(hub, tmp_path).path
+    b = modelcache.pull(REPO, "tiny.Q4_K_M.gguf", tmp_path, hub.url).path
+    assert modelcache.resolve(f"{REPO}/{FILE}", tmp_path) == a          # as `ember models` prints
+    assert modelcache.resolve(FILE, tmp_path) == a
+    assert modelcache.resolve(f"{REPO}:Q8_0", tmp_path) == a            # Ollama's REPO:QUANT
+    assert modelcache.resolve(f"{REPO.upper()}:q4_k_m", tmp_path) == b
+    assert modelcache.resolve("demo", tmp_path) == modelcache.DEMO_PATH
+    assert modelcache.resolve(str(a), tmp_path) == a                     # a path stays a path
+    with pytest.raises(modelcache.ModelNotFound, match=r"Q4_K\b.*ember pull someone/tiny-GGUF"):
+        modelcache.resolve(f"{REPO}:Q4_K", tmp_path)                     # Q4_K is not Q4_K_M
+    with pytest.raises(modelcache.ModelNotFound, match="--model demo"):
+        modelcache.resolve("nothing", tmp_path)
+
+
+def test_models_lists_names_that_run_and_emberd_accept(hub, payload, tmp_path):
+    hub.files[f"{REPO}/{FILE}"] = model_path().read_bytes()
+    _pull(hub, tmp_path)
+    r = _cli("models", "--cache-dir", str(tmp_path))
+    names = [ln.split()[0] for ln in r.stdout.splitlines() if ln and not ln.startswith(" ")]
+    assert names == ["demo", f"{REPO}/{FILE}"]
+    env = {"XDG_CACHE_HOME": str(tmp_path.parent / "xdg")}
+    (tmp_path.parent / "xdg" / "ember").mkdir(parents=True)
+    os.symlink(tmp_path, tmp_path.parent / "xdg" / "ember" / "models")
+    for name in names + [f"{REPO}:Q8_0"]:
+        r = _cli("run", name, "-p", "Once upon a time", "-n", "4", "--temp", "0", env=env)
+        assert r.returncode == 0 and r.stdout.strip(), (name, r.stderr)
+    from tests.daemon.emberd_proc import _read_endpoints
+    from ember.daemon.client import Client
+    proc = subprocess.Popen([sys.executable, "-m", "ember.daemon.emberd", "-m", f"{REPO}:q8_0",
+                             "--bind", "tcp://127.0.0.1:*", "--cache-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with Client(_read_endpoints(proc, 1, 60)[0], timeout=20) as c:
+            assert c.hello()["model"] == FILE
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)

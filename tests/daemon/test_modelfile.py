@@ -37,11 +37,15 @@ def test_read_only_regular_file_passes(tmp_path):
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o600, 0o200])
-def test_writable_by_owner_refused(tmp_path, mode):
+def test_writable_by_owner_refused_when_strict_else_warned(tmp_path, mode):
     p = _readonly_copy(tmp_path)
     os.chmod(p, mode)
     with pytest.raises(modelfile.ModelFileError, match="writable by the daemon's user.*chmod a-w"):
         modelfile.check(p)
+    lenient = modelfile.check(p, strict=False)
+    assert "writable by the daemon's user" in lenient.warning and "serving it anyway" in lenient.warning
+    assert "\n" not in lenient.warning
+    assert modelfile.check(_readonly_copy(tmp_path, "ro.gguf"), strict=False).warning is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
@@ -107,22 +111,39 @@ def test_watch_sees_truncation_not_rename(tmp_path):
 # emberd
 # ---------------------------------------------------------------------------
 
-def _emberd(path) -> subprocess.CompletedProcess:
+def _emberd(path, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ember.daemon.emberd", "--model", str(path),
-                           "--backend", "reference", "--bind", "tcp://127.0.0.1:*"],
+                           "--backend", "reference", "--bind", "tcp://127.0.0.1:*", *extra],
                           capture_output=True, text=True, timeout=60)
 
 
-def test_emberd_refuses_writable_and_non_regular(tmp_path):
+def test_emberd_refuses_non_regular_and_strictly_writable(tmp_path):
     w = _readonly_copy(tmp_path)
     os.chmod(w, 0o644)
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo, 0o444)                 # opening it would block forever: must not be opened
-    for path, needle in ((w, "writable by the daemon's user"), (fifo, "not a regular file"),
-                         (tmp_path, "not a regular file")):
-        r = _emberd(path)
+    config = tmp_path / "strict.toml"
+    config.write_text("strict_model_file = true\n")
+    for path, extra, needle in ((w, ["--strict-model-file"], "writable by the daemon's user"),
+                                (w, ["--config", str(config)], "writable by the daemon's user"),
+                                (fifo, [], "not a regular file"), (tmp_path, [], "not a regular file")):
+        r = _emberd(path, *extra)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_emberd_serves_a_writable_file_with_one_warning(tmp_path):
+    w = _readonly_copy(tmp_path)
+    os.chmod(w, 0o644)
+    d = _emberd_on(w)
+    try:
+        with d.client() as c:
+            assert c.complete("Once upon a time", max_tokens=4)["usage"]["completion_tokens"] == 4
+        warnings = [ln for ln in d.stderr().splitlines() if "writable" in ln]
+        assert len(warnings) == 1 and "serving it anyway" in warnings[0]
+        assert f"chmod a-w {w}" in warnings[0]
+    finally:
+        d.stop()
 
 
 def _emberd_on(path, *extra):
@@ -142,12 +163,12 @@ def test_rename_over_the_model_during_generation(tmp_path, model):  # noqa: F811
     try:
         with d.client() as c, c.generate("Once upon a time", max_tokens=300, temperature=0,
                                          ignore_eos=True) as s:
-            first = next(iter(s))
+            first = next(s)
             other = tmp_path / "incoming.gguf"
             shutil.copyfile(model_path().with_name("stories260K-Q8_0.gguf"), other)
             os.chmod(other, 0o444)
             os.replace(other, p)                       # the new file takes the path now
-            text = first["text"] + "".join(t["text"] for t in s)
+            text = first.text + "".join(t.text for t in s)
         assert s.done["stop"] == "length" and s.done["usage"]["completion_tokens"] == 300
         assert text == s.done["text"] == greedy_local_ignore_eos(model, "Once upon a time", 300)
         assert d.alive()
@@ -187,7 +208,7 @@ def test_truncation_during_a_generation_ends_it_with_model_changed(tmp_path, bac
     try:
         with d.client() as c, c.generate("Once upon a time", max_tokens=400, temperature=0,
                                          ignore_eos=True) as s:
-            next(iter(s))                          # the worker waits for this token's delivery
+            next(s)                                # the worker waits for this token's delivery
             os.truncate(p, 1024)                   # careless in-place edit (root ignores 0444)
             with pytest.raises(EmberError) as e:
                 for _ in s:

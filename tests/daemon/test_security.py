@@ -131,7 +131,7 @@ def test_unknown_key_refused(curve_server):
     server, _, monitor, keys = curve_server
     with _client(server, keys, "stranger") as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 
@@ -139,7 +139,7 @@ def test_plaintext_client_refused(curve_server):
     server, _, monitor, keys = curve_server
     with _client(server, keys, None) as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 
@@ -150,7 +150,7 @@ def test_dead_zap_handler_fails_closed(curve_server):
     curve.stop()                                                 # the ZAP handler is gone
     with _client(server, keys, "friend") as c, pytest.raises(EmberError) as e:
         c.call("ping")
-    assert e.value.code == "timeout"
+    assert e.value.code == "unavailable"
     assert _handshake_failed(monitor)
 
 
@@ -265,7 +265,7 @@ def test_sighup_reloads_the_allow_list(keyring):
                         assert time.monotonic() < end, "the added key never got in"
             with Client(d.tcp, timeout=2, curve=friend) as c, pytest.raises(EmberError) as e:
                 c.call("ping")
-            assert e.value.code == "timeout"               # the handshake is refused
+            assert e.value.code == "unavailable"           # the handshake is refused
             with pytest.raises(EmberError) as e:
                 open_conn.call("ping")
             assert e.value.code == "unauthorized"

@@ -6,6 +6,7 @@ preemption) live here; hostile bytes are in test_hostile_wire.py.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -49,7 +50,7 @@ def test_greedy_over_zeromq_equals_in_process(emberd, model, transport):
     want = greedy_local(model, prompt, 48)
     with emberd.client(getattr(emberd, transport)) as c:
         with c.generate(prompt, max_tokens=48, temperature=0.0) as stream:
-            pieces = [t["text"] for t in stream]
+            pieces = [t.text for t in stream]
         assert "".join(pieces) == want == stream.done["text"]
         assert stream.done["usage"]["completion_tokens"] == len(stream.done["tokens"])
         done = c.complete(prompt, max_tokens=48, temperature=0.0)
@@ -65,11 +66,11 @@ def test_first_token_arrives_before_the_last_is_computed(emberd):
             st = observer.status()               # the daemon is still computing this request
             rest = list(stream)
         t_done = time.monotonic()
-    assert first["i"] == 0
+    assert first.index == 0
     assert st["current"] is not None and st["current"]["id"] == stream.id
     assert st["current"]["tokens"] < LONG["max_tokens"]
     assert len(rest) == LONG["max_tokens"] - 1
-    assert [t["i"] for t in rest] == list(range(1, LONG["max_tokens"]))
+    assert [t.index for t in rest] == list(range(1, LONG["max_tokens"]))
     assert t_done - t_first > 0.05    # the stream spread over the decode, not one burst
 
 
@@ -194,14 +195,18 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
         # an attempt counts only if the daemon was provably still prefilling after we left
         # (the shared CI machine makes prefill time vary)
         checked = 0
-        for _ in range(4):
+        for attempt in range(4):
             prefill_ms = obs.complete(long_prompt, max_tokens=1)["timings"]["prefill_ms"]
             pre = emberd.client()
+            # an id no earlier request of this module's daemon had: `recent` must find this one
+            pre._ids = itertools.count(1_000_000 + attempt)
             rid_p = pre.send("generate", prompt=long_prompt, max_tokens=200, ignore_eos=True)
             time.sleep(prefill_ms / 3000)
             pre.sock.close(linger=0)
             cur = obs.status()["current"]
             wait_idle(obs)
+            if not any(r["id"] == rid_p for r in obs.status()["recent"]):
+                continue        # the close (linger 0) beat the request out of the socket
             r = recent(obs, rid_p)
             assert r["gone"] and r["stop"] == "cancelled", r
             if cur is not None and cur["id"] == rid_p and cur["tokens"] == 0:

@@ -65,6 +65,21 @@ def test_written_model_opens_with_the_right_shape(tmp_path, quant):
         assert 0.01 < float(w.std()) < 0.03          # N(0, 0.02) survived quantization
 
 
+def test_writing_shows_progress_on_a_terminal_only(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.daemon.terminal import run_on_tty
+    cmd = [sys.executable, "-m", "ember.daemon.synthetic", "llama-tiny", "Q8_0", str(tmp_path / "a.gguf")]
+    rc, shown, _ = run_on_tty(cmd, stderr=True)
+    n = len(synthetic.tensor_shapes(synthetic.get_shape("llama-tiny")))
+    assert rc == 0 and b"a.gguf: 100%" in shown and f"{n}/{n}".encode() in shown
+    cmd[-1] = str(tmp_path / "b.gguf")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 def test_unknown_names_are_typed():
     with pytest.raises(synthetic.SyntheticError, match="shape"):
         synthetic.cached_model("gpt-17", "Q4_0")

@@ -141,6 +141,28 @@ def test_big_models_build_in_a_child_process(monkeypatch, tmp_path):
     np.testing.assert_array_equal(child.prefill(ids, all_logits=True), inproc)
 
 
+@pytest.mark.parametrize("in_child", [False, True])
+def test_graph_build_shows_progress_on_a_terminal_only(tmp_path, in_child):
+    """A bar (layers built) on stderr when it is a terminal — also from the child builder,
+    whose own stderr is a pipe for error messages."""
+    import subprocess
+    import sys
+
+    from tests.daemon.terminal import run_on_tty
+    path = conformance_path("models", "s512-llama-Q4_0.gguf")
+    script = ("import sys; from pathlib import Path; from ember.formats import gguf; "
+              "from ember.plugins import arch, onnx; f = gguf.open(sys.argv[1]); out = Path(sys.argv[2]); "
+              "out.mkdir(); (onnx._build_in_child(f.path, out, 4) if sys.argv[3] == '1' "
+              "else onnx.build_into(f, arch.config_from_gguf(f), out, 4))")
+    cmd = [sys.executable, "-c", script, str(path), str(tmp_path / "tty"), str(int(in_child))]
+    rc, shown, _ = run_on_tty(cmd, stderr=True)
+    assert rc == 0 and (tmp_path / "tty" / "model.onnx").is_file()
+    assert b"building ONNX graph" in shown and b"2/2" in shown and b"100%" in shown
+    cmd[-2] = str(tmp_path / "pipe")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+
+
 def test_a_failed_child_build_is_a_clear_error(monkeypatch, tmp_path):
     path = tmp_path / "broken.gguf"
     _tiny_gguf(path, 16, False, drop="blk.1.ffn_up.weight")
@@ -285,7 +307,7 @@ def test_emberd_serves_on_the_onnx_backend(cache):
                               temperature=0.0, ignore_eos=True)
             assert done["tokens"].tolist() == z["greedy"].tolist()
             with c.generate("Once upon a time", max_tokens=40, temperature=0.0) as stream:
-                text = "".join(t["text"] for t in stream)
+                text = "".join(t.text for t in stream)
         with engine.load(model_path(), backend="reference") as ref:
             assert text == greedy_local(ref, "Once upon a time", 40) and len(text) > 20
         assert any((cache / "onnx").iterdir())          # the daemon built into our cache
