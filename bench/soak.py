@@ -265,6 +265,13 @@ def main(argv=None) -> int:
     return 0 if lost == 0 and code == 0 else 1
 
 
+def trend(mbs: list[float]) -> str:
+    """RSS at 0, 1/6, ..., 6/6 of the samples: a leak climbs, a settling heap flattens."""
+    if not mbs:
+        return "-"
+    return " / ".join(f"{mbs[min(len(mbs) - 1, k * len(mbs) // 6)]:.1f}" for k in range(7))
+
+
 def table(args, tally, samples, hups, status, code, t_exit, elapsed, log: Path) -> str:
     warm = [mb for t, mb in samples if t >= min(WARMUP_S, elapsed / 4)]
     start, end, peak = (warm[0], warm[-1], max(warm)) if warm else (0.0, 0.0, 0.0)
@@ -287,6 +294,7 @@ def table(args, tally, samples, hups, status, code, t_exit, elapsed, log: Path) 
               f"| SIGHUP reloads sent | {len(hups)} |",
               f"| RSS start (after warm-up) / end / max | {start:.1f} / {end:.1f} / {peak:.1f} MB |",
               f"| RSS end vs start | {100 * (end - start) / start if start else 0:+.1f} % |",
+              f"| RSS every sixth of the run after warm-up | {trend(warm)} MB |",
               f"| exit status on SIGTERM | {code} (after {t_exit:.2f} s) |",
               f"| Traceback in stderr | {'yes' if 'Traceback' in stderr else 'no'} |"]
     return "\n".join(lines) + "\n"
