@@ -16,8 +16,9 @@ picking one scenario at a time (seeded):
   small      ping / status / tokenize
 
 Every request except `vanish` must get exactly one terminal reply (`busy`
-counts: it is an answer). A request with none within --reply-timeout, or with
-two, is *lost*. A thread samples the daemon's RSS every second (start = after
+counts: it is an answer). A request with none within --reply-timeout (300 s:
+on a shared machine 16 queued generations can wait minutes), or with two, is
+*lost*; one answered after --late seconds is counted as late, not lost. A thread samples the daemon's RSS every second (start = after
 the first minute's warm-up), one sends SIGHUP every --hup-every seconds. At
 the end: SIGTERM, and the exit status and time to exit. The table goes to
 stdout and, with --out, to a markdown file.
@@ -165,20 +166,26 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
-        self.errors: list[str] = []
+        self.late = 0
+        self.slowest = 0.0
 
-    def add(self, scenario: str, outcome: str) -> None:
+    def add(self, scenario: str, outcome: str, seconds: float, late_s: float) -> None:
         with self.lock:
             self.counts[(scenario, outcome)] += 1
+            if outcome != "lost":
+                self.late += seconds > late_s
+                self.slowest = max(self.slowest, seconds)
 
 
-def client_loop(endpoint: str, seed: int, stop_at: float, timeout: float, tally: Tally) -> None:
+def client_loop(endpoint: str, seed: int, stop_at: float, timeout: float, late_s: float,
+                tally: Tally) -> None:
     rng = random.Random(seed)
     names, weights = zip(*SCENARIOS)
     c = Client(endpoint, timeout=timeout)
     try:
         while time.monotonic() < stop_at:
             scenario = rng.choices(names, weights)[0]
+            t0 = time.monotonic()
             try:
                 if scenario == "vanish":
                     outcome = run_vanish(endpoint, rng, timeout)
@@ -191,7 +198,7 @@ def client_loop(endpoint: str, seed: int, stop_at: float, timeout: float, tally:
                 if e.code == "timeout":
                     c.close()                        # replies may still come: start afresh
                     c = Client(endpoint, timeout=timeout)
-            tally.add(scenario, outcome)
+            tally.add(scenario, outcome, time.monotonic() - t0, late_s)
     finally:
         c.close()
 
@@ -218,7 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--backend", default="reference")
     ap.add_argument("--hup-every", type=float, default=60.0, metavar="S")
-    ap.add_argument("--reply-timeout", type=float, default=60.0, metavar="S")
+    ap.add_argument("--reply-timeout", type=float, default=300.0, metavar="S")
+    ap.add_argument("--late", type=float, default=60.0, metavar="S")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
@@ -231,7 +239,8 @@ def main(argv=None) -> int:
     helpers = [threading.Thread(target=sampler, args=(proc.pid, stop, samples), daemon=True),
                threading.Thread(target=hupper, args=(proc, args.hup_every, stop, hups), daemon=True)]
     clients = [threading.Thread(target=client_loop, args=(endpoint, args.seed * 1000 + i, stop_at,
-                                                          args.reply_timeout, tally), daemon=True)
+                                                          args.reply_timeout, args.late, tally),
+                               daemon=True)
                for i in range(args.clients)]
     for t in helpers + clients:
         t.start()
@@ -256,6 +265,13 @@ def main(argv=None) -> int:
     return 0 if lost == 0 and code == 0 else 1
 
 
+def trend(mbs: list[float]) -> str:
+    """RSS at 0, 1/6, ..., 6/6 of the samples: a leak climbs, a settling heap flattens."""
+    if not mbs:
+        return "-"
+    return " / ".join(f"{mbs[min(len(mbs) - 1, k * len(mbs) // 6)]:.1f}" for k in range(7))
+
+
 def table(args, tally, samples, hups, status, code, t_exit, elapsed, log: Path) -> str:
     warm = [mb for t, mb in samples if t >= min(WARMUP_S, elapsed / 4)]
     start, end, peak = (warm[0], warm[-1], max(warm)) if warm else (0.0, 0.0, 0.0)
@@ -270,12 +286,15 @@ def table(args, tally, samples, hups, status, code, t_exit, elapsed, log: Path) 
     stderr = log.read_text(errors="replace") if log.exists() else ""
     lines += ["", "| measure | value |", "|---|---|",
               f"| requests | {total} |",
-              f"| **lost** | **{lost}** |",
+              f"| **lost** (no terminal reply within {args.reply_timeout:g} s, or two) | **{lost}** |",
+              f"| answered late (after {args.late:g} s) / slowest scenario | {tally.late} / "
+              f"{tally.slowest:.1f} s |",
               f"| tokens served (daemon) | {status['tokens_served']} |",
               f"| requests served (daemon) | {status['requests_served']} |",
               f"| SIGHUP reloads sent | {len(hups)} |",
               f"| RSS start (after warm-up) / end / max | {start:.1f} / {end:.1f} / {peak:.1f} MB |",
               f"| RSS end vs start | {100 * (end - start) / start if start else 0:+.1f} % |",
+              f"| RSS every sixth of the run after warm-up | {trend(warm)} MB |",
               f"| exit status on SIGTERM | {code} (after {t_exit:.2f} s) |",
               f"| Traceback in stderr | {'yes' if 'Traceback' in stderr else 'no'} |"]
     return "\n".join(lines) + "\n"
