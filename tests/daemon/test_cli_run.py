@@ -1,6 +1,7 @@
 """`ember run` as a user runs it: a real subprocess on the real stories260K model."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import conformance_cases, conformance_path
+from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
 
 
 def ember(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -71,3 +72,34 @@ def test_run_bad_input_is_one_line_exit_2(stories, extra, message):
 def test_run_missing_file(tmp_path):
     p = ember("run", str(tmp_path / "none.gguf"), "-p", "hi")
     assert p.returncode == 2 and "No such file" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# every architecture fixture (../shared/conformance/arch) on the cpu backend
+# ---------------------------------------------------------------------------
+
+_ARCH_MANIFEST = CONFORMANCE / "arch" / "refs" / "manifest.json"
+ARCH_FIRST_CASES = [c for c in (json.loads(_ARCH_MANIFEST.read_text())["cases"] if _ARCH_MANIFEST.is_file() else [])
+                    if c.get("kind", "decoder") != "embedding" and c["ref"].endswith(".p0.npz")]
+
+
+@pytest.mark.parametrize("case", oracle_params(ARCH_FIRST_CASES), ids=lambda c: c and c["model"])
+def test_run_every_architecture_on_cpu(case):
+    """gemma2/3, smollm3, granite, olmo2, lfm2, phi3 (LongRoPE), qwen2 (YaRN): `ember run`
+    generates greedily; on the F32 files the text is llama.cpp's greedy continuation.
+    (The Q8_0 continuations meet near-ties of random weights, where one 8-bit activation
+    rounding picks the other token, so only their logits are held to llama.cpp: tests/
+    plugins/test_cpu.py.)"""
+    want = np.load(conformance_path("arch", "refs", case["ref"]))["greedy"]
+    p = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "run",
+                        str(conformance_path("arch", "models", case["model"])), "-p", case["prompt"],
+                        "--max-tokens", str(len(want)), "--temperature", "0", "--backend", "cpu",
+                        "--n-ctx", str(case["n_ctx"]), "--threads", "2"],
+                       capture_output=True, timeout=120)   # bytes: the text holds bare \r
+    stderr = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, stderr
+    assert "backend cpu" in stderr and "tok/s" in stderr
+    if case["model"].endswith("-F32.gguf"):
+        assert p.stdout.decode(errors="replace") == case["greedy_text"] + "\n"
+    else:
+        assert p.stdout.strip()
