@@ -20,7 +20,7 @@ cdef extern from "ember_forward.h":
         int64_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim
         int64_t n_ctx, max_batch
         float rms_eps
-        int neox, qk_norm, fused_qkv, fused_gate_up, act, pre_norms, post_norms
+        int neox, qk_norm, fused_qkv, fused_gate_up, act, pre_norms
         float embd_scale, residual_scale, attn_scale, attn_softcap, final_softcap, logit_scale
         int64_t sliding_window, conv_l_cache
     ctypedef struct ember_att_args:
@@ -129,7 +129,7 @@ cdef class Forward:
         self.hp.neox, self.hp.qk_norm = hp["neox"], QK_NORMS[hp.get("qk_norm", "none")]
         self.hp.fused_qkv, self.hp.fused_gate_up = hp["fused_qkv"], hp["fused_gate_up"]
         self.hp.act = ACTS[hp.get("act", "silu")]
-        self.hp.pre_norms, self.hp.post_norms = hp.get("pre_norms", True), hp.get("post_norms", False)
+        self.hp.pre_norms = hp.get("pre_norms", True)
         self.hp.embd_scale, self.hp.residual_scale = hp.get("embd_scale", 1.0), hp.get("residual_scale", 1.0)
         self.hp.attn_scale = hp.get("attn_scale") or 1.0 / sqrt(<double> self.hp.head_dim)
         self.hp.attn_softcap, self.hp.final_softcap = hp.get("attn_softcap", 0.0), hp.get("final_softcap", 0.0)

@@ -162,7 +162,7 @@ def hparams(c: ModelConfig, n_ctx: int, max_batch: int) -> dict:
                 n_head_kv=c.n_head_kv, head_dim=c.head_dim, n_ff=c.n_ff, rope_dim=c.rope_dim,
                 n_ctx=n_ctx, max_batch=max_batch, rms_eps=c.rms_eps, neox=c.rope_style == "neox",
                 qk_norm=c.qk_norm, fused_qkv=c.fused_qkv, fused_gate_up=c.fused_gate_up,
-                act=c.act, pre_norms=c.pre_norms, post_norms=c.post_norms, embd_scale=c.embd_scale,
+                act=c.act, pre_norms=c.pre_norms, embd_scale=c.embd_scale,
                 residual_scale=c.residual_scale, attn_scale=c.attn_scale, attn_softcap=c.attn_softcap,
                 final_softcap=c.final_softcap, logit_scale=c.logit_scale,
                 sliding_window=c.sliding_window, conv_l_cache=c.conv_l_cache)

@@ -22,8 +22,8 @@ typedef struct {
     int fused_qkv;       /* phi3: one attn_qkv matrix */
     int fused_gate_up;   /* phi3: ffn_up holds gate | up */
     int act;             /* EMBER_ACT_*: the gated FFN's activation */
-    int pre_norms;       /* RMSNorm before attention and FFN (olmo2: 0) */
-    int post_norms;      /* gemma2/3, olmo2: RMSNorm of each block's output before the add */
+    int pre_norms;       /* RMSNorm before attention and FFN (olmo2: 0); post-norms
+                          * (gemma2/3, olmo2) are on where their vectors are set */
     float embd_scale;    /* token embeddings *= it (gemma: sqrt(n_embd); granite) */
     float residual_scale;/* block outputs *= it before the add (granite) */
     float attn_scale;    /* KQ scale */
