@@ -146,6 +146,12 @@ class ModelConfig:
         rows = sum(self.kv_rows(il, n_ctx) for il in range(self.n_layer))
         return 2 * rows * self.n_head_kv * self.head_dim * bytes_per_value
 
+    def kv_saved_bytes(self, n_ctx: int, bytes_per_value: int = 2) -> int:
+        """What keeping only the window on sliding-window layers saves against full layers."""
+        full = 2 * sum(n_ctx for il in range(self.n_layer) if self.layer_kind(il) == "attn")
+        return full * self.n_head_kv * self.head_dim * bytes_per_value - \
+            self.kv_cache_bytes(n_ctx, bytes_per_value)
+
     def conv_state_bytes(self, bytes_per_value: int = 4) -> int:
         """lfm2: each conv layer keeps the last conv_l_cache - 1 inputs (n_embd wide)."""
         n_conv = sum(self.layer_kind(il) == "conv" for il in range(self.n_layer))
@@ -397,8 +403,7 @@ def _sliding_window(md: dict, p: str, arch: str, n_layer: int) -> dict:
     return dict(sliding_window=window, swa_layers=layers) if any(layers) else {}
 
 
-def _arch_values(md: dict, p: str, arch: str, n_embd: int, n_layer: int, head_dim: int,
-                 n_head: int) -> dict:
+def _arch_values(md: dict, p: str, arch: str, n_embd: int, n_layer: int, n_head: int) -> dict:
     """The multipliers, soft-caps and per-layer switches that come from metadata."""
     v: dict = {}
     if arch in ("gemma2", "gemma3"):
@@ -469,6 +474,6 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         tensors={n: TensorEntry(n, t.type, t.shape, t.nbytes) for n, t in f.tensors.items()},
         **_rope_scaling(md, p, f.tensors, n_ctx_train),
         **_sliding_window(md, p, arch, n_layer),
-        **_arch_values(md, p, arch, n_embd, n_layer, head_dim, n_head),
+        **_arch_values(md, p, arch, n_embd, n_layer, n_head),
         **switches,
     )

@@ -78,6 +78,13 @@ class ContextOverflow(Exception):
     user_error = True
 
 
+class TruncateUnsupported(ValueError):
+    """The cache cannot go back that far: sliding-window rings and convolution states keep
+    only the latest positions. reset() and prefill again instead."""
+
+    user_error = True
+
+
 class TokenOutOfRange(ValueError):
     """A token id is negative or not below n_vocab."""
 

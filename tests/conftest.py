@@ -24,9 +24,10 @@ def conformance_models() -> list[str]:
     return sorted(p.name for p in d.glob("*.gguf")) if d.is_dir() else []
 
 
-def conformance_cases() -> list[dict]:
-    """The refs manifest's cases, for parametrization (empty when absent)."""
-    m = CONFORMANCE / "refs" / "manifest.json"
+def conformance_cases(*folder: str) -> list[dict]:
+    """The refs manifest's cases, for parametrization (empty when absent). `folder`
+    names a sub-oracle with its own refs/ (e.g. "arch")."""
+    m = CONFORMANCE.joinpath(*folder, "refs", "manifest.json")
     return json.loads(m.read_text())["cases"] if m.is_file() else []
 
 

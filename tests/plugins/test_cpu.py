@@ -12,7 +12,6 @@ that decoding allocates nothing that grows.
 from __future__ import annotations
 
 import gc
-import json
 import resource
 import tracemalloc
 
@@ -24,15 +23,13 @@ from ember.kernels import dispatch
 from ember.plugins import cpu, registry
 from ember.plugins.arch import config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
+from tests.conftest import conformance_cases, conformance_path, oracle_params
 from tests.plugins.test_reference import greedy, kl_rows, thresholds
 
 CASES = conformance_cases()
 ISAS = dispatch.available_isas()
 MODELS = sorted({c["model"] for c in CASES})
-_ARCH_MANIFEST = CONFORMANCE / "arch" / "refs" / "manifest.json"
-ARCH_CASES = [c for c in (json.loads(_ARCH_MANIFEST.read_text())["cases"] if _ARCH_MANIFEST.is_file() else [])
-              if c.get("kind", "decoder") != "embedding"]
+ARCH_CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
 ARCH_MODELS = sorted({c["model"] for c in ARCH_CASES})
 
 

@@ -29,6 +29,7 @@ from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
+from tests.conftest import conformance_path
 
 PROBE = cuda.probe()
 gpu = pytest.mark.skipif(not PROBE.available, reason=f"no GPU: {PROBE.reason}")
@@ -268,6 +269,25 @@ def test_wide_heads_are_refused(tiny):
     c = dataclasses.replace(_config(tiny("Q4_0")), head_dim=512)
     with pytest.raises(UnsupportedModel, match="head_dim 512"):
         cuda.layout(c, 64)
+
+
+@pytest.mark.parametrize("arch,refusal", [
+    ("gemma2", "cuda: gemma2 GELU-gated feed-forward is not implemented"),
+    ("gemma3", "cuda: gemma3 GELU-gated feed-forward is not implemented"),
+    ("smollm3", "cuda: smollm3 layers without rope is not implemented"),
+    ("granite", "cuda: granite embedding scale is not implemented"),
+    ("olmo2", "cuda: olmo2 post-attention / post-feed-forward norms is not implemented"),
+    ("lfm2", "cuda: lfm2 short-convolution layers is not implemented"),
+    ("phi3", None),    # LongRoPE and YaRN are in the rope table (arch.rope_cos_sin)
+    ("qwen2", None),
+])
+def test_architecture_features_are_computed_or_refused_by_name(arch, refusal):
+    c = _config(conformance_path("arch", "models", f"s512-{arch}-Q8_0.gguf"))
+    if refusal is None:
+        assert cuda.layout(c, 64).c is c
+    else:
+        with pytest.raises(UnsupportedModel, match=f"^{re.escape(refusal)}$"):
+            cuda.layout(c, 64)
 
 
 # ---------------------------------------------------------------------------

@@ -132,6 +132,54 @@ def test_decode_equals_batched_pass(model, n_first):
     r.close()
 
 
+def load_arch_runner(name: str, n_ctx: int):
+    f = gguf.open(conformance_path("arch", "models", name))
+    return reference.ReferenceRunner(f, config_from_gguf(f), n_ctx)
+
+
+@pytest.mark.parametrize("model,chunks", [
+    ("s512-gemma3-F32.gguf", [5, 20, 1, 1, 40]),   # window 16: chunks shorter, longer than it
+    ("s512-gemma2-F32.gguf", [31, 33, 1, 2]),      # window 32 on layer 0
+    ("s512-lfm2-F32.gguf", [1, 1, 7, 30, 1]),      # conv state carried between calls
+])
+def test_rings_and_conv_states_carry_across_calls(model, chunks):
+    """Prefilling in pieces and decoding through the sliding-window rings (which wrap
+    several times here) and the conv states gives the single batched pass."""
+    n = sum(chunks)
+    r = load_arch_runner(model, n_ctx=n)
+    ids = np.random.default_rng(1).integers(3, r.n_vocab, size=n).tolist()
+    batched = r.prefill(ids, all_logits=True)
+    r.reset()
+    steps, at = [], 0
+    for k in chunks:
+        steps.append(r.prefill(ids[at:at + k], all_logits=True) if k > 1 else r.decode(ids[at])[None])
+        at += k
+    kl = kl_rows(batched, np.concatenate(steps))
+    assert kl.max() <= 1e-6, f"max KL {kl.max():.3e} at position {kl.argmax()}"
+    if "gemma3" in model:   # the local layers hold only their window
+        assert [len(k) for k in r.k_cache] == [16] * 5 + [n]
+    r.close()
+
+
+def test_truncate_goes_back_only_as_far_as_rings_and_conv_states_allow():
+    r = load_arch_runner("s512-gemma3-F32.gguf", n_ctx=64)
+    ids = np.random.default_rng(2).integers(3, 512, size=40).tolist()
+    full = r.prefill(ids, all_logits=True)
+    r.truncate(39)                                    # one back: the ring still holds it
+    assert kl_rows(full[39:], r.decode(ids[39])[None]).max() <= 1e-6
+    with pytest.raises(reference.TruncateUnsupported, match="keep only the last 16 positions"):
+        r.truncate(30)
+    assert r.n_past == 40                             # refused: nothing changed
+    r.truncate(0)                                     # going back to empty is a reset
+    assert kl_rows(full[:5], r.prefill(ids[:5], all_logits=True)).max() <= 1e-6
+    r.close()
+    r = load_arch_runner("s512-lfm2-F32.gguf", n_ctx=64)
+    r.prefill(ids)
+    with pytest.raises(reference.TruncateUnsupported, match="convolution layers"):
+        r.truncate(39)
+    r.close()
+
+
 def test_truncate_then_decode_rebuilds_the_same_logits(runners):
     r = runners("stories260K.gguf")
     r.reset()
@@ -236,6 +284,6 @@ def test_registered_probe_and_plan():
     held = {id(a): a.nbytes for a in [r.w.token_embd, r.w.output, r.w.output_norm]
             + [a for L in r.w.layers for a in vars(L).values() if isinstance(a, np.ndarray)]}
     assert plan.weights == sum(held.values())
-    assert plan.kv_cache == r.k_cache.nbytes + r.v_cache.nbytes
+    assert plan.kv_cache == sum(a.nbytes for a in r.k_cache + r.v_cache)
     r.close()
     f.close()
