@@ -19,6 +19,7 @@ from ember.plugins.arch import FEATURES, ModelConfig, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
+from ember.plugins.types import TruncateUnsupported
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
@@ -113,12 +114,6 @@ def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
 # The runner
 # ---------------------------------------------------------------------------
 
-class CacheTooShort(BackendError, ValueError):
-    """truncate() asked for positions a ring cache (sliding window, conv) has dropped."""
-
-    user_error = True
-
-
 class CpuRunner(CacheBookkeeping):
     """ember.plugins.types.Runner over the C decoder."""
 
@@ -174,7 +169,7 @@ class CpuRunner(CacheBookkeeping):
         if isinstance(n_past, (int, np.integer)) and 0 <= n_past < self.n_past:
             for (rows, window), kept in zip(self._rings, self._kept):
                 if max(0, int(n_past) - window + 1) < kept:
-                    raise CacheTooShort(
+                    raise TruncateUnsupported(
                         f"truncate({n_past}): a ring layer keeps only the last {rows} positions "
                         f"and position {max(0, int(n_past) - window + 1)} is gone; reset() and "
                         f"prefill the prompt again")
