@@ -160,6 +160,17 @@ def test_chunked_prefill_equals_one_batch_through_rings(model, max_batch):
     chunked.close()
 
 
+@pytest.mark.parametrize("model", ["s512-gemma2-Q8_0.gguf", "s512-lfm2-Q8_0.gguf"])
+def test_thread_count_does_not_change_a_bit_through_rings(model):
+    outs = []
+    for threads in (1, 2, 3):
+        r = _arch_cpu(model, threads=threads, max_batch=8)
+        ids = _prompt(r.n_vocab, 60, seed=5)
+        outs.append(np.concatenate([r.prefill(ids, all_logits=True), r.decode(5)[None]]))
+        r.close()
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("model", RING_MODELS)
 def test_decode_through_rings_equals_the_batched_pass(model):
     r = _arch_cpu(model, max_batch=8)
