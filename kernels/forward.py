@@ -173,11 +173,12 @@ def hparams(c: ModelConfig, n_ctx: int, max_batch: int) -> dict:
 # ---------------------------------------------------------------------------
 
 def cache_rows(c: ModelConfig, il: int, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH) -> int:
-    """Mirror of ember_model_cache_rows: n_ctx, or a ring of the rows a chunk's oldest
-    token reads back plus the chunk (window layers, conv layers)."""
+    """Mirror of ember_model_cache_rows: n_ctx; a ring of the rows a chunk's oldest token
+    reads back plus the chunk (sliding-window layers); the conv state (l_cache - 1)."""
     kind, _ = layer_setting(c, il)
-    need = {"attn": n_ctx, "swa": c.sliding_window - 1 + max_batch, "conv": c.conv_l_cache - 1 + max_batch}
-    return min(n_ctx, need[kind])
+    if kind == "conv":
+        return c.conv_l_cache - 1
+    return min(n_ctx, c.sliding_window - 1 + max_batch) if kind == "swa" else n_ctx
 
 
 def cache_bytes(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH) -> int:
@@ -200,8 +201,9 @@ def scratch_bytes(c: ModelConfig, n_ctx: int, threads: int, max_batch: int = DEF
             act = max(act, _native.act_row_bytes(tid, t.shape[1]))
     act = (act + 63) // 64 * 64
     B = max_batch
-    conv = 3 * c.n_embd if "conv" in c.layer_kinds else 0
-    floats = (B * (2 * c.n_embd + q_dim + 2 * kv_dim + q_dim + 2 * c.n_ff + conv)
+    has_conv = "conv" in c.layer_kinds
+    conv = (B * 4 + c.conv_l_cache - 1) * c.n_embd if has_conv else 0   # b|c|u and the window
+    floats = (B * (2 * c.n_embd + q_dim + 2 * kv_dim + q_dim + 2 * c.n_ff) + conv
               + threads * _native.ATT_HEADS * n_ctx + c.n_embd)
     stage_counters = (c.n_layer + 1) * 32 * 128   # MAX_STAGES_PER_LAYER cache-line pairs
     tables = 2 if needs_swa_table(c) else 1
@@ -258,15 +260,11 @@ class Decoder:
         return out
 
     def ring_layers(self) -> list[tuple[int, int]]:
-        """(rows, window) of each layer whose cache is a ring shorter than n_ctx: what
-        the runner needs to know how far back the cache can be truncated."""
-        out = []
-        for il in range(self.config.n_layer):
-            kind, _ = layer_setting(self.config, il)
-            rows = self.fw.cache_rows(il)
-            if kind != "attn" and rows < self.n_ctx:
-                out.append((rows, self.config.sliding_window if kind == "swa" else self.config.conv_l_cache))
-        return out
+        """(rows, window) of each sliding-window layer whose ring is shorter than n_ctx:
+        what the runner needs to know how far back the cache can be truncated."""
+        c = self.config
+        return [(self.fw.cache_rows(il), c.sliding_window) for il in range(c.n_layer)
+                if layer_setting(c, il)[0] == "swa" and self.fw.cache_rows(il) < self.n_ctx]
 
     @property
     def scratch_bytes(self) -> int:

@@ -77,7 +77,7 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
 # ---------------------------------------------------------------------------
 
 def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = None) -> MemoryPlan:
-    """Mapped weights + f16 KV cache (rings on sliding-window layers, conv inputs on
+    """Mapped weights + f16 KV cache (rings on sliding-window layers, the f32 state on
     conv layers) + scratch for one chunk + the interpreter."""
     _, forward = _kernels()
     threads = threads or forward.physical_cores()
@@ -132,11 +132,13 @@ class CpuRunner(CacheBookkeeping):
                                    options.get("isa"))
         self.isa, self.threads = self.dec.isa, self.dec.threads
         self._one = np.zeros(1, dtype=np.int32)   # decode's token, reused
-        # Ring caches (sliding-window and conv layers) hold only their last rows: after
-        # writing position p, the position p - rows is gone. _kept[i] is the lowest
-        # position ring i still holds, so truncate() knows how far back a cache can go.
+        # Sliding-window rings hold only their last rows: after writing position p, the
+        # position p - rows is gone. _kept[i] is the lowest position ring i still holds,
+        # so truncate() knows how far back a cache can go. Conv states hold only what
+        # follows the last position: they cannot go back at all.
         self._rings = self.dec.ring_layers()
         self._kept = [0] * len(self._rings)
+        self._conv = "conv" in config.layer_kinds
 
     # -- the Runner protocol --------------------------------------------------
 
@@ -165,8 +167,13 @@ class CpuRunner(CacheBookkeeping):
 
     def truncate(self, n_past: int) -> None:
         """Keep the first n_past positions. A ring layer must still hold the positions
-        the next token reads (its last window - 1), else the cache cannot go back."""
-        if isinstance(n_past, (int, np.integer)) and 0 <= n_past < self.n_past:
+        the next token reads (its last window - 1), else the cache cannot go back; a
+        conv state cannot go back (truncate(0) is a reset and always works)."""
+        if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past:
+            if self._conv:
+                raise TruncateUnsupported(
+                    f"truncate({n_past}): the convolution layers keep only their state after "
+                    f"position {self.n_past - 1}; reset() and prefill the prompt again")
             for (rows, window), kept in zip(self._rings, self._kept):
                 if max(0, int(n_past) - window + 1) < kept:
                     raise TruncateUnsupported(
@@ -174,6 +181,8 @@ class CpuRunner(CacheBookkeeping):
                         f"and position {max(0, int(n_past) - window + 1)} is gone; reset() and "
                         f"prefill the prompt again")
         super().truncate(n_past)
+        if self.n_past == 0:
+            self._kept = [0] * len(self._rings)
 
     def close(self) -> None:
         if self.dec is not None:

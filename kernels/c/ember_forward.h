@@ -39,7 +39,7 @@ enum { EMBER_ACT_SILU, EMBER_ACT_GELU };
 enum {  /* layer kinds */
     EMBER_LAYER_ATTN,   /* attention over every cached position */
     EMBER_LAYER_SWA,    /* attention over the last sliding_window positions (a ring cache) */
-    EMBER_LAYER_CONV    /* lfm2 short convolution (a ring of conv inputs) */
+    EMBER_LAYER_CONV    /* lfm2 short convolution (a state of its last l_cache - 1 inputs) */
 };
 #define EMBER_CONV_MAX_TAPS 16   /* conv_l_cache limit (lfm2 uses 3) */
 enum { EMBER_ROPE_NONE, EMBER_ROPE_GLOBAL, EMBER_ROPE_SWA };  /* a layer's rope table */
@@ -77,7 +77,8 @@ ember_model *ember_model_new(const ember_hparams *hp, const float *rope_cs, cons
                              int n_threads, const char *isa);
 /* a layer's kind (EMBER_LAYER_*) and rope table (EMBER_ROPE_*); 0 ok, -1 bad value */
 int     ember_model_set_layer(ember_model *m, int64_t layer, int kind, int rope);
-/* rows of a layer's cache: K/V positions (attention) or conv inputs (conv) */
+/* rows of a layer's cache: K/V positions (attention; a ring when shorter than n_ctx)
+ * or the conv state's inputs (conv: l_cache - 1) */
 int64_t ember_model_cache_rows(const ember_model *m, int64_t layer);
 /* 0 ok, -1 bad layer/slot, -2 weight type without kernels */
 int     ember_model_set_mat(ember_model *m, int64_t layer, int which, const void *data, int type,
@@ -86,7 +87,7 @@ int     ember_model_set_vec(ember_model *m, int64_t layer, int which, const floa
 int     ember_model_finish(ember_model *m);   /* allocates the caches and the scratch; 0 ok */
 void    ember_model_free(ember_model *m);
 size_t  ember_model_scratch_bytes(const ember_model *m);
-size_t  ember_model_cache_bytes(const ember_model *m);   /* KV rings/caches + conv rings */
+size_t  ember_model_cache_bytes(const ember_model *m);   /* KV caches and rings + conv states */
 const char *ember_model_ops_name(const ember_model *m);
 int     ember_model_threads(const ember_model *m);
 ember_pool *ember_model_pool(ember_model *m);

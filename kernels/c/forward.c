@@ -13,8 +13,9 @@
  *       rope(q, k) with the layer's table (none, global or swa base)
  *       cache[pos % rows] = f16(k), f16(v)      (a ring when the layer has a window)
  *       o = softmax(softcap(scale q.K), window mask) V @ Wo
- *     conv layer (lfm2): b | c | u = h @ Win;  ring[pos % rows] = b * u
- *       o = (c * sum_k w[k] ring[pos - l_cache + 1 + k]) @ Wout
+ *     conv layer (lfm2): b | c | u = h @ Win;  in[pos] = b * u
+ *       o = (c * sum_k w[k] in[pos - l_cache + 1 + k]) @ Wout
+ *       (in: the layer's state, its last l_cache - 1 inputs, then the chunk's)
  *     x += residual_scale * (post_norms ? rmsnorm(o) : o)
  *     h = pre_norms ? rmsnorm(x) : x
  *     o = (act(h @ Wgate) * (h @ Wup)) @ Wdown       (act: silu or ggml's gelu)
@@ -22,13 +23,15 @@
  *   logits = softcap(rmsnorm(x) @ output / logit_scale)
  *
  * Memory: weights are pointers into the read-only GGUF map (never copied); the
- * f16 KV caches, the conv rings and every scratch buffer are allocated once in
+ * f16 KV caches, the conv states and every scratch buffer are allocated once in
  * ember_model_finish, sized for max_batch tokens, so a forward call allocates
- * nothing. Longer prompts run in max_batch chunks. A sliding-window layer keeps
- * window + max_batch - 1 rows, a conv layer l_cache - 1 + max_batch: a chunk
- * writes all its rows before any of its tokens reads, and the oldest row a token
- * of the chunk reads is never one the chunk overwrites, so chunks compute exactly
- * what one batch does.
+ * nothing. Longer prompts run in max_batch chunks. A sliding-window layer keeps a
+ * ring of window + max_batch - 1 rows: a chunk writes all its rows before any of
+ * its tokens reads, and the oldest row a token of the chunk reads is never one the
+ * chunk overwrites. A conv layer keeps only its last l_cache - 1 inputs (f32, as
+ * llama.cpp's r_l state); a chunk computes from that state and its own inputs in
+ * a shared window, then leaves its last inputs as the state. Either way chunks
+ * compute exactly what one batch does.
  *
  * Threads: one pool run per chunk; every thread walks the same sequence of
  * stages. Work inside a stage (matrix rows, (token, head) pairs, token rows)
@@ -71,7 +74,7 @@ typedef struct {
     const float *rope_cs;             /* (n_ctx, rope_dim/2, 2) or NULL: no rope */
     int64_t rows;                     /* cache rows; position p lives in row p % rows */
     uint16_t *kc, *vc;                /* attention: (rows, kv_dim) f16 */
-    float *conv;                      /* conv: (rows, E) inputs b * u */
+    float *conv;                      /* conv: (l_cache - 1, E) inputs b * u of the last positions */
 } layer_t;
 
 struct ember_model {
@@ -89,6 +92,7 @@ struct ember_model {
     float *att;                       /* (B, q_dim) attention output */
     float *ffn;                       /* (B, 2 F) gate | up; act(gate)*up into gate */
     float *bcx;                       /* (B, 3 E) conv layers' b | c | u; c * conv into c */
+    float *conv_win;                  /* (l_cache - 1 + B, E) a conv layer's state, then the chunk's inputs */
     uint8_t *xq;                      /* (B, xq_stride) quantized activations */
     size_t xq_stride;
     float *scores;                    /* (n_threads, EMBER_ATT_HEADS * n_ctx) */
@@ -407,32 +411,42 @@ static void attention_block(worker *w, int64_t l) {
 
 /* ---- the short-convolution block (lfm2) ------------------------------------------------------ */
 
-/* ring[pos % rows] = b * u: the convolution's input for this token */
-static void conv_in_row(ember_model *m, const void *arg, int64_t b) {
+/* Window row j holds the conv input of position pos0 - (l_cache - 1) + j: the layer's
+ * state for j < l_cache - 1 (zeros before position 0: a sequence starts from a zero
+ * state, whatever the previous one left), then b * u of each token of the chunk. */
+static void conv_in_item(ember_model *m, const void *arg, int64_t j) {
     const layer_t *L = arg;
-    const int64_t E = m->hp.n_embd;
-    const float *bcu = m->bcx + b * 3 * E;   /* b | c | u */
-    float *r = L->conv + ((m->pos0 + b) % L->rows) * E;
-    for (int64_t c = 0; c < E; c++) r[c] = bcu[c] * bcu[2 * E + c];
+    const int64_t E = m->hp.n_embd, ns = m->hp.conv_l_cache - 1;
+    float *win = m->conv_win + j * E;
+    if (j < ns) {
+        if (m->pos0 - ns + j < 0)
+            memset(win, 0, (size_t)E * sizeof(float));
+        else
+            memcpy(win, L->conv + j * E, (size_t)E * sizeof(float));
+        return;
+    }
+    const float *bcu = m->bcx + (j - ns) * 3 * E;   /* b | c | u */
+    for (int64_t c = 0; c < E; c++) win[c] = bcu[c] * bcu[2 * E + c];
 }
 
-/* c = c * (depthwise causal conv over this and the l_cache - 1 previous inputs), in place;
- * positions before 0 are the zero initial state. Taps are summed oldest first, as
- * ggml_ssm_conv does. */
-static void conv_out_row(ember_model *m, const void *arg, int64_t b) {
+/* Items b < n_tok: c = c * (depthwise causal conv over the token's input and the
+ * l_cache - 1 before it), in place; taps summed oldest first, as ggml_ssm_conv does.
+ * Items after them: the chunk's last l_cache - 1 inputs become the state (nothing in
+ * this stage reads the state, so the two share it). */
+static void conv_out_item(ember_model *m, const void *arg, int64_t j) {
     const layer_t *L = arg;
-    const int64_t E = m->hp.n_embd, nk = m->hp.conv_l_cache, pos = m->pos0 + b;
-    const float *w = L->v[EMBER_V_CONV];     /* (E, nk) */
-    const float *in[EMBER_CONV_MAX_TAPS];    /* the input row of each tap, NULL before 0 */
-    for (int64_t k = 0; k < nk; k++) {
-        const int64_t p = pos - (nk - 1) + k;
-        in[k] = p >= 0 ? L->conv + (p % L->rows) * E : NULL;
+    const int64_t E = m->hp.n_embd, nk = m->hp.conv_l_cache;
+    if (j >= m->n_tok) {
+        const int64_t i = j - m->n_tok;
+        memcpy(L->conv + i * E, m->conv_win + (m->n_tok + i) * E, (size_t)E * sizeof(float));
+        return;
     }
-    float *c = m->bcx + b * 3 * E + E;
+    const float *w = L->v[EMBER_V_CONV];       /* (E, nk) */
+    const float *in = m->conv_win + j * E;     /* tap k reads row j + k */
+    float *c = m->bcx + j * 3 * E + E;
     for (int64_t i = 0; i < E; i++) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < nk; k++)
-            if (in[k]) acc += w[i * nk + k] * in[k][i];
+        for (int64_t k = 0; k < nk; k++) acc += w[i * nk + k] * in[k * E + i];
         c[i] *= acc;
     }
 }
@@ -444,8 +458,9 @@ static void conv_block(worker *w, int64_t l) {
     norm_arg na = attn_norms(m, l);
     mm_target t[1] = { { &L->m[EMBER_M_CONV_IN], m->bcx } };
     project(w, residual_norm_row, &na, block_input(m), E, m->n_tok, t, 1, 3 * E);
-    for_rows(w, m->n_tok, conv_in_row, L);   /* every row of the chunk before any reads */
-    for_rows(w, m->n_tok, conv_out_row, L);
+    const int64_t ns = m->hp.conv_l_cache - 1;
+    for_rows(w, ns + m->n_tok, conv_in_item, L);   /* the whole window before any reads */
+    for_rows(w, m->n_tok + ns, conv_out_item, L);
     mm_target o[1] = { { &L->m[EMBER_M_CONV_OUT], m->xn } };
     project(w, NULL, NULL, m->bcx + E, 3 * E, m->n_tok, o, 1, E);
 }
@@ -599,7 +614,7 @@ int64_t ember_model_cache_rows(const ember_model *m, int64_t layer) {
     if (layer < 0 || layer >= hp->n_layer) return -1;
     int64_t need = hp->n_ctx;   /* the rows a chunk's oldest token reads back + the chunk */
     if (m->layers[layer].kind == EMBER_LAYER_SWA) need = hp->sliding_window - 1 + hp->max_batch;
-    if (m->layers[layer].kind == EMBER_LAYER_CONV) need = hp->conv_l_cache - 1 + hp->max_batch;
+    if (m->layers[layer].kind == EMBER_LAYER_CONV) return hp->conv_l_cache - 1;   /* the state */
     return need < hp->n_ctx ? need : hp->n_ctx;
 }
 
@@ -652,18 +667,20 @@ int ember_model_finish(ember_model *m) {
     m->att = zalloc((size_t)B * m->q_dim * sizeof(float));
     m->ffn = zalloc((size_t)B * 2 * hp->n_ff * sizeof(float));
     m->bcx = has_conv(m) ? zalloc((size_t)B * 3 * E * sizeof(float)) : NULL;
+    m->conv_win = has_conv(m) ? zalloc((size_t)(hp->conv_l_cache - 1 + B) * E * sizeof(float)) : NULL;
     m->xq = zalloc((size_t)B * m->xq_stride);
     m->scores = zalloc((size_t)ember_pool_size(m->pool) * EMBER_ATT_HEADS * hp->n_ctx * sizeof(float));
     m->last = zalloc((size_t)E * sizeof(float));
     return (m->x && m->xn && m->qkv && m->att && m->ffn && m->xq && m->scores && m->last
-            && (m->bcx || !has_conv(m))) ? 0 : -1;
+            && ((m->bcx && m->conv_win) || !has_conv(m))) ? 0 : -1;
 }
 
 size_t ember_model_scratch_bytes(const ember_model *m) {
     const ember_hparams *hp = &m->hp;
     const size_t B = (size_t)hp->max_batch;
     return B * sizeof(float) * (2 * hp->n_embd + m->qkv_dim + m->q_dim + 2 * hp->n_ff
-                                + (has_conv(m) ? 3 * hp->n_embd : 0))
+                                + (has_conv(m) ? 4 * hp->n_embd : 0))
+         + (has_conv(m) ? (size_t)(hp->conv_l_cache - 1) * hp->n_embd * sizeof(float) : 0)
          + B * m->xq_stride + (size_t)ember_pool_size(m->pool) * EMBER_ATT_HEADS * hp->n_ctx * sizeof(float)
          + hp->n_embd * sizeof(float) + (size_t)m->n_stages * sizeof(stage_ctr);
 }
@@ -691,7 +708,7 @@ void ember_model_free(ember_model *m) {
     }
     free(m->layers);
     free(m->stages);
-    free(m->x); free(m->xn); free(m->qkv); free(m->att); free(m->ffn); free(m->bcx);
+    free(m->x); free(m->xn); free(m->qkv); free(m->att); free(m->ffn); free(m->bcx); free(m->conv_win);
     free(m->xq); free(m->scores); free(m->last);
     free(m);
 }

@@ -146,7 +146,8 @@ def _ring_rows(r: cpu.CpuRunner) -> list[int]:
 @pytest.mark.parametrize("max_batch", [1, 5, 16])
 def test_chunked_prefill_equals_one_batch_through_rings(model, max_batch):
     """200 tokens cross every window (16 or 32) and wrap every ring (window + chunk - 1
-    rows, conv: l_cache - 1 + chunk) many times; chunks must compute what one batch does."""
+    rows) many times, and carry the conv states across 200 / chunk calls; chunks must
+    compute what one batch does."""
     whole = _arch_cpu(model, max_batch=256)
     ids = _prompt(whole.n_vocab, 200, seed=2)
     want = whole.prefill(ids, all_logits=True)
@@ -183,9 +184,8 @@ def test_decode_through_rings_equals_the_batched_pass(model):
     r.close()
 
 
-@pytest.mark.parametrize("model", ["s512-gemma3-Q8_0.gguf", "s512-lfm2-F32.gguf"])
-def test_truncate_goes_back_as_far_as_the_rings_hold(model):
-    r = _arch_cpu(model, max_batch=8)
+def test_truncate_goes_back_as_far_as_the_rings_hold():
+    r = _arch_cpu("s512-gemma3-Q8_0.gguf", max_batch=8)   # rings of 16 - 1 + 8 rows
     ids = _prompt(r.n_vocab, 100, seed=4)
     full = r.prefill(ids, all_logits=True)
     r.truncate(93)                              # within the last chunk's reach: allowed
@@ -194,8 +194,20 @@ def test_truncate_goes_back_as_far_as_the_rings_hold(model):
     with pytest.raises(TruncateUnsupported, match="reset"):
         r.truncate(40)                          # those positions left the rings long ago
     assert r.n_past == 100                      # a refused truncate changes nothing
-    r.reset()
+    r.truncate(0)                               # a reset always works
     assert kl_rows(full[:50], r.prefill(ids[:50], all_logits=True)).max() <= 1e-6
+    r.close()
+
+
+def test_conv_state_cannot_go_back_but_restarts_from_zero():
+    r = _arch_cpu("s512-lfm2-F32.gguf", max_batch=8)
+    ids = _prompt(r.n_vocab, 30, seed=6)
+    full = r.prefill(ids, all_logits=True)
+    with pytest.raises(TruncateUnsupported, match="convolution"):
+        r.truncate(29)
+    r.truncate(30)                              # no-op: allowed
+    r.reset()                                   # the next prefill starts from a zero state
+    assert np.array_equal(r.prefill(ids, all_logits=True), full)
     r.close()
 
 
