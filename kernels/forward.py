@@ -152,9 +152,9 @@ def rope_table(c: ModelConfig, n_ctx: int, factors: np.ndarray | None, swa: bool
 
 
 def needs_swa_table(c: ModelConfig) -> bool:
-    """gemma3: the sliding-window layers rotate with their own base."""
-    return any(c.is_swa(il) and c.uses_rope(il) for il in range(c.n_layer)) and \
-        c.rope_base_swa not in (0.0, c.rope_base)
+    """gemma3: the sliding-window layers rotate with their own base (and without the
+    global layers' scaling: rope_cos_sin), wherever the file declares one."""
+    return c.rope_base_swa > 0 and any(c.is_swa(il) and c.uses_rope(il) for il in range(c.n_layer))
 
 
 def hparams(c: ModelConfig, n_ctx: int, max_batch: int) -> dict:
