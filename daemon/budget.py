@@ -25,22 +25,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ember.formats.errors import UserError
 from ember.plugins.types import MemoryPlan
 
 CTX_STEP = 64                      # shrunk contexts are multiples of this
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-class OverBudget(Exception):
+class OverBudget(UserError):
     """The model does not fit the memory budget; the message is the breakdown."""
 
-    user_error = True
 
-
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """A budget value that cannot be read (bad size text, negative)."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

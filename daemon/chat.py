@@ -48,11 +48,11 @@ import jinja2.runtime
 from jinja2.compiler import CodeGenerator, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ember.formats.errors import UserError
 
-class ChatTemplateError(ValueError):
+
+class ChatTemplateError(UserError, ValueError):
     """The chat template (or the messages given to it) cannot be rendered."""
-
-    user_error = True
 
 
 FALLBACK_TEMPLATE = (

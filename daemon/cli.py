@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from ember.formats.errors import UserError
+
 # name -> (module under ember.daemon.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "show a GGUF model's architecture, tokenizer and tensors"),
@@ -28,10 +30,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("rm", "remove a model from the cache"),
     "keys": ("keys", "generate a CURVE key pair"),
 }
-
-
-class UserError(Exception):
-    """An error the user caused and can fix; printed as one line, exit 2."""
 
 
 def _load(name: str):
@@ -71,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     """Typed errors a user can cause; everything else is a bug and keeps its traceback."""
-    from ember.formats.gguf import GGUFError
-    user_types: tuple[type, ...] = (UserError, GGUFError, FileNotFoundError, PermissionError,
-                                    IsADirectoryError)
-    return isinstance(e, user_types) or getattr(e, "user_error", False)
+    return isinstance(e, (UserError, FileNotFoundError, PermissionError, IsADirectoryError))
 
 
 if __name__ == "__main__":

@@ -27,14 +27,13 @@ import zmq
 import zmq.asyncio
 
 from ember.formats import protocol
+from ember.formats.errors import UserError
 
 TERMINAL = ("done", "error")
 
 
-class EmberError(Exception):
+class EmberError(UserError):
     """An `error` reply from the daemon (or a local timeout: code "timeout")."""
-
-    user_error = True
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")

@@ -15,7 +15,7 @@ example and a test checks that it loads.
 Keys (top level unless a section is named):
 
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
-    memory_budget ("1.5G" or bytes), log_level, allow_load
+    memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir
     [scheduler]  queue_size, max_tokens, drain_timeout
     [security]   server_secret_key, allowed_clients, insecure
     [cache]      dir, hub
@@ -27,11 +27,11 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+from ember.formats.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """The config file is unreadable or has a bad key/value."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
@@ -55,6 +55,7 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "memory_budget"): Key("memory_budget", (str, int), 'a size such as "1.5G" or bytes'),
     ("", "log_level"): Key("log_level", (str,), "debug, info, warning or error"),
     ("", "allow_load"): Key("allow_load", (bool,), "true or false"),
+    ("", "load_dir"): Key("load_dir", (str,), "a folder"),
     ("scheduler", "queue_size"): Key("max_queue", (int,), "an integer >= 0"),
     ("scheduler", "max_tokens"): Key("max_tokens", (int,), "a positive integer"),
     ("scheduler", "drain_timeout"): Key("drain_timeout", (int, float), "seconds"),

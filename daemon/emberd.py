@@ -15,13 +15,12 @@ before bind, READY=1 after it, signals, drain, SIGHUP reload, watchdog).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
+from ember.daemon.log import say
+from ember.daemon.log import setup as log_setup
 from ember.formats import protocol
-
-log = logging.getLogger("emberd")
+from ember.formats.errors import UserError
 
 
 # ---------------------------------------------------------------------------
@@ -49,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class StartupError(Exception):
-    user_error = True
+class StartupError(UserError):
+    """A flag or bind that stops emberd from starting; one line on stderr, exit 2."""
 
 
 # ---------------------------------------------------------------------------
@@ -67,23 +66,11 @@ def load_model(args, svc=None):
     return engine.load(args.model, backend=args.backend, n_ctx=args.ctx, threads=args.threads)
 
 
-def model_info(model) -> dict:
-    """Facts about the loaded model that hello/status/models report."""
-    from ember.plugins import registry
-    try:
-        isa = registry.probe(model.backend).isa
-    except Exception:  # noqa: BLE001 - informational only
-        isa = None
-    return {"model": os.path.basename(model.path), "path": os.path.abspath(model.path),
-            "arch": model.config.arch, "n_ctx": model.n_ctx, "n_vocab": model.n_vocab,
-            "backend": model.backend, "isa": isa}
-
-
 def build_server(args, model):
     from ember.daemon.server import Server
     limits = protocol.Limits(max_queue=max(0, args.max_queue), max_tokens=max(1, args.max_tokens))
     model.tokenize("warm up")   # build the tokenizer now, not inside the first request
-    return Server(model, args.bind or [protocol.DEFAULT_ENDPOINT], limits, model_info(model))
+    return Server(model, args.bind or [protocol.DEFAULT_ENDPOINT], limits, model.info())
 
 
 def bind(server) -> None:
@@ -112,7 +99,7 @@ SWITCH_INTERVAL_S = 0.0005
 def main(argv=None) -> int:
     from ember.daemon import config, service
     args = config.parse_args(build_parser(), argv)   # the --config file, flags win
-    logging.basicConfig(level=args.log_level.upper(), format="emberd: %(levelname)s %(message)s")
+    log_setup(args.log_level)       # stderr lines that can never take the daemon down
     svc = service.Service(args, argv, build_parser)   # signals + sd_notify from here on
     model = server = None
     try:
@@ -128,8 +115,8 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - user-facing boundary
         from ember.daemon.cli import _is_user_error
         _release(server, model, svc)
-        if _is_user_error(e) or isinstance(e, (ValueError, OSError)):
-            print(f"emberd: {e}", file=sys.stderr)
+        if _is_user_error(e):
+            say(str(e))
             return 2
         raise
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -141,6 +128,7 @@ def main(argv=None) -> int:
 
 
 def _release(server, model, svc) -> None:
+    svc.stop_security()         # first: the ZAP handler's sockets would block the server's ctx.term()
     if server is not None:
         server.stop()
     if svc.loaded is not None:

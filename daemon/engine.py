@@ -62,6 +62,7 @@ import numpy as np
 from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
+from ember.formats.errors import UserError
 from ember.plugins import registry
 from ember.plugins.arch import ModelConfig, config_from_gguf
 from ember.plugins.types import BackendError, ContextOverflow
@@ -69,14 +70,18 @@ from ember.plugins.types import BackendError, ContextOverflow
 DEFAULT_MAX_CTX = 4096
 
 
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """A request the engine cannot run as given; the message says why."""
-
-    user_error = True
 
 
 class EmptyPrompt(EngineError):
     """The prompt has no tokens to condition on."""
+
+
+class ModelChanged(RuntimeError):
+    """The model file shrank under its map while the model computed (SIGBUS, repaired as
+    zero pages by kernels/c/mapguard.c): that computation and every later one on this map
+    are void. The daemon answers `model_changed` and stops serving the map."""
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +134,12 @@ def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = Non
         raise
 
 
+def _map_guard(f):
+    """A SIGBUS guard over the model's map: a truncated file reads as zeros and is counted."""
+    from ember.kernels import _native   # imported on first load: kernels load lazily
+    return _native.MapGuard(f.mapped())
+
+
 def _load_tokenizer(f):
     from ember.formats.tokenizer import Tokenizer  # the tokenizer lands with its own issue
     return Tokenizer.from_gguf(f)
@@ -158,6 +169,8 @@ class Model:
         self.lock = threading.RLock()           # one computation at a time on the runner
         self._tokenizer = None
         self._chat: ChatTemplate | None = None
+        self._guard = _map_guard(gguf)
+        self._faults = 0                         # kept past close(), for `changed`
 
     # -- text -----------------------------------------------------------------
 
@@ -233,7 +246,8 @@ class Model:
         with self.lock:
             self.owner = None
             self.runner.reset()
-            return np.asarray(self.runner.prefill(ids, all_logits=True), dtype=np.float32)
+            logits = self.checked(self.runner.prefill(ids, all_logits=True))
+            return np.asarray(logits, dtype=np.float32)
 
     # -- generation -----------------------------------------------------------
 
@@ -255,6 +269,16 @@ class Model:
             yield ev
         yield gen.result
 
+    def info(self) -> dict:
+        """Facts the daemon reports in hello/status/models."""
+        try:
+            isa = registry.probe(self.backend).isa
+        except Exception:  # noqa: BLE001 - informational only
+            isa = None
+        return {"model": os.path.basename(self.path), "path": os.path.abspath(self.path),
+                "arch": self.config.arch, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab,
+                "backend": self.backend, "isa": isa}
+
     def close(self) -> None:
         """Free the runner and unmap the file; safe to call twice."""
         with self.lock:
@@ -262,7 +286,26 @@ class Model:
                 return
             self.runner.close()
             self.runner, self.owner = None, None
+            self._faults = self._guard.faults
+            self._guard.close()
             self.gguf.close()
+
+    # -- the mapped file ------------------------------------------------------------
+
+    @property
+    def changed(self) -> str | None:
+        """Why this model's results can no longer be trusted, or None."""
+        faults = self._guard.faults if self.runner is not None else self._faults
+        if not faults:
+            return None
+        return (f"model {self.path} shrank under its map during a computation ({faults} "
+                f"pages read past its end); reload it, and replace models by atomic rename")
+
+    def checked(self, logits):
+        """Logits of a runner call, unless the file shrank during it (ModelChanged)."""
+        if (why := self.changed) is not None:
+            raise ModelChanged(why)
+        return logits
 
     def __enter__(self) -> "Model":
         return self
@@ -359,7 +402,7 @@ class Generation:
         elif pending is not None:  # resume() already rebuilt the cache
             logits = pending
         else:  # exactly the last sampled token is not yet in the cache
-            logits = self.model.runner.decode(seq[-1])
+            logits = self.model.checked(self.model.runner.decode(seq[-1]))
             self._cached += 1
             self._t["decode"] += time.perf_counter() - t0
             self._t["n_decode"] += 1
@@ -370,7 +413,7 @@ class Generation:
         m, seq = self.model, self.prompt + self.generated
         m.owner = None
         m.runner.reset()
-        logits = m.runner.prefill(seq)
+        logits = m.checked(m.runner.prefill(seq))
         m.owner, self._cached = self, len(seq)
         self._t["prefill" if not self.generated else "reprefill"] += time.perf_counter() - t0
         return logits

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ember.formats.errors import UserError
+
 DEFAULT_HUB = "https://huggingface.co"
 DEFAULT_REPO = "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF"
 DEFAULT_FILE = "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"
@@ -48,10 +50,8 @@ _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
 
 
-class PullError(Exception):
+class PullError(UserError):
     """A download failed or was refused; the message says why and what to do."""
-
-    user_error = True
 
 
 class ChecksumMismatch(PullError):

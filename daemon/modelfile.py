@@ -30,11 +30,11 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ember.formats.errors import UserError
 
-class ModelFileError(ValueError):
+
+class ModelFileError(UserError, ValueError):
     """The model file is unsafe to map; the message says what to do."""
-
-    user_error = True
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ember.formats.errors import UserError
 
-class SamplingError(ValueError):
+
+class SamplingError(UserError, ValueError):
     """A sampling parameter is missing, mistyped or out of range."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

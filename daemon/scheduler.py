@@ -34,6 +34,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ember.formats.errors import UserError
+
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class Scheduler:
             try:
                 self._run(job)
             except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
-                self._fail(job, "internal", f"{type(e).__name__}: {e}", traceback.format_exc())
+                self._fail(job, *_failure(e))
 
     def _take(self) -> Job | None:
         with self._lock:
@@ -258,9 +260,9 @@ class Scheduler:
         except engine.ContextOverflow as e:
             self._fail(job, "context_overflow", str(e))
             return False
-        except ValueError as e:          # EngineError, SamplingError, ChatTemplateError
+        except UserError as e:           # EngineError, SamplingError, ChatTemplateError, ...
             self._fail(job, "bad_request", str(e))
-            return False
+            return False                 # anything else is ours: `internal`, from _work
         # no wake-up: `start` leaves with the first token. Waking the loop now would
         # make it fight the prefill for the GIL, for a message nobody waits on.
         self.post("start", job, None, False)
@@ -326,3 +328,9 @@ class Scheduler:
         self.post("error", job, (code, message, detail))
 
 
+def _failure(e: Exception) -> tuple[str, str, str | None]:
+    """(code, message, detail) for an exception that escaped a running job."""
+    from ember.daemon import engine
+    if isinstance(e, engine.ModelChanged):    # the file shrank under the map mid-request
+        return "model_changed", str(e), None
+    return "internal", f"{type(e).__name__}: {e}", traceback.format_exc()

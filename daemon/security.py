@@ -13,6 +13,14 @@ a missing or dead handler would otherwise let every CURVE client in — so the
 socket sets ZAP_DOMAIN and ZAP_ENFORCE_DOMAIN=1: no handler answering means
 no connection. It fails closed.
 
+The allow-list is read again on SIGHUP (`reload_allowed`). ZAP runs only at
+a connection's handshake, so a key removed from the folder would otherwise
+keep its open connections: every request also carries the key it was
+authenticated with (the ZAP User-Id, the key's Z85 text), and `admit`
+refuses requests whose key is no longer allowed (`unauthorized`). A revoked
+client's running generation finishes; its next request is refused, and it
+cannot connect again.
+
 Key files are zmq.auth's certificate format (`ember keys` writes NAME.key
 and NAME.key_secret); the client side loads the server's public key and its
 own pair (`client_curve`).
@@ -29,15 +37,16 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ember.formats.errors import UserError
+from ember.formats.protocol import ProtocolError
+
 log = logging.getLogger("emberd")
 
 ZAP_DOMAIN = "ember"
 
 
-class SecurityError(ValueError):
+class SecurityError(UserError, ValueError):
     """Keys missing/unreadable, or an open bind refused."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------
@@ -110,12 +119,13 @@ class Curve:
     def __init__(self, keys: ServerKeys):
         self.keys = keys
         self.auth: ThreadAuthenticator | None = None
+        self.allowed: frozenset[str] = frozenset()    # Z85 public keys, as the ZAP User-Id has them
 
     def secure(self, sock: zmq.Socket) -> None:
         """Call before bind: start the ZAP handler and make the socket a CURVE server."""
         self.auth = ThreadAuthenticator(sock.context, log=logging.getLogger("emberd.zap"))
         self.auth.start()
-        self.auth.configure_curve(domain=ZAP_DOMAIN, location=self.keys.allowed_dir)
+        self.reload_allowed()
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         # without this, a ZAP handler that is not there means "allow": fail closed instead
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
@@ -124,9 +134,23 @@ class Curve:
         sock.curve_server = True
 
     def reload_allowed(self) -> None:
-        """Re-read the allow-list folder (SIGHUP)."""
-        if self.auth is not None:
-            self.auth.configure_curve(domain=ZAP_DOMAIN, location=self.keys.allowed_dir)
+        """Re-read the allow-list folder (at start and on SIGHUP): new handshakes and `admit`."""
+        if self.auth is None:
+            return
+        self.auth.configure_curve(domain=ZAP_DOMAIN, location=self.keys.allowed_dir)
+        keys = zmq.auth.load_certificates(self.keys.allowed_dir)
+        self.allowed = frozenset(k.decode() for k in keys)
+        log.info("CURVE allow-list: %d keys from %s", len(self.allowed), self.keys.allowed_dir)
+
+    def admit(self, frame: zmq.Frame) -> None:
+        """Refuse a request whose connection's key has left the allow-list since its handshake."""
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        if user not in self.allowed:
+            raise ProtocolError("unauthorized", "this client's key is no longer allowed on this "
+                                                "daemon (ask its operator to add it again)")
 
     def stop(self) -> None:
         if self.auth is not None:

@@ -15,10 +15,24 @@ client fail (EHOSTUNREACH) instead of vanishing silently — that failure is
 how the server learns a client is gone and cancels its generation within a
 token; ZMQ heartbeats close connections whose peer stopped answering.
 
-Hooks for the production side (issue 7): `_secure_socket` (CURVE/ZAP before
-bind), `handlers` (add ops, e.g. `load`), `on_tick` callbacks run every loop
-turn (watchdog), `request_stop()` / `draining` for signal handling, and
-`stop()` to release everything.
+Slow readers. A client that reads slower than it asks is alive, not gone:
+when its send queue is full (EAGAIN) its replies wait here, in order, and
+are retried every few milliseconds; a token counts as delivered (the
+scheduler paces on it) only once it has left, so the request pauses instead
+of computing for a queue nobody drains. Only EHOSTUNREACH (the connection is
+closed, or heartbeats found it dead) means gone. A client whose held replies
+have not moved for SLOW_READER_S, or that lets more than `held_max` pile up,
+is treated as gone too: its requests are cancelled and its replies dropped.
+
+Extension points for the production side (daemon/service.py), so that it
+never reaches into the loop's state: `before_bind` (CURVE/ZAP and other
+socket options, run on the ROUTER before bind), `admit` (checks on every
+request's first frame, e.g. a revoked CURVE key), `register_op` (add or wrap
+an op, e.g. `load`), `send` / `end_job` / `active_jobs` (answer and retire
+requests), `set_model` (swap the served model), `wake` (from another
+thread), `on_tick` callbacks run every loop turn (watchdog),
+`request_stop()` / `draining` for signal handling, and `stop()` to release
+everything.
 """
 from __future__ import annotations
 
@@ -29,23 +43,27 @@ import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
 
 from ember.daemon.scheduler import Busy, Job, Scheduler
 from ember.formats import protocol
+from ember.formats.errors import UserError
 from ember.formats.protocol import Limits, ProtocolError, Request
 
 log = logging.getLogger("emberd")
 
 SERVER_NAME = "emberd"
 SERVER_VERSION = "0.1.0"
-HEARTBEAT_IVL_MS = 1000      # ZMQ heartbeat: PING every second,
-HEARTBEAT_TIMEOUT_MS = 5000  # and drop a peer silent for five
+SLOW_READER_S = 30.0         # replies held this long without one leaving: the client is gone
+HEARTBEAT_IVL_MS = 1000      # ZMQ heartbeat: PING every second, and drop a peer silent for
+HEARTBEAT_TIMEOUT_MS = int(SLOW_READER_S * 1000)   # as long as a slow reader may stall (below)
 HEALTH_TIMEOUT_MS = 5000
 RECENT = 32                  # finished requests remembered for `status`
 AUX_MAX_PENDING = 64         # tokenize/detokenize waiting for the helper thread; more -> busy
+RETRY_S = 0.005              # while replies are held, retry the socket this often
 
 
 # ---------------------------------------------------------------------------
@@ -62,6 +80,11 @@ def make_router(ctx: zmq.Context, limits: Limits) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, limits.max_tokens + 256)
     sock.setsockopt(zmq.RCVHWM, 1000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    # A client that stops reading fills its TCP window, and our PINGs queue behind the data it
+    # has not read: its PONG cannot come back. So the heartbeat timeout can be no shorter than
+    # the time a slow reader is allowed (a dead process is caught at once all the same: its
+    # kernel closes the connection). No TCP_MAXRT for the same reason: Linux applies it to
+    # zero-window probes, so it would cut a slow reader off too.
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     return sock
 
@@ -93,6 +116,8 @@ class Server:
         self.t_start = time.monotonic()
         self.draining = False
         self.on_tick: list[Callable[[], None]] = []
+        self.before_bind: list[Callable[[zmq.Socket], None]] = []   # socket security, options
+        self.admit: list[Callable[[zmq.Frame], None]] = []   # per request; raise ProtocolError to refuse
         self.tick_s = 1.0                  # longest sleep between ticks (the watchdog may need less)
         self.handlers: dict[str, Callable[[bytes, Request], None]] = {
             "hello": self.on_hello, "generate": self.on_generate, "cancel": self.on_cancel,
@@ -107,6 +132,8 @@ class Server:
         self._health: list[tuple[bytes, Any, float, float]] = []  # (owner, id, t0, timeout)
         self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-aux")
         self._aux_pending = 0        # aux jobs submitted, reply not yet sent (loop thread only)
+        self._held: dict[bytes, Held] = {}   # owner -> replies waiting for room in its queue
+        self.held_max = self.limits.max_tokens + 256   # per client, beyond libzmq's SNDHWM
         self.scheduler = Scheduler(model, self._post, self.limits.max_queue)
         self.bound: list[str] = []
 
@@ -116,7 +143,8 @@ class Server:
         """Create sockets, apply security, bind every endpoint, start the worker."""
         self.ctx = zmq.Context()
         self.sock = make_router(self.ctx, self.limits)
-        self._secure_socket(self.sock)
+        for configure in self.before_bind:
+            configure(self.sock)
         for ep in self.endpoints:
             self.sock.bind(ep)
             self.bound.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -128,8 +156,22 @@ class Server:
         self._wake_lock = threading.Lock()
         self.scheduler.start()
 
-    def _secure_socket(self, sock: zmq.Socket) -> None:
-        """Hook: CURVE server keys / ZAP setup before bind. Plain loopback by default."""
+    def register_op(self, op: str, handler: Callable[[bytes, Request], None]) -> Callable:
+        """Serve `op` with handler(owner, request); returns the handler it replaces (to wrap it)."""
+        if op not in protocol.REQUEST_OPS:
+            raise ValueError(f"unknown op {op!r}: add it to protocol.REQUEST_OPS first")
+        previous, self.handlers[op] = self.handlers[op], handler
+        return previous
+
+    def set_model(self, model, info: dict) -> None:
+        """Serve `model` from the next request on (a running generation keeps the one it holds)."""
+        self.model = model
+        self.scheduler.model = model
+        self.info = dict(info)
+
+    def active_jobs(self) -> list[Job]:
+        """Generate requests in flight (queued, running or suspended), oldest first."""
+        return list(self._active.values())
 
     def serve(self) -> None:
         """Run the loop until `request_stop()`."""
@@ -143,6 +185,8 @@ class Server:
             self._drain_events()
             if self.sock in ready:
                 self._drain_requests()
+            if self._held:
+                self._flush_held(time.monotonic())
             self._timers(time.monotonic())
             for tick in self.on_tick:
                 tick()
@@ -151,7 +195,7 @@ class Server:
         """Ask `serve()` to return (safe from a signal handler or another thread)."""
         self._stop.set()
         if self.ctx is not None:
-            self._wake()
+            self.wake()
 
     def stop(self) -> None:
         """Cancel work, join threads, close sockets."""
@@ -173,22 +217,29 @@ class Server:
         if deadline is not None:
             wake.append(deadline - now)
         wake += [t0 + timeout - now for _, _, t0, timeout in self._health]
+        if self._held:
+            wake.append(RETRY_S)
         return max(0, int(min(wake) * 1000) + 1)
 
     def _drain_requests(self, budget: int = 256) -> None:
         for _ in range(budget):   # bounded, so the worker's events are never starved
-            frames = self._recv_bounded()
-            if frames is None:
+            got = self._recv_bounded()
+            if got is None:
                 return
+            first, frames = got
             if len(frames) >= 2:
-                self._handle(frames[0], frames[1:])
+                self._handle(first, frames[0], frames[1:])
 
-    def _recv_bounded(self) -> list[bytes] | None:
-        """One multipart message, frame by frame; parts past the limit are discarded unseen."""
+    def _recv_bounded(self) -> tuple[zmq.Frame, list[bytes]] | None:
+        """One multipart message, frame by frame; parts past the limit are discarded unseen.
+
+        Also the first frame itself: it carries the connection's metadata (the CURVE key).
+        """
         try:
-            frames = [self.sock.recv(zmq.NOBLOCK)]
+            first = self.sock.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        frames = [first.bytes]
         cap, extra = self.limits.max_frames + 1, 0     # +1: the identity frame
         while self.sock.getsockopt(zmq.RCVMORE):
             part = self.sock.recv()
@@ -198,35 +249,92 @@ class Server:
                 extra += 1
         if extra:
             frames = frames[:cap + 1]   # decode_request answers too_large
-        return frames
+        return first, frames
 
-    def _handle(self, owner: bytes, frames: list[bytes]) -> None:
+    def _handle(self, first: zmq.Frame, owner: bytes, frames: list[bytes]) -> None:
         req = None
         try:
             req = protocol.decode_request(frames, self.limits)
+            for check in self.admit:
+                check(first)
             self.handlers[req.op](owner, req)
         except ProtocolError as e:
             rid = e.id if req is None else req.id
-            self._send(owner, protocol.error(e.code, e.message, rid))
+            self.send(owner, protocol.error(e.code, e.message, rid))
         except Exception as e:  # noqa: BLE001 - the daemon keeps serving everyone else
             log.exception("request failed")
             rid = None if req is None else req.id
-            self._send(owner, protocol.error("internal", f"{type(e).__name__}: {e}", rid))
+            self.send(owner, protocol.error("internal", f"{type(e).__name__}: {e}", rid))
 
-    def _send(self, owner: bytes, msg: dict, frames: tuple = ()) -> bool:
-        """Send one reply; False when the client is gone (or not reading)."""
-        try:
-            self.sock.send_multipart([owner, protocol.pack(msg), *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as e:
-            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+    # -- sending: held replies for slow readers ------------------------------------
+
+    def send(self, owner: bytes, msg: dict, frames: tuple = (),
+             on_sent: Callable[[], None] | None = None) -> bool:
+        """Send one reply, in order behind any held for this client; False: the client is gone.
+
+        `on_sent` runs once the reply has left (at once, or later from the held queue).
+        """
+        parts = [owner, protocol.pack(msg), *frames]
+        held = self._held.get(owner)
+        if held is None:
+            outcome = self._push(parts)
+            if outcome == "gone":
                 return False
+            if outcome == "sent":
+                if on_sent is not None:
+                    on_sent()
+                return True
+            held = self._held[owner] = Held(time.monotonic())
+        held.replies.append((parts, on_sent))
+        if len(held.replies) > self.held_max:
+            self._client_gone(owner, f"more than {self.held_max} replies unread")
+            return False
+        return True
+
+    def _push(self, parts: list) -> str:
+        """One send attempt: "sent", "full" (the client is slow) or "gone" (it disconnected)."""
+        try:
+            self.sock.send_multipart(parts, zmq.NOBLOCK)
+            return "sent"
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EAGAIN:
+                return "full"
+            if e.errno == zmq.EHOSTUNREACH:
+                return "gone"
             raise
+
+    def _flush_held(self, now: float) -> None:
+        for owner, held in list(self._held.items()):
+            while held.replies:
+                parts, on_sent = held.replies[0]
+                outcome = self._push(parts)
+                if outcome != "sent":
+                    break
+                held.replies.popleft()
+                held.t_moved = now
+                if on_sent is not None:
+                    on_sent()
+            if not held.replies:
+                del self._held[owner]
+            elif outcome == "gone":
+                self._client_gone(owner, "disconnected")
+            elif now - held.t_moved > SLOW_READER_S:
+                self._client_gone(owner, f"read nothing for {SLOW_READER_S:.0f} s")
+
+    def _client_gone(self, owner: bytes, why: str) -> None:
+        """Drop a client's held replies and cancel its requests (running ones end within a token)."""
+        self._held.pop(owner, None)
+        for job in [j for (o, _), j in self._active.items() if o == owner]:
+            log.info("client of request %r: %s; cancelling", job.rid, why)
+            job.gone = True
+            if self.scheduler.cancel(job):          # it was queued: nobody will answer it
+                self.end_job(job)
+                self._recent.append({"id": job.rid, "stop": "cancelled", "tokens": 0, "gone": True})
 
     def _timers(self, now: float) -> None:
         for job in self.scheduler.expire(now):
-            self._end(job)
-            self._send(job.owner, protocol.error("deadline_exceeded",
+            self.end_job(job)
+            self.send(job.owner, protocol.error("deadline_exceeded",
                                                  "deadline passed while queued", job.rid))
         self._health_timeouts(now)
 
@@ -236,9 +344,10 @@ class Server:
         """Called from the worker/aux threads: queue an event and (usually) wake the loop."""
         self._events.append((kind, job, payload))
         if wake:
-            self._wake()
+            self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Make the loop take a turn now (thread-safe)."""
         with self._wake_lock:
             try:
                 self._wake_tx.send(b"", zmq.NOBLOCK)
@@ -259,33 +368,41 @@ class Server:
             if kind in ("token", "done") and self._health:
                 self._health_progress()   # a token was made: the worker is alive
 
+    # a gone client's job sends nothing more: a reply could re-open a held queue for nobody
+
     def _ev_start(self, job: Job, _):
-        if job.probe:
+        if job.probe or job.gone:
             return
-        ok = self._send(job.owner, protocol.reply(
+        ok = self.send(job.owner, protocol.reply(
             "start", job.rid, queue_ms=_ms(job.t_start - job.t_arrival)))
         self._delivered(job, ok)
 
     def _ev_token(self, job: Job, payload) -> None:
         i, ev = payload
-        if job.stream and not job.probe:
+        if job.stream and not job.probe and not job.gone:
             msg = protocol.reply("token", job.rid, i=i, token=int(ev.id), text=ev.text)
             if ev.logprob is not None:
                 msg["logprob"] = float(ev.logprob)
             if ev.top_logprobs:
                 msg["top_logprobs"] = [[int(t), float(lp)] for t, lp in ev.top_logprobs]
-            self._delivered(job, self._send(job.owner, msg))
-        self.scheduler.delivered(job, i + 1)   # after _delivered: a gone client's stop is set first
+            # the worker may compute ahead only once this token has left (paced, see Scheduler._pace)
+            sent = lambda: self.scheduler.delivered(job, i + 1)  # noqa: E731
+            if not self.send(job.owner, msg, on_sent=sent):
+                self._delivered(job, False)
+                sent()                          # after the stop is set: the worker must not wait
+            return
+        self.scheduler.delivered(job, i + 1)
 
     def _ev_suspended(self, job: Job, _) -> None:
         log.info("request %r preempted after %d tokens", job.rid, job.n_tokens)
 
     def _ev_done(self, job: Job, result) -> None:
-        self._end(job)
+        self.end_job(job)
         if job.probe:
             return
         msg, frames = done_message(job, result)
-        self._send(job.owner, msg, frames)
+        if not job.gone:
+            self.send(job.owner, msg, frames)
         self._recent.append({"id": job.rid, "stop": msg["stop"], "tokens": job.n_tokens,
                              "gone": job.gone, "preemptions": job.preemptions})
 
@@ -293,16 +410,17 @@ class Server:
         code, message, detail = payload
         if detail:
             log.error("request %r: %s", job.rid, detail)
-        self._end(job)
+        self.end_job(job)
         if not job.probe:
-            self._send(job.owner, protocol.error(code, message, job.rid))
+            if not job.gone:
+                self.send(job.owner, protocol.error(code, message, job.rid))
             self._recent.append({"id": job.rid, "stop": "error", "code": code,
                                  "tokens": job.n_tokens, "gone": job.gone})
 
     def _ev_reply(self, owner: bytes, payload) -> None:
         self._aux_pending -= 1
         msg, frames = payload
-        self._send(owner, msg, frames)
+        self.send(owner, msg, frames)
 
     def _delivered(self, job: Job, ok: bool) -> None:
         """An undeliverable event means the client is gone: stop its job within a token."""
@@ -311,7 +429,8 @@ class Server:
             log.info("client of request %r is gone; cancelling", job.rid)
             self.scheduler.cancel(job)
 
-    def _end(self, job: Job) -> None:
+    def end_job(self, job: Job) -> None:
+        """Forget a finished (or dropped) job: it no longer counts as in flight for its client."""
         if job.owner is not None:
             self._active.pop((job.owner, job.rid), None)
 
@@ -323,14 +442,14 @@ class Server:
         if v is None:
             raise ProtocolError("unsupported_version", f"no common protocol version: client "
                                 f"{wanted}, server {list(protocol.SUPPORTED_VERSIONS)}")
-        self._send(owner, protocol.reply(
+        self.send(owner, protocol.reply(
             "hello", req.id, version=v, versions=list(protocol.SUPPORTED_VERSIONS),
             server=SERVER_NAME, server_version=SERVER_VERSION, model=self.info.get("model"),
             backend=self.info.get("backend"), isa=self.info.get("isa"),
             n_ctx=self.info.get("n_ctx"), limits=self.limits.to_wire()))
 
     def on_ping(self, owner: bytes, req: Request) -> None:
-        self._send(owner, protocol.reply("ping", req.id, time=time.time()))
+        self.send(owner, protocol.reply("ping", req.id, time=time.time()))
 
     def on_generate(self, owner: bytes, req: Request) -> None:
         self._need_model()
@@ -369,12 +488,12 @@ class Server:
         if job is None:
             if any(rid == target for (_, rid) in self._active):
                 raise ProtocolError("unauthorized", f"request {target!r} belongs to another client")
-            self._send(owner, protocol.reply("cancel", req.id, target=target, found=False))
+            self.send(owner, protocol.reply("cancel", req.id, target=target, found=False))
             return
-        self._send(owner, protocol.reply("cancel", req.id, target=target, found=True))
+        self.send(owner, protocol.reply("cancel", req.id, target=target, found=True))
         if self.scheduler.cancel(job):   # it was still queued: answered here
-            self._end(job)
-            self._send(owner, protocol.error("cancelled", "cancelled while queued", target))
+            self.end_job(job)
+            self.send(owner, protocol.error("cancelled", "cancelled while queued", target))
             self._recent.append({"id": target, "stop": "cancelled", "tokens": 0, "gone": False})
 
     def on_tokenize(self, owner: bytes, req: Request) -> None:
@@ -405,18 +524,22 @@ class Server:
         def run():
             try:
                 payload = fn()
-            except Exception as e:  # noqa: BLE001 - engine refusals (bad ids, bad text) are the client's
+            except UserError as e:          # engine refusals (bad ids, bad text) are the client's
                 payload = (protocol.error("bad_request", f"{req.op}: {e}", req.id), ())
+            except Exception as e:  # noqa: BLE001 - ours: the helper thread must live on
+                log.exception("%s failed", req.op)
+                payload = (protocol.error("internal", f"{type(e).__name__}: {e}", req.id), ())
             self._post("reply", owner, payload)
         self._aux.submit(run)
 
     def on_status(self, owner: bytes, req: Request) -> None:
         now = time.monotonic()
         snap = self.scheduler.snapshot(now)
-        self._send(owner, protocol.reply(
+        self.send(owner, protocol.reply(
             "status", req.id, uptime_s=round(now - self.t_start, 3), model=self.info.get("model"),
             backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=rss_bytes(),
             recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
+            held={"clients": len(self._held), "replies": sum(len(h.replies) for h in self._held.values())},
             **snap))
 
     def on_models(self, owner: bytes, req: Request) -> None:
@@ -425,7 +548,7 @@ class Server:
             "arch": self.info.get("arch"), "n_ctx": self.info.get("n_ctx"),
             "n_vocab": self.info.get("n_vocab"), "backend": self.info.get("backend"),
             "loaded": True}]
-        self._send(owner, protocol.reply("models", req.id, models=models))
+        self.send(owner, protocol.reply("models", req.id, models=models))
 
     def on_load(self, owner: bytes, req: Request) -> None:
         """Slot for model management (issue 7): not served by this build."""
@@ -462,7 +585,7 @@ class Server:
     def _health_progress(self) -> None:
         now = time.monotonic()
         for owner, rid, t0, _ in self._health:
-            self._send(owner, protocol.reply("health", rid, ok=True, latency_ms=_ms(now - t0),
+            self.send(owner, protocol.reply("health", rid, ok=True, latency_ms=_ms(now - t0),
                                              worker="producing tokens"))
         self._health.clear()
 
@@ -473,7 +596,7 @@ class Server:
                 keep.append((owner, rid, t0, timeout))
                 continue
             age = _ms(now - self.scheduler.heartbeat)
-            self._send(owner, protocol.reply(
+            self.send(owner, protocol.reply(
                 "health", rid, ok=False, latency_ms=_ms(now - t0),
                 worker=f"no token within {timeout * 1000:.0f} ms (worker silent for {age:.0f} ms)"))
         self._health = keep
@@ -482,6 +605,14 @@ class Server:
 # ---------------------------------------------------------------------------
 # Reply builders
 # ---------------------------------------------------------------------------
+
+@dataclass
+class Held:
+    """Replies to one slow client, waiting for room in its ZeroMQ queue, oldest first."""
+
+    t_moved: float                                     # when the last one left (or the first was held)
+    replies: collections.deque = field(default_factory=collections.deque)  # (frames, on_sent)
+
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)

@@ -24,8 +24,10 @@ stop "cancelled"); when nothing is in flight the loop returns and emberd
 exits 0. A second SIGTERM exits at once (status 1). SIGTERM during the load
 ends the start-up before READY=1 is ever sent (exit 0).
 
-Reload (SIGHUP, or the `load` op when --allow-load): the config is read
-again and the model loads on a helper thread beside the old one, charged to
+Reload (SIGHUP, or the `load` op when --allow-load): on a helper thread
+(never the serving loop: the config may be a FIFO or on a hung mount) the
+config is read again within CONFIG_READ_S, the CURVE allow-list too, and
+the model loads beside the old one, charged to
 the budget with the old one still in it; the loop swaps the server's and
 scheduler's model in one turn. A generation already started keeps the old
 model (its Generation holds it) and finishes there; the old model is closed
@@ -38,16 +40,17 @@ default action.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
 from ember.daemon import modelcache, modelfile, security
+from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
 from ember.formats.protocol import ProtocolError
@@ -59,6 +62,7 @@ DEFAULT_DRAIN_S = 10.0
 STATUS_EVERY_S = 10.0
 WATCH_EVERY_S = 1.0
 STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
+CONFIG_READ_S = 5.0          # SIGHUP: a config file not read within this fails the reload
 
 
 class Stopped(BaseException):
@@ -86,6 +90,8 @@ def add_arguments(p) -> None:
                    help="allow binding beyond loopback without CURVE keys (anyone may connect)")
     g.add_argument("--allow-load", action="store_true", default=False,
                    help="enable the `load` op (clients may swap the model)")
+    g.add_argument("--load-dir", metavar="DIR",
+                   help="besides the model cache, the one folder whose models `load` may open")
     g.add_argument("--cache-dir", help="model cache (default $CACHE_DIRECTORY/models or "
                                        "~/.cache/ember/models)")
     g.add_argument("--hub", help="model hub base URL for the default model (default $EMBER_HUB "
@@ -141,7 +147,7 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
     """Check the file, fit the budget, load at the planned context."""
     from ember.daemon import engine
-    say = say or (lambda m: print(f"emberd: {m}", file=sys.stderr, flush=True))
+    say = say or log_say
     if args.ctx is not None and args.ctx < 1:
         raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
@@ -180,6 +186,7 @@ class Service:
         self._hang = False
         self._drain_deadline: float | None = None
         self._reload: threading.Thread | None = None
+        self._config_reader: threading.Thread | None = None
         self._swap: tuple | None = None          # (Loaded | Exception, reply target)
         self._retired: list[Loaded] = []
         self._last_status = (0.0, None)
@@ -200,7 +207,10 @@ class Service:
     def _on_term(self, signum, frame) -> None:
         self._terms += 1
         if self._terms > 1:
-            os.write(2, b"emberd: second stop signal: exiting now without draining\n")
+            try:
+                os.write(2, b"emberd: second stop signal: exiting now without draining\n")
+            except OSError:
+                pass
             os._exit(1)
         if not self._serving:
             self.notify.stopping("stopped during start-up")
@@ -221,7 +231,7 @@ class Service:
         """Before the load: refuse an open bind without keys (cheap, so it comes first)."""
         keys = security.server_keys(self.args.server_key, self.args.allowed_clients)
         for w in security.check_binds(endpoints, keys, self.args.insecure):
-            print(f"emberd: {w}", file=sys.stderr, flush=True)
+            log_say(w)
         self.curve = security.Curve(keys) if keys else None
 
     def load(self) -> Loaded:
@@ -233,17 +243,17 @@ class Service:
         return self.loaded
 
     def _say(self, msg: str) -> None:
-        print(f"emberd: {msg}", file=sys.stderr, flush=True)
+        log_say(msg)
         self.status(msg)
 
     def attach(self, server) -> None:
         """Wire security, handlers, status and the tick into a built (not yet bound) Server."""
         self.server = server
         if self.curve is not None:
-            server._secure_socket = self.curve.secure
-        self._orig_generate = server.handlers["generate"]
-        server.handlers["generate"] = self._on_generate
-        server.handlers["load"] = self._on_load
+            server.before_bind.append(self.curve.secure)
+            server.admit.append(self.curve.admit)
+        self._orig_generate = server.register_op("generate", self._on_generate)
+        server.register_op("load", self._on_load)
         server.on_tick.append(self.tick)
         if self.notify.watchdog_interval:   # wake often enough to ping every half interval
             server.tick_s = min(server.tick_s, self.notify.watchdog_interval / 4)
@@ -256,9 +266,13 @@ class Service:
             raise Stopped()
         self.notify.ready(self._serving_text())
 
-    def close(self) -> None:
+    def stop_security(self) -> None:
+        """End the ZAP authenticator (it shares the server's context; stop it before the server)."""
         if self.curve is not None:
             self.curve.stop()
+
+    def close(self) -> None:
+        self.stop_security()
         for old in self._retired:
             old.model.close()
             old.watch.close()
@@ -279,6 +293,8 @@ class Service:
             self._drain(now)
         elif self._hup:
             self._hup = False
+            if self.curve is not None:
+                self.curve.reload_allowed()
             self.start_reload(None)
         if self._swap is not None:
             self._finish_reload()
@@ -322,11 +338,10 @@ class Service:
                         budget_mod.human(mem["peak_rss_bytes"]), budget_mod.human(mem["total"]))
 
     def _watch_file(self) -> None:
-        msg = self.loaded.watch.shrunk()
+        msg = self.loaded.watch.shrunk() or self.loaded.model.changed
         if msg is None:
             return
-        log.error("%s; stopping", msg)
-        print(f"emberd: {msg}; stopping", file=sys.stderr, flush=True)
+        log_say(f"{msg}; stopping")
         self.status(msg)
         self.exit_code = 1
         self.server.request_stop()
@@ -348,18 +363,18 @@ class Service:
         running = srv.scheduler.running
         if running is not None and now >= self._drain_deadline and running.stop is None:
             srv.scheduler.cancel(running)      # ends within a token with done/cancelled
-        idle = srv.scheduler.idle() and not srv._active
+        idle = srv.scheduler.idle() and not srv.active_jobs()
         if idle or now >= self._drain_deadline + STUCK_GRACE_S:
             srv.request_stop()
 
     def _cancel_queued(self) -> None:
         srv = self.server
-        for job in list(srv._active.values()):
+        for job in srv.active_jobs():
             if job is srv.scheduler.running or job.state not in ("queued", "suspended"):
                 continue                       # (cancel() on the running job would stop it)
             if srv.scheduler.cancel(job):      # True: it was waiting and is dropped now
-                srv._end(job)
-                srv._send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
+                srv.end_job(job)
+                srv.send(job.owner, protocol.error("cancelled", "the daemon is shutting down",
                                                     job.rid))
 
     # -- reload -------------------------------------------------------------------
@@ -374,42 +389,77 @@ class Service:
         self.start_reload((owner, req.id), path)
 
     def _load_target(self, name: str) -> str:
-        """An absolute path, or a cache entry as REPO/FILE or FILE."""
-        if os.path.isabs(name):
-            return name
+        """A cached model (REPO/FILE or FILE), or a file in the cache or under --load-dir.
+
+        Anything else gets one answer whatever it names: missing, unreadable, a folder,
+        outside, a symlink out — so `load` cannot probe the host's files (nor read their
+        first bytes back in a "not a GGUF file" error).
+        """
         root = modelcache.cache_dir(override=self.args.cache_dir)
         for e in modelcache.entries(root):
             if name in (f"{e.repo}/{e.file}", e.file):
                 return str(e.path)
-        raise ProtocolError("bad_request", f"model {name!r}: give an absolute path or a cached "
-                                           "model (see `ember models`)")
+        folders = [os.path.realpath(root)]
+        if self.args.load_dir:
+            folders.append(os.path.realpath(self.args.load_dir))
+        try:
+            real = os.path.realpath(os.path.join(folders[-1], name))   # absolute: join keeps it
+            if os.path.isfile(real) and any(os.path.commonpath([real, f]) == f for f in folders):
+                return real
+        except (OSError, ValueError):      # a NUL byte, a loop: the same answer
+            pass
+        raise ProtocolError("bad_request", f"model {name!r} is not available to load: give a cached "
+                                           "model (see `ember models`) or a file under the "
+                                           "daemon's --load-dir")
 
     def start_reload(self, reply_to, path: str | None = None) -> None:
         if self._reload is not None:
             log.warning("reload already in progress; ignoring")
             return
-        args = self._fresh_args()
-        if path is not None:
-            args.model = path
-        self.status(f"reloading {args.model or 'the default model'} beside "
+        self.status(f"reloading {path or 'the configured model'} beside "
                     f"{self.server.info.get('model')}")
-        self._reload = threading.Thread(target=self._load_beside, args=(args, reply_to),
+        self._reload = threading.Thread(target=self._load_beside, args=(path, reply_to),
                                         name="ember-reload", daemon=True)
         self._reload.start()
 
-    def _fresh_args(self):
-        """SIGHUP re-reads the config file; flags still win."""
+    def _fresh_args(self) -> argparse.Namespace:
+        """The config file read again (flags still win), off the serving loop and in bounded time.
+
+        The file may be a FIFO or sit on a hung mount: the read gets its own thread and
+        CONFIG_READ_S; past that the reload fails (the old model keeps serving) and the
+        reader is left behind, blocked, and the next reload fails too until it returns.
+        """
         if self.parser_factory is None:
-            return self.args
+            return argparse.Namespace(**vars(self.args))
+        from ember.daemon import config
+        if self._config_reader is not None and self._config_reader.is_alive():
+            raise config.ConfigError(f"config {self.args.config}: still blocked in the read "
+                                     "started by an earlier reload")
+        box: dict = {}
+        self._config_reader = threading.Thread(target=self._read_config, args=(box,),
+                                               name="ember-config", daemon=True)
+        self._config_reader.start()
+        self._config_reader.join(CONFIG_READ_S)
+        if self._config_reader.is_alive():
+            raise config.ConfigError(f"config {self.args.config}: not read within "
+                                     f"{CONFIG_READ_S:.0f} s (a FIFO, or a hung mount?)")
+        if box.get("args") is None:
+            log.error("config no longer valid; reloading with the start-up settings")
+            return argparse.Namespace(**vars(self.args))
+        return box["args"]
+
+    def _read_config(self, box: dict) -> None:
         from ember.daemon import config
         try:
-            return config.parse_args(self.parser_factory(), self.argv)
-        except SystemExit:
-            log.error("config no longer valid; reloading with the start-up settings")
-            return self.args
+            box["args"] = config.parse_args(self.parser_factory(), self.argv)
+        except SystemExit:           # a bad file: parse_args has said why
+            box["args"] = None
 
-    def _load_beside(self, args, reply_to) -> None:
+    def _load_beside(self, path: str | None, reply_to) -> None:
         try:
+            args = self._fresh_args()
+            if path is not None:
+                args.model = path
             old = self.loaded.fit
             new = load_model(args, process=old.process, beside=old.plan.host_total,
                              say=lambda m: log.warning("%s", m))
@@ -418,40 +468,34 @@ class Service:
         except Exception as e:  # noqa: BLE001 - a bad reload keeps the old model serving
             result = e
         self._swap = (result, reply_to)
-        self.server._wake()
+        self.server.wake()
 
     def _finish_reload(self) -> None:
         (result, reply_to), self._swap = self._swap, None
         self._reload = None
         if isinstance(result, BaseException):
             msg = str(result).replace("\n", "; ")
-            log.error("reload failed, still serving the old model: %s", msg)
-            print(f"emberd: reload failed, still serving the old model: {msg}", file=sys.stderr,
-                  flush=True)
+            log_say(f"reload failed, still serving the old model: {msg}")
             if reply_to:
-                self.server._send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
+                self.server.send(reply_to[0], protocol.error("bad_request", f"load: {msg}",
                                                               reply_to[1]))
             self.status(self._serving_text())
             return
         self._swap_in(result)
         if reply_to:
             info = self.server.info
-            self.server._send(reply_to[0], protocol.reply(
+            self.server.send(reply_to[0], protocol.reply(
                 "load", reply_to[1], model=info["model"], n_ctx=info["n_ctx"],
                 backend=info["backend"]))
 
     def _swap_in(self, new: Loaded) -> None:
-        from ember.daemon.emberd import model_info
         srv, old = self.server, self.loaded
-        srv.model = new.model
-        srv.scheduler.model = new.model            # jobs opened from now on use the new one
+        srv.set_model(new.model, {**new.model.info(), "memory": None})   # for jobs opened from now on
         self.loaded = new
-        srv.info = {**model_info(new.model), "memory": None}
         self._peak = 0
         srv.info["memory"] = self._memory()
         self._retired.append(old)
-        print(f"emberd: now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})",
-              file=sys.stderr, flush=True)
+        log_say(f"now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})")
         self.status(self._serving_text())
 
     def _close_retired(self) -> None:
@@ -469,7 +513,7 @@ class Service:
         self._retired = keep
 
     def _models_in_use(self) -> set:
-        jobs = list(self.server._active.values())
+        jobs = self.server.active_jobs()
         running = self.server.scheduler.running
         if running is not None:
             jobs.append(running)

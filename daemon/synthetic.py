@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ember.formats import gguf, quants
+from ember.formats.errors import UserError
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError, ValueError):
     """Unknown shape or quant mix."""
-
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

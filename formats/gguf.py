@@ -21,6 +21,15 @@ costs time and memory bounded by its size, and every failure is a GGUFError
 naming the field and byte offset at fault. Tensor data is handed out as
 read-only numpy views into the map, never copied.
 
+Metadata arrays stay in the map too: `.metadata[key]` is an `ArrayView` that
+was validated at open (counts, string lengths, UTF-8, bool bytes) but decodes
+its elements only when asked (`.tolist()`, iteration, indexing, `.numpy()` for
+a zero-copy view of a numeric array). A 100M-element array thus costs no
+memory until a consumer (the tokenizer, once the memory plan has admitted the
+model) materializes it. Arrays of arrays are the exception: their outer level
+is a list (of views), since each inner array carries its own type; so they
+are limited to MAX_NESTED_ITEMS.
+
 Value types are kept exactly: `.metadata_types[key]` is a spec
 `(value_type, element)` — element is None for scalars and strings, the element
 type for flat arrays, and a tuple of per-element specs for arrays of arrays.
@@ -34,11 +43,13 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from ember.formats import quants
+from ember.formats.errors import UserError
 
 # ---------------------------------------------------------------------------
 # Constants and errors
@@ -48,6 +59,8 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_ARRAY_DEPTH = 4          # arrays nested deeper than this are refused
+MAX_NESTED_ITEMS = 1 << 16   # arrays of arrays hold at most this many: each inner array is an
+                             # object at open (flat arrays stay lazy views: no such limit)
 MAX_DIMS = 4                 # ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
 MAX_TENSOR_NAME = 63         # bytes; ggml's GGML_MAX_NAME is 64 including the NUL
 MAX_ELEMENTS = 1 << 62       # product of dims; keeps byte counts far from int64 overflow
@@ -83,14 +96,12 @@ MIN_TENSOR_INFO_BYTES = 32
 MIN_KV_BYTES = 13
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file is malformed or unsupported. The message names field and byte offset.
 
     `.field` and `.offset` carry the same facts for callers (None where the
     fault is not at one place in a file, e.g. a bad argument to write()).
     """
-
-    user_error = True
 
     def __init__(self, message: str, field: str | None = None, offset: int | None = None):
         super().__init__(message)
@@ -168,12 +179,21 @@ def _decode(raw: bytes, what: str, at: int) -> str:
 
 def _read_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
     """One value of a known type -> (python value, spec)."""
+    if vtype == BOOL:
+        at = cur.pos
+        return _check_bool(cur.scalar(UINT8, what), what, at), (BOOL, None)
     if vtype in SCALARS:
-        v = cur.scalar(vtype, what)
-        return (bool(v) if vtype == BOOL else v), (vtype, None)
+        return cur.scalar(vtype, what), (vtype, None)
     if vtype == STRING:
         return cur.string(what), (STRING, None)
     return _read_array(cur, what, depth + 1)
+
+
+def _check_bool(byte: int, what: str, at: int) -> bool:
+    # The spec allows 0 and 1 only; llama.cpp would read any other byte as true.
+    if byte > 1:
+        raise _fault(what, at, f"bool byte {byte} is neither 0 nor 1")
+    return bool(byte)
 
 
 def _read_array(cur: _Cursor, what: str, depth: int):
@@ -187,7 +207,11 @@ def _read_array(cur: _Cursor, what: str, depth: int):
     if etype in SCALARS:
         return _read_scalar_run(cur, etype, n, what), (ARRAY, etype)
     if etype == STRING:
-        return _read_string_run(cur, n, what), (ARRAY, STRING)
+        start, cur.pos = cur.pos, _string_run(cur.buf, cur.pos, cur.size, n, what)
+        return ArrayView(cur.buf, STRING, start, n, what), (ARRAY, STRING)
+    if n > MAX_NESTED_ITEMS:
+        raise _fault(f"{what} array length", at + 4, f"{n} arrays in an array exceed the limit of "
+                                                     f"{MAX_NESTED_ITEMS}")
     values, specs = [], []
     for i in range(n):
         v, spec = _read_array(cur, f"{what}[{i}]", depth + 1)
@@ -196,17 +220,21 @@ def _read_array(cur: _Cursor, what: str, depth: int):
     return values, (ARRAY, tuple(specs))
 
 
-def _read_scalar_run(cur: _Cursor, etype: int, n: int, what: str) -> list:
-    # One frombuffer over the whole run instead of n unpacks.
+def _read_scalar_run(cur: _Cursor, etype: int, n: int, what: str) -> "ArrayView":
     start = cur.need(n * MIN_VALUE_BYTES[etype], what)
-    arr = np.frombuffer(cur.buf, dtype=SCALARS[etype][1], count=n, offset=start)
-    return arr.astype(bool).tolist() if etype == BOOL else arr.tolist()
+    if etype == BOOL:   # the one scan at open: bool arrays are short in any real file
+        raw = np.frombuffer(cur.buf, dtype=np.uint8, count=n, offset=start)
+        bad = np.flatnonzero(raw > 1)
+        if bad.size:
+            i = int(bad[0])
+            _check_bool(int(raw[i]), f"{what}[{i}]", start + i)
+    return ArrayView(cur.buf, etype, start, n, what)
 
 
-def _read_string_run(cur: _Cursor, n: int, what: str) -> list[str]:
-    """n strings; the hot loop of a 150k-token vocabulary, so it is kept flat."""
-    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
-    out = []
+def _string_run(buf, pos: int, size: int, n: int, what: str, out: list | None = None) -> int:
+    """Check n strings from pos (lengths, UTF-8), appending them to `out` when given;
+    returns the offset after the last. The hot loop of a 150k-token vocabulary: kept flat."""
+    unpack, keep = _U64.unpack_from, out is not None
     for i in range(n):
         if size - pos < 8:
             raise _fault(f"{what}[{i}] length", pos, f"needs 8 bytes, only {size - pos} remain")
@@ -214,10 +242,73 @@ def _read_string_run(cur: _Cursor, n: int, what: str) -> list[str]:
         if ln > size - pos - 8:
             raise _fault(f"{what}[{i}]", pos, f"string of {ln} bytes runs past the end "
                                               f"of the file ({size - pos - 8} remain)")
-        out.append(_decode(buf[pos + 8:pos + 8 + ln], f"{what}[{i}]", pos))
+        text = _decode(buf[pos + 8:pos + 8 + ln], f"{what}[{i}]", pos)
+        if keep:
+            out.append(text)
         pos += 8 + ln
-    cur.pos = pos
-    return out
+    return pos
+
+
+class ArrayView(Sequence):
+    """A validated metadata array still in the mapped file; elements decode on use.
+
+    Numeric arrays: `.numpy()` is a read-only view of the map (bool arrays as
+    np.bool_), indexing and iteration give Python numbers. String arrays
+    decode all their strings on first use and keep the list (a tokenizer
+    asks for it more than once). `==` compares element-wise with any
+    sequence, so a view equals the list it was written from.
+    """
+
+    __slots__ = ("_buf", "etype", "_start", "_n", "_what", "_list")
+    __hash__ = None
+
+    def __init__(self, buf, etype: int, start: int, n: int, what: str):
+        self._buf, self.etype, self._start, self._n, self._what = buf, etype, start, n, what
+        self._list: list | None = None
+
+    def numpy(self) -> np.ndarray:
+        """(n,) read-only view of a numeric array's bytes; strings: an object array."""
+        if self.etype == STRING:
+            return np.array(self.tolist(), dtype=object)
+        arr = np.frombuffer(self._buf, dtype=SCALARS[self.etype][1], count=self._n,
+                            offset=self._start)
+        return arr.view(np.bool_) if self.etype == BOOL else arr
+
+    def tolist(self) -> list:
+        """Every element as a Python value (a new list; strings: the kept one)."""
+        if self.etype != STRING:
+            return self.numpy().tolist()
+        if self._list is None:
+            out: list[str] = []
+            _string_run(self._buf, self._start, len(self._buf), self._n, self._what, out)
+            self._list = out
+        return self._list
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if self.etype == STRING:
+            return self.tolist()[i]
+        item = self.numpy()[i]
+        return item.tolist()      # numpy scalar -> Python number; a slice -> a list
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, np.ndarray):
+            return other.ndim == 1 and len(other) == self._n and bool(np.all(self.numpy() == other))
+        if not isinstance(other, (list, tuple, ArrayView)):
+            return NotImplemented
+        return len(other) == self._n and self.tolist() == list(other)
+
+    def __repr__(self) -> str:
+        return f"ArrayView({VALUE_TYPE_NAMES[self.etype]} x {self._n})"
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +494,12 @@ class GGUFFile:
         _check_overlaps(tensors, {i.name: i.at for i in infos})
         return tensors
 
+    def mapped(self) -> np.ndarray:
+        """The whole file as a read-only uint8 view of the map (what a SIGBUS guard covers)."""
+        if self._mmap is None:
+            raise GGUFError(f"{self.path}: the file is closed")
+        return np.frombuffer(self._mmap, dtype=np.uint8)
+
     # -- lifetime -------------------------------------------------------------
 
     def close(self) -> None:
@@ -501,6 +598,8 @@ def _infer_spec(value, what: str):
         return _float_type([value]), None
     if isinstance(value, str):
         return STRING, None
+    if isinstance(value, ArrayView):
+        return ARRAY, value.etype
     if isinstance(value, (list, tuple, np.ndarray)):
         return ARRAY, None   # element type inferred by _array_element_specs
     raise GGUFError(f"{what}: cannot infer a GGUF type for {type(value).__name__}; "
@@ -539,7 +638,7 @@ def _infer_element_type(values, what: str) -> int:
         return STRING
     if all(isinstance(v, (bool, np.bool_)) for v in values):
         return BOOL
-    if all(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+    if all(isinstance(v, (list, tuple, np.ndarray, ArrayView)) for v in values):
         return ARRAY
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return _int_type(min(values), max(values), what)
@@ -596,6 +695,8 @@ def _encode_string(out: bytearray, s, what: str) -> None:
 def _encode_array(out: bytearray, values, sub, what: str, depth: int) -> None:
     if depth > MAX_ARRAY_DEPTH:
         raise GGUFError(f"{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}", what)
+    if isinstance(values, ArrayView):   # an array read from another file: copy it over
+        values = values.tolist() if values.etype == STRING else values.numpy()
     if isinstance(values, np.ndarray) and values.ndim != 1:
         raise GGUFError(f"{what}: a {values.ndim}-D numpy array is not a GGUF array", what)
     if not isinstance(values, (list, tuple, np.ndarray)):

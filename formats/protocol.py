@@ -44,7 +44,8 @@ REQUEST_OPS = ("hello", "generate", "cancel", "tokenize", "detokenize", "status"
 EVENT_OPS = ("start", "token", "done", "error")
 
 ERROR_CODES = ("bad_request", "unsupported_version", "too_large", "busy", "context_overflow",
-               "cancelled", "deadline_exceeded", "unauthorized", "not_loaded", "internal")
+               "cancelled", "deadline_exceeded", "unauthorized", "not_loaded", "model_changed",
+               "internal")
 STOP_REASONS = ("eos", "stop", "length", "cancelled", "deadline", "error")
 
 

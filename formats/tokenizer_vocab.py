@@ -20,6 +20,7 @@ import numpy as np
 import regex
 
 from ember.formats import gguf
+from ember.formats.errors import UserError
 from ember.formats.tokenizer_models import (SPACE_ESC, BpeModel, SpmModel, WpmModel,
                                             compiled_merger, compiled_spm, space_splitter)
 from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_pre
@@ -29,9 +30,8 @@ from ember.formats.tokenizer_pretok import PreTokenizer, supported as supported_
 # ---------------------------------------------------------------------------
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A vocabulary ember cannot (or will not) build a tokenizer from, or bad input to one."""
-    user_error = True
 
 
 MODELS = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "gemma4": "bpe"}
@@ -213,7 +213,7 @@ def _array(v: Vocab, md: dict, types: dict, key: str, etypes: tuple, required: b
         if vtype == gguf.ARRAY:
             got = f"ARRAY of {gguf.VALUE_TYPE_NAMES.get(etype, etype)}"
         raise _err(v, f"{key} must be an ARRAY of {names}, not {got}")
-    return md[key]
+    return md[key].tolist()   # the file's lazy view, decoded here: what the tokenizer keeps
 
 
 def _read_tokens(v: Vocab, md: dict, types: dict) -> None:

@@ -180,3 +180,4 @@ def get_rows(int wtype, const uint8_t[:, ::1] W, const int32_t[::1] ids, float[:
 
 
 include "_forward.pxi"
+include "_mapguard.pxi"

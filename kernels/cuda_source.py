@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.formats.errors import UserError
+
 SOURCE_PATH = Path(__file__).with_name("cuda") / "ember_cuda.cu"
 PLATFORMS = ("cuda", "hip")
 HD_MAX = 256            # widest head: llama/qwen use 64..128, gemma-style heads 256
@@ -27,10 +29,8 @@ ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attentio
 WMMA_KERNELS = ("attention_flash",)     # only where EMBER_WMMA is 1
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An unknown platform or an impossible warp width."""
-
-    user_error = True
 
 
 @dataclass(frozen=True)

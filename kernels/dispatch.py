@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ember.formats.errors import UserError
 from ember.kernels import _native
 
 log = logging.getLogger("ember.kernels")
@@ -25,9 +26,8 @@ log = logging.getLogger("ember.kernels")
 ISA_NAMES: tuple[str, ...] = ("generic", "neon", "avx2", "avx512")
 
 
-class ISAError(RuntimeError):
+class ISAError(UserError, RuntimeError):
     """EMBER_ISA names an unknown ISA or one this CPU cannot run."""
-    user_error = True
 
 
 def available_isas() -> list[str]:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ember.formats.errors import UserError
 from ember.formats.quants import GGML_TYPE_IDS
 from ember.kernels import _native
 from ember.kernels import dispatch  # noqa: F401  (applies EMBER_ISA once)
 
 
-class KernelArgError(ValueError):
+class KernelArgError(UserError, ValueError):
     """Arguments that the kernels cannot take: unknown type, wrong shape or dtype."""
-    user_error = True
 
 
 # ---------------------------------------------------------------------------

@@ -23,17 +23,17 @@ recorded with.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ember.formats.errors import UserError
 from ember.formats.gguf import GGUFFile
 
 
-class UnsupportedModel(Exception):
+class UnsupportedModel(UserError):
     """The file's architecture or hyper-parameters are outside what ember runs."""
-
-    user_error = True
 
 
 # architecture -> switches that differ from plain llama (metadata-driven ones are read below)
@@ -357,12 +357,19 @@ def _positive(name: str, v):
     return v
 
 
+def _is_array(v) -> bool:
+    """A metadata array: gguf hands them out as lazy sequence views of the map."""
+    return isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes))
+
+
 def _head_count_kv(md: dict, p: str, arch: str, n_layer: int, n_head: int):
     """-> (n_head_kv, layer_kinds). lfm2 stores a per-layer array where 0 marks a conv layer."""
     key = p + "attention.head_count_kv"
     v = md.get(key, n_head)
-    if not isinstance(v, (list, tuple, np.ndarray)):
+    if not _is_array(v):
         return _positive("head_count_kv", _get(md, key, int, n_head)), ()
+    if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v):
+        raise UnsupportedModel(f"metadata {key!r} must hold integers, got {list(v)[:8]}")
     v = [int(x) for x in v]
     if len(v) != n_layer:
         raise UnsupportedModel(f"metadata {key!r} has {len(v)} entries for {n_layer} layers")
@@ -386,7 +393,7 @@ def _sliding_window(md: dict, p: str, arch: str, n_layer: int) -> dict:
     if window < 0:
         raise UnsupportedModel(f"metadata {wkey!r} is {window}, must be >= 0")
     given = md.get(pkey)
-    if isinstance(given, (list, tuple, np.ndarray)):
+    if _is_array(given):
         layers = tuple(bool(x) for x in given)
         if len(layers) != n_layer:
             raise UnsupportedModel(f"metadata {pkey!r} has {len(layers)} entries for {n_layer} layers")

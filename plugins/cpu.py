@@ -19,7 +19,7 @@ from ember.plugins.arch import FEATURES, ModelConfig, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
-from ember.plugins.types import TruncateUnsupported
+from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
@@ -171,12 +171,12 @@ class CpuRunner(CacheBookkeeping):
         conv state cannot go back (truncate(0) is a reset and always works)."""
         if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past:
             if self._conv:
-                raise TruncateUnsupported(
+                raise CacheTooShort(
                     f"truncate({n_past}): the convolution layers keep only their state after "
                     f"position {self.n_past - 1}; reset() and prefill the prompt again")
             for (rows, window), kept in zip(self._rings, self._kept):
                 if max(0, int(n_past) - window + 1) < kept:
-                    raise TruncateUnsupported(
+                    raise CacheTooShort(
                         f"truncate({n_past}): a ring layer keeps only the last {rows} positions "
                         f"and position {max(0, int(n_past) - window + 1)} is gone; reset() and "
                         f"prefill the prompt again")

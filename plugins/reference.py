@@ -51,7 +51,7 @@ from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
-from ember.plugins.types import TokenOutOfRange, TruncateUnsupported  # noqa: F401 - re-exported
+from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
 # ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
@@ -313,7 +313,8 @@ class ReferenceRunner(CacheBookkeeping):
                            if c.layer_kind(il) == "conv" else None for il in range(c.n_layer)]
         factors = rope_factors(config, gguf, n_ctx)
         self.cos, self.sin = rope_cos_sin(config, n_ctx, factors)
-        self.cos_swa, self.sin_swa = rope_cos_sin(config, n_ctx, factors, swa=True)
+        self.cos_swa, self.sin_swa = (rope_cos_sin(config, n_ctx, factors, swa=True)
+                                      if c.rope_base_swa else (self.cos, self.sin))
         self._gguf = gguf  # keeps the map (and the F32 views into it) alive
 
     # -- the Runner protocol --------------------------------------------------
@@ -333,11 +334,13 @@ class ReferenceRunner(CacheBookkeeping):
         if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past:
             c = self.c
             if "conv" in c.layer_kinds:
-                raise TruncateUnsupported(f"truncate({n_past}): {c.arch}'s convolution layers keep "
+                raise CacheTooShort(f"truncate({n_past}): {c.arch}'s convolution layers keep "
                                           "only their latest inputs; reset() and prefill again")
+            # a ring of R rows holds positions n_past - R ..; the next query at position
+            # n_past' needs the R - 1 before it
             ring = min((len(k) for il, k in enumerate(self.k_cache) if c.is_swa(il)), default=0)
-            if ring and ring < self.n_ctx and n_past < self.n_past - 1:
-                raise TruncateUnsupported(f"truncate({n_past}): the sliding-window layers keep "
+            if ring and max(0, n_past - ring + 1) < self.n_past - ring:
+                raise CacheTooShort(f"truncate({n_past}): the sliding-window layers keep "
                                           f"only the last {ring} positions of {self.n_past}; "
                                           "reset() and prefill again")
         super().truncate(n_past)

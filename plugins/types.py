@@ -6,11 +6,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ember.formats.errors import UserError
 
-class BackendError(Exception):
+
+class BackendError(UserError):
     """A backend cannot be chosen or cannot load a model; the message says why."""
-
-    user_error = True
 
 
 @dataclass(frozen=True)
@@ -72,23 +72,17 @@ class Runner(Protocol):
         """Release what the runner holds."""
 
 
-class ContextOverflow(Exception):
+class ContextOverflow(UserError):
     """Tokens would run past the KV cache's n_ctx."""
 
-    user_error = True
+
+class CacheTooShort(BackendError, ValueError):
+    """truncate() asked for positions a ring cache has dropped: sliding-window rings and
+    convolution states keep only the latest positions. reset() and prefill again instead."""
 
 
-class TruncateUnsupported(ValueError):
-    """The cache cannot go back that far: sliding-window rings and convolution states keep
-    only the latest positions. reset() and prefill again instead."""
-
-    user_error = True
-
-
-class TokenOutOfRange(ValueError):
+class TokenOutOfRange(UserError, ValueError):
     """A token id is negative or not below n_vocab."""
-
-    user_error = True
 
 
 class CacheBookkeeping:

@@ -1,20 +1,72 @@
-"""Shared fixtures: where the llama.cpp conformance oracle lives, and skips without it."""
+"""Shared fixtures: where the llama.cpp conformance oracle lives, and skips without it.
+
+A test whose oracle is missing skips with the reason. In CI a skip would let
+the suite quietly shrink, so two variables turn those skips into failures:
+EMBER_REQUIRE_CONFORMANCE=1 for ../shared/conformance (the stored llama.cpp
+outputs and models), EMBER_REQUIRE_ORACLES=1 for the live llama.cpp oracles
+(libggml's C quantizer, llama-cpp-python's tokenizer). Every such skip goes
+through `absent()`.
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = (ROOT / ".." / "shared" / "conformance").resolve()
+REQUIRE_CONFORMANCE = "EMBER_REQUIRE_CONFORMANCE"
+REQUIRE_ORACLES = "EMBER_REQUIRE_ORACLES"
 
+
+# ---------------------------------------------------------------------------
+# Skip, or fail when required
+# ---------------------------------------------------------------------------
+
+def required(flag: str) -> bool:
+    """Whether `flag` (an EMBER_REQUIRE_* variable) is set: "1" yes; unset, "" or "0" no."""
+    value = os.environ.get(flag, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise pytest.UsageError(f"{flag}={value!r}: set it to 1 (missing oracles fail) or 0 / unset "
+                            "(they skip)")
+
+
+def absent(reason: str, flag: str = REQUIRE_CONFORMANCE) -> NoReturn:
+    """Skip a test whose oracle is missing — or fail it when `flag`=1 requires the oracle."""
+    if required(flag):
+        pytest.fail(f"{reason}; {flag}=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "absent(reason, flag): the oracle is missing; "
+                                       "skips, or fails under the flag")
+    for flag in (REQUIRE_CONFORMANCE, REQUIRE_ORACLES):
+        required(flag)                  # a typo'd value stops the run before any test
+
+
+@pytest.hookimpl(tryfirst=True)      # before fixtures that would need the oracle
+def pytest_runtest_setup(item):
+    mark = item.get_closest_marker("absent")
+    if mark is not None:
+        absent(*mark.args, **mark.kwargs)
+
+
+# ---------------------------------------------------------------------------
+# ../shared/conformance
+# ---------------------------------------------------------------------------
 
 def conformance_path(*parts: str) -> Path:
     """A path inside ../shared/conformance; skips the test (with why) when absent."""
     p = CONFORMANCE.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"conformance data not found at {p} (../shared/conformance is absent)")
+        absent(f"conformance data not found at {p} (../shared/conformance is absent)")
     return p
 
 
@@ -37,7 +89,7 @@ def oracle_params(values: list, n_args: int = 1) -> list:
     if values:
         return values
     why = f"conformance data not found at {CONFORMANCE} (../shared/conformance is absent)"
-    return [pytest.param(*[None] * n_args, id="no-oracle", marks=pytest.mark.skip(reason=why))]
+    return [pytest.param(*[None] * n_args, id="no-oracle", marks=pytest.mark.absent(why))]
 
 
 @pytest.fixture

@@ -20,13 +20,13 @@ import time
 
 import numpy as np
 
+from ember.formats.errors import UserError
+
 JSON_KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
-class BenchError(ValueError):
-    """A bad flag combination; one line on stderr, exit 2 (cli's user_error contract)."""
-
-    user_error = True
+class BenchError(UserError, ValueError):
+    """A bad flag combination; one line on stderr, exit 2 (a UserError)."""
 
 
 def add_arguments(p) -> None:

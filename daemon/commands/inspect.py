@@ -21,6 +21,7 @@ from ember.plugins.arch import UnsupportedModel, config_from_gguf
 
 MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
 MAX_SHOWN_CHARS = 80       # longer strings are cut
+ARRAYS = (list, gguf.ArrayView)   # a metadata array: a view of the file, or a list of views
 
 # ---------------------------------------------------------------------------
 # Arguments
@@ -79,8 +80,8 @@ def _tokenizer(md: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": md.get("tokenizer.ggml.model"),
         "pre": md.get("tokenizer.ggml.pre"),
-        "vocab_size": len(tokens) if isinstance(tokens, list) else None,
-        "merges": len(merges) if isinstance(merges, list) else None,
+        "vocab_size": len(tokens) if isinstance(tokens, ARRAYS) else None,
+        "merges": len(merges) if isinstance(merges, ARRAYS) else None,
         "bos_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_id": md.get("tokenizer.ggml.eos_token_id"),
         "chat_template": "tokenizer.chat_template" in md,
@@ -98,7 +99,7 @@ def _quant_mix(tensors: list[dict]) -> dict[str, dict[str, int]]:
 
 def _summarize(value, spec):
     """Metadata as shown: long arrays become '[N x TYPE]', long strings are cut."""
-    if isinstance(value, list):
+    if isinstance(value, ARRAYS):
         sub = spec[1]   # element type, or one spec per element for arrays of arrays
         if len(value) > MAX_SHOWN_ITEMS:
             inner = gguf.VALUE_TYPE_NAMES[sub] if isinstance(sub, int) else "ARRAY"

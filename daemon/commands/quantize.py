@@ -25,12 +25,7 @@ import time
 import numpy as np
 
 from ember.formats import gguf, quants
-
-
-class UserError(Exception):
-    """A bad argument or input; the CLI prints it as one line and exits 2."""
-
-    user_error = True
+from ember.formats.errors import UserError
 
 
 # ---------------------------------------------------------------------------

@@ -79,8 +79,10 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0) -> Daemon:
-    """Start emberd and wait until it reports every bound endpoint."""
+def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0,
+                 stderr: str | None = None) -> Daemon:
+    """Start emberd and wait until it reports every bound endpoint (stderr: a path instead of
+    the log file, e.g. /dev/full)."""
     model = model_path()
     # ipc paths are limited to ~107 bytes: a short private dir under the system tmp
     workdir = tempfile.mkdtemp(prefix="emberd-")
@@ -88,7 +90,8 @@ def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0) -> Daemon
     binds = ["--bind", "tcp://127.0.0.1:*"] + (["--bind", f"ipc://{workdir}/e.sock"] if ipc else [])
     cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", str(model), "--backend", BACKEND,
            *binds, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"))
+    with open(stderr or log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     daemon = Daemon(proc, [], workdir, log)
     try:
         daemon.endpoints = _read_endpoints(proc, 1 + ipc, timeout)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -17,6 +19,7 @@ from ember.formats import gguf
 from ember.plugins import registry
 from ember.plugins.arch import config_from_gguf
 from tests.daemon.emberd_proc import model_path, start_emberd
+from tests.formats.sparse_gguf import with_huge_array
 
 MiB = 1 << 20
 
@@ -163,5 +166,65 @@ def test_emberd_tight_budget_shrinks_and_says_so():
         assert m["n_ctx"] == hello["n_ctx"] and m["budget"] == limit
         assert m["budget_source"] == "--memory-budget" and m["total"] <= limit
         assert st["rss_bytes"] > 0 and m["peak_rss_bytes"] > 0
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------------------
+# A file whose metadata is bigger than the budget (issue 12 #5)
+# ---------------------------------------------------------------------------
+# stories260K plus a 100M-element uint8 array in a sparse file: the array
+# used to become a 100M-item list at open, before the plan (~900 MB of RSS
+# under --memory-budget 150M, and a 1 s stall of the loop during `load`).
+
+HUGE_N = 100_000_000
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_emberd_serves_a_file_with_a_huge_metadata_array_within_its_budget(tmp_path):
+    huge = tmp_path / "huge.gguf"
+    with_huge_array(model_path(), huge, HUGE_N)
+    d = start_emberd("--model", str(huge), "--memory-budget", "150M", ipc=False)
+    try:
+        with d.client() as c:
+            c.ping()
+            done = c.complete("Once upon a time", max_tokens=8, temperature=0.0)
+            assert done["op"] == "done" and len(done["tokens"]) == 8
+            assert c.status()["memory"]["budget"] == 150 * MiB
+        assert peak_rss(d.proc.pid) < 150 * MiB, d.stderr()
+    finally:
+        d.stop()
+
+
+def test_loading_a_huge_metadata_array_does_not_stall_pings(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "test--huge").mkdir(parents=True)
+    with_huge_array(model_path(), cache / "test--huge" / "huge.gguf", HUGE_N)
+    d = start_emberd("--allow-load", "--cache-dir", str(cache), ipc=False)
+    rtts, loading = [], threading.Event()
+
+    def pinger():
+        with d.client() as c:
+            while loading.is_set():
+                rtts.append(c.ping())
+
+    try:
+        with d.client(timeout=120) as c:
+            loading.set()
+            t = threading.Thread(target=pinger)
+            t.start()
+            try:
+                reply = c.call("load", model="huge.gguf")[0]
+            finally:
+                loading.clear()
+                t.join()
+            assert reply["model"] == "huge.gguf"
+            assert c.complete("Once", max_tokens=4, temperature=0.0)["op"] == "done"
+        assert len(rtts) >= 3 and max(rtts) < 0.5, f"slowest ping {max(rtts):.3f} s of {len(rtts)}"
+        assert peak_rss(d.proc.pid) < 150 * MiB
     finally:
         d.stop()

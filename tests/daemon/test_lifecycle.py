@@ -26,9 +26,15 @@ from pathlib import Path
 import pytest
 
 from ember.daemon.client import Client, EmberError
+from tests.conftest import conformance_path
 from tests.daemon.emberd_proc import _read_endpoints, model, model_path  # noqa: F401
 
 PROMPT = "Once upon a time"
+
+
+def slow_model():
+    """v32k-llama: its 32k vocabulary makes a token ~10x slower than stories260K's."""
+    return conformance_path("models", "v32k-llama-Q8_0.gguf")
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +211,9 @@ def test_no_notify_socket_is_a_no_op(launch, workdir):
 # ---------------------------------------------------------------------------
 
 def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
-    d = launch("--drain-timeout", "1")
+    # On a fast CPU stories260K finished all 1,500 tokens inside the 1 s drain
+    # (stop "length", not "cancelled"): a model ~10x slower per token keeps it running.
+    d = launch("--drain-timeout", "1", model_file=slow_model())
     notify.wait_for("READY")
     with d.client() as a, d.client() as b, d.client(timeout=5) as late:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
@@ -242,13 +250,13 @@ def test_sigterm_lets_a_short_request_finish(launch, model):  # noqa: F811
     assert stream.done["text"] == greedy(model, PROMPT, 300, ignore_eos=True)
 
 
-def test_second_sigterm_aborts_at_once(launch):
-    d = launch("--drain-timeout", "60")
+def test_second_sigterm_aborts_at_once(launch, notify):
+    d = launch("--drain-timeout", "60", model_file=slow_model())   # still running at signal 2
     with d.client() as a:
         stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
         next(iter(stream))
         d.signal(signal.SIGTERM)
-        time.sleep(0.3)
+        notify.wait_for("STOPPING", timeout=10)   # the first one handled: two would coalesce
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert d.wait(15) == 1
@@ -260,16 +268,13 @@ def test_second_sigterm_aborts_at_once(launch):
 def test_sigterm_during_model_load_sends_no_ready(launch, notify):
     """v128k-llama3 takes ~2 s from STATUS=loading to READY here (load + a 128k-token
     tokenizer); SIGTERM lands 0.2 s into it."""
-    big = model_path().with_name("v128k-llama3-Q8_0.gguf")
-    if not big.exists():
-        pytest.skip(f"{big} is absent")
+    big = conformance_path("models", "v128k-llama3-Q8_0.gguf")
     d = launch(model_file=big, started=False)
     end = time.monotonic() + 30
     while not any("loading" in f.get("STATUS", "") for _, f in notify.messages):
         assert time.monotonic() < end and d.proc.poll() is None, d.stderr()
         time.sleep(0.01)
-    time.sleep(0.2)
-    assert "READY" not in notify.keys()
+    assert "READY" not in notify.keys()           # SIGTERM lands inside the ~2 s load
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
     keys = notify.keys()
@@ -375,17 +380,38 @@ def test_load_op(launch, workdir):
     with closed.client() as c, pytest.raises(EmberError) as e:
         c.call("load", model=str(other))
     assert e.value.code == "unauthorized"
-    d = launch("--allow-load")
+    d = launch("--allow-load", "--load-dir", workdir)
     with d.client() as c:
         reply = c.call("load", model=str(other))[0]
         assert reply["model"] == "q8.gguf" and c.status()["model"] == "q8.gguf"
         with pytest.raises(EmberError) as e:
             c.call("load", model=str(Path(workdir, "absent.gguf")))
-        assert e.value.code == "bad_request" and "no such file" in e.value.message
+        assert e.value.code == "bad_request" and "not available to load" in e.value.message
         with pytest.raises(EmberError) as e:
             c.call("load", model="relative/name.gguf")
         assert e.value.code == "bad_request"
         assert c.status()["model"] == "q8.gguf"                 # a failed load changes nothing
+
+
+def test_load_outside_the_allowed_folders_leaks_nothing(launch, workdir):
+    """Missing, unreadable, outside, a symlink out, a folder: one answer, naming only the request."""
+    allowed = Path(workdir, "models")
+    allowed.mkdir()
+    secret = Path(workdir, "secret.txt")
+    secret.write_text("GGUF? no: the first bytes of a private file")
+    os.symlink(secret, allowed / "link.gguf")
+    d = launch("--allow-load", "--load-dir", str(allowed))
+    answers = set()
+    with d.client() as c:
+        for name in (str(secret), str(Path(workdir, "absent")), "/etc/passwd", "/etc",
+                     "../secret.txt", "link.gguf", str(allowed / "missing.gguf"), "a\0b"):
+            with pytest.raises(EmberError) as e:
+                c.call("load", model=name)
+            assert e.value.code == "bad_request"
+            answers.add(e.value.message.replace(repr(name), "NAME"))
+        assert c.status()["model"] == model_path().name
+    assert len(answers) == 1, answers
+    assert "private" not in answers.pop()
 
 
 def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
@@ -393,8 +419,8 @@ def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
     with probe.client() as c:
         mem = c.status()["memory"]
     limit = mem["total"] + mem["weights"] // 2          # room for one model, not two
-    d = launch("--allow-load", "--memory-budget", str(limit), "--ctx", str(mem["n_ctx"]),
-               "--min-ctx", str(mem["n_ctx"]))
+    d = launch("--allow-load", "--load-dir", workdir, "--memory-budget", str(limit),
+               "--ctx", str(mem["n_ctx"]), "--min-ctx", str(mem["n_ctx"]))
     with d.client() as c:
         with pytest.raises(EmberError) as e:
             c.call("load", model=str(_readonly_copy(model_path(), Path(workdir, "again.gguf"))))
@@ -404,3 +430,25 @@ def test_reload_that_does_not_fit_beside_keeps_the_old_model(launch, workdir):
             list(s)
         assert s.done["usage"]["completion_tokens"] == 4
     assert re.search(r"reload failed, still serving the old model", d.stderr())
+
+
+def test_sighup_with_a_fifo_config_keeps_answering(launch, workdir):
+    """The config is read off the serving loop: a FIFO nobody writes blocks only the reload."""
+    cfg = Path(workdir, "emberd.toml")
+    cfg.write_text(f'model = "{model_path()}"\n')
+    d = launch("--config", str(cfg), model_file=False)
+    with d.client(timeout=5) as c:
+        c.ping()
+        cfg.unlink()
+        os.mkfifo(cfg)                                   # open() blocks until a writer comes
+        d.signal(signal.SIGHUP)
+        end = time.monotonic() + 7                       # past the reload's 5 s read limit
+        while time.monotonic() < end:
+            assert c.ping() < 1.0
+            time.sleep(0.05)
+        while "not read within" not in d.stderr():
+            assert time.monotonic() < end + 10, d.stderr()
+            time.sleep(0.05)
+        assert c.complete("Once", max_tokens=2)["usage"]["completion_tokens"] == 2
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0

@@ -174,3 +174,28 @@ def test_truncation_in_place_stops_the_daemon_before_sigbus(tmp_path):
         assert "truncated under the map" in d.stderr()
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_truncation_during_a_generation_ends_it_with_model_changed(tmp_path, backend):
+    """Issue 12 #7: the watcher polls once a second, so a request computing at the moment
+    of truncation used to die with the process (SIGBUS). Now the request gets a terminal
+    `model_changed` and the daemon exits 1 on its own."""
+    from ember.daemon.client import EmberError
+    p = _readonly_copy(tmp_path)
+    d = _emberd_on(p, "--backend", backend)
+    try:
+        with d.client() as c, c.generate("Once upon a time", max_tokens=400, temperature=0,
+                                         ignore_eos=True) as s:
+            next(iter(s))                          # the worker waits for this token's delivery
+            os.truncate(p, 1024)                   # careless in-place edit (root ignores 0444)
+            with pytest.raises(EmberError) as e:
+                for _ in s:
+                    pass
+        assert e.value.code == "model_changed", e.value
+        assert "shrank under its map" in str(e.value)
+        d.proc.wait(15)
+        assert d.proc.returncode == 1, d.stderr()  # a clean, reported exit — not -SIGBUS
+        assert "Fatal Python error" not in d.stderr()
+    finally:
+        d.stop()

@@ -150,6 +150,23 @@ def test_engine_refusals_become_typed_errors(sched):
     assert ev.until("done", ok)[1] in ("length", "eos")     # the worker survived both
 
 
+def test_an_internal_value_error_is_internal_not_the_clients(sched, model, monkeypatch):  # noqa: F811
+    """Only a UserError is `bad_request`: a numpy ValueError inside the engine is our bug."""
+    s, ev = sched
+
+    def broken(prompt):           # a shape bug in the engine's own code, raised by numpy
+        return np.zeros(3).reshape(2, 2).tolist()
+    monkeypatch.setattr(model, "prompt_tokens", broken)
+    bad = job(max_tokens=2)
+    s.submit(bad)
+    code, message, detail = ev.until("error", bad)
+    assert code == "internal" and "ValueError" in message and "reshape" in detail
+    monkeypatch.undo()
+    ok = job(max_tokens=2)
+    s.submit(ok)
+    assert ev.until("done", ok)[1] in ("length", "eos")
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_preemption_resumes_with_the_uninterrupted_text(sched, model, temperature):
     s, ev = sched
@@ -159,8 +176,7 @@ def test_preemption_resumes_with_the_uninterrupted_text(sched, model, temperatur
         pass
     low = job(priority=0, **params)
     s.submit(low)
-    while low.n_tokens < 10:
-        time.sleep(0.001)
+    wait_tokens(low, 10)
     high = job(source="The dog", priority=9, max_tokens=6, temperature=0.0)
     s.submit(high)
     result, stop = ev.until("done", low)
@@ -211,9 +227,10 @@ def test_close_stops_the_running_job(model):
     assert ev.until("done", j)[1] == "cancelled"
 
 
-def wait_tokens(j: Job, n: int, timeout: float = 10.0) -> None:
+def wait_tokens(j: Job, n: int, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
-    while j.n_tokens < n and time.monotonic() < end:
+    while j.n_tokens < n:
+        assert time.monotonic() < end, f"{j.n_tokens} of {n} tokens within {timeout} s"
         time.sleep(0.001)
 
 

@@ -8,9 +8,11 @@ real emberd processes for the bind refusal and the end-to-end key setup.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -91,7 +93,7 @@ def curve_server(keyring):
     keys, allowed = keyring
     curve = security.Curve(security.server_keys(str(keys / "server.key_secret"), str(allowed)))
     server = Server(None, ["tcp://127.0.0.1:*"])
-    server._secure_socket = curve.secure
+    server.before_bind.append(curve.secure)
     server.start()
     monitor = server.sock.get_monitor_socket()
     thread = threading.Thread(target=server.serve, daemon=True)
@@ -213,3 +215,60 @@ def test_ember_keys_cli(tmp_path):
     assert server_pub == client_pub and len(server_pub) == 40          # Z85 text
     r = keys()
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+
+
+def _curve_emberd(keyring, *extra: str):
+    keys, allowed = keyring
+    return start_emberd("--server-key", str(keys / "server.key_secret"), "--allowed-clients",
+                        str(allowed), *extra, ipc=False)
+
+
+def test_curve_emberd_exits_0_on_sigterm_within_the_drain_timeout(keyring):
+    """ctx.term() used to wait forever on the ZAP handler's sockets (the same context)."""
+    keys, _ = keyring
+    d = _curve_emberd(keyring, "--drain-timeout", "1")
+    try:
+        curve = security.client_curve(str(keys / "server.key"), str(keys / "friend.key_secret"))
+        with Client(d.tcp, timeout=20, curve=curve) as c:
+            c.call("ping")
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = d.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc == 0 and time.monotonic() - t0 < 1 + 1, (rc, time.monotonic() - t0)
+    finally:
+        d.stop()
+
+
+def test_sighup_reloads_the_allow_list(keyring):
+    """A key removed from the folder can no longer connect after SIGHUP, and its open
+    connection's next request is refused; a key added is let in."""
+    keys, allowed = keyring
+    d = _curve_emberd(keyring)
+    try:
+        friend = security.client_curve(str(keys / "server.key"), str(keys / "friend.key_secret"))
+        stranger = security.client_curve(str(keys / "server.key"), str(keys / "stranger.key_secret"))
+        with Client(d.tcp, timeout=20, curve=friend) as open_conn:
+            open_conn.call("ping")
+            os.unlink(allowed / "friend.key")
+            os.link(keys / "stranger.key", allowed / "stranger.key")
+            d.proc.send_signal(signal.SIGHUP)
+            end = time.monotonic() + 20
+            while True:                                  # the reload is asynchronous: poll for it
+                with Client(d.tcp, timeout=2, curve=stranger) as c:
+                    try:
+                        c.call("ping")
+                        break
+                    except EmberError:
+                        assert time.monotonic() < end, "the added key never got in"
+            with Client(d.tcp, timeout=2, curve=friend) as c, pytest.raises(EmberError) as e:
+                c.call("ping")
+            assert e.value.code == "timeout"               # the handshake is refused
+            with pytest.raises(EmberError) as e:
+                open_conn.call("ping")
+            assert e.value.code == "unauthorized"
+        assert d.alive()
+    finally:
+        d.stop()

@@ -11,11 +11,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
+import zmq
 
-from ember.daemon.client import EmberError
+from ember.daemon.client import Client, EmberError
+from ember.daemon.server import Server
+from ember.formats import protocol
 from tests.daemon.emberd_proc import emberd, greedy_local, model, model_path, start_emberd  # noqa: F401
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}   # ~0.4 s on stories260K
@@ -173,11 +177,14 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
     with emberd.client() as busy, emberd.client() as obs:
         blocker = busy.generate("Once upon a time", **LONG)
         next(blocker)
+        sockets = _open_sockets(emberd)
         queued = emberd.client()
         rid_q = queued.send("generate", prompt="The cat", max_tokens=200, ignore_eos=True)
-        time.sleep(0.05)
-        assert obs.status()["queue_len"] == 1
+        _poll(lambda: obs.status()["queue_len"] == 1, "the request never queued")
         queued.sock.close(linger=0)                   # vanish while queued
+        # the daemon learns of it when its I/O thread reads the FIN and closes the connection;
+        # on a loaded machine that can take longer than the blocker's cancel
+        _poll(lambda: _open_sockets(emberd) == sockets, "the daemon never saw the client go")
         blocker.close()
         wait_idle(obs)
         r = recent(obs, rid_q)
@@ -201,6 +208,24 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
                 assert r["tokens"] <= 2, r     # prefill finished, then at most a token more
                 checked += 1
         assert checked, "never managed to vanish during a prefill"
+
+
+def _open_sockets(daemon) -> int:
+    """How many socket file descriptors the daemon holds (one per client connection, plus fixed)."""
+    fds, n = f"/proc/{daemon.proc.pid}/fd", 0
+    for name in os.listdir(fds):
+        try:
+            n += os.readlink(f"{fds}/{name}").startswith("socket:")
+        except FileNotFoundError:      # closed while we looked
+            pass
+    return n
+
+
+def _poll(cond, what: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
 
 
 def test_health_reports_a_worker_that_makes_no_token_in_time(emberd):
@@ -243,7 +268,6 @@ def test_cancel_running_and_queued_and_storm(emberd):
 
 
 def _cancel_frames(rid):
-    from ember.formats import protocol
     return [protocol.pack({"v": 1, "op": "cancel", "id": f"c{rid}-{time.perf_counter_ns()}", "target": rid})]
 
 
@@ -344,3 +368,100 @@ def test_sigterm_exits_cleanly():
             assert c.ping() < 1
     finally:
         assert d.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# Slow readers: a full queue is back-pressure, not a vanished client
+# ---------------------------------------------------------------------------
+
+def _slow_dealer(endpoint: str):
+    """A DEALER that buffers little, so the daemon's send queue fills fast."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.RCVBUF, 4096)
+    s.connect(endpoint)
+    return s
+
+
+def _read_all(sock, rids, timeout: float) -> dict:
+    """Every reply per request id until each has a terminal one (or the timeout)."""
+    seen = {rid: [] for rid in rids}
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not all(
+            any(m["op"] in ("done", "error") for m in ms) for ms in seen.values()):
+        if sock.poll(100, zmq.POLLIN):
+            header = protocol.unpack_header(sock.recv_multipart()[0], protocol.CLIENT_LIMITS)
+            seen[header["id"]].append(header)
+    return seen
+
+
+def test_slow_reader_keeps_every_terminal_reply():
+    """8 streams of 1,000 tokens on one socket, read only once they have outgrown every queue."""
+    d = start_emberd(ipc=False)
+    sock = _slow_dealer(d.tcp)
+    try:
+        rids = list(range(8))
+        for rid in rids:
+            sock.send_multipart([protocol.pack({"v": 1, "op": "generate", "id": rid, "prompt": "Once",
+                                                "max_tokens": 1000, "ignore_eos": True})])
+        with d.client() as obs:
+            _wait_stalled_or_served(obs, 8, timeout=20)
+            seen = _read_all(sock, rids, timeout=60)
+            wait_idle(obs, timeout=30)
+        for rid, msgs in seen.items():
+            terminal = [m for m in msgs if m["op"] in ("done", "error")]
+            assert len(terminal) == 1, (rid, len(msgs), [m["op"] for m in msgs][-3:])
+            assert terminal[0]["op"] == "done" and terminal[0]["stop"] == "length", terminal[0]
+            assert sum(m["op"] == "token" for m in msgs) == 1000
+    finally:
+        sock.close(linger=0)
+        d.stop()
+
+
+def _wait_stalled_or_served(obs, n: int, timeout: float) -> None:
+    """Until n requests are served or the worker made no token for 1.5 s (paused on a full queue)."""
+    end, last, t_last = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < end:
+        st = obs.status()
+        if st["requests_served"] >= n:
+            return
+        if st["tokens_served"] + (st["current"] or {}).get("tokens", 0) != last:
+            last, t_last = st["tokens_served"] + (st["current"] or {}).get("tokens", 0), time.monotonic()
+        elif time.monotonic() - t_last > 1.5:
+            return
+        time.sleep(0.1)
+
+
+def test_full_send_queue_holds_replies(model):  # noqa: F811
+    """In process, with queues small enough to fill: EAGAIN holds replies instead of dropping them.
+
+    (Over TCP loopback the kernel's buffers absorb tens of thousands of small replies; a 2 KiB
+    SNDBUF makes the ROUTER's queue itself fill, which is what the daemon must survive.)
+    """
+    server = Server(model, ["tcp://127.0.0.1:*"], protocol.Limits(max_tokens=64))
+    server.before_bind.append(lambda sock: sock.setsockopt(zmq.SNDBUF, 2048))   # queues that fill
+    server.start()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    sock = _slow_dealer(server.bound[0])
+    try:
+        rids = list(range(12))
+        for rid in rids:
+            sock.send_multipart([protocol.pack({"v": 1, "op": "generate", "id": rid, "prompt": "Once",
+                                                "max_tokens": 64, "ignore_eos": True})])
+        with Client(server.bound[0], timeout=10) as obs:
+            held, end = None, time.monotonic() + 20
+            while time.monotonic() < end and not (held and held["replies"]):
+                held = obs.status()["held"]
+                time.sleep(0.05)
+            assert held["clients"] == 1, "the send queue never filled"
+            seen = _read_all(sock, rids, timeout=60)
+        for rid, msgs in seen.items():
+            assert [m["op"] for m in msgs if m["op"] in ("done", "error")] == ["done"], rid
+            assert sum(m["op"] == "token" for m in msgs) == 64
+    finally:
+        sock.close(linger=0)
+        server.request_stop()
+        thread.join(5)
+        server.stop()

@@ -308,3 +308,49 @@ def test_errors_carry_path_field_and_offset(tmp_path):
         gguf.open(p)
     assert (e.value.field, e.value.offset) == ("version", 4)
     assert str(e.value).startswith(f"{p}: version at byte 4: GGUF version 7")
+
+
+# ---------------------------------------------------------------------------
+# Metadata arrays: lazy views of the map
+# ---------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_huge_metadata_array_costs_no_memory_at_open(tmp_path):
+    """Issue 12 #5: a 100M-element array used to become a 100M-item list at open (~900 MB)."""
+    from tests.formats.sparse_gguf import HUGE_KEY, with_huge_array
+    src = conformance_path("models", "stories260K.gguf")
+    n = with_huge_array(src, tmp_path / "huge.gguf", 100_000_000)
+    before = _rss_bytes()
+    with gguf.open(tmp_path / "huge.gguf") as f:
+        grew = _rss_bytes() - before
+        view = f.metadata[HUGE_KEY]
+        assert isinstance(view, gguf.ArrayView) and len(view) == n
+        assert f.metadata_types[HUGE_KEY] == (ARRAY, UINT8)
+        arr = view.numpy()
+        assert arr.shape == (n,) and not arr.flags.owndata and not arr.flags.writeable
+        assert view[n - 1] == 0 and view[:3] == [0, 0, 0]
+        with gguf.open(src) as g:   # the tensors after the array are the source's
+            assert all(np.array_equal(t.data, f.tensors[k].data) for k, t in g.tensors.items())
+    assert grew < 16 << 20, f"opening grew RSS by {grew >> 20} MiB"
+
+
+def test_array_views_decode_on_use_and_equal_their_lists(tmp_path):
+    md = {"u8": [1, 2, 3], "f": [0.5, -1.0], "b": [True, False], "s": ["a", "", "ü"], "e": []}
+    types = {"u8": (ARRAY, UINT8), "f": (ARRAY, FLOAT32), "b": (ARRAY, BOOL)}
+    with roundtrip(tmp_path, md, types=types) as f:
+        u8, fl, b, s = (f.metadata[k] for k in ("u8", "f", "b", "s"))
+        assert u8 == [1, 2, 3] and [1, 2, 3] == u8 and u8 == (1, 2, 3) and u8 != [1, 2]
+        assert u8 == np.array([1, 2, 3]) and list(u8) == [1, 2, 3] and u8[-1] == 3
+        assert type(u8[0]) is int and type(fl[0]) is float and b.tolist() == [True, False]
+        assert np.asarray(fl).dtype == np.float32 and b.numpy().dtype == np.bool_
+        assert s.tolist() is s.tolist() and s[2] == "ü" and "" in s   # decoded once, kept
+        assert f.metadata["e"] == [] and len(f.metadata["e"]) == 0
+        assert repr(u8) == "ArrayView(UINT8 x 3)"
+        with pytest.raises(IndexError):
+            u8[3]
+        again = gguf.encode(f.metadata, types=f.metadata_types)
+    assert again == (tmp_path / "x.gguf").read_bytes()

@@ -127,6 +127,13 @@ def nesting_case(depth: int) -> bytes:
     return splice(d, start, end, value)
 
 
+def wide_nesting_case(n: int) -> bytes:
+    """k.nested replaced by one array of n empty u8 arrays."""
+    d = VALID
+    start, end = value_at(d, "k.nested"), info_at(d, "tensor.aaaa")["name"]
+    return splice(d, start, end, U32.pack(ARRAY) + U64.pack(n) + (U32.pack(UINT8) + U64.pack(0)) * n)
+
+
 def type_cases() -> dict[str, bytes]:
     d, out = VALID, {}
     for v in (13, 99, 2**32 - 1):
@@ -206,6 +213,7 @@ def all_cases() -> dict[str, bytes]:
         cases.update(make())
     cases["arrays nested 5000 deep"] = nesting_case(5000)
     cases[f"arrays nested {gguf.MAX_ARRAY_DEPTH + 1} deep"] = nesting_case(gguf.MAX_ARRAY_DEPTH + 1)
+    cases["too many arrays in an array"] = wide_nesting_case(gguf.MAX_NESTED_ITEMS + 1)
     return cases
 
 
@@ -320,6 +328,7 @@ def test_valid_file_truncated_at_every_offset(outcomes):
     ("arrays nested 5000 deep", ["'k.nested'", "nested deeper than 4"]),
     ("unknown tensor type 99", ["'tensor.aaaa' type", "unknown tensor type 99"]),
     ("string longer than the file", ["'k.str'", "remain in the file"]),
+    ("too many arrays in an array", ["'k.nested' array length", "exceed the limit of 65536"]),
 ])
 def test_messages_name_the_field(outcomes, name, words):
     msg = outcomes["cases"][name][1]
@@ -343,3 +352,31 @@ def test_random_byte_flips_never_escape(tmp_path):
         except gguf.GGUFError:
             kinds["GGUFError"] += 1
     assert kinds["GGUFError"] > 50 and sum(kinds.values()) == 400
+
+
+# ---------------------------------------------------------------------------
+# Bools: the spec allows the bytes 0 and 1 only (issue 12 #10)
+# ---------------------------------------------------------------------------
+
+BOOLS = gguf.encode({"b.one": True, "b.many": [False, True, False]},
+                    types={"b.one": gguf.BOOL, "b.many": (ARRAY, gguf.BOOL)})
+
+
+@pytest.mark.parametrize("byte", [2, 0x80, 0xFF])
+@pytest.mark.parametrize("key, index", [("b.one", None), ("b.many", 0), ("b.many", 2)])
+def test_bool_byte_other_than_0_or_1_is_refused_at_its_offset(tmp_path, key, index, byte):
+    at = value_at(BOOLS, key) + (0 if index is None else 4 + 8 + index)  # arrays: etype, count
+    p = tmp_path / "b.gguf"
+    p.write_bytes(patch(BOOLS, at, bytes([byte])))
+    with pytest.raises(gguf.GGUFError) as e:
+        gguf.open(p)
+    assert e.value.offset == at
+    where = f"{key!r}" if index is None else f"{key!r}[{index}]"
+    assert f"metadata {where} at byte {at}: bool byte {byte} is neither 0 nor 1" in str(e.value)
+
+
+def test_bool_bytes_0_and_1_read_as_bools(tmp_path):
+    p = tmp_path / "b.gguf"
+    p.write_bytes(BOOLS)
+    with gguf.open(p) as f:
+        assert f.metadata["b.one"] is True and f.metadata["b.many"].tolist() == [False, True, False]

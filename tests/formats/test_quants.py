@@ -25,7 +25,7 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 from ember.formats import gguf, quants  # noqa: E402
 from ember.formats.quants import QuantError, dequantize, quantize  # noqa: E402
-from tests.conftest import ROOT, conformance_models, conformance_path  # noqa: E402
+from tests.conftest import REQUIRE_ORACLES, ROOT, absent, conformance_models, conformance_path  # noqa: E402
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 QUANTIZABLE = LEGACY + ["Q4_K", "Q6_K", "Q8_K"]
@@ -320,7 +320,7 @@ def _libggml():
         str(ROOT / ".." / "llamaenv" / "lib" / "python3*" / "site-packages" / "llama_cpp"
             / "lib" / "libggml-base.so")))), None)
     if not path or not os.path.exists(path):
-        pytest.skip("llama.cpp's libggml-base.so not found (set EMBER_GGML_LIB)")
+        absent("llama.cpp's libggml-base.so not found (set EMBER_GGML_LIB)", REQUIRE_ORACLES)
     return ctypes.CDLL(path)
 
 

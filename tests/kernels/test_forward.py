@@ -5,11 +5,11 @@ dequantized weights; the C pass quantizes activations to 8 bits for quantized
 weights (as llama.cpp does) and keeps K/V in f16, so logits are compared as
 distributions (KL), with the README's bounds. Then the properties the pass
 must have: the same numbers for any thread count and any prefill chunking,
-decode == batched prefill, and a per-token Python overhead far below 1 ms.
+and decode == batched prefill. The per-token Python overhead (< 1 ms) is a
+timing, not a property: `python3 bench/python_overhead.py` measures it (its
+"Runner" row is what this file used to assert, flakily on a loaded machine).
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ from ember.formats import gguf
 from ember.kernels import forward
 from ember.plugins import cpu, reference
 from ember.plugins.arch import config_from_gguf, rope_cos_sin
-from ember.plugins.types import TruncateUnsupported
+from ember.plugins.types import CacheTooShort
 from tests.conftest import conformance_path
 from tests.plugins.test_reference import kl_rows, thresholds
 
@@ -106,20 +106,6 @@ def test_decode_equals_batched_pass(model, n_first):
     assert kl.max() <= 1e-6, f"max KL {kl.max():.3e} at position {kl.argmax()}"
 
 
-def test_python_overhead_per_token_is_far_below_a_millisecond():
-    """stories260K (dim 64, 5 layers) computes in microseconds: the per-token time is overhead."""
-    r = _cpu("stories260K.gguf", n_ctx=600, threads=1)
-    tok = int(np.argmax(r.prefill([1, 403, 407])))
-    best = float("inf")
-    for _ in range(5):               # best of 5 rounds: the machine is shared
-        t0 = time.perf_counter()
-        for _ in range(100):
-            tok = int(np.argmax(r.decode(tok)))
-        best = min(best, (time.perf_counter() - t0) / 100)
-        r.truncate(3)
-    assert best < 1e-3, f"{best * 1e6:.0f} us per decoded token (compute included)"
-
-
 def test_physical_cores_is_a_positive_count():
     assert 1 <= forward.physical_cores() <= 4096
 
@@ -191,7 +177,7 @@ def test_truncate_goes_back_as_far_as_the_rings_hold():
     r.truncate(93)                              # within the last chunk's reach: allowed
     again = np.stack([r.decode(t) for t in ids[93:]])
     assert kl_rows(full[93:], again).max() <= 1e-6
-    with pytest.raises(TruncateUnsupported, match="reset"):
+    with pytest.raises(CacheTooShort, match="reset"):
         r.truncate(40)                          # those positions left the rings long ago
     assert r.n_past == 100                      # a refused truncate changes nothing
     r.truncate(0)                               # a reset always works
@@ -203,7 +189,7 @@ def test_conv_state_cannot_go_back_but_restarts_from_zero():
     r = _arch_cpu("s512-lfm2-F32.gguf", max_batch=8)
     ids = _prompt(r.n_vocab, 30, seed=6)
     full = r.prefill(ids, all_logits=True)
-    with pytest.raises(TruncateUnsupported, match="convolution"):
+    with pytest.raises(CacheTooShort, match="convolution"):
         r.truncate(29)
     r.truncate(30)                              # no-op: allowed
     r.reset()                                   # the next prefill starts from a zero state

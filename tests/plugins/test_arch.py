@@ -174,6 +174,7 @@ def _arch_variant(tmp_path, arch: str, change=None, drop_keys=(), drop_tensors=(
     ("gemma3", {"gemma3.attention.sliding_window_pattern": -1}, (), "pattern' is -1"),
     ("lfm2", {"lfm2.attention.head_count_kv": [0, 2, 0]}, (), "has 3 entries for 4 layers"),
     ("lfm2", {"lfm2.attention.head_count_kv": [0, 2, 0, 4]}, (), "must all be equal"),
+    ("lfm2", {"lfm2.attention.head_count_kv": [0.0, 2.5, 0.0, 2.5]}, (), "must hold integers"),
     ("lfm2", {}, ("lfm2.shortconv.l_cache",), "'lfm2.shortconv.l_cache' is missing"),
     ("smollm3", {"smollm3.attention.head_count_kv": [0, 1, 1, 1]}, (), "lfm2 feature"),
     ("qwen2", {"qwen2.rope.scaling.yarn_beta_fast": "32"}, (), "yarn_beta_fast"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ember.formats.errors import UserError
 from ember.plugins import registry
 from ember.plugins.types import BackendError, BackendSpec, Probe
 
@@ -59,7 +60,7 @@ def test_unknown_backend_is_a_clear_error_naming_what_is_available():
         registry.choose("tpu9000")
     msg = str(e.value)
     assert "'tpu9000'" in msg and "reference" in msg and "available" in msg
-    assert getattr(e.value, "user_error", False)
+    assert isinstance(e.value, UserError)
 
 
 def test_probe_of_undeclared_name_is_unavailable_not_an_exception():
