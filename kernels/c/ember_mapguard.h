@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EMBER_MAPGUARD_SLOTS 64   /* regions guarded at once: models mapped side by side */
+#define EMBER_MAPGUARD_SLOTS 1024 /* maps guarded at once (a test process keeps many models open) */
 
 /* Guard [p, p + n): a SIGBUS there maps a zero page and counts a fault.
  * Installs the SIGBUS handler on first use. Returns the slot, or -1 (table full,
