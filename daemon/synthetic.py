@@ -2,7 +2,7 @@
 
 Design: `write_model(shape, quant, path)` writes a GGUF file that llama.cpp
 and ember both load — the real architecture, sizes and quant mix of a known
-model (TinyLlama-1.1B, Qwen2-0.5B), random weights, and a small but valid
+model (TinyLlama-1.1B, Qwen2-0.5B, Gemma-3-1B, LFM2-1.2B), random weights, and a valid
 SentencePiece ("llama") vocabulary of the model's vocab size. It uses only
 ember's own writer (ember.formats.gguf.write) and quantizer
 (ember.formats.quants.quantize), and generates tensor by tensor through the
@@ -55,6 +55,20 @@ class Shape:
     rms_eps: float
     qkv_bias: bool = False
     tied: bool = False
+    head_dim: int = 0                   # 0: n_embd // n_head (gemma3: 256)
+    # gemma3: q/k norms, post-norms, GELU; 5 sliding-window layers : 1 global (llama.cpp's default)
+    sliding_window: int = 0
+    rope_base_swa: float = 0.0
+    # lfm2: the attention layers; every other layer is a short convolution of conv_l_cache taps
+    attn_layers: tuple[int, ...] = ()
+    conv_l_cache: int = 0
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    def is_conv(self, il: int) -> bool:
+        return self.arch == "lfm2" and il not in self.attn_layers
 
 
 SHAPES: dict[str, Shape] = {
@@ -63,8 +77,18 @@ SHAPES: dict[str, Shape] = {
     # Qwen2-0.5B: q/k/v biases, tied embeddings, rope base 1e6
     "qwen2-0.5b": Shape("qwen2", 896, 24, 14, 2, 4864, 151936, 32768, 1000000.0, 1e-6,
                         qkv_bias=True, tied=True),
+    # Gemma-3-1B: head_dim 256 (4 x 256 > 1152), window 512, global rope base 1e6, local 1e4
+    "gemma3-1b": Shape("gemma3", 1152, 26, 4, 1, 6912, 262144, 32768, 1000000.0, 1e-6, tied=True,
+                       head_dim=256, sliding_window=512, rope_base_swa=10000.0),
+    # LFM2-1.2B: 6 attention layers among 16; the other 10 are 3-tap short convolutions
+    "lfm2-1.2b": Shape("lfm2", 2048, 16, 32, 8, 8192, 65536, 128000, 1000000.0, 1e-5, tied=True,
+                       attn_layers=(2, 5, 8, 10, 12, 14), conv_l_cache=3),
     # small enough for tests: seconds to write, milliseconds per token
     "llama-tiny": Shape("llama", 256, 2, 8, 4, 768, 1024, 512, 10000.0, 1e-5),
+    "gemma3-tiny": Shape("gemma3", 256, 6, 4, 1, 512, 1024, 512, 1000000.0, 1e-6, tied=True,
+                         head_dim=96, sliding_window=32, rope_base_swa=10000.0),
+    "lfm2-tiny": Shape("lfm2", 256, 4, 8, 4, 512, 1024, 512, 1000000.0, 1e-5, tied=True,
+                       attn_layers=(1, 3), conv_l_cache=3),
 }
 QUANTS = ("Q4_0", "Q8_0", "Q4_K_M")
 FILE_TYPE = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}   # llama_ftype ids (general.file_type)
@@ -107,31 +131,57 @@ def tensor_type(quant: str, name: str, layer: int | None, s: Shape, cols: int) -
 # Tensors
 # ---------------------------------------------------------------------------
 
+def _attention(s: Shape, p: str, i: int) -> list:
+    q, kv, d = s.n_head * s.hd, s.n_head_kv * s.hd, s.n_embd
+    out = [(p + "attn_q.weight", (q, d), i), (p + "attn_k.weight", (kv, d), i),
+           (p + "attn_v.weight", (kv, d), i)]
+    if s.qkv_bias:
+        out += [(p + "attn_q.bias", (q,), i), (p + "attn_k.bias", (kv,), i), (p + "attn_v.bias", (kv,), i)]
+    if s.arch in ("gemma3", "lfm2"):   # per-head q/k RMS norms
+        out += [(p + "attn_q_norm.weight", (s.hd,), i), (p + "attn_k_norm.weight", (s.hd,), i)]
+    return out + [(p + "attn_output.weight", (d, q), i)]
+
+
+def _shortconv(s: Shape, p: str, i: int) -> list:
+    d = s.n_embd
+    return [(p + "shortconv.in_proj.weight", (3 * d, d), i),
+            (p + "shortconv.conv.weight", (d, s.conv_l_cache), i),
+            (p + "shortconv.out_proj.weight", (d, d), i)]
+
+
 def tensor_shapes(s: Shape) -> list[tuple[str, tuple[int, ...], int | None]]:
     """(name, numpy shape, layer) for every tensor, in file order."""
-    hd = s.n_embd // s.n_head
-    q, kv, d = s.n_head * hd, s.n_head_kv * hd, s.n_embd
+    d = s.n_embd
+    post = s.arch == "gemma3"   # post_attention_norm / post_ffw_norm
     out = [("token_embd.weight", (s.n_vocab, d), None)]
     for i in range(s.n_layer):
         p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", (d,), i), (p + "attn_q.weight", (q, d), i),
-                (p + "attn_k.weight", (kv, d), i), (p + "attn_v.weight", (kv, d), i)]
-        if s.qkv_bias:
-            out += [(p + "attn_q.bias", (q,), i), (p + "attn_k.bias", (kv,), i),
-                    (p + "attn_v.bias", (kv,), i)]
-        out += [(p + "attn_output.weight", (d, q), i), (p + "ffn_norm.weight", (d,), i),
+        out.append((p + "attn_norm.weight", (d,), i))
+        out += _shortconv(s, p, i) if s.is_conv(i) else _attention(s, p, i)
+        if post:
+            out.append((p + "post_attention_norm.weight", (d,), i))
+        out += [(p + "ffn_norm.weight", (d,), i),
                 (p + "ffn_gate.weight", (s.n_ff, d), i), (p + "ffn_up.weight", (s.n_ff, d), i),
                 (p + "ffn_down.weight", (d, s.n_ff), i)]
-    out.append(("output_norm.weight", (d,), None))
+        if post:
+            out.append((p + "post_ffw_norm.weight", (d,), i))
+    out.append(("token_embd_norm.weight" if s.arch == "lfm2" else "output_norm.weight", (d,), None))
     if not s.tied:
         out.append(("output.weight", (s.n_vocab, d), None))
     return out
+
+
+def is_float_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    """Kept F32 by llama.cpp's quantizer: 1-D tensors and lfm2's conv kernels."""
+    return len(shape) == 1 or name.endswith("shortconv.conv.weight")
 
 
 def _generator(name: str, shape: tuple[int, ...], ttype: str, seed: int):
     """A callable the writer runs when it reaches the tensor: one float32 tensor at a time."""
     def make():
         rng = np.random.default_rng(seed)
+        if ttype == "F32" and len(shape) == 2:   # lfm2's conv kernel: a few taps per channel
+            return (0.5 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         if len(shape) == 1:   # norms near 1 keep activations in range; biases small
             base = 0.0 if name.endswith(".bias") else 1.0
             return (base + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
@@ -170,6 +220,21 @@ def spm_vocab(n_vocab: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     return tokens, scores, np.array(types, dtype=np.int32)
 
 
+def _arch_metadata(s: Shape) -> dict:
+    a, md = s.arch, {}
+    if s.head_dim:
+        md[f"{a}.attention.key_length"] = md[f"{a}.attention.value_length"] = np.uint32(s.hd)
+    if s.sliding_window:
+        md[f"{a}.attention.sliding_window"] = np.uint32(s.sliding_window)
+    if s.rope_base_swa:
+        md[f"{a}.rope.freq_base_swa"] = np.float32(s.rope_base_swa)
+    if a == "lfm2":   # per layer: 0 kv heads marks a convolution layer
+        md[f"{a}.attention.head_count_kv"] = np.array(
+            [0 if s.is_conv(i) else s.n_head_kv for i in range(s.n_layer)], dtype=np.uint32)
+        md[f"{a}.shortconv.l_cache"] = np.uint32(s.conv_l_cache)
+    return md
+
+
 def metadata(shape_name: str, s: Shape, quant: str) -> dict:
     a = s.arch
     tokens, scores, types = spm_vocab(s.n_vocab)
@@ -182,7 +247,8 @@ def metadata(shape_name: str, s: Shape, quant: str) -> dict:
         f"{a}.attention.head_count_kv": np.uint32(s.n_head_kv),
         f"{a}.attention.layer_norm_rms_epsilon": np.float32(s.rms_eps),
         f"{a}.rope.freq_base": np.float32(s.rope_base),
-        f"{a}.rope.dimension_count": np.uint32(s.n_embd // s.n_head),
+        f"{a}.rope.dimension_count": np.uint32(s.hd),
+        **_arch_metadata(s),
         "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.bos_token_id": np.uint32(1), "tokenizer.ggml.eos_token_id": np.uint32(2),
@@ -205,7 +271,7 @@ def write_model(shape_name: str, quant: str, path: str | os.PathLike, seed: int 
               dynamic_ncols=True, disable=True if quiet else None) as bar:
         tensors = []
         for k, (name, shape, layer) in enumerate(shapes):
-            ttype = "F32" if len(shape) == 1 else tensor_type(quant, name, layer, s, shape[1])
+            ttype = "F32" if is_float_tensor(name, shape) else tensor_type(quant, name, layer, s, shape[1])
             make = _counted(_generator(name, shape, ttype, seed + k), bar)
             tensors.append((name, gguf.TensorData(ttype, shape, make)))
         gguf.write(path, metadata(shape_name, s, quant), tensors)

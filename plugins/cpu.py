@@ -15,14 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import ModelConfig, require_features
+from ember.plugins.arch import FEATURES, ModelConfig, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
+from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
-IMPLEMENTED: frozenset[str] = frozenset()
+IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
@@ -76,7 +77,8 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
 # ---------------------------------------------------------------------------
 
 def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = None) -> MemoryPlan:
-    """Mapped weights + f16 KV cache + scratch for one chunk + the interpreter."""
+    """Mapped weights + f16 KV cache (rings on sliding-window layers, the f32 state on
+    conv layers) + scratch for one chunk + the interpreter."""
     _, forward = _kernels()
     threads = threads or forward.physical_cores()
     batch = int(options.get("max_batch", forward.DEFAULT_MAX_BATCH))
@@ -84,14 +86,28 @@ def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = N
                 if len(t.shape) == 1 and t.type != "F32")
     return MemoryPlan(
         weights=config.weights_bytes,
-        kv_cache=config.kv_cache_bytes(n_ctx, bytes_per_value=2),
+        kv_cache=forward.cache_bytes(config, n_ctx, batch),
         scratch=forward.scratch_bytes(config, n_ctx, threads, batch) + small,
         runtime=RUNTIME_BYTES,
         notes=["weights are the mapped file's tensor bytes (read-only, shared page cache); "
                "no second copy",
                f"scratch is sized for prefill chunks of {batch} tokens and {threads} threads",
+               *_ring_note(config, n_ctx, batch),
                "all_logits=True adds len(tokens) * n_vocab * 4 bytes for the result"],
     )
+
+
+def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
+    """What the sliding-window rings save against a full cache on every layer."""
+    if not any(config.is_swa(il) for il in range(config.n_layer)):
+        return []
+    _, forward = _kernels()
+    rows = [forward.cache_rows(config, il, n_ctx, batch) for il in range(config.n_layer)
+            if config.is_swa(il) and config.layer_kind(il) == "attn"]
+    saved = 2 * (len(rows) * n_ctx - sum(rows)) * config.n_head_kv * config.head_dim * 2
+    return [f"{len(rows)} sliding-window layers keep a ring of {max(rows)} rows "
+            f"(window {config.sliding_window} + chunk {batch} - 1) instead of {n_ctx}: "
+            f"{saved / 2**20:.1f} MiB of KV cache saved"]
 
 
 # ---------------------------------------------------------------------------
@@ -116,13 +132,20 @@ class CpuRunner(CacheBookkeeping):
                                    options.get("isa"))
         self.isa, self.threads = self.dec.isa, self.dec.threads
         self._one = np.zeros(1, dtype=np.int32)   # decode's token, reused
+        # Sliding-window rings hold only their last rows: after writing position p, the
+        # position p - rows is gone. _kept[i] is the lowest position ring i still holds,
+        # so truncate() knows how far back a cache can go. Conv states hold only what
+        # follows the last position: they cannot go back at all.
+        self._rings = self.dec.ring_layers()
+        self._kept = [0] * len(self._rings)
+        self._conv = "conv" in config.layer_kinds
 
     # -- the Runner protocol --------------------------------------------------
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = self._check(tokens)
         out = self.dec.run(ids, self.n_past, bool(all_logits))
-        self.n_past += ids.shape[0]
+        self._advance(ids.shape[0])
         return out
 
     def decode(self, token: int) -> np.ndarray:
@@ -135,8 +158,31 @@ class CpuRunner(CacheBookkeeping):
                                   f"{self.n_past + 1} positions; n_ctx is {self.n_ctx}")
         self._one[0] = token
         out = self.dec.run(self._one, self.n_past, False)
-        self.n_past += 1
+        self._advance(1)
         return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._kept = [0] * len(self._rings)
+
+    def truncate(self, n_past: int) -> None:
+        """Keep the first n_past positions. A ring layer must still hold the positions
+        the next token reads (its last window - 1), else the cache cannot go back; a
+        conv state cannot go back (truncate(0) is a reset and always works)."""
+        if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past:
+            if self._conv:
+                raise CacheTooShort(
+                    f"truncate({n_past}): the convolution layers keep only their state after "
+                    f"position {self.n_past - 1}; reset() and prefill the prompt again")
+            for (rows, window), kept in zip(self._rings, self._kept):
+                if max(0, int(n_past) - window + 1) < kept:
+                    raise CacheTooShort(
+                        f"truncate({n_past}): a ring layer keeps only the last {rows} positions "
+                        f"and position {max(0, int(n_past) - window + 1)} is gone; reset() and "
+                        f"prefill the prompt again")
+        super().truncate(n_past)
+        if self.n_past == 0:
+            self._kept = [0] * len(self._rings)
 
     def close(self) -> None:
         if self.dec is not None:
@@ -144,6 +190,10 @@ class CpuRunner(CacheBookkeeping):
             self.dec = None
 
     # -- internals ------------------------------------------------------------
+
+    def _advance(self, n: int) -> None:
+        self.n_past += n
+        self._kept = [max(k, self.n_past - rows) for (rows, _), k in zip(self._rings, self._kept)]
 
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.dec is None:

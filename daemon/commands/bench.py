@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens decoded after the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--synthetic", metavar="SHAPE",
-                   help="benchmark a random-weight model of this shape (tinyllama-1.1b, qwen2-0.5b)")
+                   help="benchmark a random-weight model of this shape (tinyllama-1.1b, qwen2-0.5b, gemma3-1b, lfm2-1.2b, ...: ember.daemon.synthetic.SHAPES)")
     p.add_argument("--quant", default="Q4_0", help="quant mix of --synthetic: Q4_0, Q8_0, Q4_K_M")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
 

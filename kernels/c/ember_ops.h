@@ -11,6 +11,7 @@
 #ifndef EMBER_OPS_H
 #define EMBER_OPS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -63,6 +64,53 @@ static inline int64_t ember_att_run(int64_t n_head, int64_t n_head_kv) {
     return d;
 }
 
+/* One attention call: the query rows of a batch at positions pos0.. over one layer's
+ * f16 K/V cache. The cache holds `rows` positions: position t lives in row t % rows,
+ * so a sliding-window layer keeps a ring of window + batch - 1 rows instead of n_ctx.
+ * Token b (position p = pos0 + b) sees positions p' <= p with p - p' < window
+ * (window 0: all of them), in position order, so a ring and a full cache give the
+ * same sums. Scores are scale * q.k, then softcap * tanh(s / softcap) when softcap > 0
+ * (gemma2), then softmax. */
+typedef struct {
+    const float *q;          /* (B, ldq), head h at h * hd */
+    int64_t ldq;
+    const uint16_t *K, *V;   /* (rows, kv_stride) f16 */
+    int64_t kv_stride, rows, window;
+    int64_t pos0, n_head, n_head_kv, hd;
+    float scale, softcap;
+    float *out;              /* (B, ldo) */
+    int64_t ldo;
+} ember_att_args;
+
+/* the keys of the token at position p: positions [lo, p], as at most two runs of
+ * consecutive cache rows (a ring wraps once). Returns the number of keys. */
+static inline int64_t ember_att_keys(const ember_att_args *a, int64_t p, int64_t *r0, int64_t *n0) {
+    const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+    const int64_t n = p - lo + 1;
+    *r0 = lo % a->rows;
+    *n0 = a->rows - *r0 < n ? a->rows - *r0 : n;   /* the rest starts at row 0 */
+    return n;
+}
+
+/* scores of one head in place: gemma2's soft cap, s -> cap * tanh(s / cap) */
+static inline void ember_softcap(float *s, int64_t n, float cap) {
+    if (cap <= 0.0f) return;
+    const float inv = 1.0f / cap;
+    for (int64_t i = 0; i < n; i++) s[i] = cap * tanhf(s[i] * inv);
+}
+
+/* ggml's GELU (tanh approximation) as llama.cpp's CPU backend computes it: x is
+ * rounded to f16 and looked up in a table of f16 results, except |x| >= 10. Matching
+ * the table, not the exact formula, keeps F32 gemma logits within 1e-4 KL of it. */
+extern uint16_t ember_gelu_table[(1 << 16) + 1];   /* +1: 32-bit gathers of the last entry */
+void ember_gelu_init(void);   /* fills the table once; thread-safe */
+
+static inline float ember_gelu_f16(float x) {
+    if (x <= -10.0f) return 0.0f;
+    if (x >= 10.0f) return x;
+    return ember_ops_h2f(ember_gelu_table[ember_ops_f2h(x)]);
+}
+
 typedef struct ember_ops {
     const char *name;
     /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; y may alias x */
@@ -75,16 +123,14 @@ typedef struct ember_ops {
     /* x = softmax(x), in place */
     void (*softmax)(float *x, int64_t n);
     /* causal attention of query rows over the f16 cache, for work items [i0, i1) of
-     * (token b, head h) = (i / n_head, i % n_head). q: (B, ldq) with head h at h*hd;
-     * K, V: (n_ctx, kv_stride) f16 of one layer; token b sees positions [0, pos0 + b].
-     * out: (B, ldo). scores: scratch of EMBER_ATT_HEADS * n_ctx floats (kernels may
-     * take the query heads of one KV head together, up to EMBER_ATT_HEADS). */
-    void (*attention)(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
-                      int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
-                      int64_t hd, float scale, float *out, int64_t ldo, float *scores,
-                      int64_t i0, int64_t i1);
+     * (token b, head h) = (i / n_head, i % n_head); see ember_att_args. scores: scratch
+     * of EMBER_ATT_HEADS * rows floats (kernels may take the query heads of one KV head
+     * together, up to EMBER_ATT_HEADS). */
+    void (*attention)(const ember_att_args *a, float *scores, int64_t i0, int64_t i1);
     /* y[i] = silu(g[i]) * u[i]; y may alias g */
     void (*swiglu)(const float *g, const float *u, float *y, int64_t n);
+    /* y[i] = gelu(g[i]) * u[i] with ggml's f16-table GELU (ember_gelu_f16); y may alias g */
+    void (*geglu)(const float *g, const float *u, float *y, int64_t n);
     /* y[i] += x[i] (residual add, bias add) */
     void (*add)(float *y, const float *x, int64_t n);
     /* f32 -> f16 (KV cache writes) */

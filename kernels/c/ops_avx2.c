@@ -215,7 +215,7 @@ static void qk_scores_avx2(const uint16_t *K, int64_t kv_stride, const float *q,
     for (; t < n_kv; t++) scores[t] = dot_f16_avx2(K + t * kv_stride, q, hd) * scale;
 }
 
-/* out = sum_t p[t] V[t] (hd values). 64 output values at a time stay in eight
+/* out += sum_t p[t] V[t] (hd values). 64 output values at a time stay in eight
  * registers over all keys: accumulating through memory (axpy per key) was
  * bound by the store -> load round trip of each output line. */
 static void pv_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int64_t n_kv,
@@ -223,7 +223,7 @@ static void pv_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int64_
     int64_t c = 0;
     for (; c + 64 <= hd; c += 64) {
         __m256 o[8];
-        for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+        for (int j = 0; j < 8; j++) o[j] = _mm256_loadu_ps(out + c + 8 * j);
         for (int64_t t = 0; t < n_kv; t++) {
             const __m256 a = _mm256_set1_ps(p[t]);
             const uint16_t *v = V + t * kv_stride + c;
@@ -231,10 +231,8 @@ static void pv_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int64_
         }
         for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c + 8 * j, o[j]);
     }
-    if (c < hd) {   /* leftover < 64 values (odd head sizes): one key at a time */
-        memset(out + c, 0, (size_t)(hd - c) * sizeof(float));
+    if (c < hd)   /* leftover < 64 values (odd head sizes): one key at a time */
         for (int64_t t = 0; t < n_kv; t++) axpy_f16_avx2(out + c, V + t * kv_stride + c, p[t], hd - c);
-    }
 }
 
 /* ---- attention: the query heads of one KV head together ---------------------------------- */
@@ -259,16 +257,16 @@ static inline __m256 hsum8x8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
-/* scores[j * n_kv + t] = scale * K[t] . q_j for nh heads (q_j = q + j * hd) */
+/* scores[j * ld + t] = scale * K[t] . q_j for nh heads (q_j = q + j * hd) */
 static void qk_heads_avx2(const uint16_t *K, int64_t kv_stride, const float *q, int nh, int64_t hd,
-                          int64_t n_kv, float scale, float *scores) {
+                          int64_t n_kv, float scale, float *scores, int64_t ld) {
     float kb[ATT_KB * ATT_MAX_HD];
     for (int64_t t0 = 0; t0 < n_kv; t0 += ATT_KB) {
         const int nk = n_kv - t0 < ATT_KB ? (int)(n_kv - t0) : ATT_KB;
         rows_f32(K + t0 * kv_stride, kv_stride, nk, hd, kb);
         for (int j = 0; j < nh; j++) {
             const float *qj = q + j * hd;
-            float *sj = scores + j * n_kv + t0;
+            float *sj = scores + j * ld + t0;
             if (nk == ATT_KB) {
                 __m256 acc[ATT_KB];
                 for (int k = 0; k < ATT_KB; k++) acc[k] = _mm256_setzero_ps();
@@ -289,16 +287,15 @@ static void qk_heads_avx2(const uint16_t *K, int64_t kv_stride, const float *q, 
     }
 }
 
-/* out_j = sum_t p_j[t] V[t] for nh heads (p_j = p + j * n_kv, out_j = out + j * hd) */
-static void pv_heads_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int nh, int64_t n_kv,
-                          int64_t hd, float *out) {
+/* out_j += sum_t p_j[t] V[t] for nh heads (p_j = p + j * ld, out_j = out + j * hd) */
+static void pv_heads_avx2(const uint16_t *V, int64_t kv_stride, const float *p, int64_t ld, int nh,
+                          int64_t n_kv, int64_t hd, float *out) {
     float vb[ATT_KB * ATT_MAX_HD];
-    for (int j = 0; j < nh; j++) memset(out + j * hd, 0, (size_t)hd * sizeof(float));
     for (int64_t t0 = 0; t0 < n_kv; t0 += ATT_KB) {
         const int nk = n_kv - t0 < ATT_KB ? (int)(n_kv - t0) : ATT_KB;
         rows_f32(V + t0 * kv_stride, kv_stride, nk, hd, vb);
         for (int j = 0; j < nh; j++) {
-            const float *pj = p + j * n_kv + t0;
+            const float *pj = p + j * ld + t0;
             float *oj = out + j * hd;
             int64_t c = 0;
             for (; c + 32 <= hd; c += 32) {   /* 32 outputs in registers over the block's keys */
@@ -326,30 +323,75 @@ static void pv_heads_avx2(const uint16_t *V, int64_t kv_stride, const float *p, 
     }
 }
 
-static void attention_avx2(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
-                           int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
-                           int64_t hd, float scale, float *out, int64_t ldo, float *scores,
-                           int64_t i0, int64_t i1) {
-    const int64_t group = n_head / n_head_kv;  /* GQA: query heads per kv head */
-    const int64_t run = ember_att_run(n_head, n_head_kv);
+/* the nh heads of a run over keys in two runs of rows (a ring wraps once): the same
+ * per-key order as one run, so a ring gives the sums of a full cache */
+static void heads_avx2(const ember_att_args *a, const float *q, int64_t kvo, int nh, int64_t r0,
+                       int64_t n0, int64_t n_kv, float *scores, float *out) {
+    const int64_t st = a->kv_stride, hd = a->hd;
+    const uint16_t *K = a->K + kvo, *V = a->V + kvo;
+    qk_heads_avx2(K + r0 * st, st, q, nh, hd, n0, a->scale, scores, n_kv);
+    if (n_kv > n0) qk_heads_avx2(K, st, q, nh, hd, n_kv - n0, a->scale, scores + n0, n_kv);
+    for (int j = 0; j < nh; j++) {
+        ember_softcap(scores + j * n_kv, n_kv, a->softcap);
+        softmax_avx2(scores + j * n_kv, n_kv);
+    }
+    memset(out, 0, (size_t)(nh * hd) * sizeof(float));
+    pv_heads_avx2(V + r0 * st, st, scores, n_kv, nh, n0, hd, out);
+    if (n_kv > n0) pv_heads_avx2(V, st, scores + n0, n_kv, nh, n_kv - n0, hd, out);
+}
+
+static void head_avx2(const ember_att_args *a, const float *q, int64_t kvo, int64_t r0, int64_t n0,
+                      int64_t n_kv, float *scores, float *out) {
+    const int64_t st = a->kv_stride, hd = a->hd;
+    const uint16_t *K = a->K + kvo, *V = a->V + kvo;
+    qk_scores_avx2(K + r0 * st, st, q, hd, n0, a->scale, scores);
+    if (n_kv > n0) qk_scores_avx2(K, st, q, hd, n_kv - n0, a->scale, scores + n0);
+    ember_softcap(scores, n_kv, a->softcap);
+    softmax_avx2(scores, n_kv);
+    memset(out, 0, (size_t)hd * sizeof(float));
+    pv_avx2(V + r0 * st, st, scores, n0, hd, out);
+    if (n_kv > n0) pv_avx2(V, st, scores + n0, n_kv - n0, hd, out);
+}
+
+static void attention_avx2(const ember_att_args *a, float *scores, int64_t i0, int64_t i1) {
+    const int64_t n_head = a->n_head, hd = a->hd;
+    const int64_t group = n_head / a->n_head_kv;  /* GQA: query heads per kv head */
+    const int64_t run = ember_att_run(n_head, a->n_head_kv);
     const int shared = hd % 8 == 0 && hd <= ATT_MAX_HD;
     for (int64_t it = i0; it < i1;) {
-        const int64_t b = it / n_head, h = it % n_head, n_kv = pos0 + b + 1;
-        const int64_t kvo = (h / group) * hd;
+        const int64_t b = it / n_head, h = it % n_head, kvo = (h / group) * hd;
+        int64_t r0, n0;
+        const int64_t n_kv = ember_att_keys(a, a->pos0 + b, &r0, &n0);
+        const float *q = a->q + b * a->ldq + h * hd;
+        float *out = a->out + b * a->ldo + h * hd;
         int64_t nh = run - h % run;            /* heads left in this run (runs tile each group) */
         nh = nh < i1 - it ? nh : i1 - it;
         if (shared && nh > 1) {
-            qk_heads_avx2(K + kvo, kv_stride, q + b * ldq + h * hd, (int)nh, hd, n_kv, scale, scores);
-            for (int64_t j = 0; j < nh; j++) softmax_avx2(scores + j * n_kv, n_kv);
-            pv_heads_avx2(V + kvo, kv_stride, scores, (int)nh, n_kv, hd, out + b * ldo + h * hd);
+            heads_avx2(a, q, kvo, (int)nh, r0, n0, n_kv, scores, out);
             it += nh;
         } else {
-            qk_scores_avx2(K + kvo, kv_stride, q + b * ldq + h * hd, hd, n_kv, scale, scores);
-            softmax_avx2(scores, n_kv);
-            pv_avx2(V + kvo, kv_stride, scores, n_kv, hd, out + b * ldo + h * hd);
+            head_avx2(a, q, kvo, r0, n0, n_kv, scores, out);
             it++;
         }
     }
+}
+
+/* y = gelu(g) * u through ggml's f16 table (ember_gelu_f16): eight lookups per gather */
+static void geglu_avx2(const float *g, const float *u, float *y, int64_t n) {
+    const __m256 lo = _mm256_set1_ps(-10.0f), hi = _mm256_set1_ps(10.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256i h = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        /* 32-bit gathers at 2-byte steps: the entry is the low half (little-endian) */
+        const __m256i t = _mm256_and_si256(_mm256_i32gather_epi32((const int *)ember_gelu_table, h, 2),
+                                           _mm256_set1_epi32(0xffff));
+        __m256 v = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+        v = _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, hi, _CMP_GE_OQ));                /* x >= 10: x */
+        v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LE_OQ)); /* x <= -10: 0 */
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(v, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) y[i] = ember_gelu_f16(g[i]) * u[i];
 }
 
 /* ---- the table ------------------------------------------------------------------------------ */
@@ -361,6 +403,7 @@ const ember_ops ember_ops_avx2 = {
     .softmax = softmax_avx2,
     .attention = attention_avx2,
     .swiglu = swiglu_avx2,
+    .geglu = geglu_avx2,
     .add = add_avx2,
     .to_f16 = to_f16_avx2,
 };

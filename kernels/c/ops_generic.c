@@ -1,6 +1,7 @@
 /* Portable C twins of the ops in ember_ops.h: the reference every ISA variant
  * is tested against, and the ops table for CPUs without a SIMD variant. */
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "ember_ops.h"
@@ -16,6 +17,28 @@ static void rmsnorm_generic(const float *x, const float *w, float *y, int64_t n,
 
 static void swiglu_generic(const float *g, const float *u, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---- GELU: ggml's f16 table ------------------------------------------------------- */
+
+uint16_t ember_gelu_table[(1 << 16) + 1];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+
+/* ggml_gelu_f32: the tanh approximation, in float as ggml computes it */
+static float gelu_f32(float x) {
+    const float sqrt_2_over_pi = 0.79788456080286535587989211986876f, coef_a = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(sqrt_2_over_pi * x * (1.0f + coef_a * x * x)));
+}
+
+static void gelu_fill(void) {
+    for (uint32_t i = 0; i < (1u << 16); i++)
+        ember_gelu_table[i] = ember_ops_f2h(gelu_f32(ember_ops_h2f((uint16_t)i)));
+}
+
+void ember_gelu_init(void) { pthread_once(&gelu_once, gelu_fill); }
+
+static void geglu_generic(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = ember_gelu_f16(g[i]) * u[i];
 }
 
 static void add_generic(float *y, const float *x, int64_t n) {
@@ -60,22 +83,25 @@ static float dot_f16_generic(const uint16_t *k, const float *q, int64_t n) {
     return s;
 }
 
-static void attention_generic(const float *q, int64_t ldq, const uint16_t *K, const uint16_t *V,
-                              int64_t kv_stride, int64_t pos0, int64_t n_head, int64_t n_head_kv,
-                              int64_t hd, float scale, float *out, int64_t ldo, float *scores,
-                              int64_t i0, int64_t i1) {
-    const int64_t group = n_head / n_head_kv;  /* GQA: query heads per kv head */
+static void attention_generic(const ember_att_args *a, float *scores, int64_t i0, int64_t i1) {
+    const int64_t group = a->n_head / a->n_head_kv, hd = a->hd;  /* GQA: query heads per kv head */
     for (int64_t it = i0; it < i1; it++) {
-        const int64_t b = it / n_head, h = it % n_head, n_kv = pos0 + b + 1;
-        const float *qh = q + b * ldq + h * hd;
+        const int64_t b = it / a->n_head, h = it % a->n_head;
+        int64_t r0, n0;
+        const int64_t n_kv = ember_att_keys(a, a->pos0 + b, &r0, &n0);
+        const float *qh = a->q + b * a->ldq + h * hd;
         const int64_t kvo = (h / group) * hd;
-        for (int64_t t = 0; t < n_kv; t++)
-            scores[t] = dot_f16_generic(K + t * kv_stride + kvo, qh, hd) * scale;
+        for (int64_t t = 0; t < n_kv; t++) {   /* key t (in position order) lives in row */
+            const int64_t row = t < n0 ? r0 + t : t - n0;
+            scores[t] = dot_f16_generic(a->K + row * a->kv_stride + kvo, qh, hd) * a->scale;
+        }
+        ember_softcap(scores, n_kv, a->softcap);
         softmax_generic(scores, n_kv);
-        float *oh = out + b * ldo + h * hd;
+        float *oh = a->out + b * a->ldo + h * hd;
         memset(oh, 0, (size_t)hd * sizeof(float));
         for (int64_t t = 0; t < n_kv; t++) {
-            const uint16_t *vt = V + t * kv_stride + kvo;
+            const int64_t row = t < n0 ? r0 + t : t - n0;
+            const uint16_t *vt = a->V + row * a->kv_stride + kvo;
             for (int64_t d = 0; d < hd; d++) oh[d] += scores[t] * ember_ops_h2f(vt[d]);
         }
     }
@@ -90,6 +116,7 @@ const ember_ops ember_ops_generic = {
     .softmax = softmax_generic,
     .attention = attention_generic,
     .swiglu = swiglu_generic,
+    .geglu = geglu_generic,
     .add = add_generic,
     .to_f16 = to_f16_generic,
 };

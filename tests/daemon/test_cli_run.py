@@ -72,3 +72,35 @@ def test_run_missing_file(tmp_path):
     p = ember("run", str(tmp_path / "none.gguf"), "-p", "hi")
     assert p.returncode == 2 and "No such file" in p.stderr and "Traceback" not in p.stderr
 
+
+# ---------------------------------------------------------------------------
+# every architecture fixture (../shared/conformance/arch)
+# ---------------------------------------------------------------------------
+
+ARCH_CASES = [c for c in conformance_cases("arch")
+              if c.get("kind") != "embedding" and c["ref"].endswith(".p1.npz")]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["model"].removesuffix(".gguf"))
+                                  for c in ARCH_CASES] or [pytest.param(None, marks=pytest.mark.skip(
+                                      reason="../shared/conformance/arch is absent"))])
+def test_run_each_architecture_greedy_equals_llama_cpp(case):
+    """gemma2/3, smollm3, granite, olmo2, lfm2, phi3 (LongRoPE), qwen2 (YaRN) from the
+    command line on the cpu backend, at the case's n_ctx (the reference backend's greedy
+    decode is held in test_arch_conformance): on the F32 files, llama.cpp's greedy text for the
+    same prompt. The Q8_0 files run too, but their continuations meet near-ties of random
+    weights where one 8-bit activation rounding picks the other token (qwen2-Q8_0: top-2
+    logits 0.002 apart), so only their logits are held to llama.cpp (test_arch_conformance)."""
+    want = np.load(conformance_path("arch", "refs", case["ref"]))["greedy"]
+    p = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "run",
+                        str(conformance_path("arch", "models", case["model"])), "-p", case["prompt"],
+                        "--max-tokens", str(len(want)), "--temperature", "0",
+                        "--n-ctx", str(case["n_ctx"]), "--backend", "cpu", "--threads", "2"],
+                       capture_output=True, timeout=120)   # bytes: the text holds bare \r
+    stderr = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, stderr
+    assert "backend cpu" in stderr and "tok/s" in stderr
+    if case["model"].endswith("-F32.gguf"):
+        assert p.stdout.decode() == case["greedy_text"] + "\n"
+    else:
+        assert p.stdout.strip()

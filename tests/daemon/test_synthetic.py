@@ -85,3 +85,33 @@ def test_unknown_names_are_typed():
         synthetic.cached_model("gpt-17", "Q4_0")
     with pytest.raises(synthetic.SyntheticError, match="quant"):
         synthetic.cached_model("tinyllama-1.1b", "Q2_X")
+
+
+def test_gemma3_1b_and_lfm2_1_2b_shapes_are_the_real_ones():
+    g = {n: shape for n, shape, _ in synthetic.tensor_shapes(synthetic.SHAPES["gemma3-1b"])}
+    assert g["blk.0.attn_q.weight"] == (1024, 1152) and g["blk.0.attn_k.weight"] == (256, 1152)
+    assert g["blk.25.post_ffw_norm.weight"] == (1152,) and "output.weight" not in g
+    lf = {n: shape for n, shape, _ in synthetic.tensor_shapes(synthetic.SHAPES["lfm2-1.2b"])}
+    assert lf["blk.0.shortconv.in_proj.weight"] == (6144, 2048) and "blk.0.attn_q.weight" not in lf
+    assert lf["blk.2.attn_k.weight"] == (512, 2048) and lf["token_embd_norm.weight"] == (2048,)
+    t = _types("gemma3-1b", "Q4_K_M")                  # 1152 = 4.5 * 256: K-quants fall back
+    assert t["blk.3.attn_q.weight"] == "Q5_0" and t["blk.3.ffn_down.weight"] == "Q4_K"
+
+
+@pytest.mark.parametrize("shape_name", ["gemma3-tiny", "lfm2-tiny"])
+def test_new_architectures_write_and_run_on_cpu(tmp_path, shape_name):
+    from ember.plugins import cpu
+    path = synthetic.write_model(shape_name, "Q8_0", tmp_path / "m.gguf")
+    s = synthetic.SHAPES[shape_name]
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        assert (c.arch, c.n_layer, c.head_dim) == (s.arch, s.n_layer, s.hd)
+        if s.arch == "gemma3":   # llama.cpp's default pattern: 5 local layers, then 1 global
+            assert c.swa_layers == (True,) * 5 + (False,) and c.sliding_window == s.sliding_window
+        else:
+            assert c.layer_kinds == tuple("attn" if i in s.attn_layers else "conv" for i in range(s.n_layer))
+            assert f.tensors["blk.0.shortconv.conv.weight"].type == "F32"
+        r = cpu.CpuRunner(f, c, 128, 2)
+        logits = r.prefill(list(range(1, 80)), all_logits=True)
+        assert np.all(np.isfinite(logits)) and 0.05 < float(logits.std()) < 10
+        r.close()

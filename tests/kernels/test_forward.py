@@ -18,6 +18,7 @@ from ember.formats import gguf
 from ember.kernels import forward
 from ember.plugins import cpu, reference
 from ember.plugins.arch import config_from_gguf, rope_cos_sin
+from ember.plugins.types import CacheTooShort
 from tests.conftest import conformance_path
 from tests.plugins.test_reference import kl_rows, thresholds
 
@@ -107,3 +108,112 @@ def test_decode_equals_batched_pass(model, n_first):
 
 def test_physical_cores_is_a_positive_count():
     assert 1 <= forward.physical_cores() <= 4096
+
+
+# ---------------------------------------------------------------------------
+# sliding-window rings and conv layers (gemma2/3, lfm2)
+# ---------------------------------------------------------------------------
+
+RING_MODELS = ["s512-gemma2-F32.gguf", "s512-gemma3-Q8_0.gguf", "s512-lfm2-F32.gguf", "s512-lfm2-Q8_0.gguf"]
+
+
+def _arch_cpu(name: str, n_ctx: int = 256, threads: int = 2, **options) -> cpu.CpuRunner:
+    f = gguf.open(conformance_path("arch", "models", name))
+    return cpu.CpuRunner(f, config_from_gguf(f), n_ctx, threads, options)
+
+
+def _ring_rows(r: cpu.CpuRunner) -> list[int]:
+    c = r.dec.config
+    return [r.dec.fw.cache_rows(il) for il in range(c.n_layer)
+            if c.is_swa(il) or c.layer_kind(il) == "conv"]
+
+
+@pytest.mark.parametrize("model", RING_MODELS)
+@pytest.mark.parametrize("max_batch", [1, 5, 16])
+def test_chunked_prefill_equals_one_batch_through_rings(model, max_batch):
+    """200 tokens cross every window (16 or 32) and wrap every ring (window + chunk - 1
+    rows) many times, and carry the conv states across 200 / chunk calls; chunks must
+    compute what one batch does."""
+    whole = _arch_cpu(model, max_batch=256)
+    ids = _prompt(whole.n_vocab, 200, seed=2)
+    want = whole.prefill(ids, all_logits=True)
+    chunked = _arch_cpu(model, max_batch=max_batch)
+    rows = _ring_rows(chunked)
+    assert rows and max(rows) < 64, rows      # the rings really are short and really wrap
+    got = chunked.prefill(ids, all_logits=True)
+    kl = kl_rows(want, got)
+    assert kl.max() <= 1e-6, f"max KL {kl.max():.3e} at position {kl.argmax()}"
+    whole.close()
+    chunked.close()
+
+
+@pytest.mark.parametrize("model", ["s512-gemma2-Q8_0.gguf", "s512-lfm2-Q8_0.gguf"])
+def test_thread_count_does_not_change_a_bit_through_rings(model):
+    outs = []
+    for threads in (1, 2, 3):
+        r = _arch_cpu(model, threads=threads, max_batch=8)
+        ids = _prompt(r.n_vocab, 60, seed=5)
+        outs.append(np.concatenate([r.prefill(ids, all_logits=True), r.decode(5)[None]]))
+        r.close()
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("model", RING_MODELS)
+def test_decode_through_rings_equals_the_batched_pass(model):
+    r = _arch_cpu(model, max_batch=8)
+    ids = _prompt(r.n_vocab, 120, seed=3)
+    batched = r.prefill(ids, all_logits=True)
+    r.reset()
+    steps = [r.prefill(ids[:30], all_logits=True)] + [r.decode(t)[None] for t in ids[30:]]
+    kl = kl_rows(batched, np.concatenate(steps))
+    assert kl.max() <= 1e-6, f"max KL {kl.max():.3e} at position {kl.argmax()}"
+    r.close()
+
+
+def test_truncate_goes_back_as_far_as_the_rings_hold():
+    r = _arch_cpu("s512-gemma3-Q8_0.gguf", max_batch=8)   # rings of 16 - 1 + 8 rows
+    ids = _prompt(r.n_vocab, 100, seed=4)
+    full = r.prefill(ids, all_logits=True)
+    r.truncate(93)                              # within the last chunk's reach: allowed
+    again = np.stack([r.decode(t) for t in ids[93:]])
+    assert kl_rows(full[93:], again).max() <= 1e-6
+    with pytest.raises(CacheTooShort, match="reset"):
+        r.truncate(40)                          # those positions left the rings long ago
+    assert r.n_past == 100                      # a refused truncate changes nothing
+    r.truncate(0)                               # a reset always works
+    assert kl_rows(full[:50], r.prefill(ids[:50], all_logits=True)).max() <= 1e-6
+    r.close()
+
+
+def test_conv_state_cannot_go_back_but_restarts_from_zero():
+    r = _arch_cpu("s512-lfm2-F32.gguf", max_batch=8)
+    ids = _prompt(r.n_vocab, 30, seed=6)
+    full = r.prefill(ids, all_logits=True)
+    with pytest.raises(CacheTooShort, match="convolution"):
+        r.truncate(29)
+    r.truncate(30)                              # no-op: allowed
+    r.reset()                                   # the next prefill starts from a zero state
+    assert np.array_equal(r.prefill(ids, all_logits=True), full)
+    r.close()
+
+
+@pytest.mark.parametrize("model", RING_MODELS + ["s512-olmo2-Q8_0.gguf", "s512-phi3-F32.gguf"])
+def test_cache_and_scratch_sizes_mirror_the_c_model(model):
+    """The plan's numbers (forward.cache_bytes / scratch_bytes) are the C model's allocations."""
+    r = _arch_cpu(model, n_ctx=300, max_batch=16)
+    c = r.dec.config
+    assert forward.cache_bytes(c, 300, 16) == r.dec.cache_bytes
+    assert forward.scratch_bytes(c, 300, r.threads, 16) == r.dec.scratch_bytes
+    assert [forward.cache_rows(c, il, 300, 16) for il in range(c.n_layer)] == \
+        [r.dec.fw.cache_rows(il) for il in range(c.n_layer)]
+    r.close()
+
+
+def test_plan_counts_the_sliding_window_rings_at_8192():
+    f = gguf.open(conformance_path("arch", "models", "s512-gemma3-Q8_0.gguf"))
+    c = config_from_gguf(f)
+    plan = cpu.plan(c, 8192, {}, threads=2)
+    full = 2 * c.n_layer * 8192 * c.n_head_kv * c.head_dim * 2
+    rows = 16 - 1 + forward.DEFAULT_MAX_BATCH        # window + chunk - 1
+    assert plan.kv_cache == 2 * (5 * rows + 1 * 8192) * c.n_head_kv * c.head_dim * 2 < full / 5
+    assert any("sliding-window layers keep a ring" in n and "saved" in n for n in plan.notes), plan.notes

@@ -21,6 +21,8 @@ SOFTMAX_RTOL = 2e-6     # exp within ~2 ulp, normalized by a double/float sum
 SWIGLU_RTOL = 2e-6
 ROPE_ATOL = 1e-6        # two float products per output, values O(1)
 ATTN_ATOL = 2e-6        # scores, softmax and the weighted sum of f16 values
+GEGLU_ULP = 1           # gelu table entries: numpy's float32 tanh vs libm tanhf, rounded to f16
+GEGLU_ATOL = 1e-6       # x < -4: 1 + tanh cancels, so the two tanh's differ by ulps of a < 1e-6 gelu
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
@@ -93,6 +95,44 @@ def test_swiglu(isa, n):
     np.testing.assert_allclose(y, g64 / (1 + np.exp(-g64)) * u, rtol=SWIGLU_RTOL, atol=1e-7)
 
 
+def gelu_table_ref() -> np.ndarray:
+    """ggml's table: f16(gelu_f32(x)) for every f16 x, the tanh formula in float32."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        inner = np.float32(0.79788456080286535587989211986876) * x * (1 + np.float32(0.044715) * x * x)
+        return (np.float32(0.5) * x * (1 + np.tanh(inner))).astype(np.float16)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_geglu_uses_ggmls_f16_gelu_table(isa, n):
+    rng = np.random.default_rng(n)
+    g = rng.standard_normal(n, dtype=np.float32) * 4
+    g[: min(n, 4)] = [-10.0, 10.0, -12.5, 30.0][: min(n, 4)]   # the exact branches: 0 and x
+    g, u = _ro(g), _ro(rng.standard_normal(n, dtype=np.float32))
+    y = np.empty(n, np.float32)
+    _native.op_geglu(isa, g, u, y)
+    table = gelu_table_ref()
+    gelu = table[g.astype(np.float16).view(np.uint16)].astype(np.float32)
+    gelu = np.where(g <= -10, 0.0, np.where(g >= 10, g, gelu)).astype(np.float32)
+    # one f16 ulp of the gelu value at most (libm tanhf vs numpy's tanh before rounding)
+    ulp = np.abs(np.spacing(gelu.astype(np.float16))).astype(np.float32) * GEGLU_ULP
+    # ... plus the float32 rounding of the product
+    tol = (ulp + GEGLU_ATOL) * np.abs(u) + np.abs(gelu * u) * 2.0 ** -23
+    assert np.all(np.abs(y - gelu * u) <= tol), \
+        f"worst at {np.argmax(np.abs(y - gelu * u))}"
+
+
+def test_geglu_is_the_same_on_every_isa():
+    rng = np.random.default_rng(5)
+    g, u = _ro(rng.standard_normal(4099, dtype=np.float32) * 6), _ro(rng.standard_normal(4099, dtype=np.float32))
+    outs = []
+    for name in ISAS:
+        y = np.empty(4099, np.float32)
+        _native.op_geglu(name, g, u, y)
+        outs.append(y)
+    assert all(np.array_equal(outs[0], y) for y in outs[1:])
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_add_is_exact(isa, n):
     rng = np.random.default_rng(n)
@@ -140,16 +180,21 @@ def test_rope(isa, neox, head_dim, rope_dim):
 # attention over an f16 cache
 # ---------------------------------------------------------------------------
 
-def attention_ref(q, K, V, pos0, n_head, n_kv, hd):
-    """q (B, n_head*hd), K/V f16 (S, n_kv*hd) -> (B, n_head*hd), float64, causal, GQA."""
-    B = q.shape[0]
+def attention_ref(q, K, V, pos0, n_head, n_kv, hd, window=0, softcap=0.0):
+    """q (B, n_head*hd), K/V f16 (S, n_kv*hd) -> (B, n_head*hd), float64, causal, GQA.
+    Position t is in row t % S (a ring when the window is shorter than the positions)."""
+    B, S = q.shape[0], K.shape[0]
     Kf, Vf = K.view(np.float16).astype(np.float64), V.view(np.float16).astype(np.float64)
     out = np.zeros((B, n_head * hd))
     for b in range(B):
+        p_ = pos0 + b
+        rows = np.arange(max(0, p_ - window + 1) if window else 0, p_ + 1) % S
         for h in range(n_head):
             g = h // (n_head // n_kv)
-            k, v = Kf[: pos0 + b + 1, g * hd:(g + 1) * hd], Vf[: pos0 + b + 1, g * hd:(g + 1) * hd]
+            k, v = Kf[rows, g * hd:(g + 1) * hd], Vf[rows, g * hd:(g + 1) * hd]
             s = k @ q[b, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
             p = np.exp(s - s.max())
             out[b, h * hd:(h + 1) * hd] = (p / p.sum()) @ v
     return out
@@ -173,6 +218,44 @@ def test_attention(isa, B, pos0, n_head, n_kv, hd):
     out = np.empty((B, n_head * hd), np.float32)
     _native.op_attention(isa, q, K, V, pos0, n_head, n_kv, hd, out)
     np.testing.assert_allclose(out, attention_ref(q, K, V, pos0, n_head, n_kv, hd), atol=ATTN_ATOL * np.sqrt(hd))
+
+
+@pytest.mark.parametrize("B,pos0,window,rows,softcap", [
+    (1, 50, 8, 8, 0.0),      # decode in a ring of exactly the window
+    (4, 30, 8, 11, 0.0),     # a chunk whose keys wrap around the ring's end
+    (6, 0, 4, 9, 0.0),       # prefill from empty: the window cuts in at position 4
+    (3, 20, 0, 23, 5.0),     # no window, soft-capped scores (gemma2)
+    (5, 37, 16, 20, 2.0),    # both
+])
+@pytest.mark.parametrize("n_head,n_kv,hd", [(4, 2, 32), (2, 1, 48), (3, 3, 20)])
+def test_attention_window_ring_and_softcap(isa, B, pos0, window, rows, softcap, n_head, n_kv, hd):
+    rng = np.random.default_rng(pos0 * 7 + B)
+    q = _ro(rng.standard_normal((B, n_head * hd), dtype=np.float32) * 2)
+    K = _ro(rng.standard_normal((rows, n_kv * hd)).astype(np.float16).view(np.uint16))
+    V = _ro(rng.standard_normal((rows, n_kv * hd)).astype(np.float16).view(np.uint16))
+    out = np.empty((B, n_head * hd), np.float32)
+    _native.op_attention(isa, q, K, V, pos0, n_head, n_kv, hd, out, window=window, softcap=softcap)
+    want = attention_ref(q, K, V, pos0, n_head, n_kv, hd, window, softcap)
+    np.testing.assert_allclose(out, want, atol=ATTN_ATOL * np.sqrt(hd))
+
+
+def test_attention_ring_gives_the_full_caches_numbers(isa):
+    """The same keys in a ring and in a full cache: the same sums, bit for bit (position
+    order is kept across the wrap), which is what makes chunked prefill exact."""
+    rng = np.random.default_rng(3)
+    n_pos, window, rows, hd = 40, 10, 13, 32
+    Kfull = rng.standard_normal((n_pos, 2 * hd)).astype(np.float16).view(np.uint16)
+    Vfull = rng.standard_normal((n_pos, 2 * hd)).astype(np.float16).view(np.uint16)
+    ring_k, ring_v = np.zeros((rows, 2 * hd), np.uint16), np.zeros((rows, 2 * hd), np.uint16)
+    for t in range(n_pos - 3):   # the ring after writing positions 0..36 in order
+        ring_k[t % rows], ring_v[t % rows] = Kfull[t], Vfull[t]
+    for t in range(n_pos - 3, n_pos):
+        ring_k[t % rows], ring_v[t % rows] = Kfull[t], Vfull[t]
+    q = rng.standard_normal((3, 4 * hd), dtype=np.float32)
+    a, b = np.empty((3, 4 * hd), np.float32), np.empty((3, 4 * hd), np.float32)
+    _native.op_attention(isa, q, Kfull, Vfull, n_pos - 3, 4, 2, hd, a, window=window)
+    _native.op_attention(isa, q, ring_k, ring_v, n_pos - 3, 4, 2, hd, b, window=window)
+    assert np.array_equal(a, b)
 
 
 def test_attention_rejects_shapes_out_of_the_cache():

@@ -1,8 +1,10 @@
 """The cpu backend against llama.cpp's logits, for every kernel ISA this CPU runs.
 
-Conformance: every case of ../shared/conformance/refs/manifest.json (all
-stored positions), per ISA variant (generic, avx2, avx512, ... whatever
-dispatch reports), KL(p_llama.cpp || p_ember) within the README's bounds.
+Conformance: every case of ../shared/conformance/refs/manifest.json and every
+decoder case of arch/refs/manifest.json (gemma2/3, smollm3, granite, olmo2,
+lfm2, phi3 LongRoPE, qwen2 YaRN; all stored positions, at the case's n_ctx),
+per ISA variant (generic, avx2, avx512, ... whatever dispatch reports),
+KL(p_llama.cpp || p_ember) within the README's bounds.
 Each model is loaded once per ISA and runs its three prompts. Then the Runner
 contract (overflow, truncate, bad tokens), the plugin hooks, and the promise
 that decoding allocates nothing that grows.
@@ -27,6 +29,8 @@ from tests.plugins.test_reference import greedy, kl_rows, thresholds
 CASES = conformance_cases()
 ISAS = dispatch.available_isas()
 MODELS = sorted({c["model"] for c in CASES})
+ARCH_CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
+ARCH_MODELS = sorted({c["model"] for c in ARCH_CASES})
 
 
 def load_runner(name: str, n_ctx: int = 128, threads: int = 2, **options):
@@ -65,10 +69,30 @@ def test_logits_match_llama_cpp(isa, model, restore_isa):
     r.close()
 
 
+@pytest.mark.parametrize("model", oracle_params(ARCH_MODELS))
+@pytest.mark.parametrize("isa", ISAS)
+def test_arch_logits_match_llama_cpp(isa, model, restore_isa):
+    dispatch.use(isa)
+    cases = [c for c in ARCH_CASES if c["model"] == model]
+    f = gguf.open(conformance_path("arch", "models", model))
+    r = cpu.CpuRunner(f, config_from_gguf(f), cases[0]["n_ctx"], 2)   # phi3: n_ctx picks LongRoPE's factors
+    mean_max, max_max = thresholds(model)
+    for case in cases:
+        z = np.load(conformance_path("arch", "refs", case["ref"]))
+        r.reset()
+        logits = r.prefill(z["tokens"].tolist(), all_logits=True)
+        kl = kl_rows(z["logits"], logits[z["positions"]])
+        assert kl.mean() <= mean_max and kl.max() <= max_max, (
+            f"{isa} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
+            f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    r.close()
+
+
 def test_every_model_ran():
     if not CASES:
         absent("conformance manifest absent (../shared/conformance is absent)")
     assert len(MODELS) >= 20 and "generic" in ISAS
+    assert len(ARCH_MODELS) >= 16    # 8 architectures, F32 and Q8_0
 
 
 STORIES = [c for c in CASES if c["model"] == "stories260K.gguf"]
