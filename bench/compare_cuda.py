@@ -4,7 +4,7 @@ Usage (on the GPU machine; see bench/results/cuda-*.md for a recorded run):
 
     python bench/compare_cuda.py --llama-bench /path/to/llama-bench \
         [--shape tinyllama-1.1b] [--quants Q4_0,Q8_0,Q4_K_M] [--reps 2] [--out table.md] \
-        [--variants "base:flash=0,prefetch=0;new:flash=1,prefetch=1"] [--profile]
+        [--variants "base:flash=0,prefetch=0;new:flash=1,prefetch=1"] [--profile] [--trace]
 
 For each quant mix it writes the synthetic model once (ember.daemon.synthetic,
 the writers run in parallel), then alternates, per repetition, ember's cuda
@@ -18,11 +18,13 @@ matrix but the embedding table, of which one row is read) times tokens per
 second, against a device-to-device copy measured in the same run (bytes
 read + written).
 
---variants measures several sets of runner options side by side (each row of
+--variants measures several sets of runner options side by side (e.g.
+"graph:;persistent:persistent=1": the launch graph, the yardstick, first) (each row of
 the table is one variant; the first is the yardstick for a logits check: the
 KL of every other variant's prefill and decode logits from it). --profile
 times each step of one decoded token (position ~600) and of a 512-token
-prefill with CUDA events, summed per kernel, for the first quant.
+prefill with CUDA events, summed per kernel, for the first quant; for the
+persistent decode, its stages from the kernel's own clock (persistent_trace).
 """
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_ge
         out = {"prefill_tok_s": prefill(), "decode_tok_s": decode()}
         r.reset()
         out["logits"] = [r.prefill(prompt[:300]), r.decode(prompt[300])]
-        out.update(flash=r.lay.flash, prefetch=r.lay.prefetch, fuse_rope=r.lay.fuse_rope, pdl=r.pdl is not None)
+        out.update(flash=r.lay.flash, prefetch=r.lay.prefetch, fuse_rope=r.lay.fuse_rope, pdl=r.pdl is not None,
+                   persistent=r.lay.persistent, p_grid=r.lay.p_grid, persistent_error=r.persistent_error,
+                   graph=type(r.graph).__name__)
         r.close()
     return out
 
@@ -221,12 +225,67 @@ def profile(path: Path, options: dict) -> str:
                 lines.append(f"  {k:44s} {ms:8.3f} ms  x{n:3d}  {1000 * ms / n:8.1f} us each")
         r.io_h[0], r.io_h[1] = 600, 7
         per_step(cuda.decode_steps(r.lay), "decode, one token")
+        if r.lay.persistent:
+            lines += persistent_trace(r)
         r.io_h[0] = 0
         r.io_h[1:513] = toks[:512]
         with r.device, s:
             r._run([cuda.Copy(cuda.Buf("io"), cuda.Buf("io_h"), 4 * 513, "h2d")])
         per_step(cuda.forward_steps(r.lay, 512), "prefill, 512 tokens")
         r.close()
+    return "\n".join(lines)
+
+
+def persistent_trace(r, reps: int = 20) -> list[str]:
+    """Where the persistent kernel's time goes: block 0's clock at each stage start (so a
+    stage's time includes the barrier wait after it), the median of reps tokens at position
+    600, summed per kind of stage, with the weight bytes each reads."""
+    import collections
+    import numpy as np
+    from ember.plugins import cuda
+    stages = cuda.persistent_stages(r.lay)
+    names = ["embed"] + ["q|k|v", "attention", "o", "gate|up", "down"] * r.lay.c.n_layer + ["output"]
+    launch = cuda.persistent_launch(r.lay, trace=True)
+    runs = []
+    with r.device, r.stream:
+        for _ in range(reps):
+            r.io_h[0], r.io_h[1] = 600, 7
+            r._run([cuda.Copy(cuda.Buf("io"), cuda.Buf("io_h"), 8, "h2d"), launch])
+            r.stream.synchronize()
+            runs.append(np.diff(r.bufs["trace"].view(np.int64).get()[:len(stages) + 1]))
+    ns = np.median(np.stack(runs), axis=0)
+    agg = collections.defaultdict(lambda: [0.0, 0, 0])
+    for name, st, t in zip(names, stages, ns):
+        agg[name][0] += t / 1e3
+        agg[name][1] += 1
+        agg[name][2] += sum(m.rows * cuda._row_bytes(m.kind, m.cols) + (m.rows * m.cols // 16 if m.d() else 0)
+                            for m in st.mats) if st.op != cuda.P_EMBED else 0
+    total = ns.sum() / 1e3
+    out = [f"== persistent decode ({r.lay.p_grid} blocks, {len(stages)} stages): {total:.1f} us a token "
+           f"(kernel only, median of {reps}; a stage includes the barrier after it)"]
+    for name, (us, n, nbytes) in sorted(agg.items(), key=lambda kv: -kv[1][0]):
+        gbs = f"{nbytes / us / 1e3:8.0f} GB/s" if nbytes else ""
+        out.append(f"  {name:10s} {us:8.1f} us  x{n:3d}  {us / n:6.2f} us each {gbs}")
+    return out
+
+
+def trace_variants(path: Path, variants: list[tuple[str, dict]]) -> str:
+    """persistent_trace of each persistent variant on one model (position ~600)."""
+    import numpy as np
+    from ember.formats import gguf
+    from ember.plugins import cuda
+    from ember.plugins.arch import config_from_gguf
+    lines = []
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        toks = np.random.default_rng(0).integers(3, c.n_vocab, 600).tolist()
+        for name, opts in variants:
+            r = cuda.CudaRunner(f, c, 640, opts)
+            r.prefill(toks)
+            r.decode(5)
+            if r.lay.persistent:
+                lines += [f"-- {name} {opts}"] + persistent_trace(r)
+            r.close()
     return "\n".join(lines)
 
 
@@ -248,6 +307,8 @@ def main() -> int:
     ap.add_argument("--variants", default="default:",
                     help='runner options to compare, "name:key=val,...;name2:..." (first = yardstick)')
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the first quant, last variant")
+    ap.add_argument("--trace", action="store_true", help="the persistent kernel's stage trace of every variant, "
+                                                         "first quant")
     a = ap.parse_args()
     quants, variants = a.quants.split(","), parse_variants(a.variants)
     paths = write_models(a.shape, quants)
@@ -288,6 +349,8 @@ def main() -> int:
             Path(a.out).write_text(text + "\n")
     if a.profile:
         print(profile(paths[quants[0]], variants[-1][1]), flush=True)
+    if a.trace:
+        print(trace_variants(paths[quants[0]], variants), flush=True)
     return 0
 
 

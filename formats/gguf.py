@@ -502,6 +502,14 @@ class GGUFFile:
 
     # -- lifetime -------------------------------------------------------------
 
+    def release_pages(self) -> None:
+        """Tell the kernel the mapped file's pages are not needed now (MADV_DONTNEED): a
+        backend that copied every tensor into memory of its own (an integrated GPU's, which is
+        the same RAM) does not keep a second, page-cache copy resident. The map stays valid: a
+        later read faults the bytes back in from the file."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         """Drop the map. Views handed out keep it alive until they are gone."""
         self.tensors = {}

@@ -27,6 +27,7 @@ BLOCK_WARPS = {32: 8, 64: 4}   # 256 threads either way
 TYPES = ("q4_0", "q8_0", "q4_k", "q6_k", "f16", "f32")
 ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attention_rope", "attention_rows")
 WMMA_KERNELS = ("attention_flash",)     # only where EMBER_WMMA is 1
+PERSISTENT_KERNELS = ("decode_persistent",)   # CUDA only (inline PTX barrier and L2 prefetch)
 
 
 class SourceError(UserError, ValueError):
@@ -80,10 +81,12 @@ def kernel_names(v: Variant | None = None) -> list[str]:
     typed = re.findall(r"^EMBER_TYPED\((\w+),", text, flags=re.M)
     macro = re.search(r"#define EMBER_TYPED\(NAME, Q\)(.*?)\n\n", text, flags=re.S).group(1)
     stems = re.findall(r"void __launch_bounds__\([\w, ]+\) (\w+)##NAME", macro)
-    plain = re.findall(r'^extern "C" __global__ void(?: __launch_bounds__\([\w *]+\))? (?!__launch_bounds__)(\w+)\(', text, flags=re.M)
+    plain = re.findall(r'^extern "C" __global__ void(?: __launch_bounds__\([\w *,]+\))? (?!__launch_bounds__)(\w+)\(', text, flags=re.M)
     names = sorted(plain + [s + t for t in typed for s in stems])
     if v is not None and not v.wmma:
         names = [n for n in names if n not in WMMA_KERNELS]
+    if v is not None and v.platform != "cuda":
+        names = [n for n in names if n not in PERSISTENT_KERNELS]
     return names
 
 

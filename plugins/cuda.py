@@ -7,7 +7,9 @@ at load, repacked for aligned 16-byte loads (Q4_0/Q8_0 split into quants and
 scales, Q6_K padded to 224 bytes); types without kernels are dequantized to
 f16 at load, when the device has room. The f16 KV cache, every activation
 buffer and a bounded weight scratch are allocated once, so a forward pass
-allocates nothing on the device.
+allocates nothing on the device. On an integrated GPU (Jetson: device memory
+is the host's RAM) the mapped file's pages are released after the upload,
+so the weights are not resident twice.
 
 A forward pass is a list of steps (kernel launches, copies, GEMMs) built by
 pure functions of the model's Layout (no GPU needed, so CI tests them):
@@ -27,6 +29,19 @@ pure functions of the model's Layout (no GPU needed, so CI tests them):
         kernel on the tensor cores (wmma: 64 queries a block, K/V tiles of 64
         keys in shared memory, online softmax); elsewhere, or for heads not a
         multiple of 16 wide, a warp per query row.
+
+Decode on CUDA can also run as one cooperative launch of decode_persistent
+per token (``persistent=1``): the grid is as many blocks as the GPU holds at
+once, walks a table of stages (embed, per layer q|k|v, rope + attention, o,
+gate|up + SwiGLU, down, then the output matrix) and passes a grid barrier
+between stages; with ``l2_prefetch`` every block asks the copy engine at the
+start of a stage to prefetch into L2 the weight rows it multiplies in the
+next. Measured on an H200 (bench/results/cuda-h200.md) it is 16-22% slower
+than the graph below (~1.37 ms a token against ~1.21: each of its 112 stages
+costs 5-20 us of dependent latency, the barrier included), so the graph
+stays the default and the persistent kernel its opt-in alternative, held to
+the graph's logits (KL <= 1e-6) by the GPU test. ROCm (the kernel's barrier
+and prefetch are PTX) and models with float matrices always use the graph.
 
 Decode's steps are captured once as a CUDA graph and replayed per token:
 the position and token live in a pinned host buffer that the graph's first
@@ -52,7 +67,11 @@ Options: ``max_batch`` (tokens per prefill chunk, default 512), ``device``
 it compiles, default on), ``prefetch`` (decode matvecs that put their first
 rows' loads in flight before staging x, default on), ``fuse_rope`` (decode's
 rope and KV write inside the attention kernel, default on), ``pdl``
-(programmatic dependent launch for decode where the GPU has it, default on).
+(programmatic dependent launch for decode where the GPU has it, default on),
+``persistent`` (decode as one persistent kernel on CUDA, default off),
+``p_per_sm`` (its blocks per multiprocessor, at most; default P_PER_SM),
+``p_flags`` (its barrier / prefetch variants, P_FLAGS), ``l2_prefetch`` (its
+next-stage L2 prefetch, default off: 6-10% slower with it on the H200).
 """
 from __future__ import annotations
 
@@ -79,6 +98,8 @@ FA_Q, FA_K, FA_WARPS = 64, 64, 4  # flash prefill attention: queries a block, ke
 FA_HD_MAX = 128                  # widest head it takes (shared memory grows with it)
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
+P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (at most; 2 measured no faster)
+P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line prefetch)
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
@@ -93,8 +114,10 @@ QUANT_KINDS = ("q4_0", "q8_0", "q4_k", "q6_k")   # f16 GEMM; float kinds use f32
 @hookimpl
 def ember_backends():
     return [BackendSpec(NAME, priority=PRIORITY,
-                        description="GPU kernels (CUDA via NVRTC, or ROCm/HIP) through CuPy, "
-                                    "decode as one CUDA graph per token")]
+                        description="GPU kernels (CUDA via NVRTC, or ROCm/HIP) through CuPy; decode as "
+                                    "one CUDA graph per token (~5 launches a layer); persistent=1: one "
+                                    "persistent kernel per token instead (CUDA only; ROCm/HIP and "
+                                    "float matrices keep the graph)")]
 
 
 @hookimpl
@@ -142,8 +165,15 @@ def probe() -> Probe:
     except Exception as e:  # noqa: BLE001 - no driver / no device is "not available"
         return Probe(False, f"no usable GPU: {type(e).__name__}: {e}")
     return Probe(True, f"{platform} runtime {ver}: {name}, {mem / 2**30:.1f} GiB, warp "
-                       f"{props.get('warpSize', 32)}", isa=platform,
+                       f"{props.get('warpSize', 32)}; {decode_note(platform)}", isa=platform,
                  devices=[name], memory_bytes=mem)
+
+
+def decode_note(platform: str) -> str:
+    """How decode runs on this platform, for `ember backends`."""
+    if platform == "HIP":
+        return "decode: a graph of launches (the persistent decode kernel is CUDA-only)"
+    return "decode: a CUDA graph of launches (option persistent=1: one persistent kernel a token)"
 
 
 # ---------------------------------------------------------------------------
@@ -206,6 +236,10 @@ class Layout:
     flash: bool = False                             # prefill attention on the tensor cores
     prefetch: bool = False                          # decode matvecs: the _pf kernels
     fuse_rope: bool = False                         # decode: rope + KV write inside attention
+    persistent: bool = False                        # decode: one persistent kernel per token
+    p_grid: int = 0                                 # its blocks (all resident at once)
+    pf_cap: int = 0                                 # L2 prefetch bytes a block asks for per stage
+    p_flags: int = 0                                # the kernel's PF_* flags (barrier, prefetch kind)
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -240,7 +274,13 @@ class Layout:
         return {"x": 4 * B * c.n_embd, "xn": 4 * B * c.n_embd, "qkv": 4 * B * self.qkv_dim,
                 "att": 4 * B * self.q_dim, "ffn": 4 * B * 2 * c.n_ff, "xh": 2 * B * wide,
                 "part": 4 * part, "wscr": self.wscr_bytes(), "logits": 4 * B * c.n_vocab,
-                "io": 4 * (1 + B), "cs": 4 * self.n_ctx * c.rope_dim}
+                "io": 4 * (1 + B), "cs": 4 * self.n_ctx * c.rope_dim,
+                "ptab": P_STAGE_BYTES * self.n_stages, "bar": 256, "trace": 8 * (self.n_stages + 1)}
+
+    @property
+    def n_stages(self):
+        """Stages of the persistent decode: embed, 5 a layer, output."""
+        return 2 + 5 * self.c.n_layer
 
     def wscr_bytes(self) -> int:
         """The GEMM weight scratch: W_SCRATCH_BYTES, or less when the largest matrix fits."""
@@ -272,13 +312,16 @@ def _opt(c: ModelConfig, name: str) -> str | None:
 
 
 def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp: int = 32,
-           n_sm: int = 132, flash: bool = False, prefetch: bool = False, fuse_rope: bool = False) -> Layout:
+           n_sm: int = 132, flash: bool = False, prefetch: bool = False, fuse_rope: bool = False,
+           p_grid: int = 0, pf_cap: int = 0) -> Layout:
     """Every matrix and vector the steps use, by role. flash: the tensor-core prefill
     attention where the head width allows it; prefetch: the _pf decode matvecs; fuse_rope:
-    decode's rope and KV write done by the attention kernel."""
+    decode's rope and KV write done by the attention kernel; p_grid > 0: decode as one
+    persistent kernel of that many blocks, where the model allows it (persistent_refusal)."""
     _check_supported(c)
     flash = flash and c.head_dim % 16 == 0 and c.head_dim <= FA_HD_MAX
-    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm, flash, prefetch, fuse_rope)
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), warp, n_sm, flash, prefetch, fuse_rope,
+                 False, p_grid, pf_cap)
     m, v, F = lay.mats, lay.vecs, c.n_ff
     m["token_embd"] = _mat(c, "token_embd.weight")
     m["output"] = _mat(c, "token_embd.weight" if c.tied_embeddings else "output.weight")
@@ -301,7 +344,17 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH, warp:
         v[f"{i}.bias"] = p + "bqkv" if _opt(c, p + "attn_q.bias") else None
         v[f"{i}.q_norm"] = _opt(c, p + "attn_q_norm.weight") if c.qk_norm else None
         v[f"{i}.k_norm"] = _opt(c, p + "attn_k_norm.weight") if c.qk_norm else None
+    lay.persistent = p_grid > 0 and persistent_refusal(lay) is None
     return lay
+
+
+def persistent_refusal(lay: Layout) -> str | None:
+    """Why decode cannot run as the persistent kernel for this model (None: it can): its
+    matvec stages multiply the quantized kinds only."""
+    plain = sorted({m.kind for r, m in lay.mats.items() if r != "token_embd" and m.kind not in QUANT_KINDS})
+    if plain:
+        return f"{', '.join(plain)} matrices (the persistent decode multiplies quantized kinds only)"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -351,6 +404,7 @@ class Launch:
     block: tuple[int, int, int]
     args: tuple          # Buf | None (pointers), int (C int), float (C float), np.int64
     smem: int = 0        # dynamic shared memory bytes
+    coop: bool = False   # cooperative launch: every block resident at once (grid barriers)
 
 
 @dataclass(frozen=True)
@@ -416,8 +470,19 @@ def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T
     part = (Buf("part"), lay.n_split, lay.c.head_dim) if merge else (None, 0, 1)
     args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
                                               float(lay.c.rms_eps), rpw) + part
+    smem = _xs_bytes(k.kind, k.cols) if not merge else 4 * _xpad(k.cols) + _merge_bytes(lay)
     return Launch(_mv_kernel(lay, "matvec", k.kind), (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
-                  args, _xs_bytes(k.kind, k.cols))
+                  args, smem)
+
+
+def _xpad(cols: int) -> int:
+    """The kernels' xpad(cols): floats of a padded shared copy of cols columns."""
+    return cols + cols // 32 * 4
+
+
+def _merge_bytes(lay: Layout) -> int:
+    """Shared scratch of a split merge (stage_x with part): a weight per head and split."""
+    return 4 * lay.c.n_head * lay.n_split
 
 
 def _vec(name: str | None) -> Buf | None:
@@ -600,9 +665,92 @@ def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list:
 
 
 def decode_steps(lay: Layout) -> list:
-    """One token, graph-capturable: (pos, token) in from pinned memory, logits out to it."""
-    return ([Copy(Buf("io"), Buf("io_h"), 8, "h2d")] + forward_steps(lay, 1)
+    """One token, graph-capturable: (pos, token) in from pinned memory, logits out to it; in
+    between, the persistent kernel or forward_steps' ~5 launches a layer."""
+    body = [persistent_launch(lay)] if lay.persistent else forward_steps(lay, 1)
+    return ([Copy(Buf("io"), Buf("io_h"), 8, "h2d")] + body
             + [Copy(Buf("logits_h"), Buf("logits"), 4 * lay.c.n_vocab, "d2h")])
+
+
+# ---------------------------------------------------------------------------
+# Persistent decode: the stage table (pure data, no GPU needed)
+# ---------------------------------------------------------------------------
+
+P_EMBED, P_MATVEC, P_SWIGLU, P_ATTN = range(4)          # the kernel's P_* stage ops
+PKIND = {"q4_0": 0, "q8_0": 1, "q4_k": 2, "q6_k": 3, "f16": 4, "f32": 5}   # its PK_* kinds
+P_STAGE_BYTES = 160                                     # sizeof(PStage)
+
+
+@dataclass(frozen=True)
+class PStage:
+    """One stage of decode_persistent (the kernel's struct PStage, with Bufs for addresses)."""
+    op: int
+    rows: int = 0
+    K: int = 0
+    mats: tuple = ()                 # Mat, up to 3
+    x: Buf | None = None
+    y: Buf | None = None
+    nw: Buf | None = None
+    accumulate: bool = False
+    merge: bool = False
+    bias: Buf | None = None
+    q_norm: Buf | None = None
+    k_norm: Buf | None = None
+    kc: Buf | None = None
+    vc: Buf | None = None
+
+
+def persistent_stages(lay: Layout) -> list[PStage]:
+    """decode_steps' forward pass as the persistent kernel's stages, in the same order and with
+    the same buffers as forward_steps(lay, 1) with fuse_rope."""
+    c, v, E, F = lay.c, lay.vecs, lay.c.n_embd, lay.c.n_ff
+    vec = lambda role: Buf(v[role]) if v[role] else None  # noqa: E731
+    st = [PStage(P_EMBED, 1, E, (lay.mats["token_embd"],), y=Buf("x"))]
+    for i in range(c.n_layer):
+        qkv = (lay.mats[f"{i}.qkv"],) if c.fused_qkv else tuple(lay.mats[f"{i}.{r}"] for r in "qkv")
+        kv_off = 2 * i * lay.n_ctx * lay.kv_dim
+        st += [PStage(P_MATVEC, lay.qkv_dim, E, qkv, Buf("x"), Buf("qkv"), vec(f"{i}.attn_norm")),
+               PStage(P_ATTN, x=Buf("qkv"), bias=vec(f"{i}.bias"), q_norm=vec(f"{i}.q_norm"),
+                      k_norm=vec(f"{i}.k_norm"), kc=Buf("kc", kv_off), vc=Buf("vc", kv_off)),
+               PStage(P_MATVEC, E, lay.q_dim, (lay.mats[f"{i}.o"],), Buf("att"), Buf("x"), accumulate=True,
+                      merge=True),
+               PStage(P_SWIGLU, F, E, (lay.mats[f"{i}.gate"], lay.mats[f"{i}.up"]), Buf("x"), Buf("ffn"),
+                      vec(f"{i}.ffn_norm")),
+               PStage(P_MATVEC, E, F, (lay.mats[f"{i}.down"],), Buf("ffn"), Buf("x"), accumulate=True)]
+    st.append(PStage(P_MATVEC, c.n_vocab, E, (lay.mats["output"],), Buf("x"), Buf("logits"), vec("output_norm")))
+    assert len(st) == lay.n_stages
+    return st
+
+
+P_TABLE_SMEM = 48 << 10   # the stage table is copied to shared memory when it fits this
+
+
+def persistent_smem(lay: Layout) -> tuple[int, int, int]:
+    """decode_persistent's dynamic shared memory, as (bytes, xs floats, table offset in floats
+    or 0): the padded x copy of its widest input with the split merge's weights past it (the
+    o stage's), then the stage table when it fits P_TABLE_SMEM (read once per token instead
+    of once per stage from global memory)."""
+    st = persistent_stages(lay)
+    xs = max(_xpad(s.K) for s in st if s.op in (P_MATVEC, P_SWIGLU))
+    xs = max(xs, _xpad(lay.q_dim) + _merge_bytes(lay) // 4)
+    xs += xs % 2                                  # the table after it 8-byte aligned
+    table = P_STAGE_BYTES * len(st)
+    if table > P_TABLE_SMEM:
+        return 4 * xs, xs, 0
+    return 4 * xs + table, xs, xs
+
+
+def persistent_launch(lay: Layout, trace: bool = False) -> Launch:
+    """The cooperative launch of decode_persistent over the stage table in "ptab" (trace: block
+    0's clock at each stage start into "trace", for the profile)."""
+    c = lay.c
+    smem, _, tab = persistent_smem(lay)
+    return Launch("decode_persistent", (lay.p_grid, 1, 1), (lay.block, 1, 1),
+                  (Buf("ptab"), lay.n_stages, tab, Buf("bar"), Buf("io"), Buf("part"), Buf("cs"), c.n_head,
+                   c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"), float(c.rms_eps),
+                   lay.chunk, lay.n_split, float(1.0 / math.sqrt(c.head_dim)), np.int64(lay.pf_cap),
+                   lay.p_flags, Buf("trace") if trace else None),
+                  smem, coop=True)
 
 
 # ---------------------------------------------------------------------------
@@ -668,19 +816,48 @@ class _LaunchConfig(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("n_attrs", ctypes.c_uint)]
 
 
+class _PMat(ctypes.Structure):
+    """struct PMat of ember_cuda.cu."""
+    _fields_ = [("w", ctypes.c_uint64), ("d", ctypes.c_uint64), ("kind", ctypes.c_int32), ("rows", ctypes.c_int32)]
+
+
+class _PStage(ctypes.Structure):
+    """struct PStage of ember_cuda.cu (tests/plugins/test_cuda.py checks it against offsetof)."""
+    _fields_ = [("op", ctypes.c_int32), ("n_mat", ctypes.c_int32), ("rows", ctypes.c_int32), ("K", ctypes.c_int32),
+                ("x", ctypes.c_uint64), ("y", ctypes.c_uint64), ("nw", ctypes.c_uint64),
+                ("accumulate", ctypes.c_int32), ("merge", ctypes.c_int32), ("mat", _PMat * 3),
+                ("bias", ctypes.c_uint64), ("q_norm", ctypes.c_uint64), ("k_norm", ctypes.c_uint64),
+                ("kc", ctypes.c_uint64), ("vc", ctypes.c_uint64)]
+
+
+def stage_table(stages: list[PStage], addr) -> bytes:
+    """The stages as the kernel's PStage array; addr: Buf | None -> device address."""
+    table = (_PStage * len(stages))()
+    for t, s in zip(table, stages):
+        t.op, t.n_mat, t.rows, t.K = s.op, len(s.mats), s.rows, s.K
+        t.accumulate, t.merge = int(s.accumulate), int(s.merge)
+        for name in ("x", "y", "nw", "bias", "q_norm", "k_norm", "kc", "vc"):
+            setattr(t, name, addr(getattr(s, name)))
+        for j, m in enumerate(s.mats):
+            t.mat[j] = _PMat(addr(m.w()), addr(m.d()), PKIND[m.kind], m.rows)
+    return bytes(table)
+
+
 PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+COOPERATIVE = 2                           # CU_LAUNCH_ATTRIBUTE_COOPERATIVE
 
 
-class PdlLauncher:
-    """Kernel launches that allow programmatic dependent launch: the driver's cuLaunchKernelEx
-    with the programmatic-stream-serialization attribute (CuPy's launch has no attributes).
+class ExLauncher:
+    """Kernel launches with one launch attribute through the driver's cuLaunchKernelEx (CuPy's
+    launch has none): programmatic dependent launch for the decode graph's kernels, or a
+    cooperative launch (all blocks resident, or the launch fails) for the persistent decode.
     Each prepared launch owns its C argument values, so replaying it costs one C call."""
 
-    def __init__(self):
+    def __init__(self, attr_id: int = PROGRAMMATIC_STREAM_SERIALIZATION):
         self.fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
         self.fn.restype = ctypes.c_int
         self.fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self.attr = _LaunchAttr(PROGRAMMATIC_STREAM_SERIALIZATION, 0)
+        self.attr = _LaunchAttr(attr_id, 0)
         self.attr.value[0] = 1
 
     def prepare(self, fptr: int, grid, block, smem: int, stream: int, args: tuple):
@@ -725,6 +902,28 @@ def _cuda_include(cp) -> str | None:
     return None
 
 
+def _resident_blocks(fptr: int, block: int, smem: int) -> int:
+    """Blocks of a kernel one multiprocessor holds at once (the driver's occupancy calculator)."""
+    n = ctypes.c_int(0)
+    fn = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    rc = fn(ctypes.byref(n), fptr, block, smem)
+    if rc:
+        raise BackendError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed (CUresult {rc})")
+    return n.value
+
+
+class _DirectReplay:
+    """Stands in for the decode graph where the cooperative launch cannot be captured: the
+    plan's three steps (copy in, persistent kernel, copy out) enqueued directly."""
+
+    def __init__(self, runner: "CudaRunner"):
+        self.runner = runner
+
+    def launch(self, stream) -> None:
+        self.runner._run(self.runner._decode_plan)
+
+
 # ---------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------
@@ -743,14 +942,19 @@ class CudaRunner(CacheBookkeeping):
         with self.device:
             self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
                         bool(options.get("flash", True)), bool(options.get("prefetch", True)),
-                        bool(options.get("fuse_rope", True)))
+                        bool(options.get("fuse_rope", True)), bool(options.get("persistent", False)),
+                        int(options.get("p_per_sm", P_PER_SM)))
+            if self.lay.persistent:
+                self.lay.p_flags = int(options.get("p_flags", P_FLAGS))
+                if not bool(options.get("l2_prefetch", False)):
+                    self.lay.pf_cap = 0
             self.pdl = None
             if bool(options.get("pdl", True)) and not self.cp.cuda.runtime.is_hip \
                     and int(self.device.compute_capability) >= 90:
-                self.pdl = PdlLauncher()
+                self.pdl = ExLauncher(PROGRAMMATIC_STREAM_SERIALIZATION)
 
     def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool,
-               fuse_rope: bool) -> None:
+               fuse_rope: bool, persistent: bool = True, p_per_sm: int = 1) -> None:
         cp = self.cp
         rt = cp.cuda.runtime
         props = rt.getDeviceProperties(self.device.id)
@@ -761,13 +965,21 @@ class CudaRunner(CacheBookkeeping):
             raise BackendError(f"the model needs {need / 2**30:.2f} GiB of GPU memory "
                                f"(weights, KV cache, scratch); {free / 2**30:.2f} GiB is free")
         v = self._compile("hip" if rt.is_hip else "cuda", warp, flash)
-        self.lay = layout(config, n_ctx, batch, warp, int(props.get("multiProcessorCount", 132)),
-                          flash and v.wmma, prefetch, fuse_rope)
+        n_sm = int(props.get("multiProcessorCount", 132))
+        self.lay = layout(config, n_ctx, batch, warp, n_sm, flash and v.wmma, prefetch, fuse_rope)
+        self._coop, self.persistent_error = None, None
+        if persistent and not rt.is_hip and persistent_refusal(self.lay) is None:
+            self._plan_persistent(n_sm, int(props.get("l2CacheSize", 0)), p_per_sm)
         self._raise_smem_limits()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.bufs: dict[str, object] = {}
         self._upload(gguf, config)
+        if props.get("integrated"):      # Jetson: device memory is the host's RAM; no second copy
+            gguf.release_pages()
         self._alloc(config)
+        if self.lay.persistent:
+            table = stage_table(persistent_stages(self.lay), self._addr)
+            self.bufs["ptab"][:] = cp.asarray(np.frombuffer(table, np.uint8))
         self.blas = cp.cuda.device.get_cublas_handle()
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
@@ -777,6 +989,20 @@ class CudaRunner(CacheBookkeeping):
     def _compile(self, platform: str, warp: int, flash: bool):
         self.module, self.kernels, v = compile_kernels(self.cp, platform, warp, flash)
         return v
+
+    def _plan_persistent(self, n_sm: int, l2_bytes: int, p_per_sm: int) -> None:
+        """Decode as the persistent kernel: as many blocks as the GPU holds at once (at most
+        p_per_sm a multiprocessor), each prefetching up to half the L2 over the grid per stage."""
+        smem = persistent_smem(self.lay)[0]
+        fn = self.kernels["decode_persistent"]
+        # static + dynamic shared memory above 48 KiB needs the opt-in, whatever the dynamic part
+        fn.max_dynamic_shared_size_bytes = smem
+        per_sm = min(max(1, p_per_sm), _resident_blocks(fn.kernel.ptr, self.lay.block, smem))
+        if per_sm < 1:
+            return
+        self.lay.persistent, self.lay.p_grid = True, n_sm * per_sm
+        self.lay.pf_cap = l2_bytes // 2 // self.lay.p_grid
+        self._coop = ExLauncher(COOPERATIVE)
 
     def _raise_smem_limits(self) -> None:
         """Kernels launched with more than the default 48 KiB of dynamic shared memory (x copies
@@ -837,7 +1063,7 @@ class CudaRunner(CacheBookkeeping):
             return np.int32(a)
         return np.float32(a)
 
-    def _prepare(self, steps: list, pdl: PdlLauncher | None = None) -> list:
+    def _prepare(self, steps: list, pdl: ExLauncher | None = None) -> list:
         """Launches as (kernel, grid, block, ready argument tuple, smem), or as a ready
         programmatic-dependent launch (a callable) with pdl; the rest as they are."""
         out = []
@@ -846,7 +1072,10 @@ class CudaRunner(CacheBookkeeping):
                 out.append(s)
                 continue
             args = tuple(self._arg(a) for a in s.args)
-            if pdl is None:
+            if s.coop:
+                out.append(self._coop.prepare(self.kernels[s.kernel].kernel.ptr, s.grid, s.block, s.smem,
+                                              self.stream.ptr, args))
+            elif pdl is None:
                 out.append((self.kernels[s.kernel], s.grid, s.block, args, s.smem))
             else:
                 out.append(pdl.prepare(self.kernels[s.kernel].kernel.ptr, s.grid, s.block, s.smem,
@@ -874,8 +1103,7 @@ class CudaRunner(CacheBookkeeping):
                 fn, grid, block, args, smem = s
                 fn(grid, block, args, shared_mem=smem)
             elif isinstance(s, Launch):
-                self.kernels[s.kernel](s.grid, s.block, tuple(self._arg(a) for a in s.args),
-                                      shared_mem=s.smem)
+                self._run(self._prepare([s]))
             elif isinstance(s, Copy):
                 kind = rt.memcpyHostToDevice if s.kind == "h2d" else rt.memcpyDeviceToHost
                 rt.memcpyAsync(self._addr(s.dst), self._addr(s.src), s.nbytes, kind, self.stream.ptr)
@@ -934,13 +1162,18 @@ class CudaRunner(CacheBookkeeping):
         return self.logits_h.copy()
 
     def _eager_decode(self) -> None:
-        """One decode pass outside a graph; where programmatic launch fails, drop it and redo
-        the pass with ordinary launches (a pass is idempotent for its position and token)."""
+        """One decode pass outside a graph; where the cooperative launch fails, fall back to the
+        graph of launches; where programmatic launch fails, drop it and redo the pass with
+        ordinary launches (a pass is idempotent for its position and token)."""
         self._decode_plan = self._prepare(decode_steps(self.lay), self.pdl)
         try:
             self._run(self._decode_plan)
             self.stream.synchronize()
-        except BackendError:
+        except BackendError as e:
+            if self.lay.persistent:
+                self.persistent_error = str(e)      # kept for the tests and the bench to show
+                self.lay.persistent = False
+                return self._eager_decode()
             if self.pdl is None:
                 raise
             self.pdl = None
@@ -949,10 +1182,13 @@ class CudaRunner(CacheBookkeeping):
             self.stream.synchronize()
 
     def _capture(self):
-        """The decode graph; if capturing programmatic launches fails, captured without them."""
+        """The decode graph; if capturing programmatic launches fails, captured without them;
+        if capturing the cooperative launch fails, its three steps replayed directly."""
         try:
             return self._capture_plan()
         except Exception:  # noqa: BLE001 - retried once with ordinary launches, else raised
+            if self.lay.persistent:
+                return _DirectReplay(self)
             if self.pdl is None:
                 raise
             self.pdl = None

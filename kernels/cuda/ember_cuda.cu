@@ -316,21 +316,34 @@ __device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const 
 
 /* Stage row x (K floats) into shared memory, padded, optionally RMS-normalized with weight
  * nw (the norm before a projection, fused here so it costs no launch of its own). Returns
- * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. */
+ * the pointer the dot products read: the shared copy, or x itself for RUN = 1 types. With
+ * part, x is the attention output merged from decode's split partials: first each (head,
+ * split)'s weight exp(M_s - M) / L into wsc (shared, n_head * n_split floats past the padded
+ * copy), then every element one weighted sum; loads independent of each other, so a few
+ * round trips to L2 instead of one per split per element. */
 template <class Q>
 __device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs,
                                 const float *part, int n_split, int hd) {
-    if (part) {   /* x = the attention output, merged here from decode's split partials */
+    if (part) {
+        float *wsc = xs + xpad(K);
+        const int stride = hd + 2;
+        for (int j = threadIdx.x; j < K / hd * n_split; j += BLOCK) {
+            const float *p = part + (i64)(j / n_split) * n_split * stride;
+            float M = NEG_BIG, L = 0.0f;
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * stride]);
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) L += p[s * stride + 1] * expf(p[s * stride] - M);
+            wsc[j] = expf(p[(j % n_split) * stride] - M) / L;
+        }
+        __syncthreads();
         for (int i = threadIdx.x; i < K; i += BLOCK) {
-            const float *p = part + (i64)(i / hd) * n_split * (hd + 2);
-            float M = NEG_BIG, L = 0.0f, a = 0.0f;
-            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (hd + 2)]);
-            for (int s = 0; s < n_split; s++) {
-                const float e = expf(p[s * (hd + 2)] - M);
-                L += p[s * (hd + 2) + 1] * e;
-                a += p[s * (hd + 2) + 2 + i % hd] * e;
-            }
-            xs[Q::RUN >= 4 ? xpad(i) : i] = a / L;
+            const int h = i / hd;
+            const float *p = part + (i64)h * n_split * stride + 2 + i % hd;
+            float a = 0.0f;
+#pragma unroll 4
+            for (int s = 0; s < n_split; s++) a += wsc[h * n_split + s] * p[s * stride];
+            xs[Q::RUN >= 4 ? xpad(i) : i] = a;
         }
         __syncthreads();
         return xs;
@@ -523,20 +536,13 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
 
 /* ---- dequantize (prefill GEMM operands, embedding rows) ---------------------------------- */
 
-/* out[i, :] = W[rows ? rows[i] : r0 + i, :] as half (out_h) or float (out_f); a thread per unit */
+/* Unit u of row src of W, decoded into row o of out_h (half) or out_f (float) */
 template <class Q>
-__device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int r0, int n_rows, int K,
-                             __half *out_h, float *out_f) {
-    GRID_DEP_TRIGGER();
-    GRID_DEP_WAIT();
-    const int nu = K / Q::UNIT;
-    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (i64)n_rows * nu) return;
-    const int i = (int)(idx / nu), u = (int)(idx % nu);
-    const i64 src = rows ? (i64)rows[i] : (i64)r0 + i;
+__device__ __forceinline__ void dequant_unit(const u8 *w, const __half *d, i64 src, int u, int K, i64 o,
+                                             __half *out_h, float *out_f) {
     float v[Q::UNIT];
     load_unit<Q>(w, d, src, u, K, v);
-    const i64 o = (i64)i * K;
+    o *= K;
 #pragma unroll
     for (int r = 0; r < Q::UNIT / Q::RUN; r++) {
         const i64 c = o + Q::col(u, r);
@@ -565,6 +571,19 @@ __device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int 
             }
         }
     }
+}
+
+/* out[i, :] = W[rows ? rows[i] : r0 + i, :] as half (out_h) or float (out_f); a thread per unit */
+template <class Q>
+__device__ void dequant_body(const u8 *w, const __half *d, const int *rows, int r0, int n_rows, int K,
+                             __half *out_h, float *out_f) {
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
+    const int nu = K / Q::UNIT;
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)n_rows * nu) return;
+    const int i = (int)(idx / nu), u = (int)(idx % nu);
+    dequant_unit<Q>(w, d, rows ? (i64)rows[i] : (i64)r0 + i, u, K, i, out_h, out_f);
 }
 
 /* matvec_<t> / matvec_swiglu_<t>: x staged first, then the rows (PF = 0); the _pf variants
@@ -702,7 +721,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) rope_kv(
 __device__ __forceinline__ float key_dot(const float *q, const __half *kr, int hd) {
     float a = 0.0f;
     if ((hd & 7) == 0) {
-        for (int i = 0; i < hd; i += 8) {
+#pragma unroll 8
+        for (int i = 0; i < hd; i += 8) {   /* unrolled: a 64-wide head's 8 loads in flight at once */
             const uint4 raw = *(const uint4 *)(kr + i);
             const __half2 *hp = (const __half2 *)&raw;
             const float4 qa = *(const float4 *)(q + i), qb = *(const float4 *)(q + i + 4);
@@ -758,17 +778,17 @@ __device__ __forceinline__ void attend_tile(const float *q, const __half *kc, co
     m = mn;
 }
 
-/* Decode: grid (n_head, 1, n_split). Block (h, 0, s) attends query head h (position p = io[0],
+/* Decode: grid (n_head, 1, n_split) (or the persistent kernel's blocks in turn). Block (h, 0, s)
+ * attends query head h (position p = io[0],
  * keys 0..p) over keys [s*chunk, min((s+1)*chunk, p+1)), its warps a tile of WARP keys at a
  * time, then merges its warps and writes the unnormalized partial (max, sum, acc[hd]) to
  * part[h][s]; the o projection's matvec merges the splits while staging its input. q: the
  * scaled query in shared memory; key p from kcur / vcur when they are given. */
-__device__ void attend_split(const float *q, const __half *k_cache, const __half *v_cache, int pos,
-                             float *part, int n_head, int n_kv, int hd, int chunk,
-                             const __half *kcur, const __half *vcur) {
+__device__ void attend_split(int h, int sp, int n_split, const float *q, const __half *k_cache,
+                             const __half *v_cache, int pos, float *part, int n_head, int n_kv, int hd,
+                             int chunk, const __half *kcur, const __half *vcur) {
     __shared__ float wm[NWARPS], wl[NWARPS];
     __shared__ float wacc[NWARPS][HD_MAX];
-    const int h = blockIdx.x, sp = blockIdx.z, n_split = gridDim.z;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int kv_dim = n_kv * hd, kvh = h / (n_head / n_kv);
     const int last = min((sp + 1) * chunk, pos + 1) - 1, cur = kcur ? pos : -1;
@@ -811,24 +831,23 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     const int h = blockIdx.x;
     for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
     __syncthreads();
-    attend_split(q, k_cache, v_cache, io[0], part, n_head, n_kv, hd, chunk, nullptr, nullptr);
+    attend_split(h, blockIdx.z, gridDim.z, q, k_cache, v_cache, io[0], part, n_head, n_kv, hd, chunk,
+                 nullptr, nullptr);
 }
 
 /* decode attention with rope_kv fused in (one launch a layer less): each block prepares its own
  * query head; the blocks whose split holds the new position p also prepare its key and value
  * and attend key p from those shared copies (so no block reads cache row p, which the first
  * block of each kv head writes for the tokens after this one). */
-extern "C" __global__ void __launch_bounds__(BLOCK) attention_rope(
-        const float *qkv, const float *bias, const float *q_norm, const float *k_norm, const float *cs,
-        __half *k_cache, __half *v_cache, const int *io, float *part,
+__device__ void attention_rope_body(
+        int h, int sp, int n_split, const float *qkv, const float *bias, const float *q_norm,
+        const float *k_norm, const float *cs, __half *k_cache, __half *v_cache, int pos, float *part,
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, float scale) {
     __shared__ __align__(16) float q[HD_MAX];
     __shared__ float kv[2][HD_MAX];
     __shared__ __align__(16) __half kcur[HD_MAX];
     __shared__ __align__(16) __half vcur[HD_MAX];
-    GRID_DEP_TRIGGER();
-    GRID_DEP_WAIT();
-    const int h = blockIdx.x, sp = blockIdx.z, warp = threadIdx.x / WARP, pos = io[0];
+    const int warp = threadIdx.x / WARP;
     const int kv_dim = n_kv * hd, group = n_head / n_kv, kvh = h / group;
     const bool has_cur = sp * chunk <= pos && pos < (sp + 1) * chunk;    /* block-uniform */
     if (warp == 0)
@@ -851,8 +870,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rope(
         }
     }
     __syncthreads();
-    attend_split(q, k_cache, v_cache, pos, part, n_head, n_kv, hd, chunk, has_cur ? kcur : nullptr,
-                 has_cur ? vcur : nullptr);
+    attend_split(h, sp, n_split, q, k_cache, v_cache, pos, part, n_head, n_kv, hd, chunk,
+                 has_cur ? kcur : nullptr, has_cur ? vcur : nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK) attention_rope(
+        const float *qkv, const float *bias, const float *q_norm, const float *k_norm, const float *cs,
+        __half *k_cache, __half *v_cache, const int *io, float *part,
+        int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, float scale) {
+    GRID_DEP_TRIGGER();
+    GRID_DEP_WAIT();
+    attention_rope_body(blockIdx.x, blockIdx.z, gridDim.z, qkv, bias, q_norm, k_norm, cs, k_cache, v_cache,
+                        io[0], part, n_head, n_kv, hd, rope_dim, neox, eps, chunk, scale);
 }
 
 /* Prefill attention: grid (n_head, ceil(n_tokens / NWARPS)), a warp per query row t (position
@@ -882,6 +911,297 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
         if (i < hd) { o[i] = acc[j].x / l; o[i + 1] = acc[j].y / l; }
     }
 }
+
+/* ---- decode as one persistent kernel (CUDA) ------------------------------------------------- */
+
+#if !EMBER_HIP
+/* A decoded token in one launch instead of ~114 graph nodes (on an H100 each node cost ~11 us of
+ * dependent latency against ~1 us of weight bandwidth). The grid is exactly as many blocks as the
+ * GPU holds at once (a cooperative launch, so all are resident) and walks a table of stages built
+ * by plugins/cuda.py (persistent_stages): the embedding row, then per layer
+ *   norm + q|k|v matvec -> rope + KV write + split attention -> merge + o matvec (+= x)
+ *   -> norm + gate|up + SwiGLU -> down matvec (+= x),
+ * then norm + output matvec. Between stages every block passes a grid barrier (a counter in
+ * global memory). Weights never depend on activations, so at the start of each stage a block
+ * asks the copy engine to prefetch into L2 the rows it will multiply in the NEXT stage: HBM
+ * streams stage s+1 while stage s computes and while the barrier waits, and the matvecs read
+ * L2. Each block owns a contiguous range of a stage's rows (the same range for the prefetch and
+ * the multiply), its warps taking them in turn; x is staged (normalized, or merged from the
+ * attention splits) per block in shared memory as in the matvec kernels. Only the quantized
+ * kinds are supported in the matvec stages (the host falls back to the graph otherwise). */
+
+enum { PK_Q4_0 = 0, PK_Q8_0 = 1, PK_Q4_K = 2, PK_Q6_K = 3, PK_F16 = 4, PK_F32 = 5 };
+enum { P_EMBED = 0, P_MATVEC = 1, P_SWIGLU = 2, P_ATTN = 3 };
+
+/* rows [0, rows) of one matrix in its device layout (w at its first row) */
+struct PMat {
+    const u8 *w;
+    const __half *d;     /* q4_0 / q8_0 scales at the first row, else null */
+    int kind, rows;
+};
+
+/* One stage; plugins/cuda.py mirrors this layout with ctypes (tested against offsetof) */
+struct PStage {
+    int op, n_mat, rows, K;          /* P_*; matrices used; output rows; input width */
+    const float *x;                  /* input row (embed: unused; attention: q|k|v) */
+    float *y;                        /* output: y[r] for stage row r (the mats' rows in turn) */
+    const float *nw;                 /* RMSNorm weight applied to x while staging, or null */
+    int accumulate, merge;           /* y += instead of =; x = the attention splits merged */
+    PMat mat[3];                     /* matvec: up to 3 stacked; swiglu: gate, up; embed: table */
+    const float *bias, *q_norm, *k_norm;   /* attention: the layer's q|k|v bias, q/k norms */
+    __half *kc, *vc;                 /* attention: the layer's KV cache */
+};
+
+/* Device-layout bytes of `rows` rows of a kind and of their scales (q4_0 / q8_0) */
+EMBER_HD i64 kind_row_bytes(int kind, int K) {
+    switch (kind) {
+    case PK_Q4_0: return (i64)K / 32 * 16;
+    case PK_Q8_0: return (i64)K;
+    case PK_Q4_K: return (i64)K / 256 * 144;
+    case PK_Q6_K: return (i64)K / 256 * 224;
+    case PK_F16: return (i64)K * 2;
+    default: return (i64)K * 4;
+    }
+}
+
+/* decode_persistent's flags (plugins/cuda.py P_FLAGS; measured side by side, see bench/results) */
+#define PF_SLEEP 1     /* barrier: back off 100 ns between polls */
+#define PF_CLASSIC 2   /* barrier: fence + atomicAdd + volatile polling (cooperative groups' way) */
+#define PF_LINES 4     /* L2 prefetch: a prefetch.global.L2 per 128-byte line over the block */
+
+/* Ask for bytes [p, p + n) in L2 (a hint: nothing waits for it). Hopper: the copy engine's bulk
+ * prefetch, one instruction a range, from thread 0 (unless PF_LINES); older GPUs: a prefetch
+ * per 128-byte line spread over the block. The range is trimmed to whole 16-byte pieces inside it. */
+__device__ __forceinline__ void l2_prefetch(const void *p, i64 n, int flags) {
+    unsigned long long a = ((unsigned long long)p + 15) & ~15ull, e = ((unsigned long long)p + n) & ~15ull;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (!(flags & PF_LINES)) {
+        if (threadIdx.x == 0)
+            for (; a < e; a += 1u << 20) {
+                const u32 sz = (u32)min(e - a, 1ull << 20);
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"(sz) : "memory");
+            }
+        return;
+    }
+#endif
+#if defined(__CUDA_ARCH__)
+    for (a += 128ull * threadIdx.x; a < e; a += 128ull * BLOCK)
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
+#endif
+}
+
+/* This block's rows of a stage: [r0, r1), balanced to a row across the grid */
+__device__ __forceinline__ void block_rows(int rows, int &r0, int &r1) {
+    r0 = (int)((i64)blockIdx.x * rows / gridDim.x);
+    r1 = (int)((i64)(blockIdx.x + 1) * rows / gridDim.x);
+}
+
+/* L2 prefetch of the weight rows this block multiplies in stage S, at most cap bytes */
+__device__ void prefetch_stage(const PStage &S, i64 cap, int flags) {
+    if (S.op != P_MATVEC && S.op != P_SWIGLU) return;
+    int r0, r1;
+    block_rows(S.rows, r0, r1);
+    for (int m = 0, base = 0; m < S.n_mat && cap > 0; m++) {
+        const PMat &M = S.mat[m];
+        const int a = S.op == P_SWIGLU ? r0 : max(r0 - base, 0);
+        const int b = S.op == P_SWIGLU ? r1 : min(r1 - base, M.rows);
+        if (S.op == P_MATVEC) base += M.rows;
+        if (a >= b) continue;
+        const i64 rb = kind_row_bytes(M.kind, S.K), n = min((i64)(b - a) * rb, cap);
+        l2_prefetch(M.w + a * rb, n, flags);
+        if (M.d) l2_prefetch(M.d + (i64)a * (S.K / 32), n / rb * (S.K / 32) * 2, flags);
+        cap -= n;
+    }
+}
+
+/* Grid barrier i (1, 2, ...) of this launch: every block adds 1 (a posted reduction, no round
+ * trip) and waits until the count reaches i * gridDim.x. The count restarts at 0 each launch:
+ * the last block to leave (grid_exit) resets it. Thread 0's release/acquire, between two block
+ * barriers, orders the whole block's memory accesses (as cooperative groups' grid.sync does). */
+__device__ __forceinline__ u32 load_acquire(const u32 *p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void grid_barrier(u32 *count, u32 target, int flags) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (flags & PF_CLASSIC) {
+            __threadfence();
+            atomicAdd(count, 1u);
+            while (*(volatile u32 *)count < target)
+                if (flags & PF_SLEEP) __nanosleep(100);
+            __threadfence();
+        } else {
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(count) : "memory");
+            while (load_acquire(count) < target)
+                if (flags & PF_SLEEP) __nanosleep(100);
+        }
+    }
+    __syncthreads();
+}
+
+/* true in the thread that left last */
+__device__ __forceinline__ bool grid_exit(u32 *count, u32 total) {
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(count, 1u) == total - 1) {
+        atomicExch(count, 0u);
+        return true;
+    }
+    return false;
+}
+
+/* nanoseconds (the profile's trace: block 0's clock at each stage start, barrier waits included) */
+__device__ __forceinline__ i64 stage_clock() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return (i64)t;
+}
+
+/* The lane's part of row `row` of M . x (x staged, padded) */
+__device__ __forceinline__ float pmat_part(const PMat &M, int row, int K, const float *xs, int lane) {
+    switch (M.kind) {
+    case PK_Q4_0: return row_part<Q4_0>(M.w, M.d, row, K, xs, lane);
+    case PK_Q8_0: return row_part<Q8_0>(M.w, M.d, row, K, xs, lane);
+    case PK_Q4_K: return row_part<Q4_K>(M.w, M.d, row, K, xs, lane);
+    default: return row_part<Q6_K>(M.w, M.d, row, K, xs, lane);
+    }
+}
+
+/* Two rows' parts at once (A row ra, B row rb): both rows' loads in flight together, half the
+ * dependent round trips of two pmat_part calls. Units of 32 (small Raws) two a lane at a
+ * time; the k-quants' 64-wide units one at a time (their Raws x 4 spilled past the 128
+ * registers that two blocks an SM allow, and a 2048-wide row is one unit a lane anyway). */
+template <class Q>
+__device__ __forceinline__ void row_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *x,
+                                          int lane, float &a, float &b) {
+    const int nu = K / Q::UNIT;
+#pragma unroll (Q::UNIT == 32 ? 2 : 1)
+    for (int u = lane; u < nu; u += WARP) {
+        typename Q::Raw r0, r1;
+        Q::fetch(A.w, A.d, ra, u, K, r0);
+        Q::fetch(B.w, B.d, rb, u, K, r1);
+        a += raw_dot<Q>(r0, u, x);
+        b += raw_dot<Q>(r1, u, x);
+    }
+}
+
+__device__ __forceinline__ void pmat_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *xs,
+                                           int lane, float &a, float &b) {
+    a = b = 0.0f;
+    if (A.kind != B.kind) {
+        a = pmat_part(A, ra, K, xs, lane);
+        b = pmat_part(B, rb, K, xs, lane);
+        return;
+    }
+    switch (A.kind) {
+    case PK_Q4_0: row_part2<Q4_0>(A, ra, B, rb, K, xs, lane, a, b); break;
+    case PK_Q8_0: row_part2<Q8_0>(A, ra, B, rb, K, xs, lane, a, b); break;
+    case PK_Q4_K: row_part2<Q4_K>(A, ra, B, rb, K, xs, lane, a, b); break;
+    default: row_part2<Q6_K>(A, ra, B, rb, K, xs, lane, a, b); break;
+    }
+}
+
+/* stage row r -> its matrix (index into S.mat) and its row there */
+__device__ __forceinline__ int locate(const PStage &S, int &row) {
+    int m = 0;
+    while (row >= S.mat[m].rows) row -= S.mat[m++].rows;
+    return m;
+}
+
+/* y[r] (+)= M(r) . x for this block's rows r, a warp two rows at a time; x normalized or
+ * merged while staged */
+__device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int hd, float eps) {
+    int r0, r1;
+    block_rows(S.rows, r0, r1);
+    if (r0 >= r1) return;                    /* block-uniform */
+    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, S.merge ? part : nullptr, n_split, hd);
+    const int lane = threadIdx.x % WARP;
+    for (int r = r0 + threadIdx.x / WARP; r < r1; r += 2 * NWARPS) {
+        const int r2 = r + NWARPS;
+        int ra = r, rb = r2 < r1 ? r2 : r;
+        const int ma = locate(S, ra), mb = locate(S, rb);
+        float a, b;
+        pmat_part2(S.mat[ma], ra, S.mat[mb], rb, S.K, xv, lane, a, b);
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) {
+            S.y[r] = S.accumulate ? S.y[r] + a : a;
+            if (r2 < r1) S.y[r2] = S.accumulate ? S.y[r2] + b : b;
+        }
+    }
+}
+
+/* y[r] = silu(gate(r) . x) * (up(r) . x), x normalized while staged */
+__device__ void p_swiglu(const PStage &S, float *xs, float eps) {
+    int r0, r1;
+    block_rows(S.rows, r0, r1);
+    if (r0 >= r1) return;
+    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, nullptr, 0, 1);
+    const int lane = threadIdx.x % WARP;
+    for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
+        float g, u;
+        pmat_part2(S.mat[0], r, S.mat[1], r, S.K, xv, lane, g, u);
+        g = warp_sum(g);
+        u = warp_sum(u);
+        if (lane == 0) S.y[r] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+/* y = row `token` of the embedding table, a thread per unit */
+__device__ void p_embed(const PStage &S, int token) {
+    const PMat &M = S.mat[0];
+    const int unit = M.kind == PK_Q4_0 || M.kind == PK_Q8_0 ? 32 : M.kind <= PK_Q6_K ? 64 : 1;
+    for (int u = blockIdx.x * BLOCK + threadIdx.x; u < S.K / unit; u += gridDim.x * BLOCK) {
+        switch (M.kind) {
+        case PK_Q4_0: dequant_unit<Q4_0>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        case PK_Q8_0: dequant_unit<Q8_0>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        case PK_Q4_K: dequant_unit<Q4_K>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        case PK_Q6_K: dequant_unit<Q6_K>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        case PK_F16: dequant_unit<F16>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        default: dequant_unit<F32>(M.w, M.d, token, u, S.K, 0, nullptr, S.y); break;
+        }
+    }
+}
+
+/* grid: the resident blocks (cooperative launch); block: BLOCK threads; dynamic shared memory:
+ * the padded x copy of the widest matvec input, then (tab_off > 0: at that float offset) the stage
+ * table, copied once. io: (pos, token); part: the attention splits;
+ * pf_cap: L2 prefetch bytes a block may ask for per stage (0: none); flags: PF_*; trace: null,
+ * or n_st + 1 clocks. */
+extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
+        const PStage *stages, int n_st, int tab_off, u32 *count, const int *io, float *part, const float *cs,
+        int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, int n_split,
+        float scale, i64 pf_cap, int flags, i64 *trace) {
+    extern __shared__ __align__(16) float pxs[];
+    __shared__ PStage one;
+    const int pos = io[0], token = io[1];
+    PStage *tab = tab_off ? (PStage *)(pxs + tab_off) : nullptr;
+    if (tab)                                 /* the whole table once (tab_off: past x and wsc) */
+        for (int i = threadIdx.x; i < n_st * (int)(sizeof(PStage) / 8); i += BLOCK)
+            ((i64 *)tab)[i] = ((const i64 *)stages)[i];
+    for (int s = 0; s < n_st; s++) {
+        if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[s] = stage_clock();
+        if (!tab && threadIdx.x < sizeof(PStage) / 8)
+            ((i64 *)&one)[threadIdx.x] = ((const i64 *)(stages + s))[threadIdx.x];
+        __syncthreads();
+        const PStage &S = tab ? tab[s] : one;
+        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags);
+        switch (S.op) {
+        case P_EMBED: p_embed(S, token); break;
+        case P_MATVEC: p_matvec(S, pxs, part, n_split, hd, eps); break;
+        case P_SWIGLU: p_swiglu(S, pxs, eps); break;
+        default:
+            for (int it = blockIdx.x; it < n_head * n_split; it += gridDim.x)
+                attention_rope_body(it / n_split, it % n_split, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,
+                                    S.kc, S.vc, pos, part, n_head, n_kv, hd, rope_dim, neox, eps, chunk, scale);
+        }
+        if (s + 1 < n_st) grid_barrier(count, (u32)(s + 1) * gridDim.x, flags);
+    }
+    if (grid_exit(count, (u32)n_st * gridDim.x) && trace) trace[n_st] = stage_clock();
+}
+#endif
 
 /* ---- prefill attention on the tensor cores (CUDA only) -------------------------------------- */
 

@@ -87,6 +87,17 @@ def test_tensor_views_outlive_close():
         assert bytes(view[:256]) == raw.read(256)
 
 
+def test_release_pages_keeps_the_views_readable(tmp_path):
+    """release_pages drops the resident pages only: the views read the file's bytes again."""
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    gguf.write(tmp_path / "r.gguf", {"general.architecture": "llama"},
+               [("w", gguf.TensorData("F32", (64, 64), w.tobytes()))])
+    with gguf.open(tmp_path / "r.gguf") as f:
+        before = bytes(f.tensors["w"].data)
+        f.release_pages()
+        assert bytes(f.tensors["w"].data) == before == w.tobytes()
+
+
 # ---------------------------------------------------------------------------
 # Writer: explicit cases
 # ---------------------------------------------------------------------------

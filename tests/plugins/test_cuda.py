@@ -14,6 +14,7 @@ suite (test_conformance.py) holds the backend to llama.cpp's logits.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -103,12 +104,24 @@ def test_hipcc_compiles_the_hip_variant(arch, warp, tmp_path):
              cuda_source.variant("hip", warp), tmp_path, {"HIP_PLATFORM": "amd"})
 
 
+def _nvcc_archs() -> set[str]:
+    r = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    return set(r.stdout.split())
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_nvcc_compiles_the_cuda_variant(tmp_path):
-    _compile(["nvcc", "-std=c++17", "-arch=sm_90", "-c"], cuda_source.variant("cuda"), tmp_path)
+@pytest.mark.parametrize("arch", ["90", "87", "72"])    # H100/H200, Jetson Orin, Jetson Xavier
+def test_nvcc_compiles_the_cuda_variant_for_hopper_and_jetson(arch, tmp_path):
+    """The persistent decode's Hopper-only bulk L2 prefetch and the programmatic-launch
+    controls sit behind __CUDA_ARCH__; the rest (grid barrier, wmma) is sm_70+. CUDA 13's
+    nvcc no longer targets sm_72 (Xavier's JetPack 5 ships CUDA 11.4): skipped there."""
+    if f"compute_{arch}" not in _nvcc_archs():
+        pytest.skip(f"this nvcc does not target sm_{arch}")
+    _compile(["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-c"], cuda_source.variant("cuda"), tmp_path)
 
 
 HOST_HARNESS = r"""
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -136,6 +149,13 @@ static void *slurp(const char *path) {
 }
 int main(int argc, char **argv) {
     const std::string t = argv[1];
+    if (t == "layout") {       /* struct PStage as plugins/cuda.py's ctypes mirror must see it */
+        printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(PStage), offsetof(PStage, x),
+               offsetof(PStage, nw), offsetof(PStage, accumulate), offsetof(PStage, mat),
+               offsetof(PStage, bias), offsetof(PStage, vc), sizeof(PMat), offsetof(PMat, kind));
+        for (int k = PK_Q4_0; k <= PK_F32; k++) printf("%lld ", kind_row_bytes(k, 2048));
+        return 0;
+    }
     const int rows = atoi(argv[2]), K = atoi(argv[3]);
     const u8 *w = (const u8 *)slurp(argv[4]);
     const __half *d = (const __half *)slurp(argv[5]);
@@ -183,6 +203,17 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
         assert r.returncode == 0, (ttype, r.stderr)
         got = np.fromfile(out, np.float32).reshape(rows, cols)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=ttype)
+    # the persistent decode's stage table: the ctypes mirror has the C layout
+    r = subprocess.run([str(exe), "layout"], capture_output=True, text=True, timeout=60)
+    P, M = cuda._PStage, cuda._PMat
+    layout_line, row_bytes = r.stdout.split("\n")
+    assert [int(v) for v in layout_line.split()] == [
+        ctypes.sizeof(P), P.x.offset, P.nw.offset, P.accumulate.offset, P.mat.offset, P.bias.offset,
+        P.vc.offset, ctypes.sizeof(M), M.kind.offset]
+    assert ctypes.sizeof(P) == cuda.P_STAGE_BYTES
+    # the kernel's row sizes (its L2 prefetch ranges) are the upload's, kind by kind (PKIND order)
+    kinds = sorted(cuda.PKIND, key=cuda.PKIND.get)
+    assert [int(v) for v in row_bytes.split()] == [cuda._row_bytes(k, 2048) for k in kinds]
 
 
 # ---------------------------------------------------------------------------
@@ -244,6 +275,65 @@ def test_fused_rope_decode_plan_has_five_launches_a_layer(tiny):
                if s.kernel.startswith("matvec"))
     pre = [s.kernel for s in cuda.forward_steps(lay, 20) if isinstance(s, cuda.Launch)]
     assert pre.count("rope_kv") == c.n_layer and "attention_rope" not in pre
+
+
+def test_persistent_decode_plan_is_one_cooperative_launch(tiny):
+    """p_grid > 0: decode is copy in, one cooperative decode_persistent launch, copy out; its
+    stage table walks the same matrices, norms and buffers as the graph's launches; prefill
+    is unchanged."""
+    c = _config(tiny("Q4_K_M"))
+    lay = cuda.layout(c, n_ctx=300, fuse_rope=True, prefetch=True, p_grid=132, pf_cap=1 << 16)
+    assert lay.persistent
+    steps = cuda.decode_steps(lay)
+    assert len(steps) == 3 and isinstance(steps[0], cuda.Copy) and isinstance(steps[2], cuda.Copy)
+    k = steps[1]
+    assert k.kernel == "decode_persistent" and k.coop and k.grid == (132, 1, 1)
+    assert cuda.Buf("io") in k.args and cuda.Buf("ptab") in k.args and k.args[-1] is None   # no trace
+    assert k.kernel in cuda_source.kernel_names(cuda_source.variant("cuda"))
+    assert k.kernel not in cuda_source.kernel_names(cuda_source.variant("hip"))
+    st = cuda.persistent_stages(lay)
+    assert len(st) == lay.n_stages == 2 + 5 * c.n_layer
+    assert lay.buffers()["ptab"] == cuda.P_STAGE_BYTES * len(st)
+    ops = [s.op for s in st]
+    assert ops == [cuda.P_EMBED] + [cuda.P_MATVEC, cuda.P_ATTN, cuda.P_MATVEC, cuda.P_SWIGLU,
+                                    cuda.P_MATVEC] * c.n_layer + [cuda.P_MATVEC]
+    # every matrix but the embedding table is multiplied exactly once, the table read once
+    used = [m for s in st[1:] for m in s.mats]
+    assert sorted((m.tensor, m.row0) for m in used) == sorted(
+        (m.tensor, m.row0) for r, m in lay.mats.items() if r != "token_embd")
+    for i in range(c.n_layer):
+        qkv, att, o, ffn, down = st[1 + 5 * i: 6 + 5 * i]
+        assert qkv.rows == lay.qkv_dim == sum(m.rows for m in qkv.mats) and qkv.y == cuda.Buf("qkv")
+        assert qkv.nw == cuda.Buf(lay.vecs[f"{i}.attn_norm"]) and not qkv.accumulate
+        assert att.kc == cuda.Buf("kc", 2 * i * 300 * lay.kv_dim) and att.x == cuda.Buf("qkv")
+        assert o.merge and o.accumulate and o.y == cuda.Buf("x") and o.K == lay.q_dim
+        assert ffn.op == cuda.P_SWIGLU and ffn.rows == c.n_ff and ffn.nw == cuda.Buf(lay.vecs[f"{i}.ffn_norm"])
+        assert down.x == cuda.Buf("ffn") and down.accumulate and down.K == c.n_ff
+    assert st[-1].y == cuda.Buf("logits") and st[-1].rows == c.n_vocab
+    smem, xs, tab = cuda.persistent_smem(lay)           # x copy (+ merge weights), then the table
+    assert xs >= cuda._xpad(c.n_ff) and xs >= cuda._xpad(lay.q_dim) + c.n_head * lay.n_split
+    assert tab == xs and smem == 4 * xs + cuda.P_STAGE_BYTES * len(st) and k.args[2] == tab
+    pre = [s for s in cuda.forward_steps(lay, 20) if isinstance(s, cuda.Launch)]
+    assert not any(s.coop for s in pre)
+    # the table resolves every address (fake ones here) into the kernel's 160-byte records
+    addr = {}
+    table = cuda.stage_table(st, lambda b: 0 if b is None else addr.setdefault((b.name, b.offset), 4096 * (1 + len(addr))))
+    assert len(table) == cuda.P_STAGE_BYTES * len(st)
+    rec = cuda._PStage.from_buffer_copy(table, cuda.P_STAGE_BYTES * 1)
+    assert (rec.op, rec.n_mat, rec.rows, rec.K) == (cuda.P_MATVEC, len(st[1].mats), lay.qkv_dim, c.n_embd)
+    assert rec.mat[0].kind == cuda.PKIND[st[1].mats[0].kind] and rec.mat[0].w != 0
+
+
+def test_persistent_decode_refuses_float_matrices(tiny):
+    """A model with f16/f32 matrices keeps the graph of launches (the kernel's matvec stages
+    read quantized kinds only), and says why."""
+    c = _config(tiny("Q8_0"))
+    t = c.tensors["blk.1.ffn_down.weight"]
+    odd = dataclasses.replace(c, tensors={**c.tensors, t.name: dataclasses.replace(t, type="F16")})
+    lay = cuda.layout(odd, n_ctx=64, p_grid=132)
+    assert not lay.persistent and "f16" in cuda.persistent_refusal(lay)
+    assert any(s.kernel == "matvec_f16" for s in cuda.decode_steps(lay) if isinstance(s, cuda.Launch))
+    assert cuda.layout(c, n_ctx=64, p_grid=132).persistent
 
 
 def test_prefill_plan_gemms_stay_inside_the_scratch(tiny):
@@ -313,8 +403,11 @@ def test_probe_never_raises_and_names_the_platform():
     assert isinstance(p, Probe) and p.reason
     if p.available:
         assert p.isa in ("CUDA", "HIP") and p.devices and p.memory_bytes > 0
+        assert cuda.decode_note(p.isa) in p.reason
     else:
         assert "CuPy" in p.reason or "GPU" in p.reason
+    # `ember backends` says that ROCm keeps the graph and where the persistent kernel runs
+    assert "CUDA-only" in cuda.decode_note("HIP") and "persistent=1" in cuda.decode_note("CUDA")
 
 
 # ---------------------------------------------------------------------------
@@ -477,6 +570,35 @@ def test_fused_rope_decode_with_biases_qk_norms_and_neox_rope(model):
             fused, plain = (r.decode(tok) for r in runs)
             assert _kl(want[None], fused[None])[0] < 1e-3
             np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+        for r in runs:
+            r.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", ["Q4_0", "Q8_0", "Q4_K_M", "s512-qwen2-Q4_K_M.gguf", "s512-qwen3-Q4_K_M.gguf"])
+def test_persistent_decode_matches_the_graph(model, tiny):
+    """The persistent kernel against the graph of launches (its yardstick): KL <= 1e-6 for
+    each decoded token, across a split boundary of the attention (chunk 256), on llama
+    (Q4_K_M: Q4_K and Q6_K in one q|k|v stage), qwen2 (biases, NEOX rope) and qwen3 (q/k
+    norms); one and two blocks a multiprocessor, with and without the L2 prefetch."""
+    from tests.conftest import conformance_path
+    path = tiny(model) if model.startswith("Q") else conformance_path("models", model)
+    with gguf.open(path) as f:
+        c = config_from_gguf(f)
+        runs = [cuda.CudaRunner(f, c, 300), cuda.CudaRunner(f, c, 300, {"persistent": 1}),
+                cuda.CudaRunner(f, c, 300, {"persistent": 1, "p_per_sm": 2, "l2_prefetch": 1})]
+        assert [r.lay.persistent for r in runs] == [False, True, True]
+        assert runs[2].lay.p_grid >= runs[1].lay.p_grid
+        toks = np.random.default_rng(5).integers(3, c.n_vocab, 270).tolist()
+        for r in runs:
+            r.prefill(toks[:250])
+        for tok in toks[250:]:                       # positions 250..269 cross the split at 256
+            want, *got = (r.decode(tok) for r in runs)
+            for g in got:
+                assert _kl(want[None], g[None])[0] <= 1e-6
+        for r in runs[1:]:                           # still the persistent kernel after decoding
+            assert r.lay.persistent and r.persistent_error is None, r.persistent_error
+            assert len(r._decode_plan) == 3                # copy in, the cooperative launch, copy out
         for r in runs:
             r.close()
 
