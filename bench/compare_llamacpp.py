@@ -15,7 +15,17 @@ repeat, and the table reports the median of each number and the ratios
 ember / llama.cpp — the machine is shared and noisy, so only side-by-side
 numbers mean anything. The machine's read bandwidth (all threads, a 1 GiB
 buffer) is measured in every round too, to show what fraction of it decode
-reaches (weights bytes per token x tok/s).
+reaches (weights bytes per token x tok/s) — for both engines.
+
+A baseline you can trust: before measuring, the script asks the llama.cpp
+build for its ggml system-info string and refuses to run (--allow-generic
+overrides, and the table says so) when the build lacks a SIMD extension this
+CPU has (a generic wheel compiled without -DGGML_NATIVE=ON). And when
+llama.cpp's own decode reaches less than 60% of the read bound in this run,
+its decode and prefill ratios are not printed: such a baseline is broken
+(wrong build, throttled or busy machine), and a ratio against it flatters
+ember. Every table starts with the CPU model, its SIMD flags and the load
+average, because numbers from one CPU say nothing about another.
 
 AMX: this VM advertises AMX and the kernel grants the tile permission, but
 tile instructions fault (SIGILL) — llama.cpp's AMX path crashes on the first
@@ -34,7 +44,13 @@ import subprocess
 import sys
 import time
 
-LLAMA_PYTHONS = ["/work/llamaenv/bin/python"]
+LLAMA_PYTHONS = ["/work/llvenv/bin/python", "/work/llamaenv/bin/python"]
+MIN_BASELINE = 0.60     # llama.cpp decode GB/s / read bound below this: no ratio
+# /proc/cpuinfo flag -> the name ggml's system-info gives it (the extensions its CPU kernels use)
+GGML_FEATURES = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx_vnni": "AVX_VNNI",
+                 "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+                 "avx512_bf16": "AVX512_BF16", "amx_int8": "AMX_INT8",
+                 "asimddp": "DOTPROD", "i8mm": "MATMUL_INT8", "sve": "SVE"}
 KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
@@ -66,6 +82,11 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
 
 
+def llama_system_info() -> str:
+    import llama_cpp
+    return llama_cpp.llama_print_system_info().decode()
+
+
 def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int, amx: bool) -> dict:
     import numpy as np
     if not amx:
@@ -91,6 +112,34 @@ def llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, seed: int,
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": n_gen / decode_s,
             "ttft_ms": prefill_s * 1000, "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------------------
+# The machine and the llama.cpp build
+# ---------------------------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        line = next((ln for ln in f if ln.startswith(("flags", "Features"))), ":")
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_line() -> str:
+    """lscpu's model name and the SIMD flags that matter for these kernels."""
+    r = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in r.stdout.splitlines())}
+    name = field.get("Model name", "unknown CPU")
+    if "CPU family" in field:   # a VM's model name can be as vague as "AMD EPYC": family/model say which
+        name += f" (family {field['CPU family']}, model {field.get('Model', '?')})"
+    simd = sorted(f for f in cpu_flags() if f in GGML_FEATURES or f.startswith(("avx512", "amx")))
+    return f"CPU: {name}, {os.cpu_count()} cores; SIMD: {' '.join(simd)}"
+
+
+def missing_in_llama(info: str) -> list[str]:
+    """ggml features this CPU has but the llama.cpp build was compiled without."""
+    have = {kv.split("=")[0].split()[-1] for kv in info.split("|") if kv.strip().endswith("= 1")}
+    want = [GGML_FEATURES[f] for f in sorted(cpu_flags()) if f in GGML_FEATURES]
+    return [w for w in want if w not in have]
 
 
 # ---------------------------------------------------------------------------
@@ -144,28 +193,42 @@ def kv_mb(model: str, n_ctx: int) -> float:
         return config_from_gguf(f).kv_cache_bytes(n_ctx) / 2**20
 
 
-def table(results: dict, a, bw: list[float]) -> str:
+def ratio(x: float, y: float, trusted: bool) -> str:
+    return f"{x / y:.2f}x" if trusted else "no ratio"
+
+
+def table(results: dict, a, bw: list[float], header: list[str]) -> str:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     bw_gb = med(bw) / 1e9
-    lines = [f"threads={a.threads} prompt={a.prompt_tokens} gen={a.gen_tokens} rounds={a.rounds}; "
-             f"read bandwidth {bw_gb:.1f} GB/s (median of rounds; {a.threads} threads, 1 GiB)",
-             "| model | file MB | decode tok/s ember / llama.cpp (x) | prefill tok/s ember / llama.cpp (x) "
-             "| peak RSS MB ember / llama.cpp (x) | RSS budget file+KV+100 | decode GB/s (of read bw) |",
-             "|---|---|---|---|---|---|---|"]
+    notes = []
+    lines = header + [
+        f"threads={a.threads} prompt={a.prompt_tokens} gen={a.gen_tokens} rounds={a.rounds}; "
+        f"read bandwidth {bw_gb:.1f} GB/s (median of rounds; {a.threads} threads, 1 GiB)",
+        "| model | file MB | decode tok/s ember / llama.cpp (x) | prefill tok/s ember / llama.cpp (x) "
+        "| peak RSS MB ember / llama.cpp (x) | RSS budget file+KV+100 "
+        "| decode GB/s ember / llama.cpp (of read bw) |",
+        "|---|---|---|---|---|---|---|"]
     for model, r in results.items():
         e = {k: med([x[k] for x in r["ember"]]) for k in KEYS}
         l_ = {k: med([x[k] for x in r["llama"]]) for k in KEYS}
         size = os.path.getsize(model) / 2**20
         budget = size + kv_mb(model, a.prompt_tokens + a.gen_tokens) + 100
-        gbs = r["wbytes"] * e["decode_tok_s"] / 1e9
+        gbs, lgbs = (r["wbytes"] * x["decode_tok_s"] / 1e9 for x in (e, l_))
+        trusted = lgbs >= MIN_BASELINE * bw_gb
+        if not trusted:
+            notes.append(f"no ratio for {os.path.basename(model)}: llama.cpp decodes at {lgbs:.1f} GB/s, "
+                         f"{lgbs / bw_gb:.0%} of the {bw_gb:.1f} GB/s read bound (< {MIN_BASELINE:.0%}): "
+                         "a broken baseline (non-native build, throttled or busy machine)")
         lines.append(
             f"| {os.path.basename(model)} | {size:.0f} "
-            f"| {e['decode_tok_s']:.1f} / {l_['decode_tok_s']:.1f} ({e['decode_tok_s'] / l_['decode_tok_s']:.2f}x) "
-            f"| {e['prefill_tok_s']:.1f} / {l_['prefill_tok_s']:.1f} ({e['prefill_tok_s'] / l_['prefill_tok_s']:.2f}x) "
+            f"| {e['decode_tok_s']:.1f} / {l_['decode_tok_s']:.1f} "
+            f"({ratio(e['decode_tok_s'], l_['decode_tok_s'], trusted)}) "
+            f"| {e['prefill_tok_s']:.1f} / {l_['prefill_tok_s']:.1f} "
+            f"({ratio(e['prefill_tok_s'], l_['prefill_tok_s'], trusted)}) "
             f"| {e['peak_rss_mb']:.0f} / {l_['peak_rss_mb']:.0f} ({e['peak_rss_mb'] / l_['peak_rss_mb']:.2f}x) "
             f"| {budget:.0f} {'ok' if e['peak_rss_mb'] <= budget else 'OVER'} "
-            f"| {gbs:.1f} ({gbs / bw_gb:.0%}) |")
-    return "\n".join(lines)
+            f"| {gbs:.1f} / {lgbs:.1f} ({gbs / bw_gb:.0%} / {lgbs / bw_gb:.0%}) |")
+    return "\n".join(lines + notes)
 
 
 def models_of(a) -> list[str]:
@@ -187,8 +250,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-python", default=next((x for x in LLAMA_PYTHONS if os.path.exists(x)), None))
     p.add_argument("--allow-amx", action="store_true", help="let llama.cpp use AMX (it faults in this VM)")
+    p.add_argument("--allow-generic", action="store_true",
+                   help="measure even a llama.cpp build that lacks SIMD extensions this CPU has")
     p.add_argument("--llama-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--llama-info", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.llama_info:
+        print(json.dumps(llama_system_info()))
+        return 0
     if a.llama_worker:
         print(json.dumps(llama_worker(a.llama_worker, a.threads, a.prompt_tokens, a.gen_tokens, a.seed,
                                       a.allow_amx)))
@@ -196,6 +265,18 @@ def main(argv=None) -> int:
     if not a.llama_python:
         print("no llama-cpp-python interpreter found; pass --llama-python", file=sys.stderr)
         return 2
+    header = [cpu_line(), f"load average {os.getloadavg()[0]:.1f} (1 min) before the run"]
+    info = run_json([a.llama_python, os.path.abspath(__file__), "--llama-info"])
+    missing = missing_in_llama(info)
+    if missing:
+        msg = (f"llama.cpp at {a.llama_python} was built without {' '.join(missing)}, which this CPU has: "
+               "not a native build, so not a baseline (rebuild llama-cpp-python with "
+               'CMAKE_ARGS="-DGGML_NATIVE=ON", or pass --allow-generic)')
+        if not a.allow_generic:
+            print(msg, file=sys.stderr)
+            return 2
+        header.append(f"WARNING: {msg}")
+    header.append(f"llama.cpp {info.strip()}")
     models = models_of(a)
     results = {m: {"ember": [], "llama": [], "wbytes": weights_bytes(m)} for m in models}
     bw = []
@@ -208,7 +289,7 @@ def main(argv=None) -> int:
                 results[m][name].append(r)
                 print(f"round {rnd + 1} {os.path.basename(m)} {name}: " +
                       " ".join(f"{k}={r[k]:.1f}" for k in KEYS), file=sys.stderr, flush=True)
-    print(table(results, a, bw))
+    print(table(results, a, bw, header))
     return 0
 
 
