@@ -44,7 +44,10 @@ import subprocess
 import sys
 import time
 
-LLAMA_PYTHONS = ["/work/llvenv/bin/python", "/work/llamaenv/bin/python"]
+# the llama.cpp interpreter: $EMBER_LLAMA_PYTHON (the oracle .ci/run builds), else these venvs
+LLAMA_PYTHONS = [p for p in (os.environ.get("EMBER_LLAMA_PYTHON"),
+                             os.path.expanduser("~/.cache/ember-ci/llama-cpp-python-0.3.36/bin/python"),
+                             "/work/llvenv/bin/python") if p]
 MIN_BASELINE = 0.60     # llama.cpp decode GB/s / read bound below this: no ratio
 # /proc/cpuinfo flag -> the name ggml's system-info gives it (the extensions its CPU kernels use)
 GGML_FEATURES = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx_vnni": "AVX_VNNI",
