@@ -199,9 +199,9 @@ class Model:
                                       bos_token=_token_text(tok, tok.bos_id),
                                       eos_token=_token_text(tok, tok.eos_id))
             if self._chat.is_fallback:   # built once per model, so this is said once
-                log.warning("%s has no tokenizer.chat_template: chat messages are rendered "
-                            "with the ChatML fallback (<|im_start|>role ... <|im_end|>)",
-                            os.path.basename(self.path))
+                log.info("%s has no tokenizer.chat_template: chat messages are rendered "
+                         "with the ChatML fallback (<|im_start|>role ... <|im_end|>)",
+                         os.path.basename(self.path))
         return self._chat
 
     def apply_chat(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:

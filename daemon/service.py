@@ -221,9 +221,18 @@ class Service:
         if not self._serving:
             self.notify.stopping("stopped during start-up")
             raise Stopped()
+        self._wake_loop()
 
     def _on_hup(self, signum, frame) -> None:
         self._hup = True
+        self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        """The drain (or reload) starts now, not at the loop's next tick up to a second later
+        (queued requests could start meanwhile). From a thread: the handler runs on the main
+        thread, which may hold the wake lock."""
+        if self.server is not None:
+            threading.Thread(target=self.server.wake, daemon=True).start()
 
     def _on_usr1(self, signum, frame) -> None:
         self._hang = True

@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai", reason="the test extra's openai package i
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tests.daemon.emberd_proc import greedy_local, model, model_path, start_emberd  # noqa: E402,F401
+from tests.conftest import conformance_path  # noqa: E402
 
 KEY = "test-key-0123456789abcdef"
 NAME = "stories260K.gguf"
@@ -559,15 +560,18 @@ def test_http_without_the_extra_says_what_to_install():
 
 
 def test_draining_daemon_answers_503(tmp_path):
-    d = start_emberd("--drain-timeout", "5", ipc=False, http=True)
+    # v32k-llama: ~10x slower a token than stories260K, so the holder is still running when
+    # SIGTERM lands (stories260K's 1,500 tokens fit in the socket buffers and end in ~1 s)
+    slow = conformance_path("models", "v32k-llama-Q8_0.gguf")
+    d = start_emberd("--model", str(slow), "--drain-timeout", "5", ipc=False, http=True)
     c = openai.OpenAI(base_url=d.http + "/v1", api_key="unused", max_retries=0, timeout=30)
     try:
-        holder = Holder(d)
+        holder = Holder(d, model=slow.name)
         queued = {}
 
         def wait_queued():
             try:
-                c.completions.create(model=NAME, prompt=PROMPT, max_tokens=4)
+                c.completions.create(model=slow.name, prompt=PROMPT, max_tokens=4)
             except openai.APIStatusError as e:
                 queued["e"] = e
         t = threading.Thread(target=wait_queued)
@@ -577,7 +581,7 @@ def test_draining_daemon_answers_503(tmp_path):
         t.join(30)
         assert queued["e"].status_code == 503 and queued["e"].body["code"] == "draining"
         with pytest.raises(openai.InternalServerError) as e:
-            c.completions.create(model=NAME, prompt=PROMPT, max_tokens=4)
+            c.completions.create(model=slow.name, prompt=PROMPT, max_tokens=4)
         assert e.value.status_code == 503
         holder.sock.close()
         assert d.proc.wait(20) == 0
