@@ -250,12 +250,14 @@ def test_every_reason_is_listed(tmp_path, capsys):
     assert all(f"  {p}: {r}" in out for p, r in parts.items())
 
 
-def test_unsupported_architecture_is_the_verdict(capsys):
-    path = conformance_path("arch", "models", "s512-gemma3-Q8_0.gguf")
-    from ember.plugins.arch import ARCH_SWITCHES
+def test_unsupported_architecture_is_the_verdict(tmp_path, capsys):
+    path = rewritten(tmp_path, "v151k-qwen2-Q8_0.gguf", **{"general.architecture": "mamba9"})
     verdict = inspect_json(capsys, path)["verdict"]
-    if "gemma3" in ARCH_SWITCHES:      # once ember runs gemma3, the same file must say so
-        assert verdict["runs"] and verdict["reasons"] == []
-    else:
-        assert verdict["reasons"] == [{"part": "model", "reason": verdict["reasons"][0]["reason"]}]
-        assert "'gemma3'" in verdict["reasons"][0]["reason"]
+    assert verdict["runs"] is False
+    assert verdict["reasons"][0]["part"] == "model" and "'mamba9'" in verdict["reasons"][0]["reason"]
+
+
+def test_a_new_architecture_fixture_runs(capsys):
+    path = conformance_path("arch", "models", "s512-gemma3-Q8_0.gguf")
+    verdict = inspect_json(capsys, path)["verdict"]
+    assert verdict["runs"] and verdict["reasons"] == []
