@@ -63,6 +63,7 @@ DEFAULT_DRAIN_S = 10.0
 STATUS_EVERY_S = 10.0
 WATCH_EVERY_S = 1.0
 STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
+DRAIN_TICK_S = 0.05          # how often a draining loop checks its deadline
 CONFIG_READ_S = 5.0          # SIGHUP: a config file not read within this fails the reload
 
 
@@ -373,6 +374,7 @@ class Service:
         if self._drain_deadline is None:
             self._drain_deadline = now + max(0.0, self.args.drain_timeout)
             srv.draining = True
+            srv.tick_s = min(srv.tick_s, DRAIN_TICK_S)   # the deadline lands on a tick, not up to 1 s past it
             self.notify.stopping("draining: finishing the running request")
             self._cancel_queued()
         running = srv.scheduler.running
