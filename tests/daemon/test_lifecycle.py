@@ -216,7 +216,7 @@ def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
     d = launch("--drain-timeout", "1", model_file=slow_model())
     notify.wait_for("READY")
     with d.client() as a, d.client() as b, d.client(timeout=5) as late:
-        stream = a.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
+        stream = a.generate(PROMPT, max_tokens=4000, temperature=0, ignore_eos=True)
         first = next(stream)
         queued = b.send("generate", prompt="Hello", max_tokens=5, temperature=0)
         while late.status()["queue_len"] < 1:          # B waits behind A before the signal
@@ -231,7 +231,7 @@ def test_sigterm_mid_stream_drains_with_terminal_events(launch, notify):
         assert d.wait() == 0
         elapsed = time.monotonic() - t0
     assert isinstance(first, Token) and first.index == 0
-    assert stream.done["stop"] == "cancelled" and 0 < n < 1500        # cut at the drain timeout
+    assert stream.done["stop"] == "cancelled" and 0 < n < 4000        # cut at the drain timeout
     assert stream.done["usage"]["completion_tokens"] == n
     assert msg["op"] == "error" and msg["code"] == "cancelled"        # the queued one: told
     assert refused.value.code == "busy" and "shutting down" in refused.value.message
