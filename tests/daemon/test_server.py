@@ -189,7 +189,10 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
         blocker.close()
         wait_idle(obs)
         r = recent(obs, rid_q)
-        assert r["gone"] and r["tokens"] <= 2, r      # dropped at its first event, within a token
+        # dropped at its first failed send, within a token of it. libzmq ends a peer's pipe
+        # asynchronously, so the first send after the FIN may still be accepted (and dropped):
+        # `start` and token 0 may leave, token 1 fails, the worker has made token 2 at most
+        assert r["gone"] and r["tokens"] <= 3, r
 
         # vanish in the middle of a long prefill: measure the prefill first, leave halfway;
         # an attempt counts only if the daemon was provably still prefilling after we left
@@ -210,7 +213,7 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
             r = recent(obs, rid_p)
             assert r["gone"] and r["stop"] == "cancelled", r
             if cur is not None and cur["id"] == rid_p and cur["tokens"] == 0:
-                assert r["tokens"] <= 2, r     # prefill finished, then at most a token more
+                assert r["tokens"] <= 3, r     # prefill finished, then a token or two more (as above)
                 checked += 1
         assert checked, "never managed to vanish during a prefill"
 
