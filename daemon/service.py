@@ -141,7 +141,7 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
     from ember.plugins.arch import config_from_gguf
     with gguf.open(path) as f:
         cfg = config_from_gguf(f)
-    name, _ = registry.choose(args.backend)
+    name, _ = registry.choose(args.backend, cfg)
     n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
     limit, source = budget_of(args)
     fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,

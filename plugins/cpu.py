@@ -23,7 +23,7 @@ from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
-IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
+IMPLEMENTED: frozenset[str] = frozenset(FEATURES) - {"encoder"}   # encoders: reference only
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
@@ -42,7 +42,8 @@ def _kernels():
 @hookimpl
 def ember_backends():
     return [BackendSpec(NAME, priority=50,
-                        description="native C SIMD kernels straight from the mapped file")]
+                        description="native C SIMD kernels straight from the mapped file",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl

@@ -126,3 +126,53 @@ def test_every_decoder_architecture_is_covered():
     archs = {m.split("-")[1] for m in MODELS}
     assert archs == {"gemma2", "gemma3", "smollm3", "granite", "olmo2", "lfm2", "phi3", "qwen2"}
     assert all(len([c for c in CASES if c["model"] == m]) == 3 for m in MODELS)
+
+
+# ---------------------------------------------------------------------------
+# Encoders (bert): sentence embeddings against llama.cpp's Llama(embedding=True).embed
+# ---------------------------------------------------------------------------
+
+EMBED_CASES = [c for c in conformance_cases("arch") if c.get("kind") == "embedding"]
+EMBED_MODELS = sorted({c["model"] for c in EMBED_CASES})
+COSINE_MIN = 0.9999      # arch/README.md: embeddings (F32)
+
+
+@pytest.mark.parametrize("case", oracle_params(
+    [pytest.param(c, id=c["ref"].removesuffix(".npz")) for c in EMBED_CASES]))
+def test_embeddings_match_llama_cpp(case, models):
+    z = _ref(case)
+    m = models("reference", case["model"], case["n_ctx"])
+    assert (case["pooling"], case["normalize"]) == (m.config.pooling, "l2")
+    assert m.tokenize(case["prompt"]) == z["tokens"].tolist()      # [CLS] ... [SEP]
+    got = m.embed([case["prompt"]])
+    assert got.dtype == np.float32 and got.shape == (1, m.config.n_embd)
+    cos = float(got[0] @ z["embedding"]) / float(np.linalg.norm(z["embedding"]))
+    assert cos >= COSINE_MIN, f"{case['ref']}: cosine {cos:.6f} < {COSINE_MIN}"
+    assert np.linalg.norm(got[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", oracle_params(EMBED_CASES[:1]))
+def test_a_batch_embeds_each_text_as_if_alone(case, models):
+    """Texts of different lengths in one call: no padding or attention leaks between them."""
+    m = models("reference", case["model"], case["n_ctx"])
+    texts = [c["prompt"] for c in EMBED_CASES] + ["", "x"]
+    batch = m.embed(texts)
+    alone = np.concatenate([m.embed(t) for t in texts])
+    assert batch.shape == (len(texts), m.config.n_embd)
+    np.testing.assert_array_equal(batch, alone)
+
+
+@pytest.mark.parametrize("backend,model", oracle_params(
+    [pytest.param(b, m, id=f"{b}-{m.removesuffix('.gguf')}") for b in ALL for m in EMBED_MODELS
+     if "encoder" not in ALL[b]], 2))
+def test_backends_without_encoders_refuse_bert_by_name(backend, model):
+    with pytest.raises(UnsupportedModel) as e:
+        engine.load(conformance_path("arch", "models", model), backend=backend, n_ctx=64)
+    assert str(e.value) == f"{backend}: bert {FEATURES['encoder']} is not implemented"
+
+
+@pytest.mark.parametrize("model", oracle_params(EMBED_MODELS))
+def test_auto_takes_a_backend_that_computes_encoders(model):
+    with engine.load(conformance_path("arch", "models", model)) as m:
+        assert m.backend == "reference" and m.is_embedding
+        assert "cpu (no bert bidirectional encoder (embeddings))" in m.backend_reason
