@@ -262,7 +262,7 @@ class Model:
         """Teacher-forced logits float32 (len(tokens), n_vocab), from an empty cache."""
         if self.runner is None:
             raise EngineError("the model was closed")
-        self._need_decoder()
+        self.require("generation")
         ids = self._check_ids(tokens)
         if not ids:
             raise EmptyPrompt("logits() needs at least one token")
@@ -278,7 +278,7 @@ class Model:
 
     def start(self, prompt: Any, created_at: float | None = None, **sampling) -> "Generation":
         """Check a request and return its Generation (nothing computed yet)."""
-        self._need_decoder()
+        self.require("generation")
         params = SamplingParams.parse(**sampling)
         ids = self.prompt_tokens(prompt)
         if len(ids) + params.max_tokens > self.n_ctx:
@@ -300,11 +300,17 @@ class Model:
         """An encoder: it makes embeddings (embed), not text (generate)."""
         return self.config.encoder
 
-    def _need_decoder(self) -> None:
-        if self.is_embedding:
+    def require(self, kind: str) -> None:
+        """Raise ModelKindError unless this model is of `kind`: "generation" | "embedding"."""
+        name, arch = os.path.basename(self.path), self.config.arch
+        if kind == "generation" and self.is_embedding:
             raise ModelKindError(
-                f"{os.path.basename(self.path)} is an embedding model ({self.config.arch}): it "
-                "cannot generate text or logits; use embed() (the `embed` op, POST /v1/embeddings)")
+                f"{name} is an embedding model ({arch}): it cannot generate text or logits; "
+                "use embed() (the `embed` op, POST /v1/embeddings)")
+        if kind == "embedding" and not self.is_embedding:
+            raise ModelKindError(
+                f"{name} is a text-generation model ({arch}): it makes no embeddings; load an "
+                "embedding model (a bert GGUF such as bge) to embed")
 
     # -- embeddings -------------------------------------------------------------
 
@@ -316,10 +322,7 @@ class Model:
         """embed() with token counts and timing. Inputs: a str, or a list of strs and/or token
         id lists (taken as they are: no [CLS]/[SEP] added). Every input is checked before any
         is computed."""
-        if not self.is_embedding:
-            raise ModelKindError(
-                f"{os.path.basename(self.path)} is a text-generation model ({self.config.arch}): "
-                "it makes no embeddings; load an embedding model (a bert GGUF such as bge)")
+        self.require("embedding")
         if self.runner is None:
             raise EngineError("the model was closed")
         seqs = [self._embed_ids(i, x) for i, x in enumerate(self._embed_inputs(inputs))]
