@@ -20,7 +20,7 @@ import pytest
 from ember.daemon import engine
 from ember.formats import gguf
 from ember.plugins import cpu, cuda, onnx, reference, registry
-from ember.plugins.arch import FEATURES, UnsupportedModel, config_from_gguf, features
+from ember.plugins.arch import FEATURES, POOLING_TYPES, UnsupportedModel, config_from_gguf, features
 from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
 from tests.plugins.test_conformance import _kl_rows, _thresholds
 
@@ -160,6 +160,65 @@ def test_a_batch_embeds_each_text_as_if_alone(case, models):
     alone = np.concatenate([m.embed(t) for t in texts])
     assert batch.shape == (len(texts), m.config.n_embd)
     np.testing.assert_array_equal(batch, alone)
+
+
+# The stored refs pool by CLS only. llama.cpp itself (llama-cpp-python in its own venv, as
+# tests/formats/test_tokenizer_llamacpp.py runs it) answers for the other pooling types, on
+# copies of the bge fixture that differ only in bert.pooling_type, normalised and raw.
+POOLING_WORKER = r"""
+import json, sys
+from llama_cpp import Llama
+req = json.loads(sys.stdin.read())
+out = {}
+for path in req["models"]:
+    m = Llama(model_path=path, embedding=True, n_ctx=512, verbose=False)
+    out[path] = {"l2": m.embed(req["texts"], normalize=True),
+                 "raw": m.embed(req["texts"], normalize=False)}
+print(json.dumps(out))
+"""
+POOLING_TEXTS = ["hello world", "Once upon a time, there was a girl named Lily.", "x"]
+
+
+@pytest.fixture(scope="module")
+def llama_pooling(tmp_path_factory):
+    """{pooling: (path, {"l2": (n, dim), "raw": (n, dim)})} from llama.cpp, for mean/cls/last."""
+    import json
+    import os
+    import subprocess
+    from tests.conftest import REQUIRE_ORACLES, absent
+    from tests.formats.test_tokenizer_llamacpp import LLAMA_PYTHON
+    if not os.path.exists(LLAMA_PYTHON):
+        absent(f"llama.cpp's interpreter {LLAMA_PYTHON} is absent (set EMBER_LLAMA_PYTHON)",
+               REQUIRE_ORACLES)
+    src = gguf.open(conformance_path("arch", "models", "bge-bert-F32.gguf"))
+    d, paths = tmp_path_factory.mktemp("pooling"), {}
+    for kind, pooling in POOLING_TYPES.items():
+        md = {**src.metadata, "bert.pooling_type": kind}
+        types = {k: t for k, t in src.metadata_types.items() if k != "bert.pooling_type"}
+        paths[pooling] = str(d / f"bge-{pooling}.gguf")
+        gguf.write(paths[pooling], md, dict(src.tensors), types=types)
+    src.close()
+    run = subprocess.run([LLAMA_PYTHON, "-c", POOLING_WORKER], capture_output=True, text=True,
+                         input=json.dumps({"models": list(paths.values()), "texts": POOLING_TEXTS}),
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    return {p: (path, {k: np.asarray(v, np.float32) for k, v in out[path].items()})
+            for p, path in paths.items()}
+
+
+@pytest.mark.parametrize("pooling", list(POOLING_TYPES.values()))
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_every_pooling_matches_llama_cpp_live(llama_pooling, pooling, normalize):
+    path, ref = llama_pooling[pooling]
+    want = ref["l2" if normalize else "raw"]
+    with engine.load(path, backend="reference") as m:
+        assert m.config.pooling == pooling
+        got = m.embed(POOLING_TEXTS, normalize=normalize)
+    cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= COSINE_MIN, f"{pooling}: cosine {cos}"
+    # the raw vectors keep llama.cpp's length too (normalize=False is not a rescaled copy)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend,model", oracle_params(
