@@ -6,6 +6,12 @@ cache for n_ctx, scratch sized for one prefill chunk, and the interpreter.
 Everything is allocated at load; decoding a token is one call into C with the
 GIL released, and allocates only the logits array it returns.
 
+Encoders (bert) run plugins/encoder.py's recipe with this backend's
+products: every matrix stays a view of the map and goes through the C
+kernels (kernels/quants.py: matmul, get_rows), activations quantized as
+llama.cpp quantizes them for that weight type; LayerNorm, attention and
+gelu are numpy (O(T^2 d) beside the O(T d^2) products).
+
 Options (``options`` dict): ``max_batch`` (tokens per prefill chunk,
 default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does).
 """
@@ -23,7 +29,7 @@ from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
-IMPLEMENTED: frozenset[str] = frozenset(FEATURES) - {"encoder"}   # encoders: reference only
+IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
@@ -70,6 +76,8 @@ def ember_plan(backend, config, n_ctx, options):
 def ember_load(backend, gguf, config, n_ctx, threads, options):
     if backend != NAME:
         return None
+    if config.encoder:
+        return encoder_runner(gguf, config, n_ctx)
     return CpuRunner(gguf, config, n_ctx, threads, options or {})
 
 
@@ -81,6 +89,8 @@ def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = N
     """Mapped weights + f16 KV cache (rings on sliding-window layers, the f32 state on
     conv layers) + scratch for one chunk + the interpreter."""
     _, forward = _kernels()
+    if config.encoder:
+        return _encoder_plan(config, n_ctx)
     threads = threads or forward.physical_cores()
     batch = int(options.get("max_batch", forward.DEFAULT_MAX_BATCH))
     small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values()
@@ -109,6 +119,40 @@ def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
     return [f"{len(rows)} sliding-window layers keep a ring of {max(rows)} rows "
             f"(window {config.sliding_window} + chunk {batch} - 1) instead of {n_ctx}: "
             f"{saved / 2**20:.1f} MiB of KV cache saved"]
+
+
+def _encoder_plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
+    from ember.plugins import encoder
+    n_ctx = min(n_ctx, config.n_ctx_train)
+    small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values() if len(t.shape) == 1)
+    return MemoryPlan(
+        weights=config.weights_bytes, kv_cache=0,
+        scratch=encoder.scratch_bytes(config, n_ctx) + small, runtime=RUNTIME_BYTES,
+        notes=["weights are the mapped file's tensor bytes (read-only); no second copy",
+               f"an encoder keeps no cache: scratch holds one text of up to {n_ctx} tokens"])
+
+
+# ---------------------------------------------------------------------------
+# The encoder: plugins/encoder.py on views of the map and the C products
+# ---------------------------------------------------------------------------
+
+def _dense(t):
+    from ember.kernels import quants
+    _, forward = _kernels()
+    _, w = forward.matrix_view(t)                                   # (out, row_bytes) uint8
+    return lambda x: quants.matmul(t.type, w, x)
+
+
+def _rows(t):
+    from ember.kernels import quants
+    _, forward = _kernels()
+    _, w = forward.matrix_view(t)
+    return lambda ids: quants.get_rows(t.type, w, ids)
+
+
+def encoder_runner(gguf, config: ModelConfig, n_ctx: int):
+    from ember.plugins.encoder import EncoderRunner
+    return EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, _dense, _rows)
 
 
 # ---------------------------------------------------------------------------

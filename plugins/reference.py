@@ -35,14 +35,8 @@ sliding-window position p sees p' with p - p' < window; lfm2's conv kernel
 (ggml ne {l_cache, n_embd}) puts its last tap on the current token. The rope
 tables (every scaling) come from arch.rope_cos_sin.
 
-The encoder (bert, ModelConfig.encoder) is its own short recipe, post-norm
-as BERT was trained, in EncoderRunner:
-
-    x = layernorm(token_embd[tokens] + token_types[0] + position_embd[0..T))
-    per layer:
-        x = layernorm(x + softmax(q k^T / sqrt(hd)) v @ Wo + bo)   (q, k, v with biases; no mask)
-        x = layernorm(x + gelu(x @ Wup + bup) @ Wdown + bdown)
-    -> hidden states (T, n_embd); pooling and normalisation are the engine's (Model.embed)
+The encoder (bert, ModelConfig.encoder) is plugins/encoder.py's recipe, run
+here on float32 copies of its weights (the numpy ops below are shared).
 
 The KV cache is allocated once for n_ctx at load; a sliding-window layer keeps
 only its window (position p in row p % window), an lfm2 conv layer only its
@@ -59,7 +53,7 @@ import numpy as np
 from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, ModelKindError, Probe
+from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
@@ -98,7 +92,7 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
     if backend != NAME:
         return None
     if config.encoder:
-        return EncoderRunner(gguf, config, n_ctx)
+        return encoder_runner(gguf, config, n_ctx)
     return ReferenceRunner(gguf, config, n_ctx)
 
 
@@ -475,92 +469,28 @@ class ReferenceRunner(CacheBookkeeping):
         return np.ascontiguousarray(softcap(logits, c.final_softcap), dtype=np.float32)
 
 
+
 # ---------------------------------------------------------------------------
-# The encoder (bert): hidden states for embeddings
+# The encoder (bert): plugins/encoder.py's recipe on float32 copies and numpy
 # ---------------------------------------------------------------------------
 
-def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """(x - mean) / sqrt(var + eps) * w + b over the last axis; mean and variance in float64
-    (bert's eps is 1e-12: the variance itself must not lose digits)."""
-    x64 = x.astype(np.float64)
-    centred = x64 - x64.mean(axis=-1, keepdims=True)
-    var = np.mean(np.square(centred), axis=-1, keepdims=True)
-    return (centred / np.sqrt(var + eps)).astype(np.float32) * w + b
+def _float_matrix(t) -> np.ndarray:
+    """A GGUF tensor as float32 (rows, n): F32 a view of the map, anything else dequantized."""
+    if t.type == "F32":
+        return np.frombuffer(t.data, dtype=np.float32).reshape(t.shape)
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
 
 
-class _EncoderLayer:
-    """One bert block's weights, float32, numpy (out, in) order; every projection has a bias."""
-
-    def __init__(self, gguf, c: ModelConfig, i: int):
-        p, d, f = f"blk.{i}.", c.n_embd, c.n_ff
-        q_dim = c.n_head * c.head_dim
-        self.wq, self.bq = _need(gguf, p + "attn_q.weight", (q_dim, d)), _need(gguf, p + "attn_q.bias", (q_dim,))
-        self.wk, self.bk = _need(gguf, p + "attn_k.weight", (q_dim, d)), _need(gguf, p + "attn_k.bias", (q_dim,))
-        self.wv, self.bv = _need(gguf, p + "attn_v.weight", (q_dim, d)), _need(gguf, p + "attn_v.bias", (q_dim,))
-        self.wo, self.bo = _need(gguf, p + "attn_output.weight", (d, q_dim)), _need(gguf, p + "attn_output.bias", (d,))
-        self.attn_norm = (_need(gguf, p + "attn_output_norm.weight", (d,)),
-                          _need(gguf, p + "attn_output_norm.bias", (d,)))
-        self.w_up, self.b_up = _need(gguf, p + "ffn_up.weight", (f, d)), _need(gguf, p + "ffn_up.bias", (f,))
-        self.w_down, self.b_down = _need(gguf, p + "ffn_down.weight", (d, f)), _need(gguf, p + "ffn_down.bias", (d,))
-        self.out_norm = (_need(gguf, p + "layer_output_norm.weight", (d,)),
-                         _need(gguf, p + "layer_output_norm.bias", (d,)))
+def _dense(t):
+    w = _float_matrix(t)                                          # (out, in)
+    return lambda x: x @ w.T
 
 
-class EncoderWeights:
-    def __init__(self, gguf, c: ModelConfig):
-        d = c.n_embd
-        self.token_embd = _need(gguf, "token_embd.weight", (c.n_vocab, d))
-        self.position_embd = _need(gguf, "position_embd.weight", (c.n_ctx_train, d))   # (n_pos, d)
-        types = gguf.tensors.get("token_types.weight")
-        # llama.cpp gives every token type 0 ("sentence A"): row 0 is added to all of them
-        self.type0 = _f32(gguf, "token_types.weight")[0] if types is not None else None  # (d,)
-        self.embd_norm = (_need(gguf, "token_embd_norm.weight", (d,)),
-                          _need(gguf, "token_embd_norm.bias", (d,)))
-        self.layers = [_EncoderLayer(gguf, c, i) for i in range(c.n_layer)]
+def _rows(t):
+    w = _float_matrix(t)                                          # (n, d)
+    return lambda ids: w[ids]
 
 
-class EncoderRunner(CacheBookkeeping):
-    """ember.plugins.types.Runner for an encoder: `encode` only; it keeps no cache."""
-
-    def __init__(self, gguf, config: ModelConfig, n_ctx: int):
-        if not isinstance(n_ctx, int) or n_ctx <= 0:
-            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
-        require_features(config, NAME, IMPLEMENTED)
-        self.c = config
-        # learned positions exist only for the trained length
-        self.n_ctx = min(n_ctx, config.n_ctx_train)
-        self.n_vocab, self.n_past = config.n_vocab, 0
-        self.w = EncoderWeights(gguf, config)
-        self._gguf = gguf
-
-    def encode(self, tokens: Sequence[int]) -> np.ndarray:
-        if self.w is None:
-            raise ValueError("runner is closed")
-        ids = np.asarray(tokens)
-        if ids.ndim == 1 and ids.size > self.n_ctx:
-            raise ContextOverflow(f"{ids.size} tokens do not fit the encoder's {self.n_ctx} positions")
-        ids = self.checked_tokens(ids, np.int64)                  # n_past stays 0
-        c, w, T = self.c, self.w, ids.size
-        x = w.token_embd[ids] + w.position_embd[:T]               # (T, d)
-        if w.type0 is not None:
-            x = x + w.type0
-        x = layernorm(x, *w.embd_norm, c.rms_eps)
-        pos = np.arange(T)
-        for L in w.layers:
-            q = (x @ L.wq.T + L.bq).reshape(T, c.n_head, c.head_dim)
-            k = (x @ L.wk.T + L.bk).reshape(T, c.n_head, c.head_dim)
-            v = (x @ L.wv.T + L.bv).reshape(T, c.n_head, c.head_dim)
-            o = attention(q, k, v, pos, pos, 1.0 / np.sqrt(c.head_dim), causal=False)
-            x = layernorm(x + o @ L.wo.T + L.bo, *L.attn_norm, c.rms_eps)
-            h = gelu(x @ L.w_up.T + L.b_up) @ L.w_down.T + L.b_down
-            x = layernorm(x + h, *L.out_norm, c.rms_eps)
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        raise ModelKindError(f"{self.c.arch} is an embedding model: it has no logits; use encode()")
-
-    def decode(self, token: int) -> np.ndarray:
-        return self.prefill([token])
-
-    def close(self) -> None:
-        self.w = self._gguf = None
+def encoder_runner(gguf, config: ModelConfig, n_ctx: int):
+    from ember.plugins.encoder import EncoderRunner   # encoder.py imports this module's ops
+    return EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, _dense, _rows)

@@ -135,13 +135,15 @@ def test_every_decoder_architecture_is_covered():
 EMBED_CASES = [c for c in conformance_cases("arch") if c.get("kind") == "embedding"]
 EMBED_MODELS = sorted({c["model"] for c in EMBED_CASES})
 COSINE_MIN = 0.9999      # arch/README.md: embeddings (F32)
+ENCODERS = [b for b in ALL if "encoder" in ALL[b]]      # reference, cpu (its C products)
 
 
-@pytest.mark.parametrize("case", oracle_params(
-    [pytest.param(c, id=c["ref"].removesuffix(".npz")) for c in EMBED_CASES]))
-def test_embeddings_match_llama_cpp(case, models):
+@pytest.mark.parametrize("backend,case", oracle_params(
+    [pytest.param(b, c, id=f"{b}-{c['ref'].removesuffix('.npz')}") for b in ENCODERS
+     for c in EMBED_CASES], 2))
+def test_embeddings_match_llama_cpp(backend, case, models):
     z = _ref(case)
-    m = models("reference", case["model"], case["n_ctx"])
+    m = models(backend, case["model"], case["n_ctx"])
     assert (case["pooling"], case["normalize"]) == (m.config.pooling, "l2")
     assert m.tokenize(case["prompt"]) == z["tokens"].tolist()      # [CLS] ... [SEP]
     got = m.embed([case["prompt"]])
@@ -151,10 +153,11 @@ def test_embeddings_match_llama_cpp(case, models):
     assert np.linalg.norm(got[0]) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("backend", ENCODERS)
 @pytest.mark.parametrize("case", oracle_params(EMBED_CASES[:1]))
-def test_a_batch_embeds_each_text_as_if_alone(case, models):
+def test_a_batch_embeds_each_text_as_if_alone(case, backend, models):
     """Texts of different lengths in one call: no padding or attention leaks between them."""
-    m = models("reference", case["model"], case["n_ctx"])
+    m = models(backend, case["model"], case["n_ctx"])
     texts = [c["prompt"] for c in EMBED_CASES] + ["", "x"]
     batch = m.embed(texts)
     alone = np.concatenate([m.embed(t) for t in texts])
@@ -207,12 +210,13 @@ def llama_pooling(tmp_path_factory):
             for p, path in paths.items()}
 
 
+@pytest.mark.parametrize("backend", ENCODERS)
 @pytest.mark.parametrize("pooling", list(POOLING_TYPES.values()))
 @pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
-def test_every_pooling_matches_llama_cpp_live(llama_pooling, pooling, normalize):
+def test_every_pooling_matches_llama_cpp_live(llama_pooling, pooling, normalize, backend):
     path, ref = llama_pooling[pooling]
     want = ref["l2" if normalize else "raw"]
-    with engine.load(path, backend="reference") as m:
+    with engine.load(path, backend=backend) as m:
         assert m.config.pooling == pooling
         got = m.embed(POOLING_TEXTS, normalize=normalize)
     cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
@@ -231,7 +235,21 @@ def test_backends_without_encoders_refuse_bert_by_name(backend, model):
 
 
 @pytest.mark.parametrize("model", oracle_params(EMBED_MODELS))
-def test_auto_takes_a_backend_that_computes_encoders(model):
+def test_auto_takes_the_best_backend_that_computes_encoders(model):
+    best = next(s.name for s in registry.backends() if registry.probe(s.name).available
+                and (s.features is None or "encoder" in s.features))
     with engine.load(conformance_path("arch", "models", model)) as m:
-        assert m.backend == "reference" and m.is_embedding
-        assert "cpu (no bert bidirectional encoder (embeddings))" in m.backend_reason
+        assert m.backend == best == "cpu" and m.is_embedding
+
+
+@pytest.mark.parametrize("model", oracle_params(EMBED_MODELS))
+def test_cpu_and_reference_encoders_agree(model):
+    """The cpu backend's C products against the numpy recipe, on a 500-token text."""
+    text = " ".join(["the little dog ran to the big tree by the river"] * 45)
+    with engine.load(conformance_path("arch", "models", model), backend="cpu") as m:
+        ids = m.tokenize(text)
+        got = m.runner.encode(ids)
+    with engine.load(conformance_path("arch", "models", model), backend="reference") as m:
+        want = m.runner.encode(ids)
+    assert len(ids) > 450 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-4)
