@@ -15,11 +15,12 @@ read here once so that no backend reads the metadata itself:
 - rope: pairing (interleaved "norm" or "neox" halves), partial rotary,
   rope_freqs factors, and scaling — linear, YaRN, LongRoPE.
 
-`bert` is the one encoder: bidirectional attention, post-LayerNorm blocks
-with biases, learned absolute positions and token type 0 added to the token
-embeddings. It makes sentence embeddings (hidden states pooled as the file's
-`pooling_type` says), not logits; backends that lack it refuse the
-`encoder` feature by name.
+`bert` and `nomic-bert` are the encoders: bidirectional attention,
+post-LayerNorm blocks, token type 0 added to the token embeddings; bert has
+learned absolute positions and a GELU FFN with biases, nomic-bert rotates q
+and k (neox) and has a SwiGLU FFN without biases. They make sentence
+embeddings (hidden states pooled as the file's `pooling_type` says), not
+logits; backends that lack them refuse the `encoder` feature by name.
 
 `rope_cos_sin` is the one rope table every backend uses, so the scaling
 math exists once. Facts come from llama.cpp (src/llama-model.cpp,
@@ -54,7 +55,8 @@ ARCH_SWITCHES: dict[str, dict] = {
     "granite": dict(rope_style="norm"),
     "olmo2": dict(rope_style="neox", pre_norms=False, post_norms=True, qk_norm="full"),
     "lfm2": dict(rope_style="neox", qk_norm="head", output_norm="token_embd_norm.weight"),
-    "bert": dict(encoder=True, qkv_bias=True),   # ffn: gelu(up) -> down, not gated
+    "bert": dict(encoder=True),
+    "nomic-bert": dict(encoder=True, rope_style="neox", encoder_positions="rope", encoder_ffn="swiglu"),
 }
 
 # bert.pooling_type (llama.cpp's enum llama_pooling_type) -> what Model.embed does with the
@@ -128,8 +130,10 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     yarn_log_mul: float = 0.0      # rope.scaling.yarn_log_multiplier (mscale_all_dims)
     # -- encoders (bert): embeddings instead of logits --
-    encoder: bool = False          # bidirectional, post-LayerNorm (with biases), learned positions
+    encoder: bool = False          # bidirectional, post-LayerNorm blocks (plugins/encoder.py)
     pooling: str = "none"          # "mean" | "cls" | "last": hidden states (T, d) -> one (d,) vector
+    encoder_positions: str = "learned"  # bert: position_embd rows; "rope": q, k rotated (nomic-bert)
+    encoder_ffn: str = "gelu"      # bert: gelu(up x + b) -> down; "swiglu": silu(gate x) * up x -> down
     tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
 
     @property

@@ -1,17 +1,20 @@
-"""The encoder (bert), written once: each backend that runs encoders brings its products.
+"""The encoders (bert, nomic-bert), written once: each backend brings its products.
 
-Design. BERT is post-norm, bidirectional, with biases on every projection and
-learned absolute positions, as llama.cpp's src/models/bert.cpp computes it:
+Design. Both are post-norm and bidirectional, as llama.cpp's
+src/models/bert.cpp computes them:
 
-    x = layernorm(token_embd[tokens] + token_types[0] + position_embd[0..T))   (T, d)
+    x = layernorm(token_embd[tokens] + token_types[0] [+ position_embd[0..T)])  (T, d)
     per layer:
-        q, k, v = x @ Wq + bq, x @ Wk + bk, x @ Wv + bv                   (T, heads, hd)
-        x = layernorm(x + softmax(q k^T / sqrt(hd)) v @ Wo + bo)          (no mask: both ways)
-        x = layernorm(x + gelu(x @ Wup + bup) @ Wdown + bdown)            (ggml's tanh gelu)
+        q, k, v = x @ Wq [+ bq], ...  (or one fused attn_qkv: q | k | v rows)  (T, heads, hd)
+        q, k = rope(q, k)                                    (nomic-bert: neox, no learned positions)
+        x = layernorm(x + softmax(q k^T / sqrt(hd)) v @ Wo [+ bo])         (no mask: both ways)
+        bert:       x = layernorm(x + gelu(x @ Wup [+ bup]) @ Wdown [+ bdown])  (ggml's tanh gelu)
+        nomic-bert: x = layernorm(x + (silu(x @ Wgate) * (x @ Wup)) @ Wdown)
     -> hidden states (T, d); pooling and normalisation are the engine's (Model.embed)
 
-llama.cpp gives every token type 0 ("sentence A"), so token_types' row 0 is
-added to every position. The recipe lives here once; a backend supplies two
+Biases are used where the file has them (llama.cpp loads them as optional;
+nomic-bert's FFN ignores any). llama.cpp gives every token type 0 ("sentence
+A"), so token_types' row 0 is added to every position. The recipe lives here once; a backend supplies two
 factories over GGUF tensors: `dense(t)` -> x (T, in) -> x @ t.T (T, out), and
 `rows(t)` -> ids (T,) -> t[ids] (T, d). The reference backend passes float32
 copies and numpy; the cpu backend passes views of the read-only map and the C
@@ -29,8 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features
-from ember.plugins.reference import ATTN_CHUNK, attention, gelu
+from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin
+from ember.plugins.reference import ATTN_CHUNK, attention, gelu, rope, silu
 from ember.plugins.types import CacheBookkeeping, ContextOverflow, ModelKindError
 
 Dense = Callable[[np.ndarray], np.ndarray]      # x (T, in) -> (T, out), bias not included
@@ -57,23 +60,23 @@ def _vector(gguf, name: str, n: int) -> np.ndarray:
 
 @dataclass
 class Linear:
-    """x @ W.T + b: the backend's product, then the bias."""
+    """x @ W.T (+ b): the backend's product, then the bias if the file has one."""
 
     product: Dense
-    bias: np.ndarray                               # (out,)
+    bias: np.ndarray | None                        # (out,)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.product(x) + self.bias
+        y = self.product(x)
+        return y if self.bias is None else y + self.bias
 
 
 @dataclass
 class Layer:
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: list[Linear]                              # [q, k, v], or [fused q | k | v]
     o: Linear
     attn_norm: tuple[np.ndarray, np.ndarray]       # LayerNorm weight, bias (d,)
     up: Linear
+    gate: Linear | None                            # nomic-bert's SwiGLU gate
     down: Linear
     out_norm: tuple[np.ndarray, np.ndarray]
 
@@ -81,7 +84,7 @@ class Layer:
 @dataclass
 class Weights:
     token_rows: Rows                               # token_embd (n_vocab, d)
-    position_rows: Rows                            # position_embd (n_ctx_train, d)
+    position_rows: Rows | None                     # bert: position_embd (n_ctx_train, d)
     type0: np.ndarray | None                       # token_types row 0 (d,), if the file has them
     embd_norm: tuple[np.ndarray, np.ndarray]
     layers: list[Layer]
@@ -91,25 +94,34 @@ def load_weights(gguf, c: ModelConfig, dense: Callable, rows: Callable) -> Weigh
     """Check every tensor's presence and shape (numpy order), then wrap it with the
     backend's factories: dense(tensor) -> Dense, rows(tensor) -> Rows."""
     d, q_dim = c.n_embd, c.n_head * c.head_dim
+    kv_dim = c.n_head_kv * c.head_dim
+    gated = c.encoder_ffn == "swiglu"
 
-    def linear(name: str, out: int, inp: int) -> Linear:
-        return Linear(dense(_tensor(gguf, name + ".weight", (out, inp))), _vector(gguf, name + ".bias", out))
+    def linear(name: str, out: int, inp: int, bias: bool = True) -> Linear:
+        b = name + ".bias"
+        return Linear(dense(_tensor(gguf, name + ".weight", (out, inp))),
+                      _vector(gguf, b, out) if bias and b in gguf.tensors else None)
 
     def norm(name: str) -> tuple[np.ndarray, np.ndarray]:
         return _vector(gguf, name + ".weight", d), _vector(gguf, name + ".bias", d)
 
     def layer(i: int) -> Layer:
         p = f"blk.{i}."
-        return Layer(q=linear(p + "attn_q", q_dim, d), k=linear(p + "attn_k", q_dim, d),
-                     v=linear(p + "attn_v", q_dim, d), o=linear(p + "attn_output", d, q_dim),
+        qkv = ([linear(p + "attn_qkv", q_dim + 2 * kv_dim, d)] if p + "attn_qkv.weight" in gguf.tensors
+               else [linear(p + "attn_q", q_dim, d), linear(p + "attn_k", kv_dim, d),
+                     linear(p + "attn_v", kv_dim, d)])
+        return Layer(qkv=qkv, o=linear(p + "attn_output", d, q_dim),
                      attn_norm=norm(p + "attn_output_norm"),
-                     up=linear(p + "ffn_up", c.n_ff, d), down=linear(p + "ffn_down", d, c.n_ff),
+                     up=linear(p + "ffn_up", c.n_ff, d, bias=not gated),
+                     gate=linear(p + "ffn_gate", c.n_ff, d, bias=False) if gated else None,
+                     down=linear(p + "ffn_down", d, c.n_ff, bias=not gated),
                      out_norm=norm(p + "layer_output_norm"))
 
     types = gguf.tensors.get("token_types.weight")
+    learned = c.encoder_positions == "learned"
     return Weights(
         token_rows=rows(_tensor(gguf, "token_embd.weight", (c.n_vocab, d))),
-        position_rows=rows(_tensor(gguf, "position_embd.weight", (c.n_ctx_train, d))),
+        position_rows=rows(_tensor(gguf, "position_embd.weight", (c.n_ctx_train, d))) if learned else None,
         type0=None if types is None else rows(types)(np.zeros(1, np.int64))[0],
         embd_norm=norm("token_embd_norm"),
         layers=[layer(i) for i in range(c.n_layer)])
@@ -136,22 +148,41 @@ def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nda
     return (centred / np.sqrt(var + eps)).astype(np.float32) * w + b
 
 
-def encode(c: ModelConfig, w: Weights, ids: np.ndarray) -> np.ndarray:
-    """ids (T,) -> hidden states float32 (T, n_embd); T <= n_ctx_train (checked by the runner)."""
+def encode(c: ModelConfig, w: Weights, ids: np.ndarray,
+           rope_table: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """ids (T,) -> hidden states float32 (T, n_embd); T <= n_ctx_train (checked by the runner).
+    rope_table: (cos, sin) (n_ctx, rope_dim/2) when the positions are rotary (nomic-bert)."""
     T = ids.size
     pos = np.arange(T)
-    x = w.token_rows(ids) + w.position_rows(pos)                 # (T, d)
+    x = w.token_rows(ids)                                        # (T, d)
+    if w.position_rows is not None:
+        x = x + w.position_rows(pos)
     if w.type0 is not None:
         x = x + w.type0
     x = layernorm(x, *w.embd_norm, c.rms_eps)
     for L in w.layers:
-        q = L.q(x).reshape(T, c.n_head, c.head_dim)
-        k = L.k(x).reshape(T, c.n_head, c.head_dim)
-        v = L.v(x).reshape(T, c.n_head, c.head_dim)
+        q, k, v = _qkv(c, L, x)
+        if rope_table is not None:
+            cos, sin = rope_table[0][:T], rope_table[1][:T]
+            q = rope(q, cos, sin, c.rope_dim, c.rope_style)
+            k = rope(k, cos, sin, c.rope_dim, c.rope_style)
         o = attention(q, k, v, pos, pos, 1.0 / np.sqrt(c.head_dim), causal=False)  # (T, q_dim)
         x = layernorm(x + L.o(o), *L.attn_norm, c.rms_eps)
-        x = layernorm(x + L.down(gelu(L.up(x))), *L.out_norm, c.rms_eps)
+        h = silu(L.gate(x)) * L.up(x) if L.gate is not None else gelu(L.up(x))      # (T, n_ff)
+        x = layernorm(x + L.down(h), *L.out_norm, c.rms_eps)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _qkv(c: ModelConfig, L: Layer, x: np.ndarray):
+    """-> q (T, n_head, hd), k and v (T, n_head_kv, hd)"""
+    T, q_dim, kv_dim = x.shape[0], c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    if len(L.qkv) == 1:
+        y = L.qkv[0](x)                                          # (T, q_dim + 2 kv_dim)
+        q, k, v = y[:, :q_dim], y[:, q_dim:q_dim + kv_dim], y[:, q_dim + kv_dim:]
+    else:
+        q, k, v = (f(x) for f in L.qkv)
+    return (q.reshape(T, c.n_head, c.head_dim), k.reshape(T, c.n_head_kv, c.head_dim),
+            v.reshape(T, c.n_head_kv, c.head_dim))
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +201,8 @@ class EncoderRunner(CacheBookkeeping):
         self.n_ctx = min(n_ctx, config.n_ctx_train)   # learned positions exist only that far
         self.n_vocab, self.n_past = config.n_vocab, 0
         self.w: Weights | None = load_weights(gguf, config, dense, rows)
+        self.rope = (rope_cos_sin(config, self.n_ctx) if config.encoder_positions == "rope"
+                     else None)                       # (cos, sin) (n_ctx, rope_dim/2)
         self._gguf = gguf                             # keeps the map (and views into it) alive
 
     def encode(self, tokens: Sequence[int]) -> np.ndarray:
@@ -178,7 +211,7 @@ class EncoderRunner(CacheBookkeeping):
         ids = np.asarray(tokens)
         if ids.ndim == 1 and ids.size > self.n_ctx:
             raise ContextOverflow(f"{ids.size} tokens do not fit the encoder's {self.n_ctx} positions")
-        return encode(self.c, self.w, self.checked_tokens(ids, np.int64))   # n_past stays 0
+        return encode(self.c, self.w, self.checked_tokens(ids, np.int64), self.rope)  # n_past stays 0
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         raise ModelKindError(f"{self.c.arch} is an embedding model: it has no logits; use encode()")

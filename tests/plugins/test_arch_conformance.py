@@ -182,9 +182,8 @@ print(json.dumps(out))
 POOLING_TEXTS = ["hello world", "Once upon a time, there was a girl named Lily.", "x"]
 
 
-@pytest.fixture(scope="module")
-def llama_pooling(tmp_path_factory):
-    """{pooling: (path, {"l2": (n, dim), "raw": (n, dim)})} from llama.cpp, for mean/cls/last."""
+def _llama_embed(paths: list[str], texts: list[str]) -> dict:
+    """{path: {"l2": (n, dim), "raw": (n, dim)}}: llama.cpp's embeddings, from its own venv."""
     import json
     import os
     import subprocess
@@ -193,6 +192,16 @@ def llama_pooling(tmp_path_factory):
     if not os.path.exists(LLAMA_PYTHON):
         absent(f"llama.cpp's interpreter {LLAMA_PYTHON} is absent (set EMBER_LLAMA_PYTHON)",
                REQUIRE_ORACLES)
+    run = subprocess.run([LLAMA_PYTHON, "-c", POOLING_WORKER], capture_output=True, text=True,
+                         input=json.dumps({"models": paths, "texts": texts}), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    return {p: {k: np.asarray(v, np.float32) for k, v in out[p].items()} for p in paths}
+
+
+@pytest.fixture(scope="module")
+def llama_pooling(tmp_path_factory):
+    """{pooling: (path, {"l2": (n, dim), "raw": (n, dim)})} from llama.cpp, for mean/cls/last."""
     src = gguf.open(conformance_path("arch", "models", "bge-bert-F32.gguf"))
     d, paths = tmp_path_factory.mktemp("pooling"), {}
     for kind, pooling in POOLING_TYPES.items():
@@ -201,13 +210,8 @@ def llama_pooling(tmp_path_factory):
         paths[pooling] = str(d / f"bge-{pooling}.gguf")
         gguf.write(paths[pooling], md, dict(src.tensors), types=types)
     src.close()
-    run = subprocess.run([LLAMA_PYTHON, "-c", POOLING_WORKER], capture_output=True, text=True,
-                         input=json.dumps({"models": list(paths.values()), "texts": POOLING_TEXTS}),
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    out = json.loads(run.stdout)
-    return {p: (path, {k: np.asarray(v, np.float32) for k, v in out[path].items()})
-            for p, path in paths.items()}
+    out = _llama_embed(list(paths.values()), POOLING_TEXTS)
+    return {p: (path, out[path]) for p, path in paths.items()}
 
 
 @pytest.mark.parametrize("backend", ENCODERS)
@@ -223,6 +227,66 @@ def test_every_pooling_matches_llama_cpp_live(llama_pooling, pooling, normalize,
     assert cos.min() >= COSINE_MIN, f"{pooling}: cosine {cos}"
     # the raw vectors keep llama.cpp's length too (normalize=False is not a rescaled copy)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-4)
+
+
+# nomic-bert has no stored refs: a synthetic one (random weights, the bge fixture's vocabulary
+# and token table), written here with ember's GGUF writer, against llama.cpp live.
+NOMIC = {"context_length": 512, "embedding_length": 32, "block_count": 2, "feed_forward_length": 64,
+         "attention.head_count": 2}
+
+
+def write_nomic_bert(path) -> None:
+    """nomic-bert as llama.cpp loads it: fused attn_qkv, no biases but the LayerNorms',
+    SwiGLU FFN (ffn_gate, ffn_up, ffn_down), rope neox base 1000, mean pooling, no positions."""
+    src = gguf.open(conformance_path("arch", "models", "bge-bert-F32.gguf"))
+    rng = np.random.default_rng(7)
+    d, ff, a = NOMIC["embedding_length"], NOMIC["feed_forward_length"], "nomic-bert."
+    md = {k: v for k, v in src.metadata.items() if k.startswith(("tokenizer.", "general."))}
+    types = {k: t for k, t in src.metadata_types.items() if k in md}
+    for k, v in NOMIC.items():
+        md[a + k], types[a + k] = v, src.metadata_types["bert." + k]
+    md.update({"general.architecture": "nomic-bert", "general.name": "synthetic-nomic-bert",
+               a + "attention.layer_norm_epsilon": 1e-12, a + "attention.causal": False,
+               a + "pooling_type": 1, a + "rope.freq_base": 1000.0})
+    for k in ("attention.layer_norm_epsilon", "attention.causal", "pooling_type"):
+        types[a + k] = src.metadata_types["bert." + k]
+    types[a + "rope.freq_base"] = src.metadata_types["bert.attention.layer_norm_epsilon"]  # f32
+
+    def w(*shape, s=0.2):
+        return rng.normal(0, s, shape).astype(np.float32)
+    t = {"token_embd.weight": np.asarray(src.tensors["token_embd.weight"].numpy(), np.float32),
+         "token_types.weight": w(2, d, s=0.02),
+         "token_embd_norm.weight": 1 + w(d, s=0.1), "token_embd_norm.bias": w(d, s=0.1)}
+    for i in range(NOMIC["block_count"]):
+        p = f"blk.{i}."
+        t.update({p + "attn_qkv.weight": w(3 * d, d), p + "attn_output.weight": w(d, d),
+                  p + "attn_output_norm.weight": 1 + w(d, s=0.1), p + "attn_output_norm.bias": w(d, s=0.1),
+                  p + "ffn_up.weight": w(ff, d), p + "ffn_gate.weight": w(ff, d),
+                  p + "ffn_down.weight": w(d, ff),
+                  p + "layer_output_norm.weight": 1 + w(d, s=0.1), p + "layer_output_norm.bias": w(d, s=0.1)})
+    gguf.write(path, md, t, types=types)
+    src.close()
+
+
+@pytest.fixture(scope="module")
+def llama_nomic(tmp_path_factory):
+    """(path, {"l2", "raw"}) of a synthetic nomic-bert, embedded by llama.cpp."""
+    path = str(tmp_path_factory.mktemp("nomic") / "nomic-bert-F32.gguf")
+    write_nomic_bert(path)
+    return path, _llama_embed([path], POOLING_TEXTS)[path]
+
+
+@pytest.mark.parametrize("backend", ENCODERS)
+def test_nomic_bert_matches_llama_cpp_live(llama_nomic, backend):
+    path, ref = llama_nomic
+    with engine.load(path, backend=backend) as m:
+        c = m.config
+        assert (c.arch, c.encoder_positions, c.encoder_ffn, c.rope_style, c.rope_base, c.pooling) == \
+            ("nomic-bert", "rope", "swiglu", "neox", 1000.0, "mean")
+        for key, normalize in (("l2", True), ("raw", False)):
+            got, want = m.embed(POOLING_TEXTS, normalize=normalize), ref[key]
+            cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            assert cos.min() >= COSINE_MIN, f"{key}: cosine {cos}"
 
 
 @pytest.mark.parametrize("backend,model", oracle_params(
