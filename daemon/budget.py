@@ -35,6 +35,7 @@ is stopped at budget + slack instead of at the machine's memory.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -292,3 +293,24 @@ def cap_private(budget: int | None) -> int | None:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
     return cap
+
+
+def release_free_memory() -> None:
+    """Hand free heap pages back to the kernel (glibc's malloc_trim; elsewhere nothing).
+
+    Worker, tokenizer and reload threads each allocate in their own malloc arena, and freed
+    chunks stay resident in them; the daemon calls this when it goes idle so that RSS after a
+    burst or a reload returns to where it was instead of creeping up (bench/soak.py).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim     # the process's own libc
+    except (OSError, AttributeError):            # not glibc (musl, macOS): nothing to do
+        return None

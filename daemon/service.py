@@ -65,6 +65,7 @@ WATCH_EVERY_S = 1.0
 STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
 DRAIN_TICK_S = 0.05          # how often a draining loop checks its deadline
 CONFIG_READ_S = 5.0          # SIGHUP: a config file not read within this fails the reload
+TRIM_EVERY_S = 10.0          # between requests, at most this often: malloc_trim
 # the plan's `receive` line: room for this many maximal requests arriving at once (budget.py)
 RECEIVE = 4 * protocol.Limits().max_frames * protocol.Limits().max_frame_bytes
 
@@ -200,6 +201,7 @@ class Service:
         self._retired: list[Loaded] = []
         self._last_status = (0.0, None)
         self._last_watch = 0.0
+        self._last_trim = 0.0
         self._peak = 0
         self._over_warned = False
         self._install_signals()
@@ -318,11 +320,19 @@ class Service:
         if self._swap is not None:
             self._finish_reload()
         self._close_retired()
+        self._trim_when_idle(now)
         if now - self._last_watch >= WATCH_EVERY_S:
             self._last_watch = now
             self._watch_file()
             self._update_memory()
         self._status_line(now)
+
+    def _trim_when_idle(self, now: float) -> None:
+        """Between requests, now and then, give freed heap pages back (budget.py)."""
+        if (now - self._last_trim >= TRIM_EVERY_S and not self._retired
+                and self.server.scheduler.idle()):
+            self._last_trim = now
+            budget_mod.release_free_memory()
 
     def _serving_text(self) -> str:
         s, info = self.server.scheduler, self.server.info
