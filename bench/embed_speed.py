@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                          text=True).stdout.strip()
     print(f"{Path(model).name}: {a.texts} texts x ~{runs['llama.cpp'][0]['tokens'] // a.texts} "
           f"tokens, {a.threads} threads, {a.rounds} rounds; CPU {cpu}; load {os.getloadavg()[0]:.2f}")
-    print(f"| engine | texts/s | tokens/s | vs llama.cpp | peak RSS MB | min cosine vs llama.cpp |")
+    print("| engine | texts/s | tokens/s | vs llama.cpp | peak RSS MB | min cosine vs llama.cpp |")
     print("|---|---|---|---|---|---|")
     for name, *_ in engines:
         rs = runs[name]
