@@ -8,9 +8,11 @@ GIL released, and allocates only the logits array it returns.
 
 Encoders (bert) run plugins/encoder.py's recipe with this backend's
 products: every matrix stays a view of the map and goes through the C
-kernels (kernels/quants.py: matmul, get_rows), activations quantized as
-llama.cpp quantizes them for that weight type; LayerNorm, attention and
-gelu are numpy (O(T^2 d) beside the O(T d^2) products).
+kernels (kernels/quants.py: matmul_rows, get_rows), activations quantized
+once per product as llama.cpp quantizes them for that weight type, the
+weight rows split across `threads` threads (the kernel releases the GIL);
+LayerNorm, attention and gelu are numpy (O(T^2 d) beside the O(T d^2)
+products).
 
 Options (``options`` dict): ``max_batch`` (tokens per prefill chunk,
 default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does).
@@ -77,7 +79,7 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
     if backend != NAME:
         return None
     if config.encoder:
-        return encoder_runner(gguf, config, n_ctx)
+        return encoder_runner(gguf, config, n_ctx, threads)
     return CpuRunner(gguf, config, n_ctx, threads, options or {})
 
 
@@ -136,23 +138,52 @@ def _encoder_plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
 # The encoder: plugins/encoder.py on views of the map and the C products
 # ---------------------------------------------------------------------------
 
-def _dense(t):
-    from ember.kernels import quants
-    _, forward = _kernels()
-    _, w = forward.matrix_view(t)                                   # (out, row_bytes) uint8
-    return lambda x: quants.matmul(t.type, w, x)
+class _Products:
+    """dense/rows factories over the map for plugins/encoder.py, and the threads they use."""
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads - 1, "ember-encoder") if threads > 1 else None
+
+    def dense(self, t):
+        from ember.kernels import quants
+        _, forward = _kernels()
+        _, w = forward.matrix_view(t)                               # (out, row_bytes) uint8
+        cuts = np.linspace(0, w.shape[0], self.threads + 1).astype(int)   # row shares
+
+        def product(x: np.ndarray) -> np.ndarray:                   # (T, in) -> (T, out)
+            xq = quants.quantize_act(t.type, x)                     # once, for every share
+            y = np.empty((x.shape[0], w.shape[0]), np.float32)
+            shares = [(t.type, w, xq, y, int(a), int(b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+            rest = [self.pool.submit(quants.matmul_rows, *s) for s in shares[1:]]
+            quants.matmul_rows(*shares[0])
+            for f in rest:
+                f.result()
+            return y
+        return product
+
+    def rows(self, t):
+        from ember.kernels import quants
+        _, forward = _kernels()
+        _, w = forward.matrix_view(t)
+        return lambda ids: quants.get_rows(t.type, w, ids)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
-def _rows(t):
-    from ember.kernels import quants
-    _, forward = _kernels()
-    _, w = forward.matrix_view(t)
-    return lambda ids: quants.get_rows(t.type, w, ids)
-
-
-def encoder_runner(gguf, config: ModelConfig, n_ctx: int):
+def encoder_runner(gguf, config: ModelConfig, n_ctx: int, threads: int | None = None):
     from ember.plugins.encoder import EncoderRunner
-    return EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, _dense, _rows)
+    if threads is not None and (not isinstance(threads, int) or threads <= 0):
+        raise BackendError(f"threads must be a positive int, got {threads!r}")
+    _, forward = _kernels()
+    products = _Products(threads or forward.physical_cores())
+    runner = EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, products.dense, products.rows,
+                           on_close=products.close)
+    runner.threads = products.threads
+    return runner
 
 
 # ---------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class EncoderRunner(CacheBookkeeping):
     """ember.plugins.types.Runner for an encoder: `encode` only; it keeps no cache."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, backend: str, implemented,
-                 dense: Callable, rows: Callable):
+                 dense: Callable, rows: Callable, on_close: Callable[[], None] | None = None):
         if not isinstance(n_ctx, int) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         require_features(config, backend, implemented)
@@ -204,6 +204,7 @@ class EncoderRunner(CacheBookkeeping):
         self.rope = (rope_cos_sin(config, self.n_ctx) if config.encoder_positions == "rope"
                      else None)                       # (cos, sin) (n_ctx, rope_dim/2)
         self._gguf = gguf                             # keeps the map (and views into it) alive
+        self._on_close = on_close                     # the backend's own release (threads)
 
     def encode(self, tokens: Sequence[int]) -> np.ndarray:
         if self.w is None:
@@ -221,3 +222,6 @@ class EncoderRunner(CacheBookkeeping):
 
     def close(self) -> None:
         self.w = self._gguf = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

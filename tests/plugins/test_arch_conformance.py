@@ -334,6 +334,19 @@ def test_auto_takes_the_best_backend_that_computes_encoders(model):
 
 
 @pytest.mark.parametrize("model", oracle_params(EMBED_MODELS))
+def test_the_cpu_encoder_splits_products_across_threads_bit_identically(model):
+    text = "the little dog ran to the big tree by the river"
+    got = {}
+    for threads in (1, 2, 3):
+        with engine.load(conformance_path("arch", "models", model), backend="cpu",
+                         threads=threads) as m:
+            assert m.runner.threads == threads
+            got[threads] = m.embed([text, "x"])
+    np.testing.assert_array_equal(got[1], got[2])
+    np.testing.assert_array_equal(got[1], got[3])
+
+
+@pytest.mark.parametrize("model", oracle_params(EMBED_MODELS))
 def test_cpu_and_reference_encoders_agree(model):
     """The cpu backend's C products against the numpy recipe, on a 500-token text."""
     text = " ".join(["the little dog ran to the big tree by the river"] * 45)
