@@ -191,7 +191,7 @@ def weights_bytes(model: str) -> int:
 
 def kv_mb(model: str, n_ctx: int) -> float:
     from ember.formats import gguf
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(model) as f:
         return config_from_gguf(f).kv_cache_bytes(n_ctx) / 2**20
 

@@ -117,10 +117,11 @@ def _peak_rss() -> int:
 def work_ember(backend: str, model: str, n_prompt: int, n_gen: int, threads: int, opts: dict):
     import numpy as np
     from ember.formats import gguf
-    from ember.plugins import arch, registry
+    from ember.formats.model_config import config_from_gguf
+    from ember.plugins import registry
     t0 = time.perf_counter()
     f = gguf.open(model)
-    cfg = arch.config_from_gguf(f)
+    cfg = config_from_gguf(f)
     r = registry.load(backend, f, cfg, n_ctx=n_prompt + n_gen + 8, threads=threads, options=opts)
     t1 = time.perf_counter()
     ids = _tokens(n_prompt, cfg.n_vocab)
@@ -197,9 +198,10 @@ def run_worker(argv: list[str]) -> dict:
 def prepare_onnx(args) -> None:
     """Build the ONNX graphs into the cache once, timed, so rounds measure cached loads."""
     from ember.formats import gguf
-    from ember.plugins import arch, onnx
+    from ember.formats.model_config import config_from_gguf
+    from ember.plugins import onnx
     f = gguf.open(args.model_path)
-    cfg = arch.config_from_gguf(f)
+    cfg = config_from_gguf(f)
     for acc in (4, 0):
         t0 = time.perf_counter()
         path, built = onnx.graph_path(f, cfg, {"accuracy_level": acc})

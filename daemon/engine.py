@@ -65,7 +65,7 @@ from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
 from ember.formats.errors import UserError
 from ember.plugins import registry
-from ember.plugins.arch import ModelConfig, config_from_gguf
+from ember.formats.model_config import ModelConfig, config_from_gguf
 from ember.plugins.types import BackendError, ContextOverflow
 
 DEFAULT_MAX_CTX = 4096

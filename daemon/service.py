@@ -138,7 +138,7 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
     from ember.daemon import engine
     from ember.formats import gguf
     from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(path) as f:
         cfg = config_from_gguf(f)
     name, _ = registry.choose(args.backend)

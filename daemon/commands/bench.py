@@ -77,7 +77,7 @@ def _check(args) -> str:
 def load(path: str, backend: str, n_ctx: int, threads: int | None):
     from ember.formats import gguf
     from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     f = gguf.open(path)
     config = config_from_gguf(f)
     name, _ = registry.choose(backend)

@@ -3,8 +3,8 @@
 Reads only the validated header through ember.formats.gguf (tensor data stays
 mapped, never touched), then reports: the verdict (can ember run this file,
 and if not every reason why), the architecture and its hyper-parameters (from
-ember.plugins.arch when ember runs that architecture, else the raw metadata),
-a tokenizer summary read straight from the `tokenizer.ggml.*` keys, the tensor
+ember.formats.model_config when ember runs that architecture, else the raw
+metadata), a tokenizer summary read straight from the `tokenizer.ggml.*` keys, the tensor
 table, the quant mix and the sizes.
 
 The verdict asks the loaders themselves rather than a list of its own, so it
@@ -26,7 +26,7 @@ from typing import Any
 from ember.daemon.chat import ChatTemplate, ChatTemplateError
 from ember.formats import gguf, quants
 from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 
 MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
 MAX_SHOWN_CHARS = 80       # longer strings are cut

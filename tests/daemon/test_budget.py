@@ -17,7 +17,7 @@ import pytest
 from ember.daemon import budget
 from ember.formats import gguf
 from ember.plugins import registry
-from ember.plugins.arch import config_from_gguf
+from ember.formats.model_config import config_from_gguf
 from tests.daemon.emberd_proc import model_path, start_emberd
 from tests.formats.sparse_gguf import with_huge_array
 

@@ -9,7 +9,7 @@ import pytest
 from ember.daemon import engine
 from ember.daemon.chat import ChatTemplateError
 from ember.daemon.sampling import SamplingError
-from ember.plugins.arch import UnsupportedModel
+from ember.formats.model_config import UnsupportedModel
 from ember.plugins.types import BackendError, ContextOverflow
 from tests.conftest import conformance_cases, conformance_path, oracle_params
 

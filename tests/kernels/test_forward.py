@@ -17,7 +17,8 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import forward
 from ember.plugins import cpu, reference
-from ember.plugins.arch import config_from_gguf, rope_cos_sin
+from ember.formats.model_config import config_from_gguf
+from ember.kernels.rope import rope_cos_sin
 from ember.plugins.types import CacheTooShort
 from tests.conftest import conformance_path
 from tests.plugins.test_reference import kl_rows, thresholds

@@ -21,7 +21,7 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import dispatch
 from ember.plugins import cpu, registry
-from ember.plugins.arch import config_from_gguf
+from ember.formats.model_config import config_from_gguf
 from ember.plugins.types import MemoryPlan
 from tests.conftest import absent, conformance_cases, conformance_path, oracle_params
 from tests.plugins.test_reference import greedy, kl_rows, thresholds

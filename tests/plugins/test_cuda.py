@@ -28,7 +28,7 @@ from ember.daemon import synthetic
 from ember.formats import gguf, quants
 from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
 from tests.conftest import conformance_path
 
@@ -368,7 +368,7 @@ def test_wide_heads_are_refused(tiny):
     ("granite", "cuda: granite embedding scale is not implemented"),
     ("olmo2", "cuda: olmo2 post-attention / post-feed-forward norms is not implemented"),
     ("lfm2", "cuda: lfm2 short-convolution layers is not implemented"),
-    ("phi3", None),    # LongRoPE and YaRN are in the rope table (arch.rope_cos_sin)
+    ("phi3", None),    # LongRoPE and YaRN are in the rope table (rope.rope_cos_sin)
     ("qwen2", None),
 ])
 def test_architecture_features_are_computed_or_refused_by_name(arch, refusal):

@@ -19,7 +19,7 @@ import onnxruntime as ort  # noqa: E402
 from ember.formats import gguf, quants  # noqa: E402
 from ember.plugins import onnx as onnx_backend  # noqa: E402
 from ember.plugins import onnx_graph, reference, registry  # noqa: E402
-from ember.plugins.arch import config_from_gguf  # noqa: E402
+from ember.formats.model_config import config_from_gguf  # noqa: E402
 from ember.plugins.types import BackendError, ContextOverflow, MemoryPlan  # noqa: E402
 from tests.conftest import conformance_path  # noqa: E402
 
@@ -151,9 +151,10 @@ def test_graph_build_shows_progress_on_a_terminal_only(tmp_path, in_child):
     from tests.daemon.terminal import run_on_tty
     path = conformance_path("models", "s512-llama-Q4_0.gguf")
     script = ("import sys; from pathlib import Path; from ember.formats import gguf; "
-              "from ember.plugins import arch, onnx; f = gguf.open(sys.argv[1]); out = Path(sys.argv[2]); "
+              "from ember.formats.model_config import config_from_gguf; from ember.plugins import onnx; "
+              "f = gguf.open(sys.argv[1]); out = Path(sys.argv[2]); "
               "out.mkdir(); (onnx._build_in_child(f.path, out, 4) if sys.argv[3] == '1' "
-              "else onnx.build_into(f, arch.config_from_gguf(f), out, 4))")
+              "else onnx.build_into(f, config_from_gguf(f), out, 4))")
     cmd = [sys.executable, "-c", script, str(path), str(tmp_path / "tty"), str(int(in_child))]
     rc, shown, _ = run_on_tty(cmd, stderr=True)
     assert rc == 0 and (tmp_path / "tty" / "model.onnx").is_file()

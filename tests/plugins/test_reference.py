@@ -12,7 +12,7 @@ import pytest
 
 from ember.formats import gguf
 from ember.plugins import reference, registry
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import MemoryPlan
 from tests.conftest import absent, conformance_cases, conformance_path, oracle_params
 

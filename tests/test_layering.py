@@ -1,0 +1,174 @@
+"""The four packages import only downward: formats <- kernels <- plugins <- daemon.
+
+Every module's imports are read with `ast` (Cython sources with a line match,
+since ast cannot parse them), at any depth — a function-local import is still
+a dependency, and a TYPE_CHECKING one still ties the layers. Two rules:
+
+- no import of a higher layer (kernels must not import plugins, ...);
+- no import cycle between modules, inside a layer or across it: a cycle means
+  neither module can be read (or tested) without the other.
+
+The rules are checked against the real tree, and each check is shown to catch
+the fault it names on a small synthetic tree, so a green run means something.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("formats", "kernels", "plugins", "daemon")   # bottom up
+CYTHON_IMPORT = re.compile(r"^\s*(?:from\s+(ember(?:\.\w+)+)\s+c?import\b|c?import\s+(ember(?:\.\w+)+))", re.M)
+
+
+# ---------------------------------------------------------------------------
+# Reading the tree: module name -> the ember modules it imports
+# ---------------------------------------------------------------------------
+
+def module_name(root: Path, path: Path) -> str:
+    """formats/gguf.py -> ember.formats.gguf; daemon/commands/__init__.py -> ember.daemon.commands."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["ember", *parts])
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every `ember.*` name an import statement in the file mentions (module or module.attr)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".pyx", ".pxi", ".pxd"):
+        return {a or b for a, b in CYTHON_IMPORT.findall(text)}
+    names = set()
+    for node in ast.walk(ast.parse(text, filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ember."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ember."):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the modules of the tree it imports (`from ember.x import y` counts x.y when
+    y is a module, else x)."""
+    files = {module_name(root, p): p for layer in LAYERS if (root / layer).is_dir()
+             for p in (root / layer).rglob("*") if p.suffix in (".py", ".pyx", ".pxi", ".pxd")}
+    graph = {}
+    for mod, path in files.items():
+        deps = set()
+        for name in imported_names(path):
+            while name and name not in files:
+                name = name.rpartition(".")[0]      # ember.x.y (an attribute) -> ember.x
+            if name and name != mod:
+                deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+# ---------------------------------------------------------------------------
+# The two rules
+# ---------------------------------------------------------------------------
+
+def layer(mod: str) -> int:
+    return LAYERS.index(mod.split(".")[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[layer(m)]}) imports {d} ({LAYERS[layer(d)]})"
+                  for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected component of more than one module (Tarjan), sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------
+# The real tree
+# ---------------------------------------------------------------------------
+
+def test_the_tree_has_every_layer_and_their_modules():
+    graph = import_graph(ROOT)
+    assert {m.split(".")[1] for m in graph} == set(LAYERS)
+    assert {"ember.formats.gguf", "ember.formats.model_config", "ember.kernels.forward",
+            "ember.plugins.registry", "ember.daemon.engine"} <= set(graph)
+    assert "ember.formats.model_config" in graph["ember.kernels.forward"]
+
+
+def test_no_layer_imports_a_layer_above_it():
+    assert upward_imports(import_graph(ROOT)) == []
+
+
+def test_no_import_cycles_between_modules():
+    assert cycles(import_graph(ROOT)) == []
+
+
+# ---------------------------------------------------------------------------
+# The checks catch what they name
+# ---------------------------------------------------------------------------
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_an_upward_import_is_named_even_inside_a_function(tmp_path):
+    root = write_tree(tmp_path, {
+        "formats/a.py": "",
+        "kernels/k.py": "def f():\n    from ember.plugins.p import thing\n",
+        "plugins/p.py": "from ember.formats import a\nthing = 1\n",
+        "daemon/d.py": "import ember.plugins.p\n",
+    })
+    assert upward_imports(import_graph(root)) == [
+        "ember.kernels.k (kernels) imports ember.plugins.p (plugins)"]
+
+
+def test_a_cycle_inside_a_layer_is_found(tmp_path):
+    root = write_tree(tmp_path, {
+        "plugins/x.py": "from ember.plugins import y\n",
+        "plugins/y.py": "from ember.plugins.z import f\n",
+        "plugins/z.py": "import ember.plugins.x\n",
+        "plugins/w.py": "from ember.plugins import x\n",
+    })
+    assert cycles(import_graph(root)) == [["ember.plugins.x", "ember.plugins.y", "ember.plugins.z"]]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("from ember.kernels cimport _native\n", {"ember.kernels"}),
+    ("import ember.plugins.registry\n", {"ember.plugins.registry"}),
+    ("from libc.stdint cimport uint8_t\n", set()),
+])
+def test_cython_imports_are_read(tmp_path, line, expected):
+    (tmp_path / "m.pyx").write_text(line)
+    assert imported_names(tmp_path / "m.pyx") == expected
