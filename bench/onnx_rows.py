@@ -116,15 +116,12 @@ def _peak_rss() -> int:
 
 def work_ember(backend: str, model: str, n_prompt: int, n_gen: int, threads: int, opts: dict):
     import numpy as np
-    from ember.formats import gguf
-    from ember.formats.model_config import config_from_gguf
-    from ember.plugins import registry
+    from ember.daemon import engine
     t0 = time.perf_counter()
-    f = gguf.open(model)
-    cfg = config_from_gguf(f)
-    r = registry.load(backend, f, cfg, n_ctx=n_prompt + n_gen + 8, threads=threads, options=opts)
+    m = engine.load(model, backend=backend, n_ctx=n_prompt + n_gen + 8, threads=threads, options=opts)
+    r = m.runner
     t1 = time.perf_counter()
-    ids = _tokens(n_prompt, cfg.n_vocab)
+    ids = _tokens(n_prompt, m.config.n_vocab)
     tok = int(np.argmax(r.prefill(ids)))
     t2 = time.perf_counter()
     for _ in range(n_gen):

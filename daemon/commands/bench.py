@@ -74,18 +74,6 @@ def _check(args) -> str:
 # Measuring
 # ---------------------------------------------------------------------------
 
-def load(path: str, backend: str, n_ctx: int, threads: int | None):
-    from ember.formats import gguf
-    from ember.plugins import registry
-    from ember.formats.model_config import config_from_gguf
-    f = gguf.open(path)
-    config = config_from_gguf(f)
-    name, _ = registry.choose(backend)
-    runner = registry.manager().hook.ember_load(backend=name, gguf=f, config=config, n_ctx=n_ctx,
-                                                threads=threads, options={})
-    return f, runner, name
-
-
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark in MiB.
 
@@ -103,9 +91,11 @@ def peak_rss_mb() -> float:
 
 def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | None,
             seed: int = 0) -> dict:
+    from ember.daemon import engine
     t0 = time.perf_counter()
-    f, runner, name = load(path, backend, n_prompt + n_gen, threads)
+    model = engine.load(path, backend=backend, n_ctx=n_prompt + n_gen, threads=threads)
     load_s = time.perf_counter() - t0
+    runner = model.runner     # the backend's runner itself: no sampling or text in the timings
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, runner.n_vocab, size=n_prompt).tolist()  # past <unk> <s> </s>
     t0 = time.perf_counter()
@@ -115,15 +105,14 @@ def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | N
     for _ in range(n_gen):
         tok = int(np.argmax(runner.decode(tok)))
     decode_s = time.perf_counter() - t0
-    runner.close()
-    f.close()
+    model.close()
     return {
         "load_s": round(load_s, 4),
         "prefill_tok_s": round(n_prompt / prefill_s, 2),
         "decode_tok_s": round(n_gen / decode_s, 2) if n_gen else None,
         "ttft_ms": round(prefill_s * 1000.0, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "backend": name,
+        "backend": model.backend,
     }
 
 

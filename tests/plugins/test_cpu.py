@@ -162,7 +162,7 @@ def test_declared_probed_and_chosen_by_auto():
 def test_plan_counts_the_mapped_file_once_and_an_f16_cache():
     f = gguf.open(conformance_path("models", "v32k-llama-Q8_0.gguf"))
     c = config_from_gguf(f)
-    plan = registry.manager().hook.ember_plan(backend="cpu", config=c, n_ctx=256, options={})
+    plan = registry.plan("cpu", c, 256)
     assert isinstance(plan, MemoryPlan)
     assert plan.weights == c.weights_bytes
     assert plan.kv_cache == c.kv_cache_bytes(256, bytes_per_value=2)
@@ -174,8 +174,7 @@ def test_plan_counts_the_mapped_file_once_and_an_f16_cache():
 def test_load_hook_returns_a_runner_that_owns_no_weight_copy():
     f = gguf.open(conformance_path("models", "s512-llama-Q4_0.gguf"))
     c = config_from_gguf(f)
-    r = registry.manager().hook.ember_load(backend="cpu", gguf=f, config=c, n_ctx=64, threads=1,
-                                           options={})
+    r = registry.load("cpu", f, c, n_ctx=64, threads=1)
     assert isinstance(r, cpu.CpuRunner) and r.threads == 1
     # the C model points into the map: every matrix it holds is a read-only view of a tensor
     mats = [a for a in r.dec.fw.kept() if np.asarray(a).ndim == 2 and np.asarray(a).dtype == np.uint8]
