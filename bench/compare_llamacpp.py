@@ -237,8 +237,8 @@ def table(results: dict, a, bw: list[float], header: list[str]) -> str:
 def models_of(a) -> list[str]:
     if a.models:
         return a.models
-    from ember.daemon.commands.bench import synthetic_model
-    return [synthetic_model(a.synthetic, q) for q in a.quants]
+    from ember.daemon import synthetic
+    return [str(synthetic.ensure_cached(a.synthetic, q)) for q in a.quants]
 
 
 def main(argv=None) -> int:

@@ -300,6 +300,22 @@ def cached_model(shape_name: str, quant: str) -> Path:
     return cache_dir() / f"{shape_name}-{quant}.gguf"
 
 
+def ensure_cached(shape_name: str, quant: str) -> Path:
+    """The cached synthetic model, written first (by a child process) if absent.
+
+    The child keeps generating the weights out of the caller's peak RSS, which
+    `ember bench` and the bench/ scripts measure."""
+    import subprocess
+    path = cached_model(shape_name, quant)
+    if not path.exists():
+        print(f"writing synthetic {shape_name} {quant} to {path} (once) ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "ember.daemon.synthetic", shape_name, quant,
+                            str(path)])
+        if r.returncode != 0:
+            raise SyntheticError(f"writing the synthetic model failed (exit {r.returncode})")
+    return path
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python -m ember.daemon.synthetic SHAPE QUANT PATH", file=sys.stderr)

@@ -132,6 +132,14 @@ def test_no_import_cycles_between_modules():
     assert cycles(import_graph(ROOT)) == []
 
 
+def test_bench_scripts_import_the_library_not_cli_commands():
+    """bench/ measures what an app embeds; a CLI command module is a front end, not an API."""
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    assert scripts
+    assert [p.name for p in scripts
+            if any(n.startswith("ember.daemon.commands") for n in imported_names(p))] == []
+
+
 # ---------------------------------------------------------------------------
 # The checks catch what they name
 # ---------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -46,25 +44,14 @@ def add_arguments(p) -> None:
 # The model to measure
 # ---------------------------------------------------------------------------
 
-def synthetic_model(shape: str, quant: str) -> str:
-    """Path of the cached synthetic model, writing it first (in a child) if absent."""
-    from ember.daemon import synthetic
-    path = synthetic.cached_model(shape, quant)
-    if not path.exists():
-        print(f"writing synthetic {shape} {quant} to {path} (once) ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "ember.daemon.synthetic", shape, quant, str(path)])
-        if r.returncode != 0:
-            raise BenchError(f"writing the synthetic model failed (exit {r.returncode})")
-    return str(path)
-
-
 def _check(args) -> str:
     if args.prompt_tokens < 1 or args.gen_tokens < 0:
         raise BenchError("--prompt-tokens must be >= 1 and --gen-tokens >= 0")
     if args.threads is not None and args.threads < 1:
         raise BenchError("--threads must be >= 1")
     if args.synthetic:
-        return synthetic_model(args.synthetic, args.quant)
+        from ember.daemon import synthetic
+        return str(synthetic.ensure_cached(args.synthetic, args.quant))
     if not args.model:
         raise BenchError("give a MODEL file or --synthetic SHAPE")
     return args.model
