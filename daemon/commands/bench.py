@@ -13,7 +13,6 @@ process so that writing it never counts in this process's peak RSS.
 from __future__ import annotations
 
 import json
-import resource
 import time
 
 import numpy as np
@@ -61,24 +60,9 @@ def _check(args) -> str:
 # Measuring
 # ---------------------------------------------------------------------------
 
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark in MiB.
-
-    /proc's VmHWM belongs to this address space alone; getrusage's ru_maxrss (the
-    fallback) also keeps the peak of the process this one was forked from."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | None,
             seed: int = 0) -> dict:
-    from ember.daemon import engine
+    from ember.daemon import budget, engine
     t0 = time.perf_counter()
     model = engine.load(path, backend=backend, n_ctx=n_prompt + n_gen, threads=threads)
     load_s = time.perf_counter() - t0
@@ -98,7 +82,7 @@ def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | N
         "prefill_tok_s": round(n_prompt / prefill_s, 2),
         "decode_tok_s": round(n_gen / decode_s, 2) if n_gen else None,
         "ttft_ms": round(prefill_s * 1000.0, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(budget.peak_rss_bytes() / 2**20, 1),
         "backend": model.backend,
     }
 
