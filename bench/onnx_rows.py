@@ -51,15 +51,15 @@ VOCAB_SOURCE = ROOT / ".." / "shared" / "conformance" / "models" / "v32k-llama-Q
 def _random_blocks(rng, qtype: str, shape: tuple[int, int]):
     """Bytes of a random (rows, cols) matrix of `qtype`."""
     import numpy as np
-    from ember.formats import quants
+    from ember.formats import quant_blocks
     rows, cols = shape
     if qtype in ("Q4_0", "Q8_0"):
-        n, size = rows * cols // 32, quants.block_size(qtype)[1]
+        n, size = rows * cols // 32, quant_blocks.block_size(qtype)[1]
         b = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
         scale = 0.02 / (4 if qtype == "Q4_0" else 64)           # ~N(0, 0.02)-sized weights
         b[:, :2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
         return b.reshape(-1)
-    return quants.quantize(qtype, rng.standard_normal(shape, dtype=np.float32) * 0.02)
+    return quant_blocks.quantize(qtype, rng.standard_normal(shape, dtype=np.float32) * 0.02)
 
 
 def synthesize(path: Path, shape_name: str, qtype: str) -> None:

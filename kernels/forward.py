@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ember.formats.quants import GGML_TYPE_IDS
+from ember.formats.quant_blocks import GGML_TYPE_IDS
 from ember.kernels import _native
 from ember.kernels import dispatch
 from ember.formats.model_config import ModelConfig, UnsupportedModel

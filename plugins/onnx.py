@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.formats import quants
+from ember.formats import quant_blocks
 from ember.formats.model_config import ModelConfig
 from ember.kernels.rope import rope_cos_sin, rope_factors
 from ember.plugins.features import require_features
@@ -310,7 +310,7 @@ class OnnxRunner(CacheBookkeeping):
         """Dequantize just the rows of `ids` from the map -> (T, n_embd) float32."""
         table = self.embd.data.reshape(self.n_vocab, self._row_bytes)
         rows = np.ascontiguousarray(table[ids])                          # (T, row_bytes)
-        return np.array(quants.dequantize(self.embd.type, rows, (len(ids), self.c.n_embd)),
+        return np.array(quant_blocks.dequantize(self.embd.type, rows, (len(ids), self.c.n_embd)),
                         dtype=np.float32)
 
     def _run(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from collections import Counter
 from typing import Any
 
 from ember.daemon.chat import ChatTemplate, ChatTemplateError
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 
@@ -117,7 +117,7 @@ def _chat_notes(md: dict[str, Any]) -> list[str]:
 def _types_without_codec(tensors: list[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for t in tensors:
-        if not quants.can_compute(t["type"]):
+        if not quant_blocks.can_compute(t["type"]):
             out.setdefault(t["type"], []).append(t["name"])
     return out
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.gguf import (ARRAY, BOOL, FLOAT32, FLOAT64, INT8, INT16, INT32, INT64, STRING,
                                 UINT8, UINT16, UINT32, UINT64, GGUFError, TensorData)
 from tests.conftest import conformance_models, conformance_path
@@ -150,7 +150,7 @@ def test_inferred_types(tmp_path):
 def test_tensors_of_every_type_and_alignment_honored(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {}
-    for tname, (elems, bsize) in quants.BLOCKS.items():
+    for tname, (elems, bsize) in quant_blocks.BLOCKS.items():
         shape = (3, 2 * elems)
         raw = rng.integers(0, 256, 3 * 2 * bsize, dtype=np.uint8).tobytes()
         tensors[f"t.{tname}"] = TensorData(tname, shape, raw)
@@ -265,8 +265,8 @@ def tensor_dicts(draw):
     for name in draw(st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=4)):
         if len(name.encode()) > gguf.MAX_TENSOR_NAME:
             continue
-        tname = draw(st.sampled_from(sorted(quants.BLOCKS)))
-        elems, bsize = quants.BLOCKS[tname]
+        tname = draw(st.sampled_from(sorted(quant_blocks.BLOCKS)))
+        elems, bsize = quant_blocks.BLOCKS[tname]
         shape = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=3)))
         shape = shape + (elems * draw(st.integers(1, 2)),)
         n_bytes = int(np.prod(shape)) // elems * bsize

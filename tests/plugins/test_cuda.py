@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from ember.daemon import synthetic
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
@@ -191,7 +191,7 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
         rows, cols = 5, 768
         w = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(0.01, 3.0, (rows, 1)).astype(np.float32)
         gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
-                   [("w", gguf.TensorData(ttype, (rows, cols), quants.quantize(ttype, w)))])
+                   [("w", gguf.TensorData(ttype, (rows, cols), quant_blocks.quantize(ttype, w)))])
         with gguf.open(tmp_path / "w.gguf") as f:
             t = f.tensors["w"]
             want = t.numpy()
@@ -445,7 +445,7 @@ def mod():
 def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
     rng = np.random.default_rng(len(ttype) + rows)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
-    data = w if ttype == "F32" else w.astype(np.float16) if ttype == "F16" else quants.quantize(ttype, w)
+    data = w if ttype == "F32" else w.astype(np.float16) if ttype == "F16" else quant_blocks.quantize(ttype, w)
     gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
                [("w", gguf.TensorData(ttype, (rows, cols), data))])
     return gguf.open(tmp_path / "w.gguf")

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 import onnxruntime as ort  # noqa: E402
 
-from ember.formats import gguf, quants  # noqa: E402
+from ember.formats import gguf, quant_blocks  # noqa: E402
 from ember.plugins import onnx as onnx_backend  # noqa: E402
 from ember.plugins import onnx_graph, reference, registry  # noqa: E402
 from ember.formats.model_config import config_from_gguf  # noqa: E402
@@ -68,7 +68,7 @@ def test_matmul_nbits_equals_dequantized_matmul(qtype, n, k, tmp_path):
     w[0, :32] = 0.0                                   # an all-zero block (d = 0)
     path = tmp_path / "w.gguf"
     gguf.write(path, {"general.architecture": "llama"},
-               {"w": gguf.TensorData(qtype, (n, k), quants.quantize(qtype, w))})
+               {"w": gguf.TensorData(qtype, (n, k), quant_blocks.quantize(qtype, w))})
     t = gguf.open(path).tensors["w"]
     q = onnx_graph.encode_nbits(t)
     assert q is not None and q.packed.shape == (n, k // q.block, q.block * q.bits // 8)
