@@ -1,4 +1,4 @@
-"""Peak RSS of a serving emberd against its memory plan (issue 7, must-show 1).
+"""Peak RSS of a serving emberd against its memory plan.
 
     python bench/budget_rss.py [--tokens 500] [--ctx 2048] [--backend cpu] [--budget SIZE]
 

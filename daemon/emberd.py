@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     from ember.daemon import service
-    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload (issue 7)
+    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload
     from ember.daemon import http
-    http.add_arguments(p)       # --http HOST:PORT, --api-key-file (issue 14)
+    http.add_arguments(p)       # --http HOST:PORT, --api-key-file
     return p
 
 

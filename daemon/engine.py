@@ -155,7 +155,7 @@ def _map_guard(f):
 
 
 def _load_tokenizer(f):
-    from ember.formats.tokenizer import Tokenizer  # the tokenizer lands with its own issue
+    from ember.formats.tokenizer import Tokenizer  # built on first use: a logits-only app never pays for it
     return Tokenizer.from_gguf(f)
 
 

@@ -549,7 +549,7 @@ class Server:
         self.send(owner, protocol.reply("models", req.id, models=models))
 
     def on_load(self, owner: bytes, req: Request) -> None:
-        """Slot for model management (issue 7): not served by this build."""
+        """Refused by a bare Server; emberd's Service registers the real `load` (--allow-load)."""
         raise ProtocolError("unauthorized", "the load op is not enabled on this daemon")
 
     def _need_model(self) -> None:

@@ -180,3 +180,70 @@ def test_a_cycle_inside_a_layer_is_found(tmp_path):
 def test_cython_imports_are_read(tmp_path, line, expected):
     (tmp_path / "m.pyx").write_text(line)
     assert imported_names(tmp_path / "m.pyx") == expected
+
+
+# ---------------------------------------------------------------------------
+# daemon/: the model API stands alone
+# ---------------------------------------------------------------------------
+
+# What an app embeds without a daemon (docs/architecture.md, "The parts of daemon/").
+MODEL_API = ("engine", "sampling", "chat", "budget", "synthetic")
+SERVER_LIBRARIES = ("zmq", "aiohttp", "prometheus_client")
+
+
+def test_the_model_api_imports_no_server_part_and_no_server_library():
+    api = {f"ember.daemon.{m}" for m in MODEL_API}
+    graph = import_graph(ROOT)
+    assert api <= set(graph)
+    wrong = sorted(f"{m} imports {d}" for m in api for d in graph[m]
+                   if d.startswith("ember.daemon.") and d not in api)
+    assert wrong == []
+    for m in MODEL_API:
+        tree = ast.parse((ROOT / "daemon" / f"{m}.py").read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+        assert not roots & set(SERVER_LIBRARIES), (m, roots & set(SERVER_LIBRARIES))
+
+
+# ---------------------------------------------------------------------------
+# docs/architecture.md names functions that exist
+# ---------------------------------------------------------------------------
+
+REF = re.compile(r"`([\w/]+\.(?:py|pyx|pxi|c)):([\w.]+)`((?:\s*->\s*`\w+`(?:\s*/\s*`\w+`)*)*)")
+
+
+def doc_references(text: str) -> list[tuple[str, list[str]]]:
+    """(file, [qualified names]) for every `file:Name` in the text, with the `-> name` hops
+    after it resolved in the same file (and class, for Class.method)."""
+    out = []
+    for path, name, hops in REF.findall(text):
+        names = [name]
+        owner = name.rpartition(".")[0]
+        for hop in re.findall(r"`(\w+)`", hops):
+            names.append(f"{owner}.{hop}" if owner else hop)
+        out.append((path, names))
+    return out
+
+
+def defined(path: Path, qualname: str) -> bool:
+    text = path.read_text()
+    if path.suffix == ".c":
+        return re.search(rf"\b{qualname}\(", text) is not None
+    parts = qualname.split(".")
+    return all(re.search(rf"^\s*(?:cdef |cpdef )?(?:def|class) {p}\b", text, re.M) for p in parts)
+
+
+def test_every_function_the_architecture_page_names_exists():
+    refs = doc_references((ROOT / "docs" / "architecture.md").read_text())
+    assert len(refs) >= 20
+    missing = [f"{path}:{name}" for path, names in refs for name in names
+               if not (ROOT / path).is_file() or not defined(ROOT / path, name)]
+    assert missing == []
+
+
+def test_doc_references_follow_hops_within_one_class():
+    refs = doc_references("`daemon/server.py:Server._handle` -> `on_generate` -> `_job`, "
+                          "`plugins/cpu.py:CpuRunner.prefill` / `decode`")
+    assert refs == [("daemon/server.py", ["Server._handle", "Server.on_generate", "Server._job"]),
+                    ("plugins/cpu.py", ["CpuRunner.prefill"])]

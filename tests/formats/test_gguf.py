@@ -331,7 +331,7 @@ def _rss_bytes() -> int:
 
 
 def test_a_huge_metadata_array_costs_no_memory_at_open(tmp_path):
-    """Issue 12 #5: a 100M-element array used to become a 100M-item list at open (~900 MB)."""
+    """A 100M-element array used to become a 100M-item list at open (~900 MB)."""
     from tests.formats.sparse_gguf import HUGE_KEY, with_huge_array
     src = conformance_path("models", "stories260K.gguf")
     n = with_huge_array(src, tmp_path / "huge.gguf", 100_000_000)

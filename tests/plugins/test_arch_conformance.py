@@ -22,8 +22,8 @@ from ember.formats import gguf
 from ember.plugins import cpu, cuda, onnx, reference, registry
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.features import FEATURES, features
-from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
-from tests.plugins.test_conformance import _kl_rows, _thresholds
+from tests.conftest import (CONFORMANCE, conformance_cases, conformance_path, kl_rows, kl_thresholds,
+                            oracle_params)
 
 CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
 MODELS = sorted({c["model"] for c in CASES})
@@ -88,8 +88,8 @@ def test_logits_match_llama_cpp(backend, case, models):
     m = models(backend, case["model"], case["n_ctx"])
     logits = m.logits(z["tokens"].tolist())
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), m.n_vocab)
-    kl = _kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = _thresholds(case["model"])
+    kl = kl_rows(z["logits"], logits[z["positions"]])
+    mean_max, max_max = kl_thresholds(case["model"])
     assert kl.mean() <= mean_max and kl.max() <= max_max, (
         f"{backend} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max "
         f"{kl.max():.3e} (<= {max_max}) at position {int(z['positions'][kl.argmax()])}")

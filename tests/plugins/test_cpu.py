@@ -23,8 +23,9 @@ from ember.kernels import dispatch
 from ember.plugins import cpu, registry
 from ember.formats.model_config import config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import absent, conformance_cases, conformance_path, oracle_params
-from tests.plugins.test_reference import greedy, kl_rows, thresholds
+from tests.conftest import (absent, conformance_cases, conformance_path, kl_rows, kl_thresholds,
+                            oracle_params)
+from tests.plugins.test_reference import greedy
 
 CASES = conformance_cases()
 ISAS = dispatch.available_isas()
@@ -56,7 +57,7 @@ def test_logits_match_llama_cpp(isa, model, restore_isa):
     r = load_runner(model)
     assert r.isa == isa
     cases = [c for c in CASES if c["model"] == model]
-    mean_max, max_max = thresholds(model)
+    mean_max, max_max = kl_thresholds(model)
     for case in cases:
         z = np.load(conformance_path("refs", case["ref"]))
         r.reset()
@@ -76,7 +77,7 @@ def test_arch_logits_match_llama_cpp(isa, model, restore_isa):
     cases = [c for c in ARCH_CASES if c["model"] == model]
     f = gguf.open(conformance_path("arch", "models", model))
     r = cpu.CpuRunner(f, config_from_gguf(f), cases[0]["n_ctx"], 2)   # phi3: n_ctx picks LongRoPE's factors
-    mean_max, max_max = thresholds(model)
+    mean_max, max_max = kl_thresholds(model)
     for case in cases:
         z = np.load(conformance_path("arch", "refs", case["ref"]))
         r.reset()

@@ -21,7 +21,7 @@ from ember.plugins import onnx as onnx_backend  # noqa: E402
 from ember.plugins import onnx_graph, reference, registry  # noqa: E402
 from ember.formats.model_config import config_from_gguf  # noqa: E402
 from ember.plugins.types import BackendError, ContextOverflow, MemoryPlan  # noqa: E402
-from tests.conftest import conformance_path  # noqa: E402
+from tests.conftest import conformance_path, kl_rows  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +30,6 @@ def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("EMBER_CACHE_DIR", str(d))
     return d
-
-
-def _kl_rows(p_logits, q_logits):
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _load(path, n_ctx=64, **options):
@@ -195,7 +186,7 @@ def test_decode_equals_batched_pass():
     steps = [r.prefill(ids[:50], all_logits=True)]
     steps += [r.decode(t)[None] for t in ids[50:]]
     assert r.n_past == 90
-    assert _kl_rows(batched, np.concatenate(steps)).max() <= 1e-6
+    assert kl_rows(batched, np.concatenate(steps)).max() <= 1e-6
 
 
 def test_truncate_rewinds_the_cache():
@@ -204,7 +195,7 @@ def test_truncate_rewinds_the_cache():
     full = r.prefill(ids, all_logits=True)
     r.truncate(5)
     again = r.prefill(ids[5:], all_logits=True)
-    assert _kl_rows(full[5:], again).max() <= 1e-9
+    assert kl_rows(full[5:], again).max() <= 1e-9
     with pytest.raises(ValueError):
         r.truncate(100)
 
@@ -253,7 +244,7 @@ def test_matches_the_reference_backend_on_partial_rope(rope_dim, freqs, tmp_path
     ids = list(range(3, 40))
     want = reference.ReferenceRunner(f, config_from_gguf(f), 64).prefill(ids, all_logits=True)
     got = _load(path).prefill(ids, all_logits=True)
-    assert _kl_rows(want, got).max() <= 1e-7
+    assert kl_rows(want, got).max() <= 1e-7
 
 
 # ---------------------------------------------------------------------------
