@@ -121,3 +121,13 @@ def kl_thresholds(model: str) -> tuple[float, float]:
     stem = model.removesuffix(".gguf")
     is_float = stem == "stories260K" or stem.rsplit("-", 1)[-1] in FLOAT_TYPES
     return (1e-4, 1e-3) if is_float else (2e-3, 1e-2)
+
+
+def assert_matches_oracle(label: str, case: dict, z, logits: np.ndarray) -> None:
+    """The oracle case's positions of `logits` (n_tokens, n_vocab) against llama.cpp's stored
+    logits `z`, within the README's (mean, max) KL bounds for the case's model."""
+    kl = kl_rows(z["logits"], logits[z["positions"]])
+    mean_max, max_max = kl_thresholds(case["model"])
+    assert kl.mean() <= mean_max and kl.max() <= max_max, (
+        f"{label} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
+        f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")

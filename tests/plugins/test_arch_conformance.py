@@ -22,7 +22,7 @@ from ember.formats import gguf
 from ember.plugins import cpu, cuda, onnx, reference, registry
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.features import FEATURES, features
-from tests.conftest import (CONFORMANCE, conformance_cases, conformance_path, kl_rows, kl_thresholds,
+from tests.conftest import (CONFORMANCE, assert_matches_oracle, conformance_cases, conformance_path,
                             oracle_params)
 
 CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
@@ -88,11 +88,7 @@ def test_logits_match_llama_cpp(backend, case, models):
     m = models(backend, case["model"], case["n_ctx"])
     logits = m.logits(z["tokens"].tolist())
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), m.n_vocab)
-    kl = kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = kl_thresholds(case["model"])
-    assert kl.mean() <= mean_max and kl.max() <= max_max, (
-        f"{backend} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max "
-        f"{kl.max():.3e} (<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    assert_matches_oracle(backend, case, z, logits)
 
 
 @pytest.mark.parametrize("backend,case", oracle_params(

@@ -19,8 +19,7 @@ import pytest
 
 from ember.daemon import engine
 from ember.plugins import registry
-from tests.conftest import (absent, conformance_cases, conformance_path, kl_rows, kl_thresholds,
-                            oracle_params)
+from tests.conftest import absent, assert_matches_oracle, conformance_cases, conformance_path, oracle_params
 
 CASES = conformance_cases()
 BACKENDS = registry.available()
@@ -61,11 +60,7 @@ def test_logits_match_llama_cpp(backend, case, models):
     assert m.backend == backend
     logits = m.logits(z["tokens"].tolist())
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), m.n_vocab)
-    kl = kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = kl_thresholds(case["model"])
-    assert kl.mean() <= mean_max and kl.max() <= max_max, (
-        f"{backend} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max "
-        f"{kl.max():.3e} (<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    assert_matches_oracle(backend, case, z, logits)
 
 
 @pytest.mark.parametrize("backend,case",

@@ -445,7 +445,8 @@ def mod():
 def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
     rng = np.random.default_rng(len(ttype) + rows)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
-    data = w if ttype == "F32" else w.astype(np.float16) if ttype == "F16" else quant_blocks.quantize(ttype, w)
+    data = (w if ttype == "F32" else w.astype(np.float16) if ttype == "F16"
+            else quant_blocks.quantize(ttype, w))
     gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
                [("w", gguf.TensorData(ttype, (rows, cols), data))])
     return gguf.open(tmp_path / "w.gguf")

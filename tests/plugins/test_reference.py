@@ -14,7 +14,8 @@ from ember.formats import gguf
 from ember.plugins import reference, registry
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import absent, conformance_cases, conformance_path, kl_rows, kl_thresholds, oracle_params
+from tests.conftest import (absent, assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
+                            oracle_params)
 
 CASES = conformance_cases()
 
@@ -57,11 +58,7 @@ def test_logits_match_llama_cpp(case, runners):
     r.reset()
     logits = r.prefill(z["tokens"].tolist(), all_logits=True)
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), r.n_vocab)
-    kl = kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = kl_thresholds(case["model"])
-    assert kl.mean() <= mean_max and kl.max() <= max_max, (
-        f"{_case_id(case)}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
-        f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    assert_matches_oracle("reference", case, z, logits)
 
 
 def test_every_case_ran():
