@@ -247,3 +247,37 @@ def test_doc_references_follow_hops_within_one_class():
                           "`plugins/cpu.py:CpuRunner.prefill` / `decode`")
     assert refs == [("daemon/server.py", ["Server._handle", "Server.on_generate", "Server._job"]),
                     ("plugins/cpu.py", ["CpuRunner.prefill"])]
+
+
+# ---------------------------------------------------------------------------
+# One way to do each thing: one loading call, one range table, one RSS reader
+# ---------------------------------------------------------------------------
+
+def sources() -> dict[str, str]:
+    """Every Python file of the project (packages, bench, tests) by its path."""
+    folders = (*LAYERS, "bench", "tests")
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+            for d in folders for p in (ROOT / d).rglob("*.py")}
+
+
+def places(pattern: str) -> list[str]:
+    rx = re.compile(pattern, re.M)
+    return sorted(f"{path}:{text.count(chr(10), 0, m.start()) + 1}"
+                  for path, text in sources().items() for m in rx.finditer(text))
+
+
+def test_one_place_calls_the_load_hook():
+    """Everyone loads through engine.load -> registry.load, the hook's only caller (on the
+    owner plugin alone). tests/plugins/test_registry.py's fake plugins only define it."""
+    calls = places(r"""(?:\.ember_load\(|["']ember_load["'])""")
+    assert [c.split(":")[0] for c in calls] == ["plugins/registry.py"], calls
+
+
+def test_one_sampling_range_table_and_one_rss_reader():
+    """(bench/compare_llamacpp.py and bench/onnx_rows.py read VmHWM themselves: their
+    llama.cpp contender must not import ember, whose pages would count in its peak;
+    tests/daemon/test_budget.py reads another process's.)"""
+    assert [p.split(":")[0] for p in places(r"^SAMPLING_RANGES\b.*=")] == ["formats/protocol.py"]
+    readers = [p.split(":")[0] for p in places(r"^\s*def (?:_?rss_bytes|_?peak_rss\w*)\(")]
+    assert sorted(readers) == ["bench/compare_llamacpp.py", "bench/onnx_rows.py", "daemon/budget.py",
+                               "daemon/budget.py", "tests/daemon/test_budget.py"]

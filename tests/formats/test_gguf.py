@@ -325,19 +325,15 @@ def test_errors_carry_path_field_and_offset(tmp_path):
 # Metadata arrays: lazy views of the map
 # ---------------------------------------------------------------------------
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_a_huge_metadata_array_costs_no_memory_at_open(tmp_path):
     """A 100M-element array used to become a 100M-item list at open (~900 MB)."""
+    from ember.daemon.budget import rss_bytes
     from tests.formats.sparse_gguf import HUGE_KEY, with_huge_array
     src = conformance_path("models", "stories260K.gguf")
     n = with_huge_array(src, tmp_path / "huge.gguf", 100_000_000)
-    before = _rss_bytes()
+    before = rss_bytes()
     with gguf.open(tmp_path / "huge.gguf") as f:
-        grew = _rss_bytes() - before
+        grew = rss_bytes() - before
         view = f.metadata[HUGE_KEY]
         assert isinstance(view, gguf.ArrayView) and len(view) == n
         assert f.metadata_types[HUGE_KEY] == (ARRAY, UINT8)

@@ -256,11 +256,9 @@ def test_registered_probe_and_plan():
     assert registry.probe("reference").available
     f = gguf.open(conformance_path("models", "v32k-phi3-Q8_0.gguf"))
     cfg = config_from_gguf(f)
-    hook = registry.manager().hook
-    plan = hook.ember_plan(backend="reference", config=cfg, n_ctx=64, options={})
+    plan = registry.plan("reference", cfg, 64)
     assert isinstance(plan, MemoryPlan)
-    r = hook.ember_load(backend="reference", gguf=f, config=cfg, n_ctx=64, threads=None,
-                        options={})
+    r = registry.load("reference", f, cfg, n_ctx=64)
     # the plan counts exactly what the runner holds: float copies + cache
     held = {id(a): a.nbytes for a in [r.w.token_embd, r.w.output, r.w.output_norm]
             + [a for L in r.w.layers for a in vars(L).values() if isinstance(a, np.ndarray)]}
