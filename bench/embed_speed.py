@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT / ".." / "shared" / "conformance" / "tokenizer" / "ggml-vocab-bert-bge.gguf"
 SHAPE = {"embedding_length": 384, "block_count": 12, "attention.head_count": 12,
          "feed_forward_length": 1536, "context_length": 512}
-LLAMA_PYTHONS = [p for p in (os.environ.get("EMBER_LLAMA_PYTHON"),
-                             os.path.expanduser("~/.cache/ember-ci/llama-cpp-python-0.3.36/bin/python"),
-                             "/work/llvenv/bin/python") if p]
+# compare_llamacpp imports no ember, so both interpreters (ember's and llama.cpp's) read
+# from it the interpreter list and its VmHWM peak-RSS reader
+from compare_llamacpp import LLAMA_PYTHONS, peak_rss_mb  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -91,10 +90,6 @@ def texts(n: int, words: int) -> list[str]:
 # ---------------------------------------------------------------------------
 # Workers (one fresh process per measurement)
 # ---------------------------------------------------------------------------
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def ember_worker(model: str, backend: str, threads: int, batch: list[str]) -> dict:
     from ember.daemon import engine

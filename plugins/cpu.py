@@ -8,7 +8,7 @@ GIL released, and allocates only the logits array it returns.
 
 Encoders (bert) run plugins/encoder.py's recipe with this backend's
 products: every matrix stays a view of the map and goes through the C
-kernels (kernels/quants.py: matmul_rows, get_rows), activations quantized
+kernels (kernels/quant_ops.py: matmul_rows, get_rows), activations quantized
 once per product as llama.cpp quantizes them for that weight type, the
 weight rows split across `threads` threads (the kernel releases the GIL);
 LayerNorm, attention and gelu are numpy (O(T^2 d) beside the O(T d^2)
@@ -23,14 +23,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import FEATURES, ModelConfig, require_features
+from ember.formats.model_config import ModelConfig
+
+from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
-# ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
+# ModelConfig features (features.FEATURES) the C decoder computes; the rest are refused at load.
 IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
@@ -124,12 +126,12 @@ def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
 
 
 def _encoder_plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
-    from ember.plugins import encoder
+    from ember.plugins import encoder, reference
     n_ctx = min(n_ctx, config.n_ctx_train)
     small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values() if len(t.shape) == 1)
     return MemoryPlan(
         weights=config.weights_bytes, kv_cache=0,
-        scratch=encoder.scratch_bytes(config, n_ctx) + small, runtime=RUNTIME_BYTES,
+        scratch=encoder.scratch_bytes(config, n_ctx, reference.ATTN_CHUNK) + small, runtime=RUNTIME_BYTES,
         notes=["weights are the mapped file's tensor bytes (read-only); no second copy",
                f"an encoder keeps no cache: scratch holds one text of up to {n_ctx} tokens"])
 
@@ -147,7 +149,7 @@ class _Products:
         self.pool = ThreadPoolExecutor(threads - 1, "ember-encoder") if threads > 1 else None
 
     def dense(self, t):
-        from ember.kernels import quants
+        from ember.kernels import quant_ops as quants
         _, forward = _kernels()
         _, w = forward.matrix_view(t)                               # (out, row_bytes) uint8
         cuts = np.linspace(0, w.shape[0], self.threads + 1).astype(int)   # row shares
@@ -164,7 +166,7 @@ class _Products:
         return product
 
     def rows(self, t):
-        from ember.kernels import quants
+        from ember.kernels import quant_ops as quants
         _, forward = _kernels()
         _, w = forward.matrix_view(t)
         return lambda ids: quants.get_rows(t.type, w, ids)
@@ -175,13 +177,14 @@ class _Products:
 
 
 def encoder_runner(gguf, config: ModelConfig, n_ctx: int, threads: int | None = None):
+    from ember.plugins import reference
     from ember.plugins.encoder import EncoderRunner
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise BackendError(f"threads must be a positive int, got {threads!r}")
     _, forward = _kernels()
     products = _Products(threads or forward.physical_cores())
     runner = EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, products.dense, products.rows,
-                           on_close=products.close)
+                           ops=reference, on_close=products.close)
     runner.threads = products.threads
     return runner
 

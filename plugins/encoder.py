@@ -18,9 +18,11 @@ A"), so token_types' row 0 is added to every position. The recipe lives here onc
 factories over GGUF tensors: `dense(t)` -> x (T, in) -> x @ t.T (T, out), and
 `rows(t)` -> ids (T,) -> t[ids] (T, d). The reference backend passes float32
 copies and numpy; the cpu backend passes views of the read-only map and the C
-kernels (kernels/quants.py), so its weights are never copied. LayerNorm,
-attention and gelu are the reference backend's numpy functions: they are
-O(T^2 d) next to the O(T d^2) products.
+kernels (kernels/quant_ops.py), so its weights are never copied. Attention,
+rope and the activations are the reference backend's numpy functions, handed
+in as `ops` (the reference module itself: this module imports no backend, so
+the reference backend can build its runner from here); they are O(T^2 d)
+next to the O(T d^2) products.
 
 An encoder keeps no cache: each text is encoded whole, from nothing, so
 n_past stays 0 and prefill/decode (logits) raise ModelKindError.
@@ -32,8 +34,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin
-from ember.plugins.reference import ATTN_CHUNK, attention, gelu, rope, silu
+from ember.formats.model_config import ModelConfig, UnsupportedModel
+from ember.kernels.rope import rope_cos_sin
+from ember.plugins.features import require_features
 from ember.plugins.types import CacheBookkeeping, ContextOverflow, ModelKindError
 
 Dense = Callable[[np.ndarray], np.ndarray]      # x (T, in) -> (T, out), bias not included
@@ -127,12 +130,12 @@ def load_weights(gguf, c: ModelConfig, dense: Callable, rows: Callable) -> Weigh
         layers=[layer(i) for i in range(c.n_layer)])
 
 
-def scratch_bytes(c: ModelConfig, n_ctx: int) -> int:
+def scratch_bytes(c: ModelConfig, n_ctx: int, attn_chunk: int) -> int:
     """Activations of one text of n_ctx tokens (x, q, k, v, attention out, ffn hidden, a
-    LayerNorm's float64 copy) and one chunk of attention scores."""
+    LayerNorm's float64 copy) and one chunk of attention_chunk query rows' scores."""
     q_dim = c.n_head * c.head_dim
     acts = n_ctx * (4 * c.n_embd + 4 * q_dim + c.n_ff) * 4 + n_ctx * c.n_embd * 8 * 2
-    return acts + c.n_head * min(ATTN_CHUNK, n_ctx) * n_ctx * 4 * 2
+    return acts + c.n_head * min(attn_chunk, n_ctx) * n_ctx * 4 * 2
 
 
 # ---------------------------------------------------------------------------
@@ -148,10 +151,11 @@ def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nda
     return (centred / np.sqrt(var + eps)).astype(np.float32) * w + b
 
 
-def encode(c: ModelConfig, w: Weights, ids: np.ndarray,
+def encode(c: ModelConfig, w: Weights, ids: np.ndarray, ops,
            rope_table: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """ids (T,) -> hidden states float32 (T, n_embd); T <= n_ctx_train (checked by the runner).
-    rope_table: (cos, sin) (n_ctx, rope_dim/2) when the positions are rotary (nomic-bert)."""
+    ops: attention, rope, gelu, silu (plugins/reference.py); rope_table: (cos, sin)
+    (n_ctx, rope_dim/2) when the positions are rotary (nomic-bert)."""
     T = ids.size
     pos = np.arange(T)
     x = w.token_rows(ids)                                        # (T, d)
@@ -164,11 +168,11 @@ def encode(c: ModelConfig, w: Weights, ids: np.ndarray,
         q, k, v = _qkv(c, L, x)
         if rope_table is not None:
             cos, sin = rope_table[0][:T], rope_table[1][:T]
-            q = rope(q, cos, sin, c.rope_dim, c.rope_style)
-            k = rope(k, cos, sin, c.rope_dim, c.rope_style)
-        o = attention(q, k, v, pos, pos, 1.0 / np.sqrt(c.head_dim), causal=False)  # (T, q_dim)
+            q = ops.rope(q, cos, sin, c.rope_dim, c.rope_style)
+            k = ops.rope(k, cos, sin, c.rope_dim, c.rope_style)
+        o = ops.attention(q, k, v, pos, pos, 1.0 / np.sqrt(c.head_dim), causal=False)  # (T, q_dim)
         x = layernorm(x + L.o(o), *L.attn_norm, c.rms_eps)
-        h = silu(L.gate(x)) * L.up(x) if L.gate is not None else gelu(L.up(x))      # (T, n_ff)
+        h = ops.silu(L.gate(x)) * L.up(x) if L.gate is not None else ops.gelu(L.up(x))  # (T, n_ff)
         x = layernorm(x + L.down(h), *L.out_norm, c.rms_eps)
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -193,7 +197,7 @@ class EncoderRunner(CacheBookkeeping):
     """ember.plugins.types.Runner for an encoder: `encode` only; it keeps no cache."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, backend: str, implemented,
-                 dense: Callable, rows: Callable, on_close: Callable[[], None] | None = None):
+                 dense: Callable, rows: Callable, ops, on_close: Callable[[], None] | None = None):
         if not isinstance(n_ctx, int) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         require_features(config, backend, implemented)
@@ -205,6 +209,7 @@ class EncoderRunner(CacheBookkeeping):
                      else None)                       # (cos, sin) (n_ctx, rope_dim/2)
         self._gguf = gguf                             # keeps the map (and views into it) alive
         self._on_close = on_close                     # the backend's own release (threads)
+        self.ops = ops                                # attention, rope, gelu, silu
 
     def encode(self, tokens: Sequence[int]) -> np.ndarray:
         if self.w is None:
@@ -212,7 +217,8 @@ class EncoderRunner(CacheBookkeeping):
         ids = np.asarray(tokens)
         if ids.ndim == 1 and ids.size > self.n_ctx:
             raise ContextOverflow(f"{ids.size} tokens do not fit the encoder's {self.n_ctx} positions")
-        return encode(self.c, self.w, self.checked_tokens(ids, np.int64), self.rope)  # n_past stays 0
+        ids = self.checked_tokens(ids, np.int64)
+        return encode(self.c, self.w, ids, self.ops, self.rope)   # n_past stays 0
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         raise ModelKindError(f"{self.c.arch} is an embedding model: it has no logits; use encode()")

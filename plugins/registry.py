@@ -25,15 +25,15 @@ from typing import Any
 import pluggy
 
 from ember.plugins import hookspecs
-from ember.plugins.arch import FEATURES, features
+from ember.plugins.features import FEATURES, features
 from ember.plugins.types import BackendError, BackendSpec, MemoryPlan, Probe
 
 log = logging.getLogger("ember.plugins")
 
 ENTRY_POINT_GROUP = "ember.backends"
 # Built-in backends are ordinary plugins, registered by module name. A module
-# that does not exist yet (e.g. cuda before it is written) is simply absent; a
-# module that exists but fails to import is recorded as a load error.
+# that is not installed is simply absent; a module that exists but fails to
+# import (a missing dependency) is recorded as a load error.
 BUILTIN_MODULES = ["ember.plugins.reference", "ember.plugins.cpu", "ember.plugins.onnx",
                    "ember.plugins.cuda"]
 
@@ -200,7 +200,7 @@ def available() -> list[str]:
 def choose(name: str = "auto", config=None) -> tuple[str, str]:
     """Resolve a backend name (or 'auto') to an available one; returns (name, why).
 
-    With a model's `config` (ember.plugins.arch.ModelConfig), 'auto' passes over
+    With a model's `config` (ember.formats.model_config.ModelConfig), 'auto' passes over
     backends whose BackendSpec.features lack one of the model's features (a bert
     encoder goes to the best backend that computes encoders).
     Raises BackendError naming the available backends when `name` is unknown

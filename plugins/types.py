@@ -18,7 +18,7 @@ class BackendSpec:
     name: str
     priority: int          # higher wins under --backend auto
     description: str = ""
-    # the ember.plugins.arch.FEATURES it computes (None: all, or it refuses at load): under
+    # the ember.plugins.features.FEATURES it computes (None: all, or it refuses at load): under
     # --backend auto a model goes to the best backend that computes all of its features
     features: frozenset[str] | None = None
 

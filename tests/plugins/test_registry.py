@@ -154,10 +154,11 @@ def test_third_party_runner_loads_a_real_gguf(plugin_env, tmp_path):
     gguf.write(path, md, {"token_embd.weight": np.zeros((11, 8), np.float32)})
     script = f"""
 from ember.formats import gguf
-from ember.plugins import registry, arch
+from ember.formats.model_config import config_from_gguf
+from ember.plugins import registry
 name, why = registry.choose("fake")
 f = gguf.open({str(path)!r})
-r = registry.load(name, f, arch.config_from_gguf(f), n_ctx=8)
+r = registry.load(name, f, config_from_gguf(f), n_ctx=8)
 print(int(r.prefill([3, 4]).argmax()), int(r.decode(10).argmax()), r.n_past)
 """
     out = subprocess.run([sys.executable, "-c", script], env=plugin_env, capture_output=True,
@@ -180,7 +181,8 @@ def test_auto_passes_over_a_backend_that_lacks_a_models_feature(plugin_env, tmp_
     script = f"""
 import json
 from ember.formats import gguf
-from ember.plugins import registry, arch
+from ember.plugins import registry
+from ember.formats import model_config as arch
 out = []
 for p in ({str(path)!r}, {str(bge)!r}):
     with gguf.open(p) as f:
