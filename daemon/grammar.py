@@ -1,0 +1,191 @@
+"""Constrained output: JSON Schema, any JSON object, a regex, or a llama.cpp GBNF grammar.
+
+    vocab = grammar.vocabulary(tokenizer, n_vocab)        # once per model
+    c = grammar.Constraint.compile(vocab, "json_schema", '{"type": "object", ...}')
+    c.prefetch()                  # start the next token's mask on the mask thread
+    logits = runner.decode(tok)   # ... while the forward pass runs
+    allowed = c.mask()            # bool (n_vocab,): tokens that keep the output valid
+    c.accept(token)               # after sampling
+
+Design
+------
+The matching itself is llguidance's (the engine llama.cpp links for its own
+`%llguidance` grammars): an Earley parser over a lexer, with a token trie, that
+computes the set of allowed next tokens for a 150k vocabulary in tens of
+microseconds and reads JSON Schema, regexes and Lark. llama.cpp's GBNF is
+converted to Lark by llguidance's own converter. xgrammar and outlines-core
+were not needed: llguidance covers all four request kinds, ships abi3 wheels
+(x86_64, aarch64, macOS) without dependencies, and its limits (LLParserLimits)
+let a request that is too large be refused with a message instead of eating
+the device.
+
+ember hands llguidance one table: the bytes each token id stands for in the
+output (the tokenizer's own `token_to_piece`, so "▁the" is b" the"); control
+tokens are marked with a leading 0xff byte, as llguidance expects, so that
+text can never spell them. End of generation is any of the vocabulary's EOG
+tokens: the mask allows them exactly when the output is complete.
+
+The mask is computed on one long-lived thread while the backend runs the
+forward pass (llguidance drops the GIL, as the CPU kernels do), so the cost
+hides behind compute: `prefetch()` before the runner call, `mask()` after it.
+Preemption needs nothing: the matcher's state belongs to the Generation, not
+to the KV cache.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ember.formats.errors import UserError
+
+KINDS = ("json_schema", "json_object", "regex", "grammar")
+# JSON is written compactly (", " and ": " separators, no free whitespace): a small model
+# that may put any whitespace anywhere tends to fill max_tokens with newlines
+# (stories260K did, every time). A schema may still ask otherwise through "x-guidance".
+JSON_DEFAULTS = {"whitespace_flexible": False}
+# Requests are untrusted: these bound the work one grammar may ask of the parser
+# (llguidance's defaults are sized for servers; ours keep a Pi's token time).
+LIMITS = dict(max_grammar_size=200_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000,
+              step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False)
+
+
+class GrammarError(UserError, ValueError):
+    """A constraint that does not parse, is too large, or cannot be met; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# The vocabulary llguidance matches against (built once per model)
+# ---------------------------------------------------------------------------
+
+class _TokenTable:
+    """The duck type llguidance.TokenizerWrapper reads: token bytes, EOS, specials, encode."""
+
+    def __init__(self, tok, n_vocab: int):
+        control = [i for i in range(tok.n_vocab) if tok.is_control(i)]
+        pieces = [tok.token_to_piece(i) for i in range(tok.n_vocab)]
+        for i in control:   # 0xff + text: "a special token", never matched by output text
+            pieces[i] = b"\xff" + tok.token_to_piece(i, special=True)
+        pieces += [b""] * (n_vocab - tok.n_vocab)   # padding rows past the tokenizer's vocab
+        self.tokens: list[bytes] = pieces          # (n_vocab,)
+        self.special_token_ids = control
+        self.eos_token_id = tok.eos_id if tok.eos_id is not None else min(tok.eog_ids, default=0)
+        self.bos_token_id = tok.bos_id
+        self._tok = tok
+
+    def __call__(self, text) -> list[int]:
+        """Ids of text inside the output. No SentencePiece space prefix: llguidance reads
+        one as "every token starts with a space" and would mask the output that way."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return list(self._tok.encode(text, space_prefix=False))
+
+
+def vocabulary(tok, n_vocab: int):
+    """llguidance's LLTokenizer for this tokenizer, padded to the runner's n_vocab."""
+    import llguidance
+    table = _TokenTable(tok, n_vocab)
+    eog = sorted(i for i in tok.eog_ids if i < n_vocab) or [table.eos_token_id]
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(table), n_vocab=n_vocab,
+                                  eos_token=eog)
+
+
+# ---------------------------------------------------------------------------
+# Request text -> llguidance grammar
+# ---------------------------------------------------------------------------
+
+def to_grammar(kind: str, text: str) -> str:
+    """The llguidance grammar for one request field; GrammarError when it does not parse."""
+    import llguidance
+    from llguidance.gbnf_to_lark import any_to_lark
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_DEFAULTS)
+    if kind == "json_schema":
+        try:
+            schema = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, JSON_DEFAULTS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(text)
+    if kind == "grammar":
+        try:
+            return llguidance.LLMatcher.grammar_from_lark(any_to_lark(text))
+        except Exception as e:  # noqa: BLE001 - the converter raises its own error types
+            raise GrammarError(f"grammar (GBNF) does not parse: {e}") from None
+    raise GrammarError(f"unknown constraint kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------------------
+# One request's constraint
+# ---------------------------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _mask_thread() -> ThreadPoolExecutor:
+    """The one thread that computes masks beside the forward pass (made on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-mask")
+        return _pool
+
+
+class Constraint:
+    """An llguidance matcher plus the next token's mask, computed ahead on the mask thread."""
+
+    def __init__(self, matcher, n_vocab: int, kind: str):
+        self.matcher, self.n_vocab, self.kind = matcher, n_vocab, kind
+        self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)  # (n_words,) one bit per token
+        self._next: Future | None = None
+
+    @classmethod
+    def compile(cls, vocab, kind: str, text: str) -> "Constraint":
+        import llguidance
+        grammar = to_grammar(kind, text)
+        limits = llguidance.LLParserLimits(**LIMITS)
+        matcher = llguidance.LLMatcher(vocab, grammar, log_level=0, limits=limits)
+        if matcher.is_error():
+            raise GrammarError(f"{kind} cannot be used: {_first_line(matcher.get_error())}")
+        return cls(matcher, vocab.vocab_size, kind)
+
+    def prefetch(self) -> None:
+        """Start computing the mask for the next token (call before the forward pass)."""
+        if self._next is None:
+            self._next = _mask_thread().submit(self._fill)
+
+    def mask(self) -> np.ndarray:
+        """bool (n_vocab,): the tokens allowed next. Waits for prefetch() if it ran."""
+        self.prefetch()
+        fut, self._next = self._next, None
+        fut.result()
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.n_vocab]
+        if not allowed.any():
+            raise GrammarError(f"{self.kind}: no token can continue the output "
+                               f"({_first_line(self.matcher.get_error()) or 'dead end'})")
+        return allowed.view(bool)
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled token (one the last mask allowed)."""
+        if not self.matcher.consume_token(int(token)):
+            raise GrammarError(f"{self.kind}: token {token} was refused: "
+                               f"{_first_line(self.matcher.get_error())}")
+
+    @property
+    def finished(self) -> bool:
+        """The output is complete: only end of generation may follow."""
+        return self.matcher.is_stopped()
+
+    def _fill(self) -> None:
+        b = self._bits
+        self.matcher.unsafe_compute_mask_ptr(b.ctypes.data, b.nbytes)   # drops the GIL
+
+
+def _first_line(msg: str) -> str:
+    return (msg or "").strip().splitlines()[0] if (msg or "").strip() else ""
