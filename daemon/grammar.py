@@ -152,7 +152,7 @@ class Constraint:
         limits = llguidance.LLParserLimits(**LIMITS)
         matcher = llguidance.LLMatcher(vocab, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise GrammarError(f"{kind} cannot be used: {_first_line(matcher.get_error())}")
+            raise GrammarError(f"{kind} cannot be used: {_one_line(matcher.get_error())}")
         return cls(matcher, vocab.vocab_size, kind)
 
     def prefetch(self) -> None:
@@ -168,14 +168,14 @@ class Constraint:
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.n_vocab]
         if not allowed.any():
             raise GrammarError(f"{self.kind}: no token can continue the output "
-                               f"({_first_line(self.matcher.get_error()) or 'dead end'})")
+                               f"({_one_line(self.matcher.get_error()) or 'dead end'})")
         return allowed.view(bool)
 
     def accept(self, token: int) -> None:
         """Advance past a sampled token (one the last mask allowed)."""
         if not self.matcher.consume_token(int(token)):
             raise GrammarError(f"{self.kind}: token {token} was refused: "
-                               f"{_first_line(self.matcher.get_error())}")
+                               f"{_one_line(self.matcher.get_error())}")
 
     @property
     def finished(self) -> bool:
@@ -187,5 +187,7 @@ class Constraint:
         self.matcher.unsafe_compute_mask_ptr(b.ctypes.data, b.nbytes)   # drops the GIL
 
 
-def _first_line(msg: str) -> str:
-    return (msg or "").strip().splitlines()[0] if (msg or "").strip() else ""
+def _one_line(msg: str) -> str:
+    """llguidance's multi-line message (with a caret diagram) as one line, bounded."""
+    text = " ".join(line.strip() for line in (msg or "").splitlines() if line.strip())
+    return text if len(text) <= 400 else text[:400] + " ..."

@@ -55,7 +55,7 @@ MAX_STOP_LEN = 256
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_SEED = (1 << 64) - 1
-MAX_GRAMMAR_CHARS = 1 << 20       # the daemon's doors cap it lower (Limits.max_grammar_bytes)
+MAX_GRAMMAR_CHARS = 1 << 18       # in-process cap; the daemon's doors cap lower (Limits.max_grammar_bytes)
 CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar")
 
 
