@@ -165,6 +165,14 @@ class Constraint:
         self.prefetch()
         fut, self._next = self._next, None
         fut.result()
+        return self._allowed()
+
+    def mask_now(self) -> np.ndarray:
+        """mask(), computed on the calling thread (benchmarks: the cost without the hand-off)."""
+        self._fill()
+        return self._allowed()
+
+    def _allowed(self) -> np.ndarray:
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.n_vocab]
         if not allowed.any():
             raise GrammarError(f"{self.kind}: no token can continue the output "

@@ -292,21 +292,23 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Choice:
         """Pick the next token from logits (n_vocab,). Does not accept it.
-        `allowed` (bool (n_vocab,), a grammar's mask) bans the other tokens before
-        the filters, so top_k/top_p/min_p choose among allowed tokens only."""
+        `allowed` (bool (n_vocab,), a grammar's mask) keeps only those tokens in the
+        running, before the filters: top_k/top_p/min_p then choose among them."""
         p = self.params
         x = apply_penalties(logits, self.history, p)
-        if allowed is not None:
-            x[~allowed] = -np.inf
+        # The chain runs on the allowed subset (ids in order) rather than on a row of
+        # -inf: the same choice, and argpartition degrades on 150k equal values (18 ms).
+        kept = None if allowed is None else np.flatnonzero(allowed)
+        if kept is not None:
+            x = x[kept]
         if p.temperature <= 0.0:
             tok = int(np.argmax(x))
         else:
             ids, vals = filter_candidates(x, p)
-            if allowed is not None:   # no filter on: the banned tokens are still candidates
-                keep = np.isfinite(vals)
-                ids, vals = ids[keep], vals[keep]
             probs = _softmax(vals / p.temperature)
             tok = int(ids[self._draw(probs)])
+        if kept is not None:
+            tok = int(kept[tok])
         return self._with_logprobs(logits, tok)
 
     def _draw(self, probs: np.ndarray) -> int:
