@@ -25,9 +25,12 @@ tokens are marked with a leading 0xff byte, as llguidance expects, so that
 text can never spell them. End of generation is any of the vocabulary's EOG
 tokens: the mask allows them exactly when the output is complete.
 
-The mask is computed on one long-lived thread while the backend runs the
-forward pass (llguidance drops the GIL, as the CPU kernels do), so the cost
+The mask can be computed on one long-lived thread while the backend runs the
+forward pass (llguidance drops the GIL, as the CPU kernels do), so its cost
 hides behind compute: `prefetch()` before the runner call, `mask()` after it.
+That pays only for masks dearer than the hand-off itself, so a constraint
+measures its masks and prefetches only while they average above
+`overlap_above_s`; the first mask always overlaps (with the prefill).
 Preemption needs nothing: the matcher's state belongs to the Generation, not
 to the KV cache.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -138,12 +142,20 @@ def _mask_thread() -> ThreadPoolExecutor:
 
 
 class Constraint:
-    """An llguidance matcher plus the next token's mask, computed ahead on the mask thread."""
+    """An llguidance matcher plus the next token's mask, computed ahead on the mask thread
+    when masks cost more than handing work to a thread does."""
+
+    # A thread hand-off costs ~0.05 ms on a quiet machine and a scheduler quantum (ms) on a
+    # loaded one, while most masks of a JSON schema take 0.01-0.2 ms (bench/grammar_overhead.py):
+    # those are cheaper inline. Masks above this (large grammars, lexer-heavy steps, the
+    # first mask of a big schema, which overlaps the prefill) go to the mask thread.
+    overlap_above_s = 0.5e-3
 
     def __init__(self, matcher, n_vocab: int, kind: str):
         self.matcher, self.n_vocab, self.kind = matcher, n_vocab, kind
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)  # (n_words,) one bit per token
         self._next: Future | None = None
+        self._cost = float("inf")        # seconds per mask, a running average; unknown at first
 
     @classmethod
     def compile(cls, vocab, kind: str, text: str) -> "Constraint":
@@ -156,15 +168,18 @@ class Constraint:
         return cls(matcher, vocab.vocab_size, kind)
 
     def prefetch(self) -> None:
-        """Start computing the mask for the next token (call before the forward pass)."""
-        if self._next is None:
+        """Start the next token's mask on the mask thread (call before the forward pass),
+        if masks have been costly enough to be worth it; else mask() computes it."""
+        if self._next is None and self._cost > self.overlap_above_s:
             self._next = _mask_thread().submit(self._fill)
 
     def mask(self) -> np.ndarray:
-        """bool (n_vocab,): the tokens allowed next. Waits for prefetch() if it ran."""
-        self.prefetch()
+        """bool (n_vocab,): the tokens allowed next (waits for prefetch(), if it started one)."""
         fut, self._next = self._next, None
-        fut.result()
+        if fut is None:
+            self._fill()
+        else:
+            fut.result()
         return self._allowed()
 
     def mask_now(self) -> np.ndarray:
@@ -191,8 +206,10 @@ class Constraint:
         return self.matcher.is_stopped()
 
     def _fill(self) -> None:
-        b = self._bits
+        b, t0 = self._bits, time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(b.ctypes.data, b.nbytes)   # drops the GIL
+        dt = time.perf_counter() - t0
+        self._cost = dt if self._cost == float("inf") else 0.7 * self._cost + 0.3 * dt
 
 
 def _one_line(msg: str) -> str:

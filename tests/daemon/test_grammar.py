@@ -187,19 +187,32 @@ def test_malformed_constraint_fields_are_sampling_errors(demo, kw, words):
 # Mechanics: the overlapped mask, preemption, log-probabilities, ignore_eos
 # ---------------------------------------------------------------------------
 
-def test_prefetched_mask_equals_the_matchers_own(demo):
-    """The mask computed on the mask thread is llguidance's mask for the same state."""
+@pytest.mark.parametrize("overlap_above_s", [0.0, float("inf")], ids=["mask-thread", "inline"])
+def test_prefetched_mask_equals_the_matchers_own(demo, overlap_above_s):
+    """The mask computed on the mask thread (or inline) is llguidance's for the same state."""
     gen = demo.start(PROMPT, json_schema=json.dumps(SCHEMAS["story"]), seed=1)
     c = gen.constraint
+    c.overlap_above_s = overlap_above_s
     for _ in range(12):
         c.prefetch()
+        assert (c._next is not None) == (overlap_above_s == 0.0)
         got = c.mask().copy()       # waits for the mask thread; the matcher is free again
         bits = np.frombuffer(c.matcher.compute_bitmask(), dtype=np.uint8)
         want = np.unpackbits(bits, bitorder="little")[: demo.n_vocab].astype(bool)
         np.testing.assert_array_equal(got, want)
-        c.prefetch()          # step() prefetches again; it must reuse this state's mask
         if gen.step() is None:
             break
+
+
+def test_only_costly_masks_go_to_the_mask_thread(demo):
+    """The first mask overlaps (its cost is unknown); then a cheap grammar's masks stay inline."""
+    c = demo.start(PROMPT, regex="[a-z]+", seed=1).constraint
+    c.prefetch()
+    assert c._next is not None
+    c.mask()
+    c.overlap_above_s = c._cost * 2           # as if the hand-off cost more than this mask
+    c.prefetch()
+    assert c._next is None and c.mask().any()
 
 
 def test_preempted_constrained_generation_resumes_identically(demo):
