@@ -53,8 +53,10 @@ KINDS = ("json_schema", "json_object", "regex", "grammar")
 # pretty-printed JSON it was trained on (SmolLM2 wrote '{"":63,"":2,...'). A schema
 # may still ask otherwise through "x-guidance".
 JSON_DEFAULTS = {"whitespace_flexible": True, "whitespace_pattern": r"(?: |\n[ \t]{0,20})?"}
-# Requests are untrusted: these bound the work one grammar may ask of the parser
-# (llguidance's defaults are sized for servers; ours keep a Pi's token time).
+# Requests are untrusted: these bound what one grammar may ask of the parser. Lexer
+# states cost 1-2 kB each, so 50k caps a request near 100 MB (llguidance's default, 250k,
+# allows 500 MB: a server's number, not a Pi's); grammar size 200k symbols (default 500k).
+# The fuel and item caps are llguidance's defaults, ~15 ms of work per token at most.
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=50_000, initial_lexer_fuel=1_000_000,
               step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False)
 
@@ -76,8 +78,8 @@ class _TokenTable:
         for i in control:   # 0xff + text: "a special token", never matched by output text
             pieces[i] = b"\xff" + tok.token_to_piece(i, special=True)
         pieces += [b""] * (n_vocab - tok.n_vocab)   # padding rows past the tokenizer's vocab
-        self.tokens: list[bytes] = pieces          # (n_vocab,)
-        self.special_token_ids = control
+        self.tokens: list[bytes] = pieces[:n_vocab]  # (n_vocab,)
+        self.special_token_ids = [i for i in control if i < n_vocab]
         self.eos_token_id = tok.eos_id if tok.eos_id is not None else min(tok.eog_ids, default=0)
         self.bos_token_id = tok.bos_id
         self._tok = tok
