@@ -135,8 +135,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.model is None:
-        from ember.daemon.commands.bench import synthetic_model
-        args.model = synthetic_model("tinyllama-1.1b", "Q4_0")
+        from ember.daemon.synthetic import ensure_cached
+        args.model = str(ensure_cached("tinyllama-1.1b", "Q4_0"))
     model = engine.load(args.model, backend="cpu", n_ctx=512, threads=args.threads)
     print(f"forward: {Path(args.model).name}, cpu backend, {args.threads} threads; "
           f"{platform.processor() or platform.machine()}; {args.tokens} tokens x {args.rounds} rounds")
