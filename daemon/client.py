@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -115,6 +116,10 @@ class GenerateParams(TypedDict, total=False):
     ignore_eos: bool
     logprobs: bool
     top_logprobs: int
+    json_schema: str            # JSON text (a dict is dumped for you)
+    json_object: bool
+    regex: str
+    grammar: str
     priority: int
     deadline_ms: int
     deadline: float
@@ -145,6 +150,8 @@ def _generate_fields(prompt, messages, stream: bool, params: dict) -> dict:
     if unknown:
         raise TypeError(f"generate() got unknown option(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(GenerateParams.__annotations__)}")
+    if isinstance(params.get("json_schema"), (dict, bool)):   # the wire carries JSON text
+        params = {**params, "json_schema": json.dumps(params["json_schema"])}
     return {"prompt": prompt, "messages": messages, "stream": stream, **params}
 
 

@@ -201,6 +201,7 @@ class Model:
         self.lock = threading.RLock()           # one computation at a time on the runner
         self._tokenizer = None
         self._chat: ChatTemplate | None = None
+        self._grammar_vocab = None               # llguidance's token table, on first use
         self._guard = _map_guard(gguf)
         self._faults = 0                         # kept past close(), for `changed`
 
@@ -298,7 +299,17 @@ class Model:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{len(ids) + params.max_tokens} exceeds the context of {self.n_ctx} tokens; "
                 f"shorten the prompt or lower max_tokens")
-        return Generation(self, ids, params, created_at)
+        return Generation(self, ids, params, created_at, self.constraint(params))
+
+    def constraint(self, params: SamplingParams):
+        """The compiled output constraint of a request (GrammarError if it is bad), or None."""
+        if params.constraint is None:
+            return None
+        from ember.daemon import grammar   # llguidance loads on the first constrained request
+        with self.lock:
+            if self._grammar_vocab is None:
+                self._grammar_vocab = grammar.vocabulary(self.tokenizer, self.n_vocab)
+        return grammar.Constraint.compile(self._grammar_vocab, *params.constraint)
 
     def generate(self, prompt: Any, **sampling) -> Iterator[TokenEvent | Result]:
         """Yield a TokenEvent per token, then the Result."""
@@ -437,15 +448,17 @@ class Generation:
     """State of one request: prompt, sampler, text decoder, tokens so far, timings."""
 
     def __init__(self, model: Model, prompt: list[int], params: SamplingParams,
-                 created_at: float | None = None):
+                 created_at: float | None = None, constraint=None):
         self.model, self.prompt, self.params = model, prompt, params
         self.sampler = Sampler(params, history=prompt)
+        self.constraint = constraint             # grammar.Constraint | None
         self.generated: list[int] = []
         tok = model.tokenizer
         self._decoder = tok.stream_decoder()
         self._stops = StopMatcher(params.stop)
         self._stop_ids = set(params.stop_tokens)
-        self._eog = (lambda t: False) if params.ignore_eos else tok.is_eog
+        # a grammar allows end of generation only once the output is complete
+        self._eog = (lambda t: False) if params.ignore_eos and not constraint else tok.is_eog
         self._cached = 0                     # tokens of prompt+generated in the KV cache
         self._pending: np.ndarray | None = None  # logits computed by resume(), not yet sampled
         self._cancel = threading.Event()
@@ -488,9 +501,14 @@ class Generation:
         with self.model.lock:
             if self.model.runner is None:
                 raise EngineError("the model was closed; this generation cannot continue")
+            c = self.constraint
+            if c is not None:
+                c.prefetch()              # the mask computes while the forward pass runs
             logits = self._next_logits()
-            choice = self.sampler.sample(logits)
+            choice = self.sampler.sample(logits, None if c is None else c.mask())
         self.sampler.accept(choice.id)
+        if self.constraint is not None:
+            self.constraint.accept(choice.id)
         self.generated.append(choice.id)
         return self._emit(choice)
 

@@ -23,6 +23,7 @@ both of emberd's front doors.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -141,10 +142,31 @@ def _only(value, why: str) -> Callable:
 
 
 def _response_format(name, x, limits):
-    if not isinstance(x, dict) or x.get("type") != "text" or len(x) != 1:
-        raise ApiError(400, f"'{name}' supports only {{\"type\": \"text\"}}: ember has no JSON mode",
-                       name, "unsupported_parameter")
-    return {}
+    """OpenAI's {"type": "text" | "json_object" | "json_schema"} -> ember's constraint fields
+    (llama.cpp's {"type": "json_object", "schema": {...}} too)."""
+    kind = x.get("type") if isinstance(x, dict) else None
+    if kind == "text" and len(x) == 1:
+        return {}
+    if kind == "json_object" and set(x) <= {"type", "schema"}:
+        return _schema(f"{name}.schema", x["schema"], limits) if "schema" in x else {"json_object": True}
+    if kind == "json_schema" and set(x) == {"type", "json_schema"}:
+        spec = x["json_schema"]
+        if not isinstance(spec, dict) or not set(spec) <= {"name", "description", "schema", "strict"}:
+            raise _bad(f"{name}.json_schema", "must be an object with 'schema' (and optionally "
+                                              "'name', 'description', 'strict')")
+        if "schema" not in spec:
+            raise _bad(f"{name}.json_schema.schema", "is required")
+        return _schema(f"{name}.json_schema.schema", spec["schema"], limits)
+    raise _bad(name, 'must be {"type": "text"}, {"type": "json_object"} or '
+                     '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+
+
+def _schema(name, x, limits):
+    """A JSON Schema object -> the `json_schema` field (JSON text, size-checked like the wire's)."""
+    if not isinstance(x, (dict, bool)):
+        raise _bad(name, f"must be a JSON Schema object, got {type(x).__name__}")
+    text = json.dumps(x, separators=(",", ":"))
+    return {"json_schema": protocol.GENERATE["json_schema"](name, text, limits)}
 
 
 def _messages(name, x, limits):
@@ -213,6 +235,11 @@ COMMON: dict[str, Callable] = {
     "min_p": _sampling("min_p"),
     "repeat_penalty": _sampling("repeat_penalty"),
     "ignore_eos": _sampling("ignore_eos"),
+    # constrained output: llama.cpp's `grammar` (GBNF) and `json_schema`, ember's `regex`
+    "response_format": _response_format,
+    "grammar": _sampling("grammar"),
+    "json_schema": _schema,
+    "regex": _sampling("regex"),
 }
 FIELDS: dict[str, dict[str, Callable]] = {
     "chat": {**COMMON,
@@ -220,7 +247,6 @@ FIELDS: dict[str, dict[str, Callable]] = {
              "max_completion_tokens": _max_tokens,
              "logprobs": _chat_logprobs,
              "top_logprobs": _chat_top_logprobs,
-             "response_format": _response_format,
              "tools": _refused(TOOLS_WHY), "tool_choice": _refused(TOOLS_WHY),
              "functions": _refused(TOOLS_WHY), "function_call": _refused(TOOLS_WHY),
              "parallel_tool_calls": _refused(TOOLS_WHY),

@@ -8,7 +8,7 @@ drawing the same numbers it would have drawn uninterrupted.
 
 The chain runs in llama.cpp's default order (common/sampling):
 
-    penalties -> top_k -> top_p -> min_p -> temperature -> draw
+    penalties -> [grammar mask] -> top_k -> top_p -> min_p -> temperature -> draw
 
 * penalties (llama_sampler_penalties): for each distinct token among the
   last `penalty_last_n` tokens of the history (prompt included, as
@@ -21,6 +21,8 @@ The chain runs in llama.cpp's default order (common/sampling):
   to >= top_p (1.0: off). min_p keeps tokens whose probability is at least
   min_p times the largest one (0.0: off). temperature divides the surviving
   logits; temperature 0 is greedy (argmax, first index on ties).
+* the grammar mask (constrained output, daemon/grammar.py) sets the logits
+  of tokens that would break the requested format to -inf.
 * Log-probabilities reported with a token are those of the model itself:
   log_softmax of the raw logits, before penalties and temperature.
 
@@ -54,6 +56,8 @@ class SamplingError(UserError, ValueError):
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_GRAMMAR_CHARS = 1 << 18       # in-process cap; the daemon's doors cap lower (Limits.max_grammar_bytes)
+CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False           # report the chosen token's log-probability
     top_logprobs: int = 0            # and this many most likely alternatives
+    # constrained output (daemon/grammar.py), at most one of:
+    json_schema: str | None = None   # JSON Schema, as JSON text
+    json_object: bool = False        # any JSON object
+    regex: str | None = None
+    grammar: str | None = None       # llama.cpp GBNF (or llguidance Lark)
 
     @classmethod
     def parse(cls, **kw: Any) -> "SamplingParams":
@@ -82,10 +91,22 @@ class SamplingParams:
             raise SamplingError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
                                 f"known: {', '.join(cls.__dataclass_fields__)}")
         checked = {k: _CHECKS[k](k, v) for k, v in kw.items()}
+        given = [k for k in CONSTRAINTS if checked.get(k) not in (None, False)]
+        if len(given) > 1:
+            raise SamplingError(f"give at most one of {', '.join(CONSTRAINTS)}; got {', '.join(given)}")
         return cls(**checked)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the output constraint, or None (free text)."""
+        for k in CONSTRAINTS:
+            v = getattr(self, k)
+            if v not in (None, False):
+                return k, ("" if v is True else v)
+        return None
 
 
 def _number(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -137,6 +158,14 @@ def _stop_tokens(name: str, v) -> tuple[int, ...]:
     return tuple(_in_range(f"{name}[{i}]", t, STOP_TOKEN_ID) for i, t in enumerate(v))
 
 
+def _grammar_text(name: str, v) -> str:
+    if not isinstance(v, str) or not v:
+        raise SamplingError(f"{name} must be a non-empty string, got {type(v).__name__}")
+    if len(v) > MAX_GRAMMAR_CHARS:
+        raise SamplingError(f"{name} has {len(v)} characters, limit {MAX_GRAMMAR_CHARS}")
+    return v
+
+
 def _flag(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise SamplingError(f"{name} must be true or false, got {type(v).__name__} {v!r}")
@@ -151,6 +180,10 @@ _CHECKS = {
     "stop_tokens": _stop_tokens,
     "ignore_eos": _flag,
     "logprobs": _flag,
+    "json_schema": _grammar_text,
+    "json_object": _flag,
+    "regex": _grammar_text,
+    "grammar": _grammar_text,
 }
 
 
@@ -257,16 +290,25 @@ class Sampler:
         """Record a token (prompt or generated) for the penalty window."""
         self.history.append(int(token))
 
-    def sample(self, logits: np.ndarray) -> Choice:
-        """Pick the next token from logits (n_vocab,). Does not accept it."""
+    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Choice:
+        """Pick the next token from logits (n_vocab,). Does not accept it.
+        `allowed` (bool (n_vocab,), a grammar's mask) keeps only those tokens in the
+        running, before the filters: top_k/top_p/min_p then choose among them."""
         p = self.params
         x = apply_penalties(logits, self.history, p)
+        # The chain runs on the allowed subset (ids in order) rather than on a row of
+        # -inf: the same choice, and argpartition degrades on 150k equal values (18 ms).
+        kept = None if allowed is None else np.flatnonzero(allowed)
+        if kept is not None:
+            x = x[kept]
         if p.temperature <= 0.0:
             tok = int(np.argmax(x))
         else:
             ids, vals = filter_candidates(x, p)
             probs = _softmax(vals / p.temperature)
             tok = int(ids[self._draw(probs)])
+        if kept is not None:
+            tok = int(kept[tok])
         return self._with_logprobs(logits, tok)
 
     def _draw(self, probs: np.ndarray) -> int:

@@ -374,4 +374,6 @@ def _failure(e: Exception) -> tuple[str, str, str | None]:
     from ember.daemon import engine
     if isinstance(e, engine.ModelChanged):    # the file shrank under the map mid-request
         return "model_changed", str(e), None
+    if isinstance(e, UserError):               # e.g. a grammar that reaches a dead end mid-output
+        return "bad_request", str(e), None
     return "internal", f"{type(e).__name__}: {e}", traceback.format_exc()

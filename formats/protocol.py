@@ -84,6 +84,7 @@ class Limits:
     max_stop: int = 8                   # stop strings per request
     max_stop_bytes: int = 256
     max_id_bytes: int = 64
+    max_grammar_bytes: int = 64 << 10   # generate.json_schema / regex / grammar text
     max_queue: int = 16                 # waiting generate requests; more -> busy
 
     def to_wire(self) -> dict:
@@ -457,6 +458,12 @@ SAMPLING: dict[str, Callable] = {
     "stop_tokens": token_ids,
     "ignore_eos": boolean,
     "logprobs": boolean,
+    # constrained output (at most one; compiled by the engine, daemon/grammar.py).
+    # json_schema is JSON *text*: a schema as a msgpack map would nest past max_depth.
+    "json_schema": text("max_grammar_bytes", allow_empty=False),
+    "json_object": boolean,
+    "regex": text("max_grammar_bytes", allow_empty=False),
+    "grammar": text("max_grammar_bytes", allow_empty=False),
 }
 
 GENERATE: dict[str, Callable] = {

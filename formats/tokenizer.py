@@ -84,14 +84,17 @@ class Tokenizer:
 
     # -- encode -------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = False,
+               space_prefix: bool = True) -> list[int]:
+        """Token ids of text. space_prefix=False tokenizes text as the continuation of
+        earlier text: SentencePiece vocabularies then add no leading space."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode: text must be str, not {type(text).__name__}")
         text = _scrub_surrogates(text)
         frags = self._partition(text, parse_special) if text else []
         kind = self._v.kind
         if kind == "spm":
-            return self._encode_spm(frags, add_special)
+            return self._encode_spm(frags, add_special, space_prefix)
         out: list[int] = []
         if add_special and (self.add_bos or kind == "wpm"):
             out.append(self._need(self.bos_id, "BOS"))
@@ -108,12 +111,12 @@ class Tokenizer:
             out.append(self._need(self.eos_id, "EOS"))
         return out
 
-    def _encode_spm(self, frags: list, add_special: bool) -> list[int]:
+    def _encode_spm(self, frags: list, add_special: bool, space_prefix: bool) -> list[int]:
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self._need(self.bos_id, "BOS"))
         prev_special = True   # the first fragment gets the leading space too
-        prefix = self._v.add_space_prefix
+        prefix = self._v.add_space_prefix and space_prefix
         for f in frags:
             if type(f) is int:
                 out.append(f)

@@ -230,6 +230,35 @@ def test_sampling_parameters_reach_the_sampler(client):
     assert capped.usage.completion_tokens == 3
 
 
+def test_structured_output_response_format_and_grammar(client):
+    """OpenAI's response_format (json_schema, json_object) and llama.cpp's grammar field."""
+    jsonschema = pytest.importorskip("jsonschema", reason="the test extra's jsonschema is absent")
+    schema = {"type": "object", "required": ["pet", "legs"], "additionalProperties": False,
+              "properties": {"pet": {"enum": ["cat", "dog", "bird"]},
+                             "legs": {"type": "integer", "minimum": 0, "maximum": 8}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=NAME, messages=chat("Describe a pet."),
+                                           response_format=fmt, seed=seed, max_tokens=60)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(model=NAME, messages=chat("Hi"), max_tokens=30,
+                                       response_format={"type": "json_object"}, seed=1)
+    assert r.choices[0].message.content.startswith("{")
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, seed=2,
+                                  extra_body={"grammar": 'root ::= ("yes" | "no") "!"'})
+    assert r.choices[0].text in ("yes!", "no!") and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8,
+                                  extra_body={"grammar": "root ::= [a-"})
+    assert "does not parse" in e.value.body["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=NAME, messages=chat("Hi"), max_tokens=8,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "big", "schema": {"enum": ["x" * 60] * 1200}}})
+    assert e.value.status_code == 413 and e.value.body["param"] == "response_format"
+
+
 def test_an_error_of_each_status(api, client):
     cases = [
         (openai.BadRequestError, dict(n=2), "unsupported_parameter"),

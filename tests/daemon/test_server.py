@@ -135,6 +135,36 @@ def test_engine_refusals_are_typed(emberd):
         assert c.complete("Once", max_tokens=2)["usage"]["completion_tokens"] >= 1
 
 
+def test_constrained_output_over_zeromq(emberd, model):
+    """json_schema travels as JSON text (the client dumps a dict), the text validates and
+    equals the in-process run; a bad grammar is bad_request, an oversized one too_large."""
+    jsonschema = pytest.importorskip("jsonschema", reason="the test extra's jsonschema is absent")
+    import json
+    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 1, "maximum": 99}}}
+    params = dict(max_tokens=120, temperature=0.9, seed=7)
+    local = None
+    for local in model.generate("The dog", json_schema=json.dumps(schema), **params):
+        pass
+    with emberd.client() as c:
+        done = c.complete("The dog", json_schema=schema, **params)
+        assert done["text"] == local.text and done["stop"] == "eos"
+        jsonschema.validate(json.loads(done["text"]), schema)
+        assert c.complete("The dog", regex="(yes|no)", max_tokens=8)["text"] in ("yes", "no")
+        with pytest.raises(EmberError) as e:
+            c.complete("The dog", grammar="root ::= (", max_tokens=8)
+        assert e.value.code == "bad_request" and "does not parse" in str(e.value)
+        with pytest.raises(EmberError) as e:
+            c.complete("The dog", regex="a", json_object=True, max_tokens=8)
+        assert e.value.code == "bad_request" and "at most one" in str(e.value)
+        big = {"enum": ["x" * 60] * 1200}                # ~75 KiB of JSON
+        with pytest.raises(EmberError) as e:
+            c.complete("The dog", json_schema=big, max_tokens=8)
+        assert e.value.code == "too_large" and "max_grammar_bytes" not in str(e.value)
+        assert c.hello()["limits"]["max_grammar_bytes"] == protocol.Limits().max_grammar_bytes
+
+
 # ---------------------------------------------------------------------------
 # Must-show 4: faults
 # ---------------------------------------------------------------------------
