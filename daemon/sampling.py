@@ -259,17 +259,25 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> Choice:
         """Pick the next token from logits (n_vocab,). Does not accept it."""
-        p = self.params
-        x = apply_penalties(logits, self.history, p)
-        if p.temperature <= 0.0:
-            tok = int(np.argmax(x))
+        if self.params.temperature <= 0.0:
+            tok = int(np.argmax(apply_penalties(logits, self.history, self.params)))
         else:
-            ids, vals = filter_candidates(x, p)
-            probs = _softmax(vals / p.temperature)
-            tok = int(ids[self._draw(probs)])
+            ids, probs = self.distribution(logits)
+            tok = int(ids[self.draw(probs)])
         return self._with_logprobs(logits, tok)
 
-    def _draw(self, probs: np.ndarray) -> int:
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What sample() draws from (temperature > 0): candidate ids and their probabilities
+        after the whole chain. Speculative decoding's acceptance rule needs p itself."""
+        p = self.params
+        ids, vals = filter_candidates(apply_penalties(logits, self.history, p), p)
+        return ids, _softmax(vals / p.temperature)
+
+    def choice(self, logits: np.ndarray, tok: int) -> Choice:
+        """tok as a Choice, with the log-probabilities the request asked for."""
+        return self._with_logprobs(logits, int(tok))
+
+    def draw(self, probs: np.ndarray) -> int:
         """Inverse-CDF draw: one uniform number per token keeps the RNG stream simple."""
         u = self.rng.random()
         return min(int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right")),
