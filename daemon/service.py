@@ -50,7 +50,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
-from ember.daemon import modelcache, modelfile, security
+from ember.daemon import modelcache, modelfile, security, speculative
 from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
@@ -133,20 +133,50 @@ def budget_of(args) -> tuple[int | None, str]:
     return budget_mod.resolve(args.memory_budget)
 
 
-def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod.Fit, str]:
-    """The budget fit for `path` on the chosen backend; (fit, backend name)."""
+def plan_fit(path: str, args, process: int, beside: int = 0,
+             draft: str | None = None) -> tuple[budget_mod.Fit, str]:
+    """The budget fit for `path` (and a draft model beside it, at the same context) on the
+    chosen backend; (fit, backend name)."""
     from ember.daemon import engine
-    from ember.formats import gguf
     from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
-    with gguf.open(path) as f:
-        cfg = config_from_gguf(f)
+    cfg = _config(path)
     name, _ = registry.choose(args.backend)
     n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
     limit, source = budget_of(args)
-    fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,
-                         max(1, args.min_ctx or 1), limit, source, process, beside)
+
+    def plan_at(c):
+        plan = registry.plan(name, cfg, c, {})
+        return plan if draft is None else _with_draft(plan, registry.plan(name, _config(draft), c, {}),
+                                                      draft)
+    fit = budget_mod.fit(plan_at, n_ctx, max(1, args.min_ctx or 1), limit, source, process, beside)
     return fit, name
+
+
+def _config(path: str):
+    from ember.formats import gguf
+    from ember.plugins.arch import config_from_gguf
+    with gguf.open(path) as f:
+        return config_from_gguf(f)
+
+
+def _with_draft(plan, draft, path: str):
+    """The target's plan plus a draft model's (one interpreter: the runtime counts once)."""
+    from ember.plugins.types import MemoryPlan
+    return MemoryPlan(
+        weights=plan.weights + draft.weights, kv_cache=plan.kv_cache + draft.kv_cache,
+        scratch=plan.scratch + draft.scratch, runtime=max(plan.runtime, draft.runtime),
+        device=plan.device + draft.device,
+        notes=[*plan.notes, f"includes the draft model {os.path.basename(path)}: weights "
+                            f"{draft.weights}, KV cache {draft.kv_cache}, scratch {draft.scratch} bytes"])
+
+
+def resolve_draft(args) -> str | None:
+    """--draft as given: None, "prompt-lookup", or a draft model's resolved path."""
+    draft = getattr(args, "draft", None)
+    if not draft or draft == speculative.PROMPT_LOOKUP:
+        return draft or None
+    root = modelcache.cache_dir(override=getattr(args, "cache_dir", None))
+    return str(modelcache.resolve(draft, root))
 
 
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
@@ -160,12 +190,15 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     if checked.warning and Path(path) != modelcache.DEMO_PATH:   # the demo: part of the package
         say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
-    fit, backend = plan_fit(path, args, process, beside)
+    draft = resolve_draft(args)
+    fit, backend = plan_fit(path, args, process, beside,
+                            None if draft in (None, speculative.PROMPT_LOOKUP) else draft)
     for m in fit.messages:
         say(m)
     modelfile.recheck(checked)
     model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads)
     try:
+        model.set_draft(draft, getattr(args, "draft_max", None), args.threads)
         watch = modelfile.Watch(checked, model.gguf.size)
     except BaseException:
         model.close()

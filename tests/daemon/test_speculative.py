@@ -190,3 +190,44 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match():
     assert d.draft([5, 6, 7, 8, 5, 6, 9, 9, 5, 6], 3) == [9, 9, 5]    # latest "5 6", not the first
     assert d.draft([1, 2, 3, 4], 3) == []                            # no earlier "4"
     assert d.draft([1, 2, 1], 5) == [2, 1]                           # up to the end of the text
+
+
+# ---------------------------------------------------------------------------
+# The daemon: --draft, status, /metrics
+# ---------------------------------------------------------------------------
+
+def test_emberd_draft_reports_acceptance_in_status_and_metrics(tmp_path):
+    pytest.importorskip("prometheus_client", reason="the http extra is not installed")
+    from tests.daemon.emberd_proc import model_path, start_emberd
+    from tests.daemon.test_http import KEY, metrics, sample
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    with engine.load(model_path(), backend="reference") as local:
+        want = tokens(local, None, max_tokens=40)
+    d = start_emberd("--draft", "prompt-lookup", "--api-key-file", str(keys), ipc=False, http=True)
+    try:
+        with d.client() as c:
+            done = c.complete(PROMPT, max_tokens=40, temperature=0.0)
+            assert done["tokens"].tolist() == want                    # greedy: as without a draft
+            spec = c.status()["speculative"]
+        assert spec["draft"] == "prompt-lookup" and spec["drafted"] > 0 and spec["accepted"] > 0
+        fams = metrics(d)
+        assert sample(fams, "ember_draft_tokens") == spec["drafted"]
+        assert sample(fams, "ember_draft_accepted_tokens") == spec["accepted"]
+        assert sample(fams, "ember_draft_acceptance_rate") == pytest.approx(spec["acceptance_rate"],
+                                                                             abs=1e-4)
+    finally:
+        d.stop()
+    assert "Traceback" not in d.stderr(), d.stderr()[-3000:]
+
+
+def test_emberd_refuses_a_draft_with_another_vocabulary_at_load():
+    import subprocess
+    import sys
+    from tests.daemon.emberd_proc import model_path
+    other = conformance_path("models", "v32k-llama-Q8_0.gguf")
+    r = subprocess.run([sys.executable, "-m", "ember.daemon.emberd", "--model", str(model_path()),
+                        "--backend", "reference", "--bind", "tcp://127.0.0.1:*", "--draft", str(other)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "does not share the vocabulary" in r.stderr and "Traceback" not in r.stderr
