@@ -37,6 +37,13 @@ scheduler for requests):
   incrementally decoded ones to float rounding, KL <= 1e-6; tested).
   `gen.resume()` is optional: it does that re-prefill eagerly.
 
+Speculative decoding (`Model.set_draft`, daemon/speculative.py): once the
+first token is out, a step may draft k tokens, verify them in one batched
+prefill and queue every token that pass chose (accepted drafts + one); the
+following steps hand those out without computing, one event each, so the
+scheduler still acts between tokens. Rejected positions are truncated from
+the KV cache, keeping the invariant that the last chosen token is not cached.
+
 Text: token pieces go through the tokenizer's streaming decoder (which holds
 back incomplete UTF-8) and then the StopMatcher (which holds back a possible
 stop-string prefix). Every sampled token yields one event, including the
