@@ -76,6 +76,13 @@ def test_prompt_lookup_greedy_equals_plain_on_reference(name):
         same_as_plain(m, "prompt-lookup")
 
 
+@pytest.mark.parametrize("name", oracle_params([STORIES, "s512-qwen2-F32.gguf"]))
+def test_prompt_lookup_greedy_equals_plain_on_onnx(name):
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    with load(name, "onnx") as m:
+        same_as_plain(m, "prompt-lookup")
+
+
 def test_sliding_window_ring_on_reference_falls_back_and_stays_identical():
     # the reference backend's rings hold exactly the window: rolling back may need a reset
     with load("s512-gemma2-F32.gguf", "reference", "arch", n_ctx=512) as m:
