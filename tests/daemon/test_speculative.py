@@ -238,3 +238,20 @@ def test_emberd_refuses_a_draft_with_another_vocabulary_at_load():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "does not share the vocabulary" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_draft_model_is_charged_to_the_memory_plan():
+    from ember.daemon import config, emberd, service
+    from ember.plugins import registry
+    from ember.plugins.arch import config_from_gguf
+    from ember.formats import gguf
+    target = str(conformance_path("models", STORIES))
+    draft = str(conformance_path("models", "s512-llama-Q8_0.gguf"))
+    args = config.parse_args(emberd.build_parser(), ["--backend", "reference", "--ctx", "128"])
+    alone, _ = service.plan_fit(target, args, 0)
+    both, _ = service.plan_fit(target, args, 0, draft=draft)
+    with gguf.open(draft) as f:
+        extra = registry.plan("reference", config_from_gguf(f), 128, {})
+    assert both.plan.weights == alone.plan.weights + extra.weights
+    assert both.plan.kv_cache == alone.plan.kv_cache + extra.kv_cache
+    assert any("draft model s512-llama-Q8_0.gguf" in n for n in both.plan.notes)
