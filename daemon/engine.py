@@ -390,6 +390,7 @@ class Generation:
         self._cached = 0                     # tokens of prompt+generated in the KV cache
         self._pending: np.ndarray | None = None  # logits computed by resume(), not yet sampled
         self._queue: list = []               # Choices verified by one speculative pass, not yet emitted
+        self._pacing = speculative.Pacing()   # when to draft (backs off after failed drafts)
         self._cancel = threading.Event()
         self._text: list[str] = []
         self.result: Result | None = None
@@ -456,6 +457,8 @@ class Generation:
         m, d = self.model, self.model.drafter
         if d is None or not self.generated or self._pending is not None or not self._owns_cache():
             return []
+        if not self._pacing.due():
+            return []
         seq = self.prompt + self.generated
         # room: the k+1 tokens stay within max_tokens; the k written positions within n_ctx
         k = min(d.n_draft, self.params.max_tokens - len(self.generated) - 1, m.n_ctx - len(seq))
@@ -467,6 +470,7 @@ class Generation:
         rows = m.checked(m.runner.prefill([seq[-1], *draft], all_logits=True))   # (k+1, n_vocab)
         choices = speculative.verify(self.sampler, rows, draft)
         self._rollback(len(seq) + len(choices) - 1)
+        self._pacing.record(len(choices) - 1)
         d.stats.steps += 1
         d.stats.drafted += len(draft)
         d.stats.accepted += len(choices) - 1

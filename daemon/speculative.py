@@ -205,6 +205,43 @@ def unsupported(model) -> str | None:
 
 
 # ---------------------------------------------------------------------------
+# Pacing: draft less often while drafts keep failing
+# ---------------------------------------------------------------------------
+
+MAX_BACKOFF = 16
+PAYS = 2        # accepted drafts a pass needs to beat plain steps (16 rows ~ 3 steps on cpu)
+
+
+class Pacing:
+    """Per generation: after a pass that accepted fewer than PAYS drafts, skip drafting
+    for 1, 2, 4 .. MAX_BACKOFF plain steps; a pass that pays resets it.
+
+    A rejected draft still costs its verification (16 rows ~ 3 one-token steps on the cpu
+    backend) and the draft model's steps. Free text (a story) matches a bigram of its
+    prompt now and then and drafts what followed it there, almost always wrongly:
+    SmolLM2-135M wrote 4 of 67 drafted tokens and decoded 0.9x plain. Backing off bounds
+    that loss while copy-heavy text, which keeps being accepted, never waits.
+    """
+
+    def __init__(self):
+        self.backoff = 0          # plain steps to skip after the next failure / 2
+        self.skip = 0             # plain steps still to take before drafting again
+
+    def due(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, accepted: int) -> None:
+        if accepted >= PAYS:
+            self.backoff = 0
+        else:
+            self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
+            self.skip = self.backoff
+
+
+# ---------------------------------------------------------------------------
 # Verification: the target's rows against the draft
 # ---------------------------------------------------------------------------
 

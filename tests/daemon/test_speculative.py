@@ -103,7 +103,7 @@ def test_penalties_see_accepted_drafts_in_order():
 
 
 def test_both_accepted_and_rejected_drafts_happen():
-    with load("s512-llama-Q8_0.gguf") as m:
+    with load(STORIES) as m:
         stats = same_as_plain(m, "prompt-lookup", max_tokens=96)
         assert 0 < stats["accepted"] < stats["drafted"], stats
         assert stats["acceptance_rate"] == round(stats["accepted"] / stats["drafted"], 4)
@@ -255,3 +255,19 @@ def test_the_draft_model_is_charged_to_the_memory_plan():
     assert both.plan.weights == alone.plan.weights + extra.weights
     assert both.plan.kv_cache == alone.plan.kv_cache + extra.kv_cache
     assert any("draft model s512-llama-Q8_0.gguf" in n for n in both.plan.notes)
+
+
+def test_pacing_backs_off_after_passes_that_do_not_pay():
+    p = speculative.Pacing()
+    pattern = []
+    for accepted in (0, 1, 0, 5, 0):
+        assert p.due()
+        p.record(accepted)
+        skipped = 0
+        while not p.due():
+            skipped += 1
+        pattern.append(skipped)
+    assert pattern == [1, 2, 4, 0, 1]          # doubling while passes fail; a good one resets
+    for _ in range(10):
+        p.record(0)
+    assert p.skip == speculative.MAX_BACKOFF
