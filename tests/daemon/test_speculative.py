@@ -12,6 +12,9 @@ draft length; preemption with verified tokens still queued; the counters.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -223,14 +226,15 @@ def test_emberd_draft_reports_acceptance_in_status_and_metrics(tmp_path):
         assert sample(fams, "ember_draft_accepted_tokens") == spec["accepted"]
         assert sample(fams, "ember_draft_acceptance_rate") == pytest.approx(spec["acceptance_rate"],
                                                                              abs=1e-4)
+        r = subprocess.run([sys.executable, "-m", "ember.daemon.cli", "status", "--endpoint", d.tcp],
+                           capture_output=True, text=True, timeout=60)
+        assert f"draft      prompt-lookup: {spec['accepted']} of {spec['drafted']}" in r.stdout, r
     finally:
         d.stop()
     assert "Traceback" not in d.stderr(), d.stderr()[-3000:]
 
 
 def test_emberd_refuses_a_draft_with_another_vocabulary_at_load():
-    import subprocess
-    import sys
     from tests.daemon.emberd_proc import model_path
     other = conformance_path("models", "v32k-llama-Q8_0.gguf")
     r = subprocess.run([sys.executable, "-m", "ember.daemon.emberd", "--model", str(model_path()),
