@@ -5,7 +5,8 @@
 
 A real instruct model (random weights loop, which flatters prompt lookup)
 gets two copy-heavy chat tasks — rewrite a paragraph with one word changed;
-extract fields from a given text — greedy, and each task runs plain, with
+extract fields from a given text — and one free-text task (a story: the cost
+of speculating where the output does not repeat the prompt), greedy, and each task runs plain, with
 prompt lookup and (if --draft-model) with a draft model, round-robin
 `--repeat` times so machine noise hits every mode alike. Reported per task and
 mode: the median decode speed (tokens after the first / their decode time,
@@ -59,6 +60,9 @@ TASKS = {
                  "Extract the fields from the message below. Answer with one line per field, "
                  "as `field: value`, for: name, order number, date, total, address, email, "
                  f"phone.\n\n{RECORD}"}],
+    # not copy-heavy: what speculation costs when the text does not repeat its prompt
+    "free text": [{"role": "user", "content":
+                   "Write a short story about a dragon who learns to bake bread."}],
 }
 
 
