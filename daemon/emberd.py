@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-max", type=int, default=None, metavar="N",
                    help="tokens per draft (default 15 for prompt-lookup, 5 for a draft model)")
     from ember.daemon import service
-    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload (issue 7)
+    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload
     from ember.daemon import http
-    http.add_arguments(p)       # --http HOST:PORT, --api-key-file (issue 14)
+    http.add_arguments(p)       # --http HOST:PORT, --api-key-file
     return p
 
 
@@ -69,22 +69,6 @@ class StartupError(UserError):
 # ---------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------
-
-def load_model(args, svc=None):
-    """The engine Model for --model, with typed, one-line errors."""
-    from ember.daemon import engine
-    if args.ctx is not None and args.ctx < 1:
-        raise StartupError(f"--ctx must be positive, got {args.ctx}")
-    if svc is not None:         # model-file checks + memory budget (daemon/service.py)
-        return svc.load().model
-    model = engine.load(args.model, backend=args.backend, n_ctx=args.ctx, threads=args.threads)
-    try:
-        model.set_draft(args.draft, args.draft_max, args.threads)
-    except BaseException:
-        model.close()
-        raise
-    return model
-
 
 def build_server(args, model):
     from ember.daemon.server import Server
@@ -133,7 +117,7 @@ def main(argv=None) -> int:
     try:
         svc.security(args.bind or [protocol.DEFAULT_ENDPOINT])
         gateway = http_gateway(args)
-        model = load_model(args, svc)
+        model = svc.load().model    # model-file checks + memory budget (daemon/service.py)
         server = build_server(args, model)
         svc.attach(server)
         bind(server)

@@ -246,19 +246,25 @@ def test_emberd_refuses_a_draft_with_another_vocabulary_at_load():
 
 def test_the_draft_model_is_charged_to_the_memory_plan():
     from ember.daemon import config, emberd, service
-    from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
     from ember.formats import gguf
+    from ember.formats.model_config import config_from_gguf
+    from ember.plugins import registry
     target = str(conformance_path("models", STORIES))
-    draft = str(conformance_path("models", "s512-llama-Q8_0.gguf"))
-    args = config.parse_args(emberd.build_parser(), ["--backend", "reference", "--ctx", "128"])
-    alone, _ = service.plan_fit(target, args, 0)
-    both, _ = service.plan_fit(target, args, 0, draft=draft)
+    draft = str(conformance_path("models", "stories260K-Q8_0.gguf"))
+
+    def loaded(*extra):
+        args = config.parse_args(emberd.build_parser(), ["--model", target, "--backend", "reference",
+                                                         "--ctx", "128", *extra])
+        got = service.load_model(args, process=0, say=lambda m: None)
+        got.model.close()
+        got.watch.close()
+        return got
+    alone, both = loaded(), loaded("--draft", draft)
     with gguf.open(draft) as f:
         extra = registry.plan("reference", config_from_gguf(f), 128, {})
-    assert both.plan.weights == alone.plan.weights + extra.weights
-    assert both.plan.kv_cache == alone.plan.kv_cache + extra.kv_cache
-    assert any("draft model s512-llama-Q8_0.gguf" in n for n in both.plan.notes)
+    assert both.fit.plan.weights == alone.fit.plan.weights + extra.weights
+    assert both.fit.plan.kv_cache == alone.fit.plan.kv_cache + extra.kv_cache
+    assert any("draft model stories260K-Q8_0.gguf" in n for n in both.fit.plan.notes)
 
 
 def test_pacing_backs_off_after_passes_that_do_not_pay():
