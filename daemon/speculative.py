@@ -198,6 +198,8 @@ def check_same_vocab(target, draft) -> None:
 
 def unsupported(model) -> str | None:
     """Why speculation cannot run on this model, or None."""
+    if model.config.encoder:
+        return "it is an embedding model: it generates no text to speculate on"
     if "conv" in model.config.layer_kinds:
         return (f"{model.config.arch}'s convolution layers keep only their latest state, so "
                 f"rejected draft tokens cannot be rolled back")
