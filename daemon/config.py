@@ -16,7 +16,8 @@ Keys (top level unless a section is named):
 
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
     memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir, strict_model_file,
-    http ("HOST:PORT": the OpenAI-compatible API, docs/http.md)
+    http ("HOST:PORT": the OpenAI-compatible API, docs/http.md),
+    draft ("prompt-lookup" or a draft model: speculative decoding), draft_max
     [scheduler]  queue_size, max_tokens, drain_timeout
     [security]   server_secret_key, allowed_clients, insecure, api_key_file
     [cache]      dir, hub
@@ -59,6 +60,8 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "strict_model_file"): Key("strict_model_file", (bool,), "true or false"),
     ("", "load_dir"): Key("load_dir", (str,), "a folder"),
     ("", "http"): Key("http", (str,), 'an HTTP address such as "127.0.0.1:8080"'),
+    ("", "draft"): Key("draft", (str,), '"prompt-lookup" or a draft model path or name'),
+    ("", "draft_max"): Key("draft_max", (int,), "a positive integer (tokens per draft)"),
     ("scheduler", "queue_size"): Key("max_queue", (int,), "an integer >= 0"),
     ("scheduler", "max_tokens"): Key("max_tokens", (int,), "a positive integer"),
     ("scheduler", "drain_timeout"): Key("drain_timeout", (int, float), "seconds"),

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=protocol.Limits.max_tokens, metavar="N",
                    help="largest max_tokens a request may ask for")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--draft", default=None, metavar="prompt-lookup|MODEL",
+                   help="speculative decoding: draft from n-grams of the prompt and output "
+                        "(prompt-lookup), or with a small MODEL of the same vocabulary "
+                        "(a path or a name `ember models` prints); off by default")
+    p.add_argument("--draft-max", type=int, default=None, metavar="N",
+                   help="tokens per draft (default 15 for prompt-lookup, 5 for a draft model)")
     from ember.daemon import service
     service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload
     from ember.daemon import http

@@ -38,6 +38,13 @@ scheduler for requests):
   incrementally decoded ones to float rounding, KL <= 1e-6; tested).
   `gen.resume()` is optional: it does that re-prefill eagerly.
 
+Speculative decoding (`Model.set_draft`, daemon/speculative.py): once the
+first token is out, a step may draft k tokens, verify them in one batched
+prefill and queue every token that pass chose (accepted drafts + one); the
+following steps hand those out without computing, one event each, so the
+scheduler still acts between tokens. Rejected positions are truncated from
+the KV cache, keeping the invariant that the last chosen token is not cached.
+
 Text: token pieces go through the tokenizer's streaming decoder (which holds
 back incomplete UTF-8) and then the StopMatcher (which holds back a possible
 stop-string prefix). Every sampled token yields one event, including the
@@ -69,13 +76,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ember.daemon import speculative
 from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
 from ember.formats.errors import UserError
 from ember.formats.model_config import ModelConfig, config_from_gguf
 from ember.plugins import registry
-from ember.plugins.types import ContextOverflow, MemoryPlan, ModelKindError
+from ember.plugins.types import CacheTooShort, ContextOverflow, MemoryPlan, ModelKindError
 
 DEFAULT_MAX_CTX = 4096
 log = logging.getLogger("emberd.engine")
@@ -198,6 +206,7 @@ class Model:
         self.backend, self.backend_reason = backend, why
         self.n_ctx, self.n_vocab = runner.n_ctx, runner.n_vocab
         self.owner: Generation | None = None   # whose tokens the KV cache holds
+        self.drafter = None                     # speculative decoding (set_draft), or None
         self.lock = threading.RLock()           # one computation at a time on the runner
         self._tokenizer = None
         self._chat: ChatTemplate | None = None
@@ -318,6 +327,44 @@ class Model:
             yield ev
         yield gen.result
 
+    # -- speculative decoding ---------------------------------------------------
+
+    def set_draft(self, spec: str | None, n_draft: int | None = None,
+                  threads: int | None = None) -> None:
+        """Speculate from now on: spec "prompt-lookup", a draft model's path (same
+        vocabulary, loaded on this backend at this context), or None to stop."""
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+        if not spec:
+            return
+        if (why := speculative.unsupported(self)) is not None:
+            raise speculative.SpeculationError(f"speculative decoding is not available for "
+                                               f"{os.path.basename(self.path)}: {why}")
+        if n_draft is not None and (isinstance(n_draft, bool) or not isinstance(n_draft, int)
+                                    or not 1 <= n_draft <= 64):
+            raise speculative.SpeculationError(f"draft length must be an integer in [1, 64], "
+                                               f"got {n_draft!r}")
+        if spec == speculative.PROMPT_LOOKUP:
+            self.drafter = speculative.PromptLookup(n_draft or speculative.DEFAULT_DRAFT_LOOKUP)
+            return
+        draft = load(spec, backend=self.backend, n_ctx=self.n_ctx, threads=threads)
+        try:
+            self.drafter = speculative.DraftModel(self, draft,
+                                                  n_draft or speculative.DEFAULT_DRAFT_MODEL)
+        except BaseException:
+            draft.close()
+            raise
+
+    def speculation(self) -> dict | None:
+        """Acceptance so far (status, /metrics), or None when not speculating."""
+        d = self.drafter
+        if d is None:
+            return None
+        return {"draft": d.name, "n_draft": d.n_draft, "steps": d.stats.steps,
+                "drafted": d.stats.drafted, "accepted": d.stats.accepted,
+                "acceptance_rate": round(d.stats.acceptance_rate, 4)}
+
     @property
     def is_embedding(self) -> bool:
         """An encoder: it makes embeddings (embed), not text (generate)."""
@@ -410,6 +457,9 @@ class Model:
         with self.lock:
             if self.runner is None:
                 return
+            if self.drafter is not None:
+                self.drafter.close()
+                self.drafter = None
             self.runner.close()
             self.runner, self.owner = None, None
             self._faults = self._guard.faults
@@ -461,12 +511,15 @@ class Generation:
         self._eog = (lambda t: False) if params.ignore_eos and not constraint else tok.is_eog
         self._cached = 0                     # tokens of prompt+generated in the KV cache
         self._pending: np.ndarray | None = None  # logits computed by resume(), not yet sampled
+        self._queue: list = []               # Choices verified by one speculative pass, not yet emitted
+        self._pacing = speculative.Pacing()   # when to draft (backs off after failed drafts)
         self._cancel = threading.Event()
         self._text: list[str] = []
         self.result: Result | None = None
         self.state = "pending"               # pending | running | suspended | done
         self.t_created = time.perf_counter() if created_at is None else created_at
-        self._t = dict(start=None, first=None, prefill=0.0, decode=0.0, reprefill=0.0, n_decode=0)
+        self._t = dict(start=None, first=None, prefill=0.0, decode=0.0, reprefill=0.0, n_decode=0,
+                       drafted=0, accepted=0)
 
     # -- control ----------------------------------------------------------------
 
@@ -482,7 +535,8 @@ class Generation:
     def resume(self) -> None:
         """Rebuild the KV cache now (prompt + generated) instead of at the next step."""
         with self.model.lock:
-            if self.state != "done" and not self._owns_cache():
+            # tokens still queued are already chosen: the re-prefill waits until they are out
+            if self.state != "done" and not self._queue and not self._owns_cache():
                 self._pending = self._reprefill()
 
     @property
@@ -498,17 +552,12 @@ class Generation:
         if self._cancel.is_set():
             self._finish("cancelled")
             return None
-        with self.model.lock:
-            if self.model.runner is None:
-                raise EngineError("the model was closed; this generation cannot continue")
-            c = self.constraint
-            if c is not None:
-                c.prefetch()              # the mask computes while the forward pass runs
-            logits = self._next_logits()
-            choice = self.sampler.sample(logits, None if c is None else c.mask())
-        self.sampler.accept(choice.id)
-        if self.constraint is not None:
-            self.constraint.accept(choice.id)
+        if not self._queue:
+            with self.model.lock:
+                if self.model.runner is None:
+                    raise EngineError("the model was closed; this generation cannot continue")
+                self._queue = self._speculate() or self._one()
+        choice = self._queue.pop(0)
         self.generated.append(choice.id)
         return self._emit(choice)
 
@@ -517,6 +566,60 @@ class Generation:
             yield ev
 
     # -- internals ----------------------------------------------------------------
+
+    def _one(self) -> list:
+        """Plain decoding: one token from the next logits (within the grammar, if any)."""
+        c = self.constraint
+        if c is not None:
+            c.prefetch()                  # the mask computes while the forward pass runs
+        logits = self._next_logits()
+        choice = self.sampler.sample(logits, None if c is None else c.mask())
+        self.sampler.accept(choice.id)
+        if c is not None:
+            c.accept(choice.id)
+        return [choice]
+
+    def _speculate(self) -> list:
+        """Draft, verify in one batch, roll back the rejected positions (see
+        daemon/speculative.py); [] when a plain step is due instead."""
+        m, d = self.model, self.model.drafter
+        # a grammar masks each token from the ones before it: constrained output decodes plainly
+        if (d is None or self.constraint is not None or not self.generated
+                or self._pending is not None or not self._owns_cache()):
+            return []
+        if not self._pacing.due():
+            return []
+        seq = self.prompt + self.generated
+        # room: the k+1 tokens stay within max_tokens; the k written positions within n_ctx
+        k = min(d.n_draft, self.params.max_tokens - len(self.generated) - 1, m.n_ctx - len(seq))
+        t0 = time.perf_counter()                  # drafting is part of the decode cost
+        draft = d.draft(seq, k) if k > 0 else []
+        if not draft:
+            self._t["decode"] += time.perf_counter() - t0
+            return []
+        rows = m.checked(m.runner.prefill([seq[-1], *draft], all_logits=True))   # (k+1, n_vocab)
+        choices = speculative.verify(self.sampler, rows, draft)
+        self._rollback(len(seq) + len(choices) - 1)
+        self._pacing.record(len(choices) - 1)
+        d.stats.steps += 1
+        d.stats.drafted += len(draft)
+        d.stats.accepted += len(choices) - 1
+        t = self._t
+        t["decode"] += time.perf_counter() - t0
+        t["n_decode"] += len(choices)
+        t["drafted"] += len(draft)
+        t["accepted"] += len(choices) - 1
+        return choices
+
+    def _rollback(self, n_keep: int) -> None:
+        """Keep the cache's first n_keep positions (the rejected drafts go)."""
+        m = self.model
+        try:
+            m.runner.truncate(n_keep)
+            self._cached = n_keep
+        except CacheTooShort:        # a ring that cannot go back: the next step prefills again
+            m.runner.reset()
+            m.owner = None
 
     def _owns_cache(self) -> bool:
         m = self.model
@@ -585,6 +688,8 @@ class Generation:
             decode_ms=t["decode"] * 1e3,
             decode_tok_s=t["n_decode"] / t["decode"] if t["decode"] > 0 else 0.0,
             reprefill_ms=t["reprefill"] * 1e3,
+            draft_tokens=t["drafted"],
+            draft_accepted=t["accepted"],
             total_ms=(now - self.t_created) * 1e3,
         )
         self.result = Result(reason, "".join(self._text), list(self.generated),

@@ -15,6 +15,8 @@ Where numbers come from:
 * client disconnects — how many tokens the worker computed after the
   gateway learned the client was gone (the "cancel within one token" promise,
   measured in production, not only in a test);
+* speculative decoding — draft tokens proposed and accepted, from the same
+  `done` results, and their ratio (the acceptance rate);
 * queue length, served totals and model facts — read at scrape time from
   the scheduler and the server's info; process RSS, CPU and open files from
   prometheus_client's ProcessCollector.
@@ -55,6 +57,13 @@ class Metrics:
                                  buckets=TOK_S_BUCKETS, registry=r)
         self.decode = Histogram("ember_decode_tokens_per_second", "decoded tokens / decode time",
                                 buckets=TOK_S_BUCKETS, registry=r)
+        self._draft_totals = (0, 0)                  # (proposed, accepted), for the rate
+        self.drafted = Counter("ember_draft_tokens", "speculative decoding: draft tokens "
+                               "proposed", registry=r)
+        self.accepted = Counter("ember_draft_accepted_tokens", "speculative decoding: draft "
+                                "tokens the model accepted", registry=r)
+        Gauge("ember_draft_acceptance_rate", "accepted / proposed draft tokens since start "
+              "(0 before any draft)", registry=r).set_function(self._acceptance_rate)
         self.extra = Histogram("ember_http_disconnect_extra_tokens", "tokens computed after the "
                                "gateway saw the client disconnect", buckets=EXTRA_TOKEN_BUCKETS,
                                registry=r)
@@ -97,6 +106,14 @@ class Metrics:
             self.prefill.observe(t["prefill_tok_s"])
         if t.get("decode_tok_s"):
             self.decode.observe(t["decode_tok_s"])
+        drafted, accepted = int(t.get("draft_tokens", 0)), int(t.get("draft_accepted", 0))
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
+        self._draft_totals = (self._draft_totals[0] + drafted, self._draft_totals[1] + accepted)
+
+    def _acceptance_rate(self) -> float:
+        drafted, accepted = self._draft_totals    # one tuple: a scrape never sees half an update
+        return accepted / drafted if drafted else 0.0
 
     def embedding(self, job, result, stop: str) -> None:
         """A finished embed request (any front door); called on the worker's thread."""

@@ -294,24 +294,36 @@ class Sampler:
         """Pick the next token from logits (n_vocab,). Does not accept it.
         `allowed` (bool (n_vocab,), a grammar's mask) keeps only those tokens in the
         running, before the filters: top_k/top_p/min_p then choose among them."""
-        p = self.params
-        x = apply_penalties(logits, self.history, p)
+        x = apply_penalties(logits, self.history, self.params)
         # The chain runs on the allowed subset (ids in order) rather than on a row of
         # -inf: the same choice, and argpartition degrades on 150k equal values (18 ms).
         kept = None if allowed is None else np.flatnonzero(allowed)
         if kept is not None:
             x = x[kept]
-        if p.temperature <= 0.0:
+        if self.params.temperature <= 0.0:
             tok = int(np.argmax(x))
         else:
-            ids, vals = filter_candidates(x, p)
-            probs = _softmax(vals / p.temperature)
-            tok = int(ids[self._draw(probs)])
+            ids, probs = self._chain(x)
+            tok = int(ids[self.draw(probs)])
         if kept is not None:
             tok = int(kept[tok])
         return self._with_logprobs(logits, tok)
 
-    def _draw(self, probs: np.ndarray) -> int:
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What sample() draws from (temperature > 0): candidate ids and their probabilities
+        after the whole chain. Speculative decoding's acceptance rule needs p itself."""
+        return self._chain(apply_penalties(logits, self.history, self.params))
+
+    def _chain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """top_k/top_p/min_p, then temperature: candidate ids (into x) and probabilities."""
+        ids, vals = filter_candidates(x, self.params)
+        return ids, _softmax(vals / self.params.temperature)
+
+    def choice(self, logits: np.ndarray, tok: int) -> Choice:
+        """tok as a Choice, with the log-probabilities the request asked for."""
+        return self._with_logprobs(logits, int(tok))
+
+    def draw(self, probs: np.ndarray) -> int:
         """Inverse-CDF draw: one uniform number per token keeps the RNG stream simple."""
         u = self.rng.random()
         return min(int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right")),

@@ -548,7 +548,7 @@ class Server:
             backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=budget.rss_bytes(),
             recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
             held={"clients": len(self._held), "replies": sum(len(h.replies) for h in self._held.values())},
-            **snap))
+            speculative=None if self.model is None else self.model.speculation(), **snap))
 
     def on_models(self, owner: bytes, req: Request) -> None:
         models = [] if self.model is None else [{

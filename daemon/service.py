@@ -50,7 +50,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
-from ember.daemon import modelcache, modelfile, security
+from ember.daemon import modelcache, modelfile, security, speculative
 from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
@@ -136,6 +136,39 @@ def budget_of(args) -> tuple[int | None, str]:
     return budget_mod.resolve(args.memory_budget)
 
 
+def _draft_plan(args, draft: str | None):
+    """plan_at(n_ctx) of a draft model on the chosen backend, or None (no draft model)."""
+    if draft in (None, speculative.PROMPT_LOOKUP):
+        return None
+    from ember.formats import gguf
+    from ember.formats.model_config import config_from_gguf
+    from ember.plugins import registry
+    with gguf.open(draft) as f:
+        cfg = config_from_gguf(f)
+    name, _ = registry.choose(args.backend)
+    return lambda c: registry.plan(name, cfg, c, {})
+
+
+def _with_draft(plan, draft, path: str):
+    """The target's plan plus a draft model's (one interpreter: the runtime counts once)."""
+    from ember.plugins.types import MemoryPlan
+    return MemoryPlan(
+        weights=plan.weights + draft.weights, kv_cache=plan.kv_cache + draft.kv_cache,
+        scratch=plan.scratch + draft.scratch, runtime=max(plan.runtime, draft.runtime),
+        device=plan.device + draft.device,
+        notes=[*plan.notes, f"includes the draft model {os.path.basename(path)}: weights "
+                            f"{draft.weights}, KV cache {draft.kv_cache}, scratch {draft.scratch} bytes"])
+
+
+def resolve_draft(args) -> str | None:
+    """--draft as given: None, "prompt-lookup", or a draft model's resolved path."""
+    draft = getattr(args, "draft", None)
+    if not draft or draft == speculative.PROMPT_LOOKUP:
+        return draft or None
+    root = modelcache.cache_dir(override=getattr(args, "cache_dir", None))
+    return str(modelcache.resolve(draft, root))
+
+
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
     """Check the file, then engine.load with the budget choosing the context."""
     from ember.daemon import engine
@@ -147,9 +180,13 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     process = budget_mod.rss_bytes() if process is None else process
     limit, source = budget_of(args)
     fits: list[budget_mod.Fit] = []
+    draft = resolve_draft(args)
+    draft_plan = _draft_plan(args, draft)     # charged beside the target, at the same context
 
     def fit(plan_at, n_ctx: int) -> int:
-        fits.append(budget_mod.fit(plan_at, n_ctx, max(1, args.min_ctx or 1), limit, source,
+        both = plan_at if draft_plan is None else (
+            lambda c: _with_draft(plan_at(c), draft_plan(c), draft))
+        fits.append(budget_mod.fit(both, n_ctx, max(1, args.min_ctx or 1), limit, source,
                                    process, beside, RECEIVE))
         for m in fits[0].messages:
             say(m)
@@ -158,6 +195,7 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     modelfile.recheck(checked)
     model = engine.load(path, backend=args.backend, n_ctx=args.ctx, threads=args.threads, fit=fit)
     try:
+        model.set_draft(draft, getattr(args, "draft_max", None), args.threads)
         watch = modelfile.Watch(checked, model.gguf.size)
     except BaseException:
         model.close()

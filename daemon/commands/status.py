@@ -22,7 +22,15 @@ def _lines(st: dict) -> list[str]:
         f"running    {running}",
         f"queue      {st['queue_len']} / {st['queue_max']} waiting",
         f"served     {st['requests_served']} requests, {st['tokens_served']} tokens",
+        *_speculative(st.get("speculative")),
     ]
+
+
+def _speculative(sp: dict | None) -> list[str]:
+    if not sp:
+        return []
+    return [f"draft      {sp['draft']}: {sp['accepted']} of {sp['drafted']} draft tokens "
+            f"accepted ({sp['acceptance_rate']:.1%}) in {sp['steps']} passes"]
 
 
 def run(args: argparse.Namespace) -> int:

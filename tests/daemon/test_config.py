@@ -50,7 +50,17 @@ def test_flags_override_the_file(tmp_path):
     assert _parse([]).ctx is None            # no file: built-in defaults
 
 
+def test_draft_keys_reach_the_parser(tmp_path):
+    f = tmp_path / "e.toml"
+    f.write_text('draft = "prompt-lookup"\ndraft_max = 8\n')
+    args = _parse(["--config", str(f)])
+    assert args.draft == "prompt-lookup" and args.draft_max == 8
+    assert _parse(["--config", str(f), "--draft", "small.gguf"]).draft == "small.gguf"
+
+
 @pytest.mark.parametrize("text,needle", [
+    ("draft_max = 0\n", "draft_max must be a positive integer"),
+    ("draft = 1\n", "draft must be"),
     ("ctx = 0\n", "ctx must be a positive integer"),
     ("ctx = true\n", "ctx must be"),
     ("threads = -1\n", "threads must be"),
