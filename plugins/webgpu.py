@@ -296,7 +296,14 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
            max_binding: int = 128 << 20) -> Layout:
     """Every matrix and vector the dispatches use, by role."""
     _check_supported(c)
-    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx)), max_binding)
+    kv_row = 4 * c.n_head_kv * c.head_dim
+    if n_ctx * kv_row > max_binding:
+        raise BackendError(f"{NAME}: a layer's KV cache at n_ctx {n_ctx} is {n_ctx * kv_row} bytes, over "
+                           f"the adapter's largest storage binding ({max_binding}); use n_ctx <= "
+                           f"{max_binding // kv_row}")
+    # every activation buffer is one binding: the widest (logits, usually) bounds the batch
+    widest = 4 * max(c.n_vocab, 2 * c.n_ff, pad32(c.n_embd), (c.n_head + 2 * c.n_head_kv) * c.head_dim)
+    lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx, max_binding // widest)), max_binding)
     m, v = lay.mats, lay.vecs
     mat = lambda name: _mat(c, name, max_binding)  # noqa: E731
     m["token_embd"] = mat("token_embd.weight")
@@ -620,6 +627,9 @@ class WebGPURunner(CacheBookkeeping):
     def _run(self, plan: list, io: np.ndarray, n_logits: int) -> np.ndarray:
         """Write io, replay the prepared dispatches in one compute pass, read n_logits rows back."""
         self.device.queue.write_buffer(self.bufs["io"], 0, io)
+        return self._submit(plan, "logits", 4 * n_logits * self.n_vocab).reshape(n_logits, self.n_vocab)
+
+    def _submit(self, plan: list, out: str, nbytes: int) -> np.ndarray:
         enc = self.device.create_command_encoder()
         cp = enc.begin_compute_pass()
         for pipe, group, grid in plan:
@@ -627,15 +637,23 @@ class WebGPURunner(CacheBookkeeping):
             cp.set_bind_group(0, group)
             cp.dispatch_workgroups(*grid)
         cp.end()
-        nbytes = 4 * n_logits * self.n_vocab
-        enc.copy_buffer_to_buffer(self.bufs["logits"], 0, self.readback, 0, nbytes)
+        enc.copy_buffer_to_buffer(self.bufs[out], 0, self.readback, 0, nbytes)
         self.device.queue.submit([enc.finish()])
         self.readback.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
         try:
-            out = np.frombuffer(self.readback.read_mapped(0, nbytes), np.float32).copy()
+            return np.frombuffer(self.readback.read_mapped(0, nbytes), np.float32).copy()
         finally:
             self.readback.unmap()
-        return out.reshape(n_logits, self.n_vocab)
+
+    def execute(self, steps: list[Dispatch], inputs: dict[str, np.ndarray], out: str,
+                shape: tuple[int, ...]) -> np.ndarray:
+        """Run dispatches on this runner's buffers: `inputs` (buffer -> float32 rows) written
+        first, then `out`'s leading float32 values read back as `shape`. The tests check
+        one kernel at a time with it; the cache and n_past are not touched unless `steps` do."""
+        for name, a in inputs.items():
+            self.device.queue.write_buffer(self.bufs[name], 0, np.ascontiguousarray(a, np.float32))
+        n = int(np.prod(shape))
+        return self._submit(self._prepare(steps), out, 4 * n).reshape(shape)
 
     # -- the Runner protocol --------------------------------------------------
 
