@@ -45,7 +45,11 @@ adapter's: smaller values split more tensors by rows; for tests).
 from __future__ import annotations
 
 import math
+import os
 import struct
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
@@ -126,12 +130,38 @@ class Adapter:
     max_buffer: int
 
 
+# Lines native libraries print while wgpu enumerates adapters that say nothing about ember:
+# on a headless Linux machine the Vulkan loader's Wayland probe (libwayland-client) reports
+# that there is no session, even though compute needs none.
+HARMLESS_STDERR = ("XDG_RUNTIME_DIR is invalid or not set",)
+
+
+@contextmanager
+def _stderr_filtered(harmless: tuple[str, ...] = HARMLESS_STDERR):
+    """Run the body with file descriptor 2 captured, then pass on every line but the harmless
+    ones (the libraries write to the descriptor, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(h in line for h in harmless):
+                    sys.stderr.write(line)
+
+
 @lru_cache(maxsize=1)
 def _gpu():
     """(wgpu module, adapter, device): one device per process, with the adapter's largest
     buffer and binding limits (WebGPU's defaults are 128 / 256 MiB)."""
     import wgpu
-    adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    with _stderr_filtered():
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     if adapter is None:
         raise BackendError("wgpu found no adapter (no Vulkan / Metal / D3D12 driver)")
     lim = adapter.limits
