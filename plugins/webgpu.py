@@ -40,7 +40,8 @@ runs, so no Metal-only or Vulkan-only feature enters the shared source.
 
 Options: ``max_batch`` (tokens per prefill chunk, default 512),
 ``max_binding`` (bytes of the largest storage binding, default the
-adapter's: smaller values split more tensors by rows; for tests).
+adapter's: smaller values split more tensors by rows; for tests),
+``submit_every`` (dispatches a command buffer; default 0: one a pass).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ DEFAULT_MAX_BATCH = 512
 WG = 64                       # threads a workgroup, every kernel
 MAX_GROUPS = 65535            # workgroups a grid dimension (WebGPU's guaranteed minimum)
 TB_PREFILL = 8                # tokens a matvec thread multiplies per unpacked unit (prefill)
+SUBMIT_EVERY = 0              # dispatches a command buffer (0: one for the whole pass)
 RUNTIME_BYTES = 200 << 20     # host: wgpu-native + the driver, measured ~150 MB on lavapipe
 # GGUF type -> kernel kind; every other type is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k",
@@ -233,11 +235,18 @@ class Piece:
 
 @dataclass(frozen=True)
 class Mat:
-    tensor: str
+    """A matrix as the dispatches see it: one tensor, or several of one kind and width stacked
+    by rows at upload (q|k|v, gate|up: one dispatch where there would be three or two)."""
+    tensor: str                      # its buffers' name
     kind: str
     rows: int
     cols: int
     pieces: tuple[Piece, ...]
+    parts: tuple[str, ...] = ()      # the GGUF tensors stacked, in row order (() = tensor itself)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.parts or (self.tensor,)
 
     @property
     def units(self) -> int:
@@ -276,7 +285,7 @@ class Layout:
     n_ctx: int
     max_batch: int
     max_binding: int
-    mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.qkv", "output"
+    mats: dict = field(default_factory=dict)        # role -> [Mat, ...] ("token_embd": a Mat), e.g. "3.qkv"
     vecs: dict = field(default_factory=dict)        # role -> buffer name or None
 
     @property
@@ -322,6 +331,26 @@ def _mat(c: ModelConfig, name: str, max_binding: int) -> Mat:
     return Mat(name, kind, rows, cols, pieces(name, kind, rows, cols, max_binding))
 
 
+def _stacked(c: ModelConfig, names: list[str], stack: str, max_binding: int) -> list[Mat]:
+    """The matrices `names` (sharing an input, outputs adjacent), as runs of one kind and width
+    stacked into one matrix each (buffers named `stack`, `stack#1`, ...)."""
+    runs: list[list[Mat]] = []
+    for m in (_mat(c, n, max_binding) for n in names):
+        if runs and (runs[-1][0].kind, runs[-1][0].cols) == (m.kind, m.cols):
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    out = []
+    for k, run in enumerate(runs):
+        if len(run) == 1:
+            out.append(run[0])
+            continue
+        name, rows = stack + (f"#{k}" if k else ""), sum(m.rows for m in run)
+        out.append(Mat(name, run[0].kind, rows, run[0].cols,
+                       pieces(name, run[0].kind, rows, run[0].cols, max_binding), tuple(m.tensor for m in run)))
+    return out
+
+
 def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
            max_binding: int = 128 << 20) -> Layout:
     """Every matrix and vector the dispatches use, by role."""
@@ -337,21 +366,22 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
     m, v = lay.mats, lay.vecs
     mat = lambda name: _mat(c, name, max_binding)  # noqa: E731
     m["token_embd"] = mat("token_embd.weight")
-    m["output"] = mat("token_embd.weight" if c.tied_embeddings else "output.weight")
+    m["output"] = [mat("token_embd.weight" if c.tied_embeddings else "output.weight")]
     v["output_norm"] = c.output_norm
     for i in range(c.n_layer):
         p = f"blk.{i}."
+        # each role a list of matrices whose outputs are adjacent columns
         if c.fused_qkv:
-            m[f"{i}.qkv"] = mat(p + "attn_qkv.weight")
+            m[f"{i}.qkv"] = [mat(p + "attn_qkv.weight")]
         else:
-            for r in "qkv":
-                m[f"{i}.{r}"] = mat(p + f"attn_{r}.weight")
-        m[f"{i}.o"] = mat(p + "attn_output.weight")
+            m[f"{i}.qkv"] = _stacked(c, [p + f"attn_{r}.weight" for r in "qkv"], p + "qkv", max_binding)
+        m[f"{i}.o"] = [mat(p + "attn_output.weight")]
         if c.fused_gate_up:   # phi3: ffn_up holds gate (rows 0..F) | up (rows F..2F)
-            m[f"{i}.gate_up"] = mat(p + "ffn_up.weight")
+            m[f"{i}.gate_up"] = [mat(p + "ffn_up.weight")]
         else:
-            m[f"{i}.gate"], m[f"{i}.up"] = mat(p + "ffn_gate.weight"), mat(p + "ffn_up.weight")
-        m[f"{i}.down"] = mat(p + "ffn_down.weight")
+            m[f"{i}.gate_up"] = _stacked(c, [p + "ffn_gate.weight", p + "ffn_up.weight"], p + "gate_up",
+                                         max_binding)
+        m[f"{i}.down"] = [mat(p + "ffn_down.weight")]
         v[f"{i}.attn_norm"], v[f"{i}.ffn_norm"] = p + "attn_norm.weight", p + "ffn_norm.weight"
         v[f"{i}.bias"] = p + "bqkv" if p + "attn_q.bias" in c.tensors else None
         v[f"{i}.q_norm"] = p + "attn_q_norm.weight" if c.qk_norm == "head" else None
@@ -413,9 +443,19 @@ def _group(units: int) -> int:
     return min(WG, 1 << max(0, (units - 1).bit_length()))
 
 
-def matvec(m: Mat, x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool = False,
+def matvec(mats: list[Mat], x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool = False,
            x_off: int = 0) -> list[Dispatch]:
-    """y[t, y_off + r] (+)= W[r] . x[t] for every row of m (one dispatch a piece)."""
+    """y[t, y_off + r] (+)= W[r] . x[t] for every row of the matrices, whose outputs are adjacent
+    columns from y_off on (one dispatch a piece)."""
+    out = []
+    for m in mats:
+        out += _matvec_one(m, x, ldx, y, ldy, y_off, T, acc, x_off)
+        y_off += m.rows
+    return out
+
+
+def _matvec_one(m: Mat, x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool,
+                x_off: int) -> list[Dispatch]:
     tb = 1 if T == 1 else TB_PREFILL
     g = _group(m.units)
     out = []
@@ -446,11 +486,7 @@ def rmsnorm(lay: Layout, w: str, T: int, x_off: int = 0) -> Dispatch:
 def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     c, v = lay.c, lay.vecs
     steps = [rmsnorm(lay, v[f"{i}.attn_norm"], T)]
-    col = 0
-    for r in (["qkv"] if c.fused_qkv else ["q", "k", "v"]):
-        m = lay.mats[f"{i}.{r}"]
-        steps += matvec(m, "xn", lay.ld_x, "qkv", lay.qkv_dim, col, T)
-        col += m.rows
+    steps += matvec(lay.mats[f"{i}.qkv"], "xn", lay.ld_x, "qkv", lay.qkv_dim, 0, T)
     kc, vc = f"kc{i}", f"vc{i}"
     opt = lambda role: v[role] or "none"  # noqa: E731 - a stand-in binding when absent
     steps.append(Dispatch("rope_kv", "rope_kv",
@@ -470,13 +506,9 @@ def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
 
 
 def _ffn_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
-    c, F = lay.c, lay.c.n_ff
+    F = lay.c.n_ff
     steps = [rmsnorm(lay, lay.vecs[f"{i}.ffn_norm"], T)]
-    if c.fused_gate_up:
-        steps += matvec(lay.mats[f"{i}.gate_up"], "xn", lay.ld_x, "ffn", 2 * F, 0, T)
-    else:
-        steps += matvec(lay.mats[f"{i}.gate"], "xn", lay.ld_x, "ffn", 2 * F, 0, T)
-        steps += matvec(lay.mats[f"{i}.up"], "xn", lay.ld_x, "ffn", 2 * F, F, T)
+    steps += matvec(lay.mats[f"{i}.gate_up"], "xn", lay.ld_x, "ffn", 2 * F, 0, T)
     steps.append(Dispatch("swiglu", "swiglu", ((0, "ffn"), (1, "h")), _pack(F, 2 * F, lay.ld_h),
                           (_grid(F, WG), T, 1), 2))
     steps += matvec(lay.mats[f"{i}.down"], "h", lay.ld_h, "x", lay.ld_x, 0, T, acc=True)
@@ -564,6 +596,7 @@ class WebGPURunner(CacheBookkeeping):
         self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
         binding = min(int(options.get("max_binding", self.adapter.max_binding)), self.adapter.max_binding)
         self.lay = layout(config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)), binding)
+        self.submit_every = int(options.get("submit_every", SUBMIT_EVERY))
         self.bufs: dict[str, object] = {}
         self._pipelines: dict[tuple[str, str], object] = {}
         self._plans: dict[tuple[int, bool], list] = {}
@@ -582,15 +615,11 @@ class WebGPURunner(CacheBookkeeping):
     def _upload(self, gguf, c: ModelConfig) -> None:
         """Every tensor the dispatches read, once, in the kernels' layout (pieces by rows)."""
         done = set()
-        for m in self.lay.mats.values():
-            if m.tensor in done:
-                continue
-            done.add(m.tensor)
-            w, d = host_layout(gguf.tensors[m.tensor])
-            for p in m.pieces:
-                self._put(p.buf, w[p.row0:p.row0 + p.rows])
-                if d is not None:
-                    self._put(p.buf + "#d", d[p.row0:p.row0 + p.rows])
+        for role, mats in self.lay.mats.items():
+            for m in ([mats] if role == "token_embd" else mats):
+                if m.tensor not in done:
+                    done.add(m.tensor)
+                    self._upload_mat(gguf, m)
         for role, name in self.lay.vecs.items():
             if name is None or name in self.bufs:
                 continue
@@ -600,6 +629,17 @@ class WebGPURunner(CacheBookkeeping):
                 self._put(name, np.asarray(gguf.tensors[name].numpy(), np.float32))
         cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx))
         self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
+
+    def _upload_mat(self, gguf, m: Mat) -> None:
+        """One matrix (its parts stacked by rows), a buffer per piece (and per piece of scales)."""
+        layouts = [host_layout(gguf.tensors[n]) for n in m.sources]
+        w = layouts[0][0] if len(layouts) == 1 else np.concatenate([a for a, _ in layouts])
+        d = layouts[0][1] if len(layouts) == 1 or layouts[0][1] is None else \
+            np.concatenate([b for _, b in layouts])
+        for p in m.pieces:
+            self._put(p.buf, w[p.row0:p.row0 + p.rows])
+            if d is not None:
+                self._put(p.buf + "#d", d[p.row0:p.row0 + p.rows])
 
     def _alloc(self, c: ModelConfig) -> None:
         U = self.wgpu.BufferUsage
@@ -660,15 +700,21 @@ class WebGPURunner(CacheBookkeeping):
         return self._submit(plan, "logits", 4 * n_logits * self.n_vocab).reshape(n_logits, self.n_vocab)
 
     def _submit(self, plan: list, out: str, nbytes: int) -> np.ndarray:
-        enc = self.device.create_command_encoder()
-        cp = enc.begin_compute_pass()
-        for pipe, group, grid in plan:
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid)
-        cp.end()
-        enc.copy_buffer_to_buffer(self.bufs[out], 0, self.readback, 0, nbytes)
-        self.device.queue.submit([enc.finish()])
+        """Encode the plan's dispatches and submit them (a command buffer every submit_every
+        dispatches, so the GPU starts on the first while the host encodes the rest), then copy
+        `out` into the mappable buffer and read it."""
+        step = self.submit_every or len(plan)
+        for k in range(0, len(plan), step):
+            enc = self.device.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            for pipe, group, grid in plan[k:k + step]:
+                cp.set_pipeline(pipe)
+                cp.set_bind_group(0, group)
+                cp.dispatch_workgroups(*grid)
+            cp.end()
+            if k + step >= len(plan):
+                enc.copy_buffer_to_buffer(self.bufs[out], 0, self.readback, 0, nbytes)
+            self.device.queue.submit([enc.finish()])
         self.readback.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
         try:
             return np.frombuffer(self.readback.read_mapped(0, nbytes), np.float32).copy()

@@ -74,8 +74,21 @@ def test_dispatches_are_well_formed(model, T, all_logits):
     kinds = {s.module[:3] for s in steps[:-1] if s.entry == "matvec"}
     assert kinds == ({"mv1"} if T == 1 else {"mv8"})
     assert steps[-1].module[:3] == ("mv8" if all_logits else "mv1")
-    per_layer = 1 + 3 + 1 + 1 + 1 + 1 + 2 + 1 + 1  # norm, q k v, rope, attn, o, norm, gate up, swiglu, down
-    assert len(steps) == 1 + c.n_layer * per_layer + 2
+    # a layer: norm, q|k|v, rope, attention, o, norm, gate|up, swiglu, down
+    per_layer = [7 + len(lay.mats[f"{i}.qkv"]) + len(lay.mats[f"{i}.gate_up"]) for i in range(c.n_layer)]
+    assert len(steps) == 1 + sum(per_layer) + 2
+
+
+def test_projections_of_one_kind_are_stacked_into_one_dispatch(model):
+    f, c = model("s512-llama-Q8_0")                   # every matrix Q8_0
+    lay = webgpu.layout(c, 64)
+    (qkv,), (gu,) = lay.mats["0.qkv"], lay.mats["0.gate_up"]
+    assert qkv.parts == tuple(f"blk.0.attn_{r}.weight" for r in "qkv") and qkv.rows == 256 + 2 * 128
+    assert gu.parts == ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight") and gu.rows == 2 * 768
+    f, c = model("s512-qwen2-Q4_K_M")                 # llama.cpp's mix: v (and down) in Q6_K in some layers
+    kinds = [[m.kind for m in webgpu.layout(c, 64).mats[f"{i}.qkv"]] for i in range(c.n_layer)]
+    want = [[webgpu.kind_of(c.tensors[f"blk.{i}.attn_{r}.weight"].type) for r in "qkv"] for i in range(c.n_layer)]
+    assert [k[-1] for k in kinds] == [w[-1] for w in want] and all(len(k) in (1, 2) for k in kinds)
 
 
 def test_a_tensor_over_the_binding_limit_is_split_by_rows(model):
