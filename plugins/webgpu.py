@@ -19,10 +19,15 @@ activations and the logits are allocated once for n_ctx and max_batch.
 A forward pass is a list of dispatches built by pure functions of the
 model's Layout (no GPU needed, so CI tests them):
 
-    embed -> per layer: rmsnorm, q|k|v matvec, rope + bias + q/k norm + KV
+    embed -> per layer: RMSNorm + q|k|v matvec, rope + bias + q/k norm + KV
     write, attention (online softmax, tiles of 64 keys), o matvec (+= x),
-    rmsnorm, gate|up matvec, SwiGLU, down matvec (+= x) -> rmsnorm, output
+    RMSNorm + gate|up matvec, SwiGLU, down matvec (+= x) -> RMSNorm + output
     matvec -> copy of the logits into a mappable buffer.
+
+The RMSNorms are folded into the matvec that follows them (each workgroup
+sums the squares of its tokens' x, then scales its dot products), and
+q|k|v and gate|up are stacked at upload into one matrix where their kinds
+match: a llama layer is 6 dispatches.
 
 The matvec kernel multiplies each unpacked 32-weight unit by one token
 (decode) or eight (prefill), so prefill reads the weights once per eight
@@ -306,9 +311,14 @@ class Layout:
     def buffers(self) -> dict[str, int]:
         """Activation buffers, name -> bytes (weights and KV cache excluded)."""
         c, B = self.c, self.max_batch
-        return {"x": 4 * B * self.ld_x, "xn": 4 * B * self.ld_x, "qkv": 4 * B * self.qkv_dim,
+        return {"x": 4 * B * self.ld_x, "qkv": 4 * B * self.qkv_dim,
                 "att": 4 * B * pad32(self.q_dim), "ffn": 4 * B * 2 * c.n_ff, "h": 4 * B * self.ld_h,
                 "logits": 4 * B * c.n_vocab, "io": 4 * (1 + B), "none": 16}
+
+    @property
+    def widest_input(self) -> int:
+        """Floats of the widest matvec input row: the "ones" stand-in norm weight covers it."""
+        return max(self.ld_x, self.ld_h, pad32(self.q_dim))
 
     def kv_bytes(self) -> int:
         return self.c.kv_cache_bytes(self.n_ctx, bytes_per_value=4)
@@ -443,26 +453,36 @@ def _group(units: int) -> int:
     return min(WG, 1 << max(0, (units - 1).bit_length()))
 
 
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm folded into a matvec: x = RMSNorm(X[:, :n]) * weight."""
+    weight: str
+    n: int
+    eps: float
+
+
 def matvec(mats: list[Mat], x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool = False,
-           x_off: int = 0) -> list[Dispatch]:
+           x_off: int = 0, norm: Norm | None = None) -> list[Dispatch]:
     """y[t, y_off + r] (+)= W[r] . x[t] for every row of the matrices, whose outputs are adjacent
-    columns from y_off on (one dispatch a piece)."""
+    columns from y_off on (one dispatch a piece); x is RMSNorm(X) * weight with a norm."""
     out = []
     for m in mats:
-        out += _matvec_one(m, x, ldx, y, ldy, y_off, T, acc, x_off)
+        out += _matvec_one(m, x, ldx, y, ldy, y_off, T, acc, x_off, norm)
         y_off += m.rows
     return out
 
 
 def _matvec_one(m: Mat, x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool,
-                x_off: int) -> list[Dispatch]:
+                x_off: int, norm: Norm | None) -> list[Dispatch]:
     tb = 1 if T == 1 else TB_PREFILL
     g = _group(m.units)
     out = []
     for p in m.pieces:
-        binds = ((0, p.buf),) + (((1, p.buf + "#d"),) if m.has_d else ()) + ((2, x), (3, y))
+        binds = ((0, p.buf),) + (((1, p.buf + "#d"),) if m.has_d else ()) + \
+            ((2, x), (3, y), (6, norm.weight if norm else "ones"))
         params = _pack(p.rows, m.units, row_words(m.kind, m.cols), row_blocks(m.kind, m.cols),
-                       ldx, x_off, ldy, y_off + p.row0, T, g, int(acc), p.row0)
+                       ldx, x_off, ldy, y_off + p.row0, T, g, int(acc), p.row0,
+                       int(norm is not None), norm.n if norm else 0, float(norm.eps if norm else 0.0))
         grid = (min(MAX_GROUPS, _grid(p.rows, WG // g)), _grid(T, tb), 1)
         out.append(Dispatch(f"mv{tb}_{m.kind}", "matvec", binds, params, grid, 4))
     return out
@@ -473,20 +493,18 @@ def embed(lay: Layout, T: int) -> list[Dispatch]:
     return [Dispatch(f"mv1_{m.kind}", "embed",
                      ((0, p.buf),) + (((1, p.buf + "#d"),) if m.has_d else ()) + ((3, "x"), (5, "io")),
                      _pack(p.rows, m.units, row_words(m.kind, m.cols), row_blocks(m.kind, m.cols),
-                           0, 0, lay.ld_x, 0, T, 1, 0, p.row0),
+                           0, 0, lay.ld_x, 0, T, 1, 0, p.row0, 0, 0, 0.0),
                      (_grid(m.units, WG), T, 1), 4) for p in m.pieces]
 
 
-def rmsnorm(lay: Layout, w: str, T: int, x_off: int = 0) -> Dispatch:
-    """xn[t] = rmsnorm(x[x_off / ld + t]) * w."""
-    return Dispatch("rmsnorm", "rmsnorm", ((0, "x"), (1, w), (2, "xn")),
-                    _pack(lay.c.n_embd, lay.ld_x, x_off, lay.ld_x, float(lay.c.rms_eps)), (T, 1, 1), 3)
+def _norm(lay: Layout, weight: str) -> Norm:
+    return Norm(weight, lay.c.n_embd, float(lay.c.rms_eps))
 
 
 def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     c, v = lay.c, lay.vecs
-    steps = [rmsnorm(lay, v[f"{i}.attn_norm"], T)]
-    steps += matvec(lay.mats[f"{i}.qkv"], "xn", lay.ld_x, "qkv", lay.qkv_dim, 0, T)
+    steps = matvec(lay.mats[f"{i}.qkv"], "x", lay.ld_x, "qkv", lay.qkv_dim, 0, T,
+                   norm=_norm(lay, v[f"{i}.attn_norm"]))
     kc, vc = f"kc{i}", f"vc{i}"
     opt = lambda role: v[role] or "none"  # noqa: E731 - a stand-in binding when absent
     steps.append(Dispatch("rope_kv", "rope_kv",
@@ -507,8 +525,8 @@ def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
 
 def _ffn_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     F = lay.c.n_ff
-    steps = [rmsnorm(lay, lay.vecs[f"{i}.ffn_norm"], T)]
-    steps += matvec(lay.mats[f"{i}.gate_up"], "xn", lay.ld_x, "ffn", 2 * F, 0, T)
+    steps = matvec(lay.mats[f"{i}.gate_up"], "x", lay.ld_x, "ffn", 2 * F, 0, T,
+                   norm=_norm(lay, lay.vecs[f"{i}.ffn_norm"]))
     steps.append(Dispatch("swiglu", "swiglu", ((0, "ffn"), (1, "h")), _pack(F, 2 * F, lay.ld_h),
                           (_grid(F, WG), T, 1), 2))
     steps += matvec(lay.mats[f"{i}.down"], "h", lay.ld_h, "x", lay.ld_x, 0, T, acc=True)
@@ -518,9 +536,9 @@ def _ffn_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
 def _logits(lay: Layout, T: int, all_logits: bool) -> list[Dispatch]:
     V, norm = lay.c.n_vocab, lay.vecs["output_norm"]
     if all_logits:
-        return [rmsnorm(lay, norm, T)] + matvec(lay.mats["output"], "xn", lay.ld_x, "logits", V, 0, T)
-    return [rmsnorm(lay, norm, 1, x_off=(T - 1) * lay.ld_x)] + \
-        matvec(lay.mats["output"], "xn", lay.ld_x, "logits", V, 0, 1)
+        return matvec(lay.mats["output"], "x", lay.ld_x, "logits", V, 0, T, norm=_norm(lay, norm))
+    return matvec(lay.mats["output"], "x", lay.ld_x, "logits", V, 0, 1, x_off=(T - 1) * lay.ld_x,
+                  norm=_norm(lay, norm))
 
 
 def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list[Dispatch]:
@@ -625,8 +643,10 @@ class WebGPURunner(CacheBookkeeping):
                 continue
             if name.endswith(".bqkv"):
                 self._put(name, _fused_bias(gguf, name.removesuffix("bqkv"), c))
-            else:
-                self._put(name, np.asarray(gguf.tensors[name].numpy(), np.float32))
+            else:   # padded to whole units: a folded norm's weight is read 32 floats at a time
+                w = np.asarray(gguf.tensors[name].numpy(), np.float32).reshape(1, -1)
+                self._put(name, _padded_rows(w, w.shape[1]))
+        self._put("ones", np.ones(self.lay.widest_input, np.float32))
         cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx))
         self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
 
@@ -724,12 +744,21 @@ class WebGPURunner(CacheBookkeeping):
     def execute(self, steps: list[Dispatch], inputs: dict[str, np.ndarray], out: str,
                 shape: tuple[int, ...]) -> np.ndarray:
         """Run dispatches on this runner's buffers: `inputs` (buffer -> float32 rows) written
-        first, then `out`'s leading float32 values read back as `shape`. The tests check
-        one kernel at a time with it; the cache and n_past are not touched unless `steps` do."""
-        for name, a in inputs.items():
-            self.device.queue.write_buffer(self.bufs[name], 0, np.ascontiguousarray(a, np.float32))
-        n = int(np.prod(shape))
-        return self._submit(self._prepare(steps), out, 4 * n).reshape(shape)
+        first (a name the runner lacks is a buffer for this call only), then `out`'s leading
+        float32 values read back as `shape`. The tests check one kernel at a time with it; the
+        cache and n_past are not touched unless `steps` do."""
+        extra = [name for name in inputs if name not in self.bufs]
+        for name in extra:
+            self._put(name, np.asarray(inputs[name], np.float32))
+        try:
+            for name, a in inputs.items():
+                if name not in extra:
+                    self.device.queue.write_buffer(self.bufs[name], 0, np.ascontiguousarray(a, np.float32))
+            n = int(np.prod(shape))
+            return self._submit(self._prepare(steps), out, 4 * n).reshape(shape)
+        finally:
+            for name in extra:
+                self.bufs.pop(name).destroy()
 
     # -- the Runner protocol --------------------------------------------------
 

@@ -2,7 +2,10 @@
 // embedding lookup, over one dequant_<kind>.wgsl (prepended by ember.kernels.wgsl_source):
 // fn dequant(wrow, drow, u) -> the 32 weights of unit u of a row, as 8 vec4.
 //
-// matvec: Y[t, y_off + r] (+)= sum_u dequant(r, u) . X[t, 32u ..] for rows r, tokens t.
+// matvec: Y[t, y_off + r] (+)= sum_u dequant(r, u) . x[t, 32u ..] for rows r, tokens t, where
+// x = X, or (norm = 1) RMSNorm(X) * G: the norm is folded in, so it needs no dispatch of its
+// own: each workgroup sums the squares of its tokens' rows of X (n floats), then
+// W . (X * G / rms) = (W . (X * G)) / rms.
 // A row is `group` threads (a power of two, at most WG), each summing every group-th unit;
 // a workgroup takes WG / group rows at a time and strides over the rest, so the grid
 // never needs more than 65535 workgroups. A thread multiplies each unit it dequantizes
@@ -21,16 +24,46 @@ struct Params {
     group: u32,         // threads a row
     accumulate: u32,    // 1: Y += ..., 0: Y = ...
     row0: u32,          // embed: the first row of this piece
+    norm: u32,          // 1: x = RMSNorm(X) * G over the first n floats of each token
+    n: u32,
+    eps: f32,
 }
 
 @group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(4) var<uniform> P: Params;
 @group(0) @binding(5) var<storage, read> IO: array<u32>;   // embed: [pos, token 0, token 1, ...]
+@group(0) @binding(6) var<storage, read> G: array<vec4<f32>>; // the norm's weight (ones without a norm)
 
 const WG: u32 = 64u;
 const TB: u32 = 1u;
 var<workgroup> red: array<f32, 512>;   // WG * TB partial sums (TB <= 8)
+var<workgroup> inv_rms: array<f32, 8>;  // per token of the tile: 1 / rms (1 without a norm)
+
+// inv_rms[j] for the tile's tokens: a workgroup-wide sum of squares per token.
+fn tile_norms(lid: u32, t0: u32) {
+    for (var j = 0u; j < TB; j++) {
+        var ss = 0.0;
+        let xb = (P.x_off + min(t0 + j, P.n_tok - 1u) * P.ldx) / 4u;
+        for (var i = lid; i < P.n / 4u; i += WG) {
+            ss += dot(X[xb + i], X[xb + i]);
+        }
+        red[j * WG + lid] = ss;
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            for (var j = 0u; j < TB; j++) {
+                red[j * WG + lid] += red[j * WG + lid + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lid < TB) {
+        inv_rms[lid] = inverseSqrt(red[lid * WG] / f32(P.n) + P.eps);
+    }
+    workgroupBarrier();
+}
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
@@ -39,6 +72,12 @@ fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     let lane = lid % P.group;
     let r_in = lid / P.group;
     let t0 = wid.y * TB;
+    if (P.norm != 0u) {
+        tile_norms(lid, t0);
+    } else if (lid < TB) {
+        inv_rms[lid] = 1.0;
+    }
+    workgroupBarrier();
     for (var r0 = wid.x * per_wg; r0 < P.rows; r0 += nwg.x * per_wg) {
         let r = r0 + r_in;
         var acc: array<f32, TB>;
@@ -48,9 +87,9 @@ fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
                 for (var j = 0u; j < TB; j++) {
                     // past the last token: read the last one again (stores are guarded)
                     let xb = (P.x_off + min(t0 + j, P.n_tok - 1u) * P.ldx) / 4u + u * 8u;
-                    var s = dot(w[0], X[xb]);
+                    var s = dot(w[0], X[xb] * G[u * 8u]);
                     for (var i = 1u; i < 8u; i++) {
-                        s += dot(w[i], X[xb + i]);
+                        s += dot(w[i], X[xb + i] * G[u * 8u + i]);
                     }
                     acc[j] += s;
                 }
@@ -74,7 +113,7 @@ fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
                 if (t < P.n_tok) {
                     let o = t * P.ldy + P.y_off + r;
                     let prev = select(0.0, Y[o], P.accumulate != 0u);
-                    Y[o] = prev + red[j * WG + lid];
+                    Y[o] = prev + red[j * WG + lid] * inv_rms[j];
                 }
             }
         }

@@ -74,9 +74,9 @@ def test_dispatches_are_well_formed(model, T, all_logits):
     kinds = {s.module[:3] for s in steps[:-1] if s.entry == "matvec"}
     assert kinds == ({"mv1"} if T == 1 else {"mv8"})
     assert steps[-1].module[:3] == ("mv8" if all_logits else "mv1")
-    # a layer: norm, q|k|v, rope, attention, o, norm, gate|up, swiglu, down
-    per_layer = [7 + len(lay.mats[f"{i}.qkv"]) + len(lay.mats[f"{i}.gate_up"]) for i in range(c.n_layer)]
-    assert len(steps) == 1 + sum(per_layer) + 2
+    # a layer: (norm +) q|k|v, rope, attention, o, (norm +) gate|up, swiglu, down
+    per_layer = [5 + len(lay.mats[f"{i}.qkv"]) + len(lay.mats[f"{i}.gate_up"]) for i in range(c.n_layer)]
+    assert len(steps) == 1 + sum(per_layer) + 1
 
 
 def test_projections_of_one_kind_are_stacked_into_one_dispatch(model):
@@ -184,18 +184,25 @@ def runners(model):
                                   "s512-llama-Q5_K_S", "s512-llama-Q6_K", "s512-llama-F16",
                                   "s512-llama-F32", "s512-llama-Q4_1"])
 @pytest.mark.parametrize("T", [1, 3, 9])
-def test_matvec_matches_numpy(model, runners, name, T):
-    """ffn_down (256 x 768) times T random vectors, against numpy over the dequantized rows."""
+@pytest.mark.parametrize("norm", [False, True])
+def test_matvec_matches_numpy(model, runners, name, T, norm):
+    """ffn_down (256 x 768) times T random vectors (RMS-normalized on the way: norm), against
+    numpy over the dequantized rows."""
     _need_gpu()
     f, c = model(name)
     r = runners(name)
     w = f.tensors["blk.0.ffn_down.weight"].numpy().astype(np.float64)     # (256, 768)
     x = np.random.default_rng(T).standard_normal((T, r.lay.ld_h)).astype(np.float32)
-    steps = webgpu.matvec(r.lay.mats["0.down"], "h", r.lay.ld_h, "logits", c.n_vocab, 0, T)
-    got = r.execute(steps, {"h": x}, "logits", (T, c.n_vocab))[:, :256]
-    want = x[:, :768].astype(np.float64) @ w.T
+    g = np.random.default_rng(7).standard_normal(r.lay.ld_h).astype(np.float32)
+    nrm = webgpu.Norm("test.g", 768, 1e-5) if norm else None
+    steps = webgpu.matvec(r.lay.mats["0.down"], "h", r.lay.ld_h, "logits", c.n_vocab, 0, T, norm=nrm)
+    got = r.execute(steps, {"h": x, "test.g": g}, "logits", (T, c.n_vocab))[:, :256]
+    xs = x[:, :768].astype(np.float64)
+    if norm:
+        xs = xs / np.sqrt((xs * xs).mean(-1, keepdims=True) + 1e-5) * g[:768]
+    want = xs @ w.T
     if webgpu.kind_of(f.tensors["blk.0.ffn_down.weight"].type) == "f16" and name.endswith("Q4_1"):
-        want = x[:, :768].astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
+        want = xs @ w.astype(np.float16).astype(np.float64).T
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 1e-5, f"{name} T={T}: worst relative error {err:.2e}"
 
