@@ -64,7 +64,8 @@ import numpy as np
 
 from ember.formats import quants
 from ember.kernels import wgsl_source
-from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin, rope_factors
+from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
+                                rope_factors)
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange
@@ -86,8 +87,9 @@ NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K"
 KIND_BLOCKS = {"q4_0": (32, 4, 1), "q8_0": (32, 8, 1), "q4_k": (256, 36, 0), "q5_k": (256, 44, 0),
                "q6_k": (256, 53, 0), "f16": (32, 16, 0), "f32": (32, 32, 0)}
 # ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
-# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed.
-IMPLEMENTED = frozenset({"yarn", "longrope", "attn_scale"})
+# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed. lfm2's short
+# convolution layers are not written.
+IMPLEMENTED = frozenset(FEATURES) - {"shortconv"}
 FEATURES_USED = ("shader-f16", "subgroup")   # detected and shown; the kernels run without them
 
 
@@ -311,7 +313,8 @@ class Layout:
     def buffers(self) -> dict[str, int]:
         """Activation buffers, name -> bytes (weights and KV cache excluded)."""
         c, B = self.c, self.max_batch
-        return {"x": 4 * B * self.ld_x, "qkv": 4 * B * self.qkv_dim,
+        return {"x": 4 * B * self.ld_x, "blk": 4 * B * self.ld_x, "qkv": 4 * B * self.qkv_dim,
+                "q": 4 * B * self.q_dim,
                 "att": 4 * B * pad32(self.q_dim), "ffn": 4 * B * 2 * c.n_ff, "h": 4 * B * self.ld_h,
                 "logits": 4 * B * c.n_vocab, "io": 4 * (1 + B), "none": 16}
 
@@ -321,7 +324,9 @@ class Layout:
         return max(self.ld_x, self.ld_h, pad32(self.q_dim))
 
     def kv_bytes(self) -> int:
-        return self.c.kv_cache_bytes(self.n_ctx, bytes_per_value=4)
+        """float32 K and V, n_ctx rows in every layer: sliding-window layers mask the older
+        keys rather than keep a ring (simpler kernels, at the cost of the memory a ring saves)."""
+        return 2 * self.c.n_layer * self.n_ctx * self.kv_dim * 4
 
 
 def _check_supported(c: ModelConfig) -> None:
@@ -392,10 +397,14 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
             m[f"{i}.gate_up"] = _stacked(c, [p + "ffn_gate.weight", p + "ffn_up.weight"], p + "gate_up",
                                          max_binding)
         m[f"{i}.down"] = [mat(p + "ffn_down.weight")]
-        v[f"{i}.attn_norm"], v[f"{i}.ffn_norm"] = p + "attn_norm.weight", p + "ffn_norm.weight"
+        pre, post, qk = c.pre_norms, c.post_norms, c.qk_norm != "none"
+        v[f"{i}.attn_norm"] = p + "attn_norm.weight" if pre else None
+        v[f"{i}.ffn_norm"] = p + "ffn_norm.weight" if pre else None
+        v[f"{i}.post_attn_norm"] = p + "post_attention_norm.weight" if post else None
+        v[f"{i}.post_ffw_norm"] = p + "post_ffw_norm.weight" if post else None
         v[f"{i}.bias"] = p + "bqkv" if p + "attn_q.bias" in c.tensors else None
-        v[f"{i}.q_norm"] = p + "attn_q_norm.weight" if c.qk_norm == "head" else None
-        v[f"{i}.k_norm"] = p + "attn_k_norm.weight" if c.qk_norm == "head" else None
+        v[f"{i}.q_norm"] = p + "attn_q_norm.weight" if qk else None
+        v[f"{i}.k_norm"] = p + "attn_k_norm.weight" if qk else None
     return lay
 
 
@@ -408,7 +417,7 @@ def device_plan(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH) 
     lay = layout(c, n_ctx, max_batch)
     weights = sum(device_bytes(t) for t in c.tensors.values())
     return {"weights": weights, "kv_cache": lay.kv_bytes(),
-            "scratch": sum(lay.buffers().values()) + 4 * n_ctx * c.rope_dim}
+            "scratch": sum(lay.buffers().values()) + 4 * n_ctx * c.rope_dim * (2 if c.rope_base_swa else 1)}
 
 
 def plan(c: ModelConfig, n_ctx: int, options: dict) -> MemoryPlan:
@@ -462,18 +471,20 @@ class Norm:
 
 
 def matvec(mats: list[Mat], x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool = False,
-           x_off: int = 0, norm: Norm | None = None) -> list[Dispatch]:
-    """y[t, y_off + r] (+)= W[r] . x[t] for every row of the matrices, whose outputs are adjacent
-    columns from y_off on (one dispatch a piece); x is RMSNorm(X) * weight with a norm."""
+           x_off: int = 0, norm: Norm | None = None, scale: float = 1.0,
+           softcap: float = 0.0) -> list[Dispatch]:
+    """y[t, y_off + r] (+)= scale * W[r] . x[t] (soft-capped if softcap) for every row of the
+    matrices, whose outputs are adjacent columns from y_off on (one dispatch a piece); x is
+    RMSNorm(X) * weight with a norm."""
     out = []
     for m in mats:
-        out += _matvec_one(m, x, ldx, y, ldy, y_off, T, acc, x_off, norm)
+        out += _matvec_one(m, x, ldx, y, ldy, y_off, T, acc, x_off, norm, scale, softcap)
         y_off += m.rows
     return out
 
 
 def _matvec_one(m: Mat, x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, acc: bool,
-                x_off: int, norm: Norm | None) -> list[Dispatch]:
+                x_off: int, norm: Norm | None, scale: float, softcap: float) -> list[Dispatch]:
     tb = 1 if T == 1 else TB_PREFILL
     g = _group(m.units)
     out = []
@@ -482,23 +493,36 @@ def _matvec_one(m: Mat, x: str, ldx: int, y: str, ldy: int, y_off: int, T: int, 
             ((2, x), (3, y), (6, norm.weight if norm else "ones"))
         params = _pack(p.rows, m.units, row_words(m.kind, m.cols), row_blocks(m.kind, m.cols),
                        ldx, x_off, ldy, y_off + p.row0, T, g, int(acc), p.row0,
-                       int(norm is not None), norm.n if norm else 0, float(norm.eps if norm else 0.0))
+                       int(norm is not None), norm.n if norm else 0, float(norm.eps if norm else 0.0),
+                       float(scale), float(softcap))
         grid = (min(MAX_GROUPS, _grid(p.rows, WG // g)), _grid(T, tb), 1)
         out.append(Dispatch(f"mv{tb}_{m.kind}", "matvec", binds, params, grid, 4))
     return out
 
 
 def embed(lay: Layout, T: int) -> list[Dispatch]:
+    """x[t] = token_embd[token t] * embd_scale (one dispatch a piece of the table)."""
     m = lay.mats["token_embd"]
     return [Dispatch(f"mv1_{m.kind}", "embed",
                      ((0, p.buf),) + (((1, p.buf + "#d"),) if m.has_d else ()) + ((3, "x"), (5, "io")),
                      _pack(p.rows, m.units, row_words(m.kind, m.cols), row_blocks(m.kind, m.cols),
-                           0, 0, lay.ld_x, 0, T, 1, 0, p.row0, 0, 0, 0.0),
+                           0, 0, lay.ld_x, 0, T, 1, 0, p.row0, 0, 0, 0.0, float(lay.c.embd_scale), 0.0),
                      (_grid(m.units, WG), T, 1), 4) for p in m.pieces]
 
 
-def _norm(lay: Layout, weight: str) -> Norm:
-    return Norm(weight, lay.c.n_embd, float(lay.c.rms_eps))
+def _norm(lay: Layout, weight: str | None) -> Norm | None:
+    return Norm(weight, lay.c.n_embd, float(lay.c.rms_eps)) if weight else None
+
+
+def _to_residual(lay: Layout, mats: list[Mat], x: str, ldx: int, T: int, post_norm: str | None) -> list[Dispatch]:
+    """x_stream += block output W . x, through the post-norm where there is one (gemma, olmo2),
+    times the residual scale (granite)."""
+    scale = float(lay.c.residual_scale)
+    if post_norm is None:
+        return matvec(mats, x, ldx, "x", lay.ld_x, 0, T, acc=True, scale=scale)
+    return matvec(mats, x, ldx, "blk", lay.ld_x, 0, T) + [
+        Dispatch("add_norm", "add_norm", ((0, "x"), (1, "blk"), (2, post_norm)),
+                 _pack(lay.c.n_embd, lay.ld_x, lay.ld_x, float(lay.c.rms_eps), scale), (T, 1, 1), 3)]
 
 
 def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
@@ -507,38 +531,41 @@ def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
                    norm=_norm(lay, v[f"{i}.attn_norm"]))
     kc, vc = f"kc{i}", f"vc{i}"
     opt = lambda role: v[role] or "none"  # noqa: E731 - a stand-in binding when absent
+    swa = c.is_swa(i)
+    cs = "cs_swa" if swa and c.rope_base_swa else "cs"
+    qk_norm = {"none": 0, "head": 1, "full": 2}[c.qk_norm]
     steps.append(Dispatch("rope_kv", "rope_kv",
-                          ((0, "qkv"), (1, "cs"), (2, kc), (3, vc), (4, "io"), (5, opt(f"{i}.bias")),
-                           (6, opt(f"{i}.q_norm")), (7, opt(f"{i}.k_norm"))),
-                          _pack(c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, int(c.rope_style == "neox"),
-                                lay.qkv_dim, lay.kv_dim, int(v[f"{i}.bias"] is not None),
-                                int(v[f"{i}.q_norm"] is not None), float(c.rms_eps)),
+                          ((0, "qkv"), (1, cs), (2, kc), (3, vc), (4, "io"), (5, opt(f"{i}.bias")),
+                           (6, opt(f"{i}.q_norm")), (7, opt(f"{i}.k_norm")), (9, "q")),
+                          _pack(c.n_head, c.n_head_kv, c.head_dim, c.rope_dim if c.uses_rope(i) else 0,
+                                int(c.rope_style == "neox"), lay.qkv_dim, lay.kv_dim,
+                                int(v[f"{i}.bias"] is not None), qk_norm, float(c.rms_eps)),
                           (c.n_head + 2 * c.n_head_kv, T, 1), 8))
     scale = float(c.attn_scale or 1.0 / math.sqrt(c.head_dim))
     steps.append(Dispatch("attention", "attention",
-                          ((0, "qkv"), (1, kc), (2, vc), (3, "io"), (4, "att")),
-                          _pack(c.n_head, c.n_head_kv, c.head_dim, lay.qkv_dim, lay.kv_dim,
-                                pad32(lay.q_dim), scale), (c.n_head, T, 1), 5))
-    steps += matvec(lay.mats[f"{i}.o"], "att", pad32(lay.q_dim), "x", lay.ld_x, 0, T, acc=True)
-    return steps
+                          ((0, "q"), (1, kc), (2, vc), (3, "io"), (4, "att")),
+                          _pack(c.n_head, c.n_head_kv, c.head_dim, lay.q_dim, lay.kv_dim,
+                                pad32(lay.q_dim), scale, float(c.attn_softcap),
+                                c.sliding_window if swa else 0), (c.n_head, T, 1), 5))
+    return steps + _to_residual(lay, lay.mats[f"{i}.o"], "att", pad32(lay.q_dim), T, v[f"{i}.post_attn_norm"])
 
 
 def _ffn_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     F = lay.c.n_ff
     steps = matvec(lay.mats[f"{i}.gate_up"], "x", lay.ld_x, "ffn", 2 * F, 0, T,
                    norm=_norm(lay, lay.vecs[f"{i}.ffn_norm"]))
-    steps.append(Dispatch("swiglu", "swiglu", ((0, "ffn"), (1, "h")), _pack(F, 2 * F, lay.ld_h),
-                          (_grid(F, WG), T, 1), 2))
-    steps += matvec(lay.mats[f"{i}.down"], "h", lay.ld_h, "x", lay.ld_x, 0, T, acc=True)
-    return steps
+    steps.append(Dispatch("swiglu", "swiglu", ((0, "ffn"), (1, "h")),
+                          _pack(F, 2 * F, lay.ld_h, int(lay.c.act == "gelu")), (_grid(F, WG), T, 1), 2))
+    return steps + _to_residual(lay, lay.mats[f"{i}.down"], "h", lay.ld_h, T, lay.vecs[f"{i}.post_ffw_norm"])
 
 
 def _logits(lay: Layout, T: int, all_logits: bool) -> list[Dispatch]:
-    V, norm = lay.c.n_vocab, lay.vecs["output_norm"]
+    """The final norm and output matrix (/ logit_scale, soft-capped: granite, gemma2)."""
+    c, norm = lay.c, _norm(lay, lay.vecs["output_norm"])
+    post = dict(norm=norm, scale=1.0 / c.logit_scale, softcap=float(c.final_softcap))
     if all_logits:
-        return matvec(lay.mats["output"], "x", lay.ld_x, "logits", V, 0, T, norm=_norm(lay, norm))
-    return matvec(lay.mats["output"], "x", lay.ld_x, "logits", V, 0, 1, x_off=(T - 1) * lay.ld_x,
-                  norm=_norm(lay, norm))
+        return matvec(lay.mats["output"], "x", lay.ld_x, "logits", c.n_vocab, 0, T, **post)
+    return matvec(lay.mats["output"], "x", lay.ld_x, "logits", c.n_vocab, 0, 1, x_off=(T - 1) * lay.ld_x, **post)
 
 
 def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list[Dispatch]:
@@ -649,6 +676,9 @@ class WebGPURunner(CacheBookkeeping):
         self._put("ones", np.ones(self.lay.widest_input, np.float32))
         cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx))
         self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
+        if c.rope_base_swa:      # gemma3: the sliding-window layers' own base
+            cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx), swa=True)
+            self._put("cs_swa", np.stack([cos, sin], axis=-1).astype(np.float32))
 
     def _upload_mat(self, gguf, m: Mat) -> None:
         """One matrix (its parts stacked by rows), a buffer per piece (and per piece of scales)."""

@@ -2,19 +2,22 @@
 // cached keys 0..pos: one workgroup per (head, token), keys a tile of WG at a time with an
 // online softmax (running max m and sum l; earlier tiles rescaled by exp(m_old - m_new)),
 // so scratch does not grow with the context. Query head h reads kv head h / (n_head / n_kv).
-// Grid: (n_head, T).
+// Scores are soft-capped (gemma2: s -> cap tanh(s / cap), after the KQ scale) and, on a
+// sliding-window layer, keys at pos - window or earlier are masked. Grid: (n_head, T).
 
 struct Params {
     n_head: u32,
     n_kv: u32,
     head_dim: u32,
-    ld_q: u32,          // floats between tokens in QKV
+    ld_q: u32,          // floats between tokens in Q
     kv_dim: u32,
     ld_o: u32,          // floats between tokens in O
     scale: f32,         // KQ scale
+    softcap: f32,       // > 0: soft-cap the scores
+    window: u32,        // > 0: a query at p sees keys p' with p - p' < window
 }
 
-@group(0) @binding(0) var<storage, read> QKV: array<f32>;
+@group(0) @binding(0) var<storage, read> Q: array<f32>;     // rotated q (rope_kv's QR)
 @group(0) @binding(1) var<storage, read> KC: array<f32>;
 @group(0) @binding(2) var<storage, read> VC: array<f32>;
 @group(0) @binding(3) var<storage, read> IO: array<u32>;
@@ -37,19 +40,26 @@ fn attention(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let hd = P.head_dim;
     let kv0 = (h / (P.n_head / P.n_kv)) * hd;
     for (var d = lid; d < hd; d += WG) {
-        q[d] = QKV[wid.y * P.ld_q + h * hd + d] * P.scale;
+        q[d] = Q[wid.y * P.ld_q + h * hd + d] * P.scale;
     }
     workgroupBarrier();
     var m = -1e30;
     var l = 0.0;
     var acc: array<f32, DPT>;
-    for (var k0 = 0u; k0 <= pos; k0 += WG) {
+    var first = 0u;                      // the oldest key the query sees
+    if (P.window > 0u && pos + 1u > P.window) {
+        first = pos + 1u - P.window;
+    }
+    for (var k0 = first; k0 <= pos; k0 += WG) {
         let j = k0 + lid;
         var s = -1e30;
         if (j <= pos) {
             s = 0.0;
             for (var d = 0u; d < hd; d++) {
                 s += q[d] * KC[j * P.kv_dim + kv0 + d];
+            }
+            if (P.softcap > 0.0) {
+                s = P.softcap * tanh(s / P.softcap);
             }
         }
         p[lid] = s;

@@ -27,6 +27,8 @@ struct Params {
     norm: u32,          // 1: x = RMSNorm(X) * G over the first n floats of each token
     n: u32,
     eps: f32,
+    scale: f32,         // each result times this (granite's residual and logit scales; embed: gemma's)
+    softcap: f32,       // > 0: each result r -> softcap * tanh(r / softcap) (gemma2's logits)
 }
 
 @group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
@@ -113,7 +115,11 @@ fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
                 if (t < P.n_tok) {
                     let o = t * P.ldy + P.y_off + r;
                     let prev = select(0.0, Y[o], P.accumulate != 0u);
-                    Y[o] = prev + red[j * WG + lid] * inv_rms[j];
+                    var v = red[j * WG + lid] * inv_rms[j] * P.scale;
+                    if (P.softcap > 0.0) {
+                        v = P.softcap * tanh(v / P.softcap);
+                    }
+                    Y[o] = prev + v;
                 }
             }
         }
@@ -121,7 +127,7 @@ fn matvec(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     }
 }
 
-// Y[t, :] = row IO[1 + t] of the matrix, for the piece holding rows [row0, row0 + rows).
+// Y[t, :] = row IO[1 + t] of the matrix * scale, for the piece holding rows [row0, row0 + rows).
 // Grid: (ceil(units / WG), tokens).
 @compute @workgroup_size(64)
 fn embed(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -135,9 +141,9 @@ fn embed(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     let w = dequant(r * P.row_words, r * P.row_blocks, u);
     for (var i = 0u; i < 8u; i++) {
         let o = t * P.ldy + u * 32u + 4u * i;
-        Y[o] = w[i].x;
-        Y[o + 1u] = w[i].y;
-        Y[o + 2u] = w[i].z;
-        Y[o + 3u] = w[i].w;
+        Y[o] = w[i].x * P.scale;
+        Y[o + 1u] = w[i].y * P.scale;
+        Y[o + 2u] = w[i].z * P.scale;
+        Y[o + 3u] = w[i].w * P.scale;
     }
 }

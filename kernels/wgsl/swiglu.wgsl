@@ -1,10 +1,12 @@
-// H[t, i] = silu(G[t, i]) * G[t, n_ff + i]: the gated feed-forward's activation over the
-// gate | up projections. Grid: (ceil(n_ff / 64), tokens).
+// H[t, i] = act(G[t, i]) * G[t, n_ff + i]: the gated feed-forward's activation over the
+// gate | up projections; act is silu (SwiGLU) or ggml's tanh GELU (GeGLU, gemma).
+// Grid: (ceil(n_ff / 64), tokens).
 
 struct Params {
     n_ff: u32,
     ldg: u32,
     ldh: u32,
+    gelu: u32,          // 1: 0.5 g (1 + tanh(sqrt(2/pi) g (1 + 0.044715 g^2))), 0: g / (1 + exp(-g))
 }
 
 @group(0) @binding(0) var<storage, read> G: array<f32>;
@@ -19,5 +21,11 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let g = G[gid.y * P.ldg + i];
     let u = G[gid.y * P.ldg + P.n_ff + i];
-    H[gid.y * P.ldh + i] = g / (1.0 + exp(-g)) * u;
+    var a: f32;
+    if (P.gelu != 0u) {
+        a = 0.5 * g * (1.0 + tanh(0.7978845608028654 * g * (1.0 + 0.044715 * g * g)));
+    } else {
+        a = g / (1.0 + exp(-g));
+    }
+    H[gid.y * P.ldh + i] = a * u;
 }
