@@ -8,7 +8,8 @@ file of its own (dequant_<kind>.wgsl); the module for a kind is the two
 together. ``TB``, the tokens a thread multiplies per dequantized unit, is a
 constant (function-scope arrays need one), so decode's module (TB = 1) and
 prefill's (TB = 8) are two texts of the same file. The row kernels
-(rope_kv, attention, swiglu, add_norm) are one file and module each.
+(rope_kv, attention, swiglu, add_norm, shortconv) are one file and module
+each.
 
 Every module is plain WGSL with no extension enabled: it runs on Vulkan,
 Metal and D3D12 alike (naga, which wgpu validates with, translates it to
@@ -25,7 +26,7 @@ from ember.formats.errors import UserError
 
 WGSL_DIR = Path(__file__).with_name("wgsl")
 KINDS = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "f32")   # dequant_<kind>.wgsl
-ROW_KERNELS = ("rope_kv", "attention", "swiglu", "add_norm")        # <name>.wgsl, entry <name>
+ROW_KERNELS = ("rope_kv", "attention", "swiglu", "add_norm", "shortconv")        # <name>.wgsl, entry <name>
 TOKEN_TILES = (1, 8)     # TB of the matvec modules: decode, prefill
 HD_MAX = 256             # widest head the row kernels hold in workgroup memory
 _TB_LINE = "const TB: u32 = 1u;"

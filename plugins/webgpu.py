@@ -13,16 +13,26 @@ binding): Q4_0 and Q8_0 are split into quants and float32 scales so every
 block starts on a word, Q6_K super-blocks are padded from 210 to 212 bytes,
 Q4_K and Q5_K stay as in the file; F16 stays half, F32 and BF16 become
 float32, and every other type is dequantized to half at load (types ember
-cannot dequantize are refused by name). The float32 KV cache, the
-activations and the logits are allocated once for n_ctx and max_batch.
+cannot dequantize are refused by name). The float32 KV cache (n_ctx rows
+in every attention layer: sliding-window layers mask older keys instead of
+keeping a ring), lfm2's convolution states, the activations and the logits
+are allocated once for n_ctx and max_batch.
 
 A forward pass is a list of dispatches built by pure functions of the
-model's Layout (no GPU needed, so CI tests them):
+model's Layout (no GPU needed, so CI tests them). Every architecture of
+ember.plugins.arch runs; its switches are kernel parameters:
 
-    embed -> per layer: RMSNorm + q|k|v matvec, rope + bias + q/k norm + KV
-    write, attention (online softmax, tiles of 64 keys), o matvec (+= x),
-    RMSNorm + gate|up matvec, SwiGLU, down matvec (+= x) -> RMSNorm + output
-    matvec -> copy of the logits into a mappable buffer.
+    embed (* embd_scale) -> per layer:
+      attention: RMSNorm + q|k|v matvec; rope_kv: bias, q/k RMS norm (per
+        head, or over the whole projection: olmo2), rope (none on smollm3's
+        every 4th layer; gemma3's local base on its window layers), K and V
+        into the cache; attention (online softmax over tiles of 64 keys,
+        soft-cap, sliding window); o matvec
+      or short convolution (lfm2): RMSNorm + in-projection, shortconv, out-projection
+      -> x += (post-norm: add_norm) block output * residual_scale
+      RMSNorm + gate|up matvec, SwiGLU or GeGLU, down matvec -> x += as above
+    -> RMSNorm + output matvec (/ logit_scale, soft-cap) -> copy of the
+    logits into a mappable buffer.
 
 The RMSNorms are folded into the matvec that follows them (each workgroup
 sums the squares of its tokens' x, then scales its dot products), and
@@ -67,7 +77,8 @@ from ember.kernels import wgsl_source
 from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
+from ember.plugins.types import (BackendError, BackendSpec, CacheBookkeeping, CacheTooShort, ContextOverflow,
+                                MemoryPlan, Probe)
 from ember.plugins.types import TokenOutOfRange
 
 NAME = "webgpu"
@@ -86,10 +97,10 @@ NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K"
 # kind -> (weights a super-block, words of W per super-block, entries of D per super-block)
 KIND_BLOCKS = {"q4_0": (32, 4, 1), "q8_0": (32, 8, 1), "q4_k": (256, 36, 0), "q5_k": (256, 44, 0),
                "q6_k": (256, 53, 0), "f16": (32, 16, 0), "f32": (32, 32, 0)}
-# ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
-# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed. lfm2's short
-# convolution layers are not written.
-IMPLEMENTED = frozenset(FEATURES) - {"shortconv"}
+# ModelConfig features (arch.FEATURES) this decoder computes: all of them. The rope tables
+# come from arch.rope_cos_sin, so every rope scaling is computed.
+IMPLEMENTED = frozenset(FEATURES)
+CONV_TAPS_MAX = 16            # lfm2's kernel length the shortconv kernel holds (the models: 3)
 FEATURES_USED = ("shader-f16", "subgroup")   # detected and shown; the kernels run without them
 
 
@@ -313,8 +324,10 @@ class Layout:
     def buffers(self) -> dict[str, int]:
         """Activation buffers, name -> bytes (weights and KV cache excluded)."""
         c, B = self.c, self.max_batch
+        conv = "conv" in c.layer_kinds
         return {"x": 4 * B * self.ld_x, "blk": 4 * B * self.ld_x, "qkv": 4 * B * self.qkv_dim,
-                "q": 4 * B * self.q_dim,
+                "q": 4 * B * self.q_dim, "bcx": 4 * B * 3 * c.n_embd if conv else 16,
+                "convy": 4 * B * self.ld_x if conv else 16,
                 "att": 4 * B * pad32(self.q_dim), "ffn": 4 * B * 2 * c.n_ff, "h": 4 * B * self.ld_h,
                 "logits": 4 * B * c.n_vocab, "io": 4 * (1 + B), "none": 16}
 
@@ -324,13 +337,18 @@ class Layout:
         return max(self.ld_x, self.ld_h, pad32(self.q_dim))
 
     def kv_bytes(self) -> int:
-        """float32 K and V, n_ctx rows in every layer: sliding-window layers mask the older
-        keys rather than keep a ring (simpler kernels, at the cost of the memory a ring saves)."""
-        return 2 * self.c.n_layer * self.n_ctx * self.kv_dim * 4
+        """float32 K and V, n_ctx rows in every attention layer (sliding-window layers mask the
+        older keys rather than keep a ring: simpler kernels, at the cost of the memory a ring
+        saves), and the last l_cache - 1 inputs of every lfm2 convolution layer."""
+        n_attn = sum(self.c.layer_kind(i) == "attn" for i in range(self.c.n_layer))
+        return 2 * n_attn * self.n_ctx * self.kv_dim * 4 + self.c.conv_state_bytes(4)
 
 
 def _check_supported(c: ModelConfig) -> None:
     require_features(c, NAME, IMPLEMENTED)
+    if "conv" in c.layer_kinds and not 1 <= c.conv_l_cache <= CONV_TAPS_MAX:
+        raise UnsupportedModel(f"{NAME}: shortconv.l_cache {c.conv_l_cache} is outside the kernel's "
+                               f"1..{CONV_TAPS_MAX}")
     if c.head_dim > wgsl_source.HD_MAX:
         raise UnsupportedModel(f"{NAME}: head_dim {c.head_dim} is above the kernels' {wgsl_source.HD_MAX}")
 
@@ -376,7 +394,7 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
                            f"the adapter's largest storage binding ({max_binding}); use n_ctx <= "
                            f"{max_binding // kv_row}")
     # every activation buffer is one binding: the widest (logits, usually) bounds the batch
-    widest = 4 * max(c.n_vocab, 2 * c.n_ff, pad32(c.n_embd), (c.n_head + 2 * c.n_head_kv) * c.head_dim)
+    widest = 4 * max(c.n_vocab, 2 * c.n_ff, 3 * c.n_embd, (c.n_head + 2 * c.n_head_kv) * c.head_dim)
     lay = Layout(c, n_ctx, max(1, min(max_batch, n_ctx, max_binding // widest)), max_binding)
     m, v = lay.mats, lay.vecs
     mat = lambda name: _mat(c, name, max_binding)  # noqa: E731
@@ -386,18 +404,23 @@ def layout(c: ModelConfig, n_ctx: int, max_batch: int = DEFAULT_MAX_BATCH,
     for i in range(c.n_layer):
         p = f"blk.{i}."
         # each role a list of matrices whose outputs are adjacent columns
-        if c.fused_qkv:
+        if c.layer_kind(i) == "conv":   # lfm2: in-projection (b | c | x), kernel (d, L), out-projection
+            m[f"{i}.in_proj"] = [mat(p + "shortconv.in_proj.weight")]
+            m[f"{i}.o"] = [mat(p + "shortconv.out_proj.weight")]
+            v[f"{i}.conv"] = p + "shortconv.conv.weight"
+        elif c.fused_qkv:
             m[f"{i}.qkv"] = [mat(p + "attn_qkv.weight")]
         else:
             m[f"{i}.qkv"] = _stacked(c, [p + f"attn_{r}.weight" for r in "qkv"], p + "qkv", max_binding)
-        m[f"{i}.o"] = [mat(p + "attn_output.weight")]
+        if c.layer_kind(i) == "attn":
+            m[f"{i}.o"] = [mat(p + "attn_output.weight")]
         if c.fused_gate_up:   # phi3: ffn_up holds gate (rows 0..F) | up (rows F..2F)
             m[f"{i}.gate_up"] = [mat(p + "ffn_up.weight")]
         else:
             m[f"{i}.gate_up"] = _stacked(c, [p + "ffn_gate.weight", p + "ffn_up.weight"], p + "gate_up",
                                          max_binding)
         m[f"{i}.down"] = [mat(p + "ffn_down.weight")]
-        pre, post, qk = c.pre_norms, c.post_norms, c.qk_norm != "none"
+        pre, post, qk = c.pre_norms, c.post_norms, c.qk_norm != "none" and c.layer_kind(i) == "attn"
         v[f"{i}.attn_norm"] = p + "attn_norm.weight" if pre else None
         v[f"{i}.ffn_norm"] = p + "ffn_norm.weight" if pre else None
         v[f"{i}.post_attn_norm"] = p + "post_attention_norm.weight" if post else None
@@ -550,6 +573,18 @@ def _attention_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     return steps + _to_residual(lay, lay.mats[f"{i}.o"], "att", pad32(lay.q_dim), T, v[f"{i}.post_attn_norm"])
 
 
+def _conv_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
+    """lfm2: b | c | x = in_proj(norm(x)); y = c * conv(b * x) over the layer's last inputs;
+    x += out_proj(y)."""
+    c, d = lay.c, lay.c.n_embd
+    steps = matvec(lay.mats[f"{i}.in_proj"], "x", lay.ld_x, "bcx", 3 * d, 0, T,
+                   norm=_norm(lay, lay.vecs[f"{i}.attn_norm"]))
+    steps.append(Dispatch("shortconv", "shortconv",
+                          ((0, "bcx"), (1, lay.vecs[f"{i}.conv"]), (2, f"conv{i}"), (3, "convy"), (4, "io")),
+                          _pack(d, c.conv_l_cache, 3 * d, lay.ld_x, T), (_grid(d, WG), 1, 1), 5))
+    return steps + _to_residual(lay, lay.mats[f"{i}.o"], "convy", lay.ld_x, T, lay.vecs[f"{i}.post_attn_norm"])
+
+
 def _ffn_block(lay: Layout, i: int, T: int) -> list[Dispatch]:
     F = lay.c.n_ff
     steps = matvec(lay.mats[f"{i}.gate_up"], "x", lay.ld_x, "ffn", 2 * F, 0, T,
@@ -574,7 +609,8 @@ def forward_steps(lay: Layout, T: int, all_logits: bool = False) -> list[Dispatc
         raise ValueError(f"T={T} must be in [1, {lay.max_batch}]")
     steps = embed(lay, T)
     for i in range(lay.c.n_layer):
-        steps += _attention_block(lay, i, T) + _ffn_block(lay, i, T)
+        mixer = _conv_block if lay.c.layer_kind(i) == "conv" else _attention_block
+        steps += mixer(lay, i, T) + _ffn_block(lay, i, T)
     return steps + _logits(lay, T, all_logits)
 
 
@@ -697,7 +733,11 @@ class WebGPURunner(CacheBookkeeping):
             self.bufs[name] = self.device.create_buffer(size=max(16, -(-nbytes // 16) * 16),
                                                         usage=U.STORAGE | U.COPY_SRC | U.COPY_DST)
         kv = max(16, self.n_ctx * self.lay.kv_dim * 4)   # per layer: (n_ctx, kv_dim) float32
+        conv = max(16, (c.conv_l_cache - 1) * c.n_embd * 4)  # per lfm2 conv layer: (L - 1, d)
         for i in range(c.n_layer):
+            if c.layer_kind(i) == "conv":
+                self.bufs[f"conv{i}"] = self.device.create_buffer(size=conv, usage=U.STORAGE)
+                continue
             for cache in ("kc", "vc"):
                 self.bufs[f"{cache}{i}"] = self.device.create_buffer(size=kv, usage=U.STORAGE)
         self.readback = self.device.create_buffer(size=self.bufs["logits"].size,
@@ -817,6 +857,15 @@ class WebGPURunner(CacheBookkeeping):
         logits = self._run(self._forward(1, False), np.array([self.n_past, token], np.uint32), 1)
         self.n_past += 1
         return logits[0]
+
+    def truncate(self, n_past: int) -> None:
+        """lfm2's convolution layers keep only their latest inputs: going back is refused
+        (reset() and prefill again instead), as the reference backend does."""
+        if isinstance(n_past, (int, np.integer)) and 0 < n_past < self.n_past and \
+                "conv" in self.lay.c.layer_kinds:
+            raise CacheTooShort(f"truncate({n_past}): {self.lay.c.arch}'s convolution layers keep only "
+                                "their latest inputs; reset() and prefill again")
+        super().truncate(n_past)
 
     def close(self) -> None:
         if self.lay is None:

@@ -17,6 +17,7 @@ test_arch_conformance.py) hold the backend to llama.cpp's logits.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -26,7 +27,7 @@ from ember.formats import gguf
 from ember.kernels import wgsl_source
 from ember.plugins import reference, webgpu
 from ember.plugins.arch import UnsupportedModel, config_from_gguf
-from ember.plugins.types import BackendError, ContextOverflow, TokenOutOfRange
+from ember.plugins.types import BackendError, CacheTooShort, ContextOverflow, TokenOutOfRange
 from tests.conftest import REQUIRE_WEBGPU, absent, conformance_path
 
 PROBE = webgpu.probe()
@@ -39,12 +40,14 @@ def _need_gpu():
 
 @pytest.fixture(scope="module")
 def model():
-    """name -> (open GGUFFile, ModelConfig) of a conformance model; closed at the end."""
+    """name -> (open GGUFFile, ModelConfig) of a conformance model ("arch/NAME": of arch/);
+    closed at the end."""
     held = {}
 
     def get(name: str):
         if name not in held:
-            f = gguf.open(conformance_path("models", f"{name}.gguf"))
+            f = gguf.open(conformance_path(*(["arch", "models"] if name.startswith("arch/") else ["models"]),
+                                           f"{name.removeprefix('arch/')}.gguf"))
             held[name] = (f, config_from_gguf(f))
         return held[name]
     yield get
@@ -142,11 +145,12 @@ def test_plan_counts_the_device_and_names_dequantized_types(model):
     assert any("Q4_1 matrices are dequantized to f16" in n for n in p.notes)
 
 
-def test_unimplemented_features_are_refused_by_name():
-    with gguf.open(conformance_path("arch", "models", "s512-lfm2-F32.gguf")) as f:
-        c = config_from_gguf(f)
-    with pytest.raises(UnsupportedModel, match=r"^webgpu: lfm2 short-convolution layers is not implemented$"):
-        webgpu.layout(c, 64)
+def test_what_the_kernels_cannot_hold_is_refused_by_name(model):
+    f, c = model("arch/s512-lfm2-F32")
+    with pytest.raises(UnsupportedModel, match=r"^webgpu: head_dim 512 is above the kernels' 256$"):
+        webgpu.layout(dataclasses.replace(c, head_dim=512), 64)
+    with pytest.raises(UnsupportedModel, match=r"^webgpu: shortconv.l_cache 17 is outside the kernel's 1..16$"):
+        webgpu.layout(dataclasses.replace(c, conv_l_cache=17), 64)
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +211,8 @@ def test_matvec_matches_numpy(model, runners, name, T, norm):
     assert err < 1e-5, f"{name} T={T}: worst relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["s512-qwen2-Q4_K_M", "s512-qwen3-Q4_K_M", "stories260K"])
+@pytest.mark.parametrize("name", ["s512-qwen2-Q4_K_M", "s512-qwen3-Q4_K_M", "stories260K",
+                                  "arch/s512-gemma2-Q8_0", "arch/s512-olmo2-Q8_0", "arch/s512-lfm2-Q8_0"])
 def test_runner_matches_reference(model, runners, name):
     """Prefill (chunked: max_batch 4), then decode replaying the prepared dispatches."""
     _need_gpu()
@@ -221,9 +226,13 @@ def test_runner_matches_reference(model, runners, name):
     for tok in (5, 77, 301):
         np.testing.assert_allclose(r.decode(tok), ref.decode(tok), atol=2e-4 * np.abs(b).max())
     assert r.n_past == len(toks) + 3
-    r.truncate(4)                                        # rows past n_past are overwritten
-    ref.truncate(4)
-    np.testing.assert_allclose(r.decode(9), ref.decode(9), atol=2e-4 * np.abs(b).max())
+    if "conv" in c.layer_kinds:                          # lfm2 keeps only its latest conv inputs
+        with pytest.raises(CacheTooShort):
+            r.truncate(4)
+    else:
+        r.truncate(4)                                    # rows past n_past are overwritten
+        ref.truncate(4)
+        np.testing.assert_allclose(r.decode(9), ref.decode(9), atol=2e-4 * np.abs(b).max())
     r.reset()
 
 
