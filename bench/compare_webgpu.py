@@ -127,6 +127,10 @@ def profile(path: Path, options: dict, reps: int = 50) -> str:
             f"(submit, GPU, read-back) {(whole - encode) * 1e3:.2f} ms")
 
 
+def _shown(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "logits"}
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--one":
         return _one(*sys.argv[2:])
@@ -142,8 +146,9 @@ def main() -> int:
     a = ap.parse_args()
     quants, variants = a.quants.split(","), compare_cuda.parse_variants(a.variants)
     paths = compare_cuda.write_models(a.shape, quants)
-    lines = ["| weights | webgpu variant | webgpu decode tok/s | ember cuda | llama.cpp CUDA | vs cuda | vs llama.cpp "
-             "| webgpu prefill tok/s | ember cuda | llama.cpp CUDA | vs cuda | vs llama.cpp | KL vs cuda (prefill, decode) |",
+    lines = ["| weights | webgpu variant | webgpu decode tok/s | ember cuda | llama.cpp CUDA | vs cuda "
+             "| vs llama.cpp | webgpu prefill tok/s | ember cuda | llama.cpp CUDA | vs cuda | vs llama.cpp "
+             "| KL vs cuda (prefill, decode) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     adapter = ""
     for q in quants:
@@ -154,10 +159,10 @@ def main() -> int:
                 if (res := webgpu_run_isolated(paths[q], opts)) is not None:
                     wg[name].append(res)
                     adapter = res["adapter"]
-                    print(q, "webgpu", name, {k: v for k, v in res.items() if k != "logits"}, file=sys.stderr, flush=True)
+                    print(q, "webgpu", name, _shown(res), file=sys.stderr, flush=True)
             if not a.no_cuda and (res := compare_cuda.ember_run_isolated(paths[q], {})) is not None:
                 cu.append(res)
-                print(q, "cuda", {k: v for k, v in res.items() if k != "logits"}, file=sys.stderr, flush=True)
+                print(q, "cuda", _shown(res), file=sys.stderr, flush=True)
             if a.llama_bench and (res := compare_cuda.llama_run(a.llama_bench, paths[q])) is not None:
                 ll.append(res)
                 print(q, "llama.cpp", res, file=sys.stderr, flush=True)
@@ -168,12 +173,15 @@ def main() -> int:
             runs = wg[name]
             label = f"{name} ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})"
             if not runs:
-                lines.append(f"| {q} | {label} | failed | {cd:,.0f} | {ld:,.0f} | | | failed | {cp_:,.0f} | {lp:,.0f} | | | |")
+                lines.append(f"| {q} | {label} | failed | {cd:,.0f} | {ld:,.0f} | | | failed | {cp_:,.0f} "
+                             f"| {lp:,.0f} | | | |")
                 continue
             wd, wp = best(runs, "decode_tok_s"), best(runs, "prefill_tok_s")
-            d = [compare_cuda.kl(x, y) for x, y in zip(cu[0]["logits"], runs[0]["logits"])] if cu else [float("nan")] * 2
+            d = ([compare_cuda.kl(x, y) for x, y in zip(cu[0]["logits"], runs[0]["logits"])] if cu
+                 else [float("nan")] * 2)
             lines.append(f"| {q} | {label} | {wd:,.0f} | {cd:,.0f} | {ld:,.0f} | {wd / cd:.2f}x | {wd / ld:.2f}x "
-                         f"| {wp:,.0f} | {cp_:,.0f} | {lp:,.0f} | {wp / cp_:.2f}x | {wp / lp:.2f}x | {d[0]:.1e}, {d[1]:.1e} |")
+                         f"| {wp:,.0f} | {cp_:,.0f} | {lp:,.0f} | {wp / cp_:.2f}x | {wp / lp:.2f}x "
+                         f"| {d[0]:.1e}, {d[1]:.1e} |")
         text = f"webgpu adapter: {adapter}\n\n" + "\n".join(lines)
         print(text, flush=True)
         if a.out:
