@@ -36,7 +36,7 @@ def webgpu_run(path: Path, options: dict, n_prompt: int = 512, n_gen: int = 128)
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import webgpu
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(path) as f:
         c = config_from_gguf(f)
         t = time.perf_counter()
@@ -98,7 +98,7 @@ def profile(path: Path, options: dict, reps: int = 50) -> str:
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import webgpu
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(path) as f:
         c = config_from_gguf(f)
         r = webgpu.WebGPURunner(f, c, 640, options)

@@ -20,7 +20,7 @@ are allocated once for n_ctx and max_batch.
 
 A forward pass is a list of dispatches built by pure functions of the
 model's Layout (no GPU needed, so CI tests them). Every architecture of
-ember.plugins.arch runs; its switches are kernel parameters:
+ember.formats.model_config runs; its switches are kernel parameters:
 
     embed (* embd_scale) -> per layer:
       attention: RMSNorm + q|k|v matvec; rope_kv: bias, q/k RMS norm (per
@@ -72,10 +72,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.formats import quants
+from ember.formats import quant_blocks
+from ember.formats.model_config import ModelConfig, UnsupportedModel
 from ember.kernels import wgsl_source
-from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
-                                rope_factors)
+from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import (BackendError, BackendSpec, CacheBookkeeping, CacheTooShort, ContextOverflow,
                                 MemoryPlan, Probe)
@@ -97,8 +98,8 @@ NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K"
 # kind -> (weights a super-block, words of W per super-block, entries of D per super-block)
 KIND_BLOCKS = {"q4_0": (32, 4, 1), "q8_0": (32, 8, 1), "q4_k": (256, 36, 0), "q5_k": (256, 44, 0),
                "q6_k": (256, 53, 0), "f16": (32, 16, 0), "f32": (32, 32, 0)}
-# ModelConfig features (arch.FEATURES) this decoder computes: all of them. The rope tables
-# come from arch.rope_cos_sin, so every rope scaling is computed.
+# ModelConfig features (features.FEATURES) this decoder computes: all of them. The rope tables
+# come from kernels.rope.rope_cos_sin, so every rope scaling is computed.
 IMPLEMENTED = frozenset(FEATURES)
 CONV_TAPS_MAX = 16            # lfm2's kernel length the shortconv kernel holds (the models: 3)
 FEATURES_USED = ("shader-f16", "subgroup")   # detected and shown; the kernels run without them
@@ -644,7 +645,7 @@ def host_layout(t) -> tuple[np.ndarray, np.ndarray | None]:
         return padded.reshape(rows, -1), None
     try:
         values = t.numpy()
-    except quants.QuantError as e:
+    except quant_blocks.QuantError as e:
         raise BackendError(f"{NAME}: tensor {t.name!r} has type {t.type}, which ember cannot "
                            f"dequantize ({e}); requantize the model to Q4_0, Q8_0 or a K-quant") from e
     return _padded_rows(np.asarray(values, np.float16 if k == "f16" else np.float32).reshape(rows, cols),

@@ -26,7 +26,7 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import wgsl_source
 from ember.plugins import reference, webgpu
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import BackendError, CacheTooShort, ContextOverflow, TokenOutOfRange
 from tests.conftest import REQUIRE_WEBGPU, absent, conformance_path
 
