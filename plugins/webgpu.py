@@ -98,9 +98,10 @@ NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K"
 # kind -> (weights a super-block, words of W per super-block, entries of D per super-block)
 KIND_BLOCKS = {"q4_0": (32, 4, 1), "q8_0": (32, 8, 1), "q4_k": (256, 36, 0), "q5_k": (256, 44, 0),
                "q6_k": (256, 53, 0), "f16": (32, 16, 0), "f32": (32, 32, 0)}
-# ModelConfig features (features.FEATURES) this decoder computes: all of them. The rope tables
-# come from kernels.rope.rope_cos_sin, so every rope scaling is computed.
-IMPLEMENTED = frozenset(FEATURES)
+# ModelConfig features (features.FEATURES) this decoder computes: all the decoder's (the bert
+# encoder is not written). The rope tables come from kernels.rope.rope_cos_sin, so every rope
+# scaling is computed.
+IMPLEMENTED = frozenset(FEATURES) - {"encoder"}
 CONV_TAPS_MAX = 16            # lfm2's kernel length the shortconv kernel holds (the models: 3)
 FEATURES_USED = ("shader-f16", "subgroup")   # detected and shown; the kernels run without them
 
@@ -113,7 +114,8 @@ FEATURES_USED = ("shader-f16", "subgroup")   # detected and shown; the kernels r
 def ember_backends():
     return [BackendSpec(NAME, priority=PRIORITY,
                         description="WGSL kernels through wgpu: Metal (macOS), Vulkan (Linux), D3D12 "
-                                    "(Windows); one source, validated by naga for every target")]
+                                    "(Windows); one source, validated by naga for every target",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl
