@@ -1,6 +1,6 @@
 """Finding, listing and choosing backends: one pluggy manager for the process.
 
-Design note. Built-in backends (reference, cpu, onnx, cuda) and third-party
+Design note. Built-in backends (reference, cpu, onnx, cuda, webgpu) and third-party
 ones are the same thing: pluggy plugins answering the hooks of
 ember.plugins.hookspecs. Built-ins are registered by module name; third-party
 ones come from the entry-point group ``ember.backends``, one entry point at a
@@ -35,7 +35,7 @@ ENTRY_POINT_GROUP = "ember.backends"
 # that is not installed is simply absent; a module that exists but fails to
 # import (a missing dependency) is recorded as a load error.
 BUILTIN_MODULES = ["ember.plugins.reference", "ember.plugins.cpu", "ember.plugins.onnx",
-                   "ember.plugins.cuda"]
+                   "ember.plugins.cuda", "ember.plugins.webgpu"]
 
 
 # ---------------------------------------------------------------------------

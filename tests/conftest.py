@@ -1,11 +1,11 @@
 """Shared fixtures: where the llama.cpp conformance oracle lives, and skips without it.
 
 A test whose oracle is missing skips with the reason. In CI a skip would let
-the suite quietly shrink, so two variables turn those skips into failures:
+the suite quietly shrink, so three variables turn those skips into failures:
 EMBER_REQUIRE_CONFORMANCE=1 for ../shared/conformance (the stored llama.cpp
 outputs and models), EMBER_REQUIRE_ORACLES=1 for the live llama.cpp oracles
-(libggml's C quantizer, llama-cpp-python's tokenizer). Every such skip goes
-through `absent()`.
+(libggml's C quantizer, llama-cpp-python's tokenizer), EMBER_REQUIRE_WEBGPU=1
+for a WebGPU adapter (lavapipe in CI). Every such skip goes through `absent()`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = (ROOT / ".." / "shared" / "conformance").resolve()
 REQUIRE_CONFORMANCE = "EMBER_REQUIRE_CONFORMANCE"
 REQUIRE_ORACLES = "EMBER_REQUIRE_ORACLES"
+REQUIRE_WEBGPU = "EMBER_REQUIRE_WEBGPU"
 
 
 # ---------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def absent(reason: str, flag: str = REQUIRE_CONFORMANCE) -> NoReturn:
 def pytest_configure(config):
     config.addinivalue_line("markers", "absent(reason, flag): the oracle is missing; "
                                        "skips, or fails under the flag")
-    for flag in (REQUIRE_CONFORMANCE, REQUIRE_ORACLES):
+    for flag in (REQUIRE_CONFORMANCE, REQUIRE_ORACLES, REQUIRE_WEBGPU):
         required(flag)                  # a typo'd value stops the run before any test
 
 

@@ -3,7 +3,8 @@
 Rows come from ember.plugins.registry (built-in and third-party plugins
 alike), best first; `--json` prints the same rows for scripts. Plugins that
 failed to import are listed after the table, so a broken third-party package
-is visible without stopping anything.
+is visible without stopping anything. docs/backends.md says what each field
+of `--json` means (and what the webgpu row shows: adapter, API, features).
 """
 from __future__ import annotations
 

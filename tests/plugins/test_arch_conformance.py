@@ -19,7 +19,7 @@ import pytest
 
 from ember.daemon import engine
 from ember.formats import gguf
-from ember.plugins import cpu, cuda, onnx, reference, registry
+from ember.plugins import cpu, cuda, onnx, reference, registry, webgpu
 from ember.formats.model_config import POOLING_TYPES, UnsupportedModel, config_from_gguf
 from ember.plugins.features import FEATURES, features
 from tests.conftest import (CONFORMANCE, assert_matches_oracle, conformance_cases, conformance_path,
@@ -29,10 +29,11 @@ CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
 MODELS = sorted({c["model"] for c in CASES})
 # backend -> the features.FEATURES it implements. BACKENDS must run every case; a PARTIAL
 # backend runs what its IMPLEMENTED covers (so the cases follow as a backend grows) and
-# refuses the rest. cuda runs only where a GPU probes available. (cpu runs every case
+# refuses the rest. cuda runs only where a GPU probes available, webgpu where wgpu finds an
+# adapter (lavapipe in CI). (cpu runs every case
 # here at the kernels' chosen ISA; tests/plugins/test_cpu.py repeats them per ISA.)
 BACKENDS = {"reference": reference.IMPLEMENTED, "cpu": cpu.IMPLEMENTED}
-PARTIAL = {"onnx": onnx.IMPLEMENTED, "cuda": cuda.IMPLEMENTED}
+PARTIAL = {"onnx": onnx.IMPLEMENTED, "cuda": cuda.IMPLEMENTED, "webgpu": webgpu.IMPLEMENTED}
 ALL = {**BACKENDS, **{b: f for b, f in PARTIAL.items() if b in registry.available()}}
 
 

@@ -1,7 +1,7 @@
 """The conformance suite against EVERY available backend: llama.cpp's logits as the oracle.
 
 Parametrized over (backend, case): each backend that probes available on this
-machine (reference, cpu, onnx, cuda, ...) runs every case of
+machine (reference, cpu, onnx, cuda, webgpu, ...) runs every case of
 ../shared/conformance/refs/manifest.json, teacher-forced from llama.cpp's
 own prompt tokens, through the engine's stable surface
 (``engine.load(path, backend=name)`` and ``Model.logits``), and is held to
@@ -19,7 +19,8 @@ import pytest
 
 from ember.daemon import engine
 from ember.plugins import registry
-from tests.conftest import absent, assert_matches_oracle, conformance_cases, conformance_path, oracle_params
+from tests.conftest import (REQUIRE_WEBGPU, absent, assert_matches_oracle, conformance_cases, conformance_path,
+                            oracle_params, required)
 
 CASES = conformance_cases()
 BACKENDS = registry.available()
@@ -85,4 +86,6 @@ def test_the_suite_covers_every_available_backend():
         absent("conformance manifest absent (../shared/conformance is absent)")
     assert "reference" in BACKENDS
     assert "onnx" in BACKENDS, registry.probe("onnx").reason  # CI installs the [onnx] extra
+    if required(REQUIRE_WEBGPU):     # CI installs the [webgpu] extra and lavapipe
+        assert "webgpu" in BACKENDS, registry.probe("webgpu").reason
     assert len({c["model"] for c in CASES}) >= 20
