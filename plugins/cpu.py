@@ -129,7 +129,7 @@ class CpuRunner(CacheBookkeeping):
         self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
         self.dec = forward.Decoder(gguf, config, n_ctx, threads,
                                    int(options.get("max_batch", forward.DEFAULT_MAX_BATCH)),
-                                   options.get("isa"))
+                                   options.get("isa"), options.get("repack"), options.get("progress"))
         self.isa, self.threads = self.dec.isa, self.dec.threads
         self._one = np.zeros(1, dtype=np.int32)   # decode's token, reused
         # Sliding-window rings hold only their last rows: after writing position p, the

@@ -1,0 +1,147 @@
+/* Repacked weight layouts: 16 rows interleaved for the "rows in lanes" kernels.
+ *
+ * Why: decode reads every weight byte once, so it runs at memory speed only if
+ * the arithmetic per byte is small. In the file's layout a row is a run of
+ * blocks; a SIMD kernel needs one row's 32 codes in one register and then
+ * sums the register horizontally to one exact int per block before it can
+ * scale it -- shuffles that cost more than the multiply (Q4_0 decode was
+ * compute-bound at ~13 GB/s a thread). Interleaving 16 rows puts 4 codes of
+ * each row in the 16 int32 lanes of one 512-bit register: 8 vpdpbusd with a
+ * broadcast 4-code activation group finish 16 exact block sums at once, and
+ * the 16 scales come in with one 32-byte load (llama.cpp's block_q4_0x8 is
+ * the same idea for 8 rows). The rows of a matrix are the lanes, exactly as
+ * the activation rows are in the prefill kernels (quants_avx512.c, matmul16),
+ * so the float order is theirs: matvec == matmul row, bit for bit, and equal
+ * to the file-layout AVX-512 VNNI results.
+ *
+ * Layout (R16 = 16 rows), for a (rows, n) matrix, rows % 16 == 0: group g
+ * holds rows 16g..16g+15 in the same bytes the file gives them
+ * (16 * row_bytes); inside it, block b (values 32b..32b+31 of every row) is
+ *     fp16    d[16]           the 16 rows' scales
+ *     uint8_t qs[P][16][4]    piece p, row j: the row's code bytes 4p..4p+3
+ * with P = 4 for Q4_0 (its 16 nibble bytes; the low nibbles of piece p are
+ * codes 4p..4p+3, the high ones 16+4p..16+4p+3) and P = 8 for Q8_0 (codes
+ * 4p..4p+3). That is a 16 x P transpose of 4-byte groups: a piece is one
+ * 64-byte register, row j in int32 lane j. Same size as the file's blocks.
+ *
+ * Repacking happens once at load (kernels/forward.py), into memory that
+ * replaces the map's pages (one copy). This file holds the repacker and the
+ * portable C twins of the kernels (repack_avx2.c, repack_avx512.c).
+ */
+#include <math.h>
+
+#include "quants_internal.h"
+
+#define R16 EMBER_REPACK_ROWS
+
+/* ======================================================================== */
+/* Layout facts                                                              */
+/* ======================================================================== */
+
+int ember_repack_type_of(int wtype) {
+    switch (wtype) {
+    case EMBER_Q4_0: return EMBER_Q4_0_R16;
+    case EMBER_Q8_0: return EMBER_Q8_0_R16;
+    default: return -1;
+    }
+}
+
+/* code bytes per row-block: the file block minus its fp16 scale */
+static size_t code_bytes(int base) { return ember_block_bytes(base) - sizeof(ember_fp16_t); }
+
+/* ======================================================================== */
+/* The repacker                                                              */
+/* ======================================================================== */
+
+int ember_repack(int wtype, const void *src, size_t row_bytes, int64_t rows, int64_t n, void *dst) {
+    const int rtype = ember_repack_type_of(wtype);
+    if (rtype < 0 || rows % R16 || n % QK8_0) return -1;
+    const size_t bsz = ember_block_bytes(wtype), cb = code_bytes(wtype);
+    const int64_t nblk = n / QK8_0;
+    const uint8_t *s = src;
+    uint8_t *d = dst;
+    for (int64_t g = 0; g < rows / R16; g++) {
+        const uint8_t *sg = s + (size_t)g * R16 * row_bytes;
+        uint8_t *dg = d + (size_t)g * R16 * row_bytes;
+        for (int64_t b = 0; b < nblk; b++) {
+            uint8_t *db = dg + (size_t)b * R16 * bsz;   /* d[16] | qs[P][16][4] */
+            for (int j = 0; j < R16; j++) {
+                const uint8_t *sb = sg + (size_t)j * row_bytes + (size_t)b * bsz;   /* d | codes */
+                memcpy(db + 2 * j, sb, 2);
+                for (size_t p = 0; p < cb / 4; p++) memcpy(db + 2 * R16 + 64 * p + 4 * j, sb + 2 + 4 * p, 4);
+            }
+        }
+    }
+    return rtype;
+}
+
+/* ======================================================================== */
+/* Portable kernels (the twins of repack_avx2.c / repack_avx512.c)           */
+/* ======================================================================== */
+
+/* exact signed block sum of row j of a repacked block `qs` with activation codes x */
+static int32_t isum_q4_0_r16(const uint8_t *qs, int j, const int8_t *x) {
+    int32_t s = 0;
+    for (int p = 0; p < 4; p++)
+        for (int t = 0; t < 4; t++) {
+            const uint8_t v = qs[64 * p + 4 * j + t];
+            s += ((v & 0xF) - 8) * x[4 * p + t] + ((v >> 4) - 8) * x[16 + 4 * p + t];
+        }
+    return s;
+}
+
+static int32_t isum_q8_0_r16(const uint8_t *qs, int j, const int8_t *x) {
+    int32_t s = 0;
+    for (int p = 0; p < 8; p++)
+        for (int t = 0; t < 4; t++) s += (int8_t)qs[64 * p + 4 * j + t] * x[4 * p + t];
+    return s;
+}
+
+/* The float order every R16 kernel keeps (see quants_avx512.c, "activation
+ * rows in lanes"): chain c = b % 4 does A_c = fma((float)isum_b, d(w_b) * d(x_b), A_c),
+ * the result is (A_0 + A_1) + (A_2 + A_3). */
+#define R16_GENERIC(name, bsz)                                                           \
+static float row_##name(int64_t nblk, const uint8_t *wg, int j, const void *xq, int64_t n) { \
+    const int8_t *x = ember_q8_0_qs(xq, n);                                             \
+    const float *dx8 = ember_q8_0_dx8(xq, n);                                           \
+    float A[4] = {0, 0, 0, 0};                                                          \
+    for (int64_t b = 0; b < nblk; b++) {                                                \
+        const uint8_t *wb = wg + (size_t)b * R16 * (bsz);                               \
+        ember_fp16_t d;                                                                 \
+        memcpy(&d, wb + 2 * j, 2);                                                      \
+        const float sc = ember_fp16_table[d] * dx8[8 * b];                              \
+        A[b & 3] = fmaf((float)isum_##name(wb + 2 * R16, j, x + 32 * b), sc, A[b & 3]); \
+    }                                                                                   \
+    return (A[0] + A[1]) + (A[2] + A[3]);                                               \
+}                                                                                       \
+                                                                                        \
+void ember_rows_##name##_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1, \
+                                 const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy) { \
+    const uint8_t *W = w, *X = x;                                                       \
+    for (int64_t a = 0; a < nb; a++)                                                    \
+        for (int64_t r = r0; r < r1; r++)                                               \
+            Y[a * ldy + (r - r0)] = row_##name(n / QK8_0, W + (size_t)(r / R16) * R16 * row_bytes, \
+                                               (int)(r % R16), X + a * xs, n);          \
+}
+
+R16_GENERIC(q4_0_r16, sizeof(block_q4_0))
+R16_GENERIC(q8_0_r16, sizeof(block_q8_0))
+
+/* row j of a 16-row group, for the SIMD kernels' partial groups (same order) */
+float ember_row_q4_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq) {
+    return row_q4_0_r16(n / QK8_0, wg, j, xq, n);
+}
+
+float ember_row_q8_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq) {
+    return row_q8_0_r16(n / QK8_0, wg, j, xq, n);
+}
+
+/* The portable twins are correct but slower than the file layout's portable
+ * kernels are not: returns 0, so the generic ISA keeps the file's layout. */
+int ember_fill_repacked_generic(ember_type_kernels *k) {
+    k[EMBER_Q4_0_R16] = (ember_type_kernels){NULL, NULL, ember_quantize_row_q8_0_generic, NULL,
+                                             ember_rows_q4_0_r16_generic};
+    k[EMBER_Q8_0_R16] = (ember_type_kernels){NULL, NULL, ember_quantize_row_q8_0_generic, NULL,
+                                             ember_rows_q8_0_r16_generic};
+    return 0;
+}
