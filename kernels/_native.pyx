@@ -35,7 +35,7 @@ cdef extern from "ember_kernels.h":
     int ember_repack_type_of(int wtype) nogil
     int ember_repack(int wtype, const void *src, size_t row_bytes, int64_t rows, int64_t n, void *dst) nogil
     enum:
-        EMBER_REPACK_ROWS, EMBER_Q4_0_R16, EMBER_Q8_0_R16
+        EMBER_REPACK_ROWS, EMBER_Q4_0_R16, EMBER_Q8_0_R16, EMBER_Q4_K_R16
     enum:
         EMBER_ISA_GENERIC, EMBER_ISA_AVX2, EMBER_ISA_AVX512, EMBER_ISA_NEON, EMBER_N_ISA
 
@@ -90,7 +90,7 @@ def block_bytes(int wtype):
 
 
 REPACK_ROWS = EMBER_REPACK_ROWS
-REPACKED_TYPES = {EMBER_Q4_0_R16: "Q4_0_R16", EMBER_Q8_0_R16: "Q8_0_R16"}
+REPACKED_TYPES = {EMBER_Q4_0_R16: "Q4_0_R16", EMBER_Q8_0_R16: "Q8_0_R16", EMBER_Q4_K_R16: "Q4_K_R16"}
 
 
 def repacked_type(int wtype):

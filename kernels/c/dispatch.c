@@ -121,7 +121,7 @@ int ember_block_elems(int wtype) {
     case EMBER_Q4_0: case EMBER_Q4_1: case EMBER_Q5_0: case EMBER_Q5_1:
     case EMBER_Q8_0: case EMBER_IQ4_NL: return 32;
     case EMBER_Q2_K: case EMBER_Q3_K: case EMBER_Q4_K: case EMBER_Q5_K:
-    case EMBER_Q6_K: case EMBER_Q8_K: return QK_K;
+    case EMBER_Q6_K: case EMBER_Q8_K: case EMBER_Q4_K_R16: return QK_K;
     default: return 0;
     }
 }
@@ -138,7 +138,7 @@ size_t ember_block_bytes(int wtype) {
     case EMBER_IQ4_NL: return sizeof(block_iq4_nl);
     case EMBER_Q2_K: return sizeof(block_q2_K);
     case EMBER_Q3_K: return sizeof(block_q3_K);
-    case EMBER_Q4_K: return sizeof(block_q4_K);
+    case EMBER_Q4_K: case EMBER_Q4_K_R16: return sizeof(block_q4_K);
     case EMBER_Q5_K: return sizeof(block_q5_K);
     case EMBER_Q6_K: return sizeof(block_q6_K);
     case EMBER_Q8_K: return sizeof(block_q8_K);

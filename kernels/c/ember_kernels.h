@@ -31,7 +31,7 @@ enum {
     EMBER_Q6_K = 14, EMBER_Q8_K = 15, EMBER_IQ4_NL = 20, EMBER_BF16 = 30,
     /* ember's own repacked layouts (kernels/c/repack.c), never read from a file:
      * ids past every GGML type (ggml's GGML_TYPE_COUNT is 40) */
-    EMBER_Q4_0_R16 = 40, EMBER_Q8_0_R16 = 41,
+    EMBER_Q4_0_R16 = 40, EMBER_Q8_0_R16 = 41, EMBER_Q4_K_R16 = 42,
     EMBER_N_TYPES = 48
 };
 

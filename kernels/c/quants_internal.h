@@ -168,7 +168,10 @@ void ember_rows_q4_0_r16_generic(int64_t n, const void *w, size_t row_bytes, int
                                  const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
 void ember_rows_q8_0_r16_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
                                  const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
+void ember_rows_q4_K_r16_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
+                                 const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
 float ember_row_q4_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
+float ember_row_q4_K_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
 float ember_row_q8_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
 
 /* ======================================================================== */

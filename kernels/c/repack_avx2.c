@@ -106,6 +106,7 @@ int ember_fill_repacked_avx2(ember_type_kernels *k) {
     k[EMBER_Q4_0_R16].quantize = k[EMBER_Q4_0].quantize;
     k[EMBER_Q8_0_R16].rows = rows_q8_0_r16_avx2;
     k[EMBER_Q8_0_R16].quantize = k[EMBER_Q8_0].quantize;
+    k[EMBER_Q4_K_R16].quantize = k[EMBER_Q4_K].quantize;   /* rows: the portable twin (no AVX2 kernel) */
     /* measured side by side (5632 x 2048, 1 thread, Zen 5 as AVX2): Q4_0 decode
      * 5.5 -> 37.6 GB/s and 64-row prefill 66 -> 49 ms; Q8_0 decode 9.6 -> 33
      * GB/s but prefill 57 -> 94 ms (a madd per piece), so Q8_0 stays as filed */

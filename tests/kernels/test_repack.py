@@ -18,7 +18,7 @@ from ember.kernels import _native, dispatch, repack
 from ember.kernels import quants as kq
 from tests.kernels.test_quants import assert_bit_exact, check_products, isa, n_values, random_weights  # noqa: F401
 
-TYPES = ["Q4_0", "Q8_0"]
+TYPES = ["Q4_0", "Q8_0", "Q4_K"]
 R = _native.REPACK_ROWS
 
 # ---------------------------------------------------------------------------
@@ -27,15 +27,18 @@ R = _native.REPACK_ROWS
 
 
 def numpy_repack(t: str, W: np.ndarray) -> np.ndarray:
-    """repack.c's layout, written from its comment: per 16-row group and block, the 16
-    fp16 scales, then piece p = the 4-byte code groups p of rows 0..15."""
+    """repack.c's layout, written from its comment: per 16-row group and block, each
+    leading fp16 field (d; Q4_K: d, dmin) as 16 rows' values, then piece p = the
+    4-byte groups p of the rest of rows 0..15."""
     bb = fq.BLOCKS[t][1]
+    head = 4 if t == "Q4_K" else 2
     rows, nblk = W.shape[0], W.shape[1] // bb
     blocks = W.reshape(rows // R, R, nblk, bb)                     # (group, row, block, bytes)
-    d = blocks[..., :2].transpose(0, 2, 1, 3).reshape(rows // R, nblk, 2 * R)
-    codes = blocks[..., 2:].reshape(rows // R, R, nblk, (bb - 2) // 4, 4)
+    fields = blocks[..., :head].reshape(rows // R, R, nblk, head // 2, 2)
+    fields = fields.transpose(0, 2, 3, 1, 4).reshape(rows // R, nblk, -1)   # (group, block, field, row, 2)
+    codes = blocks[..., head:].reshape(rows // R, R, nblk, (bb - head) // 4, 4)
     pieces = codes.transpose(0, 2, 3, 1, 4).reshape(rows // R, nblk, -1)   # (group, block, piece, row, 4)
-    return np.concatenate([d, pieces], axis=-1).reshape(W.shape)
+    return np.concatenate([fields, pieces], axis=-1).reshape(W.shape)
 
 
 def packed(t: str, W: np.ndarray) -> tuple[int, np.ndarray]:
@@ -69,9 +72,9 @@ def test_repack_refuses_what_it_cannot_lay_out():
     W = random_weights("Q4_0", R + 1, 3, rng)
     with pytest.raises(ValueError, match="multiple of 16"):
         _native.repack(GGML_TYPE_IDS["Q4_0"], W, np.empty_like(W), n_values("Q4_0", W))
-    K = random_weights("Q4_K", R, 1, rng)
+    K = random_weights("Q6_K", R, 1, rng)
     with pytest.raises(ValueError, match="no repacked layout"):
-        _native.repack(GGML_TYPE_IDS["Q4_K"], K, np.empty_like(K), 256)
+        _native.repack(GGML_TYPE_IDS["Q6_K"], K, np.empty_like(K), 256)
     rtype, P = packed("Q4_0", random_weights("Q4_0", R, 3, rng))
     with pytest.raises(ValueError, match="interleaves 16 rows"):
         _native.get_rows(rtype, P, np.zeros(1, np.int32), np.empty((1, 96), np.float32))
@@ -83,7 +86,7 @@ def test_modes():
     tid = GGML_TYPE_IDS["Q4_0"]
     assert repack.wanted("off", tid) == repack.wanted(False, tid) == -1
     assert repack.wanted("on", tid) == _native.repack_type_of(tid) >= 0
-    assert repack.wanted("on", GGML_TYPE_IDS["Q4_K"]) == -1
+    assert repack.wanted("on", GGML_TYPE_IDS["Q6_K"]) == -1
     assert repack.wanted(None, tid) == repack.wanted("auto", tid) == _native.repacked_type(tid)
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         repack.wanted("yes", tid)

@@ -208,9 +208,9 @@ def test_load_hook_returns_a_runner_that_owns_no_weight_copy():
     r.close()
 
 
-@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q8_0.gguf"])
+@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q8_0.gguf", "s512-llama-Q4_K_M.gguf"])
 def test_repacked_weights_replace_the_map_one_copy(model):
-    """repack 'on': every 16-row Q4_0/Q8_0 matrix but the embedding is rewritten into memory
+    """repack "on": every 16-row Q4_0/Q8_0/Q4_K matrix but the embedding is rewritten into memory
     of its own (read-only, as many bytes as the tensor), and the map's pages of it are
     dropped: what stays resident of the file is about the matrices kept in it."""
     path = conformance_path("models", model)
@@ -223,7 +223,7 @@ def test_repacked_weights_replace_the_map_one_copy(model):
     views = [a for a in mats if any(np.shares_memory(a, t.data) for t in by_data.values())]
     packed = [a for a in mats if not any(np.shares_memory(a, t.data) for t in by_data.values())]
     n_repackable = sum(1 for t in f.tensors.values() if len(t.shape) == 2 and t.name != "token_embd.weight"
-                       and t.type in ("Q4_0", "Q8_0") and t.shape[0] % 16 == 0)
+                       and t.type in ("Q4_0", "Q8_0", "Q4_K") and t.shape[0] % 16 == 0)
     assert n_repackable > 0 and r.dec.repacked == (len(packed), sum(a.nbytes for a in packed))
     assert len(packed) == n_repackable and all(not a.flags.writeable for a in packed)
     kept_in_file = sum(a.nbytes for a in views if not any(a is b for b in packed))

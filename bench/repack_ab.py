@@ -1,0 +1,121 @@
+"""The repacked weight layout against the file's, side by side, on one model.
+
+    python bench/repack_ab.py --synthetic tinyllama-1.1b --quant Q4_0 --rounds 5
+    python bench/repack_ab.py ... --instructions      # callgrind instruction counts
+
+Wall clock: each round loads the model twice (cpu backend, repack 'on' then
+'off', order alternating by round) and times a prefill and a decode of each;
+medians of the per-round numbers and of their ratio are printed with the load
+average. A ratio measured inside one round is what to trust on a shared
+machine: both sides see about the same load.
+
+--instructions runs each side under callgrind (valgrind on PATH), counting
+only inside ember_forward, one thread: instructions per decoded token and per
+prompt token, independent of the load. Valgrind has no AVX-512, so these are
+the AVX2 kernels (the CPU valgrind emulates has none beyond AVX2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def measure(model: str, mode: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    """Load, prefill n_prompt tokens, decode n_gen: seconds of each and what was repacked."""
+    import numpy as np
+
+    from ember.formats import gguf
+    from ember.plugins.arch import config_from_gguf
+    from ember.plugins.cpu import CpuRunner
+
+    f = gguf.open(model)
+    c = config_from_gguf(f)
+    t0 = time.perf_counter()
+    r = CpuRunner(f, c, n_prompt + n_gen + 1, threads=threads, options={"repack": mode})
+    load = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, c.n_vocab, n_prompt).tolist()
+    t0 = time.perf_counter()
+    tok = int(np.argmax(r.prefill(prompt)))
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_gen):
+        tok = int(np.argmax(r.decode(tok)))
+    decode = time.perf_counter() - t0
+    out = {"mode": mode, "isa": r.isa, "load_s": load, "prefill_tok_s": n_prompt / prefill,
+           "decode_tok_s": n_gen / decode if n_gen else 0.0, "repacked": list(r.dec.repacked)}
+    r.close()
+    return out
+
+
+def instructions(model: str, mode: str, n_prompt: int, n_gen: int) -> int:
+    """Instructions executed inside ember_forward (callgrind), one thread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--collect-atstart=no",
+               "--toggle-collect=ember_forward", sys.executable, __file__, "--child", model, mode,
+               str(n_prompt), str(n_gen)]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "EMBER_ISA": "avx2"})
+        with open(out) as fh:
+            m = re.search(r"^summary:\s+(\d+)", fh.read(), re.M)
+        return int(m.group(1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?")
+    p.add_argument("--synthetic", default=None, help="a synthetic shape, e.g. tinyllama-1.1b")
+    p.add_argument("--quant", default="Q4_0")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--instructions", action="store_true", help="callgrind counts instead of wall clock")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:   # under valgrind: one measured run, nothing printed
+        model, mode, n_prompt, n_gen = a.child
+        measure(model, mode, 1, int(n_prompt), int(n_gen))
+        return 0
+    if a.synthetic:
+        from ember.daemon.commands.bench import synthetic_model
+        a.model = synthetic_model(a.synthetic, a.quant)
+    if not a.model:
+        p.error("give a MODEL file or --synthetic SHAPE")
+    print(f"{os.path.basename(a.model)}; load average {os.getloadavg()[0]:.1f} (1 min) before")
+    if a.instructions:
+        for what, n_prompt, n_gen in (("prefill", 32, 0), ("prefill+decode", 32, 8)):
+            counts = {m: instructions(a.model, m, n_prompt, n_gen) for m in ("on", "off")}
+            print(f"{what} ({n_prompt} prompt, {n_gen} decoded): instructions repack on {counts['on']:,} "
+                  f"off {counts['off']:,} ({counts['off'] / counts['on']:.2f}x fewer)")
+            if n_gen:
+                base = {m: instructions(a.model, m, n_prompt, 0) for m in ("on", "off")}
+                per = {m: (counts[m] - base[m]) / n_gen for m in counts}
+                print(f"per decoded token: on {per['on']:,.0f} off {per['off']:,.0f} "
+                      f"({per['off'] / per['on']:.2f}x fewer)")
+        return 0
+    rows = []
+    for i in range(a.rounds):
+        order = ("on", "off") if i % 2 == 0 else ("off", "on")
+        got = {m: measure(a.model, m, a.threads, a.prompt_tokens, a.gen_tokens) for m in order}
+        rows.append(got)
+        print(json.dumps({"round": i + 1, "load": os.getloadavg()[0], **got}))
+    med = lambda k, m: statistics.median(r[m][k] for r in rows)   # noqa: E731
+    ratio = lambda k: statistics.median(r["on"][k] / r["off"][k] for r in rows)   # noqa: E731
+    print(f"threads={a.threads} prompt={a.prompt_tokens} gen={a.gen_tokens} rounds={a.rounds} "
+          f"isa={rows[0]['on']['isa']}; load average {os.getloadavg()[0]:.1f} after")
+    for k in ("decode_tok_s", "prefill_tok_s", "load_s"):
+        print(f"{k:14s} repack on {med(k, 'on'):8.2f}  off {med(k, 'off'):8.2f}  on/off {ratio(k):.2f}x (median of rounds)")
+    print(f"repacked: {rows[0]['on']['repacked'][0]} matrices, {rows[0]['on']['repacked'][1] / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
