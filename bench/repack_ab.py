@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         p.error("give a MODEL file or --synthetic SHAPE")
     print(f"{os.path.basename(a.model)}; load average {os.getloadavg()[0]:.1f} (1 min) before")
     if a.instructions:
-        for what, n_prompt, n_gen in (("prefill", 32, 0), ("prefill+decode", 32, 8)):
+        for what, n_prompt, n_gen in (("prefill", 16, 0), ("prefill+decode", 16, 4)):
             counts = {m: instructions(a.model, m, n_prompt, n_gen) for m in ("on", "off")}
             print(f"{what} ({n_prompt} prompt, {n_gen} decoded): instructions repack on {counts['on']:,} "
                   f"off {counts['off']:,} ({counts['off'] / counts['on']:.2f}x fewer)")

@@ -234,15 +234,19 @@ class Decoder:
         self.fw = _native.Forward(hparams(config, n_ctx, max_batch), self.rope, self.threads,
                                   dispatch.current_isa(), self.rope_swa)
         self._gguf = gguf   # keeps the map alive as long as the views into it
-        self._repacker = repack.Repacker(gguf, repack_mode, progress, self._matrix_bytes(gguf, config))
-        for il in range(config.n_layer):
-            self.fw.set_layer(il, *layer_setting(config, il))
-            self._bind(gguf, il, layer_slots(config, il), f"blk.{il}.")
-        self._bind(gguf, -1, model_slots(config), "")
-        self.fw.finish()
-        self.isa = dispatch.current_isa()
+        self._repacker = repack.Repacker(gguf, repack_mode, progress, self._matrix_bytes(gguf, config),
+                                         self.threads)
+        try:
+            for il in range(config.n_layer):
+                self.fw.set_layer(il, *layer_setting(config, il))
+                self._bind(gguf, il, layer_slots(config, il), f"blk.{il}.")
+            self._bind(gguf, -1, model_slots(config), "")
+        finally:
+            self._repacker.close()   # its threads, also when a tensor is refused
         self.repacked = (self._repacker.count, self._repacker.bytes)   # matrices, bytes
         self._repacker = None
+        self.fw.finish()
+        self.isa = dispatch.current_isa()
 
     @staticmethod
     def _matrix_bytes(gguf, c: ModelConfig) -> int:

@@ -10,10 +10,10 @@ file's while it is being read -- and the memory plan stays "the weights'
 bytes": the layout has exactly the file's size.
 
 Why anonymous memory and not a repacked cache file next to the model: the
-repack runs at ~1-2 GB/s on one core (a 600 MB model in well under a second,
-a 4 GB one in a few), about what reading the file costs anyway, so a cache
-file would save little at start while adding a second file per model to
-key, invalidate and budget on disk. The price: the repacked pages are
+repack is a 4-byte transpose that runs on every compute thread at once
+(row ranges are independent), about the cost of reading the file anyway, so a
+cache file would save little at start while adding a second file per model
+to key, invalidate and budget on disk. The price: the repacked pages are
 private (not shared between two daemons on one model) and swap-backed
 rather than file-backed.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -59,11 +60,18 @@ def aligned_empty(shape: tuple[int, int]) -> np.ndarray:
     return raw[off:off + n].reshape(shape)
 
 
-def repack(tid: int, view: np.ndarray, cols: int, rtype: int) -> np.ndarray:
-    """The (rows, row_bytes) matrix `view` of type tid in layout rtype, in new memory."""
+def repack(tid: int, view: np.ndarray, cols: int, rtype: int, pool: ThreadPoolExecutor | None = None,
+           parts: int = 1) -> np.ndarray:
+    """The (rows, row_bytes) matrix `view` of type tid in layout rtype, in new memory.
+    With a pool, `parts` row ranges (whole 16-row groups, independent) are repacked at
+    once: the C repacker releases the GIL, and the new pages fault in on every core."""
     out = aligned_empty(view.shape)
-    got = _native.repack(tid, view, out, cols)
-    assert got == rtype, (got, rtype)
+    groups = view.shape[0] // _native.REPACK_ROWS
+    cuts = [g * _native.REPACK_ROWS for g in np.linspace(0, groups, max(1, min(parts, groups)) + 1).astype(int)]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    run = lambda ab: _native.repack(tid, view[ab[0]:ab[1]], out[ab[0]:ab[1]], cols)   # noqa: E731
+    got = list(pool.map(run, spans)) if pool is not None and len(spans) > 1 else [run(ab) for ab in spans]
+    assert set(got) == {rtype}, (got, rtype)
     return out
 
 
@@ -71,17 +79,24 @@ class Repacker:
     """Repacks the matrices a Decoder binds, dropping each original's pages as it goes,
     and reports progress (a first-run cost worth showing on big models)."""
 
-    def __init__(self, gguf, mode=None, progress: Progress | None = None, total: int = 0):
+    def __init__(self, gguf, mode=None, progress: Progress | None = None, total: int = 0, threads: int = 1):
         self.gguf, self.mode, self.progress, self.total = gguf, mode, progress, total
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads, "ember-repack") if self.threads > 1 else None
         self.done = 0
         self.count = 0
         self.bytes = 0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def matrix(self, t, tid: int, view: np.ndarray, cols: int) -> tuple[int, np.ndarray]:
         """(type id, view) to bind for tensor t: repacked where wanted, else as given."""
         rtype = wanted(self.mode, tid)
         if rtype >= 0 and view.shape[0] % _native.REPACK_ROWS == 0:
-            packed = repack(tid, view, cols, rtype)
+            packed = repack(tid, view, cols, rtype, self.pool, self.threads)
             packed.flags.writeable = False   # weights, read-only like the map they replace
             self.gguf.release_pages(t.offset, t.nbytes)
             tid, view = rtype, packed

@@ -16,17 +16,23 @@
  *
  * Layout (R16 = 16 rows), for a (rows, n) matrix, rows % 16 == 0: group g
  * holds rows 16g..16g+15 in the same bytes the file gives them
- * (16 * row_bytes); inside it, block b (values 32b..32b+31 of every row) is
- *     fp16    d[16]           the 16 rows' scales
- *     uint8_t qs[P][16][4]    piece p, row j: the row's code bytes 4p..4p+3
+ * (16 * row_bytes); inside it, block b of every row (32 values; Q4_K 256) is
+ *     fp16    f[F][16]        each leading fp16 field of the block, 16 rows'
+ *                             (F = 1: d; Q4_K F = 2: d, dmin)
+ *     uint8_t qs[P][16][4]    piece p, row j: bytes 4p..4p+3 of the rest of
+ *                             row j's block
  * with P = 4 for Q4_0 (its 16 nibble bytes; the low nibbles of piece p are
- * codes 4p..4p+3, the high ones 16+4p..16+4p+3) and P = 8 for Q8_0 (codes
- * 4p..4p+3). That is a 16 x P transpose of 4-byte groups: a piece is one
- * 64-byte register, row j in int32 lane j. Same size as the file's blocks.
+ * codes 4p..4p+3, the high ones 16+4p..16+4p+3), P = 8 for Q8_0 (codes
+ * 4p..4p+3) and P = 35 for Q4_K (3 pieces of packed 6-bit scales and mins,
+ * then 32 of nibbles). That is a 16 x P transpose of 4-byte groups: a piece
+ * is one 64-byte register, row j in int32 lane j. Same size as the file's
+ * blocks.
  *
- * Repacking happens once at load (kernels/forward.py), into memory that
+ * Repacking happens once at load (kernels/repack.py), into memory that
  * replaces the map's pages (one copy). This file holds the repacker and the
- * portable C twins of the kernels (repack_avx2.c, repack_avx512.c).
+ * portable C twins of the kernels (repack_avx2.c: Q4_0, Q8_0; repack_avx512.c
+ * with VNNI: Q4_0, Q8_0, Q4_K). NEON has no kernels for these layouts yet, so
+ * ARM keeps the file's layout (dispatch.c asks each ISA which it prefers).
  */
 #include <math.h>
 

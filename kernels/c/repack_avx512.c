@@ -83,6 +83,15 @@ static inline void pieces_q8_0(const uint8_t *qs, __m512i u[8]) {
     for (int p = 0; p < 8; p++) u[p] = _mm512_xor_si512(load512(qs + 64 * p), _mm512_set1_epi8((char)0x80));
 }
 
+/* Decode streams the weights once: while a group computes, ask for the same
+ * block of the next group (one group ahead, each line once). The hardware
+ * prefetcher stops at 4 KiB pages; the file layout's matvec does the same
+ * one row ahead (dispatch.c). */
+static inline void prefetch_block(const uint8_t *next, size_t bytes) {
+    if (!next) return;
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)next + o, _MM_HINT_T0);
+}
+
 /* 4 activation codes as one int32, broadcast to 16 lanes (a load-port uop) */
 static inline __m512i bcast4(const int8_t *x) {
     int32_t v;
@@ -111,8 +120,8 @@ static inline __m512i isum16(const __m512i u[8], const int8_t *x, int32_t corr) 
  * always_inline with a constant T: the 4T accumulators live in registers. */
 #define GROUP_FN(name, bsz)                                                              \
 static inline __attribute__((always_inline)) void group_##name(                         \
-        int64_t n, const uint8_t *wg, const uint8_t *X, size_t xs, const int32_t *csum, \
-        int T, float *Y, int64_t ldy) {                                                 \
+        int64_t n, const uint8_t *wg, const uint8_t *next, const uint8_t *X, size_t xs, \
+        const int32_t *csum, int T, float *Y, int64_t ldy) {                            \
     const int64_t nblk = n / QK8_0;                                                     \
     __m512 A[TILE][4];                                                                  \
     const int8_t *xqs[TILE];                                                            \
@@ -124,6 +133,7 @@ static inline __attribute__((always_inline)) void group_##name(                 
     }                                                                                   \
     for (int64_t b = 0; b < nblk; b++) {                                                \
         const uint8_t *wb = wg + (size_t)b * R16 * (bsz);                               \
+        prefetch_block(next ? next + (size_t)b * R16 * (bsz) : NULL, R16 * (bsz));      \
         __m512i u[8];                                                                   \
         PIECES_##name(wb + 2 * R16, u);                                                 \
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wb));     \
@@ -156,10 +166,11 @@ static void rows_##name##_avx512vnni(int64_t n, const void *w, size_t row_bytes,
     for (; r + R16 <= r1; r += R16) {                                                   \
         const uint8_t *wg = W + (size_t)(r / R16) * gbytes;                             \
         int64_t a = 0;                                                                  \
+        const uint8_t *next = nb == 1 && r + 2 * R16 <= r1 ? wg + gbytes : NULL;        \
         for (; a + TILE <= nb; a += TILE)                                               \
-            group_##name(n, wg, X + a * xs, xs, csum + a * nblk, TILE, Y + a * ldy + (r - r0), ldy); \
+            group_##name(n, wg, NULL, X + a * xs, xs, csum + a * nblk, TILE, Y + a * ldy + (r - r0), ldy); \
         for (; a < nb; a++)                                                             \
-            group_##name(n, wg, X + a * xs, xs, csum + a * nblk, 1, Y + a * ldy + (r - r0), ldy); \
+            group_##name(n, wg, next, X + a * xs, xs, csum + a * nblk, 1, Y + a * ldy + (r - r0), ldy); \
     }                                                                                   \
     for (; r < r1; r++)              /* a partial last group */                         \
         for (int64_t a = 0; a < nb; a++)                                                \
@@ -224,8 +235,8 @@ static inline __m512i byte_lane(__m512i v, int k) {
 #define Q4K_BYTES sizeof(block_q4_K)
 
 static inline __attribute__((always_inline)) void group_q4_K_r16(
-        int64_t n, const uint8_t *wg, const uint8_t *X, size_t xs, const k4_bsums *bsp,
-        int T, float *Y, int64_t ldy) {
+        int64_t n, const uint8_t *wg, const uint8_t *next, const uint8_t *X, size_t xs,
+        const k4_bsums *bsp, int T, float *Y, int64_t ldy) {
     const int64_t nsb = n / QK_K;
     __m512 A[TILE][4], M[TILE][4];
     const block_q8_K *x[TILE];
@@ -236,6 +247,7 @@ static inline __attribute__((always_inline)) void group_q4_K_r16(
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
     for (int64_t i = 0; i < nsb; i++) {
         const uint8_t *wb = wg + (size_t)i * R16 * Q4K_BYTES;
+        prefetch_block(next ? next + (size_t)i * R16 * Q4K_BYTES : NULL, R16 * Q4K_BYTES);
         __m512i sm[4];
         k4_sm16(wb + 4 * R16, sm);
         __m512i sumi[TILE];
@@ -301,10 +313,11 @@ static void rows_q4_K_r16_avx512vnni(int64_t n, const void *w, size_t row_bytes,
     for (; r + R16 <= r1; r += R16) {
         const uint8_t *wg = W + (size_t)(r / R16) * gbytes;
         int64_t a = 0;
+        const uint8_t *next = nb == 1 && r + 2 * R16 <= r1 ? wg + gbytes : NULL;
         for (; a + TILE <= nb; a += TILE)
-            group_q4_K_r16(n, wg, X + a * xs, xs, bsp + a * nsb, TILE, Y + a * ldy + (r - r0), ldy);
+            group_q4_K_r16(n, wg, NULL, X + a * xs, xs, bsp + a * nsb, TILE, Y + a * ldy + (r - r0), ldy);
         for (; a < nb; a++)
-            group_q4_K_r16(n, wg, X + a * xs, xs, bsp + a * nsb, 1, Y + a * ldy + (r - r0), ldy);
+            group_q4_K_r16(n, wg, next, X + a * xs, xs, bsp + a * nsb, 1, Y + a * ldy + (r - r0), ldy);
     }
     for (; r < r1; r++)
         for (int64_t a = 0; a < nb; a++)

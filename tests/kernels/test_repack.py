@@ -135,3 +135,15 @@ def test_repacked_extreme_codes_do_not_overflow(isa, t):
     X[1] = 1.0
     rtype, P = packed(t, W)
     check_products(t, W, X, products(rtype, P, kq.quantize_act(t, X), n), f"{t} {isa} extreme codes")
+
+
+def test_repack_in_parallel_row_ranges_is_the_same_bytes():
+    """Row ranges of whole groups are independent: a pool of threads writes what one does."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(5)
+    W = random_weights("Q4_0", 7 * R, 9, rng)
+    tid, n = GGML_TYPE_IDS["Q4_0"], n_values("Q4_0", W)
+    rtype = _native.repack_type_of(tid)
+    with ThreadPoolExecutor(3) as pool:
+        for parts in (2, 3, 7, 50):
+            np.testing.assert_array_equal(repack.repack(tid, W, n, rtype, pool, parts), numpy_repack("Q4_0", W))
