@@ -2,12 +2,20 @@
 
     python bench/repack_ab.py --synthetic tinyllama-1.1b --quant Q4_0 --rounds 5
     python bench/repack_ab.py ... --instructions      # callgrind instruction counts
+    python bench/repack_ab.py --kernels                # the kernels alone, 1 thread
 
 Wall clock: each round loads the model twice (cpu backend, repack 'on' then
 'off', order alternating by round) and times a prefill and a decode of each;
 medians of the per-round numbers and of their ratio are printed with the load
 average. A ratio measured inside one round is what to trust on a shared
 machine: both sides see about the same load.
+
+--kernels times the kernels alone on random weights, one thread, by the
+thread's CPU time (time.thread_time: the time it was scheduled, so other
+processes on the cores stretch it far less than the wall clock; memory
+bandwidth they take still counts), best of N, file layout vs repacked, at
+the ISA in use: matvec over a 72-136 MiB matrix (streams from DRAM), over a
+256-row one (cache-resident: the kernel's own speed), and a 64-row matmul.
 
 --instructions runs each side under callgrind (valgrind on PATH), counting
 only inside ember_forward, one thread: instructions per decoded token and per
@@ -68,6 +76,54 @@ def instructions(model: str, mode: str, n_prompt: int, n_gen: int) -> int:
         return int(m.group(1))
 
 
+def kernels(trials: int) -> None:
+    """File layout vs repacked, per type: GB/s of matvec (DRAM, cache) and matmul ms."""
+    import numpy as np
+
+    from ember.formats import quants as fq
+    from ember.formats.quants import GGML_TYPE_IDS
+    from ember.kernels import _native, repack
+    from ember.kernels import quants as kq
+
+    rng = np.random.default_rng(0)
+    print(f"ISA {_native.isa_variant()}; 1 thread; thread CPU time, best of {trials}")
+
+    def best(fn, n):
+        t = []
+        for _ in range(n):
+            t0 = time.thread_time()
+            fn()
+            t.append(time.thread_time() - t0)
+        return min(t)
+
+    for t in ("Q4_0", "Q8_0", "Q4_K"):
+        tid, (be, bb) = GGML_TYPE_IDS[t], fq.BLOCKS[t]
+        rtype = _native.repacked_type(tid)
+        if rtype < 0:
+            print(f"{t}: this ISA keeps the file layout")
+            continue
+        n = 2048
+        for what, rows, nb in (("matvec DRAM", 65536, 1), ("matvec cache", 256, 1), ("matmul 64", 2048, 64)):
+            W = rng.integers(0, 256, (rows, n // be, bb), dtype=np.uint8)
+            for off in ((0, 2) if t == "Q4_K" else (0,)):
+                W[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)   # finite scales
+            W = W.reshape(rows, -1)
+            P = repack.repack(tid, W, n, rtype)
+            Xq = kq.quantize_act(t, rng.standard_normal((nb, n)).astype(np.float32))
+            Y = np.empty((nb, rows), np.float32)
+            reps = trials if rows > 256 else 20 * trials
+            got = {name: best(lambda: _native.matmul(ty, M, Xq, Y, n, 0, rows) if nb > 1 else
+                              _native.matvec(ty, M, Xq[0], Y[0], n, 0, rows), reps)
+                   for name, ty, M in (("file", tid, W), ("repacked", rtype, P))}
+            if nb > 1:
+                print(f"{t} {what:12s} file {got['file'] * 1e3:7.2f} ms  repacked {got['repacked'] * 1e3:7.2f} ms"
+                      f"  ({got['file'] / got['repacked']:.2f}x)")
+            else:
+                gbs = {k: W.nbytes / v / 1e9 for k, v in got.items()}
+                print(f"{t} {what:12s} file {gbs['file']:6.1f} GB/s  repacked {gbs['repacked']:6.1f} GB/s"
+                      f"  ({gbs['repacked'] / gbs['file']:.2f}x)  {W.nbytes / 2**20:.1f} MiB")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?")
@@ -78,8 +134,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--instructions", action="store_true", help="callgrind counts instead of wall clock")
+    p.add_argument("--kernels", action="store_true", help="the kernels alone, no model")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.kernels:
+        print(f"load average {os.getloadavg()[0]:.1f} (1 min) before")
+        kernels(12)
+        print(f"load average {os.getloadavg()[0]:.1f} (1 min) after")
+        return 0
     if a.child:   # under valgrind: one measured run, nothing printed
         model, mode, n_prompt, n_gen = a.child
         measure(model, mode, 1, int(n_prompt), int(n_gen))

@@ -233,6 +233,7 @@ static inline __m512i byte_lane(__m512i v, int k) {
 }
 
 #define Q4K_BYTES sizeof(block_q4_K)
+#define Q4K_PF_AHEAD 4096
 
 static inline __attribute__((always_inline)) void group_q4_K_r16(
         int64_t n, const uint8_t *wg, const uint8_t *next, const uint8_t *X, size_t xs,
@@ -247,12 +248,13 @@ static inline __attribute__((always_inline)) void group_q4_K_r16(
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
     for (int64_t i = 0; i < nsb; i++) {
         const uint8_t *wb = wg + (size_t)i * R16 * Q4K_BYTES;
-        prefetch_block(next ? next + (size_t)i * R16 * Q4K_BYTES : NULL, R16 * Q4K_BYTES);
         __m512i sm[4];
         k4_sm16(wb + 4 * R16, sm);
         __m512i sumi[TILE];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {   /* chunk c: sub-blocks 2c (low nibbles), 2c + 1 (high) */
+            /* a super-block is 36 lines: spread its prefetch over the chunks, 4 KiB ahead */
+            if (next) prefetch_block(wb + Q4K_PF_AHEAD + c * (R16 * Q4K_BYTES / 4), R16 * Q4K_BYTES / 4);
             __m512i lo[8], hi[8];
             for (int k = 0; k < 8; k++) {
                 const __m512i q = load512(wb + 4 * R16 + 64 * (3 + 8 * c + k));
