@@ -71,7 +71,7 @@ static void build_tables(void) {
 #elif defined(__aarch64__)
     memcpy(tables[EMBER_ISA_NEON], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
     variants[EMBER_ISA_NEON] = ember_fill_kernels_neon(tables[EMBER_ISA_NEON], use_extensions);
-    repack_preferred[EMBER_ISA_NEON] = 0;   /* no NEON kernels for the repacked layouts yet */
+    repack_preferred[EMBER_ISA_NEON] = ember_fill_repacked_neon(tables[EMBER_ISA_NEON], use_extensions);
 #endif
 }
 

@@ -190,6 +190,7 @@ void ember_fill_kernels_avx2(ember_type_kernels *k);
 int ember_fill_repacked_generic(ember_type_kernels *k);
 int ember_fill_repacked_avx2(ember_type_kernels *k);
 int ember_fill_repacked_avx512(ember_type_kernels *k, int use_extensions);
+int ember_fill_repacked_neon(ember_type_kernels *k, int use_extensions);
 const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions);
 const char *ember_fill_kernels_neon(ember_type_kernels *k, int use_extensions);
 
