@@ -3,6 +3,7 @@
     python bench/repack_ab.py --synthetic tinyllama-1.1b --quant Q4_0 --rounds 5
     python bench/repack_ab.py ... --instructions      # callgrind instruction counts
     python bench/repack_ab.py --kernels                # the kernels alone, 1 thread
+    python bench/repack_ab.py --kernels --instructions # their instructions (callgrind, AVX2)
 
 Wall clock: each round loads the model twice (cpu backend, repack 'on' then
 'off', order alternating by round) and times a prefill and a decode of each;
@@ -124,6 +125,48 @@ def kernels(trials: int) -> None:
                       f"  ({gbs['repacked'] / gbs['file']:.2f}x)  {W.nbytes / 2**20:.1f} MiB")
 
 
+def kernel_child(t: str, layout: str, reps: int = 4) -> None:
+    """Under callgrind: `reps` matvecs of a 1024 x 2048 matrix of t in one layout."""
+    import numpy as np
+
+    from ember.formats import quants as fq
+    from ember.formats.quants import GGML_TYPE_IDS
+    from ember.kernels import _native, repack
+    from ember.kernels import quants as kq
+
+    tid, (be, bb) = GGML_TYPE_IDS[t], fq.BLOCKS[t]
+    rng = np.random.default_rng(0)
+    W = rng.integers(0, 256, (1024, 2048 // be, bb), dtype=np.uint8)
+    W[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    W = W.reshape(1024, -1)
+    ty, M = tid, W
+    if layout == "repacked":
+        ty = _native.repack_type_of(tid)
+        M = repack.repack(tid, W, 2048, ty)
+    xq = kq.quantize_act(t, rng.standard_normal(2048).astype(np.float32))
+    y = np.empty(1024, np.float32)
+    for _ in range(reps):
+        _native.matvec(ty, M, xq, y, 2048, 0, 1024)
+
+
+def kernel_instructions() -> None:
+    """Instructions per weight byte of matvec, file layout vs repacked (callgrind, AVX2)."""
+    for t in ("Q4_0", "Q8_0"):
+        got = {}
+        for layout in ("file", "repacked"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "cg.out")
+                subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                "--collect-atstart=no", "--toggle-collect=ember_matvec", sys.executable,
+                                __file__, "--kchild", t, layout], check=True, capture_output=True)
+                with open(out) as fh:
+                    got[layout] = int(re.search(r"^summary:\s+(\d+)", fh.read(), re.M).group(1))
+        nbytes = 4 * 1024 * 2048 // 32 * (18 if t == "Q4_0" else 34)
+        print(f"{t} matvec (AVX2, 4 x 1024x2048): instructions file {got['file']:,} repacked "
+              f"{got['repacked']:,} ({got['file'] / got['repacked']:.2f}x fewer); per weight byte "
+              f"{got['file'] / nbytes:.3f} vs {got['repacked'] / nbytes:.3f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?")
@@ -136,7 +179,15 @@ def main(argv=None) -> int:
     p.add_argument("--instructions", action="store_true", help="callgrind counts instead of wall clock")
     p.add_argument("--kernels", action="store_true", help="the kernels alone, no model")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--kchild", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.kchild:
+        kernel_child(*a.kchild)
+        return 0
+    if a.kernels and a.instructions:
+        print(f"load average {os.getloadavg()[0]:.1f} (1 min) before")
+        kernel_instructions()
+        return 0
     if a.kernels:
         print(f"load average {os.getloadavg()[0]:.1f} (1 min) before")
         kernels(12)
