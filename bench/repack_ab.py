@@ -41,7 +41,7 @@ def measure(model: str, mode: str, threads: int, n_prompt: int, n_gen: int) -> d
     import numpy as np
 
     from ember.formats import gguf
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     from ember.plugins.cpu import CpuRunner
 
     f = gguf.open(model)
@@ -81,10 +81,10 @@ def kernels(trials: int) -> None:
     """File layout vs repacked, per type: GB/s of matvec (DRAM, cache) and matmul ms."""
     import numpy as np
 
-    from ember.formats import quants as fq
-    from ember.formats.quants import GGML_TYPE_IDS
+    from ember.formats import quant_blocks as fq
+    from ember.formats.quant_blocks import GGML_TYPE_IDS
     from ember.kernels import _native, repack
-    from ember.kernels import quants as kq
+    from ember.kernels import quant_ops as kq
 
     rng = np.random.default_rng(0)
     print(f"ISA {_native.isa_variant()}; 1 thread; thread CPU time, best of {trials}")
@@ -129,10 +129,10 @@ def kernel_child(t: str, layout: str, reps: int = 4) -> None:
     """Under callgrind: `reps` matvecs of a 1024 x 2048 matrix of t in one layout."""
     import numpy as np
 
-    from ember.formats import quants as fq
-    from ember.formats.quants import GGML_TYPE_IDS
+    from ember.formats import quant_blocks as fq
+    from ember.formats.quant_blocks import GGML_TYPE_IDS
     from ember.kernels import _native, repack
-    from ember.kernels import quants as kq
+    from ember.kernels import quant_ops as kq
 
     tid, (be, bb) = GGML_TYPE_IDS[t], fq.BLOCKS[t]
     rng = np.random.default_rng(0)
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
         measure(model, mode, 1, int(n_prompt), int(n_gen))
         return 0
     if a.synthetic:
-        from ember.daemon.commands.bench import synthetic_model
-        a.model = synthetic_model(a.synthetic, a.quant)
+        from ember.daemon.synthetic import ensure_cached
+        a.model = str(ensure_cached(a.synthetic, a.quant))
     if not a.model:
         p.error("give a MODEL file or --synthetic SHAPE")
     print(f"{os.path.basename(a.model)}; load average {os.getloadavg()[0]:.1f} (1 min) before")

@@ -1,7 +1,7 @@
 """Repacked weight layouts (kernels/c/repack*.c, kernels/repack.py) on every ISA this CPU runs.
 
 Oracles: a numpy transcription of the layout repack.c documents (the repacker
-must produce exactly it); the float64 reference products of test_quants (the
+must produce exactly it); the float64 reference products of test_quant_ops (the
 repacked kernels are held to the same TIGHT/LOOSE bounds); the portable C twin
 (every SIMD build must equal it bit for bit: they share one float order); and
 the file layout's AVX-512 VNNI kernels, which keep that order too, so there
@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ember.formats import quants as fq
-from ember.formats.quants import GGML_TYPE_IDS
+from ember.formats import quant_blocks as fq
+from ember.formats.quant_blocks import GGML_TYPE_IDS
 from ember.kernels import _native, dispatch, repack
-from ember.kernels import quants as kq
-from tests.kernels.test_quants import assert_bit_exact, check_products, isa, n_values, random_weights  # noqa: F401
+from ember.kernels import quant_ops as kq
+from tests.kernels.test_quant_ops import assert_bit_exact, check_products, isa, n_values, random_weights  # noqa: F401
 
 TYPES = ["Q4_0", "Q8_0", "Q4_K"]
 R = _native.REPACK_ROWS
