@@ -502,13 +502,22 @@ class GGUFFile:
 
     # -- lifetime -------------------------------------------------------------
 
-    def release_pages(self) -> None:
+    def release_pages(self, start: int = 0, length: int | None = None) -> None:
         """Tell the kernel the mapped file's pages are not needed now (MADV_DONTNEED): a
         backend that copied every tensor into memory of its own (an integrated GPU's, which is
-        the same RAM) does not keep a second, page-cache copy resident. The map stays valid: a
+        the same RAM; the cpu backend's repacked weights) does not keep a second, page-cache
+        copy resident. [start, start + length) limits it to the whole pages inside that byte
+        range (a tensor's: the pages it shares with a neighbour stay). The map stays valid: a
         later read faults the bytes back in from the file."""
-        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if length is None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
+            return
+        page = mmap.PAGESIZE
+        first, end = -(-start // page) * page, min(start + length, self.size) // page * page
+        if end > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def close(self) -> None:
         """Drop the map. Views handed out keep it alive until they are gone."""

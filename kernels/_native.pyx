@@ -31,6 +31,11 @@ cdef extern from "ember_kernels.h":
     int ember_type_supported(int wtype) nogil
     int ember_block_elems(int wtype) nogil
     size_t ember_block_bytes(int wtype) nogil
+    int ember_repacked_type(int wtype) nogil
+    int ember_repack_type_of(int wtype) nogil
+    int ember_repack(int wtype, const void *src, size_t row_bytes, int64_t rows, int64_t n, void *dst) nogil
+    enum:
+        EMBER_REPACK_ROWS, EMBER_Q4_0_R16, EMBER_Q8_0_R16, EMBER_Q4_K_R16
     enum:
         EMBER_ISA_GENERIC, EMBER_ISA_AVX2, EMBER_ISA_AVX512, EMBER_ISA_NEON, EMBER_N_ISA
 
@@ -82,6 +87,43 @@ def block_elems(int wtype):
 def block_bytes(int wtype):
     """sizeof the C block struct of wtype (0 if unknown)."""
     return ember_block_bytes(wtype)
+
+
+REPACK_ROWS = EMBER_REPACK_ROWS
+REPACKED_TYPES = {EMBER_Q4_0_R16: "Q4_0_R16", EMBER_Q8_0_R16: "Q8_0_R16", EMBER_Q4_K_R16: "Q4_K_R16"}
+
+
+def repacked_type(int wtype):
+    """The repacked layout the current ISA computes wtype faster in, or -1 (keep the file's)."""
+    return ember_repacked_type(wtype)
+
+
+def repack_type_of(int wtype):
+    """The repacked layout of wtype whatever the ISA, or -1 if it has none."""
+    return ember_repack_type_of(wtype)
+
+
+def repack(int wtype, const uint8_t[:, ::1] src, uint8_t[:, ::1] dst, int64_t n):
+    """Write the (rows, row_bytes) matrix src of wtype (rows of n values) into dst (the
+    same shape) in its repacked layout; returns the repacked type id."""
+    cdef int64_t rb = _row_len(wtype, n)
+    cdef int64_t rows = src.shape[0]
+    cdef int rtype
+    if ember_repack_type_of(wtype) < 0:
+        raise ValueError(f"GGML type {wtype} has no repacked layout")
+    if src.shape[1] != rb or dst.shape[0] != rows or dst.shape[1] != rb:
+        raise ValueError(f"repack: src and dst must both be ({rows}, {rb}) bytes")
+    if rows % EMBER_REPACK_ROWS:
+        raise ValueError(f"repack: {rows} rows is not a multiple of {EMBER_REPACK_ROWS}")
+    with nogil:
+        rtype = ember_repack(wtype, &src[0, 0], rb, rows, n, &dst[0, 0])
+    return rtype
+
+
+cdef int _check_row_layout(int wtype) except -1:
+    if wtype in REPACKED_TYPES:
+        raise ValueError(f"{REPACKED_TYPES[wtype]} interleaves 16 rows: its rows cannot be read one by one")
+    return 0
 
 
 def act_type(int wtype):
@@ -155,6 +197,7 @@ def dequantize_row(int wtype, const uint8_t[::1] x, float[::1] y):
     """Dequantize len(y) values of wtype from bytes x (Q8_K allowed too)."""
     cdef int64_t n = y.shape[0]
     cdef int64_t qk = ember_block_elems(wtype)
+    _check_row_layout(wtype)
     if qk == 0 or n % qk or x.shape[0] < n // qk * <int64_t> ember_block_bytes(wtype):
         raise ValueError(f"dequantize_row: {x.shape[0]} bytes of type {wtype} do not hold {n} values")
     if n == 0:
@@ -168,6 +211,7 @@ def get_rows(int wtype, const uint8_t[:, ::1] W, const int32_t[::1] ids, float[:
     cdef int64_t n = out.shape[1]
     cdef int64_t rb = _row_len(wtype, n)
     cdef int64_t i
+    _check_row_layout(wtype)
     if W.shape[1] < rb or out.shape[0] < ids.shape[0] or out.strides[0] != 4 * n:
         raise ValueError("get_rows: W or out do not fit")
     for i in range(ids.shape[0]):

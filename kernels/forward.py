@@ -23,7 +23,7 @@ import numpy as np
 
 from ember.formats.quant_blocks import GGML_TYPE_IDS
 from ember.kernels import _native
-from ember.kernels import dispatch
+from ember.kernels import dispatch, repack
 from ember.formats.model_config import ModelConfig, UnsupportedModel
 from ember.kernels.rope import rope_cos_sin, rope_factors
 
@@ -219,9 +219,10 @@ class Decoder:
     """A loaded model on the C forward pass: KV caches for n_ctx, scratch, threads."""
 
     def __init__(self, gguf, config: ModelConfig, n_ctx: int, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, isa: str | None = None):
+                 max_batch: int = DEFAULT_MAX_BATCH, isa: str | None = None,
+                 repack_mode=None, progress: repack.Progress | None = None):
         if isa is not None:
-            dispatch.use(isa)   # products follow the kernels' global ISA
+            dispatch.use(isa)   # products follow the kernels' global ISA (and so does repacking)
         if "conv" in config.layer_kinds:
             if not 1 <= config.conv_l_cache <= _native.CONV_MAX_TAPS:
                 raise UnsupportedModel(f"shortconv.l_cache {config.conv_l_cache} is outside "
@@ -234,12 +235,27 @@ class Decoder:
         self.fw = _native.Forward(hparams(config, n_ctx, max_batch), self.rope, self.threads,
                                   dispatch.current_isa(), self.rope_swa)
         self._gguf = gguf   # keeps the map alive as long as the views into it
-        for il in range(config.n_layer):
-            self.fw.set_layer(il, *layer_setting(config, il))
-            self._bind(gguf, il, layer_slots(config, il), f"blk.{il}.")
-        self._bind(gguf, -1, model_slots(config), "")
+        self._repacker = repack.Repacker(gguf, repack_mode, progress, self._matrix_bytes(gguf, config),
+                                         self.threads)
+        try:
+            for il in range(config.n_layer):
+                self.fw.set_layer(il, *layer_setting(config, il))
+                self._bind(gguf, il, layer_slots(config, il), f"blk.{il}.")
+            self._bind(gguf, -1, model_slots(config), "")
+        finally:
+            self._repacker.close()   # its threads, also when a tensor is refused
+        self.repacked = (self._repacker.count, self._repacker.bytes)   # matrices, bytes
+        self._repacker = None
         self.fw.finish()
         self.isa = dispatch.current_isa()
+
+    @staticmethod
+    def _matrix_bytes(gguf, c: ModelConfig) -> int:
+        """Bytes of every matrix _bind will see (the repack progress total)."""
+        names = [f"blk.{il}.{s.tensor}" for il in range(c.n_layer) for s in layer_slots(c, il)
+                 if len(s.shape) == 2 and s.slot != "conv"]
+        names += [s.tensor for s in model_slots(c) if len(s.shape) == 2]
+        return sum(gguf.tensors[n].nbytes for n in set(names) - {"token_embd.weight"} if n in gguf.tensors)
 
     def _bind(self, gguf, layer: int, slots: list[Slot], prefix: str) -> None:
         for s in slots:
@@ -251,6 +267,8 @@ class Decoder:
                 self.fw.set_vec(layer, s.slot, vector_f32(t))
             else:
                 tid, view = matrix_view(t)
+                if s.slot != "tok_embd" and name != "token_embd.weight":   # get_rows reads it by row
+                    tid, view = self._repacker.matrix(t, tid, view, s.shape[1])
                 self.fw.set_mat(layer, s.slot, tid, view, s.shape[1])
 
     def run(self, tokens: np.ndarray, pos0: int, all_logits: bool) -> np.ndarray:

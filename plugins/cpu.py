@@ -1,7 +1,10 @@
 """The `cpu` backend: the C decoder (kernels/c/forward.c) on SIMD kernels.
 
 Design: weights stay in the read-only GGUF map — the runner holds views of
-it, never a second copy — so host memory is the mapped file plus an f16 KV
+it, never a second copy — or, for the types whose repacked layout this ISA
+computes faster, in memory of their own that replaces the map's pages
+(kernels/repack.py: still one copy, the same bytes) — so host memory is the
+weights plus an f16 KV
 cache for n_ctx, scratch sized for one prefill chunk, and the interpreter.
 Everything is allocated at load; decoding a token is one call into C with the
 GIL released, and allocates only the logits array it returns.
@@ -15,7 +18,10 @@ LayerNorm, attention and gelu are numpy (O(T^2 d) beside the O(T d^2)
 products).
 
 Options (``options`` dict): ``max_batch`` (tokens per prefill chunk,
-default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does).
+default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does), ``repack``
+("auto": rewrite the matrices whose layout the ISA computes faster into a
+16-row interleave at load, kernels/repack.py; "on"; "off"), ``progress``
+(callable(done, total) for the repack; default a bar on a terminal's stderr).
 """
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom
 RUNTIME_BYTES = 48 << 20
+
+
+def repack_bar():
+    from ember.kernels.repack import stderr_bar
+    return stderr_bar()
 
 
 def _kernels():
@@ -104,12 +115,28 @@ def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = N
         kv_cache=forward.cache_bytes(config, n_ctx, batch),
         scratch=forward.scratch_bytes(config, n_ctx, threads, batch) + small,
         runtime=RUNTIME_BYTES,
-        notes=["weights are the mapped file's tensor bytes (read-only, shared page cache); "
-               "no second copy",
+        notes=[*_weights_note(config, options),
                f"scratch is sized for prefill chunks of {batch} tokens and {threads} threads",
                *_ring_note(config, n_ctx, batch),
                "all_logits=True adds len(tokens) * n_vocab * 4 bytes for the result"],
     )
+
+
+def _weights_note(config: ModelConfig, options: dict) -> list[str]:
+    """Where the weights live: the map, and (kernels/repack.py) which of them are rewritten
+    at load into memory of their own -- the same bytes, their pages of the map dropped."""
+    from ember.formats.quant_blocks import GGML_TYPE_IDS
+    from ember.kernels import repack
+    _kernels()
+    moved = [t for t in config.tensors.values()
+             if len(t.shape) == 2 and t.name != "token_embd.weight" and t.shape[0] % 16 == 0
+             and repack.wanted(options.get("repack"), GGML_TYPE_IDS.get(t.type, -1)) >= 0]
+    notes = ["weights are the tensors' bytes, one copy: the mapped file (read-only, shared page cache)"]
+    if moved:
+        notes.append(f"{len(moved)} matrices ({sum(t.nbytes for t in moved) / 2**20:.0f} MiB of them) are "
+                     f"repacked at load into private memory of the same size, and their pages of the "
+                     f"map are dropped (repack=off keeps them mapped)")
+    return notes
 
 
 def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
@@ -208,7 +235,8 @@ class CpuRunner(CacheBookkeeping):
         self.n_ctx, self.n_vocab, self.n_past = n_ctx, config.n_vocab, 0
         self.dec = forward.Decoder(gguf, config, n_ctx, threads,
                                    int(options.get("max_batch", forward.DEFAULT_MAX_BATCH)),
-                                   options.get("isa"))
+                                   options.get("isa"), options.get("repack"),
+                                   options.get("progress") or repack_bar())
         self.isa, self.threads = self.dec.isa, self.dec.threads
         self._one = np.zeros(1, dtype=np.int32)   # decode's token, reused
         # Sliding-window rings hold only their last rows: after writing position p, the

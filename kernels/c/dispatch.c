@@ -53,17 +53,25 @@ static int use_extensions = 1;
 static int cpu_isas;
 static int current_isa;
 static const ember_type_kernels *cur;
+/* bit (R16 type - EMBER_Q4_0_R16) set: the ISA computes that repacked layout
+ * faster than the file's (repack.c), so models load repacked by default */
+static int repack_preferred[EMBER_N_ISA];
 
 static void build_tables(void) {
     ember_fill_kernels_generic(tables[EMBER_ISA_GENERIC]);
+    repack_preferred[EMBER_ISA_GENERIC] = ember_fill_repacked_generic(tables[EMBER_ISA_GENERIC]);
 #if defined(__x86_64__) || defined(__i386__)
     memcpy(tables[EMBER_ISA_AVX2], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
     ember_fill_kernels_avx2(tables[EMBER_ISA_AVX2]);
+    repack_preferred[EMBER_ISA_AVX2] = ember_fill_repacked_avx2(tables[EMBER_ISA_AVX2]);
     memcpy(tables[EMBER_ISA_AVX512], tables[EMBER_ISA_AVX2], sizeof tables[0]);
     variants[EMBER_ISA_AVX512] = ember_fill_kernels_avx512(tables[EMBER_ISA_AVX512], use_extensions);
+    const int r512 = ember_fill_repacked_avx512(tables[EMBER_ISA_AVX512], use_extensions);
+    repack_preferred[EMBER_ISA_AVX512] = r512 ? r512 : repack_preferred[EMBER_ISA_AVX2];
 #elif defined(__aarch64__)
     memcpy(tables[EMBER_ISA_NEON], tables[EMBER_ISA_GENERIC], sizeof tables[0]);
     variants[EMBER_ISA_NEON] = ember_fill_kernels_neon(tables[EMBER_ISA_NEON], use_extensions);
+    repack_preferred[EMBER_ISA_NEON] = ember_fill_repacked_neon(tables[EMBER_ISA_NEON], use_extensions);
 #endif
 }
 
@@ -108,11 +116,12 @@ int ember_set_isa_extensions(int on) {
 
 int ember_block_elems(int wtype) {
     switch (wtype) {
+    case EMBER_Q4_0_R16: case EMBER_Q8_0_R16: return 32;
     case EMBER_F32: case EMBER_F16: case EMBER_BF16: return 1;
     case EMBER_Q4_0: case EMBER_Q4_1: case EMBER_Q5_0: case EMBER_Q5_1:
     case EMBER_Q8_0: case EMBER_IQ4_NL: return 32;
     case EMBER_Q2_K: case EMBER_Q3_K: case EMBER_Q4_K: case EMBER_Q5_K:
-    case EMBER_Q6_K: case EMBER_Q8_K: return QK_K;
+    case EMBER_Q6_K: case EMBER_Q8_K: case EMBER_Q4_K_R16: return QK_K;
     default: return 0;
     }
 }
@@ -121,15 +130,15 @@ size_t ember_block_bytes(int wtype) {
     switch (wtype) {
     case EMBER_F32: return 4;
     case EMBER_F16: case EMBER_BF16: return 2;
-    case EMBER_Q4_0: return sizeof(block_q4_0);
+    case EMBER_Q4_0: case EMBER_Q4_0_R16: return sizeof(block_q4_0);
     case EMBER_Q4_1: return sizeof(block_q4_1);
     case EMBER_Q5_0: return sizeof(block_q5_0);
     case EMBER_Q5_1: return sizeof(block_q5_1);
-    case EMBER_Q8_0: return sizeof(block_q8_0);
+    case EMBER_Q8_0: case EMBER_Q8_0_R16: return sizeof(block_q8_0);
     case EMBER_IQ4_NL: return sizeof(block_iq4_nl);
     case EMBER_Q2_K: return sizeof(block_q2_K);
     case EMBER_Q3_K: return sizeof(block_q3_K);
-    case EMBER_Q4_K: return sizeof(block_q4_K);
+    case EMBER_Q4_K: case EMBER_Q4_K_R16: return sizeof(block_q4_K);
     case EMBER_Q5_K: return sizeof(block_q5_K);
     case EMBER_Q6_K: return sizeof(block_q6_K);
     case EMBER_Q8_K: return sizeof(block_q8_K);
@@ -138,7 +147,13 @@ size_t ember_block_bytes(int wtype) {
 }
 
 int ember_type_supported(int wtype) {
-    return wtype >= 0 && wtype < EMBER_N_TYPES && tables[EMBER_ISA_GENERIC][wtype].dot != NULL;
+    return wtype >= 0 && wtype < EMBER_N_TYPES
+        && (tables[EMBER_ISA_GENERIC][wtype].dot != NULL || tables[EMBER_ISA_GENERIC][wtype].rows != NULL);
+}
+
+int ember_repacked_type(int wtype) {
+    const int rtype = ember_repack_type_of(wtype);
+    return rtype >= 0 && (repack_preferred[current_isa] >> (rtype - EMBER_Q4_0_R16) & 1) ? rtype : -1;
 }
 
 int ember_act_type(int wtype) {
@@ -160,9 +175,9 @@ size_t ember_act_row_bytes(int wtype, int64_t n) {
 /* code offset of a Q8_0-paired weight type, for the activation aux area */
 static int q8_0_bias(int wtype) {
     switch (wtype) {
-    case EMBER_Q4_0: return 8;
+    case EMBER_Q4_0: case EMBER_Q4_0_R16: return 8;
     case EMBER_Q5_0: return 16;
-    case EMBER_Q8_0: return 128;
+    case EMBER_Q8_0: case EMBER_Q8_0_R16: return 128;
     default: return 0;
     }
 }
@@ -194,6 +209,10 @@ static void prefetch_row(const uint8_t *w, size_t row_bytes, int64_t r, int64_t 
 
 void ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq, float *y,
                   int64_t n, int64_t r0, int64_t r1) {
+    if (cur[wtype].rows) {   /* a repacked layout: rows are not contiguous */
+        cur[wtype].rows(n, W, row_bytes, r0, r1, xq, 0, 1, y, 0);
+        return;
+    }
     const ember_vec_dot_fn dot = cur[wtype].dot;
     const uint8_t *w = W;
     for (int64_t r = r0; r < r1; r++) {
@@ -221,6 +240,10 @@ static void matmul_tile4(const ember_type_kernels *k, const uint8_t *w, size_t r
 void ember_matmul(int wtype, const void *W, size_t row_bytes, const void *Xq, size_t xq_stride,
                   float *Y, int64_t ldy, int64_t n, int64_t nb, int64_t r0, int64_t r1) {
     const ember_type_kernels *k = &cur[wtype];
+    if (k->rows) {
+        k->rows(n, W, row_bytes, r0, r1, Xq, xq_stride, nb, Y + r0, ldy);
+        return;
+    }
     const uint8_t *w = W, *xq = Xq;
     /* a tile of weight rows (~32 KiB) stays in L1/L2 while every activation row passes */
     int64_t tile = row_bytes ? (int64_t)(32768 / row_bytes) : 1;

@@ -29,7 +29,10 @@ enum {
     EMBER_Q5_0 = 6, EMBER_Q5_1 = 7, EMBER_Q8_0 = 8,
     EMBER_Q2_K = 10, EMBER_Q3_K = 11, EMBER_Q4_K = 12, EMBER_Q5_K = 13,
     EMBER_Q6_K = 14, EMBER_Q8_K = 15, EMBER_IQ4_NL = 20, EMBER_BF16 = 30,
-    EMBER_N_TYPES = 40
+    /* ember's own repacked layouts (kernels/c/repack.c), never read from a file:
+     * ids past every GGML type (ggml's GGML_TYPE_COUNT is 40) */
+    EMBER_Q4_0_R16 = 40, EMBER_Q8_0_R16 = 41, EMBER_Q4_K_R16 = 42,
+    EMBER_N_TYPES = 48
 };
 
 /* ======================================================================== */
@@ -161,6 +164,17 @@ void    ember_matvec(int wtype, const void *W, size_t row_bytes, const void *xq,
 void    ember_matmul(int wtype, const void *W, size_t row_bytes, const void *Xq, size_t xq_stride, float *Y, int64_t ldy, int64_t n, int64_t nb, int64_t r0, int64_t r1);
 void    ember_dequantize_row(int wtype, const void *x, float *y, int64_t n);
 void    ember_get_rows(int wtype, const void *W, size_t row_bytes, const int32_t *ids, int64_t n_ids, float *out, int64_t n); /* embedding lookup */
+/* Repacked weights (kernels/c/repack.c): 16 rows interleaved so that one
+ * 512-bit register holds 4 codes of each of 16 rows. ember_repacked_type
+ * says which layout the current ISA computes wtype faster in (-1: keep the
+ * file's); ember_repack writes a (rows, n) matrix of wtype in that layout to
+ * dst (the same number of bytes, rows % EMBER_REPACK_ROWS == 0) and returns
+ * its type id, or -1 if wtype has none. A repacked matrix keeps row_bytes;
+ * matvec/matmul take it like any other type; dequantize/get_rows do not. */
+#define EMBER_REPACK_ROWS 16
+int     ember_repacked_type(int wtype);
+int     ember_repack_type_of(int wtype);   /* the R16 layout of wtype regardless of ISA, or -1 */
+int     ember_repack(int wtype, const void *src, size_t row_bytes, int64_t rows, int64_t n, void *dst);
 int     ember_cpu_isas(void);  /* bitmask of ISAs this CPU can run: 1 << EMBER_ISA_* */
 int     ember_set_isa(int isa); /* 0 ok, -1 unsupported */
 const char *ember_isa_name(void);

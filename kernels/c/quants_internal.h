@@ -26,11 +26,18 @@ typedef void (*ember_quantize_fn)(const float *x, void *y, int64_t n);
 typedef int (*ember_matmul16_fn)(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
                                  const void *x, size_t x_stride, float *Y, int64_t ldy);
 
+/* Y[b * ldy + (r - r0)] = dot(w row r, x row b) for r0 <= r < r1, b < nb: a
+ * whole row range at once, for layouts whose rows are not contiguous (the
+ * repacked ones); matvec is nb = 1. */
+typedef void (*ember_rows_fn)(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
+                              const void *x, size_t x_stride, int64_t nb, float *Y, int64_t ldy);
+
 typedef struct {
     ember_vec_dot_fn dot;
     ember_vec_dot4_fn dot4;       /* NULL: dispatch calls dot four times */
     ember_quantize_fn quantize;   /* quantizer of this type's activation format */
     ember_matmul16_fn matmul16;   /* NULL: dispatch tiles with dot4 / dot */
+    ember_rows_fn rows;           /* set: the type's only product kernel (dot is NULL) */
 } ember_type_kernels;
 
 /* ======================================================================== */
@@ -155,6 +162,18 @@ float ember_vec_dot_f32_f32_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_f16_f32_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_bf16_f32_generic(int64_t n, const void *w, const void *x);
 
+/* repacked layouts (repack.c): the portable kernels, and one row of a 16-row
+ * group (wg = the group's first byte, j < 16) for the SIMD kernels' partial groups */
+void ember_rows_q4_0_r16_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
+                                 const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
+void ember_rows_q8_0_r16_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
+                                 const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
+void ember_rows_q4_K_r16_generic(int64_t n, const void *w, size_t row_bytes, int64_t r0, int64_t r1,
+                                 const void *x, size_t xs, int64_t nb, float *Y, int64_t ldy);
+float ember_row_q4_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
+float ember_row_q4_K_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
+float ember_row_q8_0_r16(int64_t n, const uint8_t *wg, int j, const void *xq);
+
 /* ======================================================================== */
 /* Per-ISA tables (each quants_<isa>.c fills the entries it implements)      */
 /* ======================================================================== */
@@ -165,6 +184,13 @@ float ember_vec_dot_bf16_f32_generic(int64_t n, const void *w, const void *x);
  * name ("avx512+vnni", "neon", ...). */
 void ember_fill_kernels_generic(ember_type_kernels *k);
 void ember_fill_kernels_avx2(ember_type_kernels *k);
+/* repacked layouts (repack*.c); they return a mask, bit (R16 type -
+ * EMBER_Q4_0_R16) set where the ISA computes that layout faster than the
+ * file's (dispatch.c then repacks it by default) */
+int ember_fill_repacked_generic(ember_type_kernels *k);
+int ember_fill_repacked_avx2(ember_type_kernels *k);
+int ember_fill_repacked_avx512(ember_type_kernels *k, int use_extensions);
+int ember_fill_repacked_neon(ember_type_kernels *k, int use_extensions);
 const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions);
 const char *ember_fill_kernels_neon(ember_type_kernels *k, int use_extensions);
 

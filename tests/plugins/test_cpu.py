@@ -12,6 +12,7 @@ that decoding allocates nothing that grows.
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import tracemalloc
 
@@ -163,19 +164,65 @@ def test_plan_counts_the_mapped_file_once_and_an_f16_cache():
     r.close()
 
 
+def _kept_matrices(r) -> list[np.ndarray]:
+    return [np.asarray(a) for a in r.dec.fw.kept()
+            if np.asarray(a).ndim == 2 and np.asarray(a).dtype == np.uint8]
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    target = os.path.realpath(path)
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:   # a mapping's header line
+                inside = len(head) >= 6 and head[-1] == target
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
 def test_load_hook_returns_a_runner_that_owns_no_weight_copy():
     f = gguf.open(conformance_path("models", "s512-llama-Q4_0.gguf"))
     c = config_from_gguf(f)
-    r = registry.load("cpu", f, c, n_ctx=64, threads=1)
+    r = registry.load("cpu", f, c, n_ctx=64, threads=1, options={"repack": "off"})
     assert isinstance(r, cpu.CpuRunner) and r.threads == 1
     # the C model points into the map: every matrix it holds is a read-only view of a tensor
-    mats = [a for a in r.dec.fw.kept() if np.asarray(a).ndim == 2 and np.asarray(a).dtype == np.uint8]
-    mats = [np.asarray(a) for a in mats]
+    mats = _kept_matrices(r)
     n_matrices = sum(len(t.shape) == 2 for t in f.tensors.values())
     assert len(mats) >= n_matrices   # token_embd twice: embedding and (tied or not) output
+    assert r.dec.repacked == (0, 0)
     for a in mats:
         assert not a.flags.writeable
         assert any(np.shares_memory(a, t.data) for t in f.tensors.values())
+    r.close()
+
+
+@pytest.mark.parametrize("model", ["s512-llama-Q4_0.gguf", "s512-llama-Q8_0.gguf", "s512-llama-Q4_K_M.gguf"])
+def test_repacked_weights_replace_the_map_one_copy(model):
+    """repack "on": every 16-row Q4_0/Q8_0/Q4_K matrix but the embedding is rewritten into memory
+    of its own (read-only, as many bytes as the tensor), and the map's pages of it are
+    dropped: what stays resident of the file is about the matrices kept in it."""
+    path = conformance_path("models", model)
+    f = gguf.open(path)
+    c = config_from_gguf(f)
+    f.mapped().sum()   # every page of the file resident first, as a plain load would leave it
+    r = cpu.CpuRunner(f, c, 64, threads=1, options={"repack": "on"})
+    by_data = {t.name: t for t in f.tensors.values()}
+    mats = _kept_matrices(r)
+    views = [a for a in mats if any(np.shares_memory(a, t.data) for t in by_data.values())]
+    packed = [a for a in mats if not any(np.shares_memory(a, t.data) for t in by_data.values())]
+    n_repackable = sum(1 for t in f.tensors.values() if len(t.shape) == 2 and t.name != "token_embd.weight"
+                       and t.type in ("Q4_0", "Q8_0", "Q4_K") and t.shape[0] % 16 == 0)
+    assert n_repackable > 0 and r.dec.repacked == (len(packed), sum(a.nbytes for a in packed))
+    assert len(packed) == n_repackable and all(not a.flags.writeable for a in packed)
+    kept_in_file = sum(a.nbytes for a in views if not any(a is b for b in packed))
+    assert _mapped_rss(path) <= kept_in_file + f.data_offset + 64 * 4096, \
+        "the repacked matrices' pages of the map stayed resident: two copies"
+    # and the repacked model computes what the file-layout one does (conformance: test above)
+    want = cpu.CpuRunner(gguf.open(path), c, 64, threads=1, options={"repack": "off"}).prefill([1, 2, 3])
+    np.testing.assert_allclose(r.prefill([1, 2, 3]), want, rtol=1e-4, atol=1e-4)
     r.close()
 
 

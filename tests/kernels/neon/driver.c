@@ -137,6 +137,50 @@ static int check_type(int t, int64_t n) {
     return failed;
 }
 
+/* ---- repacked layouts (kernels/c/repack*.c) ------------------------------- */
+
+#define RROWS 32   /* two 16-row groups */
+
+/* The repacked matrix under each ISA against the portable twin, bit for bit (one
+ * float order for all), and against the file layout within TOL; matvec over a
+ * range that cuts both groups must equal those rows of the matmul. */
+static int check_repacked(int t, int64_t n) {
+    const int id = TYPES[t].id, rid = ember_repack_type_of(id);
+    const size_t rb = (size_t)(n / ember_block_elems(id)) * ember_block_bytes(id);
+    const size_t xs = ember_act_row_bytes(id, n);
+    uint8_t *w = malloc(RROWS * rb), *p = malloc(RROWS * rb), *xq = malloc(BATCH * xs);
+    float *x = malloc(sizeof(float) * BATCH * n);
+    static float ref[BATCH][RROWS], file[BATCH][RROWS], got[BATCH][RROWS], mv[RROWS];
+    fill_weights(t, w, RROWS, n);
+    for (int64_t i = 0; i < BATCH * n; i++) x[i] = rndf() * 3.0f;
+    int failed = ember_repack(id, w, rb, RROWS, n, p) != rid;
+    ember_set_isa(EMBER_ISA_GENERIC);
+    for (int b = 0; b < BATCH; b++) ember_quantize_act(id, x + b * n, xq + b * xs, n);
+    ember_matmul(rid, p, rb, xq, xs, &ref[0][0], RROWS, n, BATCH, 0, RROWS);
+    ember_matmul(id, w, rb, xq, xs, &file[0][0], RROWS, n, BATCH, 0, RROWS);
+    double err = 0;
+    for (int b = 0; b < BATCH; b++)
+        for (int r = 0; r < RROWS; r++) {
+            const double e = fabs((double)ref[b][r] - file[b][r]) / (fabs((double)file[b][r]) + 1.0);
+            if (e > err) err = e;
+        }
+    for (int isa = 0; isa < EMBER_N_ISA; isa++) {
+        if (!(ember_cpu_isas() & (1 << isa))) continue;
+        ember_set_isa(isa);
+        ember_matmul(rid, p, rb, xq, xs, &got[0][0], RROWS, n, BATCH, 0, RROWS);
+        ember_matvec(rid, p, rb, xq + 2 * xs, mv, n, 3, RROWS - 2);
+        const int same = memcmp(got, ref, sizeof got) == 0;
+        const int mv_same = memcmp(mv, &got[2][3], sizeof(float) * (RROWS - 5)) == 0;
+        const int ok = same && mv_same && err <= TOL && !failed;
+        printf("%s %-6s repacked n=%-5lld %-13s vs twin %s  matvec rows==matmul %s  vs file layout %.2e\n",
+               ok ? "PASS" : "FAIL", TYPES[t].name, (long long)n, ember_isa_variant(),
+               same ? "same" : "DIFF", mv_same ? "yes" : "NO", err);
+        failed |= !ok;
+    }
+    free(w); free(p); free(xq); free(x);
+    return failed;
+}
+
 int main(int argc, char **argv) {
     rng_state = argc > 1 ? strtoull(argv[1], NULL, 10) : 88172645463325252ULL;
     printf("cpu ISAs:");
@@ -147,6 +191,8 @@ int main(int argc, char **argv) {
     for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; t++) {
         for (size_t s = 0; s < 3; s++) failed |= check_type((int)t, sizes[s]);
     }
+    for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; t++)
+        if (ember_repack_type_of(TYPES[t].id) >= 0) failed |= check_repacked((int)t, 256 * 3);
     /* once more without the optional extensions (VNNI / dotprod) */
     ember_set_isa_extensions(0);
     for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; t++) failed |= check_type((int)t, 256 * 7);

@@ -19,7 +19,8 @@ trap 'rm -rf "$out"' EXIT
 # Only the quantized-product sources: they must build alone on any arch.
 "$CC" -O2 -std=c11 -ffp-contract=off -Wall -Werror -static -I"$src" \
     "$here/driver.c" "$src/quants_generic.c" "$src/quants_neon.c" "$src/quants_avx2.c" \
-    "$src/quants_avx512.c" "$src/dispatch.c" -lm -o "$out/driver"
+    "$src/quants_avx512.c" "$src/repack.c" "$src/repack_avx2.c" "$src/repack_avx512.c" "$src/repack_neon.c" \
+    "$src/dispatch.c" -lm -o "$out/driver"
 
 status=0
 for cpu in max cortex-a72; do
