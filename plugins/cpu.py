@@ -19,7 +19,7 @@ from ember.plugins.arch import FEATURES, ModelConfig, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
-from ember.plugins.types import CacheTooShort
+from ember.plugins.types import CacheTooShort, KVState
 
 NAME = "cpu"
 # ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
@@ -184,6 +184,26 @@ class CpuRunner(CacheBookkeeping):
         if self.n_past == 0:
             self._kept = [0] * len(self._rings)
 
+    def save_state(self) -> KVState:
+        """Rows [0, n_past) of full layers, whole rings and conv states, as bytes."""
+        fw = self._fw()
+        arrays = []
+        for il in range(self.dec.config.n_layer):
+            rows = self._state_rows(il)
+            buf = np.empty(rows * fw.cache_row_bytes(il), dtype=np.uint8)
+            if rows:
+                fw.cache_copy(il, rows, buf, False)
+            arrays.append(buf)
+        return KVState(self.n_past, arrays, {"kept": list(self._kept)})
+
+    def load_state(self, state: KVState) -> None:
+        fw = self._fw()
+        for il, buf in enumerate(state.arrays):
+            rows = buf.shape[0] // fw.cache_row_bytes(il)
+            if rows:
+                fw.cache_copy(il, rows, buf, True)
+        self.n_past, self._kept = state.n_past, list(state.extra["kept"])
+
     def close(self) -> None:
         if self.dec is not None:
             self.dec.close()
@@ -194,6 +214,17 @@ class CpuRunner(CacheBookkeeping):
     def _advance(self, n: int) -> None:
         self.n_past += n
         self._kept = [max(k, self.n_past - rows) for (rows, _), k in zip(self._rings, self._kept)]
+
+    def _fw(self):
+        if self.dec is None:
+            raise ValueError("runner is closed")
+        return self.dec.fw
+
+    def _state_rows(self, il: int) -> int:
+        """Cache rows a copy of the state needs: the filled ones of a full layer, else all
+        (a ring's rows hold positions by p % rows; a conv state is always whole)."""
+        rows = self.dec.fw.cache_rows(il)
+        return min(self.n_past, rows) if rows == self.n_ctx else rows
 
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.dec is None:

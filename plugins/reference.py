@@ -50,7 +50,7 @@ import numpy as np
 from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import KVState, BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
@@ -344,6 +344,24 @@ class ReferenceRunner(CacheBookkeeping):
                                           f"only the last {ring} positions of {self.n_past}; "
                                           "reset() and prefill again")
         super().truncate(n_past)
+
+    def save_state(self) -> KVState:
+        """Rows [0, n_past) of full layers; whole rings and conv states (they are small)."""
+        if self.w is None:
+            raise ValueError("runner is closed")
+        n = self.n_past
+        kv = [c[:n].copy() if len(c) == self.n_ctx else c.copy()
+              for pair in zip(self.k_cache, self.v_cache) for c in pair]
+        conv = [s.copy() for s in self.conv_state if s is not None]
+        return KVState(n, kv + conv)
+
+    def load_state(self, state: KVState) -> None:
+        if self.w is None:
+            raise ValueError("runner is closed")
+        caches = [c for pair in zip(self.k_cache, self.v_cache) for c in pair]
+        for dst, src in zip(caches + [s for s in self.conv_state if s is not None], state.arrays):
+            dst[:len(src)] = src
+        self.n_past = state.n_past
 
     def close(self) -> None:
         self.w = None

@@ -71,6 +71,29 @@ class Runner(Protocol):
     def close(self) -> None:
         """Release what the runner holds."""
 
+    # Optional (the prompt cache uses them where a runner has them; see KVState):
+
+    def save_state(self) -> "KVState":
+        """A host copy of the cache as it is now (its n_past positions)."""
+
+    def load_state(self, state: "KVState") -> None:
+        """Make the cache what save_state() copied (n_past = state.n_past)."""
+
+
+@dataclass
+class KVState:
+    """A host copy of a runner's cache at n_past: the backend's own arrays (K and V rows
+    [0, n_past) of full layers, whole rings and conv states), opaque to everyone else.
+    Only the runner that made it (same model, same n_ctx) may load it."""
+
+    n_past: int
+    arrays: list[np.ndarray]
+    extra: dict = field(default_factory=dict)    # the backend's bookkeeping (ring cursors, ...)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
 
 class ContextOverflow(UserError):
     """Tokens would run past the KV cache's n_ctx."""
