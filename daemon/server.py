@@ -478,8 +478,7 @@ class Server:
             source = self._checked_ids(req.arrays["tokens"])
         else:
             source = f.get("prompt", f.get("messages"))
-        sampling = {k: f[k] for k in protocol.SAMPLING if k in f}
-        sampling["max_tokens"] = f.get("max_tokens", min(256, self.limits.max_tokens))
+        sampling = {k: f[k] for k in (*protocol.SAMPLING, "max_tokens") if k in f}
         return Job(rid=req.id, owner=owner, source=source, sampling=sampling,
                    stream=f.get("stream", True), priority=f.get("priority", 0),
                    deadline=_deadline(f))
@@ -641,7 +640,8 @@ def done_message(job: Job, payload) -> tuple[dict, tuple]:
     result, stop = payload
     t_end = time.monotonic()
     usage = {"prompt_tokens": int(result.usage.get("prompt_tokens", 0)),
-             "completion_tokens": int(result.usage.get("completion_tokens", job.n_tokens))}
+             "completion_tokens": int(result.usage.get("completion_tokens", job.n_tokens)),
+             "cached_tokens": int(result.usage.get("cached_tokens", 0))}
     msg = protocol.reply("done", job.rid, stop=stop, text=result.text, usage=usage,
                          timings=_timings(job, result.timings, t_end), seed=int(result.seed),
                          preemptions=job.preemptions, frames=["tokens"])

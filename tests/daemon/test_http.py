@@ -302,8 +302,8 @@ def test_http_health_reports_a_worker_that_makes_no_token_in_time(api):
     """A long prefill (no token yet) outlasting ?timeout_ms=1 is 503; the same wait later is 200."""
     long_prompt = "Once upon a time " * 150      # ~600 tokens: a prefill far above 1 ms
     checked = 0
-    for _ in range(8):
-        body = json.dumps({"model": NAME, "prompt": long_prompt, "max_tokens": 1}).encode()
+    for i in range(8):   # each prompt its own first word: the prompt cache holds none of it
+        body = json.dumps({"model": NAME, "prompt": f"Story {i}. {long_prompt}", "max_tokens": 1}).encode()
         s = raw_socket(api)
         s.sendall(post_head("/v1/completions", len(body)) + body)
         wait_until(lambda: sample(metrics(api), "ember_running") == 1, every=0.001)
