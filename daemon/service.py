@@ -50,7 +50,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
-from ember.daemon import modelcache, modelfile, security
+from ember.daemon import modelcache, modelfile, promptcache, security
 from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
@@ -82,6 +82,13 @@ def add_arguments(p) -> None:
     g.add_argument("--memory-budget", metavar="SIZE",
                    help="memory for weights + KV cache + scratch + runtime, e.g. 1.5G "
                         "(default: config, else the cgroup's memory.max, else unlimited)")
+    g.add_argument("--cache-slots", type=_slots, default=None, metavar="N",
+                   help="prompt cache: KV caches of earlier requests kept for prefix reuse, each "
+                        "counted in the memory plan as one KV cache (default: what the budget "
+                        f"leaves, up to {promptcache.DEFAULT_SLOTS}; 0: reuse only the live cache)")
+    g.add_argument("--prompt-cache-dir", metavar="DIR",
+                   help="save the prompt cache here at exit and read it back at start "
+                        "(per model file, backend and context)")
     g.add_argument("--min-ctx", type=int, default=DEFAULT_MIN_CTX, metavar="N",
                    help=f"never shrink the context below N to fit the budget (default {DEFAULT_MIN_CTX})")
     g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="S",
@@ -103,6 +110,16 @@ def add_arguments(p) -> None:
     g.add_argument("--strict-model-file", action="store_true", default=False,
                    help="refuse a model file this user could write (a file truncated while "
                         "mapped kills the daemon); default: serve it with a warning")
+
+
+def _slots(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
 
 
 # ---------------------------------------------------------------------------
@@ -144,8 +161,14 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
     name, _ = registry.choose(args.backend)
     n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
     limit, source = budget_of(args)
-    fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,
-                         max(1, args.min_ctx or 1), limit, source, process, beside)
+    slots = getattr(args, "cache_slots", None)
+    if slots is not None and (isinstance(slots, bool) or slots < 0):
+        raise budget_mod.BudgetError(f"cache_slots must be an integer >= 0, got {slots!r}")
+    fit = budget_mod.fit(lambda c: budget_mod.with_prompt_cache(registry.plan(name, cfg, c, {}), slots or 0),
+                         n_ctx, max(1, args.min_ctx or 1), limit, source, process, beside)
+    if slots is None:
+        return budget_mod.size_prompt_cache(fit, promptcache.DEFAULT_SLOTS), name
+    fit.cache_slots = slots
     return fit, name
 
 
@@ -164,7 +187,10 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     for m in fit.messages:
         say(m)
     modelfile.recheck(checked)
-    model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads)
+    model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads,
+                        cache_slots=fit.cache_slots, cache_dir=getattr(args, "prompt_cache_dir", None))
+    if model.prompt_cache.slots < fit.cache_slots:   # the backend cannot copy its cache (logged)
+        fit.plan, fit.cache_slots = budget_mod.with_prompt_cache(fit.plan, 0), 0
     try:
         watch = modelfile.Watch(checked, model.gguf.size)
     except BaseException:

@@ -39,10 +39,11 @@ class MemoryPlan:
     runtime: int = 0
     device: int = 0        # bytes on an accelerator (not counted in host_total)
     notes: list[str] = field(default_factory=list)
+    prompt_cache: int = 0  # the daemon's host copies of KV caches (daemon/budget.py), not a backend's
 
     @property
     def host_total(self) -> int:
-        return self.weights + self.kv_cache + self.scratch + self.runtime
+        return self.weights + self.kv_cache + self.scratch + self.runtime + self.prompt_cache
 
 
 class Runner(Protocol):
