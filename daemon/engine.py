@@ -201,6 +201,7 @@ class Model:
         self.prompt_cache = promptcache.PromptCache(0)
         self.cache_dir: Path | None = None       # where prompt_cache is kept across restarts
         self.prefill_rate: float | None = None   # tokens/s of the last prefill chunk
+        self.chunk_tokens: int | None = None     # fixed prefill chunks (None: by time)
         self.lock = threading.RLock()           # one computation at a time on the runner
         self._tokenizer = None
         self._chat: ChatTemplate | None = None
@@ -567,9 +568,12 @@ class Generation:
         return logits
 
     def _chunk(self, rest: int) -> int:
-        """Tokens in the next chunk: as many as the last chunks' rate runs in PREFILL_CHUNK_S."""
-        rate = self.model.prefill_rate
-        return min(rest, FIRST_CHUNK if rate is None else max(1, int(rate * PREFILL_CHUNK_S)))
+        """Tokens in the next chunk: Model.chunk_tokens if set, else as many as the last
+        chunks' rate runs in PREFILL_CHUNK_S."""
+        m = self.model
+        if m.chunk_tokens is not None:
+            return min(rest, m.chunk_tokens)
+        return min(rest, FIRST_CHUNK if m.prefill_rate is None else max(1, int(m.prefill_rate * PREFILL_CHUNK_S)))
 
     def _decode(self, token: int) -> np.ndarray:
         """Exactly the last sampled token is not yet in the cache."""
