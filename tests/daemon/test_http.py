@@ -205,6 +205,19 @@ def test_completions_plain_streamed_and_with_logprobs(client, model):
     assert plain.usage.prompt_tokens == len(ids)
 
 
+def test_a_second_chat_turn_reports_its_cached_prompt_tokens(client, model):
+    """usage.prompt_tokens_details.cached_tokens: what the prompt cache served; the text
+    is the engine's own (a fresh in-process model, nothing cached)."""
+    first = chat("Tell me a story about a cat who lost her hat in the rain.")
+    reply = client.chat.completions.create(model=NAME, messages=first, max_tokens=16, temperature=0)
+    assert reply.usage.prompt_tokens_details.cached_tokens <= 2          # BOS, "▁" at most
+    second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                      {"role": "user", "content": "What did she do next?"}]
+    again = client.chat.completions.create(model=NAME, messages=second, max_tokens=16, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(model.apply_chat(first))
+    assert again.choices[0].message.content == greedy_local(model, second, 16)
+
+
 def test_chat_logprobs_carry_token_text_and_bytes(client):
     r = client.chat.completions.create(model=NAME, messages=chat("Hi"), max_tokens=8,
                                        temperature=0, logprobs=True, top_logprobs=3)
