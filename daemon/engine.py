@@ -92,6 +92,7 @@ from ember.plugins.types import BackendError, CacheTooShort, ContextOverflow
 DEFAULT_MAX_CTX = 4096
 PREFILL_CHUNK_S = 0.2      # a prefill chunk's target time: cancel and preemption act between chunks
 FIRST_CHUNK = 16           # tokens in the first chunk, before the model's prefill rate is known
+MIN_CHUNK = 8              # below this a chunk re-reads the weights for too few tokens (contended CPU)
 log = logging.getLogger("emberd.engine")
 
 
@@ -573,7 +574,9 @@ class Generation:
         m = self.model
         if m.chunk_tokens is not None:
             return min(rest, m.chunk_tokens)
-        return min(rest, FIRST_CHUNK if m.prefill_rate is None else max(1, int(m.prefill_rate * PREFILL_CHUNK_S)))
+        if m.prefill_rate is None:
+            return min(rest, FIRST_CHUNK)
+        return min(rest, max(MIN_CHUNK, int(m.prefill_rate * PREFILL_CHUNK_S)))
 
     def _decode(self, token: int) -> np.ndarray:
         """Exactly the last sampled token is not yet in the cache."""
