@@ -71,14 +71,11 @@ class PromptCache:
         self.slots = slots
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._ids = 0
+        self.nbytes = 0        # kept as entries come and go: `status` reads it from another thread
         self.hits = self.misses = self.tokens_reused = 0
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.state.nbytes for e in self._entries.values())
 
     def best(self, seq: np.ndarray) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with seq, and that length (0: none)."""
@@ -96,7 +93,10 @@ class PromptCache:
 
     def discard(self, entry: Entry) -> None:
         if (k := self._key(entry)) is not None:
-            del self._entries[k]
+            self._drop(k)
+
+    def _drop(self, k: int) -> None:
+        self.nbytes -= self._entries.pop(k).state.nbytes
 
     def _key(self, entry: Entry) -> int | None:
         return next((k for k, e in self._entries.items() if e is entry), None)
@@ -108,11 +108,12 @@ class PromptCache:
         tokens = np.array(tokens, dtype=np.int32)
         for k in [k for k, e in self._entries.items()
                   if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens)]:
-            del self._entries[k]
+            self._drop(k)
         while len(self._entries) >= self.slots:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))      # the least recently used
         self._ids += 1
         self._entries[self._ids] = Entry(tokens, state)
+        self.nbytes += state.nbytes
 
     def holds(self, tokens: np.ndarray) -> bool:
         """Whether some entry already covers every one of `tokens` (no copy needed)."""

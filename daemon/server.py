@@ -546,6 +546,7 @@ class Server:
             "status", req.id, uptime_s=round(now - self.t_start, 3), model=self.info.get("model"),
             backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=rss_bytes(),
             recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
+            prompt_cache=None if self.model is None else self.model.prompt_cache.stats(),
             held={"clients": len(self._held), "replies": sum(len(h.replies) for h in self._held.values())},
             **snap))
 

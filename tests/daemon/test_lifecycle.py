@@ -406,8 +406,13 @@ def test_a_prompt_cache_entry_is_never_reused_after_a_model_swap(launch, workdir
         c.complete(prompt, max_tokens=8, temperature=0)
         before = c.complete(prompt, max_tokens=8, temperature=0)
         assert before["usage"]["cached_tokens"] == before["usage"]["prompt_tokens"] - 1
+        st = c.status()
+        mem = st["memory"]                                  # the slots are in the plan
+        assert mem["cache_slots"] == 4 and mem["prompt_cache"] == 4 * mem["kv_cache"] > 0
+        assert st["prompt_cache"]["hits"] >= 1 and st["prompt_cache"]["slots"] == 4
         assert c.call("load", model=str(new))[0]["model"] == "q8.gguf"
         after = c.complete(prompt, max_tokens=8, temperature=0)
+        assert c.status()["prompt_cache"]["hits"] == 0
     assert after["usage"]["cached_tokens"] == 0
     with engine.load(new, backend="reference") as m:
         assert after["text"] == greedy(m, prompt, 8)
