@@ -189,7 +189,7 @@ class CpuRunner(CacheBookkeeping):
         fw = self._fw()
         arrays = []
         for il in range(self.dec.config.n_layer):
-            rows = self._state_rows(il)
+            rows = self._state_rows(il, self.n_past)
             buf = np.empty(rows * fw.cache_row_bytes(il), dtype=np.uint8)
             if rows:
                 fw.cache_copy(il, rows, buf, False)
@@ -197,12 +197,19 @@ class CpuRunner(CacheBookkeeping):
         return KVState(self.n_past, arrays, {"kept": list(self._kept)})
 
     def load_state(self, state: KVState) -> None:
-        fw = self._fw()
-        for il, buf in enumerate(state.arrays):
-            rows = buf.shape[0] // fw.cache_row_bytes(il)
-            if rows:
-                fw.cache_copy(il, rows, buf, True)
-        self.n_past, self._kept = state.n_past, list(state.extra["kept"])
+        """Refuses (ValueError, cache untouched) a state of another layout: another model,
+        context or chunk size (ring rows), e.g. a stale file."""
+        fw, n_layer = self._fw(), self.dec.config.n_layer
+        rows = [self._state_rows(il, state.n_past) for il in range(n_layer)]
+        if (len(state.arrays) != n_layer or not 0 <= state.n_past <= self.n_ctx
+                or len(state.extra.get("kept", ())) != len(self._rings)
+                or any(b.dtype != np.uint8 or b.shape != (r * fw.cache_row_bytes(il),)
+                       for il, (b, r) in enumerate(zip(state.arrays, rows)))):
+            raise ValueError("the KV state does not fit this runner's caches")
+        for il, (buf, r) in enumerate(zip(state.arrays, rows)):
+            if r:
+                fw.cache_copy(il, r, np.ascontiguousarray(buf), True)
+        self.n_past, self._kept = state.n_past, [int(k) for k in state.extra["kept"]]
 
     def close(self) -> None:
         if self.dec is not None:
@@ -220,11 +227,11 @@ class CpuRunner(CacheBookkeeping):
             raise ValueError("runner is closed")
         return self.dec.fw
 
-    def _state_rows(self, il: int) -> int:
-        """Cache rows a copy of the state needs: the filled ones of a full layer, else all
-        (a ring's rows hold positions by p % rows; a conv state is always whole)."""
+    def _state_rows(self, il: int, n_past: int) -> int:
+        """Cache rows a copy of the state at n_past holds: the filled ones of a full layer,
+        else all (a ring's rows hold positions by p % rows; a conv state is always whole)."""
         rows = self.dec.fw.cache_rows(il)
-        return min(self.n_past, rows) if rows == self.n_ctx else rows
+        return min(n_past, rows) if rows == self.n_ctx else rows
 
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.dec is None:

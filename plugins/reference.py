@@ -356,12 +356,20 @@ class ReferenceRunner(CacheBookkeeping):
         return KVState(n, kv + conv)
 
     def load_state(self, state: KVState) -> None:
+        """Refuses (ValueError, cache untouched) a state of another layout (a stale file)."""
         if self.w is None:
             raise ValueError("runner is closed")
         caches = [c for pair in zip(self.k_cache, self.v_cache) for c in pair]
-        for dst, src in zip(caches + [s for s in self.conv_state if s is not None], state.arrays):
+        dsts = caches + [s for s in self.conv_state if s is not None]
+        n = state.n_past
+        shapes = [(min(n, len(c)) if len(c) == self.n_ctx else len(c), *c.shape[1:]) for c in caches]
+        shapes += [s.shape for s in self.conv_state if s is not None]
+        if (len(state.arrays) != len(dsts) or not 0 <= n <= self.n_ctx
+                or any(a.shape != sh or a.dtype != np.float32 for a, sh in zip(state.arrays, shapes))):
+            raise ValueError("the KV state does not fit this runner's caches")
+        for dst, src in zip(dsts, state.arrays):
             dst[:len(src)] = src
-        self.n_past = state.n_past
+        self.n_past = n
 
     def close(self) -> None:
         self.w = None

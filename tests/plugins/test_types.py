@@ -110,3 +110,18 @@ def test_a_loaded_state_continues_like_the_cache_it_copied(backend, name, n_ctx)
             np.testing.assert_array_equal(got, want)
         else:
             np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", STATEFUL)
+def test_a_state_of_another_layout_is_refused_and_changes_nothing(backend):
+    with engine.load(conformance_path("models", "stories260K.gguf"), backend=backend, n_ctx=64) as a, \
+            engine.load(conformance_path("models", "stories260K.gguf"), backend=backend, n_ctx=32) as b:
+        a.runner.prefill(list(range(1, 41)))
+        state = a.runner.save_state()                                 # 40 positions: b has 32
+        b.runner.prefill([1, 2, 3])
+        with pytest.raises(ValueError, match="does not fit"):
+            b.runner.load_state(state)
+        state.arrays.pop()
+        with pytest.raises(ValueError, match="does not fit"):
+            a.runner.load_state(state)
+        assert b.runner.n_past == 3 and a.runner.n_past == 40
