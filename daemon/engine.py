@@ -332,7 +332,12 @@ class Model:
                 or promptcache.common_prefix(kv, np.asarray(seq, dtype=np.int32)) == len(kv)
                 or self.prompt_cache.holds(kv)):
             return
-        self.prompt_cache.put(kv, self.runner.save_state())
+        try:
+            state = self.runner.save_state()
+        except MemoryError:      # the budget's cap on private memory (budget.cap_private)
+            log.warning("prompt cache: no memory for a copy of %d positions; not kept", len(kv))
+            return
+        self.prompt_cache.put(kv, state)
 
     def _reuse(self, entry, n: int) -> int:
         try:
