@@ -28,7 +28,6 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np

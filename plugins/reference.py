@@ -50,7 +50,7 @@ import numpy as np
 from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
                                 rope_factors)
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import KVState, BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import BackendSpec, CacheBookkeeping, KVState, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
