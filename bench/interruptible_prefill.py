@@ -87,10 +87,11 @@ def bench_preempt(c, ids, short) -> tuple[list[int], float, float]:
     wait = toks_h[0][0] - t0 if toks_h else float("nan")
     own = done_h["timings"].get("prefill_ms", 0.0) / 1e3
     done_l, _ = drain(c, low)
+    reused = c.status()["prompt_cache"]["tokens_reused"]
     print(f"preempt     {wait * 1e3:8.0f} ms from send to the high-priority token "
           f"(its own prefill {own * 1e3:.0f} ms; goal <= 1000 + that); "
-          f"the low one was preempted {done_l['preemptions']}x, "
-          f"found {done_l['usage']['cached_tokens']} tokens cached at its start")
+          f"the low one was preempted {done_l['preemptions']}x and resumed from its own "
+          f"chunks (prompt-cache tokens reused so far: {reused})")
     return done_l["tokens"].tolist(), wait, own
 
 
