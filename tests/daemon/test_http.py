@@ -208,9 +208,10 @@ def test_completions_plain_streamed_and_with_logprobs(client, model):
 def test_a_second_chat_turn_reports_its_cached_prompt_tokens(client, model):
     """usage.prompt_tokens_details.cached_tokens: what the prompt cache served; the text
     is the engine's own (a fresh in-process model, nothing cached)."""
-    first = chat("Tell me a story about a cat who lost her hat in the rain.")
+    first = chat("Zebras: tell me a story about a cat who lost her hat in the rain.")
     reply = client.chat.completions.create(model=NAME, messages=first, max_tokens=16, temperature=0)
-    assert reply.usage.prompt_tokens_details.cached_tokens <= 2          # BOS, "▁" at most
+    n_head = len(model.apply_chat(chat("Zebras")))   # other tests' chats share the template's head
+    assert reply.usage.prompt_tokens_details.cached_tokens < n_head
     second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
                       {"role": "user", "content": "What did she do next?"}]
     again = client.chat.completions.create(model=NAME, messages=second, max_tokens=16, temperature=0)
