@@ -101,12 +101,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     args = ap.parse_args()
-    sys.path.insert(0, str(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from ember.daemon import engine
     from ember.daemon.client import Client
     if args.model is None:
-        from ember.daemon.commands.bench import synthetic_model
-        args.model = str(synthetic_model("tinyllama-1.1b", "Q4_0"))
+        from ember.daemon import synthetic
+        args.model = str(synthetic.ensure_cached("tinyllama-1.1b", "Q4_0"))
     n_ctx = args.prompt_tokens + 64
     rng = np.random.default_rng(19)
     first, second = (rng.integers(3, 32000, args.prompt_tokens).tolist() for _ in range(2))

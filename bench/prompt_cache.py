@@ -73,8 +73,8 @@ def main() -> int:
     args = ap.parse_args()
     from ember.daemon import engine, promptcache
     if args.model is None:
-        from ember.daemon.commands.bench import synthetic_model
-        args.model = str(synthetic_model("tinyllama-1.1b", "Q4_0"))
+        from ember.daemon import synthetic
+        args.model = str(synthetic.ensure_cached("tinyllama-1.1b", "Q4_0"))
     m = engine.load(args.model, backend=args.backend, n_ctx=2048, threads=args.threads)
     print(f"model {os.path.basename(args.model)}, backend {m.backend}, threads {args.threads}, "
           f"cpu {_cpu_model()}")

@@ -7,7 +7,7 @@ without owning the server:
 * load (`load_model`): model path (or the default model from the cache,
   pulled on first start), model-file checks (daemon/modelfile.py), the
   memory plan against the budget (daemon/budget.py: shrink n_ctx or refuse
-  with the breakdown), then the engine load at the planned context.
+  with the breakdown) as the plan step of engine.load, the one loading path.
 * `Service.attach(server)`: CURVE on the socket (daemon/security.py), the
   `load` and draining `generate` handlers, the plan in `status`, and one
   `tick` that the server's loop runs every turn (at least once a second).
@@ -153,53 +153,49 @@ def budget_of(args) -> tuple[int | None, str]:
     return budget_mod.resolve(args.memory_budget)
 
 
-def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod.Fit, str]:
-    """The budget fit for `path` on the chosen backend; (fit, backend name)."""
-    from ember.daemon import engine
-    from ember.formats import gguf
-    from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
-    with gguf.open(path) as f:
-        cfg = config_from_gguf(f)
-    name, _ = registry.choose(args.backend)
-    n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
-    limit, source = budget_of(args)
-    slots = getattr(args, "cache_slots", None)
-    if slots is not None and (isinstance(slots, bool) or slots < 0):
-        raise budget_mod.BudgetError(f"cache_slots must be an integer >= 0, got {slots!r}")
-    fit = budget_mod.fit(lambda c: budget_mod.with_prompt_cache(registry.plan(name, cfg, c, {}), slots or 0),
-                         n_ctx, max(1, args.min_ctx or 1), limit, source, process, beside, RECEIVE)
-    if slots is None:
-        return budget_mod.size_prompt_cache(fit, promptcache.DEFAULT_SLOTS), name
-    fit.cache_slots = slots
-    return fit, name
-
-
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
-    """Check the file, fit the budget, load at the planned context."""
+    """Check the file, then engine.load with the budget choosing the context."""
     from ember.daemon import engine
     say = say or log_say
-    if args.ctx is not None and args.ctx < 1:
-        raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
     checked = modelfile.check(path, strict=getattr(args, "strict_model_file", False))
     if checked.warning and Path(path) != modelcache.DEMO_PATH:   # the demo: part of the package
         say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
-    fit, backend = plan_fit(path, args, process, beside)
-    for m in fit.messages:
-        say(m)
+    limit, source = budget_of(args)
+    slots = getattr(args, "cache_slots", None)
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 0):
+        raise budget_mod.BudgetError(f"cache_slots must be an integer >= 0, got {slots!r}")
+    fits: list[budget_mod.Fit] = []
+
+    def fit(plan_at, n_ctx: int) -> int:
+        """The context that fits with the prompt cache's slots: --cache-slots N are part of
+        the plan; by default they take what the budget leaves (budget.size_prompt_cache)."""
+        planned = budget_mod.fit(lambda c: budget_mod.with_prompt_cache(plan_at(c), slots or 0),
+                                 n_ctx, max(1, args.min_ctx or 1), limit, source, process, beside,
+                                 RECEIVE)
+        if slots is None:
+            budget_mod.size_prompt_cache(planned, promptcache.DEFAULT_SLOTS)
+        else:
+            planned.cache_slots = slots
+        fits.append(planned)
+        for m in planned.messages:
+            say(m)
+        return planned.n_ctx
+
     modelfile.recheck(checked)
-    model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads,
-                        cache_slots=fit.cache_slots, cache_dir=getattr(args, "prompt_cache_dir", None))
-    if model.prompt_cache.slots < fit.cache_slots:   # the backend cannot copy its cache (logged)
-        fit.plan, fit.cache_slots = budget_mod.with_prompt_cache(fit.plan, 0), 0
+    model = engine.load(path, backend=args.backend, n_ctx=args.ctx, threads=args.threads, fit=fit,
+                        cache_slots=0)
+    planned = fits[0]
+    model.use_prompt_cache(planned.cache_slots, getattr(args, "prompt_cache_dir", None))
+    if model.prompt_cache.slots < planned.cache_slots:   # the backend cannot copy its cache (logged)
+        planned.plan, planned.cache_slots = budget_mod.with_prompt_cache(planned.plan, 0), 0
     try:
         watch = modelfile.Watch(checked, model.gguf.size)
     except BaseException:
         model.close()
         raise
-    return Loaded(model, fit, watch, checked, list(fit.messages))
+    return Loaded(model, fits[0], watch, checked, list(fits[0].messages))
 
 
 # ---------------------------------------------------------------------------

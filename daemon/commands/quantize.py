@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.errors import UserError
 
 
@@ -60,9 +60,9 @@ def target_type(t: gguf.GGUFTensor, wanted: str) -> str | None:
         return None
     row = t.shape[-1]
     new = wanted
-    if row % quants.BLOCKS[new][0]:
+    if row % quant_blocks.BLOCKS[new][0]:
         new = ROW_FALLBACK.get(new, "F16")
-        if row % quants.BLOCKS[new][0]:
+        if row % quant_blocks.BLOCKS[new][0]:
             new = "F16"
     return None if new == t.type else new
 
@@ -94,11 +94,11 @@ def add_arguments(parser) -> None:
 
 def _check_type(name: str) -> str:
     wanted = name.upper()
-    if wanted not in quants.BLOCKS:
+    if wanted not in quant_blocks.BLOCKS:
         raise UserError(f"unknown quant type {name!r}")
     try:  # one block of zeros tells whether ember can produce this type
-        quants.quantize(wanted, np.zeros((1, quants.BLOCKS[wanted][0]), np.float32))
-    except quants.QuantError as e:
+        quant_blocks.quantize(wanted, np.zeros((1, quant_blocks.BLOCKS[wanted][0]), np.float32))
+    except quant_blocks.QuantError as e:
         raise UserError(f"cannot quantize to {wanted}: {e}") from None
     return wanted
 
@@ -147,9 +147,9 @@ def _lazy(t: gguf.GGUFTensor, new: str | None, bar: tqdm) -> gguf.TensorData:
             return t.data                              # the mapped bytes, unchanged
         try:
             x = t.numpy()                              # (..., row) float32; F32 is a view
-        except quants.QuantError as e:
+        except quant_blocks.QuantError as e:
             raise UserError(f"tensor {t.name!r}: cannot read {t.type} to convert it ({e})") from None
-        return quants.quantize(new, x)                 # (..., row bytes) uint8
+        return quant_blocks.quantize(new, x)                 # (..., row bytes) uint8
     return gguf.TensorData(new or t.type, t.shape, produce)
 
 
