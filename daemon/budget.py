@@ -15,6 +15,14 @@ plan is monotonic in n_ctx, so when the requested context does not fit,
 message lists every line of the plan and by how much the total is over — a
 user error (one line per part on stderr, non-zero exit, no traceback).
 
+The prompt cache (daemon/promptcache.py) keeps up to N host copies of the
+KV cache, so it is planned as N x kv_cache (`with_prompt_cache`, the
+`prompt_cache` line). With `--cache-slots N` the slots are part of the plan
+that must fit (the context shrinks for them like for the KV cache); by
+default they take only what the budget leaves once the model fits at its
+context, up to promptcache.DEFAULT_SLOTS (`size_prompt_cache`): context
+first, reuse second.
+
 A reload puts two models in memory for a moment (the new one loads beside
 the old), so `fit_beside()` charges the old model's plan too.
 
@@ -38,7 +46,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ember.formats.errors import UserError
@@ -155,6 +163,7 @@ class Fit:
     beside: int = 0                    # an old model kept loaded during a swap
     receive: int = 0                   # requests libzmq may hold while they arrive (cap_private)
     messages: list[str] = field(default_factory=list)
+    cache_slots: int = 0               # prompt-cache slots planned (plan.prompt_cache)
 
     @property
     def total(self) -> int:
@@ -171,12 +180,14 @@ class Fit:
         """The plan as `status` reports it (bytes; budget None = unlimited)."""
         return {"budget": self.budget, "budget_source": self.source, "n_ctx": self.n_ctx,
                 "requested_ctx": self.requested_ctx, "total": self.total,
+                "cache_slots": self.cache_slots,
                 **{name: n for name, n in self.lines()}, "device": self.plan.device}
 
 
 def plan_lines(plan: MemoryPlan, process: int, beside: int = 0,
                receive: int = 0) -> list[tuple[str, int]]:
-    rows = [("weights", plan.weights), ("kv_cache", plan.kv_cache), ("scratch", plan.scratch),
+    rows = [("weights", plan.weights), ("kv_cache", plan.kv_cache),
+            ("prompt_cache", plan.prompt_cache), ("scratch", plan.scratch),
             ("runtime", plan.runtime), ("process", process)]
     if receive:
         rows.append(("receive", receive))
@@ -218,6 +229,30 @@ def fit(plan_at: Callable[[int], MemoryPlan], n_ctx: int, min_ctx: int, budget: 
     result.n_ctx, result.plan = ctx, plan_at(ctx)
     result.messages.append(f"memory budget {human(budget)} ({source}): context shrunk from "
                            f"{n_ctx} to {ctx} tokens (plan {human(result.total + beside)})")
+    return result
+
+
+def with_prompt_cache(plan: MemoryPlan, slots: int) -> MemoryPlan:
+    """The plan plus `slots` prompt-cache entries, each at most one whole KV cache."""
+    if slots <= 0:
+        return replace(plan, prompt_cache=0)
+    return replace(plan, prompt_cache=slots * plan.kv_cache,
+                   notes=[*plan.notes, f"prompt cache: {slots} slots of at most the KV cache "
+                                       f"({human(plan.kv_cache)}) each, filled as requests end"])
+
+
+def size_prompt_cache(result: Fit, most: int) -> Fit:
+    """Default slots: up to `most`, within what the budget leaves once the model fits."""
+    per = result.plan.kv_cache
+    if result.budget is None or per == 0:
+        slots = most
+    else:
+        free = result.budget - result.total - result.beside
+        slots = max(0, min(most, free // per))
+        if slots < most:
+            result.messages.append(f"memory budget {human(result.budget)} ({result.source}) leaves "
+                                   f"room for {slots} prompt-cache slots of {human(per)}")
+    result.plan, result.cache_slots = with_prompt_cache(result.plan, slots), slots
     return result
 
 

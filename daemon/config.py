@@ -17,7 +17,8 @@ Keys (top level unless a section is named):
     model, bind, backend, threads (0 = the backend's default), ctx, min_ctx,
     memory_budget ("1.5G" or bytes), log_level, allow_load, load_dir, strict_model_file,
     http ("HOST:PORT": the OpenAI-compatible API, docs/http.md),
-    draft ("prompt-lookup" or a draft model: speculative decoding), draft_max
+    draft ("prompt-lookup" or a draft model: speculative decoding), draft_max,
+    cache_slots, prompt_cache_dir (the prompt cache: daemon/promptcache.py)
     [scheduler]  queue_size, max_tokens, drain_timeout
     [security]   server_secret_key, allowed_clients, insecure, api_key_file
     [cache]      dir, hub
@@ -59,6 +60,8 @@ SCHEMA: dict[tuple[str, str], Key] = {
     ("", "allow_load"): Key("allow_load", (bool,), "true or false"),
     ("", "strict_model_file"): Key("strict_model_file", (bool,), "true or false"),
     ("", "load_dir"): Key("load_dir", (str,), "a folder"),
+    ("", "cache_slots"): Key("cache_slots", (int,), "an integer >= 0"),
+    ("", "prompt_cache_dir"): Key("prompt_cache_dir", (str,), "a folder"),
     ("", "http"): Key("http", (str,), 'an HTTP address such as "127.0.0.1:8080"'),
     ("", "draft"): Key("draft", (str,), '"prompt-lookup" or a draft model path or name'),
     ("", "draft_max"): Key("draft_max", (int,), "a positive integer (tokens per draft)"),

@@ -20,21 +20,39 @@ scheduler for requests):
 
 * `Model.start(prompt, **sampling)` checks everything up front — sampling
   values (SamplingError), an empty prompt (EmptyPrompt), prompt + max_tokens
-  beyond n_ctx (ContextOverflow: ember refuses rather than truncating, so a
-  reply is never silently cut or its prompt silently shortened) — and returns
-  a Generation that has computed nothing yet.
-* `gen.step()` computes and samples exactly one token and returns its
+  beyond n_ctx (ContextOverflow, with the numbers: ember refuses rather than
+  truncating, so a reply is never silently cut or its prompt silently
+  shortened) — and returns a Generation that has computed nothing yet.
+  Without max_tokens (or None) it runs to the end of the context (stop
+  "length"); a prompt that fills the context is a ContextOverflow.
+* `gen.advance()` does one piece of work: one prefill chunk (returns None,
+  `gen.done` still False) or one token (returns its TokenEvent). Chunks are
+  sized to take about PREFILL_CHUNK_S from the model's measured prefill
+  rate, so whoever steps the generation (the scheduler) can cancel or
+  preempt a long prefill within ~0.2 s. Chunk boundaries do not change the
+  numbers (the cpu backend's rows are computed independently: bit-equal to
+  one batch; tested). `gen.step()` advances until a token and returns its
   TokenEvent, or None once finished; `gen.result` then holds the Result
   (stop reason "eos" | "stop" | "length" | "cancelled", usage, timings).
-* `gen.cancel()` (any thread) is honoured before the next token.
+* `gen.cancel()` (any thread) is honoured before the next token or chunk.
+* The KV cache and the prompt cache: `Model.kv_tokens` records which tokens
+  the runner's cache holds. A generation that does not own the cache
+  (`Model.owner`) attaches first (`Model.attach`): it reuses the longest
+  prefix of prompt + generated found in the live cache or in the prompt
+  cache (daemon/promptcache.py: LRU host copies of earlier requests' caches,
+  made only when another request is about to overwrite them), then
+  prefills only the rest. `usage.cached_tokens` counts the prompt tokens so
+  found. The prompt cache belongs to the Model: a new model (a reload)
+  starts with its own.
 * Preemption: the runner (and its one KV cache) belongs to whichever
   generation stepped last (`Model.owner`). A generation may be left alone
   (`gen.suspend()` just records it) while another request — or
-  `Model.logits` — uses the runner. On its next `step()` it notices that it
-  no longer owns the cache and re-prefills prompt + the tokens it generated
-  so far in one batch, then continues. Its Sampler (RNG state and penalty
-  window) and its text decoder live in the Generation, so the continuation
-  equals an uninterrupted run (the re-prefilled logits equal the
+  `Model.logits` — uses the runner. On its next step it notices that it no
+  longer owns the cache, attaches (finding its own tokens in the prompt
+  cache: a prefill preempted mid-way keeps its finished chunks) and
+  prefills what is missing, then continues. Its Sampler (RNG state and
+  penalty window) and its text decoder live in the Generation, so the
+  continuation equals an uninterrupted run (the re-prefilled logits equal the
   incrementally decoded ones to float rounding, KL <= 1e-6; tested).
   `gen.resume()` is optional: it does that re-prefill eagerly.
 
@@ -67,16 +85,18 @@ are counted separately as reprefill_ms).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ember.daemon import speculative
+from ember.daemon import promptcache, speculative
 from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
@@ -86,6 +106,9 @@ from ember.plugins import registry
 from ember.plugins.types import CacheTooShort, ContextOverflow, MemoryPlan, ModelKindError
 
 DEFAULT_MAX_CTX = 4096
+PREFILL_CHUNK_S = 0.2      # a prefill chunk's target time: cancel and preemption act between chunks
+FIRST_CHUNK = 16           # tokens in the first chunk, before the model's prefill rate is known
+MIN_CHUNK = 8              # below this a chunk re-reads the weights for too few tokens (contended CPU)
 log = logging.getLogger("emberd.engine")
 
 
@@ -143,13 +166,17 @@ Fit = Callable[[Callable[[int], MemoryPlan], int], int]
 
 
 def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = None,
-         threads: int | None = None, options: dict | None = None, fit: Fit | None = None) -> "Model":
+         threads: int | None = None, options: dict | None = None, fit: Fit | None = None,
+         cache_slots: int = promptcache.DEFAULT_SLOTS, cache_dir: str | None = None) -> "Model":
     """Open a GGUF model and load it on a backend: the one loading path of ember.
 
     open (mapped, read-only) -> ModelConfig -> choose the backend (registry) ->
     plan: `fit(plan_at, n_ctx)` may shrink the context or refuse (the daemon's
     memory budget) -> load through the registry, which calls the backend's
-    owner plugin alone. Errors are typed and user-facing.
+    owner plugin alone. Errors are typed and user-facing. cache_slots: KV
+    states of earlier requests kept for prefix reuse (0: only the live cache);
+    cache_dir: where they are saved at close and read back at load
+    (Model.use_prompt_cache).
     """
     _check_positive("n_ctx", n_ctx)
     _check_positive("threads", threads)
@@ -162,7 +189,9 @@ def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = Non
         if fit is not None:
             ctx = fit(lambda c: registry.plan(name, config, c, options), ctx)
         runner = registry.load(name, f, config, ctx, threads, options)
-        return Model(path, f, config, runner, name, why)
+        model = Model(path, f, config, runner, name, why)
+        model.use_prompt_cache(cache_slots, cache_dir)
+        return model
     except BaseException:
         f.close()
         raise
@@ -205,7 +234,12 @@ class Model:
         self.runner = runner
         self.backend, self.backend_reason = backend, why
         self.n_ctx, self.n_vocab = runner.n_ctx, runner.n_vocab
-        self.owner: Generation | None = None   # whose tokens the KV cache holds
+        self.owner: Generation | None = None   # whose generation the KV cache is stepping
+        self.kv_tokens: list[int] = []           # the tokens at the cache's positions [0, n_past)
+        self.prompt_cache = promptcache.PromptCache(0)
+        self.cache_dir: Path | None = None       # where prompt_cache is kept across restarts
+        self.prefill_rate: float | None = None   # tokens/s of the last prefill chunk
+        self.chunk_tokens: int | None = None     # fixed prefill chunks (None: by time)
         self.drafter = None                     # speculative decoding (set_draft), or None
         self.lock = threading.RLock()           # one computation at a time on the runner
         self._tokenizer = None
@@ -291,19 +325,101 @@ class Model:
         if len(ids) > self.n_ctx:
             raise ContextOverflow(f"{len(ids)} tokens do not fit n_ctx {self.n_ctx}")
         with self.lock:
-            self.owner = None
+            self._vacate(ids)
             self.runner.reset()
+            self.kv_tokens = []
             logits = self.checked(self.runner.prefill(ids, all_logits=True))
+            self.kv_tokens = ids
             return np.asarray(logits, dtype=np.float32)
+
+    # -- the KV cache: live, and the prompt cache -------------------------------
+
+    def use_prompt_cache(self, slots: int, folder: str | os.PathLike | None = None) -> None:
+        """Keep `slots` states of earlier requests (0: only the live cache), saved in `folder`."""
+        if self.is_embedding:    # an encoder keeps no cache between texts
+            slots = 0
+        if slots and not hasattr(self.runner, "save_state"):
+            log.info("prompt cache off: the %s backend cannot copy its KV cache; only the "
+                     "live cache is reused (requests that extend the previous one)", self.backend)
+            slots = 0
+        self.prompt_cache = promptcache.PromptCache(slots)
+        if folder is not None and slots:
+            self.cache_dir = Path(folder) / promptcache.model_key(self.path, self.backend, self.n_ctx)
+            if self.cache_dir.is_dir():
+                n = self.prompt_cache.load(self.cache_dir)
+                log.info("prompt cache: %d entries read from %s", n, self.cache_dir)
+
+    def attach(self, seq: list[int]) -> int:
+        """Make the cache hold the longest prefix of seq it can (at most len(seq) - 1
+        tokens: the last one must be computed for its logits); -> that length.
+
+        Caller holds the lock. Sources: the live cache (truncated in place) or a
+        prompt-cache entry (loaded, then truncated). The live cache goes into the
+        prompt cache first when this would overwrite tokens it holds."""
+        want = np.asarray(seq[:-1], dtype=np.int32)
+        live = promptcache.common_prefix(np.asarray(self.kv_tokens, dtype=np.int32), want)
+        entry, n_entry = self.prompt_cache.best(want)
+        if live < len(self.kv_tokens) or n_entry > live:
+            self._vacate(seq)
+        self.owner = None
+        n = self._reuse(entry, n_entry) if n_entry > live else self._truncate(live)
+        pc = self.prompt_cache
+        pc.hits, pc.misses, pc.tokens_reused = pc.hits + (n > 0), pc.misses + (n == 0), pc.tokens_reused + n
+        return n
+
+    def _vacate(self, seq: list[int]) -> None:
+        """Copy the live cache into the prompt cache unless seq extends it or a slot holds it."""
+        kv = np.asarray(self.kv_tokens, dtype=np.int32)
+        if (not self.prompt_cache.slots or len(kv) == 0
+                or promptcache.common_prefix(kv, np.asarray(seq, dtype=np.int32)) == len(kv)
+                or self.prompt_cache.holds(kv)):
+            return
+        try:
+            state = self.runner.save_state()
+        except MemoryError:      # the budget's cap on private memory (budget.cap_private)
+            log.warning("prompt cache: no memory for a copy of %d positions; not kept", len(kv))
+            return
+        self.prompt_cache.put(kv, state)
+
+    def _reuse(self, entry, n: int) -> int:
+        try:
+            self.runner.load_state(entry.state)
+        except (ValueError, CacheTooShort) as e:   # a state of another layout (a stale file)
+            log.warning("prompt cache: dropping an entry that does not load (%s)", e)
+            self.prompt_cache.discard(entry)
+            self.kv_tokens = []
+            return self._truncate(0)
+        self.prompt_cache.touch(entry)
+        self.kv_tokens = entry.tokens.tolist()
+        return self._truncate(n)
+
+    def _truncate(self, n: int) -> int:
+        """Keep the live cache's first n positions, or as many as a ring/conv cache allows."""
+        try:
+            self.runner.truncate(n)
+        except CacheTooShort:
+            self.runner.reset()
+            n = 0
+        self.kv_tokens = self.kv_tokens[:n]
+        return n
 
     # -- generation -----------------------------------------------------------
 
     def start(self, prompt: Any, created_at: float | None = None, **sampling) -> "Generation":
         """Check a request and return its Generation (nothing computed yet)."""
         self.require("generation")
+        until_full = sampling.get("max_tokens") is None
+        if until_full:
+            sampling.pop("max_tokens", None)
         params = SamplingParams.parse(**sampling)
         ids = self.prompt_tokens(prompt)
-        if len(ids) + params.max_tokens > self.n_ctx:
+        if until_full:   # no max_tokens: run to the end of the context (stop "length")
+            if len(ids) >= self.n_ctx:
+                raise ContextOverflow(
+                    f"the prompt ({len(ids)} tokens) fills the context of {self.n_ctx} tokens, "
+                    f"leaving no room to generate; shorten the prompt")
+            params = dataclasses.replace(params, max_tokens=self.n_ctx - len(ids))
+        elif len(ids) + params.max_tokens > self.n_ctx:
             raise ContextOverflow(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{len(ids) + params.max_tokens} exceeds the context of {self.n_ctx} tokens; "
@@ -457,6 +573,7 @@ class Model:
         with self.lock:
             if self.runner is None:
                 return
+            self._save_prompt_cache()
             if self.drafter is not None:
                 self.drafter.close()
                 self.drafter = None
@@ -465,6 +582,16 @@ class Model:
             self._faults = self._guard.faults
             self._guard.close()
             self.gguf.close()
+
+    def _save_prompt_cache(self) -> None:
+        if self.cache_dir is None or self.changed is not None:
+            return
+        self._vacate([])
+        try:
+            n = self.prompt_cache.save(self.cache_dir)
+            log.info("prompt cache: %d entries saved to %s", n, self.cache_dir)
+        except OSError as e:
+            log.warning("prompt cache: cannot save to %s: %s", self.cache_dir, e)
 
     # -- the mapped file ------------------------------------------------------------
 
@@ -510,6 +637,8 @@ class Generation:
         # a grammar allows end of generation only once the output is complete
         self._eog = (lambda t: False) if params.ignore_eos and not constraint else tok.is_eog
         self._cached = 0                     # tokens of prompt+generated in the KV cache
+        self._prefilling = True              # attached, and tokens before the last not all cached
+        self.cached_tokens: int | None = None  # prompt tokens found in the cache at the start
         self._pending: np.ndarray | None = None  # logits computed by resume(), not yet sampled
         self._queue: list = []               # Choices verified by one speculative pass, not yet emitted
         self._pacing = speculative.Pacing()   # when to draft (backs off after failed drafts)
@@ -535,9 +664,11 @@ class Generation:
     def resume(self) -> None:
         """Rebuild the KV cache now (prompt + generated) instead of at the next step."""
         with self.model.lock:
-            # tokens still queued are already chosen: the re-prefill waits until they are out
+            # tokens still queued are already chosen: the rebuild waits until they are out
             if self.state != "done" and not self._queue and not self._owns_cache():
-                self._pending = self._reprefill()
+                while (logits := self._compute()) is None:
+                    pass
+                self._pending = logits
 
     @property
     def done(self) -> bool:
@@ -546,7 +677,15 @@ class Generation:
     # -- stepping -----------------------------------------------------------------
 
     def step(self) -> TokenEvent | None:
-        """Compute and sample one token; None when the generation is over."""
+        """Compute and sample one token (all of a prefill first); None when it is over."""
+        while (ev := self.advance()) is None and not self.done:
+            pass
+        return ev
+
+    def advance(self) -> TokenEvent | None:
+        """One piece of work: one prefill chunk (-> None, `done` still False) or one token
+        (-> its event). None with `done` set: the generation is over. The scheduler calls
+        this, so cancel, deadlines and preemption act between prefill chunks too."""
         if self.result is not None:
             return None
         if self._cancel.is_set():
@@ -557,6 +696,8 @@ class Generation:
                 if self.model.runner is None:
                     raise EngineError("the model was closed; this generation cannot continue")
                 self._queue = self._speculate() or self._one()
+            if not self._queue:
+                return None                 # a prefill chunk: more of the prompt to go
         choice = self._queue.pop(0)
         self.generated.append(choice.id)
         return self._emit(choice)
@@ -572,7 +713,9 @@ class Generation:
         c = self.constraint
         if c is not None:
             c.prefetch()                  # the mask computes while the forward pass runs
-        logits = self._next_logits()
+        logits = self._compute()
+        if logits is None:
+            return []
         choice = self.sampler.sample(logits, None if c is None else c.mask())
         self.sampler.accept(choice.id)
         if c is not None:
@@ -584,7 +727,7 @@ class Generation:
         daemon/speculative.py); [] when a plain step is due instead."""
         m, d = self.model, self.model.drafter
         # a grammar masks each token from the ones before it: constrained output decodes plainly
-        if (d is None or self.constraint is not None or not self.generated
+        if (d is None or self.constraint is not None or not self.generated or self._prefilling
                 or self._pending is not None or not self._owns_cache()):
             return []
         if not self._pacing.due():
@@ -597,7 +740,8 @@ class Generation:
         if not draft:
             self._t["decode"] += time.perf_counter() - t0
             return []
-        rows = m.checked(m.runner.prefill([seq[-1], *draft], all_logits=True))   # (k+1, n_vocab)
+        rows = self._run(lambda ids: m.runner.prefill(ids, all_logits=True),
+                         [seq[-1], *draft])                                 # (k+1, n_vocab)
         choices = speculative.verify(self.sampler, rows, draft)
         self._rollback(len(seq) + len(choices) - 1)
         self._pacing.record(len(choices) - 1)
@@ -617,41 +761,82 @@ class Generation:
         try:
             m.runner.truncate(n_keep)
             self._cached = n_keep
+            del m.kv_tokens[n_keep:]
         except CacheTooShort:        # a ring that cannot go back: the next step prefills again
             m.runner.reset()
-            m.owner = None
+            m.owner, m.kv_tokens = None, []
 
     def _owns_cache(self) -> bool:
         m = self.model
         return m.owner is self and m.runner.n_past == self._cached
 
-    def _next_logits(self) -> np.ndarray:
-        """Logits for the position after prompt + generated, computing what is missing."""
-        t0 = time.perf_counter()
+    def _compute(self) -> np.ndarray | None:
+        """Logits for the position after prompt + generated, or None after a prefill
+        chunk that leaves more to prefill."""
         if self._t["start"] is None:
-            self._t["start"] = t0
+            self._t["start"] = time.perf_counter()
         self.state = "running"
         seq = self.prompt + self.generated
         pending, self._pending = self._pending, None
         if not self._owns_cache():
-            logits = self._reprefill()
+            self._attach(seq)
         elif pending is not None:  # resume() already rebuilt the cache
-            logits = pending
-        else:  # exactly the last sampled token is not yet in the cache
-            logits = self.model.checked(self.model.runner.decode(seq[-1]))
-            self._cached += 1
-            self._t["decode"] += time.perf_counter() - t0
-            self._t["n_decode"] += 1
+            return pending
+        if self._prefilling:
+            return self._prefill_chunk(seq)
+        return self._decode(seq[-1])
+
+    def _attach(self, seq: list[int]) -> None:
+        """Take the runner: reuse the longest cached prefix of seq, prefill the rest."""
+        m = self.model
+        n = m.attach(seq)
+        if self.cached_tokens is None:     # what the request's own prompt found cached
+            self.cached_tokens = min(n, len(self.prompt))
+        m.owner, self._cached, self._prefilling = self, n, True
+
+    def _prefill_chunk(self, seq: list[int]) -> np.ndarray | None:
+        m, t0 = self.model, time.perf_counter()
+        ids = seq[self._cached:self._cached + self._chunk(len(seq) - self._cached)]
+        logits = self._run(m.runner.prefill, ids)
+        self._cached += len(ids)
+        dt = time.perf_counter() - t0
+        if len(ids) >= FIRST_CHUNK // 2:   # a short tail chunk says little about the rate
+            m.prefill_rate = len(ids) / max(dt, 1e-6)
+        self._t["prefill" if not self.generated else "reprefill"] += dt
+        if self._cached < len(seq):
+            return None
+        self._prefilling = False
         return logits
 
-    def _reprefill(self) -> np.ndarray:
+    def _chunk(self, rest: int) -> int:
+        """Tokens in the next chunk: Model.chunk_tokens if set, else as many as the last
+        chunks' rate runs in PREFILL_CHUNK_S."""
+        m = self.model
+        if m.chunk_tokens is not None:
+            return min(rest, m.chunk_tokens)
+        if m.prefill_rate is None:
+            return min(rest, FIRST_CHUNK)
+        return min(rest, max(MIN_CHUNK, int(m.prefill_rate * PREFILL_CHUNK_S)))
+
+    def _decode(self, token: int) -> np.ndarray:
+        """Exactly the last sampled token is not yet in the cache."""
         t0 = time.perf_counter()
-        m, seq = self.model, self.prompt + self.generated
-        m.owner = None
-        m.runner.reset()
-        logits = m.checked(m.runner.prefill(seq))
-        m.owner, self._cached = self, len(seq)
-        self._t["prefill" if not self.generated else "reprefill"] += time.perf_counter() - t0
+        logits = self._run(lambda ids: self.model.runner.decode(ids[0]), [token])
+        self._cached += 1
+        self._t["decode"] += time.perf_counter() - t0
+        self._t["n_decode"] += 1
+        return logits
+
+    def _run(self, call, ids: list[int]) -> np.ndarray:
+        """A runner call that appends ids; the model's record of the cache follows it."""
+        m = self.model
+        try:
+            logits = m.checked(call(ids))
+        except BaseException:
+            m.owner, m.kv_tokens = None, []     # the cache's contents are unknown now
+            m.runner.reset()
+            raise
+        m.kv_tokens.extend(ids)
         return logits
 
     def _emit(self, choice) -> TokenEvent:
@@ -693,5 +878,6 @@ class Generation:
             total_ms=(now - self.t_created) * 1e3,
         )
         self.result = Result(reason, "".join(self._text), list(self.generated),
-                             dict(prompt_tokens=n_prompt, completion_tokens=n_gen),
+                             dict(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                  cached_tokens=self.cached_tokens or 0),
                              timings, self.sampler.seed)

@@ -15,10 +15,10 @@ other than 1, tools, or any other feature ember does not do is a 400 in
 OpenAI's error shape, never silently ignored. `null` means "not given", as
 many clients send it for optional fields.
 
-Defaults are ember's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05,
-max_tokens 256 capped by the daemon), like llama.cpp's server, not OpenAI's
-(temperature 1, top_p 1, no cap): the same request gives the same text on
-both of emberd's front doors.
+Defaults are ember's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05;
+without max_tokens, generation runs to the end of the context and stops with
+"length"), like llama.cpp's server, not OpenAI's (temperature 1, top_p 1):
+the same request gives the same text on both of emberd's front doors.
 """
 from __future__ import annotations
 
@@ -317,7 +317,6 @@ def _call(kind: str, model: str, got: dict, limits: Limits) -> Call:
     if kind == "chat" and top is not None and not got.get("logprobs"):
         raise ApiError(400, "'top_logprobs' needs logprobs: true", "top_logprobs")
     source = got.pop("source")
-    got.setdefault("max_tokens", min(256, limits.max_tokens))
     wants = got.get("logprobs", False)
     return Call(kind, model, source, got, stream, bool(include_usage), (top or 0) if wants else None,
                 user)
@@ -337,7 +336,9 @@ def finish_reason(stop: str) -> str:
 def usage(result) -> dict:
     p = int(result.usage.get("prompt_tokens", 0))
     c = int(result.usage.get("completion_tokens", len(result.tokens)))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = int(result.usage.get("cached_tokens", 0))   # found in the prompt cache
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @dataclass

@@ -12,13 +12,17 @@ Two threads share this object and nothing else:
   error, suspended) to the loop through `post` — a callback the server wires
   to a deque plus an inproc ZeroMQ wake-up, so the loop never waits on compute.
 
-All heap and job-state changes happen under one lock. Between two tokens the
-worker looks at the running job once: a stop request (client cancel, client
+All heap and job-state changes happen under one lock. Between two tokens —
+and between two chunks of a prompt's prefill (engine `Generation.advance`,
+each chunk ~0.2 s) — the worker looks at the running job once: a stop request (client cancel, client
 gone, server stop) or a passed deadline ends it with a terminal `done`; a
 better job at the top of the heap preempts it — the engine suspends it
 (keeping its RNG and tokens), it goes back into the heap with its original
 arrival number, and resumes later with the same text an uninterrupted run
-would have produced. So every stop takes effect within one token.
+would have produced. So every stop takes effect within one token or one
+prefill chunk. A request preempted mid-prefill keeps its finished chunks:
+the next request's attach copies them into the prompt cache, and the
+preempted one restores them when it resumes.
 
 An `embed` job (an embedding model's request) waits in the same heap and
 runs on the same worker, but in one step: it encodes all its texts and posts
@@ -256,7 +260,7 @@ class Scheduler:
                 job.gen.cancel()
                 job.gen.step()                    # computes nothing; records the result
                 return self._finish(job, job.gen.result, reason)
-            event = job.gen.step()
+            event = job.gen.advance()          # one token, or one prefill chunk (None)
             self.heartbeat = time.monotonic()
             if event is not None:
                 self._token(job, event, wake=not job.gen.done)   # the last one leaves with `done`

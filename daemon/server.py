@@ -480,8 +480,7 @@ class Server:
             source = self._checked_ids(req.arrays["tokens"])
         else:
             source = f.get("prompt", f.get("messages"))
-        sampling = {k: f[k] for k in protocol.SAMPLING if k in f}
-        sampling["max_tokens"] = f.get("max_tokens", min(256, self.limits.max_tokens))
+        sampling = {k: f[k] for k in (*protocol.SAMPLING, "max_tokens") if k in f}
         return Job(rid=req.id, owner=owner, source=source, sampling=sampling,
                    stream=f.get("stream", True), priority=f.get("priority", 0),
                    deadline=_deadline(f))
@@ -547,6 +546,7 @@ class Server:
             "status", req.id, uptime_s=round(now - self.t_start, 3), model=self.info.get("model"),
             backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=budget.rss_bytes(),
             recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
+            prompt_cache=None if self.model is None else self.model.prompt_cache.stats(),
             held={"clients": len(self._held), "replies": sum(len(h.replies) for h in self._held.values())},
             speculative=None if self.model is None else self.model.speculation(), **snap))
 
@@ -647,7 +647,8 @@ def done_message(job: Job, payload) -> tuple[dict, tuple]:
     result, stop = payload
     t_end = time.monotonic()
     usage = {"prompt_tokens": int(result.usage.get("prompt_tokens", 0)),
-             "completion_tokens": int(result.usage.get("completion_tokens", job.n_tokens))}
+             "completion_tokens": int(result.usage.get("completion_tokens", job.n_tokens)),
+             "cached_tokens": int(result.usage.get("cached_tokens", 0))}
     msg = protocol.reply("done", job.rid, stop=stop, text=result.text, usage=usage,
                          timings=_timings(job, result.timings, t_end), seed=int(result.seed),
                          preemptions=job.preemptions, frames=["tokens"])

@@ -50,7 +50,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from ember.daemon import budget as budget_mod
-from ember.daemon import modelcache, modelfile, security, speculative
+from ember.daemon import modelcache, modelfile, promptcache, security, speculative
 from ember.daemon.log import say as log_say
 from ember.daemon.notify import Notifier
 from ember.formats import protocol
@@ -85,6 +85,13 @@ def add_arguments(p) -> None:
     g.add_argument("--memory-budget", metavar="SIZE",
                    help="memory for weights + KV cache + scratch + runtime, e.g. 1.5G "
                         "(default: config, else the cgroup's memory.max, else unlimited)")
+    g.add_argument("--cache-slots", type=_slots, default=None, metavar="N",
+                   help="prompt cache: KV caches of earlier requests kept for prefix reuse, each "
+                        "counted in the memory plan as one KV cache (default: what the budget "
+                        f"leaves, up to {promptcache.DEFAULT_SLOTS}; 0: reuse only the live cache)")
+    g.add_argument("--prompt-cache-dir", metavar="DIR",
+                   help="save the prompt cache here at exit and read it back at start "
+                        "(per model file, backend and context)")
     g.add_argument("--min-ctx", type=int, default=DEFAULT_MIN_CTX, metavar="N",
                    help=f"never shrink the context below N to fit the budget (default {DEFAULT_MIN_CTX})")
     g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="S",
@@ -106,6 +113,16 @@ def add_arguments(p) -> None:
     g.add_argument("--strict-model-file", action="store_true", default=False,
                    help="refuse a model file this user could write (a file truncated while "
                         "mapped kills the daemon); default: serve it with a warning")
+
+
+def _slots(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
 
 
 # ---------------------------------------------------------------------------
@@ -179,21 +196,38 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
         say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
     limit, source = budget_of(args)
+    slots = getattr(args, "cache_slots", None)
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 0):
+        raise budget_mod.BudgetError(f"cache_slots must be an integer >= 0, got {slots!r}")
     fits: list[budget_mod.Fit] = []
     draft = resolve_draft(args)
     draft_plan = _draft_plan(args, draft)     # charged beside the target, at the same context
 
     def fit(plan_at, n_ctx: int) -> int:
+        """The context that fits with the prompt cache's slots (and the draft model, charged
+        beside the target): --cache-slots N are part of the plan; by default they take what
+        the budget leaves (budget.size_prompt_cache)."""
         both = plan_at if draft_plan is None else (
             lambda c: _with_draft(plan_at(c), draft_plan(c), draft))
-        fits.append(budget_mod.fit(both, n_ctx, max(1, args.min_ctx or 1), limit, source,
-                                   process, beside, RECEIVE))
-        for m in fits[0].messages:
+        planned = budget_mod.fit(lambda c: budget_mod.with_prompt_cache(both(c), slots or 0),
+                                 n_ctx, max(1, args.min_ctx or 1), limit, source, process, beside,
+                                 RECEIVE)
+        if slots is None:
+            budget_mod.size_prompt_cache(planned, promptcache.DEFAULT_SLOTS)
+        else:
+            planned.cache_slots = slots
+        fits.append(planned)
+        for m in planned.messages:
             say(m)
-        return fits[0].n_ctx
+        return planned.n_ctx
 
     modelfile.recheck(checked)
-    model = engine.load(path, backend=args.backend, n_ctx=args.ctx, threads=args.threads, fit=fit)
+    model = engine.load(path, backend=args.backend, n_ctx=args.ctx, threads=args.threads, fit=fit,
+                        cache_slots=0)
+    planned = fits[0]
+    model.use_prompt_cache(planned.cache_slots, getattr(args, "prompt_cache_dir", None))
+    if model.prompt_cache.slots < planned.cache_slots:   # the backend cannot copy its cache (logged)
+        planned.plan, planned.cache_slots = budget_mod.with_prompt_cache(planned.plan, 0), 0
     try:
         model.set_draft(draft, getattr(args, "draft_max", None), args.threads)
         watch = modelfile.Watch(checked, model.gguf.size)

@@ -76,6 +76,9 @@ cdef extern from "ember_forward.h":
     int ember_model_set_layer(ember_model *m, int64_t layer, int kind, int rope) nogil
     int64_t ember_model_cache_rows(const ember_model *m, int64_t layer) nogil
     size_t ember_model_cache_bytes(const ember_model *m) nogil
+    size_t ember_model_cache_row_bytes(const ember_model *m, int64_t layer) nogil
+    int ember_model_cache_copy(ember_model *m, int64_t layer, int64_t rows, void *buf,
+                               int to_cache) nogil
     int ember_model_set_mat(ember_model *m, int64_t layer, int which, const void *data, int type,
                             int64_t rows, int64_t cols, size_t row_bytes) nogil
     int ember_model_set_vec(ember_model *m, int64_t layer, int which, const float *data) nogil
@@ -186,6 +189,24 @@ cdef class Forward:
     def cache_rows(self, int64_t layer):
         """Rows of the layer's cache: n_ctx, or a ring for window and conv layers."""
         return ember_model_cache_rows(self._model(), layer)
+
+    def cache_row_bytes(self, int64_t layer):
+        """Bytes per row of the layer's cache (K and V f16, or a conv state row f32)."""
+        return ember_model_cache_row_bytes(self._model(), layer)
+
+    def cache_copy(self, int64_t layer, int64_t rows, uint8_t[::1] buf, bint to_cache):
+        """Copy the layer's cache rows [0, rows) into buf, or (to_cache) from buf into the cache."""
+        cdef ember_model *m = self._model()
+        cdef size_t need = ember_model_cache_row_bytes(m, layer) * <size_t> max(rows, 0)
+        if <size_t> buf.shape[0] != need or need == 0 and rows != 0:
+            raise ValueError(f"layer {layer}: a buffer of {buf.shape[0]} bytes for {rows} rows "
+                             f"(needs {need})")
+        cdef void *p = &buf[0] if buf.shape[0] else NULL
+        cdef int rc
+        with nogil:
+            rc = ember_model_cache_copy(m, layer, rows, p, to_cache)
+        if rc != 0:
+            raise ValueError(f"layer {layer}: cannot copy {rows} cache rows")
 
     def finish(self):
         if ember_model_finish(self._model()) != 0:

@@ -35,7 +35,7 @@ from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
-from ember.plugins.types import CacheTooShort
+from ember.plugins.types import CacheTooShort, KVState
 
 NAME = "cpu"
 # ModelConfig features (features.FEATURES) the C decoder computes; the rest are refused at load.
@@ -291,6 +291,33 @@ class CpuRunner(CacheBookkeeping):
         if self.n_past == 0:
             self._kept = [0] * len(self._rings)
 
+    def save_state(self) -> KVState:
+        """Rows [0, n_past) of full layers, whole rings and conv states, as bytes."""
+        fw = self._fw()
+        arrays = []
+        for il in range(self.dec.config.n_layer):
+            rows = self._state_rows(il, self.n_past)
+            buf = np.empty(rows * fw.cache_row_bytes(il), dtype=np.uint8)
+            if rows:
+                fw.cache_copy(il, rows, buf, False)
+            arrays.append(buf)
+        return KVState(self.n_past, arrays, {"kept": list(self._kept)})
+
+    def load_state(self, state: KVState) -> None:
+        """Refuses (ValueError, cache untouched) a state of another layout: another model,
+        context or chunk size (ring rows), e.g. a stale file."""
+        fw, n_layer = self._fw(), self.dec.config.n_layer
+        rows = [self._state_rows(il, state.n_past) for il in range(n_layer)]
+        if (len(state.arrays) != n_layer or not 0 <= state.n_past <= self.n_ctx
+                or len(state.extra.get("kept", ())) != len(self._rings)
+                or any(b.dtype != np.uint8 or b.shape != (r * fw.cache_row_bytes(il),)
+                       for il, (b, r) in enumerate(zip(state.arrays, rows)))):
+            raise ValueError("the KV state does not fit this runner's caches")
+        for il, (buf, r) in enumerate(zip(state.arrays, rows)):
+            if r:
+                fw.cache_copy(il, r, np.ascontiguousarray(buf), True)
+        self.n_past, self._kept = state.n_past, [int(k) for k in state.extra["kept"]]
+
     def close(self) -> None:
         if self.dec is not None:
             self.dec.close()
@@ -301,6 +328,17 @@ class CpuRunner(CacheBookkeeping):
     def _advance(self, n: int) -> None:
         self.n_past += n
         self._kept = [max(k, self.n_past - rows) for (rows, _), k in zip(self._rings, self._kept)]
+
+    def _fw(self):
+        if self.dec is None:
+            raise ValueError("runner is closed")
+        return self.dec.fw
+
+    def _state_rows(self, il: int, n_past: int) -> int:
+        """Cache rows a copy of the state at n_past holds: the filled ones of a full layer,
+        else all (a ring's rows hold positions by p % rows; a conv state is always whole)."""
+        rows = self.dec.fw.cache_rows(il)
+        return min(n_past, rows) if rows == self.n_ctx else rows
 
     def _check(self, tokens: Sequence[int]) -> np.ndarray:
         if self.dec is None:

@@ -71,6 +71,8 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
     :param options: dict of backend options.
     :return: Runner (see ember.plugins.types.Runner): ``prefill(tokens,
         all_logits=False)``, ``decode(token)``, ``reset()``,
-        ``truncate(n_past)``, ``n_past``, ``n_ctx``, ``close()``; or None if
-        `backend` is not this plugin's. firstresult.
+        ``truncate(n_past)``, ``n_past``, ``n_ctx``, ``close()``, and optionally
+        ``save_state()``/``load_state(state)`` (host copies of the cache, which
+        the prompt cache keeps; without them only the live cache is reused);
+        or None if `backend` is not this plugin's. firstresult.
     """

@@ -55,7 +55,7 @@ from ember.kernels.rope import rope_cos_sin, rope_factors
 from ember.plugins.encoder import EncoderRunner
 from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
-from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
+from ember.plugins.types import BackendSpec, CacheBookkeeping, KVState, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
@@ -354,6 +354,32 @@ class ReferenceRunner(CacheBookkeeping):
                                           f"only the last {ring} positions of {self.n_past}; "
                                           "reset() and prefill again")
         super().truncate(n_past)
+
+    def save_state(self) -> KVState:
+        """Rows [0, n_past) of full layers; whole rings and conv states (they are small)."""
+        if self.w is None:
+            raise ValueError("runner is closed")
+        n = self.n_past
+        kv = [c[:n].copy() if len(c) == self.n_ctx else c.copy()
+              for pair in zip(self.k_cache, self.v_cache) for c in pair]
+        conv = [s.copy() for s in self.conv_state if s is not None]
+        return KVState(n, kv + conv)
+
+    def load_state(self, state: KVState) -> None:
+        """Refuses (ValueError, cache untouched) a state of another layout (a stale file)."""
+        if self.w is None:
+            raise ValueError("runner is closed")
+        caches = [c for pair in zip(self.k_cache, self.v_cache) for c in pair]
+        dsts = caches + [s for s in self.conv_state if s is not None]
+        n = state.n_past
+        shapes = [(min(n, len(c)) if len(c) == self.n_ctx else len(c), *c.shape[1:]) for c in caches]
+        shapes += [s.shape for s in self.conv_state if s is not None]
+        if (len(state.arrays) != len(dsts) or not 0 <= n <= self.n_ctx
+                or any(a.shape != sh or a.dtype != np.float32 for a, sh in zip(state.arrays, shapes))):
+            raise ValueError("the KV state does not fit this runner's caches")
+        for dst, src in zip(dsts, state.arrays):
+            dst[:len(src)] = src
+        self.n_past = n
 
     def close(self) -> None:
         self.w = None

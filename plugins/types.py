@@ -42,10 +42,11 @@ class MemoryPlan:
     runtime: int = 0
     device: int = 0        # bytes on an accelerator (not counted in host_total)
     notes: list[str] = field(default_factory=list)
+    prompt_cache: int = 0  # the daemon's host copies of KV caches (daemon/budget.py), not a backend's
 
     @property
     def host_total(self) -> int:
-        return self.weights + self.kv_cache + self.scratch + self.runtime
+        return self.weights + self.kv_cache + self.scratch + self.runtime + self.prompt_cache
 
 
 class Runner(Protocol):
@@ -74,6 +75,14 @@ class Runner(Protocol):
     def close(self) -> None:
         """Release what the runner holds."""
 
+    # Optional (the prompt cache uses them where a runner has them; see KVState):
+
+    def save_state(self) -> "KVState":
+        """A host copy of the cache as it is now (its n_past positions)."""
+
+    def load_state(self, state: "KVState") -> None:
+        """Make the cache what save_state() copied (n_past = state.n_past)."""
+
     # Encoders (ModelConfig.encoder: bert) have no logits; their runners answer this instead
     # of prefill/decode (which raise ModelKindError), and decoders' runners need not have it.
     def encode(self, tokens: Sequence[int]) -> np.ndarray:
@@ -81,6 +90,21 @@ class Runner(Protocol):
 
         Independent of the cache (n_past is untouched); raises ContextOverflow past n_ctx.
         """
+
+
+@dataclass
+class KVState:
+    """A host copy of a runner's cache at n_past: the backend's own arrays (K and V rows
+    [0, n_past) of full layers, whole rings and conv states), opaque to everyone else.
+    Only the runner that made it (same model, same n_ctx) may load it."""
+
+    n_past: int
+    arrays: list[np.ndarray]
+    extra: dict = field(default_factory=dict)    # the backend's bookkeeping (ring cursors, ...)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
 
 
 class ModelKindError(UserError, ValueError):

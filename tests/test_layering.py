@@ -187,7 +187,8 @@ def test_cython_imports_are_read(tmp_path, line, expected):
 # ---------------------------------------------------------------------------
 
 # What an app embeds without a daemon (docs/architecture.md, "The parts of daemon/").
-MODEL_API = ("engine", "sampling", "grammar", "speculative", "chat", "budget", "synthetic")
+MODEL_API = ("engine", "promptcache", "sampling", "grammar", "speculative", "chat", "budget",
+             "synthetic")
 SERVER_LIBRARIES = ("zmq", "aiohttp", "prometheus_client")
 
 

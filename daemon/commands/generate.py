@@ -18,7 +18,7 @@ from ember.formats import protocol
 
 # flag -> (request field, type, help)
 SAMPLING_FLAGS = {
-    "--max-tokens": ("max_tokens", int, "tokens to generate at most (daemon default 256)"),
+    "--max-tokens": ("max_tokens", int, "tokens to generate at most (default: to the end of the context)"),
     "--temperature": ("temperature", float, "0 = greedy (default 0.8)"),
     "--top-k": ("top_k", int, "keep the k most likely tokens, 0 = off"),
     "--top-p": ("top_p", float, "nucleus mass, 1.0 = off"),

@@ -13,7 +13,7 @@ import sys
 
 # flag -> (SamplingParams key, type, help)
 SAMPLING_FLAGS = {
-    "--max-tokens": ("max_tokens", int, "tokens to generate at most (default 256)"),
+    "--max-tokens": ("max_tokens", int, "tokens to generate at most (default: to the end of the context)"),
     "--temperature": ("temperature", float, "0 = greedy (default 0.8)"),
     "--top-k": ("top_k", int, "keep the k most likely tokens, 0 = off (default 40)"),
     "--top-p": ("top_p", float, "nucleus mass, 1.0 = off (default 0.95)"),

@@ -23,6 +23,7 @@ def _lines(st: dict) -> list[str]:
         f"queue      {st['queue_len']} / {st['queue_max']} waiting",
         f"served     {st['requests_served']} requests, {st['tokens_served']} tokens",
         *_speculative(st.get("speculative")),
+        *_memory_lines(st),
     ]
 
 
@@ -31,6 +32,20 @@ def _speculative(sp: dict | None) -> list[str]:
         return []
     return [f"draft      {sp['draft']}: {sp['accepted']} of {sp['drafted']} draft tokens "
             f"accepted ({sp['acceptance_rate']:.1%}) in {sp['steps']} passes"]
+
+
+def _memory_lines(st: dict) -> list[str]:
+    """The memory plan by part, and what the prompt cache holds of its share."""
+    out, mem, pc = [], st.get("memory"), st.get("prompt_cache")
+    if mem:
+        parts = ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in
+                          ("weights", "kv_cache", "prompt_cache", "scratch", "runtime", "process")
+                          if k in mem)
+        out.append(f"plan       {mem['total'] / 2**20:.1f} MiB at n_ctx {mem['n_ctx']} ({parts} MiB)")
+    if pc:
+        out.append(f"prompt     cache {pc['entries']} / {pc['slots']} slots, {pc['bytes'] / 2**20:.1f} MiB; "
+                   f"{pc['hits']} hits, {pc['tokens_reused']} tokens reused")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,6 +80,12 @@ int     ember_model_set_layer(ember_model *m, int64_t layer, int kind, int rope)
 /* rows of a layer's cache: K/V positions (attention; a ring when shorter than n_ctx)
  * or the conv state's inputs (conv: l_cache - 1) */
 int64_t ember_model_cache_rows(const ember_model *m, int64_t layer);
+/* bytes of one row of that cache: K and V (2 * kv_dim f16) or a conv input (E f32) */
+size_t  ember_model_cache_row_bytes(const ember_model *m, int64_t layer);
+/* copy a layer's cache rows [0, rows) into buf (to_cache 0) or from it (1), for the prompt
+ * cache's host copies: attention K rows then V rows, conv state rows. 0 ok, -1 bad
+ * layer or rows */
+int     ember_model_cache_copy(ember_model *m, int64_t layer, int64_t rows, void *buf, int to_cache);
 /* 0 ok, -1 bad layer/slot, -2 weight type without kernels */
 int     ember_model_set_mat(ember_model *m, int64_t layer, int which, const void *data, int type,
                             int64_t rows, int64_t cols, size_t row_bytes);

@@ -618,6 +618,27 @@ int64_t ember_model_cache_rows(const ember_model *m, int64_t layer) {
     return need < hp->n_ctx ? need : hp->n_ctx;
 }
 
+size_t ember_model_cache_row_bytes(const ember_model *m, int64_t layer) {
+    if (layer < 0 || layer >= m->hp.n_layer) return 0;
+    return m->layers[layer].kind == EMBER_LAYER_CONV ? (size_t)m->hp.n_embd * sizeof(float)
+                                                     : 2 * (size_t)m->kv_dim * sizeof(uint16_t);
+}
+
+int ember_model_cache_copy(ember_model *m, int64_t layer, int64_t rows, void *buf, int to_cache) {
+    if (layer < 0 || layer >= m->hp.n_layer || rows < 0 || rows > m->layers[layer].rows) return -1;
+    const layer_t *L = &m->layers[layer];
+    if (L->kind == EMBER_LAYER_CONV) {
+        const size_t n = (size_t)rows * m->hp.n_embd * sizeof(float);
+        if (to_cache) memcpy(L->conv, buf, n); else memcpy(buf, L->conv, n);
+        return 0;
+    }
+    const size_t n = (size_t)rows * m->kv_dim * sizeof(uint16_t);   /* K, then V */
+    uint8_t *b = (uint8_t *)buf;
+    if (to_cache) { memcpy(L->kc, b, n); memcpy(L->vc, b + n, n); }
+    else          { memcpy(b, L->kc, n); memcpy(b + n, L->vc, n); }
+    return 0;
+}
+
 int ember_model_set_mat(ember_model *m, int64_t layer, int which, const void *data, int type,
                         int64_t rows, int64_t cols, size_t row_bytes) {
     if (which < 0 || which >= EMBER_N_MATS || layer < -1 || layer >= m->hp.n_layer) return -1;

@@ -155,7 +155,8 @@ def test_emberd_tight_budget_shrinks_and_says_so():
     finally:
         probe.stop()
     assert mem["n_ctx"] == 2048 and mem["budget"] is None
-    limit = mem["total"] - (mem["kv_cache"] + mem["scratch"]) // 2
+    # the default prompt-cache slots take only what is left: the context comes first
+    limit = mem["total"] - mem["prompt_cache"] - (mem["kv_cache"] + mem["scratch"]) // 2
     d = start_emberd("--ctx", "2048", "--memory-budget", str(limit), ipc=False)
     try:
         with d.client() as c:

@@ -66,7 +66,9 @@ def test_stories_greedy_generation_matches_llama_cpp(case, stories):
     assert r.tokens == want and [e.id for e in events] == want
     assert r.stop_reason == "length"
     assert "".join(e.text for e in events) == r.text == case["greedy_text"]
-    assert r.usage == {"prompt_tokens": case["n_prompt_tokens"], "completion_tokens": len(want)}
+    assert r.usage["prompt_tokens"] == case["n_prompt_tokens"]
+    assert r.usage["completion_tokens"] == len(want)
+    assert 0 <= r.usage["cached_tokens"] < case["n_prompt_tokens"]   # the shared model's BOS, at least
 
 
 def test_logits_are_teacher_forced_from_an_empty_cache(stories):
@@ -262,6 +264,136 @@ def test_unsupported_architecture_at_load(tmp_path):
     f.close()
     with pytest.raises(UnsupportedModel, match="'mamba'"):
         engine.load(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------------------
+# The prompt cache, chunked prefill, running to the end of the context (issue 19)
+# ---------------------------------------------------------------------------
+
+def _cpu(n_ctx: int = 512, **kw) -> engine.Model:
+    """stories260K on the cpu backend: its rows are computed independently, so chunked,
+    cached and one-batch prefills give bit-equal logits and the text can be compared."""
+    return engine.load(conformance_path("models", STORIES), backend="cpu", n_ctx=n_ctx, threads=2, **kw)
+
+
+TURN1 = [{"role": "user", "content": "Tell me a story about Lily and her red ball in the park."}]
+GREEDY = dict(temperature=0, max_tokens=24)
+
+
+def _turn2(m: engine.Model) -> list[dict]:
+    reply = run(m.start(TURN1, **GREEDY))[1].text
+    return TURN1 + [{"role": "assistant", "content": reply},
+                    {"role": "user", "content": "And then what happened to the ball?"}]
+
+
+def test_second_chat_turn_reuses_the_first_and_says_so():
+    with _cpu() as cached, _cpu(cache_slots=0) as fresh:
+        history = _turn2(cached)
+        second = run(cached.start(history, **GREEDY))[1]
+        fresh.logits([1])                                   # its live cache holds nothing useful
+        plain = run(fresh.start(history, **GREEDY))[1]
+        n_turn1 = len(cached.apply_chat(TURN1))
+    assert second.tokens == plain.tokens and second.text == plain.text
+    assert second.usage["cached_tokens"] >= n_turn1        # at least the whole first prompt
+    assert plain.usage["cached_tokens"] <= 2                # BOS, "▁" at most
+    assert second.usage["prompt_tokens"] == plain.usage["prompt_tokens"]
+
+
+def test_slots_keep_a_chat_while_another_request_runs_and_lru_evicts():
+    with _cpu(cache_slots=1) as m:
+        history = _turn2(m)                                 # the live cache: TURN1 + reply
+        run(m.start("Once upon a time there was a big dog", **GREEDY))   # TURN1 moves to the slot
+        assert len(m.prompt_cache) == 1
+        back = run(m.start(history, **GREEDY))[1]
+        assert back.usage["cached_tokens"] >= len(m.apply_chat(TURN1))
+        # two other prompts push the chat out of the single slot: no reuse the next time
+        run(m.start("The cat sat on the mat", **GREEDY))
+        run(m.start("A boy named Tom", **GREEDY))
+        again = run(m.start(history, **GREEDY))[1]
+    assert again.usage["cached_tokens"] <= 2 and again.tokens == back.tokens   # BOS, "▁" at most
+
+
+def test_no_slots_still_reuses_the_live_cache_only():
+    with _cpu(cache_slots=0) as m:
+        history = _turn2(m)
+        assert run(m.start(history, **GREEDY))[1].usage["cached_tokens"] > 10
+        run(m.start("Once upon a time there was a big dog", **GREEDY))
+        assert len(m.prompt_cache) == 0
+        assert run(m.start(history, **GREEDY))[1].usage["cached_tokens"] <= 2   # BOS, "▁" at most
+
+
+def test_a_cache_never_crosses_models():
+    """A reload makes a new Model: it starts with an empty prompt cache of its own."""
+    with _cpu() as first:
+        history = _turn2(first)
+        assert run(first.start(history, **GREEDY))[1].usage["cached_tokens"] > 10
+    with _cpu() as second:
+        assert run(second.start(history, **GREEDY))[1].usage["cached_tokens"] == 0
+
+
+def test_prefill_in_chunks_equals_one_batch_and_cancel_lands_between_chunks():
+    ids_text = "Once upon a time " * 40                     # ~160 tokens
+    kw = dict(temperature=0, max_tokens=8, logprobs=True, top_logprobs=5)
+
+    def events(m, chunk):
+        m.logits([5])                                       # nothing of the prompt cached
+        m.chunk_tokens = chunk
+        gen, pieces = m.start(ids_text, **kw), 0
+        while (ev := gen.advance()) is None and not gen.done:
+            pieces += 1
+        return [(e.id, e.logprob, e.top_logprobs) for e in [ev, *gen]], pieces
+
+    with _cpu(cache_slots=0) as m:
+        n = len(m.prompt_tokens(ids_text))
+        one, pieces_one = events(m, n)
+        seven, pieces_seven = events(m, 7)
+        assert pieces_one == 0 and pieces_seven == -(-n // 7) - 1   # chunks before the last
+        assert seven == one                                 # ids, logprobs: bit-equal
+        # cancel mid-prefill: it ends before its first token, at a chunk boundary
+        m.logits([5])
+        m.chunk_tokens = 8
+        gen = m.start("The old man " * 40, temperature=0, max_tokens=5)
+        assert gen.advance() is None and gen.advance() is None and not gen.done
+        gen.cancel()
+        assert gen.advance() is None and gen.done
+        assert gen.result.stop_reason == "cancelled" and gen.result.tokens == []
+        assert m.runner.n_past == 16 < len(gen.prompt)      # the prefill really was cut
+
+
+def test_a_preempted_prefill_keeps_its_chunks_and_finishes_identically():
+    prompt = "Lily and Tom went to the park to play with a big red ball. " * 8
+    kw = dict(temperature=0.8, seed=11, max_tokens=20)
+    with _cpu() as m:
+        m.logits([5])
+        whole = run(m.start(prompt, **kw))[1]
+        m.logits([5])
+        m.prompt_cache = type(m.prompt_cache)(4)            # forget the run above
+        gen = m.start(prompt, **kw)
+        m.chunk_tokens = 16
+        for _ in range(3):                                   # three chunks of 16, then preempted
+            assert gen.advance() is None
+        done_before = m.runner.n_past
+        gen.suspend()
+        other = run(m.start("A dog ran fast", temperature=0, max_tokens=3))[1]
+        assert other.usage["cached_tokens"] <= 2
+        rest = run(gen)[1]
+        hits_reused = m.prompt_cache.tokens_reused
+    assert done_before == 48
+    assert rest.tokens == whole.tokens and rest.text == whole.text
+    assert hits_reused >= done_before                       # it resumed from its own chunks
+
+
+def test_without_max_tokens_it_runs_to_the_end_of_the_context():
+    with engine.load(conformance_path("models", STORIES), backend="reference", n_ctx=48) as m:
+        gen = m.start("Once upon a time", temperature=0, ignore_eos=True)
+        r = run(gen)[1]
+        assert r.stop_reason == "length"
+        assert r.usage["prompt_tokens"] + r.usage["completion_tokens"] == 48
+        with pytest.raises(ContextOverflow, match=r"prompt \(5 tokens\) \+ max_tokens \(44\) = 49 "
+                                                  r"exceeds the context of 48"):
+            m.start("Once upon a time", max_tokens=44)
+        with pytest.raises(ContextOverflow, match=r"fills the context of 48 tokens"):
+            m.start(list(range(1, 49)))
 
 
 # ---------------------------------------------------------------------------

@@ -206,6 +206,20 @@ def test_completions_plain_streamed_and_with_logprobs(client, model):
     assert plain.usage.prompt_tokens == len(ids)
 
 
+def test_a_second_chat_turn_reports_its_cached_prompt_tokens(client, model):
+    """usage.prompt_tokens_details.cached_tokens: what the prompt cache served; the text
+    is the engine's own (a fresh in-process model, nothing cached)."""
+    first = chat("Zebras: tell me a story about a cat who lost her hat in the rain.")
+    reply = client.chat.completions.create(model=NAME, messages=first, max_tokens=16, temperature=0)
+    n_head = len(model.apply_chat(chat("Zebras")))   # other tests' chats share the template's head
+    assert reply.usage.prompt_tokens_details.cached_tokens < n_head
+    second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                      {"role": "user", "content": "What did she do next?"}]
+    again = client.chat.completions.create(model=NAME, messages=second, max_tokens=16, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(model.apply_chat(first))
+    assert again.choices[0].message.content == greedy_local(model, second, 16)
+
+
 def test_chat_logprobs_carry_token_text_and_bytes(client):
     r = client.chat.completions.create(model=NAME, messages=chat("Hi"), max_tokens=8,
                                        temperature=0, logprobs=True, top_logprobs=3)
@@ -332,8 +346,8 @@ def test_http_health_reports_a_worker_that_makes_no_token_in_time(api):
     """A long prefill (no token yet) outlasting ?timeout_ms=1 is 503; the same wait later is 200."""
     long_prompt = "Once upon a time " * 150      # ~600 tokens: a prefill far above 1 ms
     checked = 0
-    for _ in range(8):
-        body = json.dumps({"model": NAME, "prompt": long_prompt, "max_tokens": 1}).encode()
+    for i in range(8):   # each prompt its own first word: the prompt cache holds none of it
+        body = json.dumps({"model": NAME, "prompt": f"Story {i}. {long_prompt}", "max_tokens": 1}).encode()
         s = raw_socket(api)
         s.sendall(post_head("/v1/completions", len(body)) + body)
         wait_until(lambda: sample(metrics(api), "ember_running") == 1, every=0.001)

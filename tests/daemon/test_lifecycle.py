@@ -393,6 +393,31 @@ def test_load_op(launch, workdir):
         assert c.status()["model"] == "q8.gguf"                 # a failed load changes nothing
 
 
+def test_a_prompt_cache_entry_is_never_reused_after_a_model_swap(launch, workdir):
+    """stories260K and its Q8_0 twin share every token: an entry of one would match the
+    other's prompt perfectly. After the swap the same chat finds nothing cached, and its
+    text is the new model's own (what a fresh load of it says)."""
+    from ember.daemon import engine
+    old = _readonly_copy(model_path(), Path(workdir, "f32.gguf"))
+    new = _readonly_copy(model_path().with_name("stories260K-Q8_0.gguf"), Path(workdir, "q8.gguf"))
+    d = launch("--allow-load", "--load-dir", workdir, model_file=old)
+    prompt = "Lily and Tom went to the park to play with a big red ball. " * 3
+    with d.client() as c:
+        c.complete(prompt, max_tokens=8, temperature=0)
+        before = c.complete(prompt, max_tokens=8, temperature=0)
+        assert before["usage"]["cached_tokens"] == before["usage"]["prompt_tokens"] - 1
+        st = c.status()
+        mem = st["memory"]                                  # the slots are in the plan
+        assert mem["cache_slots"] == 4 and mem["prompt_cache"] == 4 * mem["kv_cache"] > 0
+        assert st["prompt_cache"]["hits"] >= 1 and st["prompt_cache"]["slots"] == 4
+        assert c.call("load", model=str(new))[0]["model"] == "q8.gguf"
+        after = c.complete(prompt, max_tokens=8, temperature=0)
+        assert c.status()["prompt_cache"]["hits"] == 0
+    assert after["usage"]["cached_tokens"] == 0
+    with engine.load(new, backend="reference") as m:
+        assert after["text"] == greedy(m, prompt, 8)
+
+
 def test_load_outside_the_allowed_folders_leaks_nothing(launch, workdir):
     """Missing, unreadable, outside, a symlink out, a folder: one answer, naming only the request."""
     allowed = Path(workdir, "models")

@@ -51,7 +51,7 @@ def test_chat_fields_map_onto_engine_sampling():
 
 def test_nulls_mean_not_given_and_defaults_are_embers():
     c = parse("chat", messages=MSG, temperature=None, stop=None, n=None, logprobs=None)
-    assert c.sampling == {"max_tokens": 256}
+    assert c.sampling == {}          # no max_tokens: the engine runs to the end of the context
 
 
 def test_logprobs_shapes():

@@ -290,3 +290,43 @@ def test_submit_cancel_storm_keeps_the_heap_small(sched):
     assert s.snapshot(time.monotonic())["queue_len"] == 0
     s.cancel(running)
     assert ev.until("done", running)[1] == "cancelled"
+
+
+# ---------------------------------------------------------------------------
+# Between prefill chunks (issue 19): the same checks act inside a long prompt
+# ---------------------------------------------------------------------------
+
+PROMPT = "Once upon a time there was a little girl named Lily. " * 25     # ~300 tokens
+
+
+def test_cancel_lands_mid_prefill(sched, model, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(model, "chunk_tokens", 1)            # ~300 chunks: cancel lands inside
+    s, ev = sched
+    j = job(source="Zebra. " + PROMPT, max_tokens=5, temperature=0.0)
+    s.submit(j)
+    ev.until("start", j)
+    assert s.cancel(j) is False
+    result, stop = ev.until("done", j)
+    assert stop == "cancelled" and result.tokens == [] and "token" not in ev.kinds(j)
+    assert model.runner.n_past < len(j.gen.prompt)           # the prefill was cut short
+
+
+def test_preemption_mid_prefill_resumes_from_its_chunks(sched, model, monkeypatch):  # noqa: F811
+    params = dict(max_tokens=12, temperature=0.0)
+    ref = None
+    for ref in model.generate("Yak. " + PROMPT, **params):
+        pass
+    model.logits([1])                                        # the live cache is not that prompt
+    model.prompt_cache = type(model.prompt_cache)(4)
+    monkeypatch.setattr(model, "chunk_tokens", 1)
+    s, ev = sched
+    low = job(source="Yak. " + PROMPT, priority=0, **params)
+    s.submit(low)
+    ev.until("start", low)
+    high = job(source="The dog", priority=9, max_tokens=2, temperature=0.0)
+    s.submit(high)
+    result, stop = ev.until("done", low)
+    kinds = ev.kinds(low)
+    assert low.preemptions == 1 and kinds.index("suspended") < kinds.index("token")
+    assert model.prompt_cache.tokens_reused > 1              # it got its finished chunks back
+    assert result.tokens == ref.tokens and result.text == ref.text

@@ -227,14 +227,17 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
 
         # vanish in the middle of a long prefill: measure the prefill first, leave halfway;
         # an attempt counts only if the daemon was provably still prefilling after we left
-        # (the shared CI machine makes prefill time vary)
+        # (the shared CI machine makes prefill time vary). Each prompt starts with its own
+        # word, so that the prompt cache holds none of it (BOS aside) and it really prefills.
         checked = 0
         for attempt in range(4):
-            prefill_ms = obs.complete(long_prompt, max_tokens=1)["timings"]["prefill_ms"]
+            prefill_ms = obs.complete(f"Measure {attempt}. {long_prompt}",
+                                      max_tokens=1)["timings"]["prefill_ms"]
             pre = emberd.client()
             # an id no earlier request of this module's daemon had: `recent` must find this one
             pre._ids = itertools.count(1_000_000 + attempt)
-            rid_p = pre.send("generate", prompt=long_prompt, max_tokens=200, ignore_eos=True)
+            rid_p = pre.send("generate", prompt=f"Vanish {attempt}. {long_prompt}", max_tokens=200,
+                             ignore_eos=True)
             time.sleep(prefill_ms / 3000)
             pre.sock.close(linger=0)
             cur = obs.status()["current"]
@@ -273,8 +276,8 @@ def test_health_reports_a_worker_that_makes_no_token_in_time(emberd):
     long_prompt = "Once upon a time " * 300
     checked = 0
     with emberd.client() as c, emberd.client() as h:
-        for _ in range(8):
-            rid = c.send("generate", prompt=long_prompt, max_tokens=1)
+        for i in range(8):   # each prompt its own first word: the prompt cache holds none of it
+            rid = c.send("generate", prompt=f"Story {i}. {long_prompt}", max_tokens=1)
             while (cur := h.status()["current"]) is None or cur["id"] != rid:
                 pass
             stuck = h.health(timeout_ms=2)
