@@ -117,6 +117,9 @@ def category(name: str) -> str:
 
 
 ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")   # category_is_attn_v
+# the loaders that call a model LLM_TYPE_70B, by block count (llama: only with GQA,
+# an 80-layer llama without it is the 65B); the attn_v rule below keys on it
+LAYERS_70B = {"llama": 80, "qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -151,8 +154,7 @@ class MixState:
         n_layer = first("block_count")
         return cls(arch=arch, n_layer=n_layer, n_gqa=n_head // n_head_kv if n_head_kv else 0,
                    n_expert=first("expert_count"),
-                   # llama.cpp's LLM_TYPE_70B: 80-layer llama with GQA, 80-layer qwen2
-                   is_70b=n_layer == 80 and ((arch == "llama" and n_head != n_head_kv) or arch == "qwen2"),
+                   is_70b=LAYERS_70B.get(arch) == n_layer and (arch != "llama" or n_head != n_head_kv),
                    tied_embeddings="output.weight" not in src.tensors,
                    n_attention_wv=sum(category(n) in ATTN_V_LIKE for n in src.tensors))
 
