@@ -17,9 +17,25 @@ user error (one line per part on stderr, non-zero exit, no traceback).
 
 A reload puts two models in memory for a moment (the new one loads beside
 the old), so `fit_beside()` charges the old model's plan too.
+
+Receive buffers. libzmq hands a multipart message over only once all of it
+has arrived, and bounds each frame (ZMQ_MAXMSGSIZE) but not how many frames
+one message has: a hostile peer can make it buffer gigabytes before the
+server sees frame one. No socket option bounds that, so with a budget the
+daemon bounds its private memory instead: `cap_private()` sets RLIMIT_DATA
+to what the process maps now plus what the budget has left. When a frame
+would cross it, libzmq's allocation fails and it drops that connection
+(nothing else): the message is freed and every other client carries on.
+The plan charges `receive` for the legitimate case — a few maximal requests
+arriving at once — so the cap never bites a request the protocol allows.
+RLIMIT_DATA counts address space, not resident pages, and runtimes reserve
+more than they touch (OpenBLAS maps a 32 MiB buffer per BLAS thread on first
+use), so the cap carries `VIRTUAL_SLACK` beyond the budget: a hostile message
+is stopped at budget + slack instead of at the machine's memory.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -137,18 +153,19 @@ class Fit:
     source: str
     requested_ctx: int
     beside: int = 0                    # an old model kept loaded during a swap
+    receive: int = 0                   # requests libzmq may hold while they arrive (cap_private)
     messages: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.plan.host_total + self.process
+        return self.plan.host_total + self.process + self.receive
 
     @property
     def shrunk(self) -> bool:
         return self.n_ctx < self.requested_ctx
 
     def lines(self) -> list[tuple[str, int]]:
-        return plan_lines(self.plan, self.process, self.beside)
+        return plan_lines(self.plan, self.process, self.beside, self.receive)
 
     def to_wire(self) -> dict:
         """The plan as `status` reports it (bytes; budget None = unlimited)."""
@@ -157,17 +174,21 @@ class Fit:
                 **{name: n for name, n in self.lines()}, "device": self.plan.device}
 
 
-def plan_lines(plan: MemoryPlan, process: int, beside: int = 0) -> list[tuple[str, int]]:
+def plan_lines(plan: MemoryPlan, process: int, beside: int = 0,
+               receive: int = 0) -> list[tuple[str, int]]:
     rows = [("weights", plan.weights), ("kv_cache", plan.kv_cache), ("scratch", plan.scratch),
             ("runtime", plan.runtime), ("process", process)]
+    if receive:
+        rows.append(("receive", receive))
     if beside:
         rows.append(("old_model", beside))
     return rows
 
 
-def breakdown(plan: MemoryPlan, process: int, budget: int, n_ctx: int, beside: int = 0) -> str:
+def breakdown(plan: MemoryPlan, process: int, budget: int, n_ctx: int, beside: int = 0,
+              receive: int = 0) -> str:
     """Every line of the plan, the total, and by how much it is over."""
-    rows = plan_lines(plan, process, beside)
+    rows = plan_lines(plan, process, beside, receive)
     total = sum(n for _, n in rows)
     width = max(len(k) for k, _ in rows)
     out = [f"  {k:<{width}}  {human(n):>11}" for k, n in rows]
@@ -178,29 +199,26 @@ def breakdown(plan: MemoryPlan, process: int, budget: int, n_ctx: int, beside: i
 
 
 def fit(plan_at: Callable[[int], MemoryPlan], n_ctx: int, min_ctx: int, budget: int | None,
-        source: str = "", process: int = 0, beside: int = 0) -> Fit:
+        source: str = "", process: int = 0, beside: int = 0, receive: int = 0) -> Fit:
     """The largest context <= n_ctx (and >= min_ctx) whose plan fits, or OverBudget."""
     min_ctx = max(1, min(min_ctx, n_ctx))
     plan = plan_at(n_ctx)
-    result = Fit(n_ctx, plan, process, budget, source, n_ctx, beside)
-    if budget is None or _total(plan, process, beside) <= budget:
+    result = Fit(n_ctx, plan, process, budget, source, n_ctx, beside, receive)
+    extra = process + beside + receive
+    if budget is None or plan.host_total + extra <= budget:
         return result
     floor = plan_at(min_ctx)
-    if _total(floor, process, beside) > budget:
+    if floor.host_total + extra > budget:
         why = (f"the model does not fit the memory budget ({source}) even at the smallest "
                f"context n_ctx={min_ctx}" if min_ctx < n_ctx else
                f"the model does not fit the memory budget ({source}) at n_ctx={n_ctx}")
-        raise OverBudget(f"{why}:\n{breakdown(floor, process, budget, min_ctx, beside)}\n"
+        raise OverBudget(f"{why}:\n{breakdown(floor, process, budget, min_ctx, beside, receive)}\n"
                          f"  raise the budget, lower --min-ctx, or use a smaller quant")
-    ctx = _largest_fitting(plan_at, min_ctx, n_ctx, budget, process + beside)
+    ctx = _largest_fitting(plan_at, min_ctx, n_ctx, budget, extra)
     result.n_ctx, result.plan = ctx, plan_at(ctx)
     result.messages.append(f"memory budget {human(budget)} ({source}): context shrunk from "
                            f"{n_ctx} to {ctx} tokens (plan {human(result.total + beside)})")
     return result
-
-
-def _total(plan: MemoryPlan, process: int, beside: int) -> int:
-    return plan.host_total + process + beside
 
 
 def _largest_fitting(plan_at, lo: int, hi: int, budget: int, extra: int) -> int:
@@ -239,3 +257,60 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+VIRTUAL_SLACK = max(256 << 20, (32 << 20) * (os.cpu_count() or 1))
+
+
+def private_bytes() -> int:
+    """Private writable memory mapped now (VmData: what RLIMIT_DATA counts)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cap_private(budget: int | None) -> int | None:
+    """Cap private memory at what is mapped now plus the budget's headroom and the slack.
+
+    Call it with the model loaded (its KV cache and scratch already mapped) and again after a
+    swap. File-backed weights count in the budget (RSS) but not in RLIMIT_DATA, hence the
+    headroom is measured against RSS. Without a budget nothing is capped. Returns the cap.
+    """
+    import resource
+    if budget is None:
+        return None
+    private = private_bytes()
+    if private == 0:                                  # no /proc: nothing to measure against
+        return None
+    cap = private + max(0, budget - rss_bytes()) + VIRTUAL_SLACK
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    return cap
+
+
+def release_free_memory() -> None:
+    """Hand free heap pages back to the kernel (glibc's malloc_trim; elsewhere nothing).
+
+    Worker, tokenizer and reload threads each allocate in their own malloc arena, and freed
+    chunks stay resident in them; the daemon calls this when it goes idle so that RSS after a
+    burst or a reload returns to where it was instead of creeping up (bench/soak.py).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim     # the process's own libc
+    except (OSError, AttributeError):            # not glibc (musl, macOS): nothing to do
+        return None

@@ -65,6 +65,9 @@ WATCH_EVERY_S = 1.0
 STUCK_GRACE_S = 5.0          # a worker that ignores cancel for this long is left behind
 DRAIN_TICK_S = 0.05          # how often a draining loop checks its deadline
 CONFIG_READ_S = 5.0          # SIGHUP: a config file not read within this fails the reload
+TRIM_EVERY_S = 10.0          # between requests, at most this often: malloc_trim
+# the plan's `receive` line: room for this many maximal requests arriving at once (budget.py)
+RECEIVE = 4 * protocol.Limits().max_frames * protocol.Limits().max_frame_bytes
 
 
 class Stopped(BaseException):
@@ -145,7 +148,7 @@ def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod
     n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
     limit, source = budget_of(args)
     fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,
-                         max(1, args.min_ctx or 1), limit, source, process, beside)
+                         max(1, args.min_ctx or 1), limit, source, process, beside, RECEIVE)
     return fit, name
 
 
@@ -198,6 +201,7 @@ class Service:
         self._retired: list[Loaded] = []
         self._last_status = (0.0, None)
         self._last_watch = 0.0
+        self._last_trim = 0.0
         self._peak = 0
         self._over_warned = False
         self._install_signals()
@@ -254,6 +258,7 @@ class Service:
         self.status(f"loading {self.args.model or 'the default model'}")
         self.loaded = load_model(self.args, say=self._say)
         fit = self.loaded.fit
+        self._cap_private()
         self.status(f"loaded {os.path.basename(self.loaded.model.path)}: n_ctx {fit.n_ctx}, plan "
                     f"{budget_mod.human(fit.total)}")
         return self.loaded
@@ -315,11 +320,19 @@ class Service:
         if self._swap is not None:
             self._finish_reload()
         self._close_retired()
+        self._trim_when_idle(now)
         if now - self._last_watch >= WATCH_EVERY_S:
             self._last_watch = now
             self._watch_file()
             self._update_memory()
         self._status_line(now)
+
+    def _trim_when_idle(self, now: float) -> None:
+        """Between requests, now and then, give freed heap pages back (budget.py)."""
+        if (now - self._last_trim >= TRIM_EVERY_S and not self._retired
+                and self.server.scheduler.idle()):
+            self._last_trim = now
+            budget_mod.release_free_memory()
 
     def _serving_text(self) -> str:
         s, info = self.server.scheduler, self.server.info
@@ -532,6 +545,14 @@ class Service:
                 old.watch.close()
                 log.info("closed the previous model %s", old.model.path)
         self._retired = keep
+        if not keep:
+            self._cap_private()              # the old model's memory is back: re-measure
+
+    def _cap_private(self) -> None:
+        cap = budget_mod.cap_private(self.loaded.fit.budget)
+        if cap is not None:
+            log.info("private memory capped at %s (RLIMIT_DATA: bounds what libzmq may buffer)",
+                     budget_mod.human(cap))
 
     def _models_in_use(self) -> set:
         # the scheduler's jobs too: an HTTP job (daemon/http.py) suspended by a preemption

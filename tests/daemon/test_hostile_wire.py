@@ -181,3 +181,37 @@ def test_tokenize_flood_is_bounded(emberd):
     assert emberd.rss() - rss0 < 64 << 20
     with emberd.client() as c:
         assert c.ping() < 1.0
+
+
+def test_a_many_frame_message_is_bounded_by_the_memory_budget():
+    """libzmq buffers a whole multipart message before the server sees frame one, and bounds
+    frames, not their number: 1,200 frames of 1 MiB made a daemon without the cap hold 1.2 GiB.
+    With a budget the daemon caps its private memory (RLIMIT_DATA), so libzmq's allocation
+    fails at the cap and drops that one connection: the daemon lives, and serves the rest."""
+    from ember.daemon.budget import VIRTUAL_SLACK
+    from tests.daemon.emberd_proc import start_emberd
+    budget = 256 << 20
+    n_frames = (budget + VIRTUAL_SLACK) // (1 << 20) + 400     # well past the cap
+    d = start_emberd("--memory-budget", str(budget))
+    attacker = d.dealer()
+    try:
+        with d.client() as c:
+            mem = c.status()["memory"]
+            assert mem["receive"] >= 4 * (1 << 20), mem         # maximal requests are planned
+        frame = b"x" * ((1 << 20) - 64)                          # each under the frame limit
+        monitor = attacker.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        attacker.send_multipart([pack(v=1, op="ping", id=1)] + [frame] * n_frames, copy=False)
+        assert monitor.poll(60_000), "the daemon never dropped the connection"
+        assert d.alive(), d.stderr()
+        with open(f"/proc/{d.proc.pid}/status") as f:
+            peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+        cap = budget + VIRTUAL_SLACK
+        assert peak < cap, f"peak RSS {peak / 2**20:.0f} MiB, budget + slack {cap >> 20} MiB"
+        assert attacker.poll(500) == 0                            # no answer: dropped unread
+        attacker.disable_monitor()
+        monitor.close(linger=0)
+        with d.client() as c:
+            assert c.complete("Once upon a time", max_tokens=8)["text"]
+    finally:
+        attacker.close(linger=0)
+        assert d.stop() == 0
