@@ -1,4 +1,4 @@
-"""Peak RSS of a serving emberd against its memory plan (issue 7, must-show 1).
+"""Peak RSS of a serving emberd against its memory plan.
 
     python bench/budget_rss.py [--tokens 500] [--ctx 2048] [--backend cpu] [--budget SIZE]
 
@@ -28,8 +28,8 @@ COPY_DIR = "/tmp/ember-budget-bench"
 
 
 def model_copy() -> str:
-    from ember.daemon.commands.bench import synthetic_model
-    src = synthetic_model("tinyllama-1.1b", "Q4_0")
+    from ember.daemon import synthetic
+    src = str(synthetic.ensure_cached("tinyllama-1.1b", "Q4_0"))
     os.makedirs(COPY_DIR, exist_ok=True)
     dst = os.path.join(COPY_DIR, os.path.basename(src))
     if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(src):

@@ -57,7 +57,7 @@ def ember_run(path: Path, options: dict | None = None, n_prompt: int = 512, n_ge
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import cuda
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(path) as f:
         c = config_from_gguf(f)
         r = cuda.CudaRunner(f, c, n_prompt + n_gen, options or {})
@@ -169,7 +169,7 @@ def decode_bytes(path: Path) -> int:
     """Device bytes one decoded token reads: every weight but the embedding table."""
     from ember.formats import gguf
     from ember.plugins import cuda
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(path) as f:
         c = config_from_gguf(f)
     skip = "" if c.tied_embeddings else "token_embd.weight"
@@ -184,7 +184,7 @@ def profile(path: Path, options: dict) -> str:
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import cuda
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     lines = []
     with gguf.open(path) as f:
         c = config_from_gguf(f)
@@ -274,7 +274,7 @@ def trace_variants(path: Path, variants: list[tuple[str, dict]]) -> str:
     import numpy as np
     from ember.formats import gguf
     from ember.plugins import cuda
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     lines = []
     with gguf.open(path) as f:
         c = config_from_gguf(f)

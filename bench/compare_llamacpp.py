@@ -191,7 +191,7 @@ def weights_bytes(model: str) -> int:
 
 def kv_mb(model: str, n_ctx: int) -> float:
     from ember.formats import gguf
-    from ember.plugins.arch import config_from_gguf
+    from ember.formats.model_config import config_from_gguf
     with gguf.open(model) as f:
         return config_from_gguf(f).kv_cache_bytes(n_ctx) / 2**20
 
@@ -237,8 +237,8 @@ def table(results: dict, a, bw: list[float], header: list[str]) -> str:
 def models_of(a) -> list[str]:
     if a.models:
         return a.models
-    from ember.daemon.commands.bench import synthetic_model
-    return [synthetic_model(a.synthetic, q) for q in a.quants]
+    from ember.daemon import synthetic
+    return [str(synthetic.ensure_cached(a.synthetic, q)) for q in a.quants]
 
 
 def main(argv=None) -> int:

@@ -17,48 +17,19 @@ daemon's overhead). Also the bare ping round trip. The goal: overhead < 1 ms.
 from __future__ import annotations
 
 import argparse
-import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT.parent / "shared" / "conformance" / "models" / "stories260K.gguf"
-
-
-def start_daemon(model: str, backend: str, workdir: str) -> tuple[subprocess.Popen, list[str]]:
-    cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", model, "--backend", backend,
-           "--bind", "tcp://127.0.0.1:*", "--bind", f"ipc://{workdir}/bench.sock"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-    buf, end = b"", time.monotonic() + 120
-    while buf.count(b"\n") < 2:
-        if time.monotonic() > end or proc.poll() is not None:
-            raise SystemExit("emberd did not start")
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            buf += os.read(proc.stdout.fileno(), 4096)
-    return proc, [ln.split()[-1] for ln in buf.decode().splitlines()]
+from emberd_timing import DEFAULT_MODEL, complete as daemon_complete, start_emberd, \
+    stream as daemon_stream, summary
 
 
 def in_process(model, prompt: str, n: int = 1) -> float:
     t = time.perf_counter()
     for _ in model.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
-        pass
-    return time.perf_counter() - t
-
-
-def daemon_complete(client, prompt: str, n: int = 1) -> float:
-    t = time.perf_counter()
-    client.complete(prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
-    return time.perf_counter() - t
-
-
-def daemon_stream(client, prompt: str, n: int = 1) -> float:
-    t = time.perf_counter()
-    for _ in client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
         pass
     return time.perf_counter() - t
 
@@ -75,12 +46,6 @@ def long_generation(model, client, prompt: str, n_tokens: int, rounds: int) -> N
           f"({(b - a) / n_tokens * 1e6:+.1f} us/token, ratio {b / a:.3f}x)")
 
 
-def summary(name: str, xs: list[float]) -> str:
-    q = statistics.quantiles(xs, n=10)
-    return (f"{name:<28} median {statistics.median(xs) * 1e3:8.3f} ms   min {min(xs) * 1e3:7.3f}   "
-            f"p10 {q[0] * 1e3:7.3f}   p90 {q[-1] * 1e3:7.3f}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -93,7 +58,8 @@ def main() -> int:
     from ember.daemon.client import Client
     model = engine.load(args.model, backend=args.backend)
     workdir = tempfile.mkdtemp(prefix="ember-bench-")
-    proc, endpoints = start_daemon(args.model, args.backend, workdir)
+    proc, endpoints = start_emberd(args.model, args.backend,
+                                   ["tcp://127.0.0.1:*", f"ipc://{workdir}/bench.sock"])
     try:
         clients = {ep.split(":")[0]: Client(ep, timeout=30) for ep in endpoints}
         for c in clients.values():      # warm both paths
@@ -115,8 +81,8 @@ def main() -> int:
         print(f"model {Path(args.model).name}, backend {args.backend}, {args.n} alternating rounds, "
               f"1-token generation of {args.prompt!r}\n")
         for name, xs in series.items():
-            print(summary(name, xs))
-        print(summary("ping tcp (no engine)", pings))
+            print(summary(name, xs, 28))
+        print(summary("ping tcp (no engine)", pings, 28))
         print()
         base = series["in-process"]
         for name, xs in series.items():

@@ -4,7 +4,7 @@
 
 For each type the same few MB of blocks (random codes, finite fp16 scales),
 shaped as a matrix of 4096-element rows like a real weight, go through
-`ember.formats.quants.dequantize` and `gguf.quants.dequantize`,
+`ember.formats.quant_blocks.dequantize` and `gguf.quants.dequantize`,
 alternating call by call for several rounds so that the noise of a shared
 machine hits both alike. MB/s counts input bytes and comes from each side's
 best round; "ratio" is ember/gguf speed from those best rounds, "paired
@@ -21,7 +21,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from ember.formats import quants
+from ember.formats import quant_blocks
 
 TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
@@ -37,15 +37,15 @@ def make_blocks(type_name: str, mb: float, seed: int = 0) -> np.ndarray:
     keeps its temporaries cache-sized; a 1-D blob would make it look slower.
     """
     rng = np.random.default_rng(seed)
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     row_bytes = ROW // elems * size
     rows = max(1, int(mb * 2**20) // row_bytes)
     n = rows * (ROW // elems)
     if elems == 1:
         x = rng.standard_normal(n).astype(np.float32)
-        return quants.quantize(type_name, x).reshape(rows, row_bytes)
+        return quant_blocks.quantize(type_name, x).reshape(rows, row_bytes)
     raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
-    for off in quants._TYPES[type_name].scale_offsets:
+    for off in quant_blocks._TYPES[type_name].scale_offsets:
         raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, row_bytes)
 
@@ -66,7 +66,7 @@ def bench_type(type_name: str, mb: float, rounds: int) -> dict[str, float]:
     raw = make_blocks(type_name, mb)
     shape = (len(raw), ROW)
     qtype = GGMLQuantizationType[type_name]
-    ours = lambda: quants.dequantize(type_name, raw, shape)   # noqa: E731
+    ours = lambda: quant_blocks.dequantize(type_name, raw, shape)   # noqa: E731
     theirs = lambda: gguf_dequantize(raw, qtype)              # noqa: E731
     a = ours()
     b = np.asarray(theirs(), dtype=np.float32).reshape(-1)

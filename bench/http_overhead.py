@@ -26,29 +26,16 @@ import argparse
 import http.client
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import time
 import urllib.parse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT.parent / "shared" / "conformance" / "models" / "stories260K.gguf"
+from emberd_timing import DEFAULT_MODEL, complete as zmq_complete, start_emberd, \
+    stream as zmq_stream, summary
 
-
-def start_daemon(model: str, backend: str, http: bool) -> tuple[subprocess.Popen, list[str]]:
-    cmd = [sys.executable, "-m", "ember.daemon.emberd", "--model", model, "--backend", backend,
-           "--bind", "tcp://127.0.0.1:*", *(["--http", "127.0.0.1:0"] if http else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-    buf, end = b"", time.monotonic() + 120
-    while buf.count(b"\n") < 1 + http:
-        if time.monotonic() > end or proc.poll() is not None:
-            raise SystemExit("emberd did not start")
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            buf += os.read(proc.stdout.fileno(), 4096)
-    return proc, [ln.split()[-1] for ln in buf.decode().splitlines()]
+TCP = ["tcp://127.0.0.1:*"]
 
 
 def rss_mib(pid: int) -> float:
@@ -57,21 +44,8 @@ def rss_mib(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------
-# One timed request per door and mode
+# One timed request on the HTTP door (the ZeroMQ ones: emberd_timing)
 # ---------------------------------------------------------------------------
-
-def zmq_complete(client, prompt: str) -> float:
-    t = time.perf_counter()
-    client.complete(prompt, max_tokens=1, temperature=0.0, ignore_eos=True)
-    return time.perf_counter() - t
-
-
-def zmq_stream(client, prompt: str, n: int = 1) -> float:
-    t = time.perf_counter()
-    for _ in client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True):
-        pass
-    return time.perf_counter() - t
-
 
 class Http:
     """One keep-alive connection, as an SDK client keeps it."""
@@ -103,19 +77,13 @@ class Http:
         return time.perf_counter() - t
 
 
-def summary(name: str, xs: list[float]) -> str:
-    q = statistics.quantiles(xs, n=10)
-    return (f"{name:<16} median {statistics.median(xs) * 1e3:7.3f} ms   min {min(xs) * 1e3:7.3f}   "
-            f"p10 {q[0] * 1e3:7.3f}   p90 {q[-1] * 1e3:7.3f}")
-
-
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
 def latency(model: str, backend: str, n: int, prompt: str) -> float:
     from ember.daemon.client import Client
-    proc, (zmq_ep, http_url) = start_daemon(model, backend, http=True)
+    proc, (zmq_ep, http_url) = start_emberd(model, backend, TCP, http=True)
     try:
         zc, hc = Client(zmq_ep, timeout=30), Http(http_url, Path(model).name)
         doors = {"zmq complete": lambda: zmq_complete(zc, prompt),
@@ -163,8 +131,8 @@ def long_stream(zc, hc, prompt: str, n_tokens: int, rounds: int) -> None:
 
 def memory(model: str, backend: str, prompt: str) -> float:
     from ember.daemon.client import Client
-    on, (zmq_on, http_url) = start_daemon(model, backend, http=True)
-    off, (zmq_off,) = start_daemon(model, backend, http=False)
+    on, (zmq_on, http_url) = start_emberd(model, backend, TCP, http=True)
+    off, (zmq_off,) = start_emberd(model, backend, TCP)
     try:
         hc, zc = Http(http_url, Path(model).name), Client(zmq_off, timeout=30)
         for _ in range(20):

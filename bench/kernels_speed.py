@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from ember.formats.quants import BLOCKS, GGML_TYPE_IDS
+from ember.formats.quant_blocks import BLOCKS, GGML_TYPE_IDS
 from ember.kernels import _native, dispatch
 
 HOT = "Q4_0,Q8_0,Q4_K,Q6_K"
@@ -111,7 +111,7 @@ def random_weights(t: str, rows: int, n: int, rng) -> np.ndarray:
         v = rng.standard_normal((rows, n), dtype=np.float32)
         if t == "F32":
             return v.view(np.uint8)
-        from ember.formats.quants import quantize
+        from ember.formats.quant_blocks import quantize
         return quantize(t, v).reshape(rows, -1)
     W = rng.integers(0, 256, (rows, n // be, bb), dtype=np.uint8)
     for off in FP16_FIELDS[t]:

@@ -51,15 +51,15 @@ VOCAB_SOURCE = ROOT / ".." / "shared" / "conformance" / "models" / "v32k-llama-Q
 def _random_blocks(rng, qtype: str, shape: tuple[int, int]):
     """Bytes of a random (rows, cols) matrix of `qtype`."""
     import numpy as np
-    from ember.formats import quants
+    from ember.formats import quant_blocks
     rows, cols = shape
     if qtype in ("Q4_0", "Q8_0"):
-        n, size = rows * cols // 32, quants.block_size(qtype)[1]
+        n, size = rows * cols // 32, quant_blocks.block_size(qtype)[1]
         b = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
         scale = 0.02 / (4 if qtype == "Q4_0" else 64)           # ~N(0, 0.02)-sized weights
         b[:, :2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
         return b.reshape(-1)
-    return quants.quantize(qtype, rng.standard_normal(shape, dtype=np.float32) * 0.02)
+    return quant_blocks.quantize(qtype, rng.standard_normal(shape, dtype=np.float32) * 0.02)
 
 
 def synthesize(path: Path, shape_name: str, qtype: str) -> None:
@@ -116,14 +116,12 @@ def _peak_rss() -> int:
 
 def work_ember(backend: str, model: str, n_prompt: int, n_gen: int, threads: int, opts: dict):
     import numpy as np
-    from ember.formats import gguf
-    from ember.plugins import arch, registry
+    from ember.daemon import engine
     t0 = time.perf_counter()
-    f = gguf.open(model)
-    cfg = arch.config_from_gguf(f)
-    r = registry.load(backend, f, cfg, n_ctx=n_prompt + n_gen + 8, threads=threads, options=opts)
+    m = engine.load(model, backend=backend, n_ctx=n_prompt + n_gen + 8, threads=threads, options=opts)
+    r = m.runner
     t1 = time.perf_counter()
-    ids = _tokens(n_prompt, cfg.n_vocab)
+    ids = _tokens(n_prompt, m.config.n_vocab)
     tok = int(np.argmax(r.prefill(ids)))
     t2 = time.perf_counter()
     for _ in range(n_gen):
@@ -197,9 +195,10 @@ def run_worker(argv: list[str]) -> dict:
 def prepare_onnx(args) -> None:
     """Build the ONNX graphs into the cache once, timed, so rounds measure cached loads."""
     from ember.formats import gguf
-    from ember.plugins import arch, onnx
+    from ember.formats.model_config import config_from_gguf
+    from ember.plugins import onnx
     f = gguf.open(args.model_path)
-    cfg = arch.config_from_gguf(f)
+    cfg = config_from_gguf(f)
     for acc in (4, 0):
         t0 = time.perf_counter()
         path, built = onnx.graph_path(f, cfg, {"accuracy_level": acc})

@@ -12,7 +12,7 @@ so machine noise hits all alike, and reports the median time per token:
   engine        Model.generate(prompt, temperature=0, ignore_eos=True): the
                 whole per-token path, sampling, stop checks, streaming decode
 
-The differences are Python's cost per token. The issue's bound: < 1 ms.
+The differences are Python's cost per token; the target is < 1 ms.
 """
 from __future__ import annotations
 

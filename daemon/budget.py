@@ -239,16 +239,18 @@ def _largest_fitting(plan_at, lo: int, hi: int, budget: int, extra: int) -> int:
 # ---------------------------------------------------------------------------
 
 def rss_bytes() -> int:
-    """Resident set size now (Linux /proc/self/statm)."""
+    """Resident set size now (Linux /proc/self/statm); 0 where /proc is unavailable."""
     try:
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return 0
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size (VmHWM) of this process."""
+    """Peak resident set size of this process: /proc's VmHWM, which belongs to this
+    address space alone; without /proc, getrusage's ru_maxrss (which also keeps the
+    peak of the process this one was forked from)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -256,7 +258,8 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 VIRTUAL_SLACK = max(256 << 20, (32 << 20) * (os.cpu_count() or 1))

@@ -43,7 +43,6 @@ import ctypes
 import datetime
 import functools
 import json
-import os
 import re
 import threading
 import time
@@ -56,6 +55,7 @@ import jinja2.runtime
 from jinja2.compiler import CodeGenerator, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ember.daemon.budget import rss_bytes   # 0 without /proc: the time bound still holds
 from ember.formats.errors import UserError
 
 
@@ -274,15 +274,6 @@ def _environment() -> _Env:
 # Bounded rendering
 # ---------------------------------------------------------------------------
 
-def _rss_bytes() -> int:
-    """Resident set size; 0 where /proc is unavailable (the time bound still holds)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _interrupt(thread: threading.Thread) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                ctypes.py_object(_Interrupted))
@@ -314,12 +305,12 @@ def _render_bounded(template: jinja2.Template, variables: dict, max_bytes: int,
     box: dict = {}
     worker = threading.Thread(target=_collect, args=(template, variables, max_bytes, box),
                               name="ember-chat-template", daemon=True)
-    base, deadline = _rss_bytes(), time.monotonic() + timeout_s
+    base, deadline = rss_bytes(), time.monotonic() + timeout_s
     worker.start()
     while worker.is_alive():
         worker.join(0.005)
         over_time = time.monotonic() > deadline
-        over_mem = base and _rss_bytes() - base > max_mem_bytes
+        over_mem = base and rss_bytes() - base > max_mem_bytes
         if worker.is_alive() and (over_time or over_mem):
             box["error"] = (f"render took longer than {timeout_s:g}s" if over_time else
                             f"render used more than {max_mem_bytes >> 20} MiB")

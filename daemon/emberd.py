@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     from ember.daemon import service
-    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload (issue 7)
+    service.add_arguments(p)    # --config, --memory-budget, CURVE keys, drain, reload
     from ember.daemon import http
-    http.add_arguments(p)       # --http HOST:PORT, --api-key-file (issue 14)
+    http.add_arguments(p)       # --http HOST:PORT, --api-key-file
     return p
 
 
@@ -63,16 +63,6 @@ class StartupError(UserError):
 # ---------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------
-
-def load_model(args, svc=None):
-    """The engine Model for --model, with typed, one-line errors."""
-    from ember.daemon import engine
-    if args.ctx is not None and args.ctx < 1:
-        raise StartupError(f"--ctx must be positive, got {args.ctx}")
-    if svc is not None:         # model-file checks + memory budget (daemon/service.py)
-        return svc.load().model
-    return engine.load(args.model, backend=args.backend, n_ctx=args.ctx, threads=args.threads)
-
 
 def build_server(args, model):
     from ember.daemon.server import Server
@@ -121,7 +111,7 @@ def main(argv=None) -> int:
     try:
         svc.security(args.bind or [protocol.DEFAULT_ENDPOINT])
         gateway = http_gateway(args)
-        model = load_model(args, svc)
+        model = svc.load().model    # model-file checks + memory budget (daemon/service.py)
         server = build_server(args, model)
         svc.attach(server)
         bind(server)

@@ -56,7 +56,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -64,9 +64,9 @@ from ember.daemon.chat import ChatTemplate
 from ember.daemon.sampling import Sampler, SamplingParams, StopMatcher
 from ember.formats import gguf as gguf_format
 from ember.formats.errors import UserError
+from ember.formats.model_config import ModelConfig, config_from_gguf
 from ember.plugins import registry
-from ember.plugins.arch import ModelConfig, config_from_gguf
-from ember.plugins.types import BackendError, ContextOverflow
+from ember.plugins.types import ContextOverflow, MemoryPlan
 
 DEFAULT_MAX_CTX = 4096
 log = logging.getLogger("emberd.engine")
@@ -112,28 +112,40 @@ class Result:
 # Loading
 # ---------------------------------------------------------------------------
 
+# plan_at(n_ctx) -> the chosen backend's MemoryPlan; a Fit picks the n_ctx to load at
+Fit = Callable[[Callable[[int], MemoryPlan], int], int]
+
+
 def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = None,
-         threads: int | None = None, options: dict | None = None) -> "Model":
-    """Open a GGUF model and load it on a backend. Errors are typed and user-facing."""
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
-        raise EngineError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise EngineError(f"threads must be a positive integer, got {threads!r}")
+         threads: int | None = None, options: dict | None = None, fit: Fit | None = None) -> "Model":
+    """Open a GGUF model and load it on a backend: the one loading path of ember.
+
+    open (mapped, read-only) -> ModelConfig -> choose the backend (registry) ->
+    plan: `fit(plan_at, n_ctx)` may shrink the context or refuse (the daemon's
+    memory budget) -> load through the registry, which calls the backend's
+    owner plugin alone. Errors are typed and user-facing.
+    """
+    _check_positive("n_ctx", n_ctx)
+    _check_positive("threads", threads)
+    options = dict(options or {})
     f = gguf_format.open(path)
     try:
         config = config_from_gguf(f)
         name, why = registry.choose(backend)
         ctx = n_ctx or min(config.n_ctx_train, DEFAULT_MAX_CTX)
-        runner = registry.manager().hook.ember_load(
-            backend=name, gguf=f, config=config, n_ctx=ctx, threads=threads,
-            options=dict(options or {}))
-        if runner is None:
-            raise BackendError(f"backend {name!r} did not load the model")
+        if fit is not None:
+            ctx = fit(lambda c: registry.plan(name, config, c, options), ctx)
+        runner = registry.load(name, f, config, ctx, threads, options)
         return Model(path, f, config, runner, name, why)
     except BaseException:
         f.close()
         raise
+
+
+def _check_positive(what: str, value) -> None:
+    """n_ctx and threads: None (the default) or an int >= 1; checked here and nowhere else."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise EngineError(f"{what} must be a positive integer, got {value!r}")
 
 
 def _map_guard(f):
@@ -143,7 +155,7 @@ def _map_guard(f):
 
 
 def _load_tokenizer(f):
-    from ember.formats.tokenizer import Tokenizer  # the tokenizer lands with its own issue
+    from ember.formats.tokenizer import Tokenizer  # built on first use: a logits-only app never pays for it
     return Tokenizer.from_gguf(f)
 
 

@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ember.formats.errors import UserError
+from ember.formats.protocol import MAX_STOP_TOKENS, SAMPLING_RANGES, STOP_TOKEN_ID, Range
 
 
 class SamplingError(UserError, ValueError):
@@ -48,11 +49,11 @@ class SamplingError(UserError, ValueError):
 # Parameters: parsed and checked once
 # ---------------------------------------------------------------------------
 
+# The numeric ranges are the wire's table (SAMPLING_RANGES); these bound what only
+# an embedding app can send (the daemon's own limits are tighter and configurable).
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
-MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_LIMIT = 1 << 20
-MAX_SEED = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,19 @@ def _stop(name: str, v) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _in_range(name: str, v, r: Range):
+    """Check v against its row of the one range table (ember.formats.protocol.SAMPLING_RANGES)."""
+    if r.kind is int:
+        return _integer(name, v, r.lo, r.hi)
+    return _number(name, v, r.lo, r.hi, lo_open=r.lo_open)
+
+
 def _stop_tokens(name: str, v) -> tuple[int, ...]:
     if not isinstance(v, (list, tuple)):
         raise SamplingError(f"{name} must be a list of token ids, got {type(v).__name__}")
-    if len(v) > 64:
-        raise SamplingError(f"{name}: at most 64 stop tokens, got {len(v)}")
-    return tuple(_integer(f"{name}[{i}]", t, 0, (1 << 31) - 1) for i, t in enumerate(v))
+    if len(v) > MAX_STOP_TOKENS:
+        raise SamplingError(f"{name}: at most {MAX_STOP_TOKENS} stop tokens, got {len(v)}")
+    return tuple(_in_range(f"{name}[{i}]", t, STOP_TOKEN_ID) for i, t in enumerate(v))
 
 
 def _flag(name: str, v) -> bool:
@@ -136,21 +144,13 @@ def _flag(name: str, v) -> bool:
 
 
 _CHECKS = {
-    "temperature": lambda k, v: _number(k, v, 0.0, 100.0),
-    "top_k": lambda k, v: _integer(k, v, 0, 1 << 24),
-    "top_p": lambda k, v: _number(k, v, 0.0, 1.0, lo_open=True),
-    "min_p": lambda k, v: _number(k, v, 0.0, 1.0),
-    "repeat_penalty": lambda k, v: _number(k, v, 0.0, 10.0, lo_open=True),
-    "frequency_penalty": lambda k, v: _number(k, v, -2.0, 2.0),
-    "presence_penalty": lambda k, v: _number(k, v, -2.0, 2.0),
-    "penalty_last_n": lambda k, v: _integer(k, v, -1, 1 << 24),
-    "seed": lambda k, v: None if v is None else _integer(k, v, 0, MAX_SEED),
+    **{k: (lambda k, v, r=r: _in_range(k, v, r)) for k, r in SAMPLING_RANGES.items()},
+    "seed": lambda k, v: None if v is None else _in_range(k, v, SAMPLING_RANGES["seed"]),
     "max_tokens": lambda k, v: _integer(k, v, 1, MAX_TOKENS_LIMIT),
     "stop": _stop,
     "stop_tokens": _stop_tokens,
     "ignore_eos": _flag,
     "logprobs": _flag,
-    "top_logprobs": lambda k, v: _integer(k, v, 0, MAX_TOP_LOGPROBS),
 }
 
 

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +52,7 @@ from typing import Any, Callable
 
 import zmq
 
+from ember.daemon import budget
 from ember.daemon.scheduler import Busy, Job, Scheduler
 from ember.formats import protocol
 from ember.formats.errors import UserError
@@ -93,15 +92,6 @@ def make_router(ctx: zmq.Context, limits: Limits) -> zmq.Socket:
     # zero-window probes, so it would cut a slow reader off too.
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     return sock
-
-
-def rss_bytes() -> int:
-    """Resident set size now (Linux /proc), else the peak from getrusage."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -544,7 +534,7 @@ class Server:
         snap = self.scheduler.snapshot(now)
         self.send(owner, protocol.reply(
             "status", req.id, uptime_s=round(now - self.t_start, 3), model=self.info.get("model"),
-            backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=rss_bytes(),
+            backend=self.info.get("backend"), isa=self.info.get("isa"), rss_bytes=budget.rss_bytes(),
             recent=list(self._recent), draining=self.draining, memory=self.info.get("memory"),
             held={"clients": len(self._held), "replies": sum(len(h.replies) for h in self._held.values())},
             **snap))
@@ -558,7 +548,7 @@ class Server:
         self.send(owner, protocol.reply("models", req.id, models=models))
 
     def on_load(self, owner: bytes, req: Request) -> None:
-        """Slot for model management (issue 7): not served by this build."""
+        """Refused by a bare Server; emberd's Service registers the real `load` (--allow-load)."""
         raise ProtocolError("unauthorized", "the load op is not enabled on this daemon")
 
     def _need_model(self) -> None:

@@ -7,7 +7,7 @@ without owning the server:
 * load (`load_model`): model path (or the default model from the cache,
   pulled on first start), model-file checks (daemon/modelfile.py), the
   memory plan against the budget (daemon/budget.py: shrink n_ctx or refuse
-  with the breakdown), then the engine load at the planned context.
+  with the breakdown) as the plan step of engine.load, the one loading path.
 * `Service.attach(server)`: CURVE on the socket (daemon/security.py), the
   `load` and draining `generate` handlers, the plan in `status`, and one
   `tick` that the server's loop runs every turn (at least once a second).
@@ -136,44 +136,33 @@ def budget_of(args) -> tuple[int | None, str]:
     return budget_mod.resolve(args.memory_budget)
 
 
-def plan_fit(path: str, args, process: int, beside: int = 0) -> tuple[budget_mod.Fit, str]:
-    """The budget fit for `path` on the chosen backend; (fit, backend name)."""
-    from ember.daemon import engine
-    from ember.formats import gguf
-    from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
-    with gguf.open(path) as f:
-        cfg = config_from_gguf(f)
-    name, _ = registry.choose(args.backend)
-    n_ctx = args.ctx or min(cfg.n_ctx_train, engine.DEFAULT_MAX_CTX)
-    limit, source = budget_of(args)
-    fit = budget_mod.fit(lambda c: registry.plan(name, cfg, c, {}), n_ctx,
-                         max(1, args.min_ctx or 1), limit, source, process, beside, RECEIVE)
-    return fit, name
-
-
 def load_model(args, process: int | None = None, beside: int = 0, say=None) -> Loaded:
-    """Check the file, fit the budget, load at the planned context."""
+    """Check the file, then engine.load with the budget choosing the context."""
     from ember.daemon import engine
     say = say or log_say
-    if args.ctx is not None and args.ctx < 1:
-        raise modelfile.ModelFileError(f"--ctx must be positive, got {args.ctx}")
     path = resolve_model(args, say)
     checked = modelfile.check(path, strict=getattr(args, "strict_model_file", False))
     if checked.warning and Path(path) != modelcache.DEMO_PATH:   # the demo: part of the package
         say(checked.warning)
     process = budget_mod.rss_bytes() if process is None else process
-    fit, backend = plan_fit(path, args, process, beside)
-    for m in fit.messages:
-        say(m)
+    limit, source = budget_of(args)
+    fits: list[budget_mod.Fit] = []
+
+    def fit(plan_at, n_ctx: int) -> int:
+        fits.append(budget_mod.fit(plan_at, n_ctx, max(1, args.min_ctx or 1), limit, source,
+                                   process, beside, RECEIVE))
+        for m in fits[0].messages:
+            say(m)
+        return fits[0].n_ctx
+
     modelfile.recheck(checked)
-    model = engine.load(path, backend=backend, n_ctx=fit.n_ctx, threads=args.threads)
+    model = engine.load(path, backend=args.backend, n_ctx=args.ctx, threads=args.threads, fit=fit)
     try:
         watch = modelfile.Watch(checked, model.gguf.size)
     except BaseException:
         model.close()
         raise
-    return Loaded(model, fit, watch, checked, list(fit.messages))
+    return Loaded(model, fits[0], watch, checked, list(fits[0].messages))
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and ember both load — the real architecture, sizes and quant mix of a known
 model (TinyLlama-1.1B, Qwen2-0.5B, Gemma-3-1B, LFM2-1.2B), random weights, and a valid
 SentencePiece ("llama") vocabulary of the model's vocab size. It uses only
 ember's own writer (ember.formats.gguf.write) and quantizer
-(ember.formats.quants.quantize), and generates tensor by tensor through the
+(ember.formats.quant_blocks.quantize), and generates tensor by tensor through the
 writer's callables, so at most one float32 tensor exists at a time.
 
 The quant mixes follow llama.cpp's llama_tensor_get_type: "Q4_0"/"Q8_0"
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.errors import UserError
 
 
@@ -123,7 +123,7 @@ def tensor_type(quant: str, name: str, layer: int | None, s: Shape, cols: int) -
         t = "Q6_K"
     else:
         t = "Q4_K"
-    block = quants.BLOCKS[t][0]
+    block = quant_blocks.BLOCKS[t][0]
     return FALLBACK.get(t, "Q8_0") if cols % block else t
 
 
@@ -186,7 +186,7 @@ def _generator(name: str, shape: tuple[int, ...], ttype: str, seed: int):
             base = 0.0 if name.endswith(".bias") else 1.0
             return (base + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         rows_per = max(1, (1 << 22) // shape[1])   # quantize ~16 MB of float32 at a time
-        parts = [quants.quantize(ttype, 0.02 * rng.standard_normal((min(rows_per, shape[0] - r), shape[1]),
+        parts = [quant_blocks.quantize(ttype, 0.02 * rng.standard_normal((min(rows_per, shape[0] - r), shape[1]),
                                                                    dtype=np.float32))
                  for r in range(0, shape[0], rows_per)]
         return np.concatenate(parts, axis=0)
@@ -298,6 +298,22 @@ def cached_model(shape_name: str, quant: str) -> Path:
     if quant not in QUANTS:
         raise SyntheticError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
     return cache_dir() / f"{shape_name}-{quant}.gguf"
+
+
+def ensure_cached(shape_name: str, quant: str) -> Path:
+    """The cached synthetic model, written first (by a child process) if absent.
+
+    The child keeps generating the weights out of the caller's peak RSS, which
+    `ember bench` and the bench/ scripts measure."""
+    import subprocess
+    path = cached_model(shape_name, quant)
+    if not path.exists():
+        print(f"writing synthetic {shape_name} {quant} to {path} (once) ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "ember.daemon.synthetic", shape_name, quant,
+                            str(path)])
+        if r.returncode != 0:
+            raise SyntheticError(f"writing the synthetic model failed (exit {r.returncode})")
+    return path
 
 
 def main(argv: list[str]) -> int:

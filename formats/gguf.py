@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ember.formats import quants
+from ember.formats import quant_blocks
 from ember.formats.errors import UserError
 
 # ---------------------------------------------------------------------------
@@ -332,7 +332,7 @@ class GGUFTensor:
 
     def numpy(self) -> np.ndarray:
         """Dequantized float32 array of `.shape`."""
-        return quants.dequantize(self.type, self.data, self.shape)
+        return quant_blocks.dequantize(self.type, self.data, self.shape)
 
 
 @dataclass
@@ -357,7 +357,7 @@ def _read_tensor_info(cur: _Cursor, index: int) -> _TensorInfo:
     type_at = cur.pos
     tname = _tensor_type(cur.u32(f"{what} type"), f"{what} type", type_at)
     offset = cur.u64(f"{what} offset")
-    elems, bsize = quants.BLOCKS[tname]
+    elems, bsize = quant_blocks.BLOCKS[tname]
     if dims[0] % elems:
         raise _fault(f"{what} dim 0", dims_at + 4, f"row length {dims[0]} is not a multiple "
                                                    f"of {tname}'s block of {elems}")
@@ -382,10 +382,10 @@ def _read_dims(cur: _Cursor, n_dims: int, what: str) -> list[int]:
 
 
 def _tensor_type(type_id: int, what: str, at: int) -> str:
-    tname = quants.GGML_TYPE_NAMES.get(type_id)
+    tname = quant_blocks.GGML_TYPE_NAMES.get(type_id)
     if tname is None:
         raise _fault(what, at, f"unknown tensor type {type_id}")
-    if tname not in quants.BLOCKS:
+    if tname not in quant_blocks.BLOCKS:
         raise _fault(what, at, f"tensor type {tname} is not supported by ember")
     return tname
 
@@ -813,11 +813,11 @@ def _plan_tensor(name, t) -> _Planned:
                             what)
         t = TensorData(_NUMPY_TENSOR_TYPES[dt], t.shape, np.ascontiguousarray(t, dtype=dt))
     tname, shape = t.type, tuple(int(d) for d in t.shape)
-    if tname not in quants.BLOCKS:
+    if tname not in quant_blocks.BLOCKS:
         raise GGUFError(f"{what}: unknown or unsupported tensor type {tname!r}", what)
     if not 1 <= len(shape) <= MAX_DIMS or min(shape) < 1:
         raise GGUFError(f"{what}: shape {shape} needs 1..{MAX_DIMS} dims, each >= 1", what)
-    elems, bsize = quants.BLOCKS[tname]
+    elems, bsize = quant_blocks.BLOCKS[tname]
     if shape[-1] % elems:
         raise GGUFError(f"{what}: row length {shape[-1]} is not a multiple of {tname}'s "
                         f"block of {elems}", what)
@@ -845,7 +845,7 @@ def _encode_tensor_infos(planned: list[_Planned], alignment: int) -> bytearray:
         out += _U32.pack(len(p.shape))
         for d in reversed(p.shape):       # ggml order: innermost (row length) first
             out += _U64.pack(d)
-        out += _U32.pack(quants.GGML_TYPE_IDS[p.type])
+        out += _U32.pack(quant_blocks.GGML_TYPE_IDS[p.type])
         out += _U64.pack(p.rel_offset)
     return out
 

@@ -379,40 +379,62 @@ def max_tokens(name, x, limits):
 # Schemas: op -> {field: checker}; every other field is refused
 # ---------------------------------------------------------------------------
 
-# Sampling parameters pass through to the engine (daemon/sampling.py) under the
-# same names and ranges; the engine checks them again.
-def open_low(lo: float, hi: float) -> Callable:
-    inner = number(lo, hi)
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric sampling parameter may take: [lo, hi], or (lo, hi] if lo_open."""
+    kind: type            # int or float
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+
+# The one table of sampling ranges. The wire (SAMPLING below) and the engine
+# (daemon/sampling.py SamplingParams.parse, for apps that embed it) both read
+# it, so the two can never disagree on what a request may ask for.
+SAMPLING_RANGES: dict[str, Range] = {
+    "temperature": Range(float, 0.0, 100.0),
+    "top_k": Range(int, 0, 1 << 24),
+    "top_p": Range(float, 0.0, 1.0, lo_open=True),      # 0 would keep no token
+    "min_p": Range(float, 0.0, 1.0),
+    "repeat_penalty": Range(float, 0.0, 10.0, lo_open=True),  # it divides logits
+    "frequency_penalty": Range(float, -2.0, 2.0),
+    "presence_penalty": Range(float, -2.0, 2.0),
+    "penalty_last_n": Range(int, -1, 1 << 24),          # -1: the whole history
+    "seed": Range(int, 0, (1 << 64) - 1),
+    "top_logprobs": Range(int, 0, 20),
+}
+MAX_STOP_TOKENS = 64
+STOP_TOKEN_ID = Range(int, 0, (1 << 31) - 1)            # an int32 id; the vocabulary is the model's
+
+
+def in_range(r: Range) -> Callable:
+    """The wire checker of one SAMPLING_RANGES row."""
+    if r.kind is int:
+        return integer(r.lo, r.hi)
+    inner = number(r.lo, r.hi)
 
     def check(name, x, limits):
         x = inner(name, x, limits)
-        if x == lo:
-            raise _bad(name, f"must be in ({lo}, {hi}], got {x}")
+        if r.lo_open and x == r.lo:
+            raise _bad(name, f"must be in ({r.lo}, {r.hi}], got {x}")
         return x
     return check
 
 
 def token_ids(name, x, limits):
-    if not isinstance(x, list) or len(x) > 64:
-        raise _bad(name, "must be a list of at most 64 token ids")
-    return [integer(0, (1 << 31) - 1)(f"{name}[{i}]", t, limits) for i, t in enumerate(x)]
+    if not isinstance(x, list) or len(x) > MAX_STOP_TOKENS:
+        raise _bad(name, f"must be a list of at most {MAX_STOP_TOKENS} token ids")
+    check = in_range(STOP_TOKEN_ID)
+    return [check(f"{name}[{i}]", t, limits) for i, t in enumerate(x)]
 
 
+# Sampling parameters pass through to the engine (daemon/sampling.py) under the same names.
 SAMPLING: dict[str, Callable] = {
-    "temperature": number(0.0, 100.0),
-    "top_k": integer(0, 1 << 24),
-    "top_p": open_low(0.0, 1.0),
-    "min_p": number(0.0, 1.0),
-    "repeat_penalty": open_low(0.0, 10.0),
-    "frequency_penalty": number(-2.0, 2.0),
-    "presence_penalty": number(-2.0, 2.0),
-    "penalty_last_n": integer(-1, 1 << 24),
-    "seed": integer(0, (1 << 64) - 1),
+    **{name: in_range(r) for name, r in SAMPLING_RANGES.items()},
     "stop": stop_strings,
     "stop_tokens": token_ids,
     "ignore_eos": boolean,
     "logprobs": boolean,
-    "top_logprobs": integer(0, 20),
 }
 
 GENERATE: dict[str, Callable] = {

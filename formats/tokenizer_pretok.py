@@ -188,21 +188,23 @@ class PreTokenizer:
         return frags
 
 
+def _cut(frag: str, cuts, out: list[str]) -> None:
+    """Append the non-empty pieces of frag between successive cut positions (ascending)."""
+    pos = 0
+    for cut in cuts:
+        if cut > pos:
+            out.append(frag[pos:cut])
+            pos = cut
+    if pos < len(frag):
+        out.append(frag[pos:])
+
+
 def _resplit(frags: list[str], rx, fold: bool) -> list[str]:
     """Each fragment becomes its matches and the gaps between them."""
     out: list[str] = []
     for frag in frags:
         probe = frag.translate(FOLD_WS) if fold else frag
-        pos = 0
-        for m in rx.finditer(probe):
-            start, end = m.span()
-            if start > pos:
-                out.append(frag[pos:start])
-            if end > start:
-                out.append(frag[start:end])
-            pos = end
-        if pos < len(frag):
-            out.append(frag[pos:])
+        _cut(frag, [i for m in rx.finditer(probe) for i in m.span()], out)
     return out
 
 
@@ -215,14 +217,11 @@ def _digit_groups(frags: list[str]) -> list[str]:
     ("ab1234" -> "ab1", "234"), as llama.cpp emits it; later regexes cut it off."""
     out: list[str] = []
     for frag in frags:
-        pos = 0
-        for m in _NUMBER_RUN.finditer(frag):
-            start, end = m.span()
-            first = start + ((end - start) % 3 or 3)   # n % 3 == 0: the first group is 3
-            for cut in range(first, end + 1, 3):
-                if cut > pos:
-                    out.append(frag[pos:cut])
-                    pos = cut
-        if pos < len(frag):
-            out.append(frag[pos:])
+        _cut(frag, [cut for m in _NUMBER_RUN.finditer(frag) for cut in _group_ends(*m.span())], out)
     return out
+
+
+def _group_ends(start: int, end: int) -> range:
+    """Where a run of numbers [start, end) is cut: after n % 3, then every 3 (n % 3 == 0:
+    the first group is 3)."""
+    return range(start + ((end - start) % 3 or 3), end + 1, 3)

@@ -6,7 +6,7 @@ takes typed memoryviews, checks only what would let C read or write out of
 bounds (so a bad call raises ValueError instead of crashing), and releases
 the GIL around every call. Inputs are `const` memoryviews because weights
 are mapped read-only. Argument checking in user terms and output allocation
-live in kernels/quants.py.
+live in kernels/quant_ops.py.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t
 

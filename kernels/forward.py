@@ -5,7 +5,7 @@ Design: this module turns a GGUFFile + ModelConfig into one `_native.Forward`
 as a (rows, row_bytes) uint8 view of the map, and the Forward object keeps
 those views (and so the map) alive. Only the small tensors (norms, biases,
 lfm2's conv kernel) are converted to float32 when the file stores them
-otherwise, and the rope cos/sin table(s) come from arch.rope_cos_sin once, for
+otherwise, and the rope cos/sin table(s) come from rope.rope_cos_sin once, for
 every cache position (factors and scaling included): one for the global
 layers and, where their base differs (gemma3), one for the sliding-window
 layers. Per-layer settings (attention, sliding window, conv; rope table or
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ember.formats.quants import GGML_TYPE_IDS
+from ember.formats.quant_blocks import GGML_TYPE_IDS
 from ember.kernels import _native
 from ember.kernels import dispatch
-from ember.plugins.arch import ModelConfig, UnsupportedModel, rope_cos_sin, rope_factors
+from ember.formats.model_config import ModelConfig, UnsupportedModel
+from ember.kernels.rope import rope_cos_sin, rope_factors
 
 DEFAULT_MAX_BATCH = 256   # tokens per pool run; longer prompts run in chunks
 F32_BYTES = 4
@@ -145,7 +146,7 @@ def vector_f32(t) -> np.ndarray:
 
 
 def rope_table(c: ModelConfig, n_ctx: int, factors: np.ndarray | None, swa: bool = False) -> np.ndarray:
-    """(n_ctx, rope_dim) float32: arch.rope_cos_sin's (cos, sin) pairs interleaved, as
+    """(n_ctx, rope_dim) float32: rope.rope_cos_sin's (cos, sin) pairs interleaved, as
     the C rope reads them (scaling and factors included there, once for every backend)."""
     cos, sin = rope_cos_sin(c, n_ctx, factors, swa=swa)                      # (n_ctx, rope_dim/2)
     return np.ascontiguousarray(np.stack([cos, sin], axis=-1).reshape(n_ctx, c.rope_dim), dtype=np.float32)

@@ -15,14 +15,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import FEATURES, ModelConfig, require_features
+from ember.formats.model_config import ModelConfig
+
+from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
 from ember.plugins.types import CacheTooShort
 
 NAME = "cpu"
-# ModelConfig features (arch.FEATURES) the C decoder computes; the rest are refused at load.
+# ModelConfig features (features.FEATURES) the C decoder computes; the rest are refused at load.
 IMPLEMENTED: frozenset[str] = frozenset(FEATURES)
 # interpreter + numpy + the kernels extension, measured as the RSS of
 # `python -c "import ember.plugins.cpu"` (~35 MB) with headroom

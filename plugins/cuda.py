@@ -83,7 +83,9 @@ from typing import Sequence
 import numpy as np
 
 from ember.kernels import cuda_source
-from ember.plugins.arch import ModelConfig, UnsupportedModel, require_features, rope_cos_sin, rope_factors
+from ember.formats.model_config import ModelConfig, UnsupportedModel
+from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.features import require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, ContextOverflow, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
@@ -186,7 +188,7 @@ def kind_of(ggml_type: str) -> str:
 
 
 def device_bytes(t) -> int:
-    """Bytes of one tensor (arch.TensorEntry) once uploaded in its device layout."""
+    """Bytes of one tensor (model_config.TensorEntry) once uploaded in its device layout."""
     n = int(np.prod(t.shape))
     if len(t.shape) == 1:
         return 4 * n                        # norms and biases: float32
@@ -291,8 +293,8 @@ class Layout:
         return self.c.kv_cache_bytes(self.n_ctx, bytes_per_value=2)
 
 
-# ModelConfig features (arch.FEATURES) the GPU decoder computes; the rest are refused at load.
-# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed.
+# ModelConfig features (features.FEATURES) the GPU decoder computes; the rest are refused at load.
+# The rope tables come from rope.rope_cos_sin, so every rope scaling is computed.
 IMPLEMENTED = frozenset({"yarn", "longrope"})
 
 

@@ -49,7 +49,7 @@ def ember_plan(backend, config, n_ctx, options):
     """Estimate the memory `backend` needs to run a model, before loading it.
 
     :param backend: the backend's name.
-    :param config: ember.plugins.arch.ModelConfig — hyper-parameters and
+    :param config: ember.formats.model_config.ModelConfig — hyper-parameters and
         tensor table (types, shapes, byte sizes) of the model.
     :param n_ctx: context length the KV cache is sized for.
     :param options: dict of backend options (e.g. ``kv_type``, ``provider``).
@@ -65,7 +65,7 @@ def ember_load(backend, gguf, config, n_ctx, threads, options):
     :param backend: the backend's name.
     :param gguf: the open ember.formats.gguf.GGUFFile (weights are views of
         its read-only map; the runner may keep references to them).
-    :param config: ember.plugins.arch.ModelConfig of that file.
+    :param config: ember.formats.model_config.ModelConfig of that file.
     :param n_ctx: context length; the KV cache is allocated once for it.
     :param threads: compute threads (None: the backend's default).
     :param options: dict of backend options.

@@ -49,8 +49,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.formats import quants
-from ember.plugins.arch import ModelConfig, require_features, rope_cos_sin, rope_factors
+from ember.formats import quant_blocks
+from ember.formats.model_config import ModelConfig
+from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.features import require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendError, BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange  # noqa: F401 - re-exported
@@ -60,8 +62,8 @@ DEFAULT_PROVIDER = "CPUExecutionProvider"
 DEFAULT_ACCURACY = 4
 ORT_RUNTIME_BYTES = 64 << 20   # ORT's own code, arenas and thread pools (measured ~40-60 MB)
 BUILD_IN_PROCESS_BYTES = 64 << 20  # bigger models build in a child process (see graph_path)
-# ModelConfig features (arch.FEATURES) the graph computes; the rest are refused at load.
-# The rope tables come from arch.rope_cos_sin, so every rope scaling is computed.
+# ModelConfig features (features.FEATURES) the graph computes; the rest are refused at load.
+# The rope tables come from rope.rope_cos_sin, so every rope scaling is computed.
 IMPLEMENTED = frozenset({"yarn", "longrope"})
 PREPACK_INT8_OVERHEAD = 35     # % of packed weights that accuracy_level 4's prepacking adds
 
@@ -201,10 +203,11 @@ _CHILD = """
 import sys
 from pathlib import Path
 from ember.formats import gguf
-from ember.plugins import arch, onnx
+from ember.formats.model_config import config_from_gguf
+from ember.plugins import onnx
 f = gguf.open(sys.argv[1])
 bar_file = open(int(sys.argv[4]), "w") if sys.argv[4] != "-1" else None
-onnx.build_into(f, arch.config_from_gguf(f), Path(sys.argv[2]), int(sys.argv[3]), bar_file)
+onnx.build_into(f, config_from_gguf(f), Path(sys.argv[2]), int(sys.argv[3]), bar_file)
 """
 
 
@@ -307,7 +310,7 @@ class OnnxRunner(CacheBookkeeping):
         """Dequantize just the rows of `ids` from the map -> (T, n_embd) float32."""
         table = self.embd.data.reshape(self.n_vocab, self._row_bytes)
         rows = np.ascontiguousarray(table[ids])                          # (T, row_bytes)
-        return np.array(quants.dequantize(self.embd.type, rows, (len(ids), self.c.n_embd)),
+        return np.array(quant_blocks.dequantize(self.embd.type, rows, (len(ids), self.c.n_embd)),
                         dtype=np.float32)
 
     def _run(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

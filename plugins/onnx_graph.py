@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ember.plugins.arch import ModelConfig, UnsupportedModel
+from ember.formats.model_config import ModelConfig, UnsupportedModel
 
 BUILDER_VERSION = 6      # bump when the graph changes: it is part of the cache key
 OPSET = 17

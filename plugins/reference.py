@@ -9,7 +9,7 @@ RMSNorm mean of squares and the attention softmax — done with the max
 subtracted / in float64 so that long rows do not lose precision.
 
 The forward pass is written once; every architecture differs only in the
-switches of ModelConfig (ember.plugins.arch):
+switches of ModelConfig (ember.formats.model_config):
 
     x = token_embd[tokens] * embd_scale                  (T, n_embd)
     per layer:
@@ -33,7 +33,7 @@ applies silu to the first half); the KQ scale is 1/sqrt(head_dim) unless the
 file says otherwise; the attention soft-cap applies after the KQ scale; a
 sliding-window position p sees p' with p - p' < window; lfm2's conv kernel
 (ggml ne {l_cache, n_embd}) puts its last tap on the current token. The rope
-tables (every scaling) come from arch.rope_cos_sin.
+tables (every scaling) come from rope.rope_cos_sin.
 
 The KV cache is allocated once for n_ctx at load; a sliding-window layer keeps
 only its window (position p in row p % window), an lfm2 conv layer only its
@@ -47,14 +47,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ember.plugins.arch import (FEATURES, ModelConfig, UnsupportedModel, require_features, rope_cos_sin,
-                                rope_factors)
+from ember.formats.model_config import ModelConfig, UnsupportedModel
+from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
 from ember.plugins.types import TokenOutOfRange, CacheTooShort  # noqa: F401 - re-exported
 
 NAME = "reference"
-# ModelConfig features (arch.FEATURES) this decoder computes; the rest are refused at load.
+# ModelConfig features (features.FEATURES) this decoder computes; the rest are refused at load.
 IMPLEMENTED = frozenset(FEATURES)
 ATTN_CHUNK = 256  # query rows per attention block: bounds the (heads, rows, n_ctx) scores
 

@@ -31,8 +31,8 @@ log = logging.getLogger("ember.plugins")
 
 ENTRY_POINT_GROUP = "ember.backends"
 # Built-in backends are ordinary plugins, registered by module name. A module
-# that does not exist yet (e.g. cuda before it is written) is simply absent; a
-# module that exists but fails to import is recorded as a load error.
+# that is not installed is simply absent; a module that exists but fails to
+# import (a missing dependency) is recorded as a load error.
 BUILTIN_MODULES = ["ember.plugins.reference", "ember.plugins.cpu", "ember.plugins.onnx",
                    "ember.plugins.cuda"]
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +97,37 @@ def oracle_params(values: list, n_args: int = 1) -> list:
 def conformance():
     """Path to ../shared/conformance; skips the test when it is absent."""
     return conformance_path()
+
+
+# ---------------------------------------------------------------------------
+# Comparing logits: the README's KL measure and thresholds
+# ---------------------------------------------------------------------------
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(ours)) per row (..., n_vocab) -> (...,), in float64."""
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def kl_thresholds(model: str) -> tuple[float, float]:
+    """(mean, max) KL bounds from the conformance README: float weights vs quantized."""
+    stem = model.removesuffix(".gguf")
+    is_float = stem == "stories260K" or stem.rsplit("-", 1)[-1] in FLOAT_TYPES
+    return (1e-4, 1e-3) if is_float else (2e-3, 1e-2)
+
+
+def assert_matches_oracle(label: str, case: dict, z, logits: np.ndarray) -> None:
+    """The oracle case's positions of `logits` (n_tokens, n_vocab) against llama.cpp's stored
+    logits `z`, within the README's (mean, max) KL bounds for the case's model."""
+    kl = kl_rows(z["logits"], logits[z["positions"]])
+    mean_max, max_max = kl_thresholds(case["model"])
+    assert kl.mean() <= mean_max and kl.max() <= max_max, (
+        f"{label} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
+        f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")

@@ -13,9 +13,6 @@ process so that writing it never counts in this process's peak RSS.
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -46,25 +43,14 @@ def add_arguments(p) -> None:
 # The model to measure
 # ---------------------------------------------------------------------------
 
-def synthetic_model(shape: str, quant: str) -> str:
-    """Path of the cached synthetic model, writing it first (in a child) if absent."""
-    from ember.daemon import synthetic
-    path = synthetic.cached_model(shape, quant)
-    if not path.exists():
-        print(f"writing synthetic {shape} {quant} to {path} (once) ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "ember.daemon.synthetic", shape, quant, str(path)])
-        if r.returncode != 0:
-            raise BenchError(f"writing the synthetic model failed (exit {r.returncode})")
-    return str(path)
-
-
 def _check(args) -> str:
     if args.prompt_tokens < 1 or args.gen_tokens < 0:
         raise BenchError("--prompt-tokens must be >= 1 and --gen-tokens >= 0")
     if args.threads is not None and args.threads < 1:
         raise BenchError("--threads must be >= 1")
     if args.synthetic:
-        return synthetic_model(args.synthetic, args.quant)
+        from ember.daemon import synthetic
+        return str(synthetic.ensure_cached(args.synthetic, args.quant))
     if not args.model:
         raise BenchError("give a MODEL file or --synthetic SHAPE")
     return args.model
@@ -74,38 +60,13 @@ def _check(args) -> str:
 # Measuring
 # ---------------------------------------------------------------------------
 
-def load(path: str, backend: str, n_ctx: int, threads: int | None):
-    from ember.formats import gguf
-    from ember.plugins import registry
-    from ember.plugins.arch import config_from_gguf
-    f = gguf.open(path)
-    config = config_from_gguf(f)
-    name, _ = registry.choose(backend)
-    runner = registry.manager().hook.ember_load(backend=name, gguf=f, config=config, n_ctx=n_ctx,
-                                                threads=threads, options={})
-    return f, runner, name
-
-
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark in MiB.
-
-    /proc's VmHWM belongs to this address space alone; getrusage's ru_maxrss (the
-    fallback) also keeps the peak of the process this one was forked from."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | None,
             seed: int = 0) -> dict:
+    from ember.daemon import budget, engine
     t0 = time.perf_counter()
-    f, runner, name = load(path, backend, n_prompt + n_gen, threads)
+    model = engine.load(path, backend=backend, n_ctx=n_prompt + n_gen, threads=threads)
     load_s = time.perf_counter() - t0
+    runner = model.runner     # the backend's runner itself: no sampling or text in the timings
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, runner.n_vocab, size=n_prompt).tolist()  # past <unk> <s> </s>
     t0 = time.perf_counter()
@@ -115,15 +76,14 @@ def measure(path: str, backend: str, n_prompt: int, n_gen: int, threads: int | N
     for _ in range(n_gen):
         tok = int(np.argmax(runner.decode(tok)))
     decode_s = time.perf_counter() - t0
-    runner.close()
-    f.close()
+    model.close()
     return {
         "load_s": round(load_s, 4),
         "prefill_tok_s": round(n_prompt / prefill_s, 2),
         "decode_tok_s": round(n_gen / decode_s, 2) if n_gen else None,
         "ttft_ms": round(prefill_s * 1000.0, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "backend": name,
+        "peak_rss_mb": round(budget.peak_rss_bytes() / 2**20, 1),
+        "backend": model.backend,
     }
 
 

@@ -3,8 +3,8 @@
 Reads only the validated header through ember.formats.gguf (tensor data stays
 mapped, never touched), then reports: the verdict (can ember run this file,
 and if not every reason why), the architecture and its hyper-parameters (from
-ember.plugins.arch when ember runs that architecture, else the raw metadata),
-a tokenizer summary read straight from the `tokenizer.ggml.*` keys, the tensor
+ember.formats.model_config when ember runs that architecture, else the raw
+metadata), a tokenizer summary read straight from the `tokenizer.ggml.*` keys, the tensor
 table, the quant mix and the sizes.
 
 The verdict asks the loaders themselves rather than a list of its own, so it
@@ -24,9 +24,9 @@ from collections import Counter
 from typing import Any
 
 from ember.daemon.chat import ChatTemplate, ChatTemplateError
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 
 MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
 MAX_SHOWN_CHARS = 80       # longer strings are cut
@@ -117,7 +117,7 @@ def _chat_notes(md: dict[str, Any]) -> list[str]:
 def _types_without_codec(tensors: list[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for t in tensors:
-        if not quants.can_compute(t["type"]):
+        if not quant_blocks.can_compute(t["type"]):
             out.setdefault(t["type"], []).append(t["name"])
     return out
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.errors import UserError
 
 
@@ -172,7 +172,7 @@ def mix_type(st: MixState, t: gguf.GGUFTensor, ftype: str, new: str) -> str:
     """llama_tensor_get_type_impl for the mixes ember offers (no imatrix, no overrides)."""
     cat, falcon = category(t.name), st.arch == "falcon"
     if cat == "output" or (st.tied_embeddings and cat == "token_embd"):
-        if falcon or t.shape[-1] % quants.BLOCKS[new][0]:
+        if falcon or t.shape[-1] % quant_blocks.BLOCKS[new][0]:
             return "Q8_0"
         return new if new == "Q8_0" else "Q6_K"
     if cat in ATTN_V_LIKE:
@@ -238,9 +238,9 @@ def mix_type(st: MixState, t: gguf.GGUFTensor, ftype: str, new: str) -> str:
 def fallback(t: gguf.GGUFTensor, new: str) -> str:
     """tensor_type_fallback: a type whose block does not divide the row steps down."""
     row = t.shape[-1]
-    if row % quants.BLOCKS[new][0]:
+    if row % quant_blocks.BLOCKS[new][0]:
         new = ROW_FALLBACK.get(new, new)
-        if row % quants.BLOCKS[new][0]:
+        if row % quant_blocks.BLOCKS[new][0]:
             new = "F16"
     return new
 
@@ -336,9 +336,9 @@ def _lazy(t: gguf.GGUFTensor, new: str | None, bar: tqdm) -> gguf.TensorData:
             return t.data                              # the mapped bytes, unchanged
         try:
             x = t.numpy()                              # (..., row) float32; F32 is a view
-        except quants.QuantError as e:
+        except quant_blocks.QuantError as e:
             raise UserError(f"tensor {t.name!r}: cannot read {t.type} to convert it ({e})") from None
-        return quants.quantize(new, x)                 # (..., row bytes) uint8
+        return quant_blocks.quantize(new, x)           # (..., row bytes) uint8
     return gguf.TensorData(new or t.type, t.shape, produce)
 
 

@@ -10,7 +10,7 @@
 
 #include "ember_ops.h"
 
-/* the decoder's switches and sizes (plugins/arch.py ModelConfig); per-layer ones
+/* the decoder's switches and sizes (formats/model_config.py ModelConfig); per-layer ones
  * (kind, window, rope) are set with ember_model_set_layer */
 typedef struct {
     int64_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim;

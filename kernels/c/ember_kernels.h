@@ -1,7 +1,7 @@
 /* ember CPU kernels: quantized products, one declaration per op.
  *
  * Design: the public ember_* entry points take a GGML type id (`wtype`, see
- * formats/quants.py GGML_TYPE_NAMES) and dispatch through a function-pointer
+ * formats/quant_blocks.py GGML_TYPE_NAMES) and dispatch through a function-pointer
  * table chosen once (dispatch.c). Every (op, format) has a portable C twin in
  * quants_generic.c and, per ISA, a SIMD version with the same signature in
  * quants_<isa>.c; a missing SIMD version falls back in ONE place
@@ -33,7 +33,7 @@ enum {
 };
 
 /* ======================================================================== */
-/* Block layouts (must agree with formats/quants.py BLOCKS)                  */
+/* Block layouts (must agree with formats/quant_blocks.py BLOCKS)                  */
 /* ======================================================================== */
 
 typedef uint16_t ember_fp16_t;

@@ -81,7 +81,7 @@ void ember_quantize_row_f32_generic(const float *x, void *y, int64_t n) {
 }
 
 /* ======================================================================== */
-/* Dequantization (bit-exact with formats/quants.py)                        */
+/* Dequantization (bit-exact with formats/quant_blocks.py)                        */
 /* ======================================================================== */
 
 static void dequant_q4_0(const block_q4_0 *x, float *y, int64_t nb) {

@@ -17,7 +17,7 @@ import pytest
 from ember.daemon import budget
 from ember.formats import gguf
 from ember.plugins import registry
-from ember.plugins.arch import config_from_gguf
+from ember.formats.model_config import config_from_gguf
 from tests.daemon.emberd_proc import model_path, start_emberd
 from tests.formats.sparse_gguf import with_huge_array
 
@@ -171,7 +171,7 @@ def test_emberd_tight_budget_shrinks_and_says_so():
 
 
 # ---------------------------------------------------------------------------
-# A file whose metadata is bigger than the budget (issue 12 #5)
+# A file whose metadata is bigger than the budget
 # ---------------------------------------------------------------------------
 # stories260K plus a 100M-element uint8 array in a sparse file: the array
 # used to become a 100M-item list at open, before the plan (~900 MB of RSS

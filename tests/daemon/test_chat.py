@@ -126,20 +126,38 @@ def test_family_template_renders_as_hugging_face_does(family, conversation, add_
     assert template.render(messages, add_generation_prompt) == want
 
 
-def test_smollm2_chatml_has_its_default_system_prompt():
-    """SmolLM2's file template: ChatML plus a default system message when none is given."""
-    out = render(MSGS[1:2], family_template("smollm2"))
-    assert out == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                   "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+# (template: a family name or a conformance model file, messages, bos_token, exact text): what
+# each family does of its own, spelled out by hand beside the Hugging Face comparison above
+EXACT = {
+    # SmolLM2's file template: ChatML plus a default system message when none is given
+    "smollm2 default system prompt": (
+        "smollm2", MSGS[1:2], "",
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    "gemma-3 folds the system prompt into the first turn": (
+        "gemma-3", MSGS, "<bos>",
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n"
+        "<start_of_turn>model\n"),
+    "qwen2 from the file": (
+        "v151k-qwen2-Q8_0.gguf", MSGS[1:2], "",
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    "phi3 uses bos_token": (
+        "v32k-phi3-Q8_0.gguf", MSGS[1:3], "<s>",
+        "<s><|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"),
+}
+
+
+@pytest.mark.parametrize("template, messages, bos, want", EXACT.values(), ids=EXACT.keys())
+def test_real_template_renders_exactly(template, messages, bos, want):
+    source = file_template(template) if template.endswith(".gguf") else family_template(template)
+    assert render(messages, source, bos_token=bos) == want
+
+
+def test_smollm2_keeps_a_given_system_prompt():
     assert render(MSGS[:2], family_template("smollm2")).startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
-
-
-def test_gemma_3_folds_the_system_prompt_into_the_first_turn():
-    out = render(MSGS, family_template("gemma-3"), bos_token="<bos>")
-    assert out == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
-                   "<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n"
-                   "<start_of_turn>model\n")
 
 
 def test_hugging_face_environment_details():
@@ -155,19 +173,8 @@ def test_hugging_face_environment_details():
 
 
 # ---------------------------------------------------------------------------
-# Real templates
+# The ChatML fallback and the template features real files use
 # ---------------------------------------------------------------------------
-
-def test_qwen2_template_from_the_file():
-    out = render(MSGS[1:2], file_template("v151k-qwen2-Q8_0.gguf"))
-    assert out == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
-                   "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_phi3_template_uses_bos_token():
-    out = render(MSGS[1:3], file_template("v32k-phi3-Q8_0.gguf"), bos_token="<s>")
-    assert out == "<s><|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"
-
 
 def test_add_generation_prompt_switch():
     t = ChatTemplate(None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ember.daemon import cli
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.gguf import TensorData
 from tests.conftest import conformance_models, conformance_path
 
@@ -228,10 +228,10 @@ def test_refused_pre_tokenizer_says_why(tmp_path, capsys):
 def test_every_reason_is_listed(tmp_path, capsys):
     """Architecture (or rope scaling), tokenizer and tensor type are each checked on their own."""
     path = tmp_path / "many.gguf"
-    uncomputable = sorted(t for t in quants.BLOCKS if not quants.can_compute(t))
+    uncomputable = sorted(t for t in quant_blocks.BLOCKS if not quant_blocks.can_compute(t))
     assert uncomputable, "every readable type has a codec now: pick another refusal"
     tname = uncomputable[0]
-    elems, nbytes = quants.BLOCKS[tname]
+    elems, nbytes = quant_blocks.BLOCKS[tname]
     md = {"general.architecture": "llama", "llama.block_count": 1, "llama.embedding_length": 32,
           "llama.feed_forward_length": 64, "llama.attention.head_count": 4,
           "llama.rope.scaling.type": "klingon-rope",

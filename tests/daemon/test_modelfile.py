@@ -199,7 +199,7 @@ def test_truncation_in_place_stops_the_daemon_before_sigbus(tmp_path):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_truncation_during_a_generation_ends_it_with_model_changed(tmp_path, backend):
-    """Issue 12 #7: the watcher polls once a second, so a request computing at the moment
+    """The watcher polls once a second, so a request computing at the moment
     of truncation used to die with the process (SIGBUS). Now the request gets a terminal
     `model_changed` and the daemon exits 1 on its own."""
     from ember.daemon.client import EmberError

@@ -9,6 +9,7 @@ import pytest
 
 from ember.daemon.sampling import (SamplingError, SamplingParams, Sampler, StopMatcher,
                                    apply_penalties, filter_candidates)
+from ember.formats import protocol
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.0, -0.7, -1.5], dtype=np.float32)
 N_DRAWS = 20000
@@ -261,3 +262,29 @@ def test_earliest_stop_wins_and_rest_is_dropped():
 def test_feed_after_stop_emits_nothing():
     m = StopMatcher(["x"])
     assert m.feed("axb") == "a" and m.feed("more") == "" and m.flush() == ""
+
+
+# ---------------------------------------------------------------------------
+# One range table: the wire and the engine refuse and accept the same values
+# ---------------------------------------------------------------------------
+
+def _edges(r):
+    """(accepted, refused) values at both ends of a range row."""
+    step = 1 if r.kind is int else 1e-3
+    ok = [r.hi] + ([] if r.lo_open else [r.lo])
+    bad = [r.hi + step, r.lo if r.lo_open else r.lo - step]
+    return [r.kind(v) for v in ok], [r.kind(v) for v in bad]
+
+
+@pytest.mark.parametrize("name", sorted(protocol.SAMPLING_RANGES))
+def test_wire_and_engine_share_the_sampling_ranges(name):
+    r = protocol.SAMPLING_RANGES[name]
+    ok, bad = _edges(r)
+    for v in ok:
+        assert protocol.SAMPLING[name](name, v, protocol.Limits()) == v
+        assert getattr(SamplingParams.parse(**{name: v}), name) == v
+    for v in bad:
+        with pytest.raises(protocol.ProtocolError, match=name):
+            protocol.SAMPLING[name](name, v, protocol.Limits())
+        with pytest.raises(SamplingError, match=name):
+            SamplingParams.parse(**{name: v})

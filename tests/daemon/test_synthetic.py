@@ -6,7 +6,7 @@ import pytest
 
 from ember.daemon import synthetic
 from ember.formats import gguf
-from ember.plugins.arch import config_from_gguf
+from ember.formats.model_config import config_from_gguf
 
 TINY = synthetic.SHAPES["tinyllama-1.1b"]
 QWEN = synthetic.SHAPES["qwen2-0.5b"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.formats.gguf import (ARRAY, BOOL, FLOAT32, FLOAT64, INT8, INT16, INT32, INT64, STRING,
                                 UINT8, UINT16, UINT32, UINT64, GGUFError, TensorData)
 from tests.conftest import conformance_models, conformance_path
@@ -150,7 +150,7 @@ def test_inferred_types(tmp_path):
 def test_tensors_of_every_type_and_alignment_honored(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {}
-    for tname, (elems, bsize) in quants.BLOCKS.items():
+    for tname, (elems, bsize) in quant_blocks.BLOCKS.items():
         shape = (3, 2 * elems)
         raw = rng.integers(0, 256, 3 * 2 * bsize, dtype=np.uint8).tobytes()
         tensors[f"t.{tname}"] = TensorData(tname, shape, raw)
@@ -265,8 +265,8 @@ def tensor_dicts(draw):
     for name in draw(st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=4)):
         if len(name.encode()) > gguf.MAX_TENSOR_NAME:
             continue
-        tname = draw(st.sampled_from(sorted(quants.BLOCKS)))
-        elems, bsize = quants.BLOCKS[tname]
+        tname = draw(st.sampled_from(sorted(quant_blocks.BLOCKS)))
+        elems, bsize = quant_blocks.BLOCKS[tname]
         shape = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=3)))
         shape = shape + (elems * draw(st.integers(1, 2)),)
         n_bytes = int(np.prod(shape)) // elems * bsize
@@ -325,19 +325,15 @@ def test_errors_carry_path_field_and_offset(tmp_path):
 # Metadata arrays: lazy views of the map
 # ---------------------------------------------------------------------------
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_a_huge_metadata_array_costs_no_memory_at_open(tmp_path):
-    """Issue 12 #5: a 100M-element array used to become a 100M-item list at open (~900 MB)."""
+    """A 100M-element array used to become a 100M-item list at open (~900 MB)."""
+    from ember.daemon.budget import rss_bytes
     from tests.formats.sparse_gguf import HUGE_KEY, with_huge_array
     src = conformance_path("models", "stories260K.gguf")
     n = with_huge_array(src, tmp_path / "huge.gguf", 100_000_000)
-    before = _rss_bytes()
+    before = rss_bytes()
     with gguf.open(tmp_path / "huge.gguf") as f:
-        grew = _rss_bytes() - before
+        grew = rss_bytes() - before
         view = f.metadata[HUGE_KEY]
         assert isinstance(view, gguf.ArrayView) and len(view) == n
         assert f.metadata_types[HUGE_KEY] == (ARRAY, UINT8)

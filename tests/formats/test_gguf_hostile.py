@@ -355,7 +355,7 @@ def test_random_byte_flips_never_escape(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Bools: the spec allows the bytes 0 and 1 only (issue 12 #10)
+# Bools: the spec allows the bytes 0 and 1 only
 # ---------------------------------------------------------------------------
 
 BOOLS = gguf.encode({"b.one": True, "b.many": [False, True, False]},

@@ -27,7 +27,7 @@ def _vocab_names(folder) -> list[str]:
 
 
 VOCABS = _vocab_names(CONFORMANCE / "tokenizer")                  # the original 15
-ARCH_VOCABS = _vocab_names(CONFORMANCE / "arch" / "tokenizer")    # issue 13's, kept apart
+ARCH_VOCABS = _vocab_names(CONFORMANCE / "arch" / "tokenizer")    # the architectures' own, kept apart
 # Vocabularies that cannot give the text back, and why.
 LOSSY = {"bert-bge": "WordPiece lowercases, strips accents, drops whitespace and has [UNK]"}
 SEP = "\n__ggml_vocab_test__\n"

@@ -27,7 +27,7 @@ LLAMA_PYTHON = os.environ.get("EMBER_LLAMA_PYTHON", "/work/llamaenv/bin/python")
 # One of each behaviour (the other seven differ from these only in pre-tokenizer regexes,
 # which the stored vectors cover); all 15 + the four v* models agreed when last run in full.
 VOCABS = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "gemma-4", "deepseek-llm", "mpt", "bert-bge"]
-# Issue 13's vocabularies from real models (../shared/conformance/arch/tokenizer): SmolLM2's
+# The architectures' vocabularies from real models (../shared/conformance/arch/tokenizer): SmolLM2's
 # `smollm` BPE and Gemma 3's 262k SentencePiece with its <start_of_turn> specials.
 ARCH_VOCABS = ["smollm", "gemma-3"]
 # Where several tokens qualify as EOT and the file names none, llama.cpp keeps the first its

@@ -13,7 +13,7 @@ import pytest
 from ember.kernels import dispatch
 
 PROBE = ("import logging; logging.basicConfig(level=logging.INFO, format='LOG %(message)s'); "
-         "from ember.kernels import dispatch, quants; import ember.kernels.dispatch; "
+         "from ember.kernels import dispatch, quant_ops; import ember.kernels.dispatch; "
          "print('ISA', dispatch.ISA, dispatch.current_isa())")
 
 

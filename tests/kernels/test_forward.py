@@ -17,10 +17,10 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import forward
 from ember.plugins import cpu, reference
-from ember.plugins.arch import config_from_gguf, rope_cos_sin
+from ember.formats.model_config import config_from_gguf
+from ember.kernels.rope import rope_cos_sin
 from ember.plugins.types import CacheTooShort
-from tests.conftest import conformance_path
-from tests.plugins.test_reference import kl_rows, thresholds
+from tests.conftest import conformance_path, kl_rows, kl_thresholds
 
 MODELS = ["stories260K.gguf", "stories260K-Q8_0.gguf", "s512-llama-Q4_K_M.gguf", "s512-llama-BF16.gguf",
           "s512-qwen2-F32.gguf", "s512-qwen3-Q4_K_M.gguf", "v32k-phi3-Q8_0.gguf"]
@@ -52,7 +52,7 @@ def test_logits_match_the_reference_decoder(model):
     ids = _prompt(c.n_vocab, 70)
     want, got = ref.prefill(ids, all_logits=True), ours.prefill(ids, all_logits=True)
     kl = kl_rows(want, got)
-    mean_max, max_max = thresholds(model)
+    mean_max, max_max = kl_thresholds(model)
     assert kl.mean() <= mean_max and kl.max() <= max_max, \
         f"{model}: KL mean {kl.mean():.2e}, max {kl.max():.2e} at position {kl.argmax()}"
     ref.close()

@@ -273,7 +273,7 @@ def test_attention_rejects_shapes_out_of_the_cache():
 def test_pool_runs_thousands_of_barriers_and_reports_their_cost(threads):
     """Every thread passes every barrier (no deadlock, no lost wake-up) and the cost
     measurement comes back finite. How small that cost is is a benchmark number
-    (README, Performance: "Overheads", measured with `_native.pool_costs`): the
+    (bench/results/cpu-xeon-vm.md: "Overheads", measured with `_native.pool_costs`): the
     machine is shared, so a timed assertion here would measure the neighbours."""
     per_op, per_run = _native.pool_costs(threads, n_ops=2000, n_runs=200)
     print(f"{threads} threads: {per_op * 1e6:.2f} us per barrier, {per_run * 1e6:.2f} us per run")

@@ -8,7 +8,7 @@ and held to the README's KL thresholds. The 501-token prompt crosses every
 sliding window and both original rope contexts.
 
 A backend computes a model or refuses it at load with one line naming the
-missing feature (arch.FEATURES). BACKENDS lists the backends held to every
+missing feature (features.FEATURES). BACKENDS lists the backends held to every
 case; a backend in PARTIAL is held to the cases whose features it implements
 and must refuse the others by name.
 """
@@ -20,13 +20,14 @@ import pytest
 from ember.daemon import engine
 from ember.formats import gguf
 from ember.plugins import cpu, cuda, onnx, reference, registry
-from ember.plugins.arch import FEATURES, UnsupportedModel, config_from_gguf, features
-from tests.conftest import CONFORMANCE, conformance_cases, conformance_path, oracle_params
-from tests.plugins.test_conformance import _kl_rows, _thresholds
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
+from ember.plugins.features import FEATURES, features
+from tests.conftest import (CONFORMANCE, assert_matches_oracle, conformance_cases, conformance_path,
+                            oracle_params)
 
 CASES = [c for c in conformance_cases("arch") if c.get("kind") != "embedding"]
 MODELS = sorted({c["model"] for c in CASES})
-# backend -> the arch.FEATURES it implements. BACKENDS must run every case; a PARTIAL
+# backend -> the features.FEATURES it implements. BACKENDS must run every case; a PARTIAL
 # backend runs what its IMPLEMENTED covers (so the cases follow as a backend grows) and
 # refuses the rest. cuda runs only where a GPU probes available. (cpu runs every case
 # here at the kernels' chosen ISA; tests/plugins/test_cpu.py repeats them per ISA.)
@@ -87,11 +88,7 @@ def test_logits_match_llama_cpp(backend, case, models):
     m = models(backend, case["model"], case["n_ctx"])
     logits = m.logits(z["tokens"].tolist())
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), m.n_vocab)
-    kl = _kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = _thresholds(case["model"])
-    assert kl.mean() <= mean_max and kl.max() <= max_max, (
-        f"{backend} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max "
-        f"{kl.max():.3e} (<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    assert_matches_oracle(backend, case, z, logits)
 
 
 @pytest.mark.parametrize("backend,case", oracle_params(

@@ -21,10 +21,11 @@ import pytest
 from ember.formats import gguf
 from ember.kernels import dispatch
 from ember.plugins import cpu, registry
-from ember.plugins.arch import config_from_gguf
+from ember.formats.model_config import config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import absent, conformance_cases, conformance_path, oracle_params
-from tests.plugins.test_reference import greedy, kl_rows, thresholds
+from tests.conftest import (absent, assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
+                            oracle_params)
+from tests.plugins.test_reference import greedy
 
 CASES = conformance_cases()
 ISAS = dispatch.available_isas()
@@ -56,16 +57,12 @@ def test_logits_match_llama_cpp(isa, model, restore_isa):
     r = load_runner(model)
     assert r.isa == isa
     cases = [c for c in CASES if c["model"] == model]
-    mean_max, max_max = thresholds(model)
     for case in cases:
         z = np.load(conformance_path("refs", case["ref"]))
         r.reset()
         logits = r.prefill(z["tokens"].tolist(), all_logits=True)
         assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), r.n_vocab)
-        kl = kl_rows(z["logits"], logits[z["positions"]])
-        assert kl.mean() <= mean_max and kl.max() <= max_max, (
-            f"{isa} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
-            f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+        assert_matches_oracle(isa, case, z, logits)
     r.close()
 
 
@@ -76,15 +73,10 @@ def test_arch_logits_match_llama_cpp(isa, model, restore_isa):
     cases = [c for c in ARCH_CASES if c["model"] == model]
     f = gguf.open(conformance_path("arch", "models", model))
     r = cpu.CpuRunner(f, config_from_gguf(f), cases[0]["n_ctx"], 2)   # phi3: n_ctx picks LongRoPE's factors
-    mean_max, max_max = thresholds(model)
     for case in cases:
         z = np.load(conformance_path("arch", "refs", case["ref"]))
         r.reset()
-        logits = r.prefill(z["tokens"].tolist(), all_logits=True)
-        kl = kl_rows(z["logits"], logits[z["positions"]])
-        assert kl.mean() <= mean_max and kl.max() <= max_max, (
-            f"{isa} {case['ref']}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
-            f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+        assert_matches_oracle(isa, case, z, r.prefill(z["tokens"].tolist(), all_logits=True))
     r.close()
 
 
@@ -162,7 +154,7 @@ def test_declared_probed_and_chosen_by_auto():
 def test_plan_counts_the_mapped_file_once_and_an_f16_cache():
     f = gguf.open(conformance_path("models", "v32k-llama-Q8_0.gguf"))
     c = config_from_gguf(f)
-    plan = registry.manager().hook.ember_plan(backend="cpu", config=c, n_ctx=256, options={})
+    plan = registry.plan("cpu", c, 256)
     assert isinstance(plan, MemoryPlan)
     assert plan.weights == c.weights_bytes
     assert plan.kv_cache == c.kv_cache_bytes(256, bytes_per_value=2)
@@ -174,8 +166,7 @@ def test_plan_counts_the_mapped_file_once_and_an_f16_cache():
 def test_load_hook_returns_a_runner_that_owns_no_weight_copy():
     f = gguf.open(conformance_path("models", "s512-llama-Q4_0.gguf"))
     c = config_from_gguf(f)
-    r = registry.manager().hook.ember_load(backend="cpu", gguf=f, config=c, n_ctx=64, threads=1,
-                                           options={})
+    r = registry.load("cpu", f, c, n_ctx=64, threads=1)
     assert isinstance(r, cpu.CpuRunner) and r.threads == 1
     # the C model points into the map: every matrix it holds is a read-only view of a tensor
     mats = [a for a in r.dec.fw.kept() if np.asarray(a).ndim == 2 and np.asarray(a).dtype == np.uint8]

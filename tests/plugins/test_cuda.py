@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 
 from ember.daemon import synthetic
-from ember.formats import gguf, quants
+from ember.formats import gguf, quant_blocks
 from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
-from tests.conftest import conformance_path
+from tests.conftest import conformance_path, kl_rows
 
 PROBE = cuda.probe()
 gpu = pytest.mark.skipif(not PROBE.available, reason=f"no GPU: {PROBE.reason}")
@@ -191,7 +191,7 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
         rows, cols = 5, 768
         w = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(0.01, 3.0, (rows, 1)).astype(np.float32)
         gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
-                   [("w", gguf.TensorData(ttype, (rows, cols), quants.quantize(ttype, w)))])
+                   [("w", gguf.TensorData(ttype, (rows, cols), quant_blocks.quantize(ttype, w)))])
         with gguf.open(tmp_path / "w.gguf") as f:
             t = f.tensors["w"]
             want = t.numpy()
@@ -368,7 +368,7 @@ def test_wide_heads_are_refused(tiny):
     ("granite", "cuda: granite embedding scale is not implemented"),
     ("olmo2", "cuda: olmo2 post-attention / post-feed-forward norms is not implemented"),
     ("lfm2", "cuda: lfm2 short-convolution layers is not implemented"),
-    ("phi3", None),    # LongRoPE and YaRN are in the rope table (arch.rope_cos_sin)
+    ("phi3", None),    # LongRoPE and YaRN are in the rope table (rope.rope_cos_sin)
     ("qwen2", None),
 ])
 def test_architecture_features_are_computed_or_refused_by_name(arch, refusal):
@@ -445,7 +445,8 @@ def mod():
 def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
     rng = np.random.default_rng(len(ttype) + rows)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
-    data = w if ttype == "F32" else w.astype(np.float16) if ttype == "F16" else quants.quantize(ttype, w)
+    data = (w if ttype == "F32" else w.astype(np.float16) if ttype == "F16"
+            else quant_blocks.quantize(ttype, w))
     gguf.write(tmp_path / "w.gguf", {"general.architecture": "llama"},
                [("w", gguf.TensorData(ttype, (rows, cols), data))])
     return gguf.open(tmp_path / "w.gguf")
@@ -541,14 +542,6 @@ def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
 # GPU: the runner against the reference backend
 # ---------------------------------------------------------------------------
 
-def _kl(p_logits, q_logits):
-    def ls(x):
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = ls(p_logits), ls(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
 @gpu
 @pytest.mark.parametrize("quant,opts", [("Q4_0", {}), ("Q8_0", {}), ("Q4_K_M", {}),
                                         ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0, "fuse_rope": 0})])
@@ -562,10 +555,10 @@ def test_runner_matches_the_reference_prefill_and_graph_decode(quant, opts, tiny
         toks = np.random.default_rng(0).integers(3, c.n_vocab, 40).tolist()
         want, got = ref.prefill(toks, all_logits=True), run.prefill(toks, all_logits=True)
         assert got.shape == (40, c.n_vocab) and got.dtype == np.float32
-        assert _kl(want, got).max() < 1e-3
+        assert kl_rows(want, got).max() < 1e-3
         for tok in toks[:12]:                                  # eager first, then the graph
             a, b = ref.decode(tok), run.decode(tok)
-            assert _kl(a[None], b[None])[0] < 1e-3
+            assert kl_rows(a[None], b[None])[0] < 1e-3
         assert run.graph is not None and run.n_past == 52
         run.close()
 
@@ -588,7 +581,7 @@ def test_fused_rope_decode_with_biases_qk_norms_and_neox_rope(model):
         for tok in toks[6:]:
             want = ref.decode(tok)
             fused, plain = (r.decode(tok) for r in runs)
-            assert _kl(want[None], fused[None])[0] < 1e-3
+            assert kl_rows(want[None], fused[None])[0] < 1e-3
             np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
         for r in runs:
             r.close()
@@ -615,7 +608,7 @@ def test_persistent_decode_matches_the_graph(model, tiny):
         for tok in toks[250:]:                       # positions 250..269 cross the split at 256
             want, *got = (r.decode(tok) for r in runs)
             for g in got:
-                assert _kl(want[None], g[None])[0] <= 1e-6
+                assert kl_rows(want[None], g[None])[0] <= 1e-6
         for r in runs[1:]:                           # still the persistent kernel after decoding
             assert r.lay.persistent and r.persistent_error is None, r.persistent_error
             assert len(r._decode_plan) == 3                # copy in, the cooperative launch, copy out

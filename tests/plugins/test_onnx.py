@@ -16,12 +16,12 @@ import pytest
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 import onnxruntime as ort  # noqa: E402
 
-from ember.formats import gguf, quants  # noqa: E402
+from ember.formats import gguf, quant_blocks  # noqa: E402
 from ember.plugins import onnx as onnx_backend  # noqa: E402
 from ember.plugins import onnx_graph, reference, registry  # noqa: E402
-from ember.plugins.arch import config_from_gguf  # noqa: E402
+from ember.formats.model_config import config_from_gguf  # noqa: E402
 from ember.plugins.types import BackendError, ContextOverflow, MemoryPlan  # noqa: E402
-from tests.conftest import conformance_path  # noqa: E402
+from tests.conftest import conformance_path, kl_rows  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +30,6 @@ def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("EMBER_CACHE_DIR", str(d))
     return d
-
-
-def _kl_rows(p_logits, q_logits):
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _load(path, n_ctx=64, **options):
@@ -68,7 +59,7 @@ def test_matmul_nbits_equals_dequantized_matmul(qtype, n, k, tmp_path):
     w[0, :32] = 0.0                                   # an all-zero block (d = 0)
     path = tmp_path / "w.gguf"
     gguf.write(path, {"general.architecture": "llama"},
-               {"w": gguf.TensorData(qtype, (n, k), quants.quantize(qtype, w))})
+               {"w": gguf.TensorData(qtype, (n, k), quant_blocks.quantize(qtype, w))})
     t = gguf.open(path).tensors["w"]
     q = onnx_graph.encode_nbits(t)
     assert q is not None and q.packed.shape == (n, k // q.block, q.block * q.bits // 8)
@@ -151,9 +142,10 @@ def test_graph_build_shows_progress_on_a_terminal_only(tmp_path, in_child):
     from tests.daemon.terminal import run_on_tty
     path = conformance_path("models", "s512-llama-Q4_0.gguf")
     script = ("import sys; from pathlib import Path; from ember.formats import gguf; "
-              "from ember.plugins import arch, onnx; f = gguf.open(sys.argv[1]); out = Path(sys.argv[2]); "
+              "from ember.formats.model_config import config_from_gguf; from ember.plugins import onnx; "
+              "f = gguf.open(sys.argv[1]); out = Path(sys.argv[2]); "
               "out.mkdir(); (onnx._build_in_child(f.path, out, 4) if sys.argv[3] == '1' "
-              "else onnx.build_into(f, arch.config_from_gguf(f), out, 4))")
+              "else onnx.build_into(f, config_from_gguf(f), out, 4))")
     cmd = [sys.executable, "-c", script, str(path), str(tmp_path / "tty"), str(int(in_child))]
     rc, shown, _ = run_on_tty(cmd, stderr=True)
     assert rc == 0 and (tmp_path / "tty" / "model.onnx").is_file()
@@ -194,7 +186,7 @@ def test_decode_equals_batched_pass():
     steps = [r.prefill(ids[:50], all_logits=True)]
     steps += [r.decode(t)[None] for t in ids[50:]]
     assert r.n_past == 90
-    assert _kl_rows(batched, np.concatenate(steps)).max() <= 1e-6
+    assert kl_rows(batched, np.concatenate(steps)).max() <= 1e-6
 
 
 def test_truncate_rewinds_the_cache():
@@ -203,7 +195,7 @@ def test_truncate_rewinds_the_cache():
     full = r.prefill(ids, all_logits=True)
     r.truncate(5)
     again = r.prefill(ids[5:], all_logits=True)
-    assert _kl_rows(full[5:], again).max() <= 1e-9
+    assert kl_rows(full[5:], again).max() <= 1e-9
     with pytest.raises(ValueError):
         r.truncate(100)
 
@@ -252,7 +244,7 @@ def test_matches_the_reference_backend_on_partial_rope(rope_dim, freqs, tmp_path
     ids = list(range(3, 40))
     want = reference.ReferenceRunner(f, config_from_gguf(f), 64).prefill(ids, all_logits=True)
     got = _load(path).prefill(ids, all_logits=True)
-    assert _kl_rows(want, got).max() <= 1e-7
+    assert kl_rows(want, got).max() <= 1e-7
 
 
 # ---------------------------------------------------------------------------

@@ -12,33 +12,16 @@ import pytest
 
 from ember.formats import gguf
 from ember.plugins import reference, registry
-from ember.plugins.arch import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import MemoryPlan
-from tests.conftest import absent, conformance_cases, conformance_path, oracle_params
+from tests.conftest import (absent, assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
+                            oracle_params)
 
 CASES = conformance_cases()
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _case_id(case: dict) -> str:
     return case["ref"].removesuffix(".npz")
-
-
-def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(ours)) per row, in float64."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = log_softmax(ref_logits), log_softmax(logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def thresholds(model: str) -> tuple[float, float]:
-    """(mean, max) KL bounds from the conformance README: float weights vs quantized."""
-    stem = model.removesuffix(".gguf")
-    is_float = stem == "stories260K" or stem.rsplit("-", 1)[-1] in FLOAT_TYPES
-    return (1e-4, 1e-3) if is_float else (2e-3, 1e-2)
 
 
 def load_runner(name: str, n_ctx: int = 128):
@@ -75,11 +58,7 @@ def test_logits_match_llama_cpp(case, runners):
     r.reset()
     logits = r.prefill(z["tokens"].tolist(), all_logits=True)
     assert logits.dtype == np.float32 and logits.shape == (len(z["tokens"]), r.n_vocab)
-    kl = kl_rows(z["logits"], logits[z["positions"]])
-    mean_max, max_max = thresholds(case["model"])
-    assert kl.mean() <= mean_max and kl.max() <= max_max, (
-        f"{_case_id(case)}: KL mean {kl.mean():.3e} (<= {mean_max}), max {kl.max():.3e} "
-        f"(<= {max_max}) at position {int(z['positions'][kl.argmax()])}")
+    assert_matches_oracle("reference", case, z, logits)
 
 
 def test_every_case_ran():
@@ -277,11 +256,9 @@ def test_registered_probe_and_plan():
     assert registry.probe("reference").available
     f = gguf.open(conformance_path("models", "v32k-phi3-Q8_0.gguf"))
     cfg = config_from_gguf(f)
-    hook = registry.manager().hook
-    plan = hook.ember_plan(backend="reference", config=cfg, n_ctx=64, options={})
+    plan = registry.plan("reference", cfg, 64)
     assert isinstance(plan, MemoryPlan)
-    r = hook.ember_load(backend="reference", gguf=f, config=cfg, n_ctx=64, threads=None,
-                        options={})
+    r = registry.load("reference", f, cfg, n_ctx=64)
     # the plan counts exactly what the runner holds: float copies + cache
     held = {id(a): a.nbytes for a in [r.w.token_embd, r.w.output, r.w.output_norm]
             + [a for L in r.w.layers for a in vars(L).values() if isinstance(a, np.ndarray)]}

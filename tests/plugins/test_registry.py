@@ -154,10 +154,11 @@ def test_third_party_runner_loads_a_real_gguf(plugin_env, tmp_path):
     gguf.write(path, md, {"token_embd.weight": np.zeros((11, 8), np.float32)})
     script = f"""
 from ember.formats import gguf
-from ember.plugins import registry, arch
+from ember.formats.model_config import config_from_gguf
+from ember.plugins import registry
 name, why = registry.choose("fake")
 f = gguf.open({str(path)!r})
-r = registry.load(name, f, arch.config_from_gguf(f), n_ctx=8)
+r = registry.load(name, f, config_from_gguf(f), n_ctx=8)
 print(int(r.prefill([3, 4]).argmax()), int(r.decode(10).argmax()), r.n_past)
 """
     out = subprocess.run([sys.executable, "-c", script], env=plugin_env, capture_output=True,

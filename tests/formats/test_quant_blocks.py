@@ -1,4 +1,4 @@
-"""formats/quants.py against gguf-py's dequantize and llama.cpp's own quantizer.
+"""formats/quant_blocks.py against gguf-py's dequantize and llama.cpp's own quantizer.
 
 Oracle 1: every tensor of every conformance model dequantizes bit-identical to
 `gguf.quants.dequantize` (no type needs an ulp of slack: the multiplications
@@ -23,8 +23,8 @@ gguf_py = pytest.importorskip("gguf")
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
-from ember.formats import gguf, quants  # noqa: E402
-from ember.formats.quants import QuantError, dequantize, quantize  # noqa: E402
+from ember.formats import gguf, quant_blocks  # noqa: E402
+from ember.formats.quant_blocks import QuantError, dequantize, quantize  # noqa: E402
 from tests.conftest import REQUIRE_ORACLES, ROOT, absent, conformance_models, conformance_path  # noqa: E402
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -36,7 +36,7 @@ K_QUANTIZABLE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5
 # _ref searches with ntry = -1, the file path with ntry = 7; IQ4_XS has only the latter
 CHUNK_QUANTIZABLE = ["IQ4_NL", "IQ4_XS"]
 # readable types the gguf package can also dequantize (it lacks Q8_K and the integers)
-GGUF_TYPES = [t for t in quants._TYPES if t not in ("Q8_K", "I8", "I16", "I32", "F64")]
+GGUF_TYPES = [t for t in quant_blocks._TYPES if t not in ("Q8_K", "I8", "I16", "I32", "F64")]
 ODD_COUNTS = [1, 7, 31, 33, 255]
 
 
@@ -48,13 +48,13 @@ def bits(a: np.ndarray) -> np.ndarray:
 def sane_blocks(type_name: str, n: int, seed: int = 0) -> np.ndarray:
     """(n, type_size) random bytes whose fp16/f32 scales are finite and moderate."""
     rng = np.random.default_rng(seed)
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     if type_name in ("F16", "BF16", "F32", "F64"):
         x = rng.standard_normal(n).astype(np.float32)
-        return quants.quantize(type_name, x).reshape(n, size) if type_name != "F64" \
+        return quant_blocks.quantize(type_name, x).reshape(n, size) if type_name != "F64" \
             else x.astype(np.float64).view(np.uint8).reshape(n, size)
     raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
-    for off in quants._TYPES[type_name].scale_offsets:
+    for off in quant_blocks._TYPES[type_name].scale_offsets:
         raw[:, off:off + 2] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float16).view(np.uint8)
     if type_name == "Q8_K":
         raw[:, 0:4] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32).view(np.uint8)
@@ -70,23 +70,23 @@ def gguf_reference(type_name: str, raw: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 def test_blocks_agree_with_gguf_constants():
-    shared = [t for t in quants.BLOCKS if t in GGMLQuantizationType.__members__]
-    assert len(shared) == len(quants.BLOCKS)
+    shared = [t for t in quant_blocks.BLOCKS if t in GGMLQuantizationType.__members__]
+    assert len(shared) == len(quant_blocks.BLOCKS)
     for name in shared:
         qt = GGMLQuantizationType[name]
-        assert quants.GGML_TYPE_IDS[name] == qt.value, name
+        assert quant_blocks.GGML_TYPE_IDS[name] == qt.value, name
         if name == "Q8_1":
             # ggml-common.h: block_q8_1 holds fp16 d and s (2*2 + 32 = 36 bytes);
             # gguf-py still lists the old float32 layout (40). Activation-only: never in files.
-            assert quants.BLOCKS[name] == (32, 36) and GGML_QUANT_SIZES[qt] == (32, 40)
+            assert quant_blocks.BLOCKS[name] == (32, 36) and GGML_QUANT_SIZES[qt] == (32, 40)
             continue
-        assert quants.BLOCKS[name] == GGML_QUANT_SIZES[qt], name
+        assert quant_blocks.BLOCKS[name] == GGML_QUANT_SIZES[qt], name
 
 
 def test_every_table_type_but_q8_1_and_i64_has_a_codec():
-    assert set(quants.BLOCKS) - set(quants._TYPES) == {"Q8_1", "I64"}
-    for name, cls in quants._TYPES.items():
-        assert (cls.block, cls.type_size) == quants.BLOCKS[name]
+    assert set(quant_blocks.BLOCKS) - set(quant_blocks._TYPES) == {"Q8_1", "I64"}
+    for name, cls in quant_blocks._TYPES.items():
+        assert (cls.block, cls.type_size) == quant_blocks.BLOCKS[name]
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def requantize_and_compare(f32_file: str, quant_file: str, type_name: str) -> in
         for name, t in dst.tensors.items():
             if t.type != type_name:
                 continue
-            ours = quantize(type_name, src.tensors[name].numpy()).reshape(-1, quants.BLOCKS[type_name][1])
+            ours = quantize(type_name, src.tensors[name].numpy()).reshape(-1, quant_blocks.BLOCKS[type_name][1])
             theirs = t.data.reshape(ours.shape)
             bad = np.nonzero((ours != theirs).any(axis=1))[0]
             assert bad.size == 0, (f"{quant_file} {name}: {bad.size}/{len(ours)} blocks differ, "
@@ -151,9 +151,9 @@ def test_q4_k_m_mix_matches_llama_cpp_bytes(arch):
 
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
 def test_odd_block_counts_match_gguf_py(type_name):
-    elems = quants.BLOCKS[type_name][0]
+    elems = quant_blocks.BLOCKS[type_name][0]
     # the last count crosses several of dequantize's internal chunks
-    for n in ODD_COUNTS + [3 * (quants._CHUNK_ELEMS // elems) + 5]:
+    for n in ODD_COUNTS + [3 * (quant_blocks._CHUNK_ELEMS // elems) + 5]:
         raw = sane_blocks(type_name, n, seed=n)
         ours = dequantize(type_name, raw.reshape(-1), (n * elems,))
         np.testing.assert_array_equal(bits(ours), bits(gguf_reference(type_name, raw)), err_msg=f"n={n}")
@@ -170,16 +170,16 @@ def test_types_gguf_py_lacks_follow_their_definition():
         np.testing.assert_array_equal(dequantize(name, v.view(np.uint8), (101,)), v.astype(np.float32))
 
 
-@pytest.mark.parametrize("type_name", sorted(quants._TYPES))
+@pytest.mark.parametrize("type_name", sorted(quant_blocks._TYPES))
 def test_zero_blocks_dequantize_to_zero(type_name):
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     out = dequantize(type_name, np.zeros(7 * size, np.uint8), (7 * elems,))
     assert not out.any()
 
 
-@pytest.mark.parametrize("type_name", sorted(quants._TYPES))
+@pytest.mark.parametrize("type_name", sorted(quant_blocks._TYPES))
 def test_random_bytes_never_crash_and_match_gguf_py(type_name):
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     raw = np.random.default_rng(7).integers(0, 256, size=255 * size, dtype=np.uint8)
     out = dequantize(type_name, raw, (255, elems))          # NaN/inf scales just propagate
     assert out.shape == (255, elems) and out.dtype == np.float32
@@ -191,7 +191,7 @@ def test_random_bytes_never_crash_and_match_gguf_py(type_name):
 
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
 def test_read_only_memmap_input(type_name, tmp_path):
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     raw = sane_blocks(type_name, 33).reshape(-1)
     path = tmp_path / "blocks.bin"
     raw.tofile(path)
@@ -232,12 +232,12 @@ def test_f32_is_a_zero_copy_view_and_others_are_fresh():
 
 @pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE) + ["IQ4_XS"])
 def test_round_trip_error_is_bounded(type_name):
-    elems = quants.BLOCKS[type_name][0]
+    elems = quant_blocks.BLOCKS[type_name][0]
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((31, 8 * 32)) * rng.uniform(1e-3, 10, (31, 1))).astype(np.float32)
     x = x[:, : (x.shape[1] // elems) * elems]
     q = quantize(type_name, x)
-    assert q.shape == (31, quants.row_bytes(type_name, x.shape[1])) and q.dtype == np.uint8
+    assert q.shape == (31, quant_blocks.row_bytes(type_name, x.shape[1])) and q.dtype == np.uint8
     y = dequantize(type_name, q, x.shape)
     # worst error relative to each row's largest value, for the format's bit depth:
     # Q4_0/Q5_0 map the largest value to code -8/-16, so its opposite end reaches
@@ -251,7 +251,7 @@ def test_round_trip_error_is_bounded(type_name):
 
 @pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE) + ["IQ4_XS"])
 def test_quantize_zeros_and_odd_block_counts(type_name):
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     for n in ODD_COUNTS:
         x = np.zeros((n, elems), np.float32)
         assert not dequantize(type_name, quantize(type_name, x), x.shape).any()
@@ -335,7 +335,7 @@ def _c_name(type_name: str) -> str:
 
 
 def c_quantize(lib, type_name: str, x: np.ndarray) -> np.ndarray:
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     x = np.ascontiguousarray(x, np.float32).reshape(-1)
     out = np.zeros(x.size // elems * size, np.uint8)
     fn = getattr(lib, f"quantize_row_{_c_name(type_name)}_ref")
@@ -366,7 +366,7 @@ def generated(kind: str, n: int, rng) -> np.ndarray:
 @pytest.mark.parametrize("type_name", QUANTIZABLE)
 def test_quantize_matches_libggml_reference(type_name, kind):
     lib = _libggml()
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     rng = np.random.default_rng(zlib.crc32(f"{type_name}/{kind}".encode()))   # stable per case
     for n_blocks in ODD_COUNTS:
         x = generated(kind, n_blocks * elems, rng)
@@ -378,11 +378,11 @@ def test_quantize_matches_libggml_reference(type_name, kind):
 
 def c_quantize_chunk(lib, type_name: str, x: np.ndarray) -> np.ndarray:
     """ggml_quantize_chunk without an importance matrix: what llama-quantize writes."""
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     x = np.ascontiguousarray(x, np.float32)
     out = np.zeros(x.size // elems * size, np.uint8)
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk(ctypes.c_int(quants.GGML_TYPE_IDS[type_name]),
+    lib.ggml_quantize_chunk(ctypes.c_int(quant_blocks.GGML_TYPE_IDS[type_name]),
                             x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
                             ctypes.c_int64(0), ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]),
                             ctypes.c_void_p(0))
@@ -393,7 +393,7 @@ def c_quantize_chunk(lib, type_name: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("type_name", CHUNK_QUANTIZABLE)
 def test_quantize_matches_libggml_file_quantizer(type_name, kind):
     lib = _libggml()
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     rng = np.random.default_rng(zlib.crc32(f"chunk/{type_name}/{kind}".encode()))
     for n_blocks in ODD_COUNTS:
         x = generated(kind, n_blocks * elems, rng).reshape(1, -1)
@@ -405,10 +405,10 @@ def test_quantize_matches_libggml_file_quantizer(type_name, kind):
         assert bad.size == 0, f"{kind} n={n_blocks}: block {bad[0]} ours {ours[bad[0]]} C {theirs[bad[0]]}"
 
 
-@pytest.mark.parametrize("type_name", [t for t in quants._TYPES if quants.BLOCKS[t][0] > 1])
+@pytest.mark.parametrize("type_name", [t for t in quant_blocks._TYPES if quant_blocks.BLOCKS[t][0] > 1])
 def test_dequantize_matches_libggml_reference(type_name):
     lib = _libggml()
-    elems, size = quants.BLOCKS[type_name]
+    elems, size = quant_blocks.BLOCKS[type_name]
     for seed, raw in enumerate([sane_blocks(type_name, 255, seed=1),
                                 np.random.default_rng(2).integers(0, 256, (33, size), dtype=np.uint8)]):
         ours = dequantize(type_name, raw.reshape(-1), (len(raw) * elems,))

@@ -1,6 +1,6 @@
 """Quantized kernels vs the numpy reference, for every ISA this CPU runs.
 
-Oracles: formats/quants.dequantize (numpy, itself bit-exact with gguf-py) for
+Oracles: formats/quant_blocks.dequantize (numpy, itself bit-exact with gguf-py) for
 dequantization, which must match bit for bit; a float64 numpy product for
 matvec/matmul, within named tolerances:
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ember.formats import quants as fq
+from ember.formats import quant_blocks as fq
 from ember.kernels import _native, dispatch
-from ember.kernels import quants as kq
+from ember.kernels import quant_ops as kq
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K",
          "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "F16", "BF16", "F32"]

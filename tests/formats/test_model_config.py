@@ -9,7 +9,8 @@ import pytest
 
 from ember.formats import gguf
 from ember.plugins import reference
-from ember.plugins.arch import ModelConfig, UnsupportedModel, config_from_gguf, rope_cos_sin, rope_factors
+from ember.formats.model_config import ModelConfig, UnsupportedModel, config_from_gguf
+from ember.kernels.rope import rope_cos_sin, rope_factors
 from tests.conftest import conformance_path
 
 # file -> (arch, rope_style, qkv_bias, qk_norm, fused_qkv, fused_gate_up, tied, rope_base)

@@ -9,14 +9,14 @@ validates in the user's terms, allocates the outputs, and calls
 kernels/_native, which releases the GIL and never allocates.
 
 All functions take the weight type by name (``"Q4_K"``) as in
-formats/quants.py.
+formats/quant_blocks.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ember.formats.errors import UserError
-from ember.formats.quants import GGML_TYPE_IDS
+from ember.formats.quant_blocks import GGML_TYPE_IDS
 from ember.kernels import _native
 from ember.kernels import dispatch  # noqa: F401  (applies EMBER_ISA once)
 
@@ -40,7 +40,7 @@ def type_id(wtype: str) -> int:
 
 def act_type(wtype: str) -> str:
     """Name of the activation format wtype's products use: 'Q8_0', 'Q8_K' or 'F32'."""
-    from ember.formats.quants import GGML_TYPE_NAMES
+    from ember.formats.quant_blocks import GGML_TYPE_NAMES
     return GGML_TYPE_NAMES[_native.act_type(type_id(wtype))]
 
 
