@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, TypedDict
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -145,6 +146,18 @@ def _generate_fields(prompt, messages, stream: bool, params: dict) -> dict:
         raise TypeError(f"generate() got unknown option(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(GenerateParams.__annotations__)}")
     return {"prompt": prompt, "messages": messages, "stream": stream, **params}
+
+
+def _embed_fields(texts, normalize: bool, priority: int | None) -> dict:
+    fields = {"input": texts, "normalize": normalize}
+    if priority is not None:
+        fields["priority"] = priority
+    return fields
+
+
+def _vectors(header: dict, arrays: dict) -> np.ndarray:
+    """The `embed` reply -> float32 (n, dim)."""
+    return arrays["embeddings"].reshape(header["n"], header["dim"])
 
 
 def _dealer(ctx: zmq.Context, endpoint: str, curve=None) -> tuple[zmq.Socket, zmq.Socket]:
@@ -273,6 +286,11 @@ class Client:
 
     def cancel(self, rid: Any) -> dict:
         return self.call("cancel", target=rid)[0]
+
+    def embed(self, texts: str | list[str], *, normalize: bool = True,
+              priority: int | None = None) -> np.ndarray:
+        """One vector per text, float32 (n, dim), from an embedding model's daemon."""
+        return _vectors(*self.call("embed", **_embed_fields(texts, normalize, priority)))
 
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                  tokens: Iterable[int] | None = None,
@@ -483,6 +501,10 @@ class AsyncClient:
 
     async def cancel(self, rid: Any) -> dict:
         return (await self.call("cancel", target=rid))[0]
+
+    async def embed(self, texts: str | list[str], *, normalize: bool = True,
+                    priority: int | None = None) -> np.ndarray:
+        return _vectors(*await self.call("embed", **_embed_fields(texts, normalize, priority)))
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                        tokens: Iterable[int] | None = None,

@@ -5,6 +5,7 @@
     model.logits(tokens)                            -> float32 (len(tokens), n_vocab)
     for ev in model.generate("Once upon", max_tokens=32, temperature=0):
         ...  # TokenEvent(id, text, logprob, top_logprobs), then one Result
+    model.embed(["a text", "another"])              -> float32 (2, n_embd)   (embedding models)
 
 Design
 ------
@@ -43,6 +44,14 @@ stop-string prefix). Every sampled token yields one event, including the
 final end-of-generation token, whose event carries any held-back text; the
 text of a stop string and of an EOS/EOT token is never emitted.
 
+Embeddings: an encoder file (ModelConfig.encoder: bert) is an embedding model.
+`Model.embed(texts)` tokenizes each text as llama.cpp does ([CLS] ... [SEP]),
+runs the runner's `encode` (hidden states (T, n_embd), whole text at once),
+pools them as the file's pooling_type says (mean, CLS = first, last) and
+L2-normalises (normalize=False keeps the raw pooled vector). Pooling lives
+here, once, so every backend only computes hidden states. Asking an embedding
+model to generate, or a text-generation model to embed, raises ModelKindError.
+
 Timings (ms, per generation): queue_ms = creation -> first compute;
 ttft_ms = creation -> first token sampled (so it includes queue and
 prefill); prefill_tok_s = prompt tokens / first prefill time; decode_tok_s =
@@ -66,7 +75,7 @@ from ember.formats import gguf as gguf_format
 from ember.formats.errors import UserError
 from ember.formats.model_config import ModelConfig, config_from_gguf
 from ember.plugins import registry
-from ember.plugins.types import ContextOverflow, MemoryPlan
+from ember.plugins.types import ContextOverflow, MemoryPlan, ModelKindError
 
 DEFAULT_MAX_CTX = 4096
 log = logging.getLogger("emberd.engine")
@@ -108,6 +117,15 @@ class Result:
     seed: int                                  # the sampler's seed (reproduces the run)
 
 
+@dataclass
+class Embeddings:
+    """What Model.encode returns: one vector per input, and the tokens it read."""
+
+    vectors: np.ndarray                        # float32 (n_inputs, n_embd)
+    usage: dict                                # prompt_tokens (all inputs), total_tokens
+    timings: dict                              # compute_ms
+
+
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
@@ -131,7 +149,7 @@ def load(path: str | os.PathLike, backend: str = "auto", n_ctx: int | None = Non
     f = gguf_format.open(path)
     try:
         config = config_from_gguf(f)
-        name, why = registry.choose(backend)
+        name, why = registry.choose(backend, config)
         ctx = n_ctx or min(config.n_ctx_train, DEFAULT_MAX_CTX)
         if fit is not None:
             ctx = fit(lambda c: registry.plan(name, config, c, options), ctx)
@@ -256,6 +274,7 @@ class Model:
         """Teacher-forced logits float32 (len(tokens), n_vocab), from an empty cache."""
         if self.runner is None:
             raise EngineError("the model was closed")
+        self.require("generation")
         ids = self._check_ids(tokens)
         if not ids:
             raise EmptyPrompt("logits() needs at least one token")
@@ -271,6 +290,7 @@ class Model:
 
     def start(self, prompt: Any, created_at: float | None = None, **sampling) -> "Generation":
         """Check a request and return its Generation (nothing computed yet)."""
+        self.require("generation")
         params = SamplingParams.parse(**sampling)
         ids = self.prompt_tokens(prompt)
         if len(ids) + params.max_tokens > self.n_ctx:
@@ -287,6 +307,81 @@ class Model:
             yield ev
         yield gen.result
 
+    @property
+    def is_embedding(self) -> bool:
+        """An encoder: it makes embeddings (embed), not text (generate)."""
+        return self.config.encoder
+
+    def require(self, kind: str) -> None:
+        """Raise ModelKindError unless this model is of `kind`: "generation" | "embedding"."""
+        name, arch = os.path.basename(self.path), self.config.arch
+        if kind == "generation" and self.is_embedding:
+            raise ModelKindError(
+                f"{name} is an embedding model ({arch}): it cannot generate text or logits; "
+                "use embed() (the `embed` op, POST /v1/embeddings)")
+        if kind == "embedding" and not self.is_embedding:
+            raise ModelKindError(
+                f"{name} is a text-generation model ({arch}): it makes no embeddings; load an "
+                "embedding model (a bert GGUF such as bge) to embed")
+
+    # -- embeddings -------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], normalize: bool = True) -> np.ndarray:
+        """One pooled vector per text: float32 (len(texts), n_embd); a str counts as one text."""
+        return self.encode(texts, normalize).vectors
+
+    def encode(self, inputs: Any, normalize: bool = True) -> Embeddings:
+        """embed() with token counts and timing. Inputs: a str, or a list of strs and/or token
+        id lists (taken as they are: no [CLS]/[SEP] added). Every input is checked before any
+        is computed."""
+        self.require("embedding")
+        if self.runner is None:
+            raise EngineError("the model was closed")
+        seqs = [self._embed_ids(i, x) for i, x in enumerate(self._embed_inputs(inputs))]
+        t0 = time.perf_counter()
+        with self.lock:
+            vectors = np.stack([self._pool(self.checked(self.runner.encode(ids)), normalize)
+                                for ids in seqs])
+        n = sum(map(len, seqs))
+        return Embeddings(vectors, dict(prompt_tokens=n, total_tokens=n),
+                          dict(compute_ms=(time.perf_counter() - t0) * 1e3))
+
+    @staticmethod
+    def _embed_inputs(inputs: Any) -> list:
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
+                                       and all(isinstance(t, (int, np.integer)) for t in inputs)):
+            return [inputs]                     # one text, or one list of token ids
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise EngineError("embed() takes a string or a non-empty list of strings "
+                              f"(or of token id lists), got {type(inputs).__name__}"
+                              + (" of length 0" if isinstance(inputs, (list, tuple)) else ""))
+        return list(inputs)
+
+    def _embed_ids(self, i: int, x: Any) -> list[int]:
+        if isinstance(x, str):
+            ids = self.tokenize(x, add_special=True)
+        elif isinstance(x, (list, tuple, np.ndarray)):
+            ids = self._check_ids(x)
+        else:
+            raise EngineError(f"input {i} is {type(x).__name__}: expected a string or a list of "
+                              "token ids")
+        if not ids:
+            raise EmptyPrompt(f"input {i} has no tokens")
+        if len(ids) > self.runner.n_ctx:
+            raise ContextOverflow(f"input {i} has {len(ids)} tokens; this embedding model reads "
+                                  f"at most {self.runner.n_ctx}: split the text")
+        return ids
+
+    def _pool(self, hidden: np.ndarray, normalize: bool) -> np.ndarray:
+        """hidden states (T, n_embd) -> (n_embd,) as the file's pooling_type says."""
+        pooling = self.config.pooling
+        v = (hidden.mean(axis=0, dtype=np.float64) if pooling == "mean"
+             else hidden[0] if pooling == "cls" else hidden[-1]).astype(np.float32)
+        if normalize:   # llama.cpp's embd_normalize 2: Euclidean; a zero vector stays zero
+            norm = float(np.sqrt(np.sum(np.square(v, dtype=np.float64))))
+            v = v / np.float32(norm) if norm > 0 else v
+        return v
+
     def info(self) -> dict:
         """Facts the daemon reports in hello/status/models."""
         try:
@@ -295,7 +390,9 @@ class Model:
             isa = None
         return {"model": os.path.basename(self.path), "path": os.path.abspath(self.path),
                 "arch": self.config.arch, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab,
-                "backend": self.backend, "isa": isa}
+                "backend": self.backend, "isa": isa,
+                "kind": "embedding" if self.is_embedding else "generation",
+                "n_embd": self.config.n_embd}
 
     def close(self) -> None:
         """Free the runner and unmap the file; safe to call twice."""

@@ -57,7 +57,7 @@ from typing import Any
 
 from ember.daemon import openai_api, security
 from ember.daemon.openai_api import ApiError
-from ember.daemon.scheduler import Busy, Job
+from ember.daemon.scheduler import Busy, Job, probe_job
 from ember.formats.errors import UserError
 
 log = logging.getLogger("emberd")
@@ -74,7 +74,6 @@ RETRY_AFTER_S = 1
 SHUTDOWN_GRACE_S = 2.0
 MIN_KEY_CHARS = 16
 INSTALL = "pip install 'ember[http]'"
-PROBE = {"max_tokens": 1, "temperature": 0.0}
 
 
 class HttpSetupError(UserError, ValueError):
@@ -269,7 +268,7 @@ class Gateway:
         """The scheduler's event callback: HTTP jobs here, the rest to the Server."""
         progress = kind in ("token", "done")
         if kind == "done" and not job.probe:
-            self.metrics.generation(job, *payload)
+            (self.metrics.embedding if job.op == "embed" else self.metrics.generation)(job, *payload)
         elif kind == "error" and not job.probe:
             self.metrics.failed(payload[0])
         if progress and self._health:
@@ -368,7 +367,9 @@ class Gateway:
         self._open_for_work()
         body = await self._json(request)
         call = openai_api.parse(kind, body, self._serves, self.server.limits)
-        job = self._submit(call)
+        self._require("generation", "model_not_generative")
+        job = self._submit(HttpJob(rid=f"http-{next(self._ids)}", owner=None, source=call.source,
+                                   sampling=call.sampling, stream=call.stream, inbox=asyncio.Queue()))
         try:
             first = await self._first(job)
             if call.stream:
@@ -398,9 +399,14 @@ class Gateway:
             raise ApiError(400, f"the request body is not valid JSON: {e}",
                            code="invalid_json") from None
 
-    def _submit(self, call: openai_api.Call) -> HttpJob:
-        job = HttpJob(rid=f"http-{next(self._ids)}", owner=None, source=call.source,
-                      sampling=call.sampling, stream=call.stream, inbox=asyncio.Queue())
+    def _require(self, kind: str, code: str) -> None:
+        """The served model is of `kind` ("generation" | "embedding"), else 400 at once."""
+        try:
+            self.server.model.require(kind)
+        except UserError as e:
+            raise ApiError(400, str(e), "model", code) from None
+
+    def _submit(self, job: HttpJob) -> HttpJob:
         try:
             self.scheduler.submit(job)
         except Busy as e:
@@ -525,13 +531,22 @@ class Gateway:
         return web.json_response(self._model_object())
 
     async def embeddings(self, request):
+        """Texts -> vectors: one `embed` job in the same queue as the generations."""
+        from aiohttp import web
+        self._open_for_work()
         body = await self._json(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        openai_api.check_model(body, self._serves)
-        raise ApiError(400, f"the model '{body['model']}' cannot make embeddings: it is a "
-                            "text-generation model, and this ember build loads no embedding "
-                            "models yet", "model", "embeddings_unsupported")
+        call = openai_api.parse_embeddings(body, self._serves, self.server.limits)
+        self._require("embedding", "embeddings_unsupported")
+        job = self._submit(HttpJob(rid=f"http-{next(self._ids)}", owner=None, source=call.inputs,
+                                   sampling={}, stream=False, inbox=asyncio.Queue(), op="embed"))
+        try:
+            kind, payload = await self._first(job)
+            job.answered = True
+            result, _ = self._terminal(kind, payload)
+            return web.json_response(openai_api.embeddings_reply(
+                call, result.vectors, result.usage, self.server.info.get("model")))
+        finally:
+            self._leave(job)
 
     async def metrics_page(self, request):
         from aiohttp import web
@@ -564,8 +579,7 @@ class Gateway:
                                   "latency_ms": round((time.monotonic() - t0) * 1e3, 3)})
 
     def _probe(self) -> None:
-        job = HttpJob(rid="__http_health__", owner=None, source=self.server.info.get("probe_prompt", "a"),
-                      sampling=dict(PROBE), stream=False, priority=-1001, probe=True)
+        job = probe_job(self.server.info, "__http_health__", HttpJob)
         try:
             self.scheduler.submit(job)
         except Busy:

@@ -46,6 +46,8 @@ class Metrics:
         self.generations = Counter("ember_generations", "finished generations by stop reason "
                                    "(both front doors)", ["stop"], registry=r)
         self.prompt_tokens = Counter("ember_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.embedded = Counter("ember_embedded_inputs", "texts embedded (both front doors)",
+                                registry=r)
         self.completion_tokens = Counter("ember_completion_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("ember_time_to_first_token_seconds", "request arrival to first "
                               "token, queueing included", buckets=TTFT_BUCKETS, registry=r)
@@ -95,6 +97,12 @@ class Metrics:
             self.prefill.observe(t["prefill_tok_s"])
         if t.get("decode_tok_s"):
             self.decode.observe(t["decode_tok_s"])
+
+    def embedding(self, job, result, stop: str) -> None:
+        """A finished embed request (any front door); called on the worker's thread."""
+        self.generations.labels(stop).inc()
+        self.prompt_tokens.inc(int(result.usage.get("prompt_tokens", 0)))
+        self.embedded.inc(len(result.vectors))
 
     def failed(self, code: str) -> None:
         """A generation refused by the engine or ended by an error (any front door)."""

@@ -22,6 +22,7 @@ both of emberd's front doors.
 """
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -412,3 +413,86 @@ class Reply:
 
     def _text(self, tid: int) -> str:
         return self.piece(int(tid)).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# Embeddings: POST /v1/embeddings
+# ---------------------------------------------------------------------------
+
+@dataclass
+class EmbedCall:
+    """One checked /v1/embeddings request."""
+
+    model: str
+    inputs: list                      # texts, or token id lists (taken as they are)
+    base64: bool = False              # encoding_format "base64": little-endian float32 bytes
+    user: str | None = None
+
+
+ENCODING_FORMATS = ("float", "base64")
+
+
+def _embed_input(name: str, x, limits: Limits) -> list:
+    """OpenAI's four input shapes: a string, a list of strings, a list of token ids, or a
+    list of token id lists; at most max_array_len inputs, max_prompt_bytes of text."""
+    if isinstance(x, str) or (isinstance(x, list) and x and all(type(t) is int for t in x)):
+        x = [x]
+    if not isinstance(x, list) or not 0 < len(x) <= limits.max_array_len:
+        raise _bad(name, f"must be a string, a list of 1-{limits.max_array_len} strings, or "
+                         "token ids (a list of ints, or a list of such lists)")
+    out, total = [], 0
+    for i, item in enumerate(x):
+        where = f"{name}[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise _bad(where, "must not be an empty string")
+            total += len(protocol.text("max_prompt_bytes")(where, item, limits).encode("utf-8", "surrogatepass"))
+        elif isinstance(item, list) and item and all(type(t) is int for t in item):
+            if len(item) > limits.max_prompt_tokens or min(item) < 0:
+                raise _bad(where, f"must hold 1-{limits.max_prompt_tokens} non-negative token ids")
+        else:
+            raise _bad(where, "must be a non-empty string or a non-empty list of token ids")
+        out.append(item)
+    if total > limits.max_prompt_bytes:
+        raise ProtocolError("too_large", f"'{name}' has {total} bytes of text, limit {limits.max_prompt_bytes}")
+    return out
+
+
+def parse_embeddings(body: Any, models: Callable[[str], bool], limits: Limits) -> EmbedCall:
+    """Check a decoded /v1/embeddings body; raise ApiError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    known = ("model", "input", "encoding_format", "dimensions", "user")
+    for name in body:
+        if name not in known:
+            name = clip(name)
+            raise ApiError(400, f"unknown field '{name}' for /v1/embeddings; known: "
+                                f"{', '.join(known)}", name, "unknown_parameter")
+    model = check_model(body, models)
+    if body.get("input") is None:
+        raise ApiError(400, "'input' is required", "input", "missing_required_parameter")
+    if body.get("dimensions") is not None:
+        raise ApiError(400, "'dimensions' is not supported: ember returns the model's own "
+                            "embedding width", "dimensions", "unsupported_parameter")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ENCODING_FORMATS:
+        raise _bad("encoding_format", f"must be one of {list(ENCODING_FORMATS)}")
+    try:
+        inputs = _embed_input("input", body["input"], limits)
+        user = _user("user", body["user"], limits)["user"] if body.get("user") is not None else None
+    except ProtocolError as e:
+        raise from_ember(e.code, e.message, "input") from None
+    return EmbedCall(model, inputs, fmt == "base64", user)
+
+
+def embeddings_reply(call: EmbedCall, vectors, usage_: dict, model: str) -> dict:
+    """The /v1/embeddings object: one entry per input, in input order."""
+    def encoded(v):
+        if call.base64:
+            return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+        return v.tolist()
+    n = int(usage_.get("prompt_tokens", 0))
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(v)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -20,6 +20,11 @@ better job at the top of the heap preempts it — the engine suspends it
 arrival number, and resumes later with the same text an uninterrupted run
 would have produced. So every stop takes effect within one token.
 
+An `embed` job (an embedding model's request) waits in the same heap and
+runs on the same worker, but in one step: it encodes all its texts and posts
+`done` with the engine's Embeddings (no start or token events). A stop asked
+while it computes applies to nothing left; its reply still goes out.
+
 The worker picks the next job itself when one ends: no round trip through
 the loop between requests.
 """
@@ -49,12 +54,13 @@ class Busy(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One generate request from its arrival to its terminal event."""
+    """One generate (or embed) request from its arrival to its terminal event."""
 
     rid: Any                          # the client's request id
     owner: bytes | None               # ROUTER identity; None for the server's own health probe
     source: Any                       # prompt str | chat messages list | token ids (n,) int32
-    sampling: dict                    # engine sampling keywords (max_tokens included)
+                                      # embed: list of texts (or token id lists)
+    sampling: dict                    # engine sampling keywords (max_tokens included); embed: normalize
     stream: bool = True
     priority: int = 0
     deadline: float | None = None     # time.monotonic() seconds
@@ -71,6 +77,7 @@ class Job:
     delivered: int = 0                # tokens the loop has tried to send (pacing, see _pace)
     preemptions: int = 0
     probe: bool = False               # health probe: not counted as served
+    op: str = "generate"              # "generate" | "embed"
 
     def key(self) -> tuple:
         deadline = self.deadline if self.deadline is not None else math.inf
@@ -236,6 +243,8 @@ class Scheduler:
                 self.heartbeat = time.monotonic()
 
     def _run(self, job: Job) -> None:
+        if job.op == "embed":
+            return self._embed(job)
         if job.gen is None and not self._open(job):
             return
         while True:
@@ -273,6 +282,21 @@ class Scheduler:
         # make it fight the prefill for the GIL, for a message nobody waits on.
         self.post("start", job, None, False)
         return True
+
+    def _embed(self, job: Job) -> None:
+        """An embed job, whole: the engine's Embeddings go out with `done`."""
+        from ember.daemon import engine
+        job.t_start = time.monotonic()
+        if job.deadline is not None and job.deadline <= job.t_start:
+            return self._fail(job, "deadline_exceeded", "deadline passed before the request started")
+        try:
+            result = self.model.encode(job.source, **job.sampling)
+        except engine.ContextOverflow as e:
+            return self._fail(job, "context_overflow", str(e))
+        except UserError as e:           # ModelKindError (a text-generation model), bad input
+            return self._fail(job, "bad_request", str(e))
+        self.heartbeat = time.monotonic()
+        self._finish(job, result, "embedded")
 
     def _pace(self, job: Job) -> None:
         """Compute token n+1 only once token n-1 has reached the socket.
@@ -332,6 +356,17 @@ class Scheduler:
             job.state = "finished"
             self.running = None
         self.post("error", job, (code, message, detail))
+
+
+def probe_job(info: dict, rid: str, cls: type = Job) -> Job:
+    """A health probe for the served model: one greedy token, or (an embedding model, which
+    makes no tokens) the embedding of one short text. Lowest priority; not counted as served."""
+    text = info.get("probe_prompt", "a")
+    if info.get("kind") == "embedding":
+        return cls(rid=rid, owner=None, source=[text], sampling={}, stream=False, priority=-1001,
+                   probe=True, op="embed")
+    return cls(rid=rid, owner=None, source=text, sampling={"max_tokens": 1, "temperature": 0.0},
+               stream=False, priority=-1001, probe=True)
 
 
 def _failure(e: Exception) -> tuple[str, str, str | None]:

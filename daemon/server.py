@@ -4,7 +4,7 @@ Design. One thread runs `serve()`: it polls the ROUTER socket (client
 requests) and an inproc PAIR socket (the worker's wake-ups), and never does
 compute. Requests are decoded by ember.formats.protocol (bounded, typed) and
 dispatched through `self.handlers`, one method per op; cheap ops answer at
-once, `generate` becomes a scheduler Job, `tokenize`/`detokenize` run on a
+once, `generate` and `embed` become scheduler Jobs, `tokenize`/`detokenize` run on a
 helper thread. The worker posts events into a deque and pings the PAIR
 socket; the loop turns them into replies.
 
@@ -53,7 +53,7 @@ from typing import Any, Callable
 import zmq
 
 from ember.daemon import budget
-from ember.daemon.scheduler import Busy, Job, Scheduler
+from ember.daemon.scheduler import Busy, Job, Scheduler, probe_job
 from ember.formats import protocol
 from ember.formats.errors import UserError
 from ember.formats.protocol import Limits, ProtocolError, Request
@@ -119,7 +119,7 @@ class Server:
             "hello": self.on_hello, "generate": self.on_generate, "cancel": self.on_cancel,
             "tokenize": self.on_tokenize, "detokenize": self.on_detokenize,
             "status": self.on_status, "models": self.on_models, "health": self.on_health,
-            "ping": self.on_ping, "load": self.on_load,
+            "ping": self.on_ping, "load": self.on_load, "embed": self.on_embed,
         }
         self._stop = threading.Event()
         self._events: collections.deque = collections.deque()
@@ -399,10 +399,10 @@ class Server:
         self.end_job(job)
         if job.probe:
             return
-        msg, frames = done_message(job, result)
+        msg, frames = (embed_message if job.op == "embed" else done_message)(job, result)
         if not job.gone:
             self.send(job.owner, msg, frames)
-        self._recent.append({"id": job.rid, "stop": msg["stop"], "tokens": job.n_tokens,
+        self._recent.append({"id": job.rid, "stop": msg.get("stop", "embedded"), "tokens": job.n_tokens,
                              "gone": job.gone, "preemptions": job.preemptions})
 
     def _ev_error(self, job: Job, payload) -> None:
@@ -451,10 +451,21 @@ class Server:
         self.send(owner, protocol.reply("ping", req.id, time=time.time()))
 
     def on_generate(self, owner: bytes, req: Request) -> None:
-        self._need_model()
+        self._need_model("generation")
+        self._queue(owner, req, self._job(owner, req))
+
+    def on_embed(self, owner: bytes, req: Request) -> None:
+        """Texts -> vectors, computed by the worker like a generation (same queue, same limits)."""
+        self._need_model("embedding")
+        f = req.fields
+        sampling = {"normalize": f["normalize"]} if "normalize" in f else {}
+        self._queue(owner, req, Job(rid=req.id, owner=owner, source=f["input"], sampling=sampling,
+                                    stream=False, priority=f.get("priority", 0),
+                                    deadline=_deadline(f), op="embed"))
+
+    def _queue(self, owner: bytes, req: Request, job: Job) -> None:
         if (owner, req.id) in self._active:
             raise ProtocolError("bad_request", f"request id {req.id!r} is already in flight")
-        job = self._job(owner, req)
         if job.deadline is not None and job.deadline <= job.t_arrival:
             raise ProtocolError("deadline_exceeded", "the deadline had passed when the request arrived")
         try:
@@ -544,16 +555,24 @@ class Server:
             "name": self.info.get("model"), "path": self.info.get("path"),
             "arch": self.info.get("arch"), "n_ctx": self.info.get("n_ctx"),
             "n_vocab": self.info.get("n_vocab"), "backend": self.info.get("backend"),
-            "loaded": True}]
+            "loaded": True, "kind": self.info.get("kind", "generation"),
+            "n_embd": self.info.get("n_embd")}]
         self.send(owner, protocol.reply("models", req.id, models=models))
 
     def on_load(self, owner: bytes, req: Request) -> None:
         """Refused by a bare Server; emberd's Service registers the real `load` (--allow-load)."""
         raise ProtocolError("unauthorized", "the load op is not enabled on this daemon")
 
-    def _need_model(self) -> None:
+    def _need_model(self, kind: str | None = None) -> None:
+        """A model is loaded (and, if `kind` is given, of that kind: else bad_request at once,
+        not after waiting in the queue)."""
         if self.model is None:
             raise ProtocolError("not_loaded", "no model is loaded")
+        if kind is not None:
+            try:
+                self.model.require(kind)
+            except UserError as e:
+                raise ProtocolError("bad_request", str(e)) from None
 
     # -- health ---------------------------------------------------------------------------
 
@@ -571,9 +590,7 @@ class Server:
             self._probe()
 
     def _probe(self) -> None:
-        job = Job(rid="__health__", owner=None, source=self.info.get("probe_prompt", "a"),
-                  sampling={"max_tokens": 1, "temperature": 0.0}, stream=False,
-                  priority=-1001, probe=True)
+        job = probe_job(self.info, "__health__")
         try:
             self.scheduler.submit(job)
         except Busy:
@@ -635,6 +652,19 @@ def done_message(job: Job, payload) -> tuple[dict, tuple]:
                          timings=_timings(job, result.timings, t_end), seed=int(result.seed),
                          preemptions=job.preemptions, frames=["tokens"])
     return msg, (protocol.encode_tokens(result.tokens),)
+
+
+def embed_message(job: Job, payload) -> tuple[dict, tuple]:
+    """The `embed` reply: shape and usage in the header, the vectors as one float32 frame."""
+    result, _ = payload
+    n, dim = result.vectors.shape
+    t_end = time.monotonic()
+    timings = {"queue_ms": _ms((job.t_start or t_end) - job.t_arrival),
+               "compute_ms": round(float(result.timings["compute_ms"]), 3),
+               "total_ms": _ms(t_end - job.t_arrival)}
+    msg = protocol.reply("embed", job.rid, n=int(n), dim=int(dim), usage=dict(result.usage),
+                         timings=timings, frames=["embeddings"])
+    return msg, (protocol.encode_vectors(result.vectors),)
 
 
 def _timings(job: Job, engine_t: dict, t_end: float) -> dict:

@@ -15,6 +15,13 @@ read here once so that no backend reads the metadata itself:
 - rope: pairing (interleaved "norm" or "neox" halves), partial rotary,
   rope_freqs factors, and scaling — linear, YaRN, LongRoPE.
 
+`bert` and `nomic-bert` are the encoders: bidirectional attention,
+post-LayerNorm blocks, token type 0 added to the token embeddings; bert has
+learned absolute positions and a GELU FFN with biases, nomic-bert rotates q
+and k (neox) and has a SwiGLU FFN without biases. They make sentence
+embeddings (hidden states pooled as the file's `pooling_type` says), not
+logits; backends that lack them refuse the `encoder` feature by name.
+
 This is the model description, not a backend: it lives next to the GGUF
 reader it interprets, so kernels and plugins both read it from below. The
 rope table built from these fields is kernels/rope.py; which fields a
@@ -50,7 +57,14 @@ ARCH_SWITCHES: dict[str, dict] = {
     "granite": dict(rope_style="norm"),
     "olmo2": dict(rope_style="neox", pre_norms=False, post_norms=True, qk_norm="full"),
     "lfm2": dict(rope_style="neox", qk_norm="head", output_norm="token_embd_norm.weight"),
+    "bert": dict(encoder=True),
+    "nomic-bert": dict(encoder=True, rope_style="neox", encoder_positions="rope", encoder_ffn="swiglu"),
 }
+
+# bert.pooling_type (llama.cpp's enum llama_pooling_type) -> what Model.embed does with the
+# hidden states (T, n_embd). 0 (none: per-token vectors) and 4 (rank: a classifier head) make
+# no sentence embedding and are refused.
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
 
 # sliding-window attention as llama.cpp wires it: (default layer pattern, window key required).
 # With pattern n, layer il is local when il % n < n - 1 (llama_hparams::set_swa_pattern).
@@ -79,7 +93,7 @@ class ModelConfig:
     head_dim: int            # per-head width of q and k (and v)
     n_ff: int                # feed-forward hidden width
     n_ctx_train: int
-    rms_eps: float
+    rms_eps: float           # the norms' eps: RMSNorm (decoders), LayerNorm (encoders)
     rope_base: float
     rope_dim: int            # leading dims of each head that rope rotates
     rope_style: str          # "norm": interleaved pairs (x0,x1); "neox": halves (x_i, x_{i+d/2})
@@ -117,6 +131,11 @@ class ModelConfig:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_log_mul: float = 0.0      # rope.scaling.yarn_log_multiplier (mscale_all_dims)
+    # -- encoders (bert): embeddings instead of logits --
+    encoder: bool = False          # bidirectional, post-LayerNorm blocks (plugins/encoder.py)
+    pooling: str = "none"          # "mean" | "cls" | "last": hidden states (T, d) -> one (d,) vector
+    encoder_positions: str = "learned"  # bert: position_embd rows; "rope": q, k rotated (nomic-bert)
+    encoder_ffn: str = "gelu"      # bert: gelu(up x + b) -> down; "swiglu": silu(gate x) * up x -> down
     tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
 
     @property
@@ -136,7 +155,7 @@ class ModelConfig:
 
     def kv_rows(self, il: int, n_ctx: int) -> int:
         """Cache rows layer il keeps: n_ctx, only the window (a ring), or none (conv)."""
-        if self.layer_kind(il) != "attn":
+        if self.layer_kind(il) != "attn" or self.encoder:   # an encoder sees each text whole, once
             return 0
         return min(n_ctx, self.sliding_window) if self.is_swa(il) else n_ctx
 
@@ -309,7 +328,25 @@ def _arch_values(md: dict, p: str, arch: str, n_embd: int, n_layer: int, n_head:
         v["rope_layers"] = tuple((il + 1) % 4 != 0 for il in range(n_layer))
     if arch == "lfm2":
         v["conv_l_cache"] = _positive("shortconv.l_cache", _get(md, p + "shortconv.l_cache", int))
+    if ARCH_SWITCHES[arch].get("encoder"):
+        v.update(_encoder_values(md, p))
     return v
+
+
+def _encoder_values(md: dict, p: str) -> dict:
+    """bert: pooling and the LayerNorm eps; a causal or unpooled file is refused by key."""
+    if md.get(p + "attention.causal", False):
+        raise UnsupportedModel(f"metadata {p}attention.causal is true: ember runs bert as a "
+                               "bidirectional encoder only")
+    kind = _get(md, p + "pooling_type", int, 0)
+    if kind not in POOLING_TYPES:
+        raise UnsupportedModel(
+            f"metadata {p}pooling_type is {kind}: ember makes one vector per text, with pooling "
+            f"{', '.join(f'{k} ({v})' for k, v in POOLING_TYPES.items())}; 0 (none) and 4 (rank) "
+            "are not supported")
+    return dict(pooling=POOLING_TYPES[kind],
+                rms_eps=_positive("layer_norm_epsilon",
+                                  _get(md, p + "attention.layer_norm_epsilon", float)))
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
@@ -335,6 +372,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if rope_dim % 2 or rope_dim > head_dim:
         raise UnsupportedModel(f"rope.dimension_count {rope_dim} must be even and <= head_dim {head_dim}")
     switches = {"rope_style": "norm", **ARCH_SWITCHES[arch]}
+    values = _arch_values(md, p, arch, n_embd, n_layer, n_head)
     if layer_kinds:
         switches["layer_kinds"] = layer_kinds
     return ModelConfig(
@@ -347,8 +385,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         head_dim=head_dim,
         n_ff=_positive("feed_forward_length", _get(md, p + "feed_forward_length", int)),
         n_ctx_train=n_ctx_train,
-        rms_eps=_positive("layer_norm_rms_epsilon",
-                          _get(md, p + "attention.layer_norm_rms_epsilon", float, 1e-5)),
+        rms_eps=values.pop("rms_eps", None) or _positive(
+            "layer_norm_rms_epsilon", _get(md, p + "attention.layer_norm_rms_epsilon", float, 1e-5)),
         rope_base=_positive("rope.freq_base", _get(md, p + "rope.freq_base", float, 10000.0)),
         rope_dim=rope_dim,
         tied_embeddings="output.weight" not in f.tensors,
@@ -356,6 +394,6 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         tensors={n: TensorEntry(n, t.type, t.shape, t.nbytes) for n, t in f.tensors.items()},
         **_rope_scaling(md, p, f.tensors, n_ctx_train),
         **_sliding_window(md, p, arch, n_layer),
-        **_arch_values(md, p, arch, n_embd, n_layer, n_head),
+        **values,
         **switches,
     )

@@ -7,6 +7,9 @@ token ids do not travel inside msgpack element by element: the header names
 them in `frames` and each follows as one raw frame of little-endian int32.
 Nothing here ever unpickles; msgpack ext types are refused.
 
+Embedding vectors come back the same way: the `embed` reply's `embeddings`
+frame is little-endian float32 (n, dim), row-major (FRAME_DTYPES).
+
 Nothing on the wire is trusted. Bytes reach msgpack only after a bounded
 pre-scan (`scan`) has walked the object headers without allocating: msgpack's
 Unpacker limits lengths but not nesting depth, and it trusts a declared array
@@ -39,7 +42,7 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 # request ops a client may send
 REQUEST_OPS = ("hello", "generate", "cancel", "tokenize", "detokenize", "status",
-               "models", "health", "ping", "load")
+               "models", "health", "ping", "load", "embed")
 # reply ops the server sends besides the request op's own name
 EVENT_OPS = ("start", "token", "done", "error")
 
@@ -267,6 +270,11 @@ def encode_tokens(ids) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
 
+def encode_vectors(vectors) -> bytes:
+    """Embeddings (n, dim) -> one raw little-endian float32 frame, row-major."""
+    return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+
+
 def _decode_frames(op: str, names: Any, extra: list[bytes], limits: Limits) -> dict:
     names = [] if names is None else names
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -375,6 +383,20 @@ def max_tokens(name, x, limits):
     return integer(1, limits.max_tokens)(name, x, limits)
 
 
+def embed_input(name, x, limits):
+    """One text or a list of 1..max_array_len texts; all together within max_prompt_bytes."""
+    texts = [x] if isinstance(x, str) else x
+    if not isinstance(texts, list) or not texts:
+        raise _bad(name, f"must be a string or a list of 1-{limits.max_array_len} strings")
+    check = text("max_prompt_bytes")
+    total = sum(len(check(f"{name}[{i}]", t, limits).encode("utf-8", "surrogatepass"))
+                for i, t in enumerate(texts))
+    if total > limits.max_prompt_bytes:
+        raise ProtocolError("too_large", f"field '{name}' has {total} bytes of text, limit "
+                                         f"{limits.max_prompt_bytes}")
+    return texts
+
+
 # ---------------------------------------------------------------------------
 # Schemas: op -> {field: checker}; every other field is refused
 # ---------------------------------------------------------------------------
@@ -459,10 +481,14 @@ SCHEMAS: dict[str, dict[str, Callable]] = {
     "health": {"timeout_ms": integer(1, 60_000)},
     "ping": {},
     "load": {"model": text("max_prompt_bytes", allow_empty=False)},
+    "embed": {"input": embed_input, "normalize": boolean, "priority": GENERATE["priority"],
+              "deadline_ms": GENERATE["deadline_ms"], "deadline": GENERATE["deadline"]},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {"cancel": ("target",), "tokenize": ("text",),
-                                        "load": ("model",)}
+                                        "load": ("model",), "embed": ("input",)}
 FRAMES: dict[str, tuple[str, ...]] = {"generate": ("tokens",), "detokenize": ("tokens",)}
+# reply frames by name -> numpy dtype; every other frame is token ids ("<i4")
+FRAME_DTYPES: dict[str, str] = {"embeddings": "<f4"}
 
 
 def _check_fields(op: str, body: dict, limits: Limits) -> dict:
@@ -516,7 +542,8 @@ CLIENT_LIMITS = Limits(max_frame_bytes=64 << 20, max_array_len=1 << 16, max_map_
 
 
 def unpack_reply(frames: list[bytes], limits: Limits | None = None) -> tuple[dict, dict]:
-    """Client side: a reply's frames -> (header, {frame name: int32 array}).
+    """Client side: a reply's frames -> (header, {frame name: array (n,)}), int32 token ids
+    or the FRAME_DTYPES type (embeddings: float32; the caller reshapes to (n, dim)).
 
     Clients trust the server less than fully too: the same bounded scan applies.
     """
@@ -525,5 +552,12 @@ def unpack_reply(frames: list[bytes], limits: Limits | None = None) -> tuple[dic
     names = header.get("frames") or []
     if len(names) != len(frames) - 1:
         raise ProtocolError("bad_request", "reply frame count does not match its 'frames'")
-    return header, {n: np.frombuffer(f, dtype="<i4") for n, f in zip(names, frames[1:])}
+    out = {}
+    for n, f in zip(names, frames[1:]):
+        dtype = np.dtype(FRAME_DTYPES.get(n, "<i4"))
+        if len(f) % dtype.itemsize:
+            raise ProtocolError("bad_request", f"reply frame {n!r} of {len(f)} bytes is not a "
+                                               f"whole number of {dtype.name}")
+        out[n] = np.frombuffer(f, dtype=dtype)
+    return header, out
 

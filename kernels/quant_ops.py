@@ -127,6 +127,14 @@ def matmul(wtype: str, W, X, out: np.ndarray | None = None) -> np.ndarray:
     _native.matmul(tid, W, Xq, Y, n, 0, W.shape[0])
     return Y
 
+def matmul_rows(wtype: str, W, Xq: np.ndarray, Y: np.ndarray, r0: int, r1: int) -> None:
+    """Y[:, r0:r1] = X @ W[r0:r1].T, from X already quantized by quantize_act(wtype, X):
+    the share of one product that one thread computes (the kernel releases the GIL)."""
+    tid, W, n = _weights(wtype, W)
+    if Y.dtype != np.float32 or Y.ndim != 2 or not Y.flags.c_contiguous or Y.shape[1] != W.shape[0]:
+        raise KernelArgError(f"matmul_rows: Y must be contiguous float32 (b, {W.shape[0]})")
+    _native.matmul(tid, W, Xq, Y, n, r0, r1)
+
 # ---------------------------------------------------------------------------
 # Dequantization and embedding lookup
 # ---------------------------------------------------------------------------

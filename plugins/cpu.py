@@ -6,6 +6,14 @@ cache for n_ctx, scratch sized for one prefill chunk, and the interpreter.
 Everything is allocated at load; decoding a token is one call into C with the
 GIL released, and allocates only the logits array it returns.
 
+Encoders (bert) run plugins/encoder.py's recipe with this backend's
+products: every matrix stays a view of the map and goes through the C
+kernels (kernels/quant_ops.py: matmul_rows, get_rows), activations quantized
+once per product as llama.cpp quantizes them for that weight type, the
+weight rows split across `threads` threads (the kernel releases the GIL);
+LayerNorm, attention and gelu are numpy (O(T^2 d) beside the O(T d^2)
+products).
+
 Options (``options`` dict): ``max_batch`` (tokens per prefill chunk,
 default 256), ``isa`` (force a kernel ISA, as EMBER_ISA does).
 """
@@ -44,7 +52,8 @@ def _kernels():
 @hookimpl
 def ember_backends():
     return [BackendSpec(NAME, priority=50,
-                        description="native C SIMD kernels straight from the mapped file")]
+                        description="native C SIMD kernels straight from the mapped file",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl
@@ -71,6 +80,8 @@ def ember_plan(backend, config, n_ctx, options):
 def ember_load(backend, gguf, config, n_ctx, threads, options):
     if backend != NAME:
         return None
+    if config.encoder:
+        return encoder_runner(gguf, config, n_ctx, threads)
     return CpuRunner(gguf, config, n_ctx, threads, options or {})
 
 
@@ -82,6 +93,8 @@ def plan(config: ModelConfig, n_ctx: int, options: dict, threads: int | None = N
     """Mapped weights + f16 KV cache (rings on sliding-window layers, the f32 state on
     conv layers) + scratch for one chunk + the interpreter."""
     _, forward = _kernels()
+    if config.encoder:
+        return _encoder_plan(config, n_ctx)
     threads = threads or forward.physical_cores()
     batch = int(options.get("max_batch", forward.DEFAULT_MAX_BATCH))
     small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values()
@@ -110,6 +123,70 @@ def _ring_note(config: ModelConfig, n_ctx: int, batch: int) -> list[str]:
     return [f"{len(rows)} sliding-window layers keep a ring of {max(rows)} rows "
             f"(window {config.sliding_window} + chunk {batch} - 1) instead of {n_ctx}: "
             f"{saved / 2**20:.1f} MiB of KV cache saved"]
+
+
+def _encoder_plan(config: ModelConfig, n_ctx: int) -> MemoryPlan:
+    from ember.plugins import encoder, reference
+    n_ctx = min(n_ctx, config.n_ctx_train)
+    small = sum(4 * int(np.prod(t.shape)) for t in config.tensors.values() if len(t.shape) == 1)
+    return MemoryPlan(
+        weights=config.weights_bytes, kv_cache=0,
+        scratch=encoder.scratch_bytes(config, n_ctx, reference.ATTN_CHUNK) + small, runtime=RUNTIME_BYTES,
+        notes=["weights are the mapped file's tensor bytes (read-only); no second copy",
+               f"an encoder keeps no cache: scratch holds one text of up to {n_ctx} tokens"])
+
+
+# ---------------------------------------------------------------------------
+# The encoder: plugins/encoder.py on views of the map and the C products
+# ---------------------------------------------------------------------------
+
+class _Products:
+    """dense/rows factories over the map for plugins/encoder.py, and the threads they use."""
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads - 1, "ember-encoder") if threads > 1 else None
+
+    def dense(self, t):
+        from ember.kernels import quant_ops as quants
+        _, forward = _kernels()
+        _, w = forward.matrix_view(t)                               # (out, row_bytes) uint8
+        cuts = np.linspace(0, w.shape[0], self.threads + 1).astype(int)   # row shares
+
+        def product(x: np.ndarray) -> np.ndarray:                   # (T, in) -> (T, out)
+            xq = quants.quantize_act(t.type, x)                     # once, for every share
+            y = np.empty((x.shape[0], w.shape[0]), np.float32)
+            shares = [(t.type, w, xq, y, int(a), int(b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+            rest = [self.pool.submit(quants.matmul_rows, *s) for s in shares[1:]]
+            quants.matmul_rows(*shares[0])
+            for f in rest:
+                f.result()
+            return y
+        return product
+
+    def rows(self, t):
+        from ember.kernels import quant_ops as quants
+        _, forward = _kernels()
+        _, w = forward.matrix_view(t)
+        return lambda ids: quants.get_rows(t.type, w, ids)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def encoder_runner(gguf, config: ModelConfig, n_ctx: int, threads: int | None = None):
+    from ember.plugins import reference
+    from ember.plugins.encoder import EncoderRunner
+    if threads is not None and (not isinstance(threads, int) or threads <= 0):
+        raise BackendError(f"threads must be a positive int, got {threads!r}")
+    _, forward = _kernels()
+    products = _Products(threads or forward.physical_cores())
+    runner = EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, products.dense, products.rows,
+                           ops=reference, on_close=products.close)
+    runner.threads = products.threads
+    return runner
 
 
 # ---------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def ember_backends():
                         description="GPU kernels (CUDA via NVRTC, or ROCm/HIP) through CuPy; decode as "
                                     "one CUDA graph per token (~5 launches a layer); persistent=1: one "
                                     "persistent kernel per token instead (CUDA only; ROCm/HIP and "
-                                    "float matrices keep the graph)")]
+                                    "float matrices keep the graph)",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl

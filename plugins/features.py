@@ -34,6 +34,7 @@ FEATURES: dict[str, str] = {
     "shortconv": "short-convolution layers",
     "yarn": "YaRN rope scaling",
     "longrope": "LongRoPE rope scaling",
+    "encoder": "bidirectional encoder (embeddings)",
 }
 
 
@@ -56,6 +57,7 @@ def features(c: ModelConfig) -> list[str]:
         "shortconv": "conv" in c.layer_kinds,
         "yarn": c.rope_scaling == "yarn",
         "longrope": c.rope_scaling == "longrope" or c.rope_attn_factor != 1.0,
+        "encoder": c.encoder,
     }
     return [f for f in FEATURES if uses[f]]
 

@@ -76,7 +76,8 @@ PREPACK_INT8_OVERHEAD = 35     # % of packed weights that accuracy_level 4's pre
 def ember_backends():
     return [BackendSpec(NAME, priority=20,
                         description="ONNX Runtime graph built from the GGUF; runs anywhere, "
-                                    "reaches accelerators through execution providers")]
+                                    "reaches accelerators through execution providers",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl

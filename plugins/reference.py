@@ -35,6 +35,9 @@ sliding-window position p sees p' with p - p' < window; lfm2's conv kernel
 (ggml ne {l_cache, n_embd}) puts its last tap on the current token. The rope
 tables (every scaling) come from rope.rope_cos_sin.
 
+The encoder (bert, ModelConfig.encoder) is plugins/encoder.py's recipe, run
+here on float32 copies of its weights (the numpy ops below are shared).
+
 The KV cache is allocated once for n_ctx at load; a sliding-window layer keeps
 only its window (position p in row p % window), an lfm2 conv layer only its
 last l_cache - 1 inputs. A prompt is prefilled in one batch (attention is
@@ -49,6 +52,7 @@ import numpy as np
 
 from ember.formats.model_config import ModelConfig, UnsupportedModel
 from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.encoder import EncoderRunner
 from ember.plugins.features import FEATURES, require_features
 from ember.plugins.hookspecs import hookimpl
 from ember.plugins.types import BackendSpec, CacheBookkeeping, MemoryPlan, Probe
@@ -67,7 +71,8 @@ ATTN_CHUNK = 256  # query rows per attention block: bounds the (heads, rows, n_c
 @hookimpl
 def ember_backends():
     return [BackendSpec(NAME, priority=10,
-                        description="numpy float32 decoder; the correctness oracle, slow")]
+                        description="numpy float32 decoder; the correctness oracle, slow",
+                        features=IMPLEMENTED)]
 
 
 @hookimpl
@@ -88,6 +93,8 @@ def ember_plan(backend, config, n_ctx, options):
 def ember_load(backend, gguf, config, n_ctx, threads, options):
     if backend != NAME:
         return None
+    if config.encoder:
+        return encoder_runner(gguf, config, n_ctx)
     return ReferenceRunner(gguf, config, n_ctx)
 
 
@@ -237,11 +244,12 @@ def softcap(x: np.ndarray, cap: float) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
-              scale: float, window: int = 0, cap: float = 0.0) -> np.ndarray:
+              scale: float, window: int = 0, cap: float = 0.0, causal: bool = True) -> np.ndarray:
     """Causal GQA attention of T queries over S keys, by position.
 
     q (T, n_head, hd) at qpos (T,); k, v (S, n_kv, hd) at kpos (S,), ascending.
-    A query sees the keys with kpos <= qpos (and qpos - kpos < window if window).
+    A query sees the keys with kpos <= qpos (and qpos - kpos < window if window);
+    with causal=False (encoders) it sees every key.
     -> (T, n_head * hd)
     """
     T, n_head, hd = q.shape
@@ -253,10 +261,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, qpos: np.ndarray, kpo
     out = np.empty((n_kv, g, T, hd), dtype=np.float32)
     for r0 in range(0, T, ATTN_CHUNK):
         r1 = min(T, r0 + ATTN_CHUNK)
-        s_end = int(np.searchsorted(kpos, qpos[r1 - 1], side="right"))  # later keys: all masked
+        s_end = (int(np.searchsorted(kpos, qpos[r1 - 1], side="right"))  # later keys: all masked
+                 if causal else len(kpos))
         s = softcap((qg[:, :, r0:r1] @ kt[:, None, :, :s_end]) * np.float32(scale), cap)
         qp, kp = qpos[r0:r1, None], kpos[None, :s_end]           # (rows, 1), (1, S')
-        masked = (kp > qp) | ((qp - kp >= window) if window else False)
+        masked = ((kp > qp) if causal else False) | ((qp - kp >= window) if window else False)
         s = np.where(masked, -np.inf, s)                         # (n_kv, g, rows, S')
         out[:, :, r0:r1] = softmax(s) @ vt[:, None, :s_end]
     return out.transpose(2, 0, 1, 3).reshape(T, n_head * hd)
@@ -460,3 +469,30 @@ class ReferenceRunner(CacheBookkeeping):
         if c.logit_scale != 1.0:
             logits = logits / np.float32(c.logit_scale)
         return np.ascontiguousarray(softcap(logits, c.final_softcap), dtype=np.float32)
+
+
+
+# ---------------------------------------------------------------------------
+# The encoder (bert): plugins/encoder.py's recipe on float32 copies and numpy
+# ---------------------------------------------------------------------------
+
+def _float_matrix(t) -> np.ndarray:
+    """A GGUF tensor as float32 (rows, n): F32 a view of the map, anything else dequantized."""
+    if t.type == "F32":
+        return np.frombuffer(t.data, dtype=np.float32).reshape(t.shape)
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+
+def _dense(t):
+    w = _float_matrix(t)                                          # (out, in)
+    return lambda x: x @ w.T
+
+
+def _rows(t):
+    w = _float_matrix(t)                                          # (n, d)
+    return lambda ids: w[ids]
+
+
+def encoder_runner(gguf, config: ModelConfig, n_ctx: int):
+    import sys
+    return EncoderRunner(gguf, config, n_ctx, NAME, IMPLEMENTED, _dense, _rows, ops=sys.modules[__name__])

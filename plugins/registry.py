@@ -25,6 +25,7 @@ from typing import Any
 import pluggy
 
 from ember.plugins import hookspecs
+from ember.plugins.features import FEATURES, features
 from ember.plugins.types import BackendError, BackendSpec, MemoryPlan, Probe
 
 log = logging.getLogger("ember.plugins")
@@ -196,14 +197,17 @@ def available() -> list[str]:
 # Choosing, planning, loading
 # ---------------------------------------------------------------------------
 
-def choose(name: str = "auto") -> tuple[str, str]:
+def choose(name: str = "auto", config=None) -> tuple[str, str]:
     """Resolve a backend name (or 'auto') to an available one; returns (name, why).
 
+    With a model's `config` (ember.formats.model_config.ModelConfig), 'auto' passes over
+    backends whose BackendSpec.features lack one of the model's features (a bert
+    encoder goes to the best backend that computes encoders).
     Raises BackendError naming the available backends when `name` is unknown
     or cannot run here, or when nothing can run.
     """
     if name in (None, "", "auto"):
-        return _choose_auto()
+        return _choose_auto(config)
     specs = backends()
     if name not in {s.name for s in specs}:
         raise BackendError(f"unknown backend {name!r}; available: {_avail_text()} "
@@ -215,10 +219,16 @@ def choose(name: str = "auto") -> tuple[str, str]:
     return name, "asked for by name"
 
 
-def _choose_auto() -> tuple[str, str]:
+def _choose_auto(config=None) -> tuple[str, str]:
+    needs = set(features(config)) if config is not None else set()
     skipped = []
     for s in backends():
         p = probe(s.name)
+        have = needs if s.features is None else s.features
+        lacks = [f for f in FEATURES if f in needs - have]
+        if p.available and lacks:
+            skipped.append(f"{s.name} (no {config.arch} {FEATURES[lacks[0]]})")
+            continue
         if p.available:
             why = f"auto: {s.name} is the highest-priority available backend (priority {s.priority})"
             if skipped:

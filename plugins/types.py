@@ -18,6 +18,9 @@ class BackendSpec:
     name: str
     priority: int          # higher wins under --backend auto
     description: str = ""
+    # the ember.plugins.features.FEATURES it computes (None: all, or it refuses at load): under
+    # --backend auto a model goes to the best backend that computes all of its features
+    features: frozenset[str] | None = None
 
 
 @dataclass
@@ -70,6 +73,19 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Release what the runner holds."""
+
+    # Encoders (ModelConfig.encoder: bert) have no logits; their runners answer this instead
+    # of prefill/decode (which raise ModelKindError), and decoders' runners need not have it.
+    def encode(self, tokens: Sequence[int]) -> np.ndarray:
+        """Hidden states float32 (len(tokens), n_embd) of one whole text, attended both ways.
+
+        Independent of the cache (n_past is untouched); raises ContextOverflow past n_ctx.
+        """
+
+
+class ModelKindError(UserError, ValueError):
+    """An embedding model asked to generate (or for logits), or a text-generation model asked
+    for embeddings: the message says which kind the model is and what to use instead."""
 
 
 class ContextOverflow(UserError):

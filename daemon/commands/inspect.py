@@ -26,7 +26,7 @@ from typing import Any
 from ember.daemon.chat import ChatTemplate, ChatTemplateError
 from ember.formats import gguf, quant_blocks
 from ember.formats.tokenizer_vocab import TokenizerError, load_vocab
-from ember.formats.model_config import UnsupportedModel, config_from_gguf
+from ember.formats.model_config import ARCH_SWITCHES, POOLING_TYPES, UnsupportedModel, config_from_gguf
 
 MAX_SHOWN_ITEMS = 8        # longer metadata arrays are summarized as "[N x TYPE]"
 MAX_SHOWN_CHARS = 80       # longer strings are cut
@@ -99,7 +99,17 @@ def _verdict(f: gguf.GGUFFile, model_problem: str | None, tensors: list[dict]) -
         reasons.append({"part": "tensor type",
                         "reason": f"tensor type {tname} is not supported ({len(names)} tensors, "
                                   f"e.g. {names[0]!r})"})
-    return {"runs": not reasons, "reasons": reasons, "notes": _chat_notes(f.metadata)}
+    return {"runs": not reasons, "reasons": reasons, "notes": _kind_notes(f.metadata)}
+
+
+def _kind_notes(md: dict[str, Any]) -> list[str]:
+    """An embedding model's note says what it is for; a generator's are about its chat template."""
+    arch = md.get("general.architecture")
+    if isinstance(arch, str) and ARCH_SWITCHES.get(arch, {}).get("encoder"):
+        pooling = POOLING_TYPES.get(md.get(f"{arch}.pooling_type"), "none")
+        return [f"an embedding model (pooling {pooling}): it makes vectors (`embed` op, "
+                "POST /v1/embeddings, Model.embed), not text"]
+    return _chat_notes(md)
 
 
 def _chat_notes(md: dict[str, Any]) -> list[str]:

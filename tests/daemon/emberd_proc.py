@@ -85,10 +85,11 @@ class Daemon:
 
 
 def start_emberd(*extra: str, ipc: bool = True, timeout: float = 60.0,
-                 stderr: str | None = None, http: bool = False) -> Daemon:
+                 stderr: str | None = None, http: bool = False, model: Path | None = None) -> Daemon:
     """Start emberd and wait until it reports every bound endpoint (stderr: a path instead of
-    the log file, e.g. /dev/full; http: also --http on a free loopback port)."""
-    model = model_path()
+    the log file, e.g. /dev/full; http: also --http on a free loopback port; model: another
+    file than stories260K)."""
+    model = model or model_path()
     # ipc paths are limited to ~107 bytes: a short private dir under the system tmp
     workdir = tempfile.mkdtemp(prefix="emberd-")
     log = Path(workdir) / "stderr.log"

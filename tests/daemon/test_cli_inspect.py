@@ -261,3 +261,11 @@ def test_a_new_architecture_fixture_runs(capsys):
     path = conformance_path("arch", "models", "s512-gemma3-Q8_0.gguf")
     verdict = inspect_json(capsys, path)["verdict"]
     assert verdict["runs"] and verdict["reasons"] == []
+
+
+def test_an_embedding_model_runs_and_says_it_makes_vectors(capsys):
+    doc = inspect_json(capsys, conformance_path("arch", "models", "bge-bert-F32.gguf"))
+    verdict = doc["verdict"]
+    assert verdict["runs"] and verdict["reasons"] == []
+    assert verdict["notes"] == ["an embedding model (pooling cls): it makes vectors (`embed` op, "
+                                "POST /v1/embeddings, Model.embed), not text"]

@@ -104,3 +104,11 @@ def test_run_each_architecture_greedy_equals_llama_cpp(case):
         assert p.stdout.decode() == case["greedy_text"] + "\n"
     else:
         assert p.stdout.strip()
+
+
+def test_run_on_an_embedding_model_says_what_it_is_for():
+    r = ember("run", str(conformance_path("arch", "models", "bge-bert-F32.gguf")), "-p", "hello")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("ember run: bge-bert-F32.gguf is an embedding model (bert): it "
+                                "cannot generate text or logits; use embed() (the `embed` op, "
+                                "POST /v1/embeddings)")

@@ -314,3 +314,34 @@ def test_node_client_streams_a_generation(emberd, model, transport):
     assert next(e for e in events if e["event"] == "detokenize")["text"] == "Once upon a time"
     assert next(e for e in events if e["event"] == "error")["code"] == "bad_request"
     assert kinds[-1] == "ping"
+
+
+def test_embed_sync_and_async_on_an_embedding_daemon():
+    """Client.embed / AsyncClient.embed -> float32 (n, dim); a typed error from a text model."""
+    import numpy as np
+    from ember.daemon import engine
+    from tests.conftest import conformance_path
+    from tests.daemon.emberd_proc import start_emberd
+    path = conformance_path("arch", "models", "bge-bert-F32.gguf")
+    d = start_emberd(model=path)
+    try:
+        with engine.load(path, backend="reference") as m:
+            want = m.embed(["hello", "a cat"])
+        with Client(d.tcp, timeout=20) as c:
+            got = c.embed(["hello", "a cat"], priority=3)
+
+        async def main():
+            async with AsyncClient(d.ipc, timeout=20) as c:
+                return await c.embed("a cat", normalize=True)
+        one = asyncio.run(main())
+    finally:
+        d.stop()
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(one, want[1:])
+
+
+def test_embed_on_a_text_model_is_a_typed_error(emberd):
+    with Client(emberd.tcp, timeout=20) as c, pytest.raises(EmberError) as e:
+        c.embed("hello")
+    assert e.value.code == "bad_request" and "makes no embeddings" in str(e.value)

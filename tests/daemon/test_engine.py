@@ -10,7 +10,7 @@ from ember.daemon import engine
 from ember.daemon.chat import ChatTemplateError
 from ember.daemon.sampling import SamplingError
 from ember.formats.model_config import UnsupportedModel
-from ember.plugins.types import BackendError, ContextOverflow
+from ember.plugins.types import BackendError, ContextOverflow, ModelKindError
 from tests.conftest import conformance_cases, conformance_path, kl_rows, oracle_params
 
 CASES = conformance_cases()
@@ -262,3 +262,73 @@ def test_unsupported_architecture_at_load(tmp_path):
     f.close()
     with pytest.raises(UnsupportedModel, match="'mamba'"):
         engine.load(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------------------
+# Embedding models (bert): Model.embed, and each kind refusing the other's work
+# ---------------------------------------------------------------------------
+
+BGE = ("arch", "models", "bge-bert-F32.gguf")
+
+
+@pytest.fixture(scope="module")
+def bge():
+    with engine.load(conformance_path(*BGE), backend="reference") as m:
+        yield m
+
+
+def test_embed_is_one_unit_vector_per_text_in_input_order(bge):
+    texts = ["the cat sat", "Once upon a time", "the cat sat"]
+    v = bge.embed(texts)
+    assert v.dtype == np.float32 and v.shape == (3, bge.config.n_embd)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(v[0], v[2])
+    assert not np.allclose(v[0], v[1])
+    np.testing.assert_array_equal(bge.embed("the cat sat"), v[:1])   # a str is one text
+    assert bge.is_embedding and bge.info()["kind"] == "embedding"
+
+
+def test_embed_unnormalised_is_the_pooled_hidden_state(bge):
+    """The file pools by CLS: the first row of the encoder's output, before any scaling."""
+    ids = bge.tokenize("the cat sat")
+    raw = bge.embed("the cat sat", normalize=False)[0]
+    np.testing.assert_array_equal(raw, bge.runner.encode(ids)[0])
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), bge.embed("the cat sat")[0], rtol=1e-6)
+
+
+def test_encode_counts_tokens_and_takes_token_ids_as_they_are(bge):
+    ids = bge.tokenize("the cat sat")                       # [CLS] the cat sat [SEP]
+    e = bge.encode(["the cat sat", ids, ids[1:-1]])
+    assert e.usage == {"prompt_tokens": 2 * len(ids) + len(ids) - 2,
+                       "total_tokens": 2 * len(ids) + len(ids) - 2}
+    np.testing.assert_array_equal(e.vectors[0], e.vectors[1])
+    assert not np.allclose(e.vectors[0], e.vectors[2])     # no [CLS]/[SEP] added to ids
+    assert e.timings["compute_ms"] > 0
+
+
+@pytest.mark.parametrize("inputs,err,match", [
+    ([], engine.EngineError, "non-empty list"),
+    (None, engine.EngineError, "got NoneType"),
+    (["ok", 3.5], engine.EngineError, "input 1 is float"),
+    ([[101, 10 ** 6]], engine.EngineError, "outside the vocabulary"),
+    ([[]], engine.EmptyPrompt, "input 0 has no tokens"),
+    (["ok", "word " * 600], ContextOverflow, "input 1 has 602 tokens; .* at most 512"),
+])
+def test_embed_refuses_bad_input_before_computing_any(bge, inputs, err, match):
+    with pytest.raises(err, match=match):
+        bge.embed(inputs)
+
+
+def test_an_embedding_model_refuses_to_generate(bge):
+    for call in (lambda: bge.start("hello", max_tokens=2), lambda: bge.logits([101, 102]),
+                 lambda: list(bge.generate("hi"))):
+        with pytest.raises(ModelKindError, match="is an embedding model \\(bert\\): it cannot "
+                                                 "generate text"):
+            call()
+
+
+def test_a_generation_model_refuses_to_embed(stories):
+    with pytest.raises(ModelKindError, match="is a text-generation model \\(llama\\): it makes "
+                                             "no embeddings"):
+        stories.embed("hello")
+    assert stories.info()["kind"] == "generation"

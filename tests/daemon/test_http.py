@@ -7,6 +7,7 @@ one, so 401 and 429 need no second daemon; the drain (503) test starts its own.
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import resource
@@ -588,3 +589,98 @@ def test_draining_daemon_answers_503(tmp_path):
     finally:
         c.close()
         d.stop()
+
+
+# ---------------------------------------------------------------------------
+# POST /v1/embeddings on an embedding model (bge-style bert)
+# ---------------------------------------------------------------------------
+
+BGE = "bge-bert-F32.gguf"
+
+
+@pytest.fixture(scope="module")
+def bge_api():
+    d = start_emberd(model=conformance_path("arch", "models", BGE), ipc=False, http=True)
+    yield d
+    d.stop()
+    assert "Traceback" not in d.stderr(), d.stderr()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def bge_client(bge_api):
+    c = openai.OpenAI(base_url=bge_api.http + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def bge_local():
+    from ember.daemon import engine
+    with engine.load(conformance_path("arch", "models", BGE), backend="reference") as m:
+        yield m
+
+
+def test_openai_embeddings_equal_the_engine_in_float_and_base64(bge_client, bge_local):
+    import numpy as np
+    texts = ["Once upon a time", "the cat sat on the mat", "x"]
+    want = bge_local.embed(texts)
+    n_tokens = sum(len(bge_local.tokenize(t)) for t in texts)
+    # not given, the openai package asks for base64 and decodes it itself; given, it does not
+    for fmt in (openai.NOT_GIVEN, "float", "base64"):
+        r = bge_client.embeddings.create(model=BGE, input=texts, encoding_format=fmt)
+        assert r.object == "list" and r.model == BGE
+        assert [d.index for d in r.data] == [0, 1, 2]
+        got = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64"
+                        else d.embedding for d in r.data], dtype=np.float32)
+        np.testing.assert_array_equal(got, want)
+        assert (r.usage.prompt_tokens, r.usage.total_tokens) == (n_tokens, n_tokens)
+    one = bge_client.embeddings.create(model=BGE.removesuffix(".gguf"), input="x")
+    np.testing.assert_array_equal(np.float32(one.data[0].embedding), want[2])
+    ids = bge_local.tokenize("x")
+    for given in (ids, [ids, ids]):                      # token ids, one or a list of them
+        r = bge_client.embeddings.create(model=BGE, input=given)
+        assert len(r.data) == (1 if given is ids else 2)
+        np.testing.assert_array_equal(np.float32(r.data[-1].embedding), want[2])
+
+
+def test_embedding_errors_are_openai_shaped(bge_api, bge_client, bge_local):
+    cases = [
+        ({"input": "x"}, 400, "missing_required_parameter", "model"),
+        ({"model": "other", "input": "x"}, 404, "model_not_found", "model"),
+        ({"model": BGE}, 400, "missing_required_parameter", "input"),
+        ({"model": BGE, "input": ""}, 400, None, "input[0]"),
+        ({"model": BGE, "input": []}, 400, None, "input"),
+        ({"model": BGE, "input": [["a"]]}, 400, None, "input[0]"),
+        ({"model": BGE, "input": [[101, -1]]}, 400, None, "input[0]"),
+        ({"model": BGE, "input": [[101, 10 ** 6]]}, 400, None, None),   # outside the vocabulary
+        ({"model": BGE, "input": "x", "dimensions": 8}, 400, "unsupported_parameter", "dimensions"),
+        ({"model": BGE, "input": "x", "encoding_format": "int8"}, 400, None, "encoding_format"),
+        ({"model": BGE, "input": "x", "extra": 1}, 400, "unknown_parameter", "extra"),
+        ({"model": BGE, "input": "word " * 600}, 400, "context_length_exceeded", None),
+        ({"model": BGE, "input": ["ab" * 150] * 1000}, 413, "too_large", "input"),
+    ]
+    for body, status, code, param in cases:
+        got, _, reply = request(bge_api, "POST", "/v1/embeddings", body, key=None)
+        assert (got, reply["error"]["code"]) == (status, code), (body if len(str(body)) < 99 else "", reply)
+        if param is not None:
+            assert reply["error"]["param"] == param, reply
+    with pytest.raises(openai.BadRequestError) as e:
+        bge_client.chat.completions.create(model=BGE, messages=chat("hi"), max_tokens=2)
+    assert e.value.body["code"] == "model_not_generative"
+    assert "is an embedding model (bert)" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        bge_client.completions.create(model=BGE, prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_generative"
+    assert len(bge_client.embeddings.create(model=BGE, input="still serving").data) == 1
+
+
+def test_embeddings_health_and_metrics(bge_api, bge_client):
+    before = sample(metrics(bge_api), "ember_embedded_inputs", "ember_embedded_inputs_total")
+    bge_client.embeddings.create(model=BGE, input=["a", "b", "c"])
+    fams = metrics(bge_api)
+    assert sample(fams, "ember_embedded_inputs", "ember_embedded_inputs_total") == before + 3
+    assert sample(fams, "ember_http_requests", endpoint="/v1/embeddings", status="200") >= 1
+    status, _, body = request(bge_api, "GET", "/health", key=None)
+    assert status == 200 and body["status"] == "ok"          # the probe embeds one text
+    models = bge_client.models.list().data
+    assert [m.id for m in models] == [BGE]

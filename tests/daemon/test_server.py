@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
@@ -473,3 +474,93 @@ def test_full_send_queue_holds_replies(model):  # noqa: F811
         server.request_stop()
         thread.join(5)
         server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Embedding models: the `embed` op
+# ---------------------------------------------------------------------------
+
+def bge_path():
+    from tests.conftest import conformance_path
+    return conformance_path("arch", "models", "bge-bert-F32.gguf")
+
+
+@pytest.fixture(scope="module")
+def bge_daemon():
+    d = start_emberd(model=bge_path())
+    yield d
+    d.stop()
+    assert "Traceback" not in d.stderr(), d.stderr()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def bge_local():
+    from ember.daemon import engine
+    with engine.load(bge_path(), backend="reference") as m:
+        yield m
+
+
+def test_embed_over_zeromq_equals_in_process(bge_daemon, bge_local):
+    texts = ["Once upon a time", "the cat sat on the mat", "x"]
+    with bge_daemon.client() as c, bge_daemon.client(bge_daemon.ipc) as ipc:
+        v = c.embed(texts)
+        assert v.dtype == np.float32 and v.shape == (3, bge_local.config.n_embd)
+        np.testing.assert_array_equal(v, bge_local.embed(texts))
+        np.testing.assert_array_equal(ipc.embed("x", normalize=False),
+                                      bge_local.embed("x", normalize=False))
+        header, _ = c.call("embed", input=texts)
+        assert header["n"] == 3 and header["dim"] == bge_local.config.n_embd
+        n_tokens = sum(len(bge_local.tokenize(t)) for t in texts)
+        assert header["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        assert header["timings"]["compute_ms"] > 0
+        m = c.models()[0]
+        assert (m["kind"], m["arch"], m["n_embd"]) == ("embedding", "bert", bge_local.config.n_embd)
+        assert c.health()["ok"] is True                  # the probe embeds a text
+        assert recent(c, header["id"])["stop"] == "embedded"
+
+
+def test_each_model_kind_refuses_the_other_kinds_op_at_once(bge_daemon, emberd):
+    with bge_daemon.client() as c:
+        with pytest.raises(EmberError) as e:
+            c.complete("Once", max_tokens=2)
+        assert e.value.code == "bad_request" and "is an embedding model (bert)" in str(e.value)
+    with emberd.client() as c:
+        with pytest.raises(EmberError) as e:
+            c.embed("Once")
+        assert e.value.code == "bad_request" and "is a text-generation model" in str(e.value)
+
+
+def test_embed_refusals_are_typed(bge_daemon):
+    with bge_daemon.client() as c:
+        with pytest.raises(EmberError) as e:
+            c.embed(["fine", "word " * 600])          # 602 tokens, 512 positions
+        assert e.value.code == "context_overflow" and "input 1 has 602 tokens" in str(e.value)
+        for bad, code in ((["ok", 3], "bad_request"), ([], "bad_request"), (None, "bad_request"),
+                          (["ab" * 150] * 1000, "too_large"), (["é" * (64 << 10)] * 3, "too_large")):
+            with pytest.raises(EmberError) as e:
+                c.call("embed", input=bad)
+            assert e.value.code == code, (bad if len(str(bad)) < 50 else type(bad), e.value)
+        with pytest.raises(EmberError) as e:
+            c.call("embed", input="x", normalise=True)       # unknown field
+        assert e.value.code == "bad_request" and "no field 'normalise'" in str(e.value)
+        assert c.embed("still serving").shape == (1, 32)
+
+
+def test_embed_waits_in_the_one_queue(bge_daemon):
+    """Embeds from several clients at once all come back, each with its own vectors."""
+    texts = [f"text number {i}" for i in range(12)]
+    results: dict = {}
+
+    def one(i):
+        with bge_daemon.client() as c:
+            results[i] = c.embed([texts[i]] * 20)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with bge_daemon.client() as c:
+        want = c.embed(texts)
+        assert c.status()["requests_served"] >= len(texts)
+    for i in range(len(texts)):
+        np.testing.assert_array_equal(results[i], np.repeat(want[i:i + 1], 20, axis=0))

@@ -11,6 +11,7 @@ from ember.formats import gguf
 from ember.plugins import reference
 from ember.formats.model_config import ModelConfig, UnsupportedModel, config_from_gguf
 from ember.kernels.rope import rope_cos_sin, rope_factors
+from ember.plugins.features import features
 from tests.conftest import conformance_path
 
 # file -> (arch, rope_style, qkv_bias, qk_norm, fused_qkv, fused_gate_up, tied, rope_base)
@@ -150,8 +151,21 @@ def test_arch_switches_from_the_fixtures(arch):
                                                  ARCH_EXPECTED[arch].get("residual_scale", 1.0))
 
 
+FIXTURES = {"bert": "bge-bert-F32.gguf"}   # arch -> its file, where not s512-ARCH-F32.gguf
+
+
+def test_bert_is_an_encoder_with_the_files_pooling_and_no_cache():
+    with gguf.open(conformance_path("arch", "models", FIXTURES["bert"])) as f:
+        c = config_from_gguf(f)
+    assert (c.arch, c.encoder, c.pooling, c.n_embd, c.n_layer, c.n_head, c.n_ff, c.n_ctx_train) == \
+        ("bert", True, "cls", 32, 2, 2, 128, 512)
+    assert c.rms_eps == pytest.approx(1e-12)          # the LayerNorm eps
+    assert c.kv_cache_bytes(512) == 0                 # an encoder reads each text whole, once
+    assert features(c) == ["encoder"]
+
+
 def _arch_variant(tmp_path, arch: str, change=None, drop_keys=(), drop_tensors=(), add=None):
-    src = gguf.open(conformance_path("arch", "models", f"s512-{arch}-F32.gguf"))
+    src = gguf.open(conformance_path("arch", "models", FIXTURES.get(arch, f"s512-{arch}-F32.gguf")))
     change = change or {}
     md = {k: v for k, v in src.metadata.items() if k not in drop_keys}
     md.update(change)
@@ -180,6 +194,11 @@ def _arch_variant(tmp_path, arch: str, change=None, drop_keys=(), drop_tensors=(
     ("smollm3", {"smollm3.attention.head_count_kv": [0, 1, 1, 1]}, (), "lfm2 feature"),
     ("qwen2", {"qwen2.rope.scaling.yarn_beta_fast": "32"}, (), "yarn_beta_fast"),
     ("phi3", {"phi3.rope.scaling.attn_factor": -1.0}, (), "attn_factor is -1.0"),
+    ("bert", {"bert.pooling_type": 0}, (), r"bert.pooling_type is 0: .* 0 \(none\)"),
+    ("bert", {"bert.pooling_type": 4}, (), "bert.pooling_type is 4"),
+    ("bert", {}, ("bert.pooling_type",), "bert.pooling_type is 0"),
+    ("bert", {"bert.attention.causal": True}, (), "bert.attention.causal is true"),
+    ("bert", {}, ("bert.attention.layer_norm_epsilon",), "'bert.attention.layer_norm_epsilon' is missing"),
 ])
 def test_inconsistent_windows_and_patterns_are_refused_by_key(tmp_path, arch, change, drop, match):
     with gguf.open(_arch_variant(tmp_path, arch, change, drop_keys=drop)) as f:
@@ -194,6 +213,9 @@ def test_inconsistent_windows_and_patterns_are_refused_by_key(tmp_path, arch, ch
     ("lfm2", "blk.2.shortconv.conv.weight"),
     ("lfm2", "token_embd_norm.weight"),
     ("phi3", "rope_factors_short.weight"),
+    ("bert", "position_embd.weight"),
+    ("bert", "token_embd_norm.bias"),
+    ("bert", "blk.1.layer_output_norm.bias"),
 ])
 def test_a_missing_architecture_tensor_is_refused_at_load_by_name(tmp_path, arch, tensor):
     from ember.daemon import engine

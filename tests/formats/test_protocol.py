@@ -231,6 +231,30 @@ def test_reply_helpers_round_trip():
         protocol.error("not_a_code", "x")
 
 
+def test_embed_fields():
+    req = protocol.decode_request([frame(op="embed", input="one", normalize=False, priority=2)], L)
+    assert req.fields == {"input": ["one"], "normalize": False, "priority": 2}  # a str is one text
+    assert protocol.decode_request([frame(op="embed", input=["a", ""])], L).fields["input"] == ["a", ""]
+    for bad in ([], ["a", 3], {"a": 1}, None, [["x"]]):
+        refused([frame(op="embed", input=bad)], "bad_request")
+    refused([frame(op="embed")], "bad_request")                                  # input required
+    refused([frame(op="embed", input="x", normalize=1)], "bad_request")         # bool, not int
+    refused([frame(op="embed", input="x", max_tokens=3)], "bad_request")        # not an embed field
+    small = Limits(max_prompt_bytes=10)
+    refused([frame(op="embed", input=["é" * 3, "é" * 3])], "too_large", small)  # 12 bytes in all
+    protocol.decode_request([frame(op="embed", input=["é" * 3, "é" * 2])], small)
+
+
+def test_embed_reply_carries_float32_rows():
+    v = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    msg = protocol.reply("embed", 1, n=2, dim=3, frames=["embeddings"])
+    header, arrays = protocol.unpack_reply([protocol.pack(msg), protocol.encode_vectors(v)])
+    assert arrays["embeddings"].dtype == np.float32
+    np.testing.assert_array_equal(arrays["embeddings"].reshape(header["n"], header["dim"]), v)
+    with pytest.raises(ProtocolError, match="not a whole number of float32"):
+        protocol.unpack_reply([protocol.pack(msg), b"\0" * 7])
+
+
 def test_every_schema_field_is_documented():
     doc = (protocol_doc_path()).read_text()
     for op, schema in protocol.SCHEMAS.items():

@@ -195,6 +195,22 @@ def test_matmul_matches_reference_and_matvec(isa, t, batch):
 
 
 @pytest.mark.parametrize("t", TYPES)
+def test_matmul_rows_shares_make_up_the_whole_product(isa, t):
+    """Row ranges computed apart (one per thread, from activations quantized once) give
+    exactly matmul's result: a row's dot product does not depend on who computes it."""
+    rng = np.random.default_rng(8)
+    W = random_weights(t, 37, 7, rng)
+    X = rng.standard_normal((9, n_values(t, W))).astype(np.float32)
+    Xq = kq.quantize_act(t, X)
+    Y = np.full((9, 37), np.nan, np.float32)
+    for r0, r1 in ((0, 5), (5, 5), (5, 20), (20, 37)):
+        kq.matmul_rows(t, W, Xq, Y, r0, r1)
+    assert_bit_exact(Y, kq.matmul(t, W, X), 1, f"{t} {isa} matmul_rows shares")
+    with pytest.raises(kq.KernelArgError):
+        kq.matmul_rows(t, W, Xq, np.empty((9, 36), np.float32), 0, 36)
+
+
+@pytest.mark.parametrize("t", TYPES)
 def test_zero_weights_and_zero_activations_give_exact_zero(isa, t):
     rng = np.random.default_rng(6)
     W = random_weights(t, ROWS, 3, rng)

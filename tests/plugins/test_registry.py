@@ -167,6 +167,40 @@ print(int(r.prefill([3, 4]).argmax()), int(r.decode(10).argmax()), r.n_past)
     assert out.stdout.split() == ["5", "0", "3"]  # counting model: t -> t+1 mod 11
 
 
+def test_auto_passes_over_a_backend_that_lacks_a_models_feature(plugin_env, tmp_path):
+    """`plain` (priority 1000) declares no arch features: auto takes it for a plain llama
+    file, and for the bert encoder goes on to the best backend that computes encoders."""
+    from ember.formats import gguf
+    from tests.conftest import conformance_path
+    path = tmp_path / "tiny.gguf"
+    gguf.write(path, {"general.architecture": "llama", "llama.embedding_length": 8,
+                      "llama.block_count": 1, "llama.attention.head_count": 2,
+                      "llama.feed_forward_length": 16, "llama.context_length": 32},
+               {"token_embd.weight": np.zeros((11, 8), np.float32)})
+    bge = conformance_path("arch", "models", "bge-bert-F32.gguf")
+    script = f"""
+import json
+from ember.formats import gguf
+from ember.plugins import registry
+from ember.formats import model_config as arch
+out = []
+for p in ({str(path)!r}, {str(bge)!r}):
+    with gguf.open(p) as f:
+        out.append(registry.choose("auto", arch.config_from_gguf(f)))
+out.append(registry.choose("auto"))
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", script], env=plugin_env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    (plain, _), (name, why), (blind, _) = json.loads(run.stdout)
+    assert plain == blind == "plain"
+    with_encoders = [s.name for s in registry.backends() if registry.probe(s.name).available
+                     and (s.features is None or "encoder" in s.features)]
+    assert name == with_encoders[0]
+    assert "skipped plain (no bert bidirectional encoder (embeddings))" in why
+
+
 def test_emberd_starts_and_serves_a_third_party_backend_beside_a_broken_one(plugin_env,
                                                                              monkeypatch):
     """The broken plugins are installed too; emberd still starts, on `fake` by name."""

@@ -7,6 +7,9 @@ It declares two backends the way any outside package would:
   so the engine-facing contract (prefill, decode, reset, truncate) is exercised.
 - ``broken``: its probe raises, as a plugin for missing hardware might; ember
   must report it unavailable with the error and keep starting.
+- ``plain``: the counting model again, at the top priority, declaring that it
+  computes none of arch.FEATURES: `--backend auto` takes it for a plain llama
+  file and passes it over for a model that needs a feature (a bert encoder).
 """
 from __future__ import annotations
 
@@ -19,13 +22,17 @@ from ember.plugins.types import BackendSpec, ContextOverflow, MemoryPlan, Probe
 @hookimpl
 def ember_backends():
     return [BackendSpec("fake", 1, "third-party test backend (counting model)"),
-            BackendSpec("broken", 2, "third-party test backend whose probe raises")]
+            BackendSpec("broken", 2, "third-party test backend whose probe raises"),
+            BackendSpec("plain", 1000, "third-party test backend without arch features",
+                        features=frozenset())]
 
 
 @hookimpl
 def ember_probe(backend):
     if backend == "fake":
         return Probe(True, "fake device always present", isa="fake-isa", devices=["fake0"])
+    if backend == "plain":
+        return Probe(True, "plain device always present")
     if backend == "broken":
         raise RuntimeError("driver libfake.so.1 not found")
     return None
@@ -33,14 +40,14 @@ def ember_probe(backend):
 
 @hookimpl
 def ember_plan(backend, config, n_ctx, options):
-    if backend != "fake":
+    if backend not in ("fake", "plain"):
         return None
     return MemoryPlan(weights=0, kv_cache=8 * n_ctx, scratch=4 * config.n_vocab)
 
 
 @hookimpl
 def ember_load(backend, gguf, config, n_ctx, threads, options):
-    return CountingRunner(config.n_vocab, n_ctx) if backend == "fake" else None
+    return CountingRunner(config.n_vocab, n_ctx) if backend in ("fake", "plain") else None
 
 
 class CountingRunner:
