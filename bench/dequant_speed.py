@@ -24,7 +24,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from ember.formats import quant_blocks
 
 TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
+         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 ROW = 4096   # elements per row: a typical weight matrix row

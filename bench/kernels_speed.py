@@ -42,10 +42,10 @@ from ember.formats.quant_blocks import BLOCKS, GGML_TYPE_IDS
 from ember.kernels import _native, dispatch
 
 HOT = "Q4_0,Q8_0,Q4_K,Q6_K"
-ALL = "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,IQ4_NL,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,F16,BF16,F32"
+ALL = "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,IQ4_NL,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_XS,F16,BF16,F32"
 FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
                "IQ4_NL": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2],
-               "Q5_K": [0, 2], "Q6_K": [208]}
+               "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
 
 # ---------------------------------------------------------------------------
 # Read bandwidth

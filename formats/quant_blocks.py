@@ -28,8 +28,10 @@ numpy's cost is per loop call as much as per byte, and the blocks are
 Dequantization multiplies in the same order as ggml's C code (``(d*sc)*q``,
 then ``- m``), so results are bit-identical to it and to gguf-py.
 
-Quantization of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q8_K follows llama.cpp's
-``quantize_row_*_ref`` (ggml-quants.c) operation by operation in float32:
+Quantization of every type llama-quantize writes without an importance matrix
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS; Q8_K for activations)
+follows ggml_quantize_chunk (ggml-quants.c: ``quantize_row_*_ref`` for all but
+the IQ4 types, ``quantize_iq4_*`` for those) operation by operation in float32:
 same rounding (truncation, ``roundf``, or round-half-even through the
 ``nearest_int`` magic number), same ``d ? 1/d : 0`` guard, same summation
 order (sequential, never numpy's pairwise sums), fp16 stores rounded to
@@ -82,6 +84,7 @@ BLOCKS: dict[str, tuple[int, int]] = {
     "Q6_K": (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
     "Q8_K": (QK_K, 4 + QK_K + QK_K // 16 * 2),
     "IQ4_NL": (32, 2 + 16),
+    "IQ4_XS": (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
 }
 
 
@@ -499,6 +502,99 @@ class IQ4_NL(_Quant):
         _times(out.reshape(-1), _f32(S, "d"), 32)
         return out
 
+    @classmethod
+    def quantize_blocks(cls, x):
+        # quantize_iq4_nl (the llama-quantize path: ntry = 7, no importance weights);
+        # quantize_row_iq4_nl_ref differs (ntry = -1) and is not what files hold
+        xt = np.ascontiguousarray(x.T)                           # (32, n)
+        with np.errstate(all="ignore"):
+            scale = _iq4_block_scales(xt)                        # (n,)
+            dh = _fp16_bytes(scale)
+            L = _iq4_best_index(xt * _recip(scale)).T            # (n, 32)
+        return np.concatenate([dh, _pack_nibbles(L)], axis=1)
+
+
+def _iq4_best_index(v: np.ndarray) -> np.ndarray:
+    """ggml best_index_int8 over the IQ4_NL code book, elementwise: the nearest
+    entry, the upper one on exact ties; NaN -> 15 as the C binary search gives."""
+    mu = np.clip(np.searchsorted(_IQ4NL_VALUES, v, side="right"), 1, 15)
+    lower = (v - _IQ4NL_VALUES[mu - 1]) < (_IQ4NL_VALUES[mu] - v)
+    return (mu - lower).astype(np.uint8)
+
+
+def _iq4_block_scales(xt: np.ndarray, ntry: int = 7) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's per-32 scale search without importance weights:
+    xt (32, m) -> best scale (m,) over the code book, 0 for all-zero groups."""
+    f = np.float32
+    w = xt * xt
+    mx = _amax_signed(xt.T)
+    zero = np.abs(mx) < f(1e-15)                            # GROUP_MAX_EPS
+
+    def fit(inv):
+        q = _IQ4NL_VALUES[_iq4_best_index(xt * inv)]
+        wq = w * q
+        return _seqsum(wq * xt), _seqsum(wq * q)           # (w*q)*x, (w*q)*q as in C
+
+    d = -mx / f(-127)                                      # ntry > 0: -max/values[0]
+    sumqx, sumq2 = fit(f(1) / d)
+    d = np.where(sumq2 > 0, sumqx / sumq2, f(0))
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        sumqx, sumq2 = fit(f(itry - 127) / mx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = np.where(better, sumqx / sumq2, d)
+        best = np.where(better, d * sumqx, best)
+    return np.where(zero, f(0), d).astype(f)
+
+
+class IQ4_XS(_Quant):
+    """IQ4_NL codes in 256-blocks: eight 32-groups with 6-bit scales (low 4 bits in
+    scales_l, high 2 in scales_h) under one fp16 super-scale."""
+    layout = _struct(("d", "<f2"), ("scales_h", "<u2"), ("scales_l", "V4"), ("qs", "V128"))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks, out):
+        S = _fields(blocks, cls.layout)
+        codes = _planes(_raw(S, "qs").reshape(-1, 16), 4, 2).reshape(-1, 32)   # (8n, 32)
+        np.take(_IQ4NL_VALUES, codes, out=out.reshape(-1, 32), mode="clip")
+        ls = _iq4xs_scale_codes(S).astype(np.float32) - np.float32(32)        # (n, 8)
+        _times(out.reshape(-1), _f32(S, "d")[:, None] * ls, 32)               # (d*ls)*v, C's order
+        return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        # quantize_iq4_xs without an imatrix (ntry = 7): per-32 scales, then one
+        # fp16 super-scale d = -max/32 and 6-bit codes; the values re-picked per code
+        n = len(x)
+        f = np.float32
+        xt = np.ascontiguousarray(x.reshape(n * 8, 32).T)        # (32, m): m = 8n groups
+        with np.errstate(all="ignore"):
+            scales = _iq4_block_scales(xt).reshape(n, 8)
+            d = -_amax_signed(scales) / f(32)                    # -0.0 for an all-zero block
+            l = np.clip(_nearest_int(_recip(d)[:, None] * scales), -32, 31)   # (n, 8)
+            dl = (d[:, None] * l.astype(f)).reshape(1, -1)       # (1, m)
+            L = _iq4_best_index(xt * _recip(dl)).T.reshape(n, 8, 32)
+        codes = (l + 32).astype(np.uint8)
+        scales_l = (codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4)   # (n, 4)
+        scales_h = np.zeros(n, np.uint16)
+        for ib in range(8):
+            scales_h |= (codes[:, ib] >> 4).astype(np.uint16) << (2 * ib)
+        qs = (L[:, :, :16] | (L[:, :, 16:] << 4)).reshape(n, 128)
+        return np.concatenate([_fp16_bytes(d), scales_h.view(np.uint8).reshape(n, 2),
+                               scales_l, qs], axis=1)
+
+
+def _iq4xs_scale_codes(S: np.ndarray) -> np.ndarray:
+    """(n,) IQ4_XS blocks -> (n, 8) uint8 6-bit scale codes (bias 32 not removed)."""
+    lo = _raw(S, "scales_l")                                  # (n, 4): two nibbles each
+    codes = np.empty((len(S), 8), np.uint8)
+    codes[:, 0::2] = lo & 0x0F
+    codes[:, 1::2] = lo >> 4
+    h = S["scales_h"].astype(np.uint16)
+    for ib in range(8):
+        codes[:, ib] |= (((h >> (2 * ib)) & 3) << 4).astype(np.uint8)
+    return codes
+
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """(n, 32) codes 0..15 (or more; low 4 bits kept) -> (n, 16) bytes, j | (j+16) << 4."""
@@ -568,19 +664,22 @@ class _Search:
         """sequential sum over k of a*b."""
         return _seqsum(np.multiply(a, b, out=self.t))
 
-    def error(self, scale, mn, L):
-        """sum of w * (scale*L + min - x)^2, C's make_qkx2_quants error."""
+    def error(self, scale, mn, L, use_mad=False):
+        """sum of w * (scale*L + min - x)^2 (or |...| with use_mad), make_qkx2_quants' error."""
         t = self.t
         np.multiply(L, scale, out=t)
         np.add(t, mn, out=t)
         np.subtract(t, self.x, out=t)
-        np.multiply(t, t, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
         np.multiply(self.w, t, out=t)
         return _seqsum(t)
 
 
-def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
-    """ggml make_qkx2_quants (use_mad=false) on x, w (k, m) -> scale (m,), min (m,), L (k, m)."""
+def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad=False):
+    """ggml make_qkx2_quants on x, w (k, m) -> scale (m,), min (m,), L (k, m)."""
     f = np.float32
     S = _Search(x, w)
     lo = np.minimum(x.min(axis=0), f(0))                 # C clamps min > 0 to 0
@@ -590,7 +689,7 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
     iscale = f(nmax) / (hi - lo)
     scale = f(1) / iscale
     L = S.levels(iscale, lo, (0, nmax), np.empty_like(x))
-    best = S.error(scale, lo, L)
+    best = S.error(scale, lo, L, use_mad)
     La, wl = np.empty_like(x), np.empty_like(x)          # (reused: L never aliases them)
     for step in range(nstep + 1):
         # (rmin + rdelta*is + nmax) / (max - min), with min the best so far
@@ -604,7 +703,7 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
         pos = t_min > 0
         t_min = np.where(pos, f(0), t_min)
         t_scale = np.where(pos, sum_xl / sum_l2, t_scale)
-        err = S.error(t_scale, t_min, La)
+        err = S.error(t_scale, t_min, La, use_mad)
         better = (D > 0) & (err < best)
         L = np.where(better, La, L)                      # (faster than a broadcast copyto where=)
         best = np.where(better, err, best)
@@ -640,6 +739,40 @@ def _make_qx_quants_rmse1(x, nmax):
     return np.where(zero, f(0), scale), np.where(zero, f(0), L)
 
 
+def _make_q3_quants(x):
+    """ggml make_q3_quants(nmax=4, do_rmse=true) on x (k, m) -> scale (m,), L (k, m) in 0..7.
+
+    The rmse pass moves one element at a time and keeps a move only if it
+    improves sumlx^2/suml2, so it runs element by element in C's order; a group
+    whose pass changed nothing stays unchanged in later passes, so running all
+    five passes equals C's early break.
+    """
+    f = np.float32
+    k = x.shape[0]
+    mx = _amax_signed(x.T)
+    zero = np.abs(mx) < f(1e-15)                         # GROUP_MAX_EPS: all-zero group
+    iscale = f(-4) / mx
+    l = np.clip(np.rint(iscale * x), -4, 3)              # (k, m) float32 levels
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = _seqsum(wx * l), _seqsum((w * l) * l)
+    for _ in range(5):
+        for i in range(k):
+            xi, wi, wxi, li = x[i], w[i], wx[i], l[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            new = np.clip(np.rint((xi * sl2) / slx), -4, 3)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + (wi * new) * new
+            take = ((slx > 0) & (new != li) & (sl22 > 0)
+                    & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+            l[i] = np.where(take, new, li)
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    scale = np.where(suml2 > 0, sumlx / suml2, f(0))
+    return np.where(zero, f(0), scale), np.where(zero, f(0), l + f(4))
+
+
 def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """Two (n, 8) 6-bit arrays -> (n, 12) bytes, the inverse of get_scale_min_k4."""
     out = np.empty((len(ls), 12), np.uint8)
@@ -672,6 +805,32 @@ class Q2_K(_Quant):
         _minus(flat, _f32(S, "dmin")[:, None] * mn, 16)
         return out
 
+    @classmethod
+    def quantize_blocks(cls, x):
+        # quantize_row_q2_K_ref: 16 groups of 16, scale and min as 4-bit codes
+        n = len(x)
+        f = np.float32
+        xt = np.ascontiguousarray(x.reshape(n * 16, 16).T)       # (16, m): m = 16n groups
+        with np.errstate(all="ignore"):
+            scales, mins, L = _make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, use_mad=True)
+            scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+            max_scale = np.maximum(scales.max(axis=1), f(0))
+            max_min = np.maximum(mins.max(axis=1), f(0))
+            # C: (uint8_t)nearest_int(15/max * v), no clamp; 0 when max <= 0
+            sc = np.where(max_scale[:, None] > 0,
+                          _nearest_int((f(15) / max_scale)[:, None] * scales) & 0xFF, 0)
+            mn = np.where(max_min[:, None] > 0,
+                          _nearest_int((f(15) / max_min)[:, None] * mins) & 0xFF, 0)
+            codes = (sc | (mn << 4)).astype(np.uint8)            # (n, 16), as stored
+            dh = _fp16_bytes(np.where(max_scale > 0, max_scale / f(15), f(0)))
+            mh = _fp16_bytes(np.where(max_min > 0, max_min / f(15), f(0)))
+            d = (dh.view(np.float16).astype(f) * (codes & 0x0F)).reshape(1, -1)   # (1, m)
+            dm = (mh.view(np.float16).astype(f) * (codes >> 4)).reshape(1, -1)
+            Lr = np.clip(np.rint((xt + dm) / d), 0, 3)
+        L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 2, 4, 32)
+        qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
+        return np.concatenate([codes, qs.reshape(n, 64), dh, mh], axis=1)
+
 
 def _q3_scales(packed: np.ndarray) -> np.ndarray:
     """(n, 12) packed 6-bit scales -> (n, 16) int8 scales - 32, four bytes at a time.
@@ -702,6 +861,33 @@ class Q3_K(_Quant):
         _times(flat, _f32(S, "d")[:, None] * _q3_scales(_raw(S, "scales")), 16)
         return out
 
+    @classmethod
+    def quantize_blocks(cls, x):
+        # quantize_row_q3_K_ref: 16 groups of 16, signed 6-bit scales
+        n = len(x)
+        f = np.float32
+        xt = np.ascontiguousarray(x.reshape(n * 16, 16).T)       # (16, m): m = 16n groups
+        with np.errstate(all="ignore"):
+            scales, L = _make_q3_quants(xt)
+            scales = scales.reshape(n, 16)
+            max_scale = _amax_signed(scales)                     # first of largest |scale|
+            iscale = f(-32) / max_scale
+            l = np.clip(_nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31) + 32
+            l = np.where(max_scale[:, None] != 0, l, 0).astype(np.uint8)     # (n, 16) codes
+            dh = _fp16_bytes(np.where(max_scale != 0, f(1) / iscale, f(0)))
+            sc = np.where(max_scale[:, None] != 0, l.astype(np.int8) - np.int8(32), -32)
+            d = (dh.view(np.float16).astype(f) * sc.astype(f)).reshape(1, -1)   # (1, m)
+            Lr = np.clip(np.rint(xt / d), -4, 3) + 4
+        L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 256)
+        packed = np.zeros((n, 12), np.uint8)
+        packed[:, :8] = (l[:, :8] & 0x0F) | ((l[:, 8:] & 0x0F) << 4)
+        for j in range(16):
+            packed[:, 8 + j % 4] |= (l[:, j] >> 4) << (2 * (j // 4))
+        hmask = np.packbits((L > 3).reshape(n, 8, 32), axis=1, bitorder="little")[:, 0]  # (n, 32)
+        L = (L & 3).reshape(n, 2, 4, 32)
+        qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
+        return np.concatenate([hmask, qs.reshape(n, 64), packed, dh], axis=1)
+
 
 class Q4_K(_Quant):
     layout = _struct(("d", "<f2"), ("dmin", "<f2"), ("scales", "V12"), ("qs", "V128"))
@@ -719,24 +905,34 @@ class Q4_K(_Quant):
     @classmethod
     def quantize_blocks(cls, x):
         n = len(x)
-        f = np.float32
-        xt = np.ascontiguousarray(x.reshape(n * 8, 32).T)        # (32, m): m = 8n sub-blocks
-        with np.errstate(all="ignore"):
-            av_x = np.sqrt(_seqsum(xt * xt) / f(32))
-            w = av_x + np.abs(xt)
-            scales, mins, L = _make_qkx2_quants(xt, w, 15, -1.0, 0.1, 20)
-            scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-            max_scale = np.maximum(scales.max(axis=1), f(0))
-            max_min = np.maximum(mins.max(axis=1), f(0))
-            ls, lm = _scale_codes(scales, max_scale), _scale_codes(mins, max_min)
-            dh, mh = _fp16_bytes(max_scale / f(63)), _fp16_bytes(max_min / f(63))
-            # requantize against the stored (fp16, 6-bit) scales, like the C code
-            d = (dh.view(np.float16).astype(f) * ls).reshape(1, -1)  # (1, m)
-            dm = (mh.view(np.float16).astype(f) * lm).reshape(1, -1)
-            Lr = np.clip(np.rint((xt + dm) / d), 0, 15)
-        L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 4, 2, 32)
+        dh, mh, scales, L = _quantize_k4(x, 15, -1.0, 20)     # L (n, 256) codes 0..15
+        L = L.reshape(n, 4, 2, 32)
         qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(n, 128)
-        return np.concatenate([dh, mh, _pack_scale_min_k4(ls, lm), qs], axis=1)
+        return np.concatenate([dh, mh, scales, qs], axis=1)
+
+
+def _quantize_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """quantize_row_q4_K_ref / q5_K_ref up to the bit packing (they differ only in
+    nmax, rmin and nstep): x (n, 256) -> d, dmin (n, 2) fp16 bytes, scales (n, 12)
+    packed 6-bit codes, L (n, 256) uint8 codes 0..nmax."""
+    n = len(x)
+    f = np.float32
+    xt = np.ascontiguousarray(x.reshape(n * 8, 32).T)        # (32, m): m = 8n sub-blocks
+    with np.errstate(all="ignore"):
+        av_x = np.sqrt(_seqsum(xt * xt) / f(32))
+        w = av_x + np.abs(xt)
+        scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep)
+        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+        max_scale = np.maximum(scales.max(axis=1), f(0))
+        max_min = np.maximum(mins.max(axis=1), f(0))
+        ls, lm = _scale_codes(scales, max_scale), _scale_codes(mins, max_min)
+        dh, mh = _fp16_bytes(max_scale / f(63)), _fp16_bytes(max_min / f(63))
+        # requantize against the stored (fp16, 6-bit) scales, like the C code
+        d = (dh.view(np.float16).astype(f) * ls).reshape(1, -1)  # (1, m)
+        dm = (mh.view(np.float16).astype(f) * lm).reshape(1, -1)
+        Lr = np.clip(np.rint((xt + dm) / d), 0, nmax)
+    L = np.where(d != 0, Lr, L).astype(np.uint8).T.reshape(n, 256)
+    return dh, mh, _pack_scale_min_k4(ls, lm), L
 
 
 class Q5_K(_Quant):
@@ -755,6 +951,18 @@ class Q5_K(_Quant):
         _times(flat, dl, 32)
         _minus(flat, ml, 32)
         return out
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        n = len(x)
+        dh, mh, scales, L = _quantize_k4(x, 31, -0.5, 15)     # L (n, 256) codes 0..31
+        L = L.reshape(n, 4, 2, 32)                            # 64-runs: low half, high half
+        qs = ((L[:, :, 0] & 0x0F) | ((L[:, :, 1] & 0x0F) << 4)).reshape(n, 128)
+        hi = (L >> 4).reshape(n, 8, 32)                       # bit 4 of run-half k -> qh bit k
+        qh = np.zeros((n, 32), np.uint8)
+        for k in range(8):
+            qh |= hi[:, k] << k
+        return np.concatenate([dh, mh, scales, qh, qs], axis=1)
 
 
 class Q6_K(_Quant):

@@ -30,7 +30,7 @@ byte j (Q4_K: two sub-blocks share 32 bytes, low and high nibbles); ORT
 wants (element 2i, element 2i + 1) in byte i, so the codes are repacked at
 build time, never dequantized. A per-block offset (a "min") is added as
 blocksum(x) @ offsets^T beside the op (see matmul_nbits). Q5_x and Q5_K
-(5-bit codes) and IQ4_NL (a non-linear code book) are not mapped. Every other type is dequantized
+(5-bit codes) and IQ4_NL / IQ4_XS (a non-linear code book) are not mapped. Every other type is dequantized
 once to float32 (a Gemm with transB, so the rows keep the file's layout) and
 counted as such in the memory plan.
 

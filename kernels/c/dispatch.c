@@ -121,7 +121,7 @@ int ember_block_elems(int wtype) {
     case EMBER_Q4_0: case EMBER_Q4_1: case EMBER_Q5_0: case EMBER_Q5_1:
     case EMBER_Q8_0: case EMBER_IQ4_NL: return 32;
     case EMBER_Q2_K: case EMBER_Q3_K: case EMBER_Q4_K: case EMBER_Q5_K:
-    case EMBER_Q6_K: case EMBER_Q8_K: case EMBER_Q4_K_R16: return QK_K;
+    case EMBER_Q6_K: case EMBER_Q8_K: case EMBER_Q4_K_R16: case EMBER_IQ4_XS: return QK_K;
     default: return 0;
     }
 }
@@ -142,6 +142,7 @@ size_t ember_block_bytes(int wtype) {
     case EMBER_Q5_K: return sizeof(block_q5_K);
     case EMBER_Q6_K: return sizeof(block_q6_K);
     case EMBER_Q8_K: return sizeof(block_q8_K);
+    case EMBER_IQ4_XS: return sizeof(block_iq4_xs);
     default: return 0;
     }
 }

@@ -28,7 +28,7 @@ enum {
     EMBER_F32 = 0, EMBER_F16 = 1, EMBER_Q4_0 = 2, EMBER_Q4_1 = 3,
     EMBER_Q5_0 = 6, EMBER_Q5_1 = 7, EMBER_Q8_0 = 8,
     EMBER_Q2_K = 10, EMBER_Q3_K = 11, EMBER_Q4_K = 12, EMBER_Q5_K = 13,
-    EMBER_Q6_K = 14, EMBER_Q8_K = 15, EMBER_IQ4_NL = 20, EMBER_BF16 = 30,
+    EMBER_Q6_K = 14, EMBER_Q8_K = 15, EMBER_IQ4_NL = 20, EMBER_IQ4_XS = 23, EMBER_BF16 = 30,
     /* ember's own repacked layouts (kernels/c/repack.c), never read from a file:
      * ids past every GGML type (ggml's GGML_TYPE_COUNT is 40) */
     EMBER_Q4_0_R16 = 40, EMBER_Q8_0_R16 = 41, EMBER_Q4_K_R16 = 42,
@@ -131,6 +131,14 @@ typedef struct {
     ember_fp16_t d;
 } block_q6_K;
 _Static_assert(sizeof(block_q6_K) == QK_K / 2 + QK_K / 4 + QK_K / 16 + 2, "block_q6_K size");
+
+typedef struct {
+    ember_fp16_t d;              /* super-block scale */
+    uint16_t scales_h;           /* high 2 bits of the 8 6-bit scales */
+    uint8_t scales_l[QK_K / 64]; /* low 4 bits, two scales a byte */
+    uint8_t qs[QK_K / 2];        /* IQ4_NL code-book indices, 16 bytes per 32 values */
+} block_iq4_xs;
+_Static_assert(sizeof(block_iq4_xs) == 4 + QK_K / 64 + QK_K / 2, "block_iq4_xs size");
 
 typedef struct {
     float d;                     /* f32 scale: activations need the range */

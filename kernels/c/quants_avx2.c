@@ -533,6 +533,65 @@ float ember_vec_dot_q3_K_q8_K_avx2(int64_t n, const void *vw, const void *vx) {
     return hsum8(acc);
 }
 
+/* ---- IQ4_XS: IQ4_NL's code book in 256-blocks, a 6-bit scale per 32 ----- */
+
+/* Group ib's 32 values via pshufb into the code book, as int8, split into
+ * |v| (maddubs' unsigned side) and the sign that moves onto y. */
+static inline __m256i iq4xs_values(const block_iq4_xs *b, int ib) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)ember_kvalues_iq4nl);
+    return _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles32(b->qs + 16 * ib));
+}
+
+/* One group against y: int16 pair sums (|p| <= 2*127*127) times the scale,
+ * summed into 8 int32 lanes. The same step for dot and dot4. */
+static inline __m256i iq4xs_group(__m256i absv, __m256i v, __m256i scale16, const int8_t *y) {
+    const __m256i p = _mm256_maddubs_epi16(absv, _mm256_sign_epi8(load256(y), v));
+    return _mm256_madd_epi16(p, scale16);
+}
+
+float ember_vec_dot_iq4_xs_q8_K_avx2(int64_t n, const void *vw, const void *vx) {
+    const block_iq4_xs *w = vw;
+    const block_q8_K *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            const __m256i v = iq4xs_values(&w[i], ib);
+            const __m256i sc = _mm256_set1_epi16((short)ember_iq4xs_scale(&w[i], ib));
+            sumi = _mm256_add_epi32(sumi, iq4xs_group(_mm256_sign_epi8(v, v), v, sc, x[i].qs + 32 * ib));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x[i].d * fp16(w[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum8(acc);
+}
+
+void ember_vec_dot4_iq4_xs_q8_K_avx2(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_iq4_xs *w = vw;
+    const uint8_t *xb = vx;
+    __m256 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const block_q8_K *x[4];
+        __m256i sumi[4];
+        for (int r = 0; r < 4; r++) {
+            x[r] = (const block_q8_K *)(xb + r * xs) + i;
+            sumi[r] = _mm256_setzero_si256();
+        }
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            const __m256i v = iq4xs_values(&w[i], ib), absv = _mm256_sign_epi8(v, v);
+            const __m256i sc = _mm256_set1_epi16((short)ember_iq4xs_scale(&w[i], ib));
+            for (int r = 0; r < 4; r++) {
+                sumi[r] = _mm256_add_epi32(sumi[r], iq4xs_group(absv, v, sc, x[r]->qs + 32 * ib));
+            }
+        }
+        const float dw = fp16(w[i].d);
+        for (int r = 0; r < 4; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r]->d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = hsum8(acc[r]);
+}
+
 /* ======================================================================== */
 /* Float weights against f32 activations                                     */
 /* ======================================================================== */
@@ -674,6 +733,8 @@ void ember_fill_kernels_avx2(ember_type_kernels *k) {
     k[EMBER_Q5_K].dot4 = ember_vec_dot4_q5_K_q8_K_avx2;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_avx2;
     k[EMBER_Q6_K].dot4 = ember_vec_dot4_q6_K_q8_K_avx2;
+    k[EMBER_IQ4_XS].dot = ember_vec_dot_iq4_xs_q8_K_avx2;
+    k[EMBER_IQ4_XS].dot4 = ember_vec_dot4_iq4_xs_q8_K_avx2;
     k[EMBER_F32].dot = ember_vec_dot_f32_f32_avx2;
     k[EMBER_F16].dot = ember_vec_dot_f16_f32_avx2;
     k[EMBER_BF16].dot = ember_vec_dot_bf16_f32_avx2;

@@ -1,4 +1,4 @@
-/* AVX-512 quantized kernels for the hot types: Q4_0, Q8_0, Q4_K, Q6_K.
+/* AVX-512 quantized kernels for the hot types: Q4_0, Q8_0, Q4_K, Q6_K, IQ4_XS.
  *
  * Every other type runs the AVX2 kernel (dispatch.c copies the AVX2 table
  * before this file fills its entries). Needs avx512f/bw/vl/dq; Q4_0 and Q8_0
@@ -955,6 +955,80 @@ void ember_quantize_row_q8_K_avx512(const float *x, void *vy, int64_t n) {
 }
 
 /* ======================================================================== */
+/* IQ4_XS                                                                    */
+/* ======================================================================== */
+
+/* Groups 2k and 2k+1 (64 values, value order) through the code book, as
+ * int8: each group's 16 bytes give its low nibbles then its high ones. */
+static inline __m512i iq4xs_pair(const block_iq4_xs *b, int k) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i t0 = _mm_loadu_si128((const __m128i *)(b->qs + 32 * k));
+    const __m128i t1 = _mm_loadu_si128((const __m128i *)(b->qs + 32 * k + 16));
+    const __m256i n0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t0, 4), m4), _mm_and_si128(t0, m4));
+    const __m256i n1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t1, 4), m4), _mm_and_si128(t1, m4));
+    const __m512i book = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)ember_kvalues_iq4nl));
+    return _mm512_shuffle_epi8(book, pair256(n0, n1));
+}
+
+/* int16 scales of groups 2k (lanes 0..15) and 2k+1 (16..31) */
+static inline __m512i iq4xs_scales(const block_iq4_xs *b, int k) {
+    return pair256(_mm256_set1_epi16((short)ember_iq4xs_scale(b, 2 * k)),
+                   _mm256_set1_epi16((short)ember_iq4xs_scale(b, 2 * k + 1)));
+}
+
+/* One pair of groups against y: AVX-512 has no sign_epi8, so |v| is the
+ * unsigned operand and y is negated where v < 0 (no code is 0). Pair sums
+ * are at most 2*127*127, scaled and summed into int32 by one madd. */
+static inline __m512i iq4xs_step(__m512i absv, __mmask64 neg, __m512i sc, const int8_t *y) {
+    const __m512i yy = load512(y);
+    const __m512i ys = _mm512_mask_sub_epi8(yy, neg, _mm512_setzero_si512(), yy);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(absv, ys), sc);
+}
+
+float ember_vec_dot_iq4_xs_q8_K_avx512(int64_t n, const void *vw, const void *vx) {
+    const block_iq4_xs *w = vw;
+    const block_q8_K *x = vx;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        __m512i sumi = _mm512_setzero_si512();
+        for (int k = 0; k < QK_K / 64; k++) {
+            const __m512i v = iq4xs_pair(&w[i], k);
+            sumi = _mm512_add_epi32(sumi, iq4xs_step(_mm512_abs_epi8(v), _mm512_movepi8_mask(v),
+                                                     iq4xs_scales(&w[i], k), x[i].qs + 64 * k));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(x[i].d * fp16(w[i].d)), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void ember_vec_dot4_iq4_xs_q8_K_avx512(int64_t n, const void *vw, const void *vx, size_t xs, float *s) {
+    const block_iq4_xs *w = vw;
+    const uint8_t *xb = vx;
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const block_q8_K *x[4];
+        __m512i sumi[4];
+        for (int r = 0; r < 4; r++) {
+            x[r] = (const block_q8_K *)(xb + r * xs) + i;
+            sumi[r] = _mm512_setzero_si512();
+        }
+        for (int k = 0; k < QK_K / 64; k++) {
+            const __m512i v = iq4xs_pair(&w[i], k), absv = _mm512_abs_epi8(v), sc = iq4xs_scales(&w[i], k);
+            const __mmask64 neg = _mm512_movepi8_mask(v);
+            for (int r = 0; r < 4; r++) {
+                sumi[r] = _mm512_add_epi32(sumi[r], iq4xs_step(absv, neg, sc, x[r]->qs + 64 * k));
+            }
+        }
+        const float dw = fp16(w[i].d);
+        for (int r = 0; r < 4; r++) {
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]->d * dw), _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* ======================================================================== */
 /* Table                                                                     */
 /* ======================================================================== */
 
@@ -990,6 +1064,8 @@ const char *ember_fill_kernels_avx512(ember_type_kernels *k, int use_extensions)
         k[EMBER_Q6_K].dot4 = NULL;
         k[EMBER_Q6_K].matmul16 = ember_matmul16_q6_K_avx512vnni;
     }
+    k[EMBER_IQ4_XS].dot = ember_vec_dot_iq4_xs_q8_K_avx512;
+    k[EMBER_IQ4_XS].dot4 = ember_vec_dot4_iq4_xs_q8_K_avx512;
     /* every Q8_0- / Q8_K-paired type shares its activation quantizer (the
      * table starts as a copy of AVX2's) */
     for (int t = 0; t < EMBER_N_TYPES; t++) {

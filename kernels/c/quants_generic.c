@@ -147,6 +147,20 @@ static void dequant_iq4_nl(const block_iq4_nl *x, float *y, int64_t nb) {
     }
 }
 
+static void dequant_iq4_xs(const block_iq4_xs *x, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = ember_fp16_to_fp32(x[i].d);
+        const uint8_t *qs = x[i].qs;
+        for (int ib = 0; ib < QK_K / 32; ib++, qs += 16, y += 32) {
+            const float dl = d * (float)ember_iq4xs_scale(&x[i], ib);
+            for (int j = 0; j < 16; j++) {
+                y[j] = dl * (float)ember_kvalues_iq4nl[qs[j] & 0xF];
+                y[j + 16] = dl * (float)ember_kvalues_iq4nl[qs[j] >> 4];
+            }
+        }
+    }
+}
+
 static void dequant_q2_K(const block_q2_K *x, float *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++) {
         const float d = ember_fp16_to_fp32(x[i].d), dmin = ember_fp16_to_fp32(x[i].dmin);
@@ -261,6 +275,7 @@ void ember_dequantize_row_generic(int wtype, const void *x, float *y, int64_t n)
     case EMBER_Q5_1: dequant_q5_1(x, y, n / QK5_1); break;
     case EMBER_Q8_0: dequant_q8_0(x, y, n / QK8_0); break;
     case EMBER_IQ4_NL: dequant_iq4_nl(x, y, n / QK4_NL); break;
+    case EMBER_IQ4_XS: dequant_iq4_xs(x, y, n / QK_K); break;
     case EMBER_Q2_K: dequant_q2_K(x, y, n / QK_K); break;
     case EMBER_Q3_K: dequant_q3_K(x, y, n / QK_K); break;
     case EMBER_Q4_K: dequant_q4_K(x, y, n / QK_K); break;
@@ -430,6 +445,28 @@ float ember_vec_dot_q3_K_q8_K_generic(int64_t n, const void *vw, const void *vx)
     return sum;
 }
 
+/* Integer sum over the super-block (sum of scale * code-book dot per 32 values,
+ * |.| < 2^27), scaled once: every ISA's twin computes the same integer. */
+float ember_vec_dot_iq4_xs_q8_K_generic(int64_t n, const void *vw, const void *vx) {
+    const block_iq4_xs *w = vw;
+    const block_q8_K *x = vx;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const uint8_t *qs = w[i].qs;
+        const int8_t *q8 = x[i].qs;
+        int isum = 0;
+        for (int ib = 0; ib < QK_K / 32; ib++, qs += 16, q8 += 32) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) {
+                s += ember_kvalues_iq4nl[qs[j] & 0xF] * q8[j] + ember_kvalues_iq4nl[qs[j] >> 4] * q8[j + 16];
+            }
+            isum += ember_iq4xs_scale(&w[i], ib) * s;
+        }
+        sum += ember_fp16_to_fp32(w[i].d) * x[i].d * (float)isum;
+    }
+    return sum;
+}
+
 /* sum over the 8 sub-blocks of Q4_K/Q5_K: scale * dot - min * sum(x) */
 static float k4_block(const block_q8_K *x, float d, float dmin, const uint8_t *scales, const int *dots) {
     int isum = 0, summs = 0;
@@ -563,6 +600,7 @@ void ember_fill_kernels_generic(ember_type_kernels *k) {
     k[EMBER_Q4_K] = (ember_type_kernels){ember_vec_dot_q4_K_q8_K_generic, NULL, q8k};
     k[EMBER_Q5_K] = (ember_type_kernels){ember_vec_dot_q5_K_q8_K_generic, NULL, q8k};
     k[EMBER_Q6_K] = (ember_type_kernels){ember_vec_dot_q6_K_q8_K_generic, NULL, q8k};
+    k[EMBER_IQ4_XS] = (ember_type_kernels){ember_vec_dot_iq4_xs_q8_K_generic, NULL, q8k};
     k[EMBER_F32] = (ember_type_kernels){ember_vec_dot_f32_f32_generic, NULL, f32};
     k[EMBER_F16] = (ember_type_kernels){ember_vec_dot_f16_f32_generic, NULL, f32};
     k[EMBER_BF16] = (ember_type_kernels){ember_vec_dot_bf16_f32_generic, NULL, f32};

@@ -111,6 +111,13 @@ static inline void ember_q3k_scales(const uint8_t *s, int8_t out[16]) {
     for (int i = 0; i < 16; i++) out[i] = (int8_t)(b[i] - 32);
 }
 
+/* 6-bit scale of 32-value group ib of an IQ4_XS super-block, bias 32 removed */
+static inline int ember_iq4xs_scale(const block_iq4_xs *b, int ib) {
+    const int lo = (b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+    const int hi = (b->scales_h >> (2 * ib)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
 extern const int8_t ember_kvalues_iq4nl[16];
 
 /* fp16 bit pattern -> f32, filled once at load (dispatch.c). A table load is
@@ -153,6 +160,7 @@ float ember_vec_dot_q5_0_q8_0_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_q5_1_q8_0_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_q8_0_q8_0_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_iq4_nl_q8_0_generic(int64_t n, const void *w, const void *x);
+float ember_vec_dot_iq4_xs_q8_K_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_q2_K_q8_K_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_q3_K_q8_K_generic(int64_t n, const void *w, const void *x);
 float ember_vec_dot_q4_K_q8_K_generic(int64_t n, const void *w, const void *x);

@@ -1,4 +1,4 @@
-/* ARM NEON quantized kernels for the hot types: Q4_0, Q8_0, Q4_K, Q6_K.
+/* ARM NEON quantized kernels for the hot types: Q4_0, Q8_0, Q4_K, Q6_K, IQ4_XS.
  *
  * Every other type runs the generic kernel (dispatch.c copies the generic
  * table before this file fills its entries). Each kernel is built twice:
@@ -112,6 +112,28 @@ float ember_vec_dot_q4_K_q8_K_##SFX(int64_t n, const void *vw, const void *vx) {
             sumi += sc[2 * j] * vaddvq_s32(pl) + sc[2 * j + 1] * vaddvq_s32(ph);        \
         }                                                                               \
         sum += x[i].d * fp16(w[i].d) * (float)sumi - x[i].d * fp16(w[i].dmin) * (float)summs; \
+    }                                                                                   \
+    return sum;                                                                         \
+}                                                                                       \
+                                                                                        \
+/* IQ4_XS: the code book by one table lookup (tbl) per 16 values, then the     \
+ * signed dot; the scaled group sums add up exactly, as in the generic twin. */        \
+float ember_vec_dot_iq4_xs_q8_K_##SFX(int64_t n, const void *vw, const void *vx) {      \
+    const block_iq4_xs *w = vw;                                                         \
+    const block_q8_K *x = vx;                                                           \
+    const int8x16_t book = vld1q_s8(ember_kvalues_iq4nl);                               \
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);                                             \
+    float sum = 0.0f;                                                                   \
+    for (int64_t i = 0; i < n / QK_K; i++) {                                            \
+        int sumi = 0;                                                                   \
+        for (int ib = 0; ib < QK_K / 32; ib++) {                                        \
+            const uint8x16_t q = vld1q_u8(w[i].qs + 16 * ib);                           \
+            const int8_t *y = x[i].qs + 32 * ib;                                        \
+            int32x4_t p = DOT(vdupq_n_s32(0), vqtbl1q_s8(book, vandq_u8(q, m4)), vld1q_s8(y)); \
+            p = DOT(p, vqtbl1q_s8(book, vshrq_n_u8(q, 4)), vld1q_s8(y + 16));           \
+            sumi += ember_iq4xs_scale(&w[i], ib) * vaddvq_s32(p);                       \
+        }                                                                               \
+        sum += x[i].d * fp16(w[i].d) * (float)sumi;                                     \
     }                                                                                   \
     return sum;                                                                         \
 }                                                                                       \
@@ -237,6 +259,7 @@ const char *ember_fill_kernels_neon(ember_type_kernels *k, int use_extensions) {
         k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_neon_dotprod;
         k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_neon_dotprod;
         k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_neon_dotprod;
+        k[EMBER_IQ4_XS].dot = ember_vec_dot_iq4_xs_q8_K_neon_dotprod;
         return "neon+dotprod";
     }
     k[EMBER_Q4_0].dot = ember_vec_dot_q4_0_q8_0_neon;
@@ -245,6 +268,7 @@ const char *ember_fill_kernels_neon(ember_type_kernels *k, int use_extensions) {
     k[EMBER_Q8_0].dot4 = ember_vec_dot4_q8_0_q8_0_neon;
     k[EMBER_Q4_K].dot = ember_vec_dot_q4_K_q8_K_neon;
     k[EMBER_Q6_K].dot = ember_vec_dot_q6_K_q8_K_neon;
+    k[EMBER_IQ4_XS].dot = ember_vec_dot_iq4_xs_q8_K_neon;
     return "neon";
 }
 #endif

@@ -28,8 +28,13 @@ from ember.formats.quant_blocks import QuantError, dequantize, quantize  # noqa:
 from tests.conftest import REQUIRE_ORACLES, ROOT, absent, conformance_models, conformance_path  # noqa: E402
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-QUANTIZABLE = LEGACY + ["Q4_K", "Q6_K", "Q8_K"]
-K_QUANTIZABLE = {"Q4_K": "Q4_K_S", "Q6_K": "Q6_K"}   # type -> s512-llama file holding it
+QUANTIZABLE = LEGACY + ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"]
+# type -> the pure s512-llama file llama.cpp's quantizer wrote in it
+K_QUANTIZABLE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S",
+                 "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL"}
+# types whose file quantizer (ggml_quantize_chunk) is not quantize_row_*_ref: IQ4_NL's
+# _ref searches with ntry = -1, the file path with ntry = 7; IQ4_XS has only the latter
+CHUNK_QUANTIZABLE = ["IQ4_NL", "IQ4_XS"]
 # readable types the gguf package can also dequantize (it lacks Q8_K and the integers)
 GGUF_TYPES = [t for t in quant_blocks._TYPES if t not in ("Q8_K", "I8", "I16", "I32", "F64")]
 ODD_COUNTS = [1, 7, 31, 33, 255]
@@ -225,7 +230,7 @@ def test_f32_is_a_zero_copy_view_and_others_are_fresh():
 # Quantize: properties beyond the llama.cpp files
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE))
+@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE) + ["IQ4_XS"])
 def test_round_trip_error_is_bounded(type_name):
     elems = quant_blocks.BLOCKS[type_name][0]
     rng = np.random.default_rng(3)
@@ -239,11 +244,12 @@ def test_round_trip_error_is_bounded(type_name):
     # only 7/8 (15/16) of it; Q8_0 is half a step plus the fp16 rounding of d.
     rel = np.abs(y - x).max(axis=1) / np.abs(x).max(axis=1)
     limit = {"Q4_0": 1 / 8 + 2**-9, "Q4_1": 1 / 14, "Q5_0": 1 / 16 + 2**-9, "Q5_1": 1 / 30,
-             "Q8_0": 0.5 / 127 + 2**-10, "Q4_K": 1 / 8, "Q6_K": 1 / 40}[type_name]
+             "Q8_0": 0.5 / 127 + 2**-10, "Q2_K": 1 / 2, "Q3_K": 1 / 4, "Q4_K": 1 / 8,
+             "Q5_K": 1 / 16, "Q6_K": 1 / 40, "IQ4_NL": 1 / 8, "IQ4_XS": 1 / 8}[type_name]
     assert rel.max() <= limit, (type_name, rel.max())
 
 
-@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE))
+@pytest.mark.parametrize("type_name", LEGACY + sorted(K_QUANTIZABLE) + ["IQ4_XS"])
 def test_quantize_zeros_and_odd_block_counts(type_name):
     elems, size = quant_blocks.BLOCKS[type_name]
     for n in ODD_COUNTS:
@@ -294,7 +300,7 @@ def test_bf16_quantize_matches_gguf_py_rounding():
     (lambda: dequantize("Q4_0", np.zeros(9, np.uint16), (32,)), "uint8"),
     (lambda: dequantize("Q4_0", np.zeros(18, np.uint8), (-1, 32)), "negative"),
     (lambda: dequantize("Q4_0", [0] * 18, (32,)), "bytes-like"),
-    (lambda: quantize("Q2_K", np.zeros(256, np.float32)), "not supported"),
+    (lambda: quantize("I16", np.zeros(256, np.float32)), "not supported"),
     (lambda: quantize("Q4_0", np.zeros(48, np.float32)), "multiple"),
     (lambda: quantize("IQ2_XXS", np.zeros(256, np.float32)), "unknown"),
     (lambda: quantize("Q8_0", np.float32(1)), "scalar"),
@@ -366,6 +372,35 @@ def test_quantize_matches_libggml_reference(type_name, kind):
         x = generated(kind, n_blocks * elems, rng)
         ours = quantize(type_name, x).reshape(-1, size)
         theirs = c_quantize(lib, type_name, x).reshape(-1, size)
+        bad = np.nonzero((ours != theirs).any(axis=1))[0]
+        assert bad.size == 0, f"{kind} n={n_blocks}: block {bad[0]} ours {ours[bad[0]]} C {theirs[bad[0]]}"
+
+
+def c_quantize_chunk(lib, type_name: str, x: np.ndarray) -> np.ndarray:
+    """ggml_quantize_chunk without an importance matrix: what llama-quantize writes."""
+    elems, size = quant_blocks.BLOCKS[type_name]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.zeros(x.size // elems * size, np.uint8)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk(ctypes.c_int(quant_blocks.GGML_TYPE_IDS[type_name]),
+                            x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+                            ctypes.c_int64(0), ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]),
+                            ctypes.c_void_p(0))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "integers", "halves", "tiny", "sparse"])
+@pytest.mark.parametrize("type_name", CHUNK_QUANTIZABLE)
+def test_quantize_matches_libggml_file_quantizer(type_name, kind):
+    lib = _libggml()
+    elems, size = quant_blocks.BLOCKS[type_name]
+    rng = np.random.default_rng(zlib.crc32(f"chunk/{type_name}/{kind}".encode()))
+    for n_blocks in ODD_COUNTS:
+        x = generated(kind, n_blocks * elems, rng).reshape(1, -1)
+        if n_blocks > 2:
+            x[:, elems:2 * elems] = 0                          # an all-zero block between live ones
+        ours = quantize(type_name, x).reshape(-1, size)
+        theirs = c_quantize_chunk(lib, type_name, x).reshape(-1, size)
         bad = np.nonzero((ours != theirs).any(axis=1))[0]
         assert bad.size == 0, f"{kind} n={n_blocks}: block {bad[0]} ours {ours[bad[0]]} C {theirs[bad[0]]}"
 

@@ -24,7 +24,7 @@ from ember.kernels import _native, dispatch
 from ember.kernels import quant_ops as kq
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K",
-         "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+         "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "F16", "BF16", "F32"]
 BLOCK_COUNTS = [1, 7, 31, 33, 255]
 TIGHT = 2e-5
 ROWS = 5
@@ -32,7 +32,7 @@ ROWS = 5
 # byte offsets of the fp16 scale fields inside one block
 FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
                "IQ4_NL": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2],
-               "Q5_K": [0, 2], "Q6_K": [208]}
+               "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
 
 
 def _variants() -> list[str]:
@@ -120,7 +120,7 @@ def test_c_struct_sizes_match_the_block_table(name):
 def test_activation_formats():
     assert {t: kq.act_type(t) for t in TYPES} == {
         **{t: "Q8_0" for t in ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]},
-        **{t: "Q8_K" for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]},
+        **{t: "Q8_K" for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]},
         **{t: "F32" for t in ["F16", "BF16", "F32"]}}
 
 # ---------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_read_only_memmap_and_strided_rows(isa, t, tmp_path):
     np.testing.assert_array_equal(kq.matvec(t, fused, X[0]), kq.matvec(t, W[3:8], X[0]))
 
 
-@pytest.mark.parametrize("t", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("t", ["Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_real_quantized_weights(isa, t):
     """Weights made by the project's quantizer from float data, not random codes."""
     rng = np.random.default_rng(8)

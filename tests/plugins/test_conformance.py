@@ -14,13 +14,18 @@ temporary EMBER_CACHE_DIR for the module.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
-from ember.daemon import engine
+from ember.daemon import cli, engine
+from ember.formats import gguf
 from ember.plugins import registry
-from tests.conftest import (REQUIRE_WEBGPU, absent, assert_matches_oracle, conformance_cases, conformance_path,
-                            oracle_params, required)
+from tests.conftest import (REQUIRE_ORACLES, REQUIRE_WEBGPU, absent, assert_matches_oracle,
+                            conformance_cases, conformance_path, oracle_params, required)
 
 CASES = conformance_cases()
 BACKENDS = registry.available()
@@ -89,3 +94,58 @@ def test_the_suite_covers_every_available_backend():
     if required(REQUIRE_WEBGPU):     # CI installs the [webgpu] extra and lavapipe
         assert "webgpu" in BACKENDS, registry.probe("webgpu").reason
     assert len({c["model"] for c in CASES}) >= 20
+
+
+# ---------------------------------------------------------------------------
+# IQ4_XS: no stored reference, so llama.cpp evaluates the file live
+# ---------------------------------------------------------------------------
+
+LLAMA_PYTHON = os.environ.get("EMBER_LLAMA_PYTHON", "/work/llamaenv/bin/python")
+LIVE_LOGITS = """
+import json, sys, numpy as np
+from llama_cpp import Llama
+path, out, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+m = Llama(model_path=path, n_ctx=256, n_threads=2, logits_all=True, verbose=False, seed=0)
+m.eval(tokens)
+np.save(out, np.array(m.scores[:len(tokens)], dtype=np.float32))
+"""
+
+
+@pytest.fixture(scope="module")
+def iq4_xs_case(tmp_path_factory):
+    """s512-llama-F32 quantized to IQ4_XS: every matrix IQ4_XS (--pure), and the
+    llama.cpp mix (Q5_K attn_v/ffn_down, Q6_K output); llama.cpp's logits for
+    each, teacher-forced on the tokens of a stored s512 prompt."""
+    if not os.path.exists(LLAMA_PYTHON):
+        absent(f"llama-cpp-python interpreter not found at {LLAMA_PYTHON} (set EMBER_LLAMA_PYTHON)",
+               REQUIRE_ORACLES)
+    d = tmp_path_factory.mktemp("iq4_xs")
+    tokens = np.load(conformance_path("refs", "s512-llama-F32.p2.npz"))["tokens"].tolist()
+    out = {}
+    for name, extra in (("pure", ["--pure"]), ("mix", [])):
+        path = d / f"s512-llama-IQ4_XS-{name}.gguf"
+        assert cli.main(["quantize", str(conformance_path("models", "s512-llama-F32.gguf")),
+                         str(path), "IQ4_XS", "--quiet", *extra]) == 0
+        r = subprocess.run([LLAMA_PYTHON, "-c", LIVE_LOGITS, str(path), str(d / f"{name}.npy"),
+                            json.dumps(tokens)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[name] = (path, np.load(d / f"{name}.npy"))
+    return tokens, out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["pure", "mix"])
+def test_iq4_xs_logits_match_live_llama_cpp(backend, variant, iq4_xs_case, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    tokens, cases = iq4_xs_case
+    path, ref = cases[variant]
+    with gguf.open(path) as f:
+        assert "IQ4_XS" in {t.type for t in f.tensors.values()}
+    m = engine.load(path, backend=backend, n_ctx=128)
+    try:
+        logits = m.logits(tokens)
+    finally:
+        m.close()
+    # every position is a reference position; the quantized-weights bounds apply
+    assert_matches_oracle(backend, {"model": path.name, "ref": f"IQ4_XS ({variant})"},
+                          {"logits": ref, "positions": np.arange(len(tokens))}, logits)

@@ -27,7 +27,7 @@ static const struct { const char *name; int id; int fp16_fields[2]; } TYPES[] = 
     {"Q4_0", EMBER_Q4_0, {0, -1}}, {"Q4_1", EMBER_Q4_1, {0, 2}}, {"Q5_0", EMBER_Q5_0, {0, -1}},
     {"Q5_1", EMBER_Q5_1, {0, 2}}, {"Q8_0", EMBER_Q8_0, {0, -1}}, {"IQ4_NL", EMBER_IQ4_NL, {0, -1}},
     {"Q2_K", EMBER_Q2_K, {80, 82}}, {"Q3_K", EMBER_Q3_K, {108, -1}}, {"Q4_K", EMBER_Q4_K, {0, 2}},
-    {"Q5_K", EMBER_Q5_K, {0, 2}}, {"Q6_K", EMBER_Q6_K, {208, -1}},
+    {"Q5_K", EMBER_Q5_K, {0, 2}}, {"Q6_K", EMBER_Q6_K, {208, -1}}, {"IQ4_XS", EMBER_IQ4_XS, {0, -1}},
     {"F16", EMBER_F16, {-1, -1}}, {"BF16", EMBER_BF16, {-1, -1}}, {"F32", EMBER_F32, {-1, -1}},
 };
 static const char *ISAS[EMBER_N_ISA] = {"generic", "avx2", "avx512", "neon"};
