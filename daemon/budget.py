@@ -286,30 +286,31 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process: /proc's VmHWM, which belongs to this
     address space alone; without /proc, getrusage's ru_maxrss (which also keeps the
     peak of the process this one was forked from)."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(field: str) -> int | None:
+    """One "kB" field of /proc/self/status in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
 
 
 VIRTUAL_SLACK = max(256 << 20, (32 << 20) * (os.cpu_count() or 1))
 
 
 def private_bytes() -> int:
-    """Private writable memory mapped now (VmData: what RLIMIT_DATA counts)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Private writable memory mapped now (VmData: what RLIMIT_DATA counts); 0 without /proc."""
+    return _status_bytes("VmData") or 0
 
 
 def cap_private(budget: int | None) -> int | None:
