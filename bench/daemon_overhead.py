@@ -16,14 +16,13 @@ daemon's overhead). Also the bare ping round trip. The goal: overhead < 1 ms.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from emberd_timing import DEFAULT_MODEL, complete as daemon_complete, start_emberd, \
+from emberd_timing import parse_args, complete as daemon_complete, start_emberd, \
     stream as daemon_stream, summary
 
 
@@ -47,12 +46,7 @@ def long_generation(model, client, prompt: str, n_tokens: int, rounds: int) -> N
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--backend", default="reference")
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--prompt", default="Once upon a time")
-    args = ap.parse_args()
+    args = parse_args(__doc__.split("\n")[0])
 
     from ember.daemon import engine
     from ember.daemon.client import Client

@@ -6,6 +6,7 @@ summary line, so the two scripts' numbers compare.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import statistics
@@ -52,3 +53,13 @@ def summary(name: str, xs: list[float], width: int = 16) -> str:
     q = statistics.quantiles(xs, n=10)
     return (f"{name:<{width}} median {statistics.median(xs) * 1e3:7.3f} ms   min {min(xs) * 1e3:7.3f}   "
             f"p10 {q[0] * 1e3:7.3f}   p90 {q[-1] * 1e3:7.3f}")
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """The options both overhead benches take: model, backend, requests, prompt."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--prompt", default="Once upon a time")
+    return ap.parse_args()

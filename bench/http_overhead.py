@@ -22,7 +22,6 @@ Goal: --http adds < 25 MB.
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from emberd_timing import DEFAULT_MODEL, complete as zmq_complete, start_emberd, \
+from emberd_timing import parse_args, complete as zmq_complete, start_emberd, \
     stream as zmq_stream, summary
 
 TCP = ["tcp://127.0.0.1:*"]
@@ -152,12 +151,7 @@ def memory(model: str, backend: str, prompt: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--backend", default="reference")
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--prompt", default="Once upon a time")
-    args = ap.parse_args()
+    args = parse_args(__doc__.split("\n")[0])
     added = latency(args.model, args.backend, args.n, args.prompt)
     grew = memory(args.model, args.backend, args.prompt)
     print(f"\ngoals: added latency < 1 ms: {'met' if added < 1e-3 else 'MISSED'} "
