@@ -509,8 +509,9 @@ class Gateway:
     # -- other routes -------------------------------------------------------------------
 
     def _serves(self, name: str) -> bool:
-        served = self.server.info.get("model") or ""
-        return name in (served, served.removesuffix(".gguf"))
+        info = self.server.info
+        served = info.get("model") or ""
+        return name in (served, served.removesuffix(".gguf"), info.get("alias"))
 
     def _model_object(self) -> dict:
         info = self.server.info

@@ -136,6 +136,7 @@ class Loaded:
     watch: modelfile.Watch
     checked: modelfile.Checked
     messages: list[str] = field(default_factory=list)
+    name: str | None = None           # what the user called it (--model demo, REPO:QUANT)
 
 
 def resolve_model(args, say) -> str:
@@ -234,7 +235,7 @@ def load_model(args, process: int | None = None, beside: int = 0, say=None) -> L
     except BaseException:
         model.close()
         raise
-    return Loaded(model, fits[0], watch, checked, list(fits[0].messages))
+    return Loaded(model, fits[0], watch, checked, list(fits[0].messages), args.model)
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +341,7 @@ class Service:
         if self.notify.watchdog_interval:   # wake often enough to ping every half interval
             server.tick_s = min(server.tick_s, self.notify.watchdog_interval / 4)
         server.info["memory"] = self._memory()
+        server.info["alias"] = self.loaded.name
 
     def ready(self) -> None:
         """After bind: READY=1 (the model is loaded and the socket bound)."""
@@ -589,6 +591,7 @@ class Service:
         self.loaded = new
         self._peak = 0
         srv.info["memory"] = self._memory()
+        srv.info["alias"] = new.name
         self._retired.append(old)
         log_say(f"now serving {srv.info['model']} (n_ctx {srv.info['n_ctx']})")
         self.status(self._serving_text())

@@ -166,6 +166,9 @@ def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [NAME]
     assert client.models.retrieve("stories260K").id == NAME
+    # the name emberd was started with (`--model demo`, REPO:QUANT, here a path) serves too
+    r = client.completions.create(model=str(model_path()), prompt="Once", max_tokens=2)
+    assert r.model == NAME and r.usage.completion_tokens == 2
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
 
