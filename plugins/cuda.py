@@ -100,7 +100,7 @@ FA_Q, FA_K, FA_WARPS = 64, 64, 4  # flash prefill attention: queries a block, ke
 FA_HD_MAX = 128                  # widest head it takes (shared memory grows with it)
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
-P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (at most; 2 measured no faster)
+P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (its launch bounds allow 1)
 P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line prefetch)
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load

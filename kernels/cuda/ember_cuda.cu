@@ -323,18 +323,18 @@ __device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const 
  * round trips to L2 instead of one per split per element. */
 template <class Q>
 __device__ const float *stage_x(const float *x, const float *nw, float eps, int K, float *xs,
-                                const float *part, int n_split, int hd) {
+                                const float *part, int n_split, int n_live, int hd) {
     if (part) {
         float *wsc = xs + xpad(K);
         const int stride = hd + 2;
-        for (int j = threadIdx.x; j < K / hd * n_split; j += BLOCK) {
-            const float *p = part + (i64)(j / n_split) * n_split * stride;
+        for (int j = threadIdx.x; j < K / hd * n_live; j += BLOCK) {
+            const float *p = part + (i64)(j / n_live) * n_split * stride;
             float M = NEG_BIG, L = 0.0f;
 #pragma unroll 4
-            for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * stride]);
+            for (int s = 0; s < n_live; s++) M = fmaxf(M, p[s * stride]);
 #pragma unroll 4
-            for (int s = 0; s < n_split; s++) L += p[s * stride + 1] * expf(p[s * stride] - M);
-            wsc[j] = expf(p[(j % n_split) * stride] - M) / L;
+            for (int s = 0; s < n_live; s++) L += p[s * stride + 1] * expf(p[s * stride] - M);
+            wsc[j] = expf(p[(j % n_live) * stride] - M) / L;
         }
         __syncthreads();
         for (int i = threadIdx.x; i < K; i += BLOCK) {
@@ -342,7 +342,7 @@ __device__ const float *stage_x(const float *x, const float *nw, float eps, int 
             const float *p = part + (i64)h * n_split * stride + 2 + i % hd;
             float a = 0.0f;
 #pragma unroll 4
-            for (int s = 0; s < n_split; s++) a += wsc[h * n_split + s] * p[s * stride];
+            for (int s = 0; s < n_live; s++) a += wsc[h * n_live + s] * p[s * stride];
             xs[Q::RUN >= 4 ? xpad(i) : i] = a;
         }
         __syncthreads();
@@ -472,7 +472,7 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
         }
     }
     GRID_DEP_WAIT();             /* x, part and y are the previous kernels' */
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, hd);
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, n_split, hd);
     int r = first;
 #pragma unroll
     for (int j = 0; j < PF_ROWS; j++) {
@@ -515,7 +515,7 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
         }
     }
     GRID_DEP_WAIT();
-    const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 1);
+    const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 0, 1);
     const int lane = threadIdx.x % WARP;
     int r = first;
 #pragma unroll
@@ -821,6 +821,16 @@ __device__ void attend_split(int h, int sp, int n_split, const float *q, const _
     }
 }
 
+/* Split sp past the newest key p (every split of the graph's fixed grid runs, whatever p is):
+ * write the partial attend_split would (max NEG_BIG, sum 0, zeros, so the merge weighs it 0)
+ * without preparing a query. Block-uniform; true when the caller has nothing left to do. */
+__device__ __forceinline__ bool empty_split(int h, int sp, int n_split, int pos, int chunk, int hd, float *part) {
+    if (sp * chunk <= pos) return false;
+    float *out = part + ((i64)h * n_split + sp) * (hd + 2);
+    for (int i = threadIdx.x; i < hd + 2; i += BLOCK) out[i] = i == 0 ? NEG_BIG : 0.0f;
+    return true;
+}
+
 /* decode attention after rope_kv: q from the q|k|v row (roped in place), every key from the cache */
 extern "C" __global__ void __launch_bounds__(BLOCK) attention(
         const float *qkv, int ld, const __half *k_cache, const __half *v_cache, const int *io,
@@ -829,6 +839,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention(
     GRID_DEP_TRIGGER();
     GRID_DEP_WAIT();
     const int h = blockIdx.x;
+    if (empty_split(h, blockIdx.z, gridDim.z, io[0], chunk, hd, part)) return;
     for (int i = threadIdx.x; i < hd; i += BLOCK) q[i] = qkv[h * hd + i] * scale;
     __syncthreads();
     attend_split(h, blockIdx.z, gridDim.z, q, k_cache, v_cache, io[0], part, n_head, n_kv, hd, chunk,
@@ -847,6 +858,7 @@ __device__ void attention_rope_body(
     __shared__ float kv[2][HD_MAX];
     __shared__ __align__(16) __half kcur[HD_MAX];
     __shared__ __align__(16) __half vcur[HD_MAX];
+    if (empty_split(h, sp, n_split, pos, chunk, hd, part)) return;
     const int warp = threadIdx.x / WARP;
     const int kv_dim = n_kv * hd, group = n_head / n_kv, kvh = h / group;
     const bool has_cur = sp * chunk <= pos && pos < (sp + 1) * chunk;    /* block-uniform */
@@ -927,7 +939,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK) attention_rows(
  * streams stage s+1 while stage s computes and while the barrier waits, and the matvecs read
  * L2. Each block owns a contiguous range of a stage's rows (the same range for the prefetch and
  * the multiply), its warps taking them in turn; x is staged (normalized, or merged from the
- * attention splits) per block in shared memory as in the matvec kernels. Only the quantized
+ * attention splits) per block in shared memory as in the matvec kernels. The attention stage
+ * and the o stage's merge visit only the splits that hold a key (p / chunk + 1 of them; the
+ * graph's fixed grid writes empty partials for the rest). One block an SM (__launch_bounds__
+ * (BLOCK, 1)): two measured no faster, and their 128-register cap spilled. Only the quantized
  * kinds are supported in the matvec stages (the host falls back to the graph otherwise). */
 
 enum { PK_Q4_0 = 0, PK_Q8_0 = 1, PK_Q4_K = 2, PK_Q6_K = 3, PK_F16 = 4, PK_F32 = 5 };
@@ -1112,11 +1127,11 @@ __device__ __forceinline__ int locate(const PStage &S, int &row) {
 
 /* y[r] (+)= M(r) . x for this block's rows r, a warp two rows at a time; x normalized or
  * merged while staged */
-__device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int hd, float eps) {
+__device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int n_live, int hd, float eps) {
     int r0, r1;
     block_rows(S.rows, r0, r1);
     if (r0 >= r1) return;                    /* block-uniform */
-    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, S.merge ? part : nullptr, n_split, hd);
+    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, S.merge ? part : nullptr, n_split, n_live, hd);
     const int lane = threadIdx.x % WARP;
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += 2 * NWARPS) {
         const int r2 = r + NWARPS;
@@ -1138,7 +1153,7 @@ __device__ void p_swiglu(const PStage &S, float *xs, float eps) {
     int r0, r1;
     block_rows(S.rows, r0, r1);
     if (r0 >= r1) return;
-    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, nullptr, 0, 1);
+    const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, nullptr, 0, 0, 1);
     const int lane = threadIdx.x % WARP;
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         float g, u;
@@ -1170,13 +1185,14 @@ __device__ void p_embed(const PStage &S, int token) {
  * table, copied once. io: (pos, token); part: the attention splits;
  * pf_cap: L2 prefetch bytes a block may ask for per stage (0: none); flags: PF_*; trace: null,
  * or n_st + 1 clocks. */
-extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
+extern "C" __global__ void __launch_bounds__(BLOCK, 1) decode_persistent(
         const PStage *stages, int n_st, int tab_off, u32 *count, const int *io, float *part, const float *cs,
         int n_head, int n_kv, int hd, int rope_dim, int neox, float eps, int chunk, int n_split,
         float scale, i64 pf_cap, int flags, i64 *trace) {
     extern __shared__ __align__(16) float pxs[];
     __shared__ PStage one;
     const int pos = io[0], token = io[1];
+    const int n_live = min(n_split, pos / chunk + 1);   /* splits holding a key: the rest are skipped */
     PStage *tab = tab_off ? (PStage *)(pxs + tab_off) : nullptr;
     if (tab)                                 /* the whole table once (tab_off: past x and wsc) */
         for (int i = threadIdx.x; i < n_st * (int)(sizeof(PStage) / 8); i += BLOCK)
@@ -1190,11 +1206,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 2) decode_persistent(
         if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags);
         switch (S.op) {
         case P_EMBED: p_embed(S, token); break;
-        case P_MATVEC: p_matvec(S, pxs, part, n_split, hd, eps); break;
+        case P_MATVEC: p_matvec(S, pxs, part, n_split, n_live, hd, eps); break;
         case P_SWIGLU: p_swiglu(S, pxs, eps); break;
         default:
-            for (int it = blockIdx.x; it < n_head * n_split; it += gridDim.x)
-                attention_rope_body(it / n_split, it % n_split, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,
+            for (int it = blockIdx.x; it < n_head * n_live; it += gridDim.x)
+                attention_rope_body(it / n_live, it % n_live, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,
                                     S.kc, S.vc, pos, part, n_head, n_kv, hd, rope_dim, neox, eps, chunk, scale);
         }
         if (s + 1 < n_st) grid_barrier(count, (u32)(s + 1) * gridDim.x, flags);
