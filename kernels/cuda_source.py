@@ -25,6 +25,7 @@ HD_MAX = 256            # widest head: llama/qwen use 64..128, gemma-style heads
 BLOCK_WARPS = {32: 8, 64: 4}   # 256 threads either way
 # weight types with native kernels; the suffix of matvec_<t>, matvec_swiglu_<t>, dequant_<t>
 TYPES = ("q4_0", "q8_0", "q4_k", "q6_k", "f16", "f32")
+TYPED_MACROS = ("EMBER_TYPED", "EMBER_TYPED_I8")   # the source's per-type kernel macros
 ROW_KERNELS = ("rmsnorm", "swiglu", "to_half", "rope_kv", "attention", "attention_rope", "attention_rows")
 WMMA_KERNELS = ("attention_flash",)     # only where EMBER_WMMA is 1
 PERSISTENT_KERNELS = ("decode_persistent",)   # CUDA only (inline PTX barrier and L2 prefetch)
@@ -78,11 +79,13 @@ def kernel_names(v: Variant | None = None) -> list[str]:
     """Every extern "C" kernel the source defines, by name (for variant v: those compiled
     into it; without v: all of them)."""
     text = raw_source()
-    typed = re.findall(r"^EMBER_TYPED\((\w+),", text, flags=re.M)
-    macro = re.search(r"#define EMBER_TYPED\(NAME, Q\)(.*?)\n\n", text, flags=re.S).group(1)
-    stems = re.findall(r"void __launch_bounds__\([\w, ]+\) (\w+)##NAME", macro)
-    plain = re.findall(r'^extern "C" __global__ void(?: __launch_bounds__\([\w *,]+\))? (?!__launch_bounds__)(\w+)\(', text, flags=re.M)
-    names = sorted(plain + [s + t for t in typed for s in stems])
+    names = re.findall(r'^extern "C" __global__ void(?: __launch_bounds__\([\w *,]+\))? (?!__launch_bounds__)(\w+)\(', text, flags=re.M)
+    for macro in TYPED_MACROS:      # the per-type kernels: each macro's stems x the types it is used for
+        typed = re.findall(rf"^{macro}\((\w+),", text, flags=re.M)
+        body = re.search(rf"#define {macro}\(NAME, Q\)(.*?)\n\n", text, flags=re.S).group(1)
+        stems = re.findall(r"void __launch_bounds__\([\w, ]+\) (\w+)##NAME", body)
+        names += [s + t for t in typed for s in stems]
+    names = sorted(names)
     if v is not None and not v.wmma:
         names = [n for n in names if n not in WMMA_KERNELS]
     if v is not None and v.platform != "cuda":

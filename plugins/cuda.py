@@ -71,7 +71,10 @@ rope and KV write inside the attention kernel, default on), ``pdl``
 ``persistent`` (decode as one persistent kernel on CUDA, default off),
 ``p_per_sm`` (its blocks per multiprocessor, at most; default P_PER_SM),
 ``p_flags`` (its barrier / prefetch variants, P_FLAGS), ``l2_prefetch`` (its
-next-stage L2 prefetch, default off: 6-10% slower with it on the H200).
+next-stage L2 prefetch, default off: 6-10% slower with it on the H200),
+``dp4a`` (decode, graph or persistent: the Q4_0 / Q8_0 / Q4_K matvecs
+quantize their input to int8 blocks of 32, as llama.cpp's MMVQ, and multiply
+with dp4a; default off until measured faster on a GPU).
 """
 from __future__ import annotations
 
@@ -101,12 +104,16 @@ FA_HD_MAX = 128                  # widest head it takes (shared memory grows wit
 PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its register cap)
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
 P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (its launch bounds allow 1)
-P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line prefetch)
+P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line
+                                 # prefetch, PF_I8 int8 x and dp4a in the matvec stages)
+PF_I8 = 8                        # the kernel's PF_I8: set by the dp4a option
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",
           "F16": "f16", "F32": "f32", "BF16": "f32"}
 QUANT_KINDS = ("q4_0", "q8_0", "q4_k", "q6_k")   # f16 GEMM; float kinds use f32 GEMM
+I8_KINDS = ("q4_0", "q8_0", "q4_k")                # matvec_i8_<kind>: int8 x, dp4a (a Q::dot8 each)
+XQ_BYTES = 48                                      # the kernels' struct XQ: 32 int8 of x, d, d * sum
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +250,7 @@ class Layout:
     p_grid: int = 0                                 # its blocks (all resident at once)
     pf_cap: int = 0                                 # L2 prefetch bytes a block asks for per stage
     p_flags: int = 0                                # the kernel's PF_* flags (barrier, prefetch kind)
+    int8: bool = False                              # decode matvecs: x as int8, dp4a (I8_KINDS)
     mats: dict = field(default_factory=dict)        # role -> Mat, e.g. "3.q", "output"
     vecs: dict = field(default_factory=dict)        # role -> tensor name or None
 
@@ -452,12 +460,38 @@ def _rows_per_warp(lay: Layout, rows: int, kind: str) -> int:
 
 
 def _prefetching(lay: Layout, kind: str) -> bool:
-    return lay.prefetch and kind in QUANT_KINDS
+    return lay.prefetch and kind in QUANT_KINDS or _int8(lay, kind)
+
+
+def _int8(lay: Layout, kind: str) -> bool:
+    return lay.int8 and kind in I8_KINDS
 
 
 def _mv_kernel(lay: Layout, stem: str, kind: str) -> str:
-    """matvec_<kind> / matvec_swiglu_<kind>, or their _pf variants."""
+    """matvec_<kind> / matvec_swiglu_<kind>, their _pf variants, or the int8 ones (_i8_,
+    which prefetch as _pf does)."""
+    if _int8(lay, kind):
+        return f"{stem}_i8_{kind}"
     return f"{stem}_pf_{kind}" if _prefetching(lay, kind) else f"{stem}_{kind}"
+
+
+def _mv_smem(lay: Layout, kind: str, cols: int, merge: bool = False) -> int:
+    """A matvec's dynamic shared memory: the staged x (padded for the quantized kinds) with
+    the split merge's weights past it, then for the int8 kernels x's int8 copy at the
+    kernels' xq_offset."""
+    merge_floats = _merge_bytes(lay) // 4 if merge else 0
+    if merge:
+        xs = 4 * (_xpad(cols) + merge_floats)
+    else:
+        xs = _xs_bytes(kind, cols)
+    if not _int8(lay, kind):
+        return xs
+    return 4 * _xq_offset(cols, merge_floats) + cols // 32 * XQ_BYTES
+
+
+def _xq_offset(cols: int, merge_floats: int) -> int:
+    """The kernels' xq_offset: floats before the int8 copy, 16-byte aligned."""
+    return (_xpad(cols) + merge_floats + 3) & ~3
 
 
 def fa_smem_bytes(hd: int) -> int:
@@ -479,7 +513,7 @@ def _matvec(lay: Layout, group: list[Mat], x: Buf, ldx: int, y: Buf, ldy: int, T
     part = (Buf("part"), lay.n_split, lay.c.head_dim) if merge else (None, 0, 1)
     args = tuple(a for w in ws for a in w) + (x, y, k.cols, ldx, ldy, int(acc), _vec(norm),
                                               float(lay.c.rms_eps), rpw) + part
-    smem = _xs_bytes(k.kind, k.cols) if not merge else 4 * _xpad(k.cols) + _merge_bytes(lay)
+    smem = _mv_smem(lay, k.kind, k.cols, merge)
     return Launch(_mv_kernel(lay, "matvec", k.kind), (_grid(rows, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
                   args, smem)
 
@@ -644,7 +678,7 @@ def _ffn_block(lay: Layout, i: int, T: int) -> list:
         rpw = _rows_per_warp(lay, F, g.kind)
         steps = [Launch(_mv_kernel(lay, "matvec_swiglu", g.kind), (_grid(F, lay.nwarps * rpw), T, 1), (lay.block, 1, 1),
                         (g.w(), g.d(), u.w(), u.d(), F, Buf("x"), Buf("ffn"), c.n_embd, c.n_embd, 2 * F,
-                         Buf(norm), float(c.rms_eps), rpw), _xs_bytes(g.kind, g.cols))]
+                         Buf(norm), float(c.rms_eps), rpw), _mv_smem(lay, g.kind, g.cols))]
     else:
         steps = project(lay, [g, u], Buf("x"), c.n_embd, Buf("ffn"), 2 * F, T, norm=norm)
         steps.append(Launch("swiglu", (_grid(F, 256), T, 1), (256, 1, 1), (Buf("ffn"), Buf("ffn"), F, 2 * F, 2 * F)))
@@ -737,11 +771,12 @@ P_TABLE_SMEM = 48 << 10   # the stage table is copied to shared memory when it f
 def persistent_smem(lay: Layout) -> tuple[int, int, int]:
     """decode_persistent's dynamic shared memory, as (bytes, xs floats, table offset in floats
     or 0): the padded x copy of its widest input with the split merge's weights past it (the
-    o stage's), then the stage table when it fits P_TABLE_SMEM (read once per token instead
+    o stage's) and x's int8 copy past those (used with PF_I8; reserved always, as the flags
+    come later), then the stage table when it fits P_TABLE_SMEM (read once per token instead
     of once per stage from global memory)."""
     st = persistent_stages(lay)
-    xs = max(_xpad(s.K) for s in st if s.op in (P_MATVEC, P_SWIGLU))
-    xs = max(xs, _xpad(lay.q_dim) + _merge_bytes(lay) // 4)
+    xs = max(_xq_offset(s.K, _merge_bytes(lay) // 4 if s.merge else 0) + s.K // 32 * XQ_BYTES // 4
+             for s in st if s.op in (P_MATVEC, P_SWIGLU))
     xs += xs % 2                                  # the table after it 8-byte aligned
     table = P_STAGE_BYTES * len(st)
     if table > P_TABLE_SMEM:
@@ -952,9 +987,9 @@ class CudaRunner(CacheBookkeeping):
             self._setup(gguf, config, n_ctx, int(options.get("max_batch", DEFAULT_MAX_BATCH)),
                         bool(options.get("flash", True)), bool(options.get("prefetch", True)),
                         bool(options.get("fuse_rope", True)), bool(options.get("persistent", False)),
-                        int(options.get("p_per_sm", P_PER_SM)))
+                        int(options.get("p_per_sm", P_PER_SM)), bool(options.get("dp4a", False)))
             if self.lay.persistent:
-                self.lay.p_flags = int(options.get("p_flags", P_FLAGS))
+                self.lay.p_flags = int(options.get("p_flags", P_FLAGS)) | (PF_I8 if self.lay.int8 else 0)
                 if not bool(options.get("l2_prefetch", False)):
                     self.lay.pf_cap = 0
             self.pdl = None
@@ -963,7 +998,7 @@ class CudaRunner(CacheBookkeeping):
                 self.pdl = ExLauncher(PROGRAMMATIC_STREAM_SERIALIZATION)
 
     def _setup(self, gguf, config: ModelConfig, n_ctx: int, batch: int, flash: bool, prefetch: bool,
-               fuse_rope: bool, persistent: bool = True, p_per_sm: int = 1) -> None:
+               fuse_rope: bool, persistent: bool = True, p_per_sm: int = 1, int8: bool = False) -> None:
         cp = self.cp
         rt = cp.cuda.runtime
         props = rt.getDeviceProperties(self.device.id)
@@ -976,6 +1011,7 @@ class CudaRunner(CacheBookkeeping):
         v = self._compile("hip" if rt.is_hip else "cuda", warp, flash)
         n_sm = int(props.get("multiProcessorCount", 132))
         self.lay = layout(config, n_ctx, batch, warp, n_sm, flash and v.wmma, prefetch, fuse_rope)
+        self.lay.int8 = int8
         self._coop, self.persistent_error = None, None
         if persistent and not rt.is_hip and persistent_refusal(self.lay) is None:
             self._plan_persistent(n_sm, int(props.get("l2CacheSize", 0)), p_per_sm)

@@ -117,8 +117,34 @@ EMBER_HD u32 word_of(const uint4 &q, int i) {
     return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
 }
 
+/* Activations as int8 for the dp4a matvecs (option dp4a): each run of 32 columns of x as
+ * llama.cpp's q8_1 block, q[i] = round(x[i] / d) with d = max|x| / 127, kept with d and
+ * d * sum(q) (the k-quants' mins and Q4_0's offset of 8 need the block's sum). 48 bytes, not
+ * 40: 16-byte aligned, so the 8 lanes of a quarter-warp reading their units' 16 bytes from
+ * shared memory hit distinct banks. */
+struct __align__(16) XQ {
+    int q[8];       /* 32 int8, four a word */
+    float d, s;     /* scale, scale * sum of q */
+    float pad[2];
+};
+
+/* a block's 32 int8 as two 16-byte loads (words 0-3, 4-7) */
+struct XQ16 { uint4 lo, hi; };
+EMBER_HD XQ16 xq_words(const XQ &b) { return {*(const uint4 *)b.q, *(const uint4 *)(b.q + 4)}; }
+
+/* sum of the 4 byte products a[i] * b[i] (signed) plus c: one instruction on sm_61+ */
+EMBER_HD int dp4a(int a, int b, int c) {
+#if !EMBER_HIP && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
+    return __dp4a(a, b, c);
+#else
+#pragma unroll
+    for (int e = 0; e < 4; e++) c += (int)(i8)(a >> (8 * e)) * (int)(i8)(b >> (8 * e));
+    return c;
+#endif
+}
+
 struct Q4_0 {
-    enum { UNIT = 32, RUN = 32, PF = 1 };
+    enum { UNIT = 32, RUN = 32, PF = 1, I8 = 1 };
     struct Raw { uint4 q; __half s; };
     struct Scales { float s; };
     static EMBER_HD int col(int u, int r) { return u * 32; }
@@ -138,10 +164,23 @@ struct Q4_0 {
             v[e] = sc.s * (float)((k < 4 ? b & 15 : b >> 4) - 8);
         }
     }
+    /* W[unit u] . x from the int8 copy: word k's low nibbles are columns 4k.., high 16 + 4k.. */
+    static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
+        const XQ &b = xq[u];
+        const XQ16 x = xq_words(b);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 wd = word_of(r.q, k);
+            s = dp4a((int)(wd & 0x0F0F0F0Fu), (int)word_of(x.lo, k), s);
+            s = dp4a((int)((wd >> 4) & 0x0F0F0F0Fu), (int)word_of(x.hi, k), s);
+        }
+        return __half2float(r.s) * (b.d * (float)s - 8.0f * b.s);
+    }
 };
 
 struct Q8_0 {
-    enum { UNIT = 32, RUN = 32, PF = 1 };
+    enum { UNIT = 32, RUN = 32, PF = 1, I8 = 1 };
     struct Raw { uint4 a, b; __half s; };
     struct Scales { float s; };
     static EMBER_HD int col(int u, int r) { return u * 32; }
@@ -157,6 +196,17 @@ struct Q8_0 {
         const u32 wd = k < 4 ? word_of(r.a, k) : word_of(r.b, k - 4);
 #pragma unroll
         for (int e = 0; e < 4; e++) v[e] = sc.s * (float)(i8)byte_of(wd, e);
+    }
+    static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
+        const XQ &b = xq[u];
+        const XQ16 x = xq_words(b);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            s = dp4a((int)word_of(r.a, k), (int)word_of(x.lo, k), s);
+            s = dp4a((int)word_of(r.b, k), (int)word_of(x.hi, k), s);
+        }
+        return __half2float(r.s) * b.d * (float)s;
     }
 };
 
@@ -184,7 +234,7 @@ EMBER_HD void scale_min_k4(int is, const u32 *sc, float *s, float *m) {
  * value = d*sc*q - dmin*m. The two sub-blocks' factors are worked out once a unit (per group,
  * the run-time scale selects doubled the kernel's instructions). */
 struct Q4_K {
-    enum { UNIT = 64, RUN = 64, PF = 1 };
+    enum { UNIT = 64, RUN = 64, PF = 1, I8 = 1 };
     struct Raw { uint4 q0, q1; u32 sc[3]; u32 dm; };
     struct Scales { float a0, c0, a1, c1; };
     static EMBER_HD int col(int u, int r) { return (u >> 2) * 256 + 64 * (u & 3); }
@@ -216,6 +266,22 @@ struct Q4_K {
             v[e] = a * (float)(k < 8 ? b & 15 : b >> 4) - c;
         }
     }
+    /* sub-block 2j (low nibbles) against x's run col(u, 0) / 32, 2j + 1 (high) the next run */
+    static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
+        const Scales sc = scales(r, u);
+        const XQ &lo = xq[col(u, 0) / 32], &hi = xq[col(u, 0) / 32 + 1];
+        const XQ16 xl = xq_words(lo), xh = xq_words(hi);
+        int sl = 0, sh = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 w0 = word_of(r.q0, k), w1 = word_of(r.q1, k);
+            sl = dp4a((int)(w0 & 0x0F0F0F0Fu), (int)word_of(xl.lo, k), sl);
+            sl = dp4a((int)(w1 & 0x0F0F0F0Fu), (int)word_of(xl.hi, k), sl);
+            sh = dp4a((int)((w0 >> 4) & 0x0F0F0F0Fu), (int)word_of(xh.lo, k), sh);
+            sh = dp4a((int)((w1 >> 4) & 0x0F0F0F0Fu), (int)word_of(xh.hi, k), sh);
+        }
+        return sc.a0 * lo.d * (float)sl - sc.c0 * lo.s + sc.a1 * hi.d * (float)sh - sc.c1 * hi.s;
+    }
 };
 
 /* Q6_K (padded to 224 bytes): ql[128] qh[64] scales[16] (int8) d (half). Unit u covers half
@@ -223,7 +289,7 @@ struct Q4_K {
  * four quarter-rows l, l+32, l+64, l+96 (llama.cpp's dequantize_row_q6_K order): group k is
  * quarter k/4, l = 16g + 4(k%4) .. +3. */
 struct Q6_K {
-    enum { UNIT = 64, RUN = 16, PF = 1 };
+    enum { UNIT = 64, RUN = 16, PF = 1, I8 = 0 };
     struct Raw { uint4 lo, hi, qh; i8 sc0, sc1, sc2, sc3; __half d; };
     struct Scales { float s[4]; };
     static EMBER_HD int col(int u, int r) {
@@ -257,7 +323,7 @@ struct Q6_K {
 
 /* plain rows: one element per unit, so consecutive lanes read consecutive elements (any K) */
 struct F16 {
-    enum { UNIT = 1, RUN = 1, PF = 0 };
+    enum { UNIT = 1, RUN = 1, PF = 0, I8 = 0 };
     struct Raw { float v; };
     static EMBER_HD int col(int u, int r) { return u; }
     static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
@@ -266,7 +332,7 @@ struct F16 {
 };
 
 struct F32 {
-    enum { UNIT = 1, RUN = 1, PF = 0 };
+    enum { UNIT = 1, RUN = 1, PF = 0, I8 = 0 };
     struct Raw { float v; };
     static EMBER_HD int col(int u, int r) { return u; }
     static EMBER_HD void fetch(const u8 *w, const __half *d, i64 row, int u, int K, Raw &r) {
@@ -313,6 +379,33 @@ __device__ __forceinline__ float raw_dot(const typename Q::Raw &r, int u, const 
         return r.v * x[u];
     }
 }
+
+/* W[unit u] . x: from the int8 copy xq when the kernel has one (I8), else from x */
+template <class Q, bool I8>
+__device__ __forceinline__ float unit_dot(const typename Q::Raw &r, int u, const float *x, const XQ *xq) {
+    if constexpr (I8) return Q::dot8(r, u, xq);
+    else return raw_dot<Q>(r, u, x);
+}
+
+/* The int8 copy of a staged x (padded floats, K a multiple of 32): a warp per run of 32
+ * columns, a lane per column (wave64: lanes past 32 idle). */
+__device__ void quantize_x(const float *xs, int K, XQ *xq) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    for (int b = warp; b < K / 32; b += NWARPS) {
+        const float v = lane < 32 ? xs[xpad(32 * b + lane)] : 0.0f;
+        const float amax = warp_max(fabsf(v)), d = amax / 127.0f;
+        const int q = amax == 0.0f ? 0 : (int)roundf(v / d);
+        const float sum = warp_sum((float)q);          /* exact: |sum| <= 32 * 127 */
+        if (lane < 32) ((i8 *)xq[b].q)[lane] = (i8)q;
+        if (lane == 0) { xq[b].d = d; xq[b].s = d * sum; }
+    }
+    __syncthreads();
+}
+
+/* Where a matvec's int8 copy of x starts in its dynamic shared memory, in floats: past the
+ * padded float copy and the split merge's weights (merge_floats), 16-byte aligned
+ * (plugins/cuda.py's _xq_offset) */
+__device__ __forceinline__ int xq_offset(int K, int merge_floats) { return (xpad(K) + merge_floats + 3) & ~3; }
 
 /* Stage row x (K floats) into shared memory, padded, optionally RMS-normalized with weight
  * nw (the norm before a projection, fused here so it costs no launch of its own). Returns
@@ -397,15 +490,16 @@ __device__ const float *stage_x(const float *x, const float *nw, float eps, int 
 /* ---- matrix x vector (decode, small batches) -------------------------------------------- */
 
 /* This lane's part of W[row] . x over units u0, u0 + WARP, ... (the caller sums the warp) */
-template <class Q, int UNROLL = 2>
-__device__ __forceinline__ float row_part(const u8 *w, const __half *d, i64 row, int K, const float *x, int u0) {
+template <class Q, int UNROLL = 2, bool I8 = false>
+__device__ __forceinline__ float row_part(const u8 *w, const __half *d, i64 row, int K, const float *x, int u0,
+                                          const XQ *xq = nullptr) {
     const int nu = K / Q::UNIT;
     float acc = 0.0f;
 #pragma unroll UNROLL
     for (int u = u0; u < nu; u += WARP) {
         typename Q::Raw r;
         Q::fetch(w, d, row, u, K, r);
-        acc += raw_dot<Q>(r, u, x);
+        acc += unit_dot<Q, I8>(r, u, x, xq);
     }
     return acc;
 }
@@ -422,15 +516,17 @@ struct Prefetch {
             if (lane + j * WARP < nu) Q::fetch(w, d, row, lane + j * WARP, K, raw[j]);
     }
     /* the lane's part of the row's dot product: the fetched units, then the rest */
-    __device__ __forceinline__ float dot(const u8 *w, const __half *d, i64 row, int K, const float *x) {
+    template <bool I8>
+    __device__ __forceinline__ float dot(const u8 *w, const __half *d, i64 row, int K, const float *x,
+                                         const XQ *xq) {
         const int lane = threadIdx.x % WARP, nu = K / Q::UNIT;
         float acc = 0.0f;
 #pragma unroll
         for (int j = 0; j < NP; j++) {
             const int u = lane + j * WARP;
-            if (u < nu) acc += raw_dot<Q>(raw[j], u, x);
+            if (u < nu) acc += unit_dot<Q, I8>(raw[j], u, x, xq);
         }
-        return acc + row_part<Q, 1>(w, d, row, K, x, lane + NP * WARP);
+        return acc + row_part<Q, 1, I8>(w, d, row, K, x, lane + NP * WARP, xq);
     }
 };
 
@@ -447,8 +543,9 @@ __device__ __forceinline__ i64 pick_row(int r, const u8 *w0, const __half *d0, i
 /* y[t, r] (+)= W[r] . norm(x[t]) for the rows of up to three matrices of one type stacked
  * (q|k|v share their input); grid (ceil(rows / (NWARPS * rpw)), n_tokens): a block stages its
  * token's x once, then its warps take rows in turn (rpw rows per warp). With PF > 0 each warp
- * fetches the first PF units a lane of its first row before the staging. */
-template <class Q, int PF>
+ * fetches the first PF units a lane of its first row before the staging. I8: x is quantized
+ * to int8 once staged and the dot products are dp4a's (Q::I8 types only). */
+template <class Q, int PF, bool I8 = false>
 __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,
                             const u8 *w2, const __half *d2, int n2, const float *x, float *y,
                             int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,
@@ -473,6 +570,8 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
     }
     GRID_DEP_WAIT();             /* x, part and y are the previous kernels' */
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, part, n_split, n_split, hd);
+    XQ *xq = (XQ *)(xs + xq_offset(K, part ? K / hd * n_split : 0));
+    if constexpr (I8) quantize_x(xv, K, xq);
     int r = first;
 #pragma unroll
     for (int j = 0; j < PF_ROWS; j++) {
@@ -480,7 +579,7 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
             const u8 *w;
             const __half *d;
             const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
-            const float s = warp_sum(pre[j].dot(w, d, row, K, xv));
+            const float s = warp_sum(pre[j].template dot<I8>(w, d, row, K, xv, xq));
             if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
             r += NWARPS;
         }
@@ -489,13 +588,13 @@ __device__ void matvec_body(const u8 *w0, const __half *d0, int n0, const u8 *w1
         const u8 *w;
         const __half *d;
         const i64 row = pick_row(r, w0, d0, n0, w1, d1, n1, w2, d2, &w, &d);
-        const float s = warp_sum(row_part<Q>(w, d, row, K, xv, threadIdx.x % WARP));
+        const float s = warp_sum(row_part<Q, 2, I8>(w, d, row, K, xv, threadIdx.x % WARP, xq));
         if (threadIdx.x % WARP == 0) y[r] = accumulate ? y[r] + s : s;
     }
 }
 
 /* y[t, r] = silu(Wg[r] . norm(x[t])) * (Wu[r] . norm(x[t])): gate, up and SwiGLU in one pass */
-template <class Q, int PF>
+template <class Q, int PF, bool I8 = false>
 __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,
                                    const float *x, float *y, int K, int ldx, int ldy,
                                    const float *nw, float eps, int rpw) {
@@ -516,20 +615,22 @@ __device__ void matvec_swiglu_body(const u8 *wg, const __half *dg, const u8 *wu,
     }
     GRID_DEP_WAIT();
     const float *xv = stage_x<Q>(x, nw, eps, K, xs, nullptr, 0, 0, 1);
+    XQ *xq = (XQ *)(xs + xq_offset(K, 0));
+    if constexpr (I8) quantize_x(xv, K, xq);
     const int lane = threadIdx.x % WARP;
     int r = first;
 #pragma unroll
     for (int j = 0; j < PF_ROWS; j++) {
         if (NP > 0 && r < r1) {  /* the first rows from their fetched units */
-            const float g = warp_sum(pg[j].dot(wg, dg, r, K, xv));
-            const float u = warp_sum(pu[j].dot(wu, du, r, K, xv));
+            const float g = warp_sum(pg[j].template dot<I8>(wg, dg, r, K, xv, xq));
+            const float u = warp_sum(pu[j].template dot<I8>(wu, du, r, K, xv, xq));
             if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
             r += NWARPS;
         }
     }
     for (; r < r1; r += NWARPS) {
-        const float g = warp_sum(row_part<Q>(wg, dg, r, K, xv, lane));
-        const float u = warp_sum(row_part<Q>(wu, du, r, K, xv, lane));
+        const float g = warp_sum(row_part<Q, 2, I8>(wg, dg, r, K, xv, lane, xq));
+        const float u = warp_sum(row_part<Q, 2, I8>(wu, du, r, K, xv, lane, xq));
         if (lane == 0) y[r] = g / (1.0f + expf(-g)) * u;
     }
 }
@@ -627,6 +728,27 @@ EMBER_TYPED(q4_k, Q4_K)
 EMBER_TYPED(q6_k, Q6_K)
 EMBER_TYPED(f16, F16)
 EMBER_TYPED(f32, F32)
+
+/* matvec_i8_<t> / matvec_swiglu_i8_<t>: the _pf kernels with x quantized to int8 once staged
+ * and dp4a dot products (option dp4a; the types with a Q::dot8) */
+#define EMBER_TYPED_I8(NAME, Q)                                                                  \
+extern "C" __global__ void __launch_bounds__(BLOCK, PF_BLOCKS) matvec_i8_##NAME(                 \
+        const u8 *w0, const __half *d0, int n0, const u8 *w1, const __half *d1, int n1,          \
+        const u8 *w2, const __half *d2, int n2, const float *x, float *y,                        \
+        int K, int ldx, int ldy, int accumulate, const float *nw, float eps, int rpw,             \
+        const float *part, int n_split, int hd) {                                                \
+    matvec_body<Q, Q::PF, true>(w0, d0, n0, w1, d1, n1, w2, d2, n2, x, y, K, ldx, ldy, accumulate, nw, eps, \
+                                rpw, part, n_split, hd);                                         \
+}                                                                                                \
+extern "C" __global__ void __launch_bounds__(BLOCK, PF_BLOCKS) matvec_swiglu_i8_##NAME(          \
+        const u8 *wg, const __half *dg, const u8 *wu, const __half *du, int n,                   \
+        const float *x, float *y, int K, int ldx, int ldy, const float *nw, float eps, int rpw) { \
+    matvec_swiglu_body<Q, Q::PF, true>(wg, dg, wu, du, n, x, y, K, ldx, ldy, nw, eps, rpw);      \
+}
+
+EMBER_TYPED_I8(q4_0, Q4_0)
+EMBER_TYPED_I8(q8_0, Q8_0)
+EMBER_TYPED_I8(q4_k, Q4_K)
 
 /* ---- row kernels --------------------------------------------------------------------------- */
 
@@ -983,6 +1105,7 @@ EMBER_HD i64 kind_row_bytes(int kind, int K) {
 #define PF_SLEEP 1     /* barrier: back off 100 ns between polls */
 #define PF_CLASSIC 2   /* barrier: fence + atomicAdd + volatile polling (cooperative groups' way) */
 #define PF_LINES 4     /* L2 prefetch: a prefetch.global.L2 per 128-byte line over the block */
+#define PF_I8 8        /* matvec stages: x quantized to int8 once staged, dp4a for the Q::I8 kinds */
 
 /* Ask for bytes [p, p + n) in L2 (a hint: nothing waits for it). Hopper: the copy engine's bulk
  * prefetch, one instruction a range, from thread 0 (unless PF_LINES); older GPUs: a prefetch
@@ -1074,13 +1197,19 @@ __device__ __forceinline__ i64 stage_clock() {
     return (i64)t;
 }
 
-/* The lane's part of row `row` of M . x (x staged, padded) */
-__device__ __forceinline__ float pmat_part(const PMat &M, int row, int K, const float *xs, int lane) {
+/* The lane's part of row `row` of M . x (x staged, padded; xq: its int8 copy, or null) */
+template <class Q>
+__device__ __forceinline__ float kind_part(const PMat &M, int row, int K, const float *xs, int lane, const XQ *xq) {
+    if (Q::I8 && xq) return row_part<Q, 2, Q::I8 != 0>(M.w, M.d, row, K, xs, lane, xq);
+    return row_part<Q>(M.w, M.d, row, K, xs, lane);
+}
+
+__device__ __forceinline__ float pmat_part(const PMat &M, int row, int K, const float *xs, int lane, const XQ *xq) {
     switch (M.kind) {
-    case PK_Q4_0: return row_part<Q4_0>(M.w, M.d, row, K, xs, lane);
-    case PK_Q8_0: return row_part<Q8_0>(M.w, M.d, row, K, xs, lane);
-    case PK_Q4_K: return row_part<Q4_K>(M.w, M.d, row, K, xs, lane);
-    default: return row_part<Q6_K>(M.w, M.d, row, K, xs, lane);
+    case PK_Q4_0: return kind_part<Q4_0>(M, row, K, xs, lane, xq);
+    case PK_Q8_0: return kind_part<Q8_0>(M, row, K, xs, lane, xq);
+    case PK_Q4_K: return kind_part<Q4_K>(M, row, K, xs, lane, xq);
+    default: return kind_part<Q6_K>(M, row, K, xs, lane, xq);
     }
 }
 
@@ -1088,34 +1217,50 @@ __device__ __forceinline__ float pmat_part(const PMat &M, int row, int K, const 
  * dependent round trips of two pmat_part calls. Units of 32 (small Raws) two a lane at a
  * time; the k-quants' 64-wide units one at a time (their Raws x 4 spilled past the 128
  * registers that two blocks an SM allow, and a 2048-wide row is one unit a lane anyway). */
-template <class Q>
+template <class Q, bool I8>
 __device__ __forceinline__ void row_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *x,
-                                          int lane, float &a, float &b) {
+                                          int lane, const XQ *xq, float &a, float &b) {
     const int nu = K / Q::UNIT;
 #pragma unroll (Q::UNIT == 32 ? 2 : 1)
     for (int u = lane; u < nu; u += WARP) {
         typename Q::Raw r0, r1;
         Q::fetch(A.w, A.d, ra, u, K, r0);
         Q::fetch(B.w, B.d, rb, u, K, r1);
-        a += raw_dot<Q>(r0, u, x);
-        b += raw_dot<Q>(r1, u, x);
+        a += unit_dot<Q, I8>(r0, u, x, xq);
+        b += unit_dot<Q, I8>(r1, u, x, xq);
     }
 }
 
+template <class Q>
+__device__ __forceinline__ void kind_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *xs,
+                                           int lane, const XQ *xq, float &a, float &b) {
+    if (Q::I8 && xq) row_part2<Q, Q::I8 != 0>(A, ra, B, rb, K, xs, lane, xq, a, b);
+    else row_part2<Q, false>(A, ra, B, rb, K, xs, lane, xq, a, b);
+}
+
 __device__ __forceinline__ void pmat_part2(const PMat &A, int ra, const PMat &B, int rb, int K, const float *xs,
-                                           int lane, float &a, float &b) {
+                                           int lane, const XQ *xq, float &a, float &b) {
     a = b = 0.0f;
     if (A.kind != B.kind) {
-        a = pmat_part(A, ra, K, xs, lane);
-        b = pmat_part(B, rb, K, xs, lane);
+        a = pmat_part(A, ra, K, xs, lane, xq);
+        b = pmat_part(B, rb, K, xs, lane, xq);
         return;
     }
     switch (A.kind) {
-    case PK_Q4_0: row_part2<Q4_0>(A, ra, B, rb, K, xs, lane, a, b); break;
-    case PK_Q8_0: row_part2<Q8_0>(A, ra, B, rb, K, xs, lane, a, b); break;
-    case PK_Q4_K: row_part2<Q4_K>(A, ra, B, rb, K, xs, lane, a, b); break;
-    default: row_part2<Q6_K>(A, ra, B, rb, K, xs, lane, a, b); break;
+    case PK_Q4_0: kind_part2<Q4_0>(A, ra, B, rb, K, xs, lane, xq, a, b); break;
+    case PK_Q8_0: kind_part2<Q8_0>(A, ra, B, rb, K, xs, lane, xq, a, b); break;
+    case PK_Q4_K: kind_part2<Q4_K>(A, ra, B, rb, K, xs, lane, xq, a, b); break;
+    default: kind_part2<Q6_K>(A, ra, B, rb, K, xs, lane, xq, a, b); break;
     }
+}
+
+/* x's int8 copy for a matvec stage with PF_I8 (past the staged x and the merge weights), or null */
+__device__ __forceinline__ const XQ *p_quantize(const PStage &S, float *xs, const float *xv, int n_split, int hd,
+                                                int flags) {
+    if (!(flags & PF_I8)) return nullptr;
+    XQ *xq = (XQ *)(xs + xq_offset(S.K, S.merge ? S.K / hd * n_split : 0));
+    quantize_x(xv, S.K, xq);
+    return xq;
 }
 
 /* stage row r -> its matrix (index into S.mat) and its row there */
@@ -1126,19 +1271,21 @@ __device__ __forceinline__ int locate(const PStage &S, int &row) {
 }
 
 /* y[r] (+)= M(r) . x for this block's rows r, a warp two rows at a time; x normalized or
- * merged while staged */
-__device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int n_live, int hd, float eps) {
+ * merged while staged (and quantized with PF_I8) */
+__device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_split, int n_live, int hd, float eps,
+                         int flags) {
     int r0, r1;
     block_rows(S.rows, r0, r1);
     if (r0 >= r1) return;                    /* block-uniform */
     const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, S.merge ? part : nullptr, n_split, n_live, hd);
+    const XQ *xq = p_quantize(S, xs, xv, n_split, hd, flags);
     const int lane = threadIdx.x % WARP;
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += 2 * NWARPS) {
         const int r2 = r + NWARPS;
         int ra = r, rb = r2 < r1 ? r2 : r;
         const int ma = locate(S, ra), mb = locate(S, rb);
         float a, b;
-        pmat_part2(S.mat[ma], ra, S.mat[mb], rb, S.K, xv, lane, a, b);
+        pmat_part2(S.mat[ma], ra, S.mat[mb], rb, S.K, xv, lane, xq, a, b);
         a = warp_sum(a);
         b = warp_sum(b);
         if (lane == 0) {
@@ -1149,15 +1296,16 @@ __device__ void p_matvec(const PStage &S, float *xs, const float *part, int n_sp
 }
 
 /* y[r] = silu(gate(r) . x) * (up(r) . x), x normalized while staged */
-__device__ void p_swiglu(const PStage &S, float *xs, float eps) {
+__device__ void p_swiglu(const PStage &S, float *xs, float eps, int flags) {
     int r0, r1;
     block_rows(S.rows, r0, r1);
     if (r0 >= r1) return;
     const float *xv = stage_x<Q4_0>(S.x, S.nw, eps, S.K, xs, nullptr, 0, 0, 1);
+    const XQ *xq = p_quantize(S, xs, xv, 0, 1, flags);
     const int lane = threadIdx.x % WARP;
     for (int r = r0 + threadIdx.x / WARP; r < r1; r += NWARPS) {
         float g, u;
-        pmat_part2(S.mat[0], r, S.mat[1], r, S.K, xv, lane, g, u);
+        pmat_part2(S.mat[0], r, S.mat[1], r, S.K, xv, lane, xq, g, u);
         g = warp_sum(g);
         u = warp_sum(u);
         if (lane == 0) S.y[r] = g / (1.0f + expf(-g)) * u;
@@ -1206,8 +1354,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) decode_persistent(
         if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags);
         switch (S.op) {
         case P_EMBED: p_embed(S, token); break;
-        case P_MATVEC: p_matvec(S, pxs, part, n_split, n_live, hd, eps); break;
-        case P_SWIGLU: p_swiglu(S, pxs, eps); break;
+        case P_MATVEC: p_matvec(S, pxs, part, n_split, n_live, hd, eps, flags); break;
+        case P_SWIGLU: p_swiglu(S, pxs, eps, flags); break;
         default:
             for (int it = blockIdx.x; it < n_head * n_live; it += gridDim.x)
                 attention_rope_body(it / n_live, it % n_live, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,

@@ -158,6 +158,19 @@ static void decode_all(const u8 *w, const __half *d, int rows, int K, float *out
                 for (int e = 0; e < Q::RUN; e++) out[(long)row * K + Q::col(u, r) + e] = v[r * Q::RUN + e];
         }
 }
+/* out[row] = W[row] . x through the dp4a path: each unit's Q::dot8 against x's int8 blocks */
+template <class Q>
+static void dot8_all(const u8 *w, const __half *d, int rows, int K, const XQ *xq, float *out) {
+    for (int row = 0; row < rows; row++) {
+        float acc = 0.0f;
+        for (int u = 0; u < K / Q::UNIT; u++) {
+            typename Q::Raw r;
+            Q::fetch(w, d, row, u, K, r);
+            acc += Q::dot8(r, u, xq);
+        }
+        out[row] = acc;
+    }
+}
 static void *slurp(const char *path) {
     FILE *f = fopen(path, "rb");
     fseek(f, 0, SEEK_END);
@@ -180,6 +193,18 @@ int main(int argc, char **argv) {
     const int rows = atoi(argv[2]), K = atoi(argv[3]);
     const u8 *w = (const u8 *)slurp(argv[4]);
     const __half *d = (const __half *)slurp(argv[5]);
+    if (t.rfind("dot8_", 0) == 0) {   /* argv[6]: x's XQ blocks, argv[7]: out (rows floats) */
+        const XQ *xq = (const XQ *)slurp(argv[6]);
+        float *y = (float *)calloc(rows, sizeof(float));
+        if (t == "dot8_q4_0") dot8_all<Q4_0>(w, d, rows, K, xq, y);
+        else if (t == "dot8_q8_0") dot8_all<Q8_0>(w, d, rows, K, xq, y);
+        else if (t == "dot8_q4_k") dot8_all<Q4_K>(w, d, rows, K, xq, y);
+        else return 2;
+        FILE *f = fopen(argv[7], "wb");
+        fwrite(y, sizeof(float), rows, f);
+        fclose(f);
+        return 0;
+    }
     float *out = (float *)calloc((size_t)rows * K, sizeof(float));
     if (t == "q4_0") decode_all<Q4_0>(w, d, rows, K, out);
     else if (t == "q8_0") decode_all<Q8_0>(w, d, rows, K, out);
@@ -224,6 +249,7 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
         assert r.returncode == 0, (ttype, r.stderr)
         got = np.fromfile(out, np.float32).reshape(rows, cols)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=ttype)
+    _check_dot8(exe, tmp_path, rng)
     # the persistent decode's stage table: the ctypes mirror has the C layout
     r = subprocess.run([str(exe), "layout"], capture_output=True, text=True, timeout=60)
     P, M = cuda._PStage, cuda._PMat
@@ -235,6 +261,51 @@ def test_unit_decoders_match_numpy_on_the_host(tmp_path):
     # the kernel's row sizes (its L2 prefetch ranges) are the upload's, kind by kind (PKIND order)
     kinds = sorted(cuda.PKIND, key=cuda.PKIND.get)
     assert [int(v) for v in row_bytes.split()] == [cuda._row_bytes(k, 2048) for k in kinds]
+
+
+def _quantize_x8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (K float32) as the kernels' int8 blocks of 32 (llama.cpp's q8_1 rule: d = max|x| / 127,
+    q = roundf(x / d)): (the XQ records' bytes, the int8 values dequantized, float64)."""
+    xb = x.reshape(-1, 32)
+    d = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(d == 0, np.float32(1), d)
+    v = (xb / safe[:, None]).astype(np.float64)
+    q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)
+    q[d == 0] = 0
+    rec = np.zeros((xb.shape[0], 48), np.uint8)
+    rec[:, :32] = q.view(np.uint8)
+    rec[:, 32:40] = np.stack([d, (d * q.astype(np.float32).sum(axis=1)).astype(np.float32)], 1).view(np.uint8)
+    return rec, (q.astype(np.float64) * d[:, None]).reshape(-1)
+
+
+def _check_dot8(exe, tmp_path, rng) -> None:
+    """The dp4a unit dot products (Q::dot8, the matvec_i8 kernels' arithmetic) on the host:
+    W . x for x's int8 blocks equals sum_i W[i] * d_b * q[i] (the same sum in float64) for
+    every row, and stays near the float dot product (int8 activations' error)."""
+    rows, cols = 7, 1024
+    for ttype in ("Q4_0", "Q8_0", "Q4_K"):
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(0.01, 3.0, (rows, 1)).astype(np.float32)
+        x = rng.standard_normal(cols, dtype=np.float32) * rng.uniform(0.1, 4.0, cols // 32).repeat(32).astype(np.float32)
+        x[64:96] = 0.0                                    # an all-zero block: d = 0
+        gguf.write(tmp_path / "w8.gguf", {"general.architecture": "llama"},
+                   [("w", gguf.TensorData(ttype, (rows, cols), quant_blocks.quantize(ttype, w)))])
+        with gguf.open(tmp_path / "w8.gguf") as f:
+            t = f.tensors["w"]
+            wd = t.numpy().astype(np.float64)
+            parts = cuda._host_layout(t)
+            (tmp_path / "w.bin").write_bytes(parts[0].tobytes())
+            (tmp_path / "d.bin").write_bytes(parts[1].tobytes() if len(parts) > 1 else b"\0" * 16)
+        rec, xq = _quantize_x8(x)
+        (tmp_path / "xq.bin").write_bytes(rec.tobytes())
+        out = tmp_path / "y.bin"
+        r = subprocess.run([str(exe), "dot8_" + cuda.kind_of(ttype), str(rows), str(cols), str(tmp_path / "w.bin"),
+                            str(tmp_path / "d.bin"), str(tmp_path / "xq.bin"), str(out)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (ttype, r.stderr)
+        got = np.fromfile(out, np.float32).astype(np.float64)
+        scale = np.abs(wd * xq).sum(axis=1)
+        np.testing.assert_array_less(np.abs(got - wd @ xq), 1e-5 * scale, err_msg=ttype)
+        np.testing.assert_array_less(np.abs(got - wd @ x.astype(np.float64)), 0.02 * scale, err_msg=ttype)
 
 
 # ---------------------------------------------------------------------------
@@ -296,6 +367,30 @@ def test_fused_rope_decode_plan_has_five_launches_a_layer(tiny):
                if s.kernel.startswith("matvec"))
     pre = [s.kernel for s in cuda.forward_steps(lay, 20) if isinstance(s, cuda.Launch)]
     assert pre.count("rope_kv") == c.n_layer and "attention_rope" not in pre
+
+
+def test_int8_decode_plan_uses_dp4a_matvecs_where_a_type_has_them(tiny):
+    """dp4a: the Q4_K matvecs of a Q4_K_M model become matvec_i8_q4_k (and the SwiGLU one),
+    the mix's Q6_K rows keep the float _pf kernels; each i8 launch has room for x's int8
+    blocks (48 bytes a 32 columns) past the padded float copy and the merge weights, at the
+    16-byte aligned offset the kernel computes; prefill's GEMMs are unchanged."""
+    c = _config(tiny("Q4_K_M"))
+    base = cuda.layout(c, n_ctx=300, fuse_rope=True, prefetch=True)
+    lay = cuda.layout(c, n_ctx=300, fuse_rope=True, prefetch=True)
+    lay.int8 = True
+    plain = [s for s in cuda.forward_steps(base, 1) if isinstance(s, cuda.Launch)]
+    dec = [s for s in cuda.forward_steps(lay, 1) if isinstance(s, cuda.Launch)]
+    assert len(dec) == len(plain) and set(s.kernel for s in dec) <= set(cuda_source.kernel_names())
+    i8 = [(a, b) for a, b in zip(plain, dec) if a.kernel != b.kernel]
+    assert i8 and all(b.kernel == a.kernel.replace("_pf_", "_i8_") and b.kernel.endswith("q4_k") for a, b in i8)
+    assert any(s.kernel == "matvec_pf_q6_k" for s in dec)      # the mix's Q6_K rows stay float
+    for a, b in i8:
+        K = b.args[11] if "swiglu" not in b.kernel else b.args[7]
+        merge = b.args[-3] is not None if "swiglu" not in b.kernel else False
+        floats = cuda._xpad(K) + (c.n_head * lay.n_split if merge else 0)
+        assert b.smem == 4 * ((floats + 3) // 4 * 4) + K // 32 * cuda.XQ_BYTES
+        assert b.smem > a.smem and b.args == a.args and b.grid == a.grid
+    assert cuda.forward_steps(lay, 20) == cuda.forward_steps(base, 20)
 
 
 def test_persistent_decode_plan_is_one_cooperative_launch(tiny):
@@ -564,10 +659,12 @@ def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
 
 @gpu
 @pytest.mark.parametrize("quant,opts", [("Q4_0", {}), ("Q8_0", {}), ("Q4_K_M", {}),
-                                        ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0, "fuse_rope": 0})])
+                                        ("Q4_K_M", {"flash": 0, "prefetch": 0, "pdl": 0, "fuse_rope": 0}),
+                                        ("Q4_0", {"dp4a": 1}), ("Q8_0", {"dp4a": 1}), ("Q4_K_M", {"dp4a": 1})])
 def test_runner_matches_the_reference_prefill_and_graph_decode(quant, opts, tiny):
     """Defaults (flash prefill attention, _pf matvecs, rope fused into decode attention,
-    programmatic dependent launch where the GPU has them) and the plain kernels."""
+    programmatic dependent launch where the GPU has them), the plain kernels, and the int8
+    (dp4a) matvecs."""
     with gguf.open(tiny(quant)) as f:
         c = config_from_gguf(f)
         ref = reference.ReferenceRunner(f, c, 96)
@@ -613,22 +710,24 @@ def test_persistent_decode_matches_the_graph(model, tiny):
     """The persistent kernel against the graph of launches (its yardstick): KL <= 1e-6 for
     each decoded token, across a split boundary of the attention (chunk 256), on llama
     (Q4_K_M: Q4_K and Q6_K in one q|k|v stage), qwen2 (biases, NEOX rope) and qwen3 (q/k
-    norms); one and two blocks a multiprocessor, with and without the L2 prefetch."""
+    norms); with and without the L2 prefetch; and with int8 activations (dp4a) in both paths,
+    the persistent kernel against the graph with the same option."""
     from tests.conftest import conformance_path
     path = tiny(model) if model.startswith("Q") else conformance_path("models", model)
     with gguf.open(path) as f:
         c = config_from_gguf(f)
         runs = [cuda.CudaRunner(f, c, 300), cuda.CudaRunner(f, c, 300, {"persistent": 1}),
-                cuda.CudaRunner(f, c, 300, {"persistent": 1, "p_per_sm": 2, "l2_prefetch": 1})]
-        assert [r.lay.persistent for r in runs] == [False, True, True]
-        assert runs[2].lay.p_grid >= runs[1].lay.p_grid
+                cuda.CudaRunner(f, c, 300, {"persistent": 1, "l2_prefetch": 1}),
+                cuda.CudaRunner(f, c, 300, {"dp4a": 1}), cuda.CudaRunner(f, c, 300, {"persistent": 1, "dp4a": 1})]
+        assert [r.lay.persistent for r in runs] == [False, True, True, False, True]
+        assert runs[4].lay.p_flags & cuda.PF_I8 and not runs[1].lay.p_flags & cuda.PF_I8
         toks = np.random.default_rng(5).integers(3, c.n_vocab, 270).tolist()
         for r in runs:
             r.prefill(toks[:250])
         for tok in toks[250:]:                       # positions 250..269 cross the split at 256
-            want, *got = (r.decode(tok) for r in runs)
-            for g in got:
-                assert kl_rows(want[None], g[None])[0] <= 1e-6
+            out = [r.decode(tok) for r in runs]
+            for want, got in ((0, 1), (0, 2), (3, 4)):
+                assert kl_rows(out[want][None], out[got][None])[0] <= 1e-6, (want, got)
         for r in runs[1:]:                           # still the persistent kernel after decoding
             assert r.lay.persistent and r.persistent_error is None, r.persistent_error
             assert len(r._decode_plan) == 3                # copy in, the cooperative launch, copy out
