@@ -105,8 +105,10 @@ PF_BLOCKS = 2                    # blocks an SM holds of a _pf matvec (its regis
 PLANS_KEPT = 8                   # prefill: prepared launch lists kept, by chunk length
 P_PER_SM = 1                     # persistent decode: blocks a multiprocessor runs (its launch bounds allow 1)
 P_FLAGS = 0                      # persistent decode: PF_* flags (1 poll backoff, 2 classic barrier, 4 line
-                                 # prefetch, PF_I8 int8 x and dp4a in the matvec stages)
+                                 # prefetch, PF_I8 int8 x and dp4a in the matvec stages, 16 L1
+                                 # prefetch of the next stage's first rows before each barrier)
 PF_I8 = 8                        # the kernel's PF_I8: set by the dp4a option
+PF_L1 = 16                       # the kernel's PF_L1: the next stage's first rows into L1 before each barrier
 RUNTIME_BYTES = 400 << 20        # host: CUDA context + CuPy + NVRTC, measured ~300 MB
 # GGUF type -> kernel type; anything else is dequantized to f16 at load
 NATIVE = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_k", "Q6_K": "q6_k",

@@ -1106,12 +1106,24 @@ EMBER_HD i64 kind_row_bytes(int kind, int K) {
 #define PF_CLASSIC 2   /* barrier: fence + atomicAdd + volatile polling (cooperative groups' way) */
 #define PF_LINES 4     /* L2 prefetch: a prefetch.global.L2 per 128-byte line over the block */
 #define PF_I8 8        /* matvec stages: x quantized to int8 once staged, dp4a for the Q::I8 kinds */
+#define PF_L1 16       /* before each grid barrier: the first L1_PF_BYTES of this block's rows of the
+                        * next stage into L1, a prefetch.global.L1 a line (weights never depend on
+                        * activations, so their loads need not wait for the barrier) */
+#define L1_PF_BYTES (32 << 10)
 
 /* Ask for bytes [p, p + n) in L2 (a hint: nothing waits for it). Hopper: the copy engine's bulk
  * prefetch, one instruction a range, from thread 0 (unless PF_LINES); older GPUs: a prefetch
- * per 128-byte line spread over the block. The range is trimmed to whole 16-byte pieces inside it. */
+ * per 128-byte line spread over the block; with PF_L1 a line at a time into L1 (and L2). The
+ * range is trimmed to whole 16-byte pieces inside it. */
 __device__ __forceinline__ void l2_prefetch(const void *p, i64 n, int flags) {
     unsigned long long a = ((unsigned long long)p + 15) & ~15ull, e = ((unsigned long long)p + n) & ~15ull;
+#if defined(__CUDA_ARCH__)
+    if (flags & PF_L1) {
+        for (a += 128ull * threadIdx.x; a < e; a += 128ull * BLOCK)
+            asm volatile("prefetch.global.L1 [%0];" :: "l"(a));
+        return;
+    }
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (!(flags & PF_LINES)) {
         if (threadIdx.x == 0)
@@ -1351,7 +1363,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) decode_persistent(
             ((i64 *)&one)[threadIdx.x] = ((const i64 *)(stages + s))[threadIdx.x];
         __syncthreads();
         const PStage &S = tab ? tab[s] : one;
-        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags);
+        if (s + 1 < n_st) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], pf_cap, flags & ~PF_L1);
         switch (S.op) {
         case P_EMBED: p_embed(S, token); break;
         case P_MATVEC: p_matvec(S, pxs, part, n_split, n_live, hd, eps, flags); break;
@@ -1361,7 +1373,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) decode_persistent(
                 attention_rope_body(it / n_live, it % n_live, n_split, S.x, S.bias, S.q_norm, S.k_norm, cs,
                                     S.kc, S.vc, pos, part, n_head, n_kv, hd, rope_dim, neox, eps, chunk, scale);
         }
-        if (s + 1 < n_st) grid_barrier(count, (u32)(s + 1) * gridDim.x, flags);
+        if (s + 1 < n_st) {
+            if (flags & PF_L1) prefetch_stage(tab ? tab[s + 1] : stages[s + 1], L1_PF_BYTES, flags);
+            grid_barrier(count, (u32)(s + 1) * gridDim.x, flags);
+        }
     }
     if (grid_exit(count, (u32)n_st * gridDim.x) && trace) trace[n_st] = stage_clock();
 }

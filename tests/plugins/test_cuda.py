@@ -710,14 +710,14 @@ def test_persistent_decode_matches_the_graph(model, tiny):
     """The persistent kernel against the graph of launches (its yardstick): KL <= 1e-6 for
     each decoded token, across a split boundary of the attention (chunk 256), on llama
     (Q4_K_M: Q4_K and Q6_K in one q|k|v stage), qwen2 (biases, NEOX rope) and qwen3 (q/k
-    norms); with and without the L2 prefetch; and with int8 activations (dp4a) in both paths,
+    norms); with and without the L2 and L1 weight prefetches; and with int8 activations (dp4a) in both paths,
     the persistent kernel against the graph with the same option."""
     from tests.conftest import conformance_path
     path = tiny(model) if model.startswith("Q") else conformance_path("models", model)
     with gguf.open(path) as f:
         c = config_from_gguf(f)
         runs = [cuda.CudaRunner(f, c, 300), cuda.CudaRunner(f, c, 300, {"persistent": 1}),
-                cuda.CudaRunner(f, c, 300, {"persistent": 1, "l2_prefetch": 1}),
+                cuda.CudaRunner(f, c, 300, {"persistent": 1, "l2_prefetch": 1, "p_flags": cuda.PF_L1}),
                 cuda.CudaRunner(f, c, 300, {"dp4a": 1}), cuda.CudaRunner(f, c, 300, {"persistent": 1, "dp4a": 1})]
         assert [r.lay.persistent for r in runs] == [False, True, True, False, True]
         assert runs[4].lay.p_flags & cuda.PF_I8 and not runs[1].lay.p_flags & cuda.PF_I8
