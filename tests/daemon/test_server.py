@@ -205,18 +205,22 @@ def test_killed_client_process_frees_the_engine(emberd):
 
 
 def test_vanished_client_while_queued_or_prefilling(emberd, model):
-    long_prompt = "Once upon a time " * 20          # ~80 tokens: a prefill that takes a while
+    long_prompt = "Once upon a time " * 60          # ~240 tokens (+ 200 generated < 512): a prefill that takes a while
     with emberd.client() as busy, emberd.client() as obs:
         blocker = busy.generate("Once upon a time", **LONG)
         next(blocker)
-        sockets = _open_sockets(emberd)
+        before = _socket_inodes(emberd)
         queued = emberd.client()
         rid_q = queued.send("generate", prompt="The cat", max_tokens=200, ignore_eos=True)
         _poll(lambda: obs.status()["queue_len"] == 1, "the request never queued")
+        mine = _socket_inodes(emberd) - before        # the daemon's end of this connection
+        assert mine, "the daemon holds no new socket for the queued client"
         queued.sock.close(linger=0)                   # vanish while queued
         # the daemon learns of it when its I/O thread reads the FIN and closes the connection;
-        # on a loaded machine that can take longer than the blocker's cancel
-        _poll(lambda: _open_sockets(emberd) == sockets, "the daemon never saw the client go")
+        # on a loaded machine that can take longer than the blocker's cancel. Wait for that
+        # very socket: a count of sockets also drops when an earlier test's connection closes
+        # late, and then the queued request could stream all its tokens before the FIN is read.
+        _poll(lambda: not mine & _socket_inodes(emberd), "the daemon never saw the client go")
         blocker.close()
         wait_idle(obs)
         r = recent(obs, rid_q)
@@ -230,7 +234,7 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
         # (the shared CI machine makes prefill time vary). Each prompt starts with its own
         # word, so that the prompt cache holds none of it (BOS aside) and it really prefills.
         checked = 0
-        for attempt in range(4):
+        for attempt in range(8):
             prefill_ms = obs.complete(f"Measure {attempt}. {long_prompt}",
                                       max_tokens=1)["timings"]["prefill_ms"]
             pre = emberd.client()
@@ -252,15 +256,17 @@ def test_vanished_client_while_queued_or_prefilling(emberd, model):
         assert checked, "never managed to vanish during a prefill"
 
 
-def _open_sockets(daemon) -> int:
-    """How many socket file descriptors the daemon holds (one per client connection, plus fixed)."""
-    fds, n = f"/proc/{daemon.proc.pid}/fd", 0
+def _socket_inodes(daemon) -> set[str]:
+    """The sockets the daemon holds open ("socket:[inode]": one per client connection, plus fixed)."""
+    fds, found = f"/proc/{daemon.proc.pid}/fd", set()
     for name in os.listdir(fds):
         try:
-            n += os.readlink(f"{fds}/{name}").startswith("socket:")
+            link = os.readlink(f"{fds}/{name}")
         except FileNotFoundError:      # closed while we looked
-            pass
-    return n
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
 
 
 def _poll(cond, what: str, timeout: float = 10.0) -> None:
