@@ -121,6 +121,52 @@ def test_nvcc_compiles_the_cuda_variant_for_hopper_and_jetson(arch, tmp_path):
     _compile(["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-c"], cuda_source.variant("cuda"), tmp_path)
 
 
+def _nvrtc():
+    """NVRTC 12 as ember[cuda]'s cupy-cuda12x loads it (the nvidia-cuda-nvrtc-cu12 wheel) and the
+    CUDA headers of the nvidia-cuda-runtime-cu12 wheel; skips where they are not installed."""
+    try:
+        import nvidia.cuda_nvrtc
+        import nvidia.cuda_runtime
+    except ImportError:
+        pytest.skip("NVRTC 12 is not installed (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12)")
+    lib = ctypes.CDLL(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib", "libnvrtc.so.12"))
+    return lib, os.path.join(list(nvidia.cuda_runtime.__path__)[0], "include")
+
+
+def _nvrtc_compile(lib, src: str, options: list[str]) -> tuple[int, str, int]:
+    """(nvrtcResult, the compile log, cubin bytes) of one program, through NVRTC's C API."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"ember_cuda.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+    rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+    n = ctypes.c_size_t(0)
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(max(n.value, 1))
+    lib.nvrtcGetProgramLog(prog, log)
+    size = ctypes.c_size_t(0)
+    if rc == 0:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace"), size.value
+
+
+@pytest.mark.parametrize("arch", ["90", "87", "72"])    # H100/H200, Jetson Orin, Jetson Xavier
+def test_nvrtc_compiles_the_cuda_variant_for_hopper_and_jetson(arch):
+    """The path the backend takes at load (CuPy's RawModule hands the source to NVRTC 12),
+    to a cubin for each target, Xavier's sm_72 included (nvcc 13 no longer has it, NVRTC 12
+    does). The wheel's headers lack crt/mma.h, so the wmma kernels fail to compile there and
+    the backend's fallback, the plain variant, is what runs: both outcomes are checked."""
+    lib, include = _nvrtc()
+    for wmma in (True, False):
+        v = cuda_source.variant("cuda", wmma=wmma)
+        opts = [*cuda_source.compile_options(v, include), f"-I{include}", f"--gpu-architecture=sm_{arch}"]
+        rc, log, size = _nvrtc_compile(lib, cuda_source.source(v), opts)
+        if wmma and not os.path.isfile(os.path.join(include, "crt", "mma.h")):
+            assert rc != 0 and "mma.h" in log, log[-2000:]      # the fallback's trigger, as on a wheel-only host
+            continue
+        assert rc == 0 and size > 0, log[-3000:]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ["90", "87"])
 def test_decode_kernels_spill_no_registers(arch, tmp_path):
