@@ -1169,9 +1169,13 @@ __device__ void prefetch_stage(const PStage &S, i64 cap, int flags) {
  * the last block to leave (grid_exit) resets it. Thread 0's release/acquire, between two block
  * barriers, orders the whole block's memory accesses (as cooperative groups' grid.sync does). */
 __device__ __forceinline__ u32 load_acquire(const u32 *p) {
+#if defined(__CUDA_ARCH__)
     u32 v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
+#else   /* the tests' CPU emulation (tests/plugins/cuda_emu.h): one block at a time */
+    return *(const volatile u32 *)p;
+#endif
 }
 
 __device__ __forceinline__ void grid_barrier(u32 *count, u32 target, int flags) {
@@ -1184,7 +1188,11 @@ __device__ __forceinline__ void grid_barrier(u32 *count, u32 target, int flags) 
                 if (flags & PF_SLEEP) __nanosleep(100);
             __threadfence();
         } else {
+#if defined(__CUDA_ARCH__)
             asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(count) : "memory");
+#else
+            atomicAdd(count, 1u);
+#endif
             while (load_acquire(count) < target)
                 if (flags & PF_SLEEP) __nanosleep(100);
         }
@@ -1204,8 +1212,10 @@ __device__ __forceinline__ bool grid_exit(u32 *count, u32 total) {
 
 /* nanoseconds (the profile's trace: block 0's clock at each stage start, barrier waits included) */
 __device__ __forceinline__ i64 stage_clock() {
-    unsigned long long t;
+    unsigned long long t = 0;
+#if defined(__CUDA_ARCH__)
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+#endif
     return (i64)t;
 }
 

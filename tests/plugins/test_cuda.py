@@ -31,6 +31,7 @@ from ember.plugins import cuda, reference
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
 from tests.conftest import conformance_path, kl_rows
+from tests.plugins import cuda_emu
 
 PROBE = cuda.probe()
 gpu = pytest.mark.skipif(not PROBE.available, reason=f"no GPU: {PROBE.reason}")
@@ -595,12 +596,21 @@ def test_probe_never_raises_and_names_the_platform():
 # GPU: kernels against numpy
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def mod():
-    import cupy
-    m, _, v = cuda.compile_kernels(cupy, "hip" if cupy.cuda.runtime.is_hip else "cuda",
-                                   cupy.cuda.runtime.getDeviceProperties(0)["warpSize"])
-    return cupy, m, v
+@pytest.fixture(scope="module", params=["gpu", "emu"])
+def mod(request, tmp_path_factory):
+    """(array module, kernel module, variant): CuPy on the GPU, or the same kernels run on the
+    CPU (tests/plugins/cuda_emu.py) where no GPU is; each kernel test runs on both."""
+    if request.param == "gpu":
+        if not PROBE.available:
+            pytest.skip(f"no GPU: {PROBE.reason}")
+        import cupy
+        m, _, v = cuda.compile_kernels(cupy, "hip" if cupy.cuda.runtime.is_hip else "cuda",
+                                       cupy.cuda.runtime.getDeviceProperties(0)["warpSize"])
+        return cupy, m, v
+    if why := cuda_emu.unavailable():
+        pytest.skip(f"no CPU emulation of the kernels: {why}")
+    m = cuda_emu.build(tmp_path_factory.mktemp("cuda-emu"))
+    return cuda_emu.Numpy, m, m.variant
 
 
 def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
@@ -613,7 +623,6 @@ def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
     return gguf.open(tmp_path / "w.gguf")
 
 
-@gpu
 @pytest.mark.parametrize("stem", ["matvec", "matvec_pf"])
 @pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32"])
 def test_matvec_and_dequant_match_numpy(ttype, stem, mod, tmp_path):
@@ -665,7 +674,6 @@ def _causal_attention(qkv, kc, vc, p0, n_head, n_kv, hd):
     return out.reshape(T, q_dim)
 
 
-@gpu
 @pytest.mark.parametrize("kernel", ["attention_flash", "attention_rows"])
 @pytest.mark.parametrize("hd,n_head,n_kv,T,p0", [(64, 8, 2, 100, 0), (32, 4, 4, 70, 37),
                                                  (128, 4, 1, 130, 5), (16, 2, 1, 1, 200)])
