@@ -826,6 +826,37 @@ def _host_layout(t) -> list[np.ndarray]:
     return [np.ascontiguousarray(t.numpy(), dtype=dtype)]
 
 
+def host_tensors(gguf, c: ModelConfig, lay: Layout) -> dict[str, np.ndarray]:
+    """What the runner uploads, by buffer name: every tensor once in the kernels' layout (a
+    quantized one's scales as "<name>#d"), q|k|v biases fused per layer, the rope table "cs"."""
+    out = {}
+    for name, t in gguf.tensors.items():
+        if name.endswith(".bias") and "attn_" in name or name == "rope_freqs.weight":
+            continue
+        arrays = _host_layout(t)
+        out[name] = arrays[0]
+        if len(arrays) > 1:
+            out[name + "#d"] = arrays[1]
+    for i in range(c.n_layer):
+        if lay.vecs[f"{i}.bias"]:
+            out[f"blk.{i}.bqkv"] = _fused_bias(gguf, f"blk.{i}.", c)
+    cos, sin = rope_cos_sin(c, lay.n_ctx, rope_factors(c, gguf, lay.n_ctx))
+    out["cs"] = np.stack([cos, sin], axis=-1).astype(np.float32)     # (n_ctx, rope_dim/2, 2)
+    return out
+
+
+def launch_value(a, addr):
+    """A Launch argument as the kernel takes it: a Buf (or None) as its address (addr: Buf ->
+    int), a Python int or bool as int32, a float as float32, a numpy scalar as it is."""
+    if a is None or isinstance(a, Buf):
+        return np.uint64(addr(a))
+    if isinstance(a, np.generic):
+        return a
+    if isinstance(a, (bool, int)):
+        return np.int32(a)
+    return np.float32(a)
+
+
 def _fused_bias(gguf, prefix: str, c: ModelConfig) -> np.ndarray:
     """q|k|v biases as one float32 vector (a missing one is zeros)."""
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -1065,19 +1096,8 @@ class CudaRunner(CacheBookkeeping):
         self.bufs[name] = self.cp.asarray(np.ascontiguousarray(host).reshape(-1).view(np.uint8))
 
     def _upload(self, gguf, c: ModelConfig) -> None:
-        """Every tensor once, in the kernels' layout; q|k|v biases fused per layer."""
-        for name, t in gguf.tensors.items():
-            if name.endswith(".bias") and "attn_" in name or name == "rope_freqs.weight":
-                continue
-            arrays = _host_layout(t)
-            self._put(name, arrays[0])
-            if len(arrays) > 1:
-                self._put(name + "#d", arrays[1])
-        for i in range(c.n_layer):
-            if self.lay.vecs[f"{i}.bias"]:
-                self._put(f"blk.{i}.bqkv", _fused_bias(gguf, f"blk.{i}.", c))
-        cos, sin = rope_cos_sin(c, self.n_ctx, rope_factors(c, gguf, self.n_ctx))
-        self._put("cs", np.stack([cos, sin], axis=-1).astype(np.float32))   # (n_ctx, rope_dim/2, 2)
+        for name, host in host_tensors(gguf, c, self.lay).items():
+            self._put(name, host)
 
     def _alloc(self, c: ModelConfig) -> None:
         cp = self.cp
@@ -1100,13 +1120,7 @@ class CudaRunner(CacheBookkeeping):
         return 0 if b is None else self.ptr[b.name] + b.offset
 
     def _arg(self, a):
-        if a is None or isinstance(a, Buf):
-            return np.uint64(self._addr(a))
-        if isinstance(a, np.generic):
-            return a
-        if isinstance(a, bool) or isinstance(a, int):
-            return np.int32(a)
-        return np.float32(a)
+        return launch_value(a, self._addr)
 
     def _prepare(self, steps: list, pdl: ExLauncher | None = None) -> list:
         """Launches as (kernel, grid, block, ready argument tuple, smem), or as a ready

@@ -623,12 +623,15 @@ def _typed_file(tmp_path, ttype: str, rows: int, cols: int):
     return gguf.open(tmp_path / "w.gguf")
 
 
-@pytest.mark.parametrize("stem", ["matvec", "matvec_pf"])
+@pytest.mark.parametrize("stem", ["matvec", "matvec_pf", "matvec_i8"])
 @pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32"])
 def test_matvec_and_dequant_match_numpy(ttype, stem, mod, tmp_path):
-    """Both matvec variants (x staged first; the first row's units fetched before it), and
-    a K wide enough that the _pf kernels also run units past the fetched ones."""
+    """The matvec variants (x staged first; the first row's units fetched before it; x as
+    int8 and dp4a, for the types that have it), and a K wide enough that the prefetching
+    kernels also run units past the fetched ones."""
     cp, m, v = mod
+    if stem == "matvec_i8" and cuda.kind_of(ttype) not in cuda.I8_KINDS:
+        pytest.skip(f"{ttype} has no int8 matvec")
     rows, cols, T = 77, 512 if stem == "matvec" else 3072, 3
     with _typed_file(tmp_path, ttype, rows, cols) as f:
         t = f.tensors["w"]
@@ -647,8 +650,14 @@ def test_matvec_and_dequant_match_numpy(ttype, stem, mod, tmp_path):
                                    np.int32(cols), np.int32(cols), np.int32(rows), np.int32(1),
                                    cp.asarray(norm_w), np.float32(1e-5), np.int32(1),
                                    ptr(None), np.int32(0), np.int32(1)),
-                                  shared_mem=cuda._xs_bytes(k, cols))
+                                  shared_mem=_matvec_smem(stem, k, cols))
     xn = reference.rmsnorm(x, norm_w, 1e-5)                       # the fused RMSNorm
+    if stem == "matvec_i8":   # x's int8 blocks: the same sums as numpy's int8 copy of x, up to a flipped rounding
+        x8 = np.stack([_quantize_x8(row)[1] for row in xn])
+        err = np.abs(y.get() - 7.0 - x8 @ ref.T.astype(np.float64)) / (np.abs(x8) @ np.abs(ref.T)).astype(np.float64)
+        assert err.max() < 1e-3, err.max()
+        assert np.linalg.norm(y.get() - 7.0 - xn @ ref.T) < 2e-2 * np.linalg.norm(xn @ ref.T)
+        return
     np.testing.assert_allclose(y.get(), 7.0 + xn @ ref.T, rtol=1e-4, atol=2e-3)   # accumulate=1
     out = cp.zeros((rows, cols), cp.float16)
     unit = {"q4_0": 32, "q8_0": 32, "q4_k": 64, "q6_k": 64}.get(k, 1)
@@ -656,6 +665,12 @@ def test_matvec_and_dequant_match_numpy(ttype, stem, mod, tmp_path):
                                    (ptr(w), ptr(d), ptr(None), np.int32(0), np.int32(rows),
                                     np.int32(cols), out, ptr(None)))
     np.testing.assert_allclose(out.get().astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+
+
+def _matvec_smem(stem: str, kind: str, cols: int) -> int:
+    """A single matvec launch's dynamic shared memory (no split merge), as the plan sizes it."""
+    lay = cuda.Layout(None, 1, 1, int8=stem.endswith("_i8"))
+    return cuda._mv_smem(lay, kind, cols)
 
 
 def _causal_attention(qkv, kc, vc, p0, n_head, n_kv, hd):
@@ -705,6 +720,75 @@ def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
     assert np.isfinite(got).all()
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < (5e-3 if kernel == "attention_flash" else 1e-5), err   # half Q and P on the tensor cores
+
+
+# ---------------------------------------------------------------------------
+# CPU emulation: whole decoded tokens through the kernels, against the reference
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if why := cuda_emu.unavailable():
+        pytest.skip(f"no CPU emulation of the kernels: {why}")
+    return cuda_emu.build(tmp_path_factory.mktemp("cuda-emu-decode"))
+
+
+class _EmuDevice:
+    """The runner's buffers as numpy arrays, named and sized as CudaRunner allocates them
+    (host_tensors + Layout.buffers + the KV cache), and decode_steps run on the emulator."""
+
+    def __init__(self, emu, f, c, lay):
+        self.emu, self.lay = emu, lay
+        self.bufs = {n: np.zeros(nb, np.uint8) for n, nb in lay.buffers().items() if n != "cs"}
+        for n, a in cuda.host_tensors(f, c, lay).items():
+            self.bufs[n] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        for n in ("kc", "vc", "io_h", "logits_h"):
+            self.bufs[n] = np.zeros(lay.kv_bytes() // 2 if n in ("kc", "vc") else
+                                    4 * (1 + lay.max_batch) if n == "io_h" else 4 * c.n_vocab, np.uint8)
+        if lay.persistent:
+            table = cuda.stage_table(cuda.persistent_stages(lay), self.addr)
+            self.bufs["ptab"][:len(table)] = np.frombuffer(table, np.uint8)
+        self.steps = cuda.decode_steps(lay)
+
+    def addr(self, b) -> int:
+        return 0 if b is None else self.bufs[b.name].ctypes.data + b.offset
+
+    def decode(self, pos: int, token: int) -> np.ndarray:
+        self.bufs["io_h"].view(np.int32)[:2] = pos, token
+        for s in self.steps:
+            if isinstance(s, cuda.Copy):
+                self.bufs[s.dst.name][s.dst.offset:s.dst.offset + s.nbytes] = \
+                    self.bufs[s.src.name][s.src.offset:s.src.offset + s.nbytes]
+            else:
+                self.emu.get_function(s.kernel)(s.grid, s.block, [cuda.launch_value(a, self.addr) for a in s.args],
+                                                shared_mem=s.smem)
+        return self.bufs["logits_h"].view(np.float32).copy()
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("dp4a", [False, True])
+def test_decode_on_the_cpu_emulation_matches_the_reference(quant, dp4a, emu, tiny):
+    """Decoded tokens through the real kernels on the CPU emulator, both decode paths: the
+    graph's launches (fused rope, prefetching or int8 matvecs, attention splits past the
+    newest key left empty: 2 splits of 256 keys in a 300-token context) and the persistent
+    kernel as one block (with the L1 prefetch flag on: a hint, no effect here), each
+    against the reference backend (KL < 1e-3), and the persistent kernel against the
+    graph (KL <= 1e-6, as on the GPU)."""
+    with gguf.open(tiny(quant)) as f:
+        c = config_from_gguf(f)
+        graph = cuda.layout(c, 300, 1, fuse_rope=True, prefetch=True)
+        pers = cuda.layout(c, 300, 1, fuse_rope=True, prefetch=True, p_grid=1)
+        assert cuda.persistent_refusal(pers) is None and graph.n_split == 2
+        pers.persistent, pers.p_flags = True, cuda.PF_L1 | (cuda.PF_I8 if dp4a else 0)
+        graph.int8 = pers.int8 = dp4a
+        runs = [_EmuDevice(emu, f, c, graph), _EmuDevice(emu, f, c, pers)]
+        ref = reference.ReferenceRunner(f, c, 300)
+        for pos, tok in enumerate(np.random.default_rng(3).integers(3, c.n_vocab, 6).tolist()):
+            want = ref.decode(tok)
+            g, p = (r.decode(pos, tok) for r in runs)
+            assert kl_rows(want[None], g[None])[0] < 1e-3, pos
+            assert kl_rows(g[None], p[None])[0] <= 1e-6, pos
+        assert any(s.kernel.startswith("matvec_i8") for s in runs[0].steps if isinstance(s, cuda.Launch)) == dp4a
 
 
 # ---------------------------------------------------------------------------
