@@ -1,5 +1,6 @@
 /* Runs ember's CUDA kernels on the CPU, for tests where no GPU is: the kernel source compiled
- * by g++ as plain C++, each block's threads run as fibers (ucontext) that switch only at
+ * by g++ as plain C++, each block's threads run as fibers (started with makecontext, switched
+ * with _setjmp/_longjmp, which skip swapcontext's signal-mask system call) that switch only at
  * barriers, so warp-synchronous code (shuffles, __syncwarp) and __syncthreads behave as on a
  * GPU for a race-free kernel. Blocks run one after another (a persistent kernel therefore
  * runs with a grid of one block: its grid barrier is then immediate). Shared memory: a
@@ -10,6 +11,7 @@
 #include <vector_types.h>
 #include <vector_functions.h>
 #include <cuda_fp16.h>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <algorithm>
 #include <cmath>
@@ -23,15 +25,16 @@
 namespace emu {
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;                   /* its start */
+    jmp_buf env;                      /* where it left off */
     uint3 tid;
-    bool done = false;
+    bool started = false, done = false;
     const unsigned *wait = nullptr;   /* a barrier's generation this fiber waits to change */
     unsigned wait_gen = 0;
 };
 
 struct Block {
-    ucontext_t sched;
+    jmp_buf sched;
     std::vector<Fiber> f;
     int cur = 0, warp = 32;
     uint3 bid, bdim, gdim;
@@ -52,10 +55,14 @@ inline std::vector<char *> stacks;    /* reused block after block (allocated onc
 inline Fiber &me() { return B->f[B->cur]; }
 inline int lin() { return (int)me().tid.x; }   /* ember's blocks are one-dimensional */
 
+inline void yield() {
+    if (!_setjmp(me().env)) _longjmp(B->sched, 1);
+}
+
 inline void wait_for(const unsigned *gen) {
     me().wait = gen;
     me().wait_gen = *gen;
-    swapcontext(&me().ctx, &B->sched);
+    yield();
 }
 
 inline void block_barrier() {
@@ -91,7 +98,7 @@ inline void leave() {
 inline void entry() {
     B->body(B->arg);
     leave();
-    swapcontext(&me().ctx, &B->sched);
+    _longjmp(B->sched, 1);            /* never resumed */
 }
 
 /* Run body(arg) as every thread of block bid: round robin over the fibers that can run. */
@@ -123,7 +130,11 @@ inline void run_block(uint3 bid, uint3 bdim, uint3 gdim, int warp, char *smem, v
             if (f.done || (f.wait && *f.wait == f.wait_gen)) continue;
             f.wait = nullptr;
             blk.cur = i;
-            swapcontext(&blk.sched, &f.ctx);
+            if (!_setjmp(blk.sched)) {
+                if (f.started) _longjmp(f.env, 1);
+                f.started = true;
+                setcontext(&f.ctx);
+            }
             ran = true;
             left -= f.done;
         }
@@ -155,6 +166,9 @@ inline void __syncthreads() { emu::block_barrier(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32) { return emu::exchange(v, emu::lin() ^ m); }
 template <class T> T __shfl_sync(unsigned, T v, int src, int = 32) { return emu::exchange(v, src); }
+template <class T> T __shfl_xor(T v, int m, int = 64) { return emu::exchange(v, emu::lin() ^ m); }   /* HIP */
+template <class T> T __shfl(T v, int src, int = 64) { return emu::exchange(v, src); }
+#define __builtin_amdgcn_wave_barrier() emu::warp_barrier()
 inline unsigned atomicAdd(unsigned *p, unsigned v) { const unsigned o = *p; *p = o + v; return o; }
 inline unsigned atomicExch(unsigned *p, unsigned v) { const unsigned o = *p; *p = v; return o; }
 inline void __threadfence() {}

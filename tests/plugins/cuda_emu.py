@@ -78,18 +78,22 @@ extern "C" int emu_launch(const char *name, unsigned gx, unsigned gy, unsigned g
 """
 
 
-def build(folder: Path) -> "Module":
-    """Compile the CUDA variant (no tensor-core kernels) for the CPU into folder."""
-    v = cuda_source.variant("cuda", wmma=False)
+def build(folder: Path, platform: str = "cuda") -> "Module":
+    """Compile a variant of the source for the CPU into folder: CUDA's (warp 32, no
+    tensor-core kernels) or ROCm's (wave64, the HIP intrinsics; <hip/hip_fp16.h> stands in
+    as CUDA's half type, the same IEEE binary16)."""
+    v = cuda_source.variant(platform, wmma=False)
+    (folder / "hip").mkdir(exist_ok=True)
+    (folder / "hip" / "hip_fp16.h").write_text("#include <cuda_fp16.h>\n")
     text = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];",
                   r"\1 *\2 = (\1 *)emu::B->smem;", cuda_source.source(v))
     names = cuda_source.kernel_names(v)
     src = folder / "ember_emu.cpp"
     src.write_text('#include "cuda_emu.h"\n' + text + _registry(names))
     lib = folder / "ember_emu.so"
-    r = subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", f"-I{cuda_include()}",
-                        f"-I{HEADER.parent}", str(src), "-o", str(lib)], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-D__HIPCC_RTC__",
+                        f"-I{cuda_include()}", f"-I{HEADER.parent}", f"-I{folder}", str(src), "-o", str(lib)],
+                       capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"building the CUDA emulator failed:\n{r.stderr[-4000:]}")
     return Module(ctypes.CDLL(str(lib)), v)

@@ -6,11 +6,20 @@ read from device memory; prefill GEMMs stay inside the scratch), the memory
 plan, the probe. Where hipcc (Debian's `hipcc`) or nvcc is installed, the
 assembled source is compiled for a gfx / sm target.
 
-GPU (skipped with the probe's reason when none): each weight type's matvec
-and dequantize kernels against numpy on ember's own quantized data, and the
-whole runner against the reference backend on synthetic llama-tiny models
-(prefill, graph-replayed decode, no device-memory growth). The conformance
-suite (test_conformance.py) holds the backend to llama.cpp's logits.
+CPU emulation (tests/plugins/cuda_emu.py; where g++ and the CUDA toolkit's
+headers are, as in CI): the same kernel source run on the CPU, a block's
+threads as fibers. Each weight type's matvec (float, prefetching, int8) and
+dequantize kernels and the prefill attention against numpy, and whole decoded
+tokens through both decode paths (the graph's launches; the persistent kernel
+as one block) against the reference backend, for CUDA's variant and ROCm's
+wave64 one. What it cannot show: speed, and races or fences that only a GPU's
+concurrency exposes.
+
+GPU (skipped with the probe's reason when none): the same kernel tests on the
+device, and the whole runner against the reference backend on synthetic
+llama-tiny models (prefill, graph-replayed decode, the persistent kernel, no
+device-memory growth). The conformance suite (test_conformance.py) holds the
+backend to llama.cpp's logits.
 """
 from __future__ import annotations
 
@@ -726,11 +735,13 @@ def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
 # CPU emulation: whole decoded tokens through the kernels, against the reference
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cuda", "hip"])
+def emu(request, tmp_path_factory):
+    """The kernels built for the CPU emulator: CUDA's variant, and ROCm's (wave64), which no
+    GPU of ours runs."""
     if why := cuda_emu.unavailable():
         pytest.skip(f"no CPU emulation of the kernels: {why}")
-    return cuda_emu.build(tmp_path_factory.mktemp("cuda-emu-decode"))
+    return cuda_emu.build(tmp_path_factory.mktemp(f"cuda-emu-{request.param}"), request.param)
 
 
 class _EmuDevice:
@@ -767,27 +778,34 @@ class _EmuDevice:
 
 @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M"])
 @pytest.mark.parametrize("dp4a", [False, True])
-def test_decode_on_the_cpu_emulation_matches_the_reference(quant, dp4a, emu, tiny):
+def test_decode_on_the_cpu_emulation_matches_the_reference(quant, dp4a, emu, tiny, monkeypatch):
     """Decoded tokens through the real kernels on the CPU emulator, both decode paths: the
-    graph's launches (fused rope, prefetching or int8 matvecs, attention splits past the
-    newest key left empty: 2 splits of 256 keys in a 300-token context) and the persistent
-    kernel as one block (with the L1 prefetch flag on: a hint, no effect here), each
-    against the reference backend (KL < 1e-3), and the persistent kernel against the
-    graph (KL <= 1e-6, as on the GPU)."""
+    graph's launches (fused rope, prefetching or int8 matvecs; attention split every 8 keys
+    here, so 10 tokens cross a split boundary and most splits lie past the newest key,
+    written empty by the graph and skipped by the persistent kernel) and, on CUDA, the
+    persistent kernel as one block (with the L1 prefetch flag on: a hint, no effect here),
+    each against the reference backend (KL < 1e-3), and the persistent kernel against the
+    graph (KL <= 1e-6, as on the GPU). ROCm's wave64 variant runs the graph's launches."""
+    warp = emu.variant.warp
+    monkeypatch.setattr(cuda, "MIN_CHUNK", 8)
     with gguf.open(tiny(quant)) as f:
         c = config_from_gguf(f)
-        graph = cuda.layout(c, 300, 1, fuse_rope=True, prefetch=True)
-        pers = cuda.layout(c, 300, 1, fuse_rope=True, prefetch=True, p_grid=1)
-        assert cuda.persistent_refusal(pers) is None and graph.n_split == 2
-        pers.persistent, pers.p_flags = True, cuda.PF_L1 | (cuda.PF_I8 if dp4a else 0)
-        graph.int8 = pers.int8 = dp4a
-        runs = [_EmuDevice(emu, f, c, graph), _EmuDevice(emu, f, c, pers)]
+        graph = cuda.layout(c, 300, 1, warp, fuse_rope=True, prefetch=True)
+        graph.int8 = dp4a
+        assert graph.chunk == 8 and graph.n_split == 38
+        runs = [_EmuDevice(emu, f, c, graph)]
+        if emu.variant.platform == "cuda":
+            pers = cuda.layout(c, 300, 1, fuse_rope=True, prefetch=True, p_grid=1)
+            assert cuda.persistent_refusal(pers) is None
+            pers.persistent, pers.p_flags, pers.int8 = True, cuda.PF_L1 | (cuda.PF_I8 if dp4a else 0), dp4a
+            runs.append(_EmuDevice(emu, f, c, pers))
         ref = reference.ReferenceRunner(f, c, 300)
-        for pos, tok in enumerate(np.random.default_rng(3).integers(3, c.n_vocab, 6).tolist()):
+        for pos, tok in enumerate(np.random.default_rng(3).integers(3, c.n_vocab, 10).tolist()):
             want = ref.decode(tok)
-            g, p = (r.decode(pos, tok) for r in runs)
+            g, *p = (r.decode(pos, tok) for r in runs)
             assert kl_rows(want[None], g[None])[0] < 1e-3, pos
-            assert kl_rows(g[None], p[None])[0] <= 1e-6, pos
+            for q in p:
+                assert kl_rows(g[None], q[None])[0] <= 1e-6, pos
         assert any(s.kernel.startswith("matvec_i8") for s in runs[0].steps if isinstance(s, cuda.Launch)) == dp4a
 
 
