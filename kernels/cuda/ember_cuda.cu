@@ -143,6 +143,21 @@ EMBER_HD int dp4a(int a, int b, int c) {
 #endif
 }
 
+/* 32 weights as bytes (lo: columns 0-15, hi: 16-31) . x's block: the integer sum */
+EMBER_HD int dot32(const uint4 &lo, const uint4 &hi, const XQ16 &x) {
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        s = dp4a((int)word_of(hi, k), (int)word_of(x.hi, k), dp4a((int)word_of(lo, k), (int)word_of(x.lo, k), s));
+    return s;
+}
+
+/* 32 packed nibbles as bytes: the low ones, or the high ones */
+EMBER_HD uint4 nibbles(const uint4 &q, int shift) {
+    return make_uint4((q.x >> shift) & 0x0F0F0F0Fu, (q.y >> shift) & 0x0F0F0F0Fu, (q.z >> shift) & 0x0F0F0F0Fu,
+                      (q.w >> shift) & 0x0F0F0F0Fu);
+}
+
 struct Q4_0 {
     enum { UNIT = 32, RUN = 32, PF = 1, I8 = 1 };
     struct Raw { uint4 q; __half s; };
@@ -164,17 +179,10 @@ struct Q4_0 {
             v[e] = sc.s * (float)((k < 4 ? b & 15 : b >> 4) - 8);
         }
     }
-    /* W[unit u] . x from the int8 copy: word k's low nibbles are columns 4k.., high 16 + 4k.. */
+    /* W[unit u] . x from the int8 copy: the low nibbles are columns 0-15, the high 16-31 */
     static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
         const XQ &b = xq[u];
-        const XQ16 x = xq_words(b);
-        int s = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const u32 wd = word_of(r.q, k);
-            s = dp4a((int)(wd & 0x0F0F0F0Fu), (int)word_of(x.lo, k), s);
-            s = dp4a((int)((wd >> 4) & 0x0F0F0F0Fu), (int)word_of(x.hi, k), s);
-        }
+        const int s = dot32(nibbles(r.q, 0), nibbles(r.q, 4), xq_words(b));
         return __half2float(r.s) * (b.d * (float)s - 8.0f * b.s);
     }
 };
@@ -199,14 +207,7 @@ struct Q8_0 {
     }
     static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
         const XQ &b = xq[u];
-        const XQ16 x = xq_words(b);
-        int s = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            s = dp4a((int)word_of(r.a, k), (int)word_of(x.lo, k), s);
-            s = dp4a((int)word_of(r.b, k), (int)word_of(x.hi, k), s);
-        }
-        return __half2float(r.s) * b.d * (float)s;
+        return __half2float(r.s) * b.d * (float)dot32(r.a, r.b, xq_words(b));
     }
 };
 
@@ -270,16 +271,8 @@ struct Q4_K {
     static EMBER_HD float dot8(const Raw &r, int u, const XQ *xq) {
         const Scales sc = scales(r, u);
         const XQ &lo = xq[col(u, 0) / 32], &hi = xq[col(u, 0) / 32 + 1];
-        const XQ16 xl = xq_words(lo), xh = xq_words(hi);
-        int sl = 0, sh = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const u32 w0 = word_of(r.q0, k), w1 = word_of(r.q1, k);
-            sl = dp4a((int)(w0 & 0x0F0F0F0Fu), (int)word_of(xl.lo, k), sl);
-            sl = dp4a((int)(w1 & 0x0F0F0F0Fu), (int)word_of(xl.hi, k), sl);
-            sh = dp4a((int)((w0 >> 4) & 0x0F0F0F0Fu), (int)word_of(xh.lo, k), sh);
-            sh = dp4a((int)((w1 >> 4) & 0x0F0F0F0Fu), (int)word_of(xh.hi, k), sh);
-        }
+        const int sl = dot32(nibbles(r.q0, 0), nibbles(r.q1, 0), xq_words(lo));
+        const int sh = dot32(nibbles(r.q0, 4), nibbles(r.q1, 4), xq_words(hi));
         return sc.a0 * lo.d * (float)sl - sc.c0 * lo.s + sc.a1 * hi.d * (float)sh - sc.c1 * hi.s;
     }
 };

@@ -746,7 +746,9 @@ def emu(request, tmp_path_factory):
 
 class _EmuDevice:
     """The runner's buffers as numpy arrays, named and sized as CudaRunner allocates them
-    (host_tensors + Layout.buffers + the KV cache), and decode_steps run on the emulator."""
+    (host_tensors + Layout.buffers + the KV cache), and its step plans run on the emulator:
+    launches as emulated kernels, copies as numpy copies, cuBLAS's GEMMs as numpy matmuls in
+    float32 (cuBLAS's compute type) from the same operands."""
 
     def __init__(self, emu, f, c, lay):
         self.emu, self.lay = emu, lay
@@ -766,14 +768,41 @@ class _EmuDevice:
 
     def decode(self, pos: int, token: int) -> np.ndarray:
         self.bufs["io_h"].view(np.int32)[:2] = pos, token
-        for s in self.steps:
+        self.run(self.steps)
+        return self.bufs["logits_h"].view(np.float32).copy()
+
+    def prefill(self, pos: int, tokens: list[int]) -> np.ndarray:
+        """Logits of every token (T, n_vocab), T <= max_batch, as the runner's prefill chunk."""
+        T = len(tokens)
+        self.bufs["io_h"].view(np.int32)[:1 + T] = [pos, *tokens]
+        self.run([cuda.Copy(cuda.Buf("io"), cuda.Buf("io_h"), 4 * (1 + T), "h2d")]
+                 + cuda.forward_steps(self.lay, T, True))
+        return self.bufs["logits"].view(np.float32)[:T * self.lay.c.n_vocab].reshape(T, -1).copy()
+
+    def run(self, steps: list) -> None:
+        for s in steps:
             if isinstance(s, cuda.Copy):
                 self.bufs[s.dst.name][s.dst.offset:s.dst.offset + s.nbytes] = \
                     self.bufs[s.src.name][s.src.offset:s.src.offset + s.nbytes]
+            elif isinstance(s, cuda.Gemm):
+                self.gemm(s)
             else:
                 self.emu.get_function(s.kernel)(s.grid, s.block, [cuda.launch_value(a, self.addr) for a in s.args],
                                                 shared_mem=s.smem)
-        return self.bufs["logits_h"].view(np.float32).copy()
+
+    def rows(self, b, n: int, k: int, ld: int, dtype) -> np.ndarray:
+        """n rows of k elements, ld apart, at Buf b (a view: writes land in the buffer)."""
+        it = np.dtype(dtype).itemsize
+        flat = self.bufs[b.name][b.offset:b.offset + ((n - 1) * ld + k) * it].view(dtype)
+        return np.lib.stride_tricks.as_strided(flat, (n, k), (ld * it, it))
+
+    def gemm(self, g) -> None:
+        """Row-major C (n x m, ldc) = B (n x k, ldb) A^T (A: m rows of k) (+ C with beta)."""
+        dt = np.float16 if g.half else np.float32
+        a = self.rows(g.a, g.m, g.k, g.k, dt).astype(np.float32)
+        b = self.rows(g.b, g.n, g.k, g.ldb, dt).astype(np.float32)
+        c = self.rows(g.c, g.n, g.m, g.ldc, np.float32)
+        c[...] = b @ a.T + (c if g.beta else 0.0)
 
 
 @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M"])
@@ -807,6 +836,24 @@ def test_decode_on_the_cpu_emulation_matches_the_reference(quant, dp4a, emu, tin
             for q in p:
                 assert kl_rows(g[None], q[None])[0] <= 1e-6, pos
         assert any(s.kernel.startswith("matvec_i8") for s in runs[0].steps if isinstance(s, cuda.Launch)) == dp4a
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_K_M"])
+def test_prefill_on_the_cpu_emulation_matches_the_reference(quant, emu, tiny):
+    """A prompt after 3 cached tokens through the prefill plan on the CPU emulator: rope_kv,
+    the row attention, the dequantizers into the GEMM scratch (cuBLAS's GEMM as numpy's), the
+    RMSNorm and SwiGLU kernels; every token's logits against the reference (KL < 1e-3), then
+    a decoded token on top of that cache. CUDA's variant and ROCm's wave64."""
+    with gguf.open(tiny(quant)) as f:
+        c = config_from_gguf(f)
+        lay = cuda.layout(c, 64, 16, emu.variant.warp, fuse_rope=True, prefetch=True)
+        dev, ref = _EmuDevice(emu, f, c, lay), reference.ReferenceRunner(f, c, 64)
+        toks = np.random.default_rng(4).integers(3, c.n_vocab, 17).tolist()
+        assert kl_rows(ref.prefill(toks[:3], all_logits=True), dev.prefill(0, toks[:3])).max() < 1e-3
+        got = dev.prefill(3, toks[3:16])                 # 13 tokens: the GEMM path (> MATVEC_MAX_T)
+        assert any(isinstance(s, cuda.Gemm) for s in cuda.forward_steps(lay, 13, True))
+        assert kl_rows(ref.prefill(toks[3:16], all_logits=True), got).max() < 1e-3
+        assert kl_rows(ref.decode(toks[16])[None], dev.decode(16, toks[16])[None])[0] < 1e-3
 
 
 # ---------------------------------------------------------------------------
