@@ -39,7 +39,8 @@ from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
-from tests.conftest import conformance_path, kl_rows
+from tests.conftest import (assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
+                            oracle_params)
 from tests.plugins import cuda_emu
 
 PROBE = cuda.probe()
@@ -735,13 +736,24 @@ def test_prefill_attention_matches_numpy(kernel, hd, n_head, n_kv, T, p0, mod):
 # CPU emulation: whole decoded tokens through the kernels, against the reference
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["cuda", "hip"])
-def emu(request, tmp_path_factory):
-    """The kernels built for the CPU emulator: CUDA's variant, and ROCm's (wave64), which no
-    GPU of ours runs."""
+@pytest.fixture(scope="module")
+def emu_builds(tmp_path_factory):
+    """platform -> the kernels built for the CPU emulator (once per module)."""
     if why := cuda_emu.unavailable():
         pytest.skip(f"no CPU emulation of the kernels: {why}")
-    return cuda_emu.build(tmp_path_factory.mktemp(f"cuda-emu-{request.param}"), request.param)
+    built = {}
+
+    def get(platform: str):
+        if platform not in built:
+            built[platform] = cuda_emu.build(tmp_path_factory.mktemp(f"cuda-emu-{platform}"), platform)
+        return built[platform]
+    return get
+
+
+@pytest.fixture(params=["cuda", "hip"])
+def emu(request, emu_builds):
+    """CUDA's variant, and ROCm's (wave64), which no GPU of ours runs."""
+    return emu_builds(request.param)
 
 
 class _EmuDevice:
@@ -854,6 +866,41 @@ def test_prefill_on_the_cpu_emulation_matches_the_reference(quant, emu, tiny):
         assert any(isinstance(s, cuda.Gemm) for s in cuda.forward_steps(lay, 13, True))
         assert kl_rows(ref.prefill(toks[3:16], all_logits=True), got).max() < 1e-3
         assert kl_rows(ref.decode(toks[16])[None], dev.decode(16, toks[16])[None])[0] < 1e-3
+
+
+@pytest.mark.parametrize("case", oracle_params([pytest.param(c, id=c["ref"].removesuffix(".npz"))
+                                                 for c in conformance_cases()]))
+def test_conformance_on_the_cpu_emulation(case, emu):
+    """Every ../shared/conformance case through the cuda backend's prefill plan and kernels on
+    the CPU emulator, CUDA's variant and ROCm's, held to llama.cpp's logits with the README's
+    thresholds as test_conformance.py holds a GPU. (v128k / v151k included, which the GPU
+    runs could not carry.)"""
+    z = np.load(conformance_path("refs", case["ref"]))
+    tokens = z["tokens"].tolist()
+    with gguf.open(conformance_path("models", case["model"])) as f:
+        c = config_from_gguf(f)
+        lay = cuda.layout(c, 128, len(tokens), emu.variant.warp, fuse_rope=True, prefetch=True)
+        logits = _EmuDevice(emu, f, c, lay).prefill(0, tokens)
+    assert_matches_oracle(f"cuda ({emu.variant.platform}, CPU emulation)", case, z, logits)
+
+
+@pytest.mark.parametrize("case", oracle_params([pytest.param(c, id=c["ref"].removesuffix(".npz"))
+                                                 for c in conformance_cases() if c["model"].startswith("stories260K")]))
+def test_greedy_text_on_the_cpu_emulation(case, emu):
+    """stories260K's greedy continuation (F32 and Q8_0) token for token as llama.cpp made it:
+    the prompt through the prefill plan, then each token decoded through the graph's
+    launches, on the CPU emulator. (Both files hold float matrices, which the persistent
+    kernel refuses; the llama-tiny decode test above covers it.)"""
+    z = np.load(conformance_path("refs", case["ref"]))
+    want, tokens = z["greedy"].tolist(), z["tokens"].tolist()
+    with gguf.open(conformance_path("models", case["model"])) as f:
+        c = config_from_gguf(f)
+        lay = cuda.layout(c, 128, len(tokens), emu.variant.warp, fuse_rope=True, prefetch=True)
+        dev = _EmuDevice(emu, f, c, lay)
+        got = [int(np.argmax(dev.prefill(0, tokens)[-1]))]
+        while len(got) < len(want):
+            got.append(int(np.argmax(dev.decode(len(tokens) + len(got) - 1, got[-1]))))
+    assert got == want
 
 
 # ---------------------------------------------------------------------------
