@@ -37,6 +37,7 @@ from ember.daemon import synthetic
 from ember.formats import gguf, quant_blocks
 from ember.kernels import cuda_source
 from ember.plugins import cuda, reference
+from ember.plugins.features import features
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
 from tests.conftest import (assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
@@ -868,18 +869,31 @@ def test_prefill_on_the_cpu_emulation_matches_the_reference(quant, emu, tiny):
         assert kl_rows(ref.decode(toks[16])[None], dev.decode(16, toks[16])[None])[0] < 1e-3
 
 
-@pytest.mark.parametrize("case", oracle_params([pytest.param(c, id=c["ref"].removesuffix(".npz"))
-                                                 for c in conformance_cases()]))
-def test_conformance_on_the_cpu_emulation(case, emu):
-    """Every ../shared/conformance case through the cuda backend's prefill plan and kernels on
-    the CPU emulator, CUDA's variant and ROCm's, held to llama.cpp's logits with the README's
-    thresholds as test_conformance.py holds a GPU. (v128k / v151k included, which the GPU
-    runs could not carry.)"""
-    z = np.load(conformance_path("refs", case["ref"]))
+def _emu_cases() -> list:
+    """(folder, case): every base case, and the arch/ decoder cases whose features the cuda
+    backend implements (the rest it refuses by name: test_arch_conformance.py)."""
+    out = [pytest.param("", c, id=c["ref"].removesuffix(".npz")) for c in conformance_cases()]
+    for c in conformance_cases("arch"):
+        if c.get("kind") == "embedding":
+            continue
+        with gguf.open(conformance_path("arch", "models", c["model"])) as f:
+            if set(features(config_from_gguf(f))) <= cuda.IMPLEMENTED:
+                out.append(pytest.param("arch", c, id="arch-" + c["ref"].removesuffix(".npz")))
+    return out
+
+
+@pytest.mark.parametrize("folder,case", oracle_params(_emu_cases(), 2))
+def test_conformance_on_the_cpu_emulation(folder, case, emu):
+    """Every ../shared/conformance case the cuda backend computes through its prefill plan and
+    kernels on the CPU emulator, CUDA's variant and ROCm's, held to llama.cpp's logits with
+    the README's thresholds as test_conformance.py holds a GPU. (v128k / v151k included,
+    which the GPU runs could not carry.)"""
+    sub = (folder,) if folder else ()
+    z = np.load(conformance_path(*sub, "refs", case["ref"]))
     tokens = z["tokens"].tolist()
-    with gguf.open(conformance_path("models", case["model"])) as f:
+    with gguf.open(conformance_path(*sub, "models", case["model"])) as f:
         c = config_from_gguf(f)
-        lay = cuda.layout(c, 128, len(tokens), emu.variant.warp, fuse_rope=True, prefetch=True)
+        lay = cuda.layout(c, case.get("n_ctx", 128), len(tokens), emu.variant.warp, fuse_rope=True, prefetch=True)
         logits = _EmuDevice(emu, f, c, lay).prefill(0, tokens)
     assert_matches_oracle(f"cuda ({emu.variant.platform}, CPU emulation)", case, z, logits)
 
