@@ -72,13 +72,14 @@ if [ -e ../shared/conformance ] && [ ! -L ../shared/conformance ]; then
 fi
 mkdir -p ../shared && ln -sfn "$PWD/$D/conformance" ../shared/conformance
 BENCH=0; ls "$D"/conformance/models/s512-llama-Q4_0.gguf > /dev/null 2>&1 && BENCH=1
+TESTS=$BENCH; [ "${SKIP_BENCH:-0}" = 1 ] && BENCH=0      # SKIP_BENCH=1: the tests of part 0 only
 if [ $BENCH = 1 ]; then        # the synthetic models take ~150 s: written while the tests run
     python3 -c "import runpy; runpy.run_path('bench/compare_cuda.py')['write_models']('tinyllama-1.1b', \
         ['Q4_0', 'Q8_0', 'Q4_K_M'])" > /tmp/synth.log 2>&1 &
     SYN=$!
 fi
 t installed
-if [ $BENCH = 1 ]; then
+if [ $TESTS = 1 ]; then
     # the GPU tests only (the CPU emulator's and the compilers' ran in CI)
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/plugins/test_cuda.py -rf -k "gpu or runner_matches \
         or persistent_decode_matches or fused_rope or truncate or errors_and" 2>&1 | tail -15

@@ -40,7 +40,7 @@ from ember.plugins import cuda, reference
 from ember.plugins.features import features
 from ember.formats.model_config import UnsupportedModel, config_from_gguf
 from ember.plugins.types import ContextOverflow, Probe
-from tests.conftest import (assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
+from tests.conftest import (CONFORMANCE, assert_matches_oracle, conformance_cases, conformance_path, kl_rows,
                             oracle_params)
 from tests.plugins import cuda_emu
 
@@ -874,9 +874,13 @@ def _emu_cases() -> list:
     backend implements (the rest it refuses by name: test_arch_conformance.py)."""
     out = [pytest.param("", c, id=c["ref"].removesuffix(".npz")) for c in conformance_cases()]
     for c in conformance_cases("arch"):
+        path = CONFORMANCE / "arch" / "models" / c["model"]
         if c.get("kind") == "embedding":
             continue
-        with gguf.open(conformance_path("arch", "models", c["model"])) as f:
+        if not path.is_file():        # a partial copy (the GPU machine's): the test says it is absent
+            out.append(pytest.param("arch", c, id="arch-" + c["ref"].removesuffix(".npz")))
+            continue
+        with gguf.open(path) as f:
             if set(features(config_from_gguf(f))) <= cuda.IMPLEMENTED:
                 out.append(pytest.param("arch", c, id="arch-" + c["ref"].removesuffix(".npz")))
     return out
