@@ -201,6 +201,9 @@ class Gateway:
         """Finish in-flight replies (up to SHUTDOWN_GRACE_S), close every connection, join."""
         if self.loop is None or not self._thread.is_alive():
             return
+        if self._start_error is not None:   # it never served: its thread closes the loop and ends
+            self._thread.join(SHUTDOWN_GRACE_S)
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(SHUTDOWN_GRACE_S + 5)
 
